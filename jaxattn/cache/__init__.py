@@ -1,0 +1,1 @@
+"""jaxattn.cache (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""jaxattn.convert (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""jaxattn.heads (see DESIGN.md)."""

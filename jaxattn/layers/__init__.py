@@ -1,0 +1,1 @@
+"""jaxattn.layers (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""jaxattn.lowrank (see DESIGN.md)."""

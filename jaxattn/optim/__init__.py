@@ -1,0 +1,1 @@
+"""jaxattn.optim (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""Decoder models built from jaxattn layers, and Hugging Face checkpoint import/export."""

@@ -1,0 +1,1 @@
+"""Experiment configs: Python files, each with its exact command line in its docstring."""
