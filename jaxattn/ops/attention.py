@@ -1,0 +1,200 @@
+"""``jaxattn.dot_product_attention``: one attention op, several implementations.
+
+Implementations, chosen by name or by ``"auto"``:
+
+* ``"xla"``: the readable reference; materialises the [B, K, G, T, S] scores.
+* ``"chunked"``: memory-efficient pure XLA (online softmax over kv blocks, custom VJP,
+  O(T·block) memory, masked blocks skipped).
+* ``"pallas_tpu"`` / ``"pallas_gpu"``: Pallas kernels from ``pallas_kernels.flash_attention``.
+* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on NVIDIA GPUs.
+
+``"auto"`` takes the platform's kernel when it can serve the call and otherwise falls back
+to ``"chunked"`` (or ``"xla"`` for single-block calls), logging the fallback once. A name
+asked for explicitly that cannot serve the call raises NotImplementedError saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+
+from jaxattn.ops._attention_args import AttentionArgs, check_args
+from jaxattn.ops.attention_chunked import ChunkedBlockSizes, chunked_attention
+from jaxattn.ops.attention_xla import xla_attention
+
+__all__ = ["IMPLEMENTATIONS", "dot_product_attention"]
+
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "pallas_tpu", "pallas_gpu", "cudnn")
+
+_log = logging.getLogger("jaxattn")
+_logged: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        _log.warning(msg)
+
+
+def dot_product_attention(
+    q_BTNH,
+    k_BSKH,
+    v_BSKV,
+    *,
+    mask=None,
+    scale=None,
+    logits_soft_cap=None,
+    segment_ids=None,
+    q_offset=None,
+    kv_lengths=None,
+    implementation="auto",
+    return_lse=False,
+    block_sizes=None,
+):
+    """Scaled dot-product attention with GQA/MQA, declarative masks and several backends.
+
+    o[b, t, n] = Σ_s softmax_s(cap(scale · q[b, t, n] · k[b, s, n // G])) · v[b, s, n // G]
+    over the keys s that the mask, segment ids and kv_lengths leave visible.
+
+    Args:
+      q_BTNH: queries [B, T, N, H].
+      k_BSKH: keys [B, S, K, H]; N % K == 0 (G = N // K query heads share a kv head).
+      v_BSKV: values [B, S, K, V]; V may differ from H (MLA: H = 192, V = 128).
+      mask: a ``jaxattn.masks`` spec, or a dense bool array [T, S], [B, T, S] or [B, N, T, S]
+        (True = attend), or None.
+      scale: logit scale, default 1/sqrt(H).
+      logits_soft_cap: if set, logits become cap · tanh(logits / cap) (after scaling).
+      segment_ids: one int array [B, T] (needs T == S) or a pair (q [B, T], kv [B, S]);
+        queries attend only to keys of the same segment.
+      q_offset: position of query row 0 on the kv axis: an int, or an int array [] or [B].
+      kv_lengths: int [B]; keys at positions >= kv_lengths[b] are masked.
+      implementation: one of IMPLEMENTATIONS.
+      return_lse: also return the log-sum-exp of the visible logits, lse_BNT (float32).
+      block_sizes: tuning for "chunked" (ChunkedBlockSizes) or the Pallas kernels.
+
+    Returns:
+      o_BTNV in q's dtype, and lse_BNT if ``return_lse``. A query row that sees no key gives
+      zeros (lse = -inf) and zero gradients.
+
+    Raises:
+      ValueError: bad input (names the argument and the shapes involved).
+      NotImplementedError: a named implementation that cannot serve this call.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    a = check_args(
+        q_BTNH, k_BSKH, v_BSKV, mask=mask, scale=scale, logits_soft_cap=logits_soft_cap,
+        segment_ids=segment_ids, q_offset=q_offset, kv_lengths=kv_lengths,
+    )
+    if implementation == "auto":
+        implementation = _choose(a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
+    if implementation == "xla":
+        return xla_attention(a, q_BTNH, k_BSKH, v_BSKV, return_lse)
+    if implementation == "chunked":
+        if block_sizes is not None and not isinstance(block_sizes, ChunkedBlockSizes):
+            raise ValueError(f"block_sizes for 'chunked' must be ChunkedBlockSizes, "
+                             f"got {type(block_sizes).__name__}")
+        return chunked_attention(a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
+    if implementation == "cudnn":
+        reason = _cudnn_unsupported(a, q_BTNH, return_lse)
+        if reason:
+            raise NotImplementedError(f"implementation='cudnn' cannot serve this call: {reason}")
+        return _cudnn(a, q_BTNH, k_BSKH, v_BSKV)
+    reason = _pallas_unsupported(implementation, a, q_BTNH, k_BSKH, v_BSKV)
+    if reason:
+        raise NotImplementedError(f"implementation={implementation!r} cannot serve this call: "
+                                  f"{reason}")
+    return _pallas(implementation, a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
+
+
+def _choose(a: AttentionArgs, q, k, v, return_lse, block_sizes) -> str:
+    backend = jax.default_backend()
+    preferred = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(backend)
+    if preferred is not None:
+        reason = _pallas_unsupported(preferred, a, q, k, v)
+        if reason is None:
+            return preferred
+        _log_once(f"jaxattn: {preferred} cannot serve a call ({reason}); using 'chunked'")
+    bs = block_sizes if isinstance(block_sizes, ChunkedBlockSizes) else ChunkedBlockSizes()
+    if a.T <= bs.block_q and a.S <= bs.block_kv:
+        return "xla"  # one block: the reference does the same work with less bookkeeping
+    return "chunked"
+
+
+def _kernel_module(implementation: str):
+    try:
+        from pallas_kernels.flash_attention import api
+    except ImportError as e:  # the kernel package is optional in this build
+        return None, f"pallas_kernels.flash_attention is not importable ({e})"
+    if implementation == "pallas_gpu" and not hasattr(api, "flash_attention_gpu"):
+        return None, "no Mosaic GPU flash kernel is available in this build yet"
+    return api, None
+
+
+def _pallas_unsupported(implementation, a: AttentionArgs, q, k, v) -> str | None:
+    platform = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}[implementation]
+    if jax.default_backend() != platform:
+        return (f"it runs on {platform.upper()} only (backend is {jax.default_backend()}); "
+                "on CPU, test it with pallas_kernels' interpret mode")
+    api, reason = _kernel_module(implementation)
+    if reason:
+        return reason
+    if a.dense is not None:
+        return "dense mask arrays are not supported by the kernel; use a mask spec"
+    return api.unsupported_reason(
+        q, k, v, mask=a.spec, segment_ids=_segments(a), q_offset=_offset(a),
+        kv_lengths=a.kv_lengths, logits_soft_cap=a.logits_soft_cap)
+
+
+def _segments(a: AttentionArgs):
+    return None if a.q_segment_ids is None else (a.q_segment_ids, a.kv_segment_ids)
+
+
+def _offset(a: AttentionArgs):
+    return 0 if a.q_offset is None else a.q_offset
+
+
+def _pallas(implementation, a: AttentionArgs, q, k, v, return_lse, block_sizes):
+    api, _ = _kernel_module(implementation)
+    fn = api.flash_attention if implementation == "pallas_tpu" else api.flash_attention_gpu
+    return fn(q, k, v, mask=a.spec, segment_ids=_segments(a), q_offset=_offset(a),
+              kv_lengths=a.kv_lengths, scale=a.scale, logits_soft_cap=a.logits_soft_cap,
+              block_sizes=block_sizes, return_lse=return_lse)
+
+
+def _cudnn_window(a: AttentionArgs):
+    """(is_causal, local_window_size) for jax.nn, or None if the spec has no cuDNN form."""
+    from jaxattn.masks import Causal, SlidingWindow
+
+    if a.spec is None:
+        return False, None
+    if isinstance(a.spec, Causal):
+        return True, None
+    if isinstance(a.spec, SlidingWindow):
+        return False, (a.spec.left, a.spec.right)
+    return None
+
+
+def _cudnn_unsupported(a: AttentionArgs, q, return_lse) -> str | None:
+    if jax.default_backend() != "gpu":
+        return f"cuDNN needs an NVIDIA GPU (backend is {jax.default_backend()})"
+    if str(q.dtype) not in ("bfloat16", "float16"):
+        return f"cuDNN attention takes bf16/fp16, got {q.dtype}"
+    checks = [
+        (a.H != a.V, f"qk head dim {a.H} != v head dim {a.V}"),
+        (a.logits_soft_cap is not None, "no soft cap"),
+        (a.q_segment_ids is not None, "no segment ids"),
+        (a.static_q_offset != 0, "no q_offset"),
+        (return_lse, "no return_lse"),
+        (a.dense is not None, "no dense masks here"),
+        (_cudnn_window(a) is None, f"mask {a.spec!r} has no cuDNN form"),
+    ]
+    return next((why for bad, why in checks if bad), None)
+
+
+def _cudnn(a: AttentionArgs, q, k, v):
+    is_causal, window = _cudnn_window(a)
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=a.scale, is_causal=is_causal, local_window_size=window,
+        key_value_seq_lengths=a.kv_lengths, implementation="cudnn")

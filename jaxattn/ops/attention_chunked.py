@@ -1,0 +1,262 @@
+"""Memory-efficient pure-XLA attention: ``implementation="chunked"``.
+
+Online softmax (FlashAttention's recurrence) over kv blocks, in plain XLA:
+
+  m ← max(m, rowmax(s)),  l ← l·e^{m_old − m} + rowsum(e^{s − m}),  acc ← acc·e^{m_old − m} + e^{s − m} v
+
+and a custom VJP that recomputes the probabilities from the saved log-sum-exp instead of
+storing the T×S matrix (FlashAttention-2's backward, one pass over q blocks that accumulates
+dk/dv in place). Temporary memory is O(T·block) rather than O(T·S).
+
+Skipping: before the loops, a table says which kv blocks each q block can see (from the mask
+spec's ``block_visible``, kv_lengths, the dense mask's block reduction and segment-id ranges).
+Each q block loops only over its visible kv blocks (a data-dependent trip count), so blocks
+the mask rules out cost nothing: the causal upper triangle is never computed. Blocks the spec
+marks as full skip the elementwise mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.ops._attention_args import AttentionArgs, scores_fp32, visible
+
+__all__ = ["ChunkedBlockSizes", "chunked_attention"]
+
+_ARRAY_FIELDS = ("dense", "q_segment_ids", "kv_segment_ids", "q_offset", "kv_lengths")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChunkedBlockSizes:
+    """Block sizes of the chunked implementation (queries and keys per block).
+
+    512 × 512 keeps each score block at 1 MiB per (batch, head) in fp32 while giving the CPU
+    matmuls enough work; smaller blocks skip masked regions more finely.
+    """
+
+    block_q: int = 512
+    block_kv: int = 512
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ChunkedBlockSizes.{name} must be a positive int, got {value!r}")
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _block_tables(a: AttentionArgs, bq: int, bk: int, nq: int, nk: int):
+    """idx [nq, nk] (visible kv blocks first, in order), cnt [nq], full [nq, nk]."""
+    qb = jnp.arange(nq, dtype=jnp.int32)[:, None]
+    kb = jnp.arange(nk, dtype=jnp.int32)[None, :]
+    q_lo_i, q_hi_i = qb * bq, jnp.minimum(qb * bq + bq - 1, a.T - 1)
+    k_lo, k_hi = kb * bk, jnp.minimum(kb * bk + bk - 1, a.S - 1)
+    off = jnp.zeros((), jnp.int32) if a.q_offset is None else jnp.asarray(a.q_offset, jnp.int32)
+    q_lo, q_hi = q_lo_i + jnp.min(off), q_hi_i + jnp.max(off)
+    vis = jnp.ones((nq, nk), bool)
+    full = jnp.broadcast_to(kb * bk + bk <= a.S, (nq, nk))
+    if a.spec is not None:
+        vis &= a.spec.block_visible(q_lo, q_hi, k_lo, k_hi)
+        # full needs every query offset to agree: use the exact range of each row only when
+        # the offset is one scalar
+        exact = off.ndim == 0
+        full &= a.spec.block_full(q_lo, q_hi, k_lo, k_hi) & exact
+    if a.kv_lengths is not None:
+        vis &= k_lo < jnp.max(a.kv_lengths)
+        full &= k_hi < jnp.min(a.kv_lengths)
+    if a.dense is not None:
+        b, n = a.dense.shape[:2]
+        d = jnp.pad(a.dense, ((0, 0), (0, 0), (0, nq * bq - a.T), (0, nk * bk - a.S)))
+        vis &= d.reshape(b, n, nq, bq, nk, bk).any(axis=(0, 1, 3, 5))
+        full = jnp.zeros_like(full)
+    if a.q_segment_ids is not None:
+        def ranges(seg, n_blocks, block):
+            seg = jnp.pad(seg, ((0, 0), (0, n_blocks * block - seg.shape[1])), mode="edge")
+            seg = seg.reshape(seg.shape[0], n_blocks, block)
+            return seg.min(-1), seg.max(-1)
+
+        qmin, qmax = ranges(a.q_segment_ids, nq, bq)
+        kmin, kmax = ranges(a.kv_segment_ids, nk, bk)
+        overlap = (qmin[:, :, None] <= kmax[:, None, :]) & (kmin[:, None, :] <= qmax[:, :, None])
+        vis &= overlap.any(axis=0)
+        full = jnp.zeros_like(full)
+    idx = jnp.argsort(~vis, axis=1, stable=True).astype(jnp.int32)
+    cnt = vis.sum(axis=1).astype(jnp.int32)
+    return idx, cnt, full & vis
+
+
+def _masked_scores(a, bq, bk, q_blk, k_blk, qb, kb, full, dense):
+    """Scores of one block, -inf where masked; returns (masked scores, unmasked scores)."""
+    s = scores_fp32(a, q_blk, k_blk)
+
+    def apply_mask(s):
+        dense_blk = None
+        if dense is not None:
+            dense_blk = jax.lax.dynamic_slice(
+                dense, (0, 0, qb * bq, kb * bk), (*dense.shape[:2], bq, bk))
+        q_idx = qb * bq + jnp.arange(bq, dtype=jnp.int32)
+        k_idx = kb * bk + jnp.arange(bk, dtype=jnp.int32)
+        return jnp.where(visible(a, q_idx, k_idx, dense_blk), s, -jnp.inf)
+
+    return jax.lax.cond(full, lambda s: s, apply_mask, s), s
+
+
+def _slice(x, start, size):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+
+
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attention(a, bq, bk, q, k, v, arrays, tables):
+    return _forward(a, bq, bk, q, k, v, arrays, tables)[0]
+
+
+def _forward(a, bq, bk, q, k, v, arrays, tables):
+    a = dataclasses.replace(a, **arrays)
+    idx, cnt, full = tables
+    B, Tp, N, H = q.shape
+    K, G, V = a.K, a.G, v.shape[-1]
+    nq = Tp // bq
+    dense = _pad_dense(a, Tp, k.shape[1])
+
+    def q_block(qb):
+        q_blk = _slice(q, qb * bq, bq).reshape(B, bq, K, G, H)
+
+        def body(i, carry):
+            m, l, acc = carry
+            kb = idx[qb, i]
+            k_blk, v_blk = _slice(k, kb * bk, bk), _slice(v, kb * bk, bk)
+            s, _ = _masked_scores(a, bq, bk, q_blk, k_blk, qb, kb, full[qb, kb], dense)
+            m_new = jnp.maximum(m, s.max(-1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all masked so far: exp(-inf)=0
+            alpha = jnp.exp(m - m_safe)
+            p = jnp.exp(s - m_safe[..., None])
+            l = l * alpha + p.sum(-1)
+            pv = jnp.einsum("bkgts,bskv->bkgtv", p.astype(v.dtype), v_blk,
+                            preferred_element_type=jnp.float32, precision=_precision(v.dtype))
+            return m_new, l, acc * alpha[..., None] + pv
+
+        init = (jnp.full((B, K, G, bq), -jnp.inf, jnp.float32),
+                jnp.zeros((B, K, G, bq), jnp.float32),
+                jnp.zeros((B, K, G, bq, V), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(0, cnt[qb], body, init)
+        o = acc / jnp.where(l == 0, 1.0, l)[..., None]
+        lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))
+        return o.astype(q.dtype), lse
+
+    o, lse = jax.lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))
+    # o [nq, B, K, G, bq, V] -> [B, Tp, N, V];  lse [nq, B, K, G, bq] -> [B, N, Tp]
+    o = o.transpose(1, 0, 4, 2, 3, 5).reshape(B, Tp, N, V)
+    lse = lse.transpose(1, 2, 3, 0, 4).reshape(B, N, Tp)
+    return (o, lse), (q, k, v, o, lse, arrays, tables)
+
+
+def _pad_dense(a, Tp, Sp):
+    if a.dense is None:
+        return None
+    return jnp.pad(a.dense, ((0, 0), (0, 0), (0, Tp - a.T), (0, Sp - a.S)))
+
+
+def _backward(a, bq, bk, res, cts):
+    q, k, v, o, lse, arrays, tables = res
+    do, dlse = cts
+    a = dataclasses.replace(a, **arrays)
+    idx, cnt, full = tables
+    B, Tp, N, H = q.shape
+    K, G, V = a.K, a.G, v.shape[-1]
+    nq = Tp // bq
+    dense = _pad_dense(a, Tp, k.shape[1])
+    # D = rowsum(dO ∘ O) − dlse: the softmax-Jacobian term, with the lse cotangent folded in
+    d = jnp.einsum("btnv,btnv->bnt", do.astype(jnp.float32), o.astype(jnp.float32))
+    d = (d - dlse).reshape(B, K, G, Tp)
+    lse = jnp.where(jnp.isinf(lse), 0.0, lse).reshape(B, K, G, Tp)
+    cap = a.logits_soft_cap
+
+    def q_block(carry, qb):
+        q_blk = _slice(q, qb * bq, bq).reshape(B, bq, K, G, H)
+        do_blk = _slice(do, qb * bq, bq).reshape(B, bq, K, G, V)
+        lse_blk = jax.lax.dynamic_slice_in_dim(lse, qb * bq, bq, axis=3)
+        d_blk = jax.lax.dynamic_slice_in_dim(d, qb * bq, bq, axis=3)
+
+        def body(i, inner):
+            dq, dk, dv = inner
+            kb = idx[qb, i]
+            k_blk, v_blk = _slice(k, kb * bk, bk), _slice(v, kb * bk, bk)
+            s, s_unmasked = _masked_scores(a, bq, bk, q_blk, k_blk, qb, kb, full[qb, kb], dense)
+            p = jnp.exp(s - lse_blk[..., None])
+            dv_blk = jnp.einsum("bkgts,btkgv->bskv", p.astype(do.dtype), do_blk,
+                                preferred_element_type=jnp.float32, precision=_precision(do.dtype))
+            dp = jnp.einsum("btkgv,bskv->bkgts", do_blk, v_blk,
+                            preferred_element_type=jnp.float32, precision=_precision(v.dtype))
+            ds = p * (dp - d_blk[..., None])
+            if cap is not None:  # d/dx cap·tanh(x/cap) = 1 − tanh², from the unmasked logits
+                ds = ds * (1.0 - jnp.square(s_unmasked / cap))
+            ds = (ds * a.scale).astype(q.dtype)
+            dq = dq + jnp.einsum("bkgts,bskh->btkgh", ds, k_blk,
+                                 preferred_element_type=jnp.float32, precision=_precision(q.dtype))
+            dk_blk = jnp.einsum("bkgts,btkgh->bskh", ds, q_blk,
+                                preferred_element_type=jnp.float32, precision=_precision(q.dtype))
+            dk = jax.lax.dynamic_update_slice_in_dim(
+                dk, _slice(dk, kb * bk, bk) + dk_blk, kb * bk, axis=1)
+            dv = jax.lax.dynamic_update_slice_in_dim(
+                dv, _slice(dv, kb * bk, bk) + dv_blk, kb * bk, axis=1)
+            return dq, dk, dv
+
+        dq0 = jnp.zeros((B, bq, K, G, H), jnp.float32)
+        dq, dk, dv = jax.lax.fori_loop(0, cnt[qb], body, (dq0, *carry))
+        return (dk, dv), dq
+
+    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    (dk, dv), dq = jax.lax.scan(q_block, init, jnp.arange(nq, dtype=jnp.int32))
+    dq = dq.transpose(1, 0, 2, 3, 4, 5).reshape(B, Tp, N, H)
+    none = jax.tree.map(lambda _: None, (arrays, tables))
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *none)
+
+
+_attention.defvjp(_forward, _backward)
+
+
+def chunked_attention(
+    a: AttentionArgs, q_BTNH, k_BSKH, v_BSKV, return_lse: bool = False,
+    block_sizes: ChunkedBlockSizes | None = None,
+):
+    """Memory-efficient attention with block skipping.
+
+    Args:
+      a: the validated call (see ``check_args``).
+      q_BTNH, k_BSKH, v_BSKV: inputs, one floating dtype.
+      return_lse: also return lse_BNT (float32, -inf for rows that see no key).
+      block_sizes: queries/keys per block; blocks shrink to T or S when those are smaller.
+
+    Returns:
+      o_BTNV in q's dtype (and lse_BNT). Lengths that are not block multiples are padded and
+      the padding masked; rows that see no key give zeros and zero gradients.
+    """
+    bs = block_sizes or ChunkedBlockSizes()
+    bq, bk = min(bs.block_q, a.T), min(bs.block_kv, a.S)
+    Tp, Sp = _round_up(a.T, bq), _round_up(a.S, bk)
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+    arrays = {f: getattr(a, f) for f in _ARRAY_FIELDS if not _is_static(getattr(a, f))}
+    static = dataclasses.replace(a, **{f: None for f in arrays})
+    tables = _block_tables(a, bq, bk, Tp // bq, Sp // bk)
+    o, lse = _attention(static, bq, bk, pad(q_BTNH, Tp), pad(k_BSKH, Sp), pad(v_BSKV, Sp),
+                        arrays, tables)
+    o = o[:, : a.T]
+    return (o, lse[:, :, : a.T]) if return_lse else o
+
+
+def _is_static(x) -> bool:
+    return x is None or isinstance(x, int)
+
+
+block_tables = _block_tables  # for tests that count visited blocks
