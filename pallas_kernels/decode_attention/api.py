@@ -1,0 +1,162 @@
+"""Public entry point of the TPU decode-attention kernel: checks, block sizes, layout.
+
+``decode_attention`` packs the queries of each kv head into rows, runs the split Pallas
+kernel (``tpu.decode_partials``) and merges the splits (``tpu.combine_splits``). Inference
+only: there is no backward. It is jit-able with traced ``kv_lengths``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.decode_attention import tpu
+
+__all__ = ["DecodeBlockSizes", "decode_attention", "unsupported_reason"]
+
+SUPPORTED_HEAD_DIMS = (64, 128, 192, 256, 512, 576)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeBlockSizes:
+    """Tunables of the decode kernel.
+
+    Attributes:
+      block_kv: cache rows per block; used as is when it is < C (then a multiple of 8;
+        a multiple of 128 keeps the score tile lane-dense), else the whole cache.
+      num_splits: kv splits (flash-decoding). None picks enough splits that
+        B * K * num_splits covers ``min_parallel`` work items, capped by the block count.
+      min_parallel: parallel work items aimed for when ``num_splits`` is None.
+    """
+
+    block_kv: int = 512
+    num_splits: int | None = None
+    min_parallel: int = 8
+
+    def __post_init__(self):
+        if self.block_kv < 1:
+            raise ValueError(f"{self.block_kv=} must be >= 1")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"{self.num_splits=} must be >= 1 or None")
+
+    def resolve(self, B: int, K: int, C: int) -> tuple[int, int]:
+        """Effective (block_kv, num_splits) for a cache of length C."""
+        block_kv = C if self.block_kv >= C else self.block_kv
+        num_blocks = -(-C // block_kv)
+        splits = self.num_splits
+        if splits is None:
+            splits = -(-self.min_parallel // (B * K))
+        return block_kv, max(1, min(splits, num_blocks))
+
+
+def _check(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, block_sizes, window, logits_soft_cap):
+    """Raise ValueError on malformed input, before any tracing work."""
+    shapes = f"q {q_BTNH.shape}, k {k_BCKH.shape}, v {v_BCKV.shape}, kv_lengths {kv_lengths_B.shape}"
+    if q_BTNH.ndim != 4 or k_BCKH.ndim != 4 or v_BCKV.ndim != 4 or kv_lengths_B.ndim != 1:
+        raise ValueError(f"expected q [B,T,N,H], k [B,C,K,H], v [B,C,K,V], kv_lengths [B]: {shapes}")
+    B, T, N, H = q_BTNH.shape
+    Bk, C, K, Hk = k_BCKH.shape
+    if (Bk, C, K) != v_BCKV.shape[:3] or Bk != B or kv_lengths_B.shape[0] != B or Hk != H:
+        raise ValueError(f"batch, cache length, kv heads or head dim disagree: {shapes}")
+    if N % K:
+        raise ValueError(f"query heads {N=} must be a multiple of kv heads {K=}: {shapes}")
+    if not (q_BTNH.dtype == k_BCKH.dtype == v_BCKV.dtype):
+        raise ValueError(
+            f"q, k, v must share a dtype, got {q_BTNH.dtype}, {k_BCKH.dtype}, {v_BCKV.dtype}"
+        )
+    if not jnp.issubdtype(kv_lengths_B.dtype, jnp.integer):
+        raise ValueError(f"kv_lengths must be integer, got {kv_lengths_B.dtype}")
+    block_kv, _ = block_sizes.resolve(B, K, C)
+    if block_kv != C and block_kv % 8:
+        raise ValueError(f"{block_kv=} must be a multiple of 8 when smaller than the cache {C=}")
+    if window is not None and window < 1:
+        raise ValueError(f"{window=} must be >= 1 or None")
+    if logits_soft_cap is not None and logits_soft_cap <= 0:
+        raise ValueError(f"{logits_soft_cap=} must be > 0 or None")
+
+
+def unsupported_reason(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, *, interpret=False, **kw):
+    """Why this kernel cannot serve the call on this platform, or None when it can.
+
+    Args: as ``decode_attention`` (only shapes, dtypes and ``interpret`` matter).
+    """
+    H, V = q_BTNH.shape[-1], v_BCKV.shape[-1]
+    if H not in SUPPORTED_HEAD_DIMS or V not in SUPPORTED_HEAD_DIMS:
+        return f"head dims H={H}, V={V} not in the tested set {SUPPORTED_HEAD_DIMS}"
+    if q_BTNH.dtype not in (jnp.float32, jnp.bfloat16):
+        return f"dtype {q_BTNH.dtype} is not float32 or bfloat16"
+    if not interpret and jax.default_backend() != "tpu":
+        return (
+            f"the Mosaic TPU kernel needs a TPU (backend is {jax.default_backend()!r}); "
+            "pass interpret=True to run it in the TPU interpreter"
+        )
+    return None
+
+
+def decode_attention(
+    q_BTNH,
+    k_BCKH,
+    v_BCKV,
+    kv_lengths_B,
+    *,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    window: int | None = None,
+    block_sizes: DecodeBlockSizes | None = None,
+    return_lse: bool = False,
+    interpret=False,
+):
+    """Attention of T queries per sequence over a ragged KV cache (flash-decoding on TPU).
+
+    Query t of sequence b sits at position ``p = kv_lengths[b] - T + t``; key j is visible when
+    ``j <= p``, ``j < kv_lengths[b]`` and, with ``window=W``, ``p - j < W``. A row with no
+    visible key gives zeros and lse = -inf, never NaN.
+
+    Args:
+      q_BTNH: queries [B, T, N, H] (float32 or bfloat16).
+      k_BCKH: key cache [B, C, K, H], same dtype, N % K == 0 (GQA; heads are not repeated).
+      v_BCKV: value cache [B, C, K, V]; V may differ from H (MLA: H = 576, V = 512).
+      kv_lengths_B: int [B], 0 <= kv_lengths <= C; may be traced.
+      scale: multiplies q.k; default 1/sqrt(H).
+      logits_soft_cap: c in c * tanh(s / c), or None.
+      window: sliding window W (p - j < W), or None.
+      block_sizes: ``DecodeBlockSizes``; default ``DecodeBlockSizes()``.
+      return_lse: also return lse_BNT.
+      interpret: False on TPU; True or a ``pltpu.InterpretParams`` for the TPU interpreter.
+
+    Returns:
+      o_BTNV in q's dtype, and lse_BNT (float32) when ``return_lse``.
+
+    Raises:
+      ValueError: malformed shapes, dtypes or options.
+      NotImplementedError: ``unsupported_reason`` is not None.
+    """
+    block_sizes = DecodeBlockSizes() if block_sizes is None else block_sizes
+    kv_lengths_B = jnp.asarray(kv_lengths_B)
+    _check(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, block_sizes, window, logits_soft_cap)
+    reason = unsupported_reason(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, interpret=interpret)
+    if reason is not None:
+        raise NotImplementedError(f"pallas_kernels.decode_attention: {reason}")
+    if interpret is True:
+        interpret = pltpu.InterpretParams()
+    B, T, N, H = q_BTNH.shape
+    _, C, K, V = v_BCKV.shape
+    G = N // K
+    block_kv, num_splits = block_sizes.resolve(B, K, C)
+    scale = H**-0.5 if scale is None else float(scale)
+    # Rows (g, t) of one kv head form the matmul's M dimension: [B, K, G*T, H].
+    q_BKRH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    acc, m, l = tpu.decode_partials(
+        q_BKRH, k_BCKH, v_BCKV, kv_lengths_B, T=T, block_kv=block_kv, num_splits=num_splits,
+        scale=scale, soft_cap=logits_soft_cap, window=window, interpret=interpret,
+    )
+    o_BKRV, lse_BKR = tpu.combine_splits(acc, m, l)
+    o_BTNV = (
+        o_BKRV.reshape(B, K, G, T, V).transpose(0, 3, 1, 2, 4).reshape(B, T, N, V)
+    ).astype(q_BTNH.dtype)
+    if not return_lse:
+        return o_BTNV
+    return o_BTNV, lse_BKR.reshape(B, N, T)  # rows (g, t) of head k: n = k * G + g
