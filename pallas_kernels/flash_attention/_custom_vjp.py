@@ -1,0 +1,131 @@
+"""The differentiable core of flash_attention: layout changes, padding, custom VJP.
+
+Kernels work head-major on padded sequences ([B, N, Tp, H]); this module transposes and
+pads on the way in, slices and transposes on the way out, and pairs the forward kernel with
+the dq and dk/dv kernels. Residuals are the original inputs, the output and the padded lse.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import block_map, tpu, tpu_bwd
+
+
+def _pad_to(x, axis, length):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _layout(st, q_BTNH, k_BSKH, v_BSKV, segs, kv_lengths):
+    """Head-major padded operands and the padded lengths."""
+    B, T, N, _ = q_BTNH.shape
+    S = k_BSKH.shape[1]
+    bq, bkv, bq_b, bkv_b = st.blocks
+    Tp, Sp = _round_up(T, math.lcm(bq, bq_b)), _round_up(S, math.lcm(bkv, bkv_b))
+    q = _pad_to(q_BTNH.transpose(0, 2, 1, 3), 2, Tp)
+    k = _pad_to(k_BSKH.transpose(0, 2, 1, 3), 2, Sp)
+    v = _pad_to(v_BSKV.transpose(0, 2, 1, 3), 2, Sp)
+    seg = None
+    if segs is not None:
+        seg = (_pad_to(segs[0], 1, Tp), _pad_to(segs[1], 1, Sp))
+    if kv_lengths is None:
+        kv_len = jnp.full((1,), S, jnp.int32)
+    else:
+        kv_len = jnp.clip(kv_lengths, 0, S)
+    return q, k, v, seg, kv_len, Tp, Sp
+
+
+def _round_up(x, m):
+    return -(-x // m) * m
+
+
+def _config(st, groups, bq, bkv, has_segments):
+    return tpu.Config(mask=st.mask, scale=st.scale, soft_cap=st.soft_cap,
+                      has_segments=has_segments, groups=groups, block_q=bq, block_kv=bkv)
+
+
+def _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths, transpose=False):
+    return block_map.build(
+        st.mask, q_len=T, kv_len=S, padded_q_len=Tp, padded_kv_len=Sp, block_q=bq,
+        block_kv=bkv, q_offset=st.q_offset if off is None else off, kv_lengths=kv_lengths,
+        transpose=transpose,
+    )
+
+
+def _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths):
+    B, T, N, _ = q_BTNH.shape
+    S, K = k_BSKH.shape[1:3]
+    q, k, v, seg, kv_len, Tp, Sp = _layout(st, q_BTNH, k_BSKH, v_BSKV, segs, kv_lengths)
+    bq, bkv = st.blocks[:2]
+    bmap = _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths)
+    cfg = _config(st, N // K, bq, bkv, seg is not None)
+    q_seg = kv_seg = None
+    if seg is not None:
+        q_seg, kv_seg = seg[0][:, :, None], seg[1][:, None, :]
+    offset = st.q_offset if off is None else off
+    o_BNTV, lse_BNT1 = tpu.forward(q, k, v, q_seg, kv_seg, offset, kv_len, bmap, cfg,
+                                   st.interpret)
+    o_BTNV = o_BNTV[:, :, :T].transpose(0, 2, 1, 3)
+    return o_BTNV, lse_BNT1[:, :, :, 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def flash(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths):
+    """o_BTNV (and lse_BNT if ``st.return_lse``); see api.flash_attention."""
+    o_BTNV, lse_BNTp = _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths)
+    if st.return_lse:
+        return o_BTNV, lse_BNTp[:, :, : q_BTNH.shape[1]]
+    return o_BTNV
+
+
+def _flash_fwd(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths):
+    o_BTNV, lse_BNTp = _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths)
+    res = (q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, o_BTNV, lse_BNTp)
+    if st.return_lse:
+        return (o_BTNV, lse_BNTp[:, :, : q_BTNH.shape[1]]), res
+    return o_BTNV, res
+
+
+def _flash_bwd(st, res, cts):
+    q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, o_BTNV, lse_BNTp = res
+    do_BTNV, dlse_BNT = cts if st.return_lse else (cts, None)
+    B, T, N, _ = q_BTNH.shape
+    S, K = k_BSKH.shape[1:3]
+    q, k, v, seg, kv_len, Tp, Sp = _layout(st, q_BTNH, k_BSKH, v_BSKV, segs, kv_lengths)
+    # delta = rowsum(dO * O) - dlse in fp32; padded rows get dO = 0 and delta = 0.
+    delta_BNT = jnp.einsum("btnv,btnv->bnt", do_BTNV.astype(jnp.float32),
+                           o_BTNV.astype(jnp.float32))
+    if dlse_BNT is not None:
+        delta_BNT = delta_BNT - dlse_BNT.astype(jnp.float32)
+    delta_BNT = _pad_to(delta_BNT, 2, Tp)
+    do = _pad_to(do_BTNV.astype(q.dtype).transpose(0, 2, 1, 3), 2, Tp)
+    # Rows with no visible key have lse = -inf; +inf makes exp(s - lse) = 0 there, not NaN.
+    lse_BNT = jnp.where(lse_BNTp == -jnp.inf, jnp.inf, lse_BNTp)
+    offset = st.q_offset if off is None else off
+    bq, bkv = st.blocks[2:]
+    cfg = _config(st, N // K, bq, bkv, seg is not None)
+    q_seg = kv_seg = (None, None)
+    if seg is not None:
+        q_seg = (seg[0][:, :, None], seg[0][:, None, :])
+        kv_seg = (seg[1][:, None, :], seg[1][:, :, None])
+    bmap = _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths)
+    dq = tpu_bwd.backward_dq(q, k, v, do, lse_BNT[..., None], delta_BNT[..., None], q_seg[0],
+                             kv_seg[0], offset, kv_len, bmap, cfg, st.interpret)
+    bmap_t = _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths, transpose=True)
+    dk, dv = tpu_bwd.backward_dkv(q, k, v, do, lse_BNT[:, :, None], delta_BNT[:, :, None],
+                                  q_seg[1], kv_seg[1], offset, kv_len, bmap_t, cfg,
+                                  st.interpret)
+    dq_BTNH = dq[:, :, :T].transpose(0, 2, 1, 3)
+    dk_BSKH = dk[:, :, :S].transpose(0, 2, 1, 3)
+    dv_BSKV = dv[:, :, :S].transpose(0, 2, 1, 3)
+    zeros = jax.tree.map(lambda _: None, (segs, off, kv_lengths))
+    return (dq_BTNH, dk_BSKH, dv_BSKV, *zeros)
+
+
+flash.defvjp(_flash_fwd, _flash_bwd)

@@ -1,0 +1,209 @@
+"""Public entry point of the Pallas TPU flash attention: checks, block sizes, custom VJP.
+
+``flash_attention`` takes [batch, seq, heads, dim] inputs (grouped kv heads, H may differ
+from V), pads the sequences to block multiples, runs the forward kernel and, under
+differentiation, the dq and dk/dv kernels with the forward's log-sum-exp as residual.
+``unsupported_reason`` says in one sentence when the kernels cannot serve a call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import _custom_vjp, block_map
+
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+# Starting points per TPU generation (block_q, block_kv, block_q_bwd, block_kv_bwd), sized so
+# the fp32 score tile and double-buffered k/v blocks fit VMEM with room to spare; not yet
+# tuned on hardware (benchmarks/ is where they should be measured).
+_DEFAULTS = {
+    "v4": (256, 512, 256, 256),
+    "v5 lite": (256, 512, 256, 256),
+    "v5e": (256, 512, 256, 256),
+    "v5": (512, 512, 256, 512),
+    "v6": (512, 1024, 512, 512),
+    "7": (512, 1024, 512, 512),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSizes:
+    """Tile sizes of the kernels (sequences are padded to multiples; shorter ones shrink them).
+
+    Attributes:
+      block_q, block_kv: forward query / key tile lengths.
+      block_q_bwd, block_kv_bwd: the same for the dq and dk/dv kernels.
+    On hardware use multiples of 128 (tiles of the lane axis); interpret mode takes any
+    multiple of 8.
+    """
+
+    block_q: int = 512
+    block_kv: int = 512
+    block_q_bwd: int = 256
+    block_kv_bwd: int = 256
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8:
+                raise ValueError(f"BlockSizes.{f.name} must be a positive multiple of 8, "
+                                 f"got {value!r}")
+
+    @classmethod
+    def default_for(cls, device_kind: str | None = None, *, head_dim: int = 128) -> BlockSizes:
+        """Defaults for a device kind (e.g. ``"TPU v5 lite"``; default: the first device)."""
+        if device_kind is None:
+            device_kind = jax.devices()[0].device_kind
+        kind = device_kind.lower()
+        sizes = (512, 512, 256, 256)
+        for key, value in _DEFAULTS.items():  # first match wins: "v5 lite" before "v5"
+            if key in kind:
+                sizes = value
+                break
+        bq, bkv, bq_b, bkv_b = sizes
+        if head_dim > 128:  # wide heads: halve the kv tiles to keep VMEM use in bounds
+            bkv, bkv_b = max(bkv // 2, 128), max(bkv_b // 2, 128)
+        return cls(block_q=bq, block_kv=bkv, block_q_bwd=bq_b, block_kv_bwd=bkv_b)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    mask: object
+    scale: float
+    soft_cap: float | None
+    blocks: tuple[int, int, int, int]  # effective (bq, bkv, bq_bwd, bkv_bwd)
+    q_offset: int | None  # None: traced, passed as an operand
+    return_lse: bool
+    interpret: object
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _effective_blocks(bs: BlockSizes, T: int, S: int) -> tuple[int, int, int, int]:
+    t8, s8 = _round_up(T, 8), _round_up(S, 8)
+    return (min(bs.block_q, t8), min(bs.block_kv, s8), min(bs.block_q_bwd, t8),
+            min(bs.block_kv_bwd, s8))
+
+
+def _split_segments(segment_ids, T, S):
+    if segment_ids is None or isinstance(segment_ids, (tuple, list)):
+        return segment_ids
+    if T != S:
+        raise ValueError(f"a single segment_ids array needs T == S, got {T=} and {S=}")
+    return segment_ids, segment_ids
+
+
+def _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, kv_lengths, scale, logits_soft_cap):
+    """Raises ValueError naming the argument and shapes for malformed inputs."""
+    shapes = f"q_BTNH {q_BTNH.shape}, k_BSKH {k_BSKH.shape}, v_BSKV {v_BSKV.shape}"
+    if not (q_BTNH.ndim == k_BSKH.ndim == v_BSKV.ndim == 4):
+        raise ValueError(f"q, k and v must have rank 4 [batch, seq, heads, dim], got {shapes}")
+    B, T, N, H = q_BTNH.shape
+    if k_BSKH.shape[0] != B or v_BSKV.shape[0] != B:
+        raise ValueError(f"q, k and v must share the batch size, got {shapes}")
+    if k_BSKH.shape[:3] != v_BSKV.shape[:3]:
+        raise ValueError(f"k and v must agree in batch, length and heads, got {shapes}")
+    if k_BSKH.shape[3] != H:
+        raise ValueError(f"q and k must share the head dim H, got {shapes}")
+    K = k_BSKH.shape[2]
+    if K == 0 or N % K:
+        raise ValueError(f"query heads N must be a multiple of kv heads K, got {shapes}")
+    if not (q_BTNH.dtype == k_BSKH.dtype == v_BSKV.dtype):
+        raise ValueError(f"q, k and v must share a dtype, got {q_BTNH.dtype}, {k_BSKH.dtype}, "
+                         f"{v_BSKV.dtype}")
+    S = k_BSKH.shape[1]
+    if segment_ids is not None:
+        q_seg, kv_seg = _split_segments(segment_ids, T, S)
+        if jnp.shape(q_seg) != (B, T) or jnp.shape(kv_seg) != (B, S):
+            raise ValueError(f"segment_ids must be (q [B, T], kv [B, S]) = ({(B, T)}, {(B, S)}),"
+                             f" got {jnp.shape(q_seg)} and {jnp.shape(kv_seg)}")
+    if kv_lengths is not None and jnp.shape(kv_lengths) != (B,):
+        raise ValueError(f"kv_lengths must have shape [B] = {(B,)}, got {jnp.shape(kv_lengths)}")
+    for name, value in (("scale", scale), ("logits_soft_cap", logits_soft_cap)):
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{name} must be a positive Python number, got {value!r}")
+
+
+def unsupported_reason(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q_offset=0,
+                       kv_lengths=None, logits_soft_cap=None, block_sizes=None) -> str | None:
+    """None if the kernels can serve the call, else a sentence saying why not.
+
+    Args: as ``flash_attention`` (``block_sizes`` matters for BlockSparse masks).
+    """
+    del segment_ids, kv_lengths, logits_soft_cap
+    if q_BTNH.dtype not in _DTYPES:
+        return (f"the Pallas TPU flash attention supports float32/bfloat16/float16, "
+                f"not {q_BTNH.dtype}")
+    if mask is None:
+        return None
+    if not hasattr(mask, "block_visible"):
+        return ("the Pallas TPU flash attention takes mask specs only, not dense mask arrays; "
+                "use implementation='xla' or 'chunked' for a dense mask")
+    leaves = block_map.array_leaves(mask)
+    if not leaves:
+        return None
+    if isinstance(q_offset, jax.core.Tracer):
+        return "a BlockSparse mask needs a static (Python int) q_offset in the Pallas TPU kernel"
+    if len(leaves) > 30:
+        return "the Pallas TPU flash attention supports at most 30 BlockSparse leaves in a mask"
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    bs = block_sizes or BlockSizes.default_for(head_dim=q_BTNH.shape[-1])
+    eff = _effective_blocks(bs, T, S)
+    for bq, bkv in (eff[:2], eff[2:]):
+        if not block_map.leaves_aligned(mask, q_len=T, kv_len=S, block_q=bq, block_kv=bkv,
+                                        q_offset=int(q_offset)):
+            return (f"the BlockSparse cells do not contain whole kernel blocks ({bq=}, {bkv=}, "
+                    f"{q_offset=}); choose BlockSizes that divide the layout's blocks")
+    return None
+
+
+def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q_offset=0,
+                    kv_lengths=None, scale=None, logits_soft_cap=None, block_sizes=None,
+                    return_lse=False, interpret=False):
+    """Flash attention on TPU (Pallas Mosaic), differentiable in q, k and v.
+
+    Args:
+      q_BTNH: queries [B, T, N, H]; k_BSKH: keys [B, S, K, H]; v_BSKV: values [B, S, K, V].
+      mask: None or a mask spec (jaxattn.masks); query row i sits at position i + q_offset.
+      segment_ids: None or (q_BT, kv_BS) int32: attend only where equal.
+      q_offset: Python int, or a traced int32 scalar (then no block-count shortening).
+      kv_lengths: None or int32 [B]: keys j >= kv_lengths[b] are masked.
+      scale: logit scale, default 1/sqrt(H). logits_soft_cap: cap * tanh(logits / cap).
+      block_sizes: BlockSizes, default ``BlockSizes.default_for()``.
+      return_lse: also return the log-sum-exp (its cotangent is honoured).
+      interpret: False, True or a ``pltpu.InterpretParams`` (run on CPU).
+
+    Returns:
+      o_BTNV in q's dtype (zeros on rows with no visible key), and lse_BNT (float32, -inf on
+      such rows) if ``return_lse``.
+    """
+    _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, kv_lengths, scale, logits_soft_cap)
+    reason = unsupported_reason(q_BTNH, k_BSKH, v_BSKV, mask=mask, q_offset=q_offset,
+                                block_sizes=block_sizes)
+    if reason is not None:
+        raise NotImplementedError(reason)
+    if interpret is True:
+        from jax.experimental.pallas import tpu as pltpu
+
+        interpret = pltpu.InterpretParams()
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    bs = block_sizes or BlockSizes.default_for(head_dim=q_BTNH.shape[-1])
+    traced = isinstance(q_offset, jax.core.Tracer)
+    static = _Static(
+        mask=mask, scale=float(q_BTNH.shape[-1] ** -0.5 if scale is None else scale),
+        soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+        blocks=_effective_blocks(bs, T, S), q_offset=None if traced else int(q_offset),
+        return_lse=return_lse, interpret=interpret,
+    )
+    segs = _split_segments(segment_ids, T, S)
+    if segs is not None:
+        segs = tuple(jnp.asarray(s, jnp.int32) for s in segs)
+    off = jnp.asarray(q_offset, jnp.int32) if traced else None
+    lens = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
+    return _custom_vjp.flash(static, q_BTNH, k_BSKH, v_BSKV, segs, off, lens)
