@@ -1,0 +1,62 @@
+"""SwiGLU feed-forward block (Shazeer, 2020): down(silu(gate(x)) * up(x))."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxattn.layers._base import DTypeLike, cast, param, zeros_init
+
+__all__ = ["SwiGLU"]
+
+
+class SwiGLU(nnx.Module):
+    """Gated MLP with SiLU gate, as in Llama, Qwen2, Mistral and DeepSeek dense layers.
+
+    Args:
+      d_model: model width D.
+      hidden_dim: MLP width F.
+      use_bias: add biases to the three projections.
+      dtype: compute dtype (None: the input's dtype).
+      param_dtype: parameter dtype.
+      rngs: parameter RNGs.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden_dim: int,
+        *,
+        use_bias: bool = False,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if d_model <= 0 or hidden_dim <= 0:
+            raise ValueError(f"{d_model=} and {hidden_dim=} must be positive")
+        self.dtype = dtype
+        self.gate_DF = param(rngs, (d_model, hidden_dim), ("embed", "mlp"), dtype=param_dtype)
+        self.up_DF = param(rngs, (d_model, hidden_dim), ("embed", "mlp"), dtype=param_dtype)
+        self.down_FD = param(rngs, (hidden_dim, d_model), ("mlp", "embed"), dtype=param_dtype)
+        self.use_bias = use_bias
+        if use_bias:
+            b = lambda n, ax: param(rngs, (n,), (ax,), init=zeros_init, dtype=param_dtype)
+            self.gate_bias_F = b(hidden_dim, "mlp")
+            self.up_bias_F = b(hidden_dim, "mlp")
+            self.down_bias_D = b(d_model, "embed")
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        """Apply the MLP to ``x_BTD`` [B, T, D]; returns [B, T, D]."""
+        dt = self.dtype or x_BTD.dtype
+        x_BTD = x_BTD.astype(dt)
+        gate_BTF = jnp.einsum("btd,df->btf", x_BTD, cast(self.gate_DF[...], dt))
+        up_BTF = jnp.einsum("btd,df->btf", x_BTD, cast(self.up_DF[...], dt))
+        if self.use_bias:
+            gate_BTF = gate_BTF + cast(self.gate_bias_F[...], dt)
+            up_BTF = up_BTF + cast(self.up_bias_F[...], dt)
+        h_BTF = jax.nn.silu(gate_BTF) * up_BTF
+        out_BTD = jnp.einsum("btf,fd->btd", h_BTF, cast(self.down_FD[...], dt))
+        if self.use_bias:
+            out_BTD = out_BTD + cast(self.down_bias_D[...], dt)
+        return out_BTD
