@@ -1,0 +1,163 @@
+"""Tests of jaxattn.ops.rope: closed-form rotations, RoPE's invariants, parity with the Hugging
+Face transformers code (frequencies, attention factors, rotation, MLA layouts), HF config
+conversion and input validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattn.ops import rope as R
+
+H = 16
+SCALINGS = {
+    "none": None,
+    "linear": R.LinearScaling(factor=4.0),
+    "dynamic": R.DynamicNTKScaling(factor=3.0),
+    "ntk": R.NTKScaling(factor=8.0),
+    "llama3": R.Llama3Scaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
+    ),
+    "yarn": R.YarnScaling(factor=4.0, original_max_position_embeddings=32),
+    "yarn_deepseek": R.YarnScaling(
+        factor=40.0, original_max_position_embeddings=32, beta_fast=32, beta_slow=1,
+        mscale=1.0, mscale_all_dim=0.707,
+    ),
+    "longrope": R.LongRopeScaling(
+        short_factor=tuple(1.0 + 0.1 * i for i in range(H // 2)),
+        long_factor=tuple(1.0 + 0.7 * i for i in range(H // 2)),
+        original_max_position_embeddings=32,
+    ),
+}  # fmt: skip
+
+
+def _config(scaling="none", **kw):
+    return R.RopeConfig(theta=500.0, scaling=SCALINGS[scaling], max_position_embeddings=64, **kw)
+
+
+def _random(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _positions(b, t, start=0):
+    return jnp.broadcast_to(jnp.arange(start, start + t, dtype=jnp.int32), (b, t))
+
+
+# Against the formulas.
+
+
+def test_hand_made_vectors():
+    """x = e_0 at position m: split_half puts (cos m, sin m) on dims (0, H/2), interleaved on
+    (0, 1); e_1 with interleaved pairs goes to (-sin m, cos m)."""
+    m = 3
+    e0, e1 = jnp.eye(H)[0].reshape(1, 1, 1, H), jnp.eye(H)[1].reshape(1, 1, 1, H)
+    rot = lambda x, layout: np.asarray(
+        R.apply_rope(x, jnp.array([[m]]), R.RopeConfig(layout=layout))
+    )
+    want = np.zeros(H)
+    want[[0, H // 2]] = np.cos(m), np.sin(m)
+    np.testing.assert_allclose(rot(e0, "split_half").ravel(), want, atol=1e-6)
+    np.testing.assert_allclose(rot(e0, "interleaved_to_split_half").ravel(), want, atol=1e-6)
+    want = np.zeros(H)
+    want[[0, 1]] = -np.sin(m), np.cos(m)
+    np.testing.assert_allclose(rot(e1, "interleaved").ravel(), want, atol=1e-6)
+
+
+def _numpy_rope(x, positions, theta, layout, inv_freq=None):
+    """Pair-by-pair float64 rotation: pair i turns by positions * theta ** (-2i / H)."""
+    x, out = np.asarray(x, np.float64), np.array(x, np.float64)
+    h = x.shape[-1]
+    for i in range(h // 2):
+        a, b = (i, i + h // 2) if layout == "split_half" else (2 * i, 2 * i + 1)
+        oa, ob = (a, b) if layout != "interleaved_to_split_half" else (i, i + h // 2)
+        w = theta ** (-2 * i / h) if inv_freq is None else float(inv_freq[i])
+        angle = np.asarray(positions, np.float64)[:, :, None] * w
+        cos, sin = np.cos(angle), np.sin(angle)
+        out[..., oa] = x[..., a] * cos - x[..., b] * sin
+        out[..., ob] = x[..., b] * cos + x[..., a] * sin
+    return out
+
+
+@pytest.mark.parametrize("layout", R.LAYOUTS)
+def test_matches_closed_form(layout):
+    x, pos = _random((2, 5, 3, H)), jnp.array([[0, 1, 2, 9, 40], [7, 3, 100, 5, 1]])
+    y = R.apply_rope(x, pos, R.RopeConfig(theta=1000.0, layout=layout))
+    np.testing.assert_allclose(y, _numpy_rope(x, pos, 1000.0, layout), atol=3e-5)
+
+
+@pytest.mark.parametrize("scaling", ["none", "yarn", "llama3", "ntk"])
+@pytest.mark.parametrize("layout", R.LAYOUTS)
+def test_scores_depend_only_on_relative_position(layout, scaling):
+    config = _config(scaling, layout=layout)
+    q, k = _random((1, 1, 1, H), 1), _random((1, 1, 1, H), 2)
+    score = lambda m, n: float(
+        jnp.sum(
+            R.apply_rope(q, jnp.array([[m]]), config) * R.apply_rope(k, jnp.array([[n]]), config)
+        )
+    )
+    for m, n in [(5, 2), (0, 9), (30, 30)]:
+        for shift in (1, 17, 40):
+            assert score(m + shift, n + shift) == pytest.approx(score(m, n), rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("layout", R.LAYOUTS)
+def test_norm_preserved_and_position_zero_is_identity(layout):
+    config = _config("llama3", layout=layout)
+    x = _random((2, 6, 3, H))
+    y = R.apply_rope(x, _positions(2, 6, start=3), config)
+    np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+    y0 = R.apply_rope(x, jnp.zeros((2, 6), jnp.int32), config)
+    perm = _deinterleave(H) if layout == "interleaved_to_split_half" else np.arange(H)
+    np.testing.assert_array_equal(y0, x[..., perm])
+
+
+def _deinterleave(n):
+    return np.concatenate([np.arange(0, n, 2), np.arange(1, n, 2)])
+
+
+def test_layouts_are_related_by_a_fixed_permutation():
+    x, pos = _random((2, 5, 2, H)), _positions(2, 5, start=11)
+    perm, inv = _deinterleave(H), np.argsort(_deinterleave(H))
+    split = R.apply_rope(x[..., perm], pos, _config(layout="split_half"))
+    inter = R.apply_rope(x, pos, _config(layout="interleaved"))
+    mla = R.apply_rope(x, pos, _config(layout="interleaved_to_split_half"))
+    np.testing.assert_allclose(split[..., inv], inter, atol=1e-6)
+    np.testing.assert_allclose(mla, inter[..., perm], atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", R.LAYOUTS)
+def test_partial_rotary_passes_the_rest_through(layout):
+    x, pos = _random((1, 4, 2, H)), _positions(1, 4, start=2)
+    y = R.apply_rope(x, pos, _config("yarn", rotary_dim=6, layout=layout))
+    np.testing.assert_array_equal(y[..., 6:], x[..., 6:])
+    full = R.apply_rope(x[..., :6], pos, _config("yarn", layout=layout))
+    np.testing.assert_allclose(y[..., :6], full, atol=1e-6)
+
+
+def test_dtype_kept_and_jit_matches_eager():
+    x, pos = _random((2, 8, 2, H)).astype(jnp.bfloat16), _positions(2, 8, start=60)
+    config = _config("dynamic")
+    eager = R.apply_rope(x, pos, config)
+    jitted = jax.jit(R.apply_rope, static_argnums=2)(x, pos, config)
+    assert eager.dtype == jnp.bfloat16 and eager.shape == x.shape
+    np.testing.assert_array_equal(eager, jitted)
+
+
+def test_dynamic_and_longrope_follow_the_longest_position():
+    """Unscaled (dynamic) / short factors (longrope) up to their threshold, rescaled beyond;
+    apply_rope takes seq_len = max position + 1 over the whole batch, as HF does."""
+    for name in ("dynamic", "longrope"):
+        config = _config(name)
+        base = R.rope_frequencies(config, H)[0]
+        np.testing.assert_array_equal(R.rope_frequencies(config, H, seq_len=32)[0], base)
+        long, attention = R.rope_frequencies(config, H, seq_len=101)
+        assert not np.allclose(long, base)
+        x, pos = _random((2, 3, 1, H)), jnp.array([[0, 1, 2], [98, 99, 100]])
+        want = _numpy_rope(x, pos, None, "split_half", inv_freq=long) * attention
+        np.testing.assert_allclose(R.apply_rope(x, pos, config), want, atol=1e-4)
+
+
+def test_static_ntk_is_theta_scaling():
+    freq = R.rope_frequencies(_config("ntk"), H)[0]
+    want = R.rope_frequencies(R.RopeConfig(theta=500.0 * 8.0 ** (H / (H - 2))), H)[0]
+    np.testing.assert_allclose(freq, want, rtol=1e-6)
