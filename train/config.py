@@ -1,0 +1,229 @@
+"""The training config: one frozen keyword-only dataclass, config files, and ``--set`` overrides.
+
+An experiment config is a Python file under ``train/configs/`` that defines ``CONFIG``, a
+:class:`TrainConfig` (its docstring holds the exact command line that runs it). On the command
+line, ``--set key=value`` replaces single fields; values are parsed by the field's type, and an
+unknown key or a bad value raises :class:`ConfigError` that names the key and the choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import typing
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "apply_overrides", "config_from_argv"]
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message says which and why."""
+
+
+_CHOICES = {
+    "compute_dtype": ("float32", "bfloat16"),
+    "remat": ("none", "blocks", "full"),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything one training run needs; defaults are the CPU demo run (a few minutes).
+
+    Data: ``data`` is ``"builtin"`` (stdlib-docstring corpus), ``"recall"`` (synthetic
+    associative recall), or a path to a text file, a directory of ``.txt`` files or a ``.npy``
+    array of token ids. Batch sizes are global (all hosts); ``grad_accum`` splits each batch
+    into that many micro-batches. Mesh sizes of -1 take all remaining devices.
+    """
+
+    name: str = "mla-tiny-default"
+    model: str = "mla-tiny-default"
+    # data
+    data: str = "builtin"
+    seq_len: int = 128
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_fraction: float = 0.05
+    # optimisation
+    steps: int = 400
+    lr: float = 2e-3
+    warmup_steps: int = 40
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    seed: int = 0
+    # parameters trained / frozen by path regex (finetuning; see train.optim)
+    trainable: tuple[str, ...] = (".*",)
+    frozen: tuple[str, ...] = ()
+    init_from: str = ""
+    # mesh
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+    # multi-host: jax.distributed.initialize() when distributed is true
+    distributed: bool = False
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+    # evaluation, logging, checkpoints
+    eval_every: int = 200
+    eval_batches: int = 8
+    log_every: int = 20
+    ckpt_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    run_dir: str = ""
+    resume: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+    sample_prompts: tuple[str, ...] = ("def ", "Return the ", "The ")
+    sample_tokens: int = 80
+
+    def __post_init__(self):
+        for key, choices in _CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {choices}")
+        positive = (
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "steps",
+            "eval_batches",
+            "log_every",
+            "ckpt_every",
+            "keep_checkpoints",
+            "eval_every",
+        )
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}={getattr(self, key)} must be positive")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}"
+            )
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction={self.eval_fraction} must be in (0, 1)")
+        if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(
+                f"lr={self.lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]"
+            )
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})"
+            )
+        for key in ("mesh_data", "mesh_fsdp", "mesh_tensor"):
+            if getattr(self, key) == 0 or getattr(self, key) < -1:
+                raise ConfigError(f"{key}={getattr(self, key)} must be positive or -1 (fill)")
+        if [self.mesh_data, self.mesh_fsdp, self.mesh_tensor].count(-1) > 1:
+            raise ConfigError("at most one of mesh_data, mesh_fsdp, mesh_tensor may be -1")
+
+    @property
+    def out_dir(self) -> str:
+        """The run directory: ``run_dir`` or ``./runs/<name>``."""
+        return self.run_dir or os.path.join("runs", self.name)
+
+    def mesh_shape(self, num_devices: int) -> dict[str, int]:
+        """Mesh axis sizes for ``num_devices`` devices, resolving a -1 entry.
+
+        Raises:
+          ConfigError: the sizes do not multiply to ``num_devices``.
+        """
+        shape = {"data": self.mesh_data, "fsdp": self.mesh_fsdp, "tensor": self.mesh_tensor}
+        known = 1
+        for size in shape.values():
+            known *= size if size > 0 else 1
+        for axis, size in shape.items():
+            if size == -1:
+                if num_devices % known:
+                    raise ConfigError(f"mesh {shape} cannot fill {num_devices} devices")
+                shape[axis] = num_devices // known
+        total = shape["data"] * shape["fsdp"] * shape["tensor"]
+        if total != num_devices:
+            raise ConfigError(f"mesh {shape} needs {total} devices but {num_devices} are present")
+        return shape
+
+
+def _parse_value(key: str, text: str, kind) -> object:
+    """Parse ``text`` as a value of the type ``kind`` of field ``key``."""
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"expected true/false, got {text!r}")
+            return lowered in ("true", "1", "yes")
+        if kind in (int, float, str):
+            return kind(text)
+        if typing.get_origin(kind) is tuple:
+            return tuple(part for part in text.split(",") if part) if text else ()
+    except ValueError as err:
+        raise ConfigError(f"--set {key}={text!r}: {err}") from None
+    raise ConfigError(f"--set {key}: fields of type {kind} cannot be set from the command line")
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
+    """Return ``config`` with ``key=value`` overrides applied (types from the dataclass).
+
+    Raises:
+      ConfigError: a malformed override, an unknown key (with close matches), or a bad value.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    changes = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=3)
+            hint = f"; did you mean {close}?" if close else f"; known keys: {sorted(hints)}"
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        changes[key] = _parse_value(key, text, hints[key])
+    return dataclasses.replace(config, **changes)
+
+
+def load_config(path: str | None = None, overrides=()) -> TrainConfig:
+    """Load ``CONFIG`` from an experiment config file (default config if None), then override.
+
+    Args:
+      path: a Python file defining ``CONFIG: TrainConfig``, or None for the defaults.
+      overrides: ``key=value`` strings.
+
+    Returns:
+      The validated config.
+
+    Raises:
+      ConfigError: missing file, no ``CONFIG`` in it, or bad overrides.
+    """
+    config = TrainConfig()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        spec = importlib.util.spec_from_file_location("_train_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = getattr(module, "CONFIG", None)
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(f"{path} must define CONFIG = TrainConfig(...)")
+    return apply_overrides(config, overrides)
+
+
+def config_from_argv(argv=None, description: str = "") -> TrainConfig:
+    """Parse ``[--config FILE] [--set key=value ...]`` into a config (see :func:`load_config`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="experiment config file (train/configs)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config field; repeatable",
+    )
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.set)

@@ -1,0 +1,196 @@
+"""The training loop shared by pretraining and finetuning, as importable functions.
+
+``train_loop(config, model_fn)`` builds the mesh and the sharded steps, resumes from the newest
+good checkpoint in ``<run_dir>/checkpoints`` (or starts fresh, optionally from given
+parameters), trains to ``config.steps`` with periodic evaluation, logging and async
+checkpoints, and returns a :class:`RunResult`. Only process 0 writes logs and prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from jaxattn.sharding import make_mesh
+from train.checkpoints import Checkpointer
+from train.data import make_loaders
+from train.metrics import MetricsWriter, flops_per_token, peak_flops, progress_line
+from train.optim import lr_schedule
+from train.step import Trainer, make_trainer
+
+__all__ = ["RunResult", "setup_distributed", "train_loop", "evaluate", "host_params"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a run produced: final state and where its outputs are."""
+
+    trainer: Trainer
+    state: dict
+    rest: dict
+    run_dir: str
+    start_step: int
+    eval_loss: float
+    seconds: float
+
+
+def say(*args) -> None:
+    """Print on process 0 only."""
+    if jax.process_index() == 0:
+        print(*args, flush=True)
+
+
+def setup_distributed(config) -> None:
+    """``jax.distributed.initialize()`` when ``config.distributed`` (no-op otherwise).
+
+    On CPU, cross-process collectives go through gloo. Empty/negative fields are left to JAX's
+    cluster auto-detection (TPU pods, SLURM, ...).
+    """
+    if not config.distributed or jax.distributed.is_initialized():
+        return
+    if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=config.coordinator_address or None,
+        num_processes=config.num_processes or None,
+        process_id=config.process_id if config.process_id >= 0 else None,
+    )
+
+
+def evaluate(trainer: Trainer, params, rest, loader, num_batches: int) -> float:
+    """Mean held-out NLL (nats/token) over ``num_batches`` batches of ``loader``."""
+    nll, weight = 0.0, 0.0
+    for i in range(num_batches):
+        n, w = trainer.eval_step(params, rest, trainer.put_batch(loader.batch(i)))
+        nll, weight = nll + float(n), weight + float(w)
+    return nll / max(weight, 1.0)
+
+
+def host_params(params):
+    """numpy copies of (possibly multi-host sharded) params, gathered on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.tree.map(np.asarray, params)
+
+
+def _place(tree, shardings):
+    """Put host arrays onto the mesh (each process supplies the full value)."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+        tree,
+        shardings,
+    )
+
+
+def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunResult:
+    """Train ``model_fn()`` under ``config``; resume if a checkpoint exists.
+
+    Args:
+      config: a :class:`train.config.TrainConfig`.
+      model_fn: zero-argument model constructor (see :func:`train.step.make_trainer`).
+      model_config: the model's config, for the FLOP estimate (optional).
+      init_params: host parameters (pure dict) to start from instead of a fresh init, used
+        when no checkpoint exists yet (finetuning).
+
+    Returns:
+      A :class:`RunResult`.
+    """
+    t_start = time.time()
+    run_dir = config.out_dir
+    mesh = make_mesh(config.mesh_shape(jax.device_count()))
+    trainer = make_trainer(model_fn, config, mesh)
+    train_data, eval_data = make_loaders(config, jax.process_index(), jax.process_count())
+    ckpt = Checkpointer(
+        os.path.join(run_dir, "checkpoints"),
+        every=config.ckpt_every,
+        keep=config.keep_checkpoints,
+        async_save=config.async_checkpoint,
+    )
+    state, rest = trainer.init()
+    restored = (
+        ckpt.restore(trainer.abstract_state, trainer.state_shardings) if config.resume else None
+    )
+    if restored is not None:
+        state, meta = restored
+        say(f"resumed from {ckpt.directory} step {meta['step']}")
+    elif init_params is not None:
+        state["params"] = _place(init_params, trainer.state_shardings["params"])
+    start = int(state["step"])
+    writer = MetricsWriter(run_dir, tensorboard=config.tensorboard)
+    writer.truncate_after(start)
+    if jax.process_index() == 0:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=1)
+    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    fpt = flops_per_token(num_params, model_config, config.seq_len)
+    peak, peak_label = peak_flops()
+    say(
+        f"{config.name}: {num_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
+        f"{config.batch_size}x{config.seq_len} tokens/step, steps {start}->{config.steps}, "
+        f"MFU vs {peak_label}"
+    )
+    schedule = lr_schedule(config)
+    meta = {
+        "config": dataclasses.asdict(config),
+        "model_config": dataclasses.asdict(model_config)
+        if dataclasses.is_dataclass(model_config)
+        else None,
+    }
+    pending, t_last, timed_from, eval_loss = [], time.time(), 0, math.nan
+    for step in range(start, config.steps):
+        state, metrics = trainer.train_step(state, rest, trainer.put_batch(train_data.batch(step)))
+        pending.append(metrics)
+        done = step + 1
+        if step == start:  # leave compilation out of the throughput
+            jax.block_until_ready(metrics)
+            t_last, timed_from = time.time(), 1
+        if done % config.log_every == 0 or done == config.steps:
+            got = jax.device_get(pending)
+            timed = got[timed_from:] or got
+            tok_s = sum(m["tokens"] for m in timed) / max(time.time() - t_last, 1e-9)
+            loss = float(np.mean([m["loss"] for m in got]))
+            mfu = tok_s * fpt / peak
+            lr = float(schedule(step))
+            writer.write(
+                done,
+                "train",
+                {
+                    "loss": loss,
+                    "grad_norm": got[-1]["grad_norm"],
+                    "lr": lr,
+                    "tokens_per_s": tok_s,
+                    "mfu": mfu,
+                },
+            )
+            say(progress_line(done, config.steps, loss, tok_s, mfu, lr))
+            pending, t_last, timed_from = [], time.time(), 0
+        if done % config.eval_every == 0 or done == config.steps:
+            eval_loss = evaluate(trainer, state["params"], rest, eval_data, config.eval_batches)
+            writer.write(done, "eval", {"loss": eval_loss, "perplexity": math.exp(eval_loss)})
+            say(f"eval step {done}: loss {eval_loss:.4f}  perplexity {math.exp(eval_loss):.2f}")
+            t_last, timed_from = time.time(), len(pending)
+        ckpt.save(done, state, {**meta, "data_step": done}, force=done == config.steps)
+    if start >= config.steps:
+        eval_loss = evaluate(trainer, state["params"], rest, eval_data, config.eval_batches)
+    ckpt.close()
+    writer.close()
+    return RunResult(
+        trainer=trainer,
+        state=state,
+        rest=rest,
+        run_dir=run_dir,
+        start_step=start,
+        eval_loss=eval_loss,
+        seconds=time.time() - t_start,
+    )

@@ -1,0 +1,142 @@
+"""Sampling entry point: ``python -m train.sample --checkpoint DIR --prompt "..."``.
+
+Loads the parameters of a checkpoint written by ``train.pretrain``/``train.finetune`` (the
+run directory or its ``checkpoints/`` folder), rebuilds the model from the config stored with
+it, and generates with the KV cache through ``jaxattn.generate.generate``. Text is byte-level
+(vocab 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from train.data import ByteTokenizer
+
+__all__ = ["sample_texts", "load_model", "main"]
+
+
+def sample_texts(
+    model,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    seed: int = 0,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> list[str]:
+    """Continue each prompt by ``max_new_tokens`` byte tokens.
+
+    Args:
+      model: an NNX language model accepted by ``jaxattn.generate.generate``.
+      prompts: non-empty prompt strings (right-padded into one batch).
+      max_new_tokens: tokens to generate per prompt.
+      seed: sampling seed; temperature 0 is greedy.
+
+    Returns:
+      The generated continuations (without their prompts).
+    """
+    from jaxattn.generate import generate
+
+    tok = ByteTokenizer()
+    ids = [tok.encode(p) for p in prompts]
+    if any(len(i) == 0 for i in ids):
+        raise ValueError("prompts must be non-empty")
+    lengths_B = np.array([len(i) for i in ids], np.int32)
+    prompt_BT = np.zeros((len(ids), int(lengths_B.max())), np.int32)
+    for b, i in enumerate(ids):
+        prompt_BT[b, : len(i)] = i
+    out = generate(
+        model,
+        prompt_BT,
+        lengths_B,
+        max_new_tokens=max_new_tokens,
+        rng=jax.random.key(seed),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    )
+    out_BT = np.asarray(out[0] if isinstance(out, tuple) else out)
+    if out_BT.shape[1] == prompt_BT.shape[1] + max_new_tokens:  # prompt included: drop it
+        return [
+            tok.decode(out_BT[b, lengths_B[b] : lengths_B[b] + max_new_tokens])
+            for b in range(len(ids))
+        ]
+    return [tok.decode(row[:max_new_tokens]) for row in out_BT]
+
+
+def _model_config(meta: dict):
+    """The ``models.ModelConfig`` stored in checkpoint metadata (or the named one)."""
+    from models import ModelConfig, get_config
+
+    stored = meta.get("model_config")
+    if stored:
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        kwargs = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields
+        }
+        return ModelConfig(**kwargs)
+    return get_config(meta["config"]["model"])
+
+
+def load_model(checkpoint: str, step: int | None = None):
+    """A ``models.DecoderLM`` holding a checkpoint's parameters, on the default device.
+
+    Args:
+      checkpoint: a run directory or its ``checkpoints/`` folder.
+      step: the step to load (default the newest).
+
+    Returns:
+      ``(model, meta)``.
+    """
+    from models import DecoderLM
+    from train.checkpoints import read_meta, restore_params
+
+    if os.path.isdir(os.path.join(checkpoint, "checkpoints")):
+        checkpoint = os.path.join(checkpoint, "checkpoints")
+    meta = read_meta(checkpoint, step)
+    model_config = _model_config(meta)
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: DecoderLM(model_config, rngs=nnx.Rngs(0)))
+    graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+    params, meta = restore_params(checkpoint, nnx.to_pure_dict(abs_params), step=meta["step"])
+    with nnx.use_eager_sharding(False):
+        _, _, rest = nnx.split(DecoderLM(model_config, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    return nnx.merge(graphdef, params, rest), meta
+
+
+def main(argv=None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="run dir or its checkpoints/ dir")
+    parser.add_argument("--prompt", action="append", required=True, help="repeatable")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step", type=int, default=None)
+    args = parser.parse_args(argv)
+    model, meta = load_model(args.checkpoint, args.step)
+    texts = sample_texts(
+        model,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
+    print(f"checkpoint step {meta['step']}")
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(f"{prompt}{text}")
+
+
+if __name__ == "__main__":
+    main()

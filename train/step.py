@@ -1,0 +1,241 @@
+"""Sharded train state and the jitted train/eval steps, generic over any NNX language model.
+
+A model is anything built by a zero-argument ``model_fn`` whose instances are called as
+``model(tokens_BT) -> logits_BTV`` and whose parameters carry logical axis names
+(``nnx.with_partitioning``). The train state is a plain pytree::
+
+    {"params": fp32 master weights, "opt_state": optax state, "step": int32[], "rng": uint32[2]}
+
+``params`` is a pure dict (``nnx.to_pure_dict``); each leaf is placed by the logical-axis rules
+of ``jaxattn.sharding``, and optimizer moments are placed like the parameter they track.
+Non-parameter model state (``rest``: rng streams, constant tables) is replicated and untrained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxattn.sharding import logical_sharding, logical_to_spec
+from train.optim import make_optimizer, path_string
+
+__all__ = ["Trainer", "auto_mesh", "make_trainer", "token_loss_sums"]
+
+
+def _pure(state) -> dict:
+    return nnx.to_pure_dict(state)
+
+
+def _names_tree(abstract_params) -> dict:
+    """Pure dict of logical axis names (a tuple per leaf; all-None where unannotated)."""
+    tree: dict = {}
+    for path, var in nnx.to_flat_state(abstract_params):
+        names = var.get_metadata().get("out_sharding") or (None,) * var.value.ndim
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = tuple(names)
+    return tree
+
+
+def _like_params(tree, param_shardings: dict, mesh) -> object:
+    """Shardings for an optimizer-state-like ``tree``: a leaf whose path ends with a parameter's
+    path and has its shape gets that parameter's sharding; everything else is replicated."""
+    by_path = {path_string(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        parts = path_string(path).split("/")
+        for i in range(len(parts)):
+            sharding = by_path.get("/".join(parts[i:]))
+            if sharding is not None and len(sharding.spec) == leaf.ndim:
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """``mesh`` with all axes in Auto mode.
+
+    ``jax.make_mesh`` (hence ``jaxattn.sharding.make_mesh``) makes Explicit axes, under which
+    ops such as an embedding gather with batch-sharded indices need explicit output shardings;
+    training places parameters and batches with in/out shardings and lets XLA propagate the
+    rest, so any model runs unchanged.
+    """
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
+def token_loss_sums(logits_BTV, targets_BT, weights_BT):
+    """Summed weighted next-token NLL and summed weight (fp32), for exact averaging later."""
+    # log-softmax in fp32: bf16 logits lose the max subtraction's precision
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Compiled steps and shardings for one model, config and mesh.
+
+    Attributes:
+      init: ``() -> (state, rest)``, sharded fresh state.
+      train_step: ``(state, rest, batch) -> (state, metrics)``; the state is donated.
+      eval_step: ``(params, rest, batch) -> (nll_sum, weight_sum)``.
+      batch_sharding: NamedSharding of ``[B, T]`` batch arrays.
+    """
+
+    graphdef: nnx.GraphDef
+    mesh: jax.sharding.Mesh
+    optimizer: optax.GradientTransformation
+    state_shardings: dict
+    rest_shardings: dict
+    batch_sharding: NamedSharding
+    abstract_state: dict
+    init: Callable
+    train_step: Callable
+    eval_step: Callable
+
+    def put_batch(self, local_batch: dict) -> dict:
+        """Global arrays from this host's rows of a batch (numpy, [B_local, T])."""
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local_batch.items()
+        }
+
+    def model(self, params, rest) -> nnx.Module:
+        """An NNX model holding ``params`` (e.g. for sampling)."""
+        return nnx.merge(self.graphdef, params, rest)
+
+
+def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
+    """Build the sharded init, train and eval steps.
+
+    Args:
+      model_fn: zero-argument constructor of the model (called abstractly and under jit).
+      config: a :class:`train.config.TrainConfig` (optimizer, dtype, grad_accum, remat, seed).
+      mesh: a mesh with axes among data/fsdp/tensor.
+
+    Returns:
+      A :class:`Trainer`.
+    """
+    mesh = auto_mesh(mesh)
+    with nnx.use_eager_sharding(False):
+        abstract_model = nnx.eval_shape(model_fn)
+    graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+    names = _names_tree(abs_params)
+    param_sh = jax.tree.map(
+        lambda n: logical_sharding(n, mesh), names, is_leaf=lambda x: isinstance(x, tuple)
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rest_sh = jax.tree.map(lambda _: replicated, _pure(abs_rest))
+    abs_params = _pure(abs_params)
+    optimizer = make_optimizer(config, abs_params)
+    abs_opt = jax.eval_shape(optimizer.init, abs_params)
+    state_sh = {
+        "params": param_sh,
+        "opt_state": _like_params(abs_opt, param_sh, mesh),
+        "step": replicated,
+        "rng": replicated,
+    }
+    batch_sh = logical_sharding(("batch", "length"), mesh)
+    micro_sh = NamedSharding(mesh, PartitionSpec(None, *logical_to_spec(("batch", "length"), mesh)))
+    compute_dtype = jnp.dtype(config.compute_dtype)
+    accum = config.grad_accum
+
+    def init():
+        with nnx.use_eager_sharding(False):
+            model = model_fn()
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        params = _pure(params)
+        key = jax.random.key_data(jax.random.key(config.seed))
+        state = {
+            "params": params,
+            "opt_state": optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": key,
+        }
+        return state, _pure(rest)
+
+    def loss_sums(params, rest, batch):
+        if compute_dtype != jnp.float32:  # bf16 compute, fp32 master weights
+            params = jax.tree.map(
+                lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                params,
+            )
+        model = nnx.merge(graphdef, params, rest)
+        logits_BTV = model(batch["inputs_BT"])
+        return token_loss_sums(logits_BTV, batch["targets_BT"], batch["weights_BT"])
+
+    if config.remat == "full":
+        loss_sums = jax.checkpoint(loss_sums, policy=jax.checkpoint_policies.nothing_saveable)
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def train_step(state, rest, batch):
+        params = state["params"]
+        if accum == 1:
+            (nll, weight), grads = grad_fn(params, rest, batch)
+        else:
+
+            def split(x_BT):  # row r = b * accum + a goes to micro-batch a
+                b, t = x_BT.shape
+                x_ABT = x_BT.reshape(b // accum, accum, t).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(x_ABT, micro_sh)
+
+            def body(carry, micro):
+                (nll, weight), grads = grad_fn(params, rest, micro)
+                return jax.tree.map(jnp.add, carry, (nll, weight, grads)), None
+
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            (nll, weight, grads), _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+        weight = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_state = {
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+            "rng": jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0]),
+        }
+        metrics = {
+            "loss": nll / weight,
+            "grad_norm": optax.global_norm(grads),
+            "tokens": jnp.float32(batch["inputs_BT"].size),
+        }
+        return new_state, metrics
+
+    def eval_step(params, rest, batch):
+        return loss_sums(params, rest, batch)
+
+    abstract_state = {
+        "params": abs_params,
+        "opt_state": abs_opt,
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+    }
+    return Trainer(
+        graphdef=graphdef,
+        mesh=mesh,
+        optimizer=optimizer,
+        state_shardings=state_sh,
+        rest_shardings=rest_sh,
+        batch_sharding=batch_sh,
+        abstract_state=abstract_state,
+        init=jax.jit(init, out_shardings=(state_sh, rest_sh)),
+        train_step=jax.jit(
+            train_step,
+            in_shardings=(state_sh, rest_sh, batch_sh),
+            out_shardings=(state_sh, replicated),
+            donate_argnums=0,
+        ),
+        eval_step=jax.jit(
+            eval_step, in_shardings=(param_sh, rest_sh, batch_sh), out_shardings=replicated
+        ),
+    )
