@@ -27,6 +27,8 @@ variant included) and ``LongRopeScaling`` ("longrope"). YaRN/LongRoPE multiply c
 by an attention factor; DeepSeek-V2/V3 additionally scale the softmax, see
 ``mla_softmax_scale_factor``.
 
+Shape suffixes: P = rotary_dim (DESIGN.md's rope dims), P2 = P // 2 (one per rotated pair).
+
 For MLA, call ``apply_rope`` on q_pe [B, T, N, qk_rope_head_dim] and k_pe [B, T, 1, ...] with
 ``head_dim = qk_rope_head_dim`` (HF DeepSeek sets ``config.head_dim`` to it).
 """
@@ -34,6 +36,7 @@ For MLA, call ``apply_rope`` on q_pe [B, T, N, qk_rope_head_dim] and k_pe [B, T,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -240,7 +243,7 @@ def _resolved_rotary_dim(config: RopeConfig, head_dim: int) -> int:
     return int(dim)
 
 
-def _yarn_inv_freq(config: RopeConfig, s: YarnScaling, exps_P: jax.Array, dim: int):
+def _yarn_inv_freq(config: RopeConfig, s: YarnScaling, exps_P2: jax.Array, dim: int):
     orig = s.original_max_position_embeddings or config.max_position_embeddings
     factor = s.factor if s.factor is not None else config.max_position_embeddings / orig
     attention = s.attention_factor
@@ -261,24 +264,24 @@ def _yarn_inv_freq(config: RopeConfig, s: YarnScaling, exps_P: jax.Array, dim: i
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp_P = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
-    extrap_weight_P = 1 - ramp_P
-    pos_freqs_P = config.theta**exps_P
-    inv_freq_P = (1.0 / (factor * pos_freqs_P)) * (1 - extrap_weight_P) + (
-        1.0 / pos_freqs_P
-    ) * extrap_weight_P
-    return inv_freq_P, float(attention)
+    ramp_P2 = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    extrap_weight_P2 = 1 - ramp_P2
+    pos_freqs_P2 = config.theta**exps_P2
+    inv_freq_P2 = (1.0 / (factor * pos_freqs_P2)) * (1 - extrap_weight_P2) + (
+        1.0 / pos_freqs_P2
+    ) * extrap_weight_P2
+    return inv_freq_P2, float(attention)
 
 
-def _llama3_inv_freq(s: Llama3Scaling, inv_freq_P: jax.Array) -> jax.Array:
+def _llama3_inv_freq(s: Llama3Scaling, inv_freq_P2: jax.Array) -> jax.Array:
     old = s.original_max_position_embeddings
     low_wavelen, high_wavelen = old / s.low_freq_factor, old / s.high_freq_factor
-    wavelen_P = 2 * math.pi / inv_freq_P
-    inv_freq_P = jnp.where(wavelen_P > low_wavelen, inv_freq_P / s.factor, inv_freq_P)
-    smooth_P = (old / wavelen_P - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    smoothed_P = (1 - smooth_P) * inv_freq_P / s.factor + smooth_P * inv_freq_P
-    medium_P = ~(wavelen_P < high_wavelen) & ~(wavelen_P > low_wavelen)
-    return jnp.where(medium_P, smoothed_P, inv_freq_P)
+    wavelen_P2 = 2 * math.pi / inv_freq_P2
+    inv_freq_P2 = jnp.where(wavelen_P2 > low_wavelen, inv_freq_P2 / s.factor, inv_freq_P2)
+    smooth_P2 = (old / wavelen_P2 - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed_P2 = (1 - smooth_P2) * inv_freq_P2 / s.factor + smooth_P2 * inv_freq_P2
+    medium_P2 = ~(wavelen_P2 < high_wavelen) & ~(wavelen_P2 > low_wavelen)
+    return jnp.where(medium_P2, smoothed_P2, inv_freq_P2)
 
 
 def rope_frequencies(
@@ -295,7 +298,7 @@ def rope_frequencies(
         None means the unscaled / short setting, as HF at initialisation.
 
     Returns:
-      ``(inv_freq_P, attention_factor)``: float32 [rotary_dim // 2] and a Python float
+      ``(inv_freq_P2, attention_factor)``: float32 [rotary_dim // 2] and a Python float
       (1.0 unless yarn / longrope).
     """
     dim = _resolved_rotary_dim(config, head_dim)
@@ -306,14 +309,14 @@ def rope_frequencies(
         theta = theta * s.factor ** (dim / (dim - 2))
     # Constant parts run eagerly even under jit, so they match outside-jit values bit for bit.
     with jax.ensure_compile_time_eval():
-        exps_P = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
-        inv_freq_P = 1.0 / (theta**exps_P)
+        exps_P2 = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+        inv_freq_P2 = 1.0 / (theta**exps_P2)
         if isinstance(s, LinearScaling):
-            inv_freq_P = inv_freq_P / s.factor
+            inv_freq_P2 = inv_freq_P2 / s.factor
         elif isinstance(s, Llama3Scaling):
-            inv_freq_P = _llama3_inv_freq(s, inv_freq_P)
+            inv_freq_P2 = _llama3_inv_freq(s, inv_freq_P2)
         elif isinstance(s, YarnScaling):
-            inv_freq_P, attention = _yarn_inv_freq(config, s, exps_P, dim)
+            inv_freq_P2, attention = _yarn_inv_freq(config, s, exps_P2, dim)
         elif isinstance(s, LongRopeScaling):
             orig = s.original_max_position_embeddings or config.max_position_embeddings
             factor = s.factor if s.factor is not None else config.max_position_embeddings / orig
@@ -323,19 +326,19 @@ def rope_frequencies(
             for name in ("short_factor", "long_factor"):
                 if len(getattr(s, name)) != dim // 2:
                     raise ValueError(f"{name} must have rotary_dim // 2 = {dim // 2} entries")
-            short_P = 1.0 / (jnp.asarray(s.short_factor, jnp.float32) * theta**exps_P)
-            long_P = 1.0 / (jnp.asarray(s.long_factor, jnp.float32) * theta**exps_P)
+            short_P2 = 1.0 / (jnp.asarray(s.short_factor, jnp.float32) * theta**exps_P2)
+            long_P2 = 1.0 / (jnp.asarray(s.long_factor, jnp.float32) * theta**exps_P2)
     if isinstance(s, LongRopeScaling):
         use_long = False if seq_len is None else jnp.asarray(seq_len) > orig
-        inv_freq_P = jnp.where(use_long, long_P, short_P)
+        inv_freq_P2 = jnp.where(use_long, long_P2, short_P2)
     elif isinstance(s, DynamicNTKScaling) and seq_len is not None:
         # HF recomputes in float32 torch ops once the length exceeds M; mirror that order.
         m = config.max_position_embeddings
         seq = jnp.maximum(jnp.asarray(seq_len), m).astype(jnp.float32)
         ratio = jnp.float32(s.factor) * seq / jnp.float32(m) - jnp.float32(s.factor - 1)
         base = jnp.float32(theta) * ratio ** jnp.float32(dim / (dim - 2))
-        inv_freq_P = jnp.where(jnp.asarray(seq_len) > m, 1.0 / base**exps_P, inv_freq_P)
-    return inv_freq_P.astype(jnp.float32), float(attention)
+        inv_freq_P2 = jnp.where(jnp.asarray(seq_len) > m, 1.0 / base**exps_P2, inv_freq_P2)
+    return inv_freq_P2.astype(jnp.float32), float(attention)
 
 
 def rope_cos_sin(
@@ -349,20 +352,31 @@ def rope_cos_sin(
       head_dim: the head size H.
 
     Returns:
-      ``(cos_BTP, sin_BTP)`` float32, here P = rotary_dim // 2 (one angle per pair).
+      ``(cos_BTP2, sin_BTP2)`` float32 [B, T, rotary_dim // 2] (one angle per pair).
     """
+    positions_BT = _checked_positions(positions_BT)
+    _resolved_rotary_dim(config, head_dim)
+    return _rope_cos_sin_jit(positions_BT, config, head_dim)
+
+
+def _checked_positions(positions_BT: jax.Array) -> jax.Array:
     positions_BT = jnp.asarray(positions_BT)
     if positions_BT.ndim != 2 or not jnp.issubdtype(positions_BT.dtype, jnp.integer):
         raise ValueError(
             f"positions_BT must be an integer [B, T] array, got {positions_BT.dtype}"
             f"{list(positions_BT.shape)}"
         )
+    return positions_BT
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _rope_cos_sin_jit(positions_BT: jax.Array, config: RopeConfig, head_dim: int):
     seq_len = None
     if isinstance(config.scaling, (DynamicNTKScaling, LongRopeScaling)):
         seq_len = jnp.max(positions_BT) + 1
-    inv_freq_P, attention = rope_frequencies(config, head_dim, seq_len)
-    angles_BTP = positions_BT.astype(jnp.float32)[..., None] * inv_freq_P
-    return jnp.cos(angles_BTP) * attention, jnp.sin(angles_BTP) * attention
+    inv_freq_P2, attention = rope_frequencies(config, head_dim, seq_len)
+    angles_BTP2 = positions_BT.astype(jnp.float32)[..., None] * inv_freq_P2
+    return jnp.cos(angles_BTP2) * attention, jnp.sin(angles_BTP2) * attention
 
 
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, config: RopeConfig) -> jax.Array:
@@ -376,31 +390,37 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, config: RopeConfig) -
     Returns:
       [B, T, N, H], x's dtype; dims past rotary_dim unchanged; the math runs in float32.
     """
-    x_BTNH = jnp.asarray(x_BTNH)
-    positions_BT = jnp.asarray(positions_BT)
+    x_BTNH, positions_BT = jnp.asarray(x_BTNH), _checked_positions(positions_BT)
     if x_BTNH.ndim != 4:
         raise ValueError(f"x_BTNH must have rank 4 [B, T, N, H], got shape {x_BTNH.shape}")
     if positions_BT.shape != x_BTNH.shape[:2]:
         raise ValueError(
             f"positions_BT must have shape [B, T] = {x_BTNH.shape[:2]}, got {positions_BT.shape}"
         )
+    _resolved_rotary_dim(config, x_BTNH.shape[-1])
+    return _apply_rope_jit(x_BTNH, positions_BT, config)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _apply_rope_jit(x_BTNH: jax.Array, positions_BT: jax.Array, config: RopeConfig) -> jax.Array:
+    # One compiled program per shape and config: eager op-by-op dispatch is much slower.
     head_dim = x_BTNH.shape[-1]
     dim = _resolved_rotary_dim(config, head_dim)
-    cos_BTP, sin_BTP = rope_cos_sin(positions_BT, config, head_dim)
-    cos_BT1P, sin_BT1P = cos_BTP[:, :, None, :], sin_BTP[:, :, None, :]
+    cos_BTP2, sin_BTP2 = _rope_cos_sin_jit(positions_BT, config, head_dim)
+    cos_BT1P2, sin_BT1P2 = cos_BTP2[:, :, None, :], sin_BTP2[:, :, None, :]
     x_BTNH_f32 = x_BTNH.astype(jnp.float32)
-    rot_BTNP2, pass_BTNH = x_BTNH_f32[..., :dim], x_BTNH_f32[..., dim:]
+    rot_BTNP, pass_BTNH = x_BTNH_f32[..., :dim], x_BTNH_f32[..., dim:]
     if config.layout == "split_half":
-        a_BTNP, b_BTNP = rot_BTNP2[..., : dim // 2], rot_BTNP2[..., dim // 2 :]
+        a_BTNP2, b_BTNP2 = rot_BTNP[..., : dim // 2], rot_BTNP[..., dim // 2 :]
     else:
-        a_BTNP, b_BTNP = rot_BTNP2[..., 0::2], rot_BTNP2[..., 1::2]
-    ra_BTNP = a_BTNP * cos_BT1P - b_BTNP * sin_BT1P
-    rb_BTNP = b_BTNP * cos_BT1P + a_BTNP * sin_BT1P
+        a_BTNP2, b_BTNP2 = rot_BTNP[..., 0::2], rot_BTNP[..., 1::2]
+    ra_BTNP2 = a_BTNP2 * cos_BT1P2 - b_BTNP2 * sin_BT1P2
+    rb_BTNP2 = b_BTNP2 * cos_BT1P2 + a_BTNP2 * sin_BT1P2
     if config.layout == "interleaved":
-        rot_BTNP2 = jnp.stack([ra_BTNP, rb_BTNP], axis=-1).reshape(rot_BTNP2.shape)
+        rot_BTNP = jnp.stack([ra_BTNP2, rb_BTNP2], axis=-1).reshape(rot_BTNP.shape)
     else:  # split_half, and interleaved_to_split_half writes its output de-interleaved
-        rot_BTNP2 = jnp.concatenate([ra_BTNP, rb_BTNP], axis=-1)
-    return jnp.concatenate([rot_BTNP2, pass_BTNH], axis=-1).astype(x_BTNH.dtype)
+        rot_BTNP = jnp.concatenate([ra_BTNP2, rb_BTNP2], axis=-1)
+    return jnp.concatenate([rot_BTNP, pass_BTNH], axis=-1).astype(x_BTNH.dtype)
 
 
 def mla_softmax_scale_factor(config: RopeConfig) -> float:
