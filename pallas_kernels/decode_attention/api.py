@@ -54,9 +54,11 @@ class DecodeBlockSizes:
 
 def _check(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, block_sizes, window, logits_soft_cap):
     """Raise ValueError on malformed input, before any tracing work."""
-    shapes = f"q {q_BTNH.shape}, k {k_BCKH.shape}, v {v_BCKV.shape}, kv_lengths {kv_lengths_B.shape}"
+    shapes = (
+        f"q {q_BTNH.shape}, k {k_BCKH.shape}, v {v_BCKV.shape}, kv_lengths {kv_lengths_B.shape}"
+    )
     if q_BTNH.ndim != 4 or k_BCKH.ndim != 4 or v_BCKV.ndim != 4 or kv_lengths_B.ndim != 1:
-        raise ValueError(f"expected q [B,T,N,H], k [B,C,K,H], v [B,C,K,V], kv_lengths [B]: {shapes}")
+        raise ValueError(f"want q [B,T,N,H], k [B,C,K,H], v [B,C,K,V], kv_lengths [B]: {shapes}")
     B, T, N, H = q_BTNH.shape
     Bk, C, K, Hk = k_BCKH.shape
     if (Bk, C, K) != v_BCKV.shape[:3] or Bk != B or kv_lengths_B.shape[0] != B or Hk != H:
@@ -150,13 +152,22 @@ def decode_attention(
     # Rows (g, t) of one kv head form the matmul's M dimension: [B, K, G*T, H].
     q_BKRH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
     acc, m, l = tpu.decode_partials(
-        q_BKRH, k_BCKH, v_BCKV, kv_lengths_B, T=T, block_kv=block_kv, num_splits=num_splits,
-        scale=scale, soft_cap=logits_soft_cap, window=window, interpret=interpret,
+        q_BKRH,
+        k_BCKH,
+        v_BCKV,
+        kv_lengths_B,
+        T=T,
+        block_kv=block_kv,
+        num_splits=num_splits,
+        scale=scale,
+        soft_cap=logits_soft_cap,
+        window=window,
+        interpret=interpret,
     )
     o_BKRV, lse_BKR = tpu.combine_splits(acc, m, l)
-    o_BTNV = (
-        o_BKRV.reshape(B, K, G, T, V).transpose(0, 3, 1, 2, 4).reshape(B, T, N, V)
-    ).astype(q_BTNH.dtype)
+    o_BTNV = (o_BKRV.reshape(B, K, G, T, V).transpose(0, 3, 1, 2, 4).reshape(B, T, N, V)).astype(
+        q_BTNH.dtype
+    )
     if not return_lse:
         return o_BTNV
     return o_BTNV, lse_BKR.reshape(B, N, T)  # rows (g, t) of head k: n = k * G + g

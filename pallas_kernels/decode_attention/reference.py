@@ -72,10 +72,15 @@ def decode_attention_reference(
     G = N // K
     scale = H**-0.5 if scale is None else scale
     q_BTKGH = q_BTNH.reshape(B, T, K, G, H).astype(jnp.float32)
-    s_BKGTC = jnp.einsum(
-        "btkgh,bckh->bkgtc", q_BTKGH, k_BCKH.astype(jnp.float32),
-        precision=jax.lax.Precision.HIGHEST,
-    ) * scale
+    s_BKGTC = (
+        jnp.einsum(
+            "btkgh,bckh->bkgtc",
+            q_BTKGH,
+            k_BCKH.astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        * scale
+    )
     if logits_soft_cap is not None:
         s_BKGTC = logits_soft_cap * jnp.tanh(s_BKGTC / logits_soft_cap)
     mask_B11TC = visible_mask(kv_lengths_B, T, C, window)[:, None, None]
@@ -86,7 +91,9 @@ def decode_attention_reference(
     p_BKGTC = jnp.exp(s_BKGTC - m_BKGT1)
     l_BKGT1 = jnp.sum(p_BKGTC, axis=-1, keepdims=True)
     o_BKGTV = jnp.einsum(
-        "bkgtc,bckv->bkgtv", p_BKGTC, v_BCKV.astype(jnp.float32),
+        "bkgtc,bckv->bkgtv",
+        p_BKGTC,
+        v_BCKV.astype(jnp.float32),
         precision=jax.lax.Precision.HIGHEST,
     )
     o_BKGTV = o_BKGTV / jnp.where(l_BKGT1 > 0, l_BKGT1, 1.0)

@@ -48,8 +48,28 @@ def _live_block_range(kv_len, *, T: int, block_kv: int, window: int | None):
     return lo_blk, hi_blk
 
 
-def _kernel(lens_ref, q_ref, k_ref, v_ref, acc_out, m_out, l_out, acc_scr, m_scr, l_scr, *,
-            T, H, V, hb, block_kv, blocks_per_split, scale, soft_cap, window):
+def _kernel(
+    lens_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    acc_out,
+    m_out,
+    l_out,
+    acc_scr,
+    m_scr,
+    l_scr,
+    *,
+    T,
+    H,
+    V,
+    hb,
+    block_kv,
+    blocks_per_split,
+    scale,
+    soft_cap,
+    window,
+):
     b, s, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     kv_len = lens_ref[b]
     j = s * blocks_per_split + i
@@ -77,14 +97,20 @@ def _kernel(lens_ref, q_ref, k_ref, v_ref, acc_out, m_out, l_out, acc_scr, m_scr
         row_ok_S1 = start + jax.lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0) < kv_len
         for hh in range(hb):  # static: hb is 1 for H = 128/256 or K = 1
             q_RH = q_ref[hh]
-            k_SH = k_ref[:, hh * H:(hh + 1) * H]
-            v_SV = v_ref[:, hh * V:(hh + 1) * V]
+            k_SH = k_ref[:, hh * H : (hh + 1) * H]
+            v_SV = v_ref[:, hh * V : (hh + 1) * V]
             prec = jax.lax.Precision.HIGHEST if q_RH.dtype == jnp.float32 else None
             # Scores in fp32 (MXU accumulates in fp32); scale after the matmul, not on bf16 q.
-            s_RS = jax.lax.dot_general(
-                q_RH, k_SH, (((1,), (1,)), ((), ())),
-                preferred_element_type=jnp.float32, precision=prec,
-            ) * scale
+            s_RS = (
+                jax.lax.dot_general(
+                    q_RH,
+                    k_SH,
+                    (((1,), (1,)), ((), ())),
+                    preferred_element_type=jnp.float32,
+                    precision=prec,
+                )
+                * scale
+            )
             if soft_cap is not None:
                 s_RS = soft_cap * jnp.tanh(s_RS / soft_cap)
             s_RS = jnp.where(visible_RS, s_RS, MASK_VALUE)
@@ -96,8 +122,11 @@ def _kernel(lens_ref, q_ref, k_ref, v_ref, acc_out, m_out, l_out, acc_scr, m_scr
             v_SV = jnp.where(row_ok_S1, v_SV, jnp.zeros_like(v_SV))
             # p in v's dtype for the MXU (bf16 x bf16 -> fp32), as flash attention does.
             pv_RV = jax.lax.dot_general(
-                p_RS.astype(v_SV.dtype), v_SV, (((1,), (0,)), ((), ())),
-                preferred_element_type=jnp.float32, precision=prec,
+                p_RS.astype(v_SV.dtype),
+                v_SV,
+                (((1,), (0,)), ((), ())),
+                preferred_element_type=jnp.float32,
+                precision=prec,
             )
             acc_scr[hh] = alpha_R1 * acc_scr[hh] + pv_RV
             m_scr[hh] = jnp.broadcast_to(m_new_R1, (R, _LANES))
@@ -110,8 +139,20 @@ def _kernel(lens_ref, q_ref, k_ref, v_ref, acc_out, m_out, l_out, acc_scr, m_scr
         l_out[...] = l_scr[...]
 
 
-def decode_partials(q_BKRH, k_BCKH, v_BCKV, kv_lengths_B, *, T, block_kv, num_splits, scale,
-                    soft_cap=None, window=None, interpret=False):
+def decode_partials(
+    q_BKRH,
+    k_BCKH,
+    v_BCKV,
+    kv_lengths_B,
+    *,
+    T,
+    block_kv,
+    num_splits,
+    scale,
+    soft_cap=None,
+    window=None,
+    interpret=False,
+):
     """Per-split partial attention: the Pallas call.
 
     Args:
@@ -165,8 +206,16 @@ def decode_partials(q_BKRH, k_BCKH, v_BCKV, kv_lengths_B, *, T, block_kv, num_sp
         ],
     )
     kernel = functools.partial(
-        _kernel, T=T, H=H, V=V, hb=hb, block_kv=block_kv, blocks_per_split=bps,
-        scale=scale, soft_cap=soft_cap, window=window,
+        _kernel,
+        T=T,
+        H=H,
+        V=V,
+        hb=hb,
+        block_kv=block_kv,
+        blocks_per_split=bps,
+        scale=scale,
+        soft_cap=soft_cap,
+        window=window,
     )
     acc, m, l = pl.pallas_call(
         kernel,
