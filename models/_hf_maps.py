@@ -210,9 +210,8 @@ def config_to_hf(c: ModelConfig, torch_dtype: str = "float32") -> dict:
         hf |= dict(num_key_value_heads=c.num_heads, q_lora_rank=c.q_lora_rank or None,
                    kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
                    qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
-                   head_dim=c.qk_rope_head_dim, first_k_dense_replace=c.num_layers,
-                   n_routed_experts=None, attention_bias=False, moe_intermediate_size=c.mlp_dim,
-                   n_shared_experts=1)
+                   head_dim=c.qk_rope_head_dim, attention_bias=False,
+                   first_k_dense_replace=c.num_layers)  # every layer dense (no MoE)
         hf |= rope_config_to_hf(c.rope, head_dim=c.qk_rope_head_dim)
         if c.arch == "deepseek_v3":
             hf["rope_interleave"] = c.rope.layout == "interleaved_to_split_half"

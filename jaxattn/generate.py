@@ -1,0 +1,140 @@
+"""Autoregressive generation with a fixed-capacity cache, driven by ``jax.lax.while_loop``.
+
+``generate`` prefills the (right-padded, ragged) prompts in one ``decode`` call, then samples
+one token per sequence per loop step until ``max_new_tokens`` or every sequence has emitted a
+stop token. The whole loop is one jitted program; the cache is part of the loop carry.
+Works with any model offering ``init_cache(batch, capacity)`` and
+``decode(tokens_BT, cache, *, num_new_B) -> (logits_BTV, cache)`` (``models.DecoderLM``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["generate", "sample_logits", "GenerateOutput"]
+
+
+class GenerateOutput(NamedTuple):
+    """``tokens_BS[b, :lengths_B[b]]`` is prompt b followed by its generated tokens (a stop
+    token included); the rest is 0. S = prompt length + max_new_tokens."""
+
+    tokens_BS: jax.Array
+    lengths_B: jax.Array
+
+
+def sample_logits(logits_BV, rng, *, temperature=0.0, top_k=None, top_p=None) -> jax.Array:
+    """Pick one token per row: greedy when temperature == 0, else top-k / nucleus sampling.
+
+    Args:
+      logits_BV: float logits [B, V].
+      rng: PRNG key (unused when greedy).
+      temperature: softmax temperature (0: argmax).
+      top_k: keep the k most likely tokens (None: all).
+      top_p: keep the smallest set of tokens whose probability reaches top_p (None: all).
+
+    Returns:
+      int32 tokens [B].
+    """
+    if temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if top_p is not None:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        # keep a token if the mass strictly before it is below top_p (the first always stays).
+        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+        kept_BV = jnp.where(before_BV < top_p, sorted_BV, jnp.inf)
+        cutoff_B1 = jnp.min(kept_BV, axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def generate(
+    model,
+    prompt_BT,
+    prompt_lengths_B,
+    *,
+    max_new_tokens: int,
+    rng,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: tuple[int, ...] = (),
+    cache_dtype=None,
+) -> GenerateOutput:
+    """Generate up to ``max_new_tokens`` tokens after each prompt.
+
+    Args:
+      model: e.g. a ``models.DecoderLM``.
+      prompt_BT: int prompts [B, T], right-padded.
+      prompt_lengths_B: int [B] real prompt lengths, each in [1, T].
+      max_new_tokens: the most tokens appended per sequence.
+      rng: PRNG key for sampling.
+      temperature, top_k, top_p: see ``sample_logits`` (temperature 0 is greedy).
+      stop_tokens: a sequence stops after emitting one of these.
+      cache_dtype: cache storage dtype (default the model's compute dtype).
+
+    Returns:
+      GenerateOutput(tokens_BS [B, T + max_new_tokens], lengths_B).
+    """
+    prompt_BT = jnp.asarray(prompt_BT, jnp.int32)
+    if prompt_BT.ndim != 2:
+        raise ValueError(f"prompt_BT must be [batch, length], got shape {prompt_BT.shape}")
+    lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
+    if lengths_B.shape != prompt_BT.shape[:1]:
+        raise ValueError(f"prompt_lengths_B {lengths_B.shape} must be [{prompt_BT.shape[0]}]")
+    if max_new_tokens < 1:
+        raise ValueError(f"{max_new_tokens=} must be >= 1")
+    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (
+        top_k is not None and top_k < 1
+    ):
+        raise ValueError(f"bad sampling settings: {temperature=}, {top_k=}, {top_p=}")
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, prompt_BT, lengths_B, rng, max_new_tokens=max_new_tokens,
+                     temperature=float(temperature), top_k=top_k, top_p=top_p,
+                     stop_tokens=tuple(int(t) for t in stop_tokens), cache_dtype=cache_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=(
+    "max_new_tokens", "temperature", "top_k", "top_p", "stop_tokens", "cache_dtype"))
+def _generate(graphdef, state, prompt_BT, lengths_B, rng, *, max_new_tokens, temperature, top_k,
+              top_p, stop_tokens, cache_dtype):
+    model = nnx.merge(graphdef, state)
+    b, t = prompt_BT.shape
+    capacity = t + max_new_tokens
+    slots_S = jnp.arange(capacity, dtype=jnp.int32)
+    tokens_BS = jnp.zeros((b, capacity), jnp.int32).at[:, :t].set(prompt_BT)
+    tokens_BS = jnp.where(slots_S[None, :] < lengths_B[:, None], tokens_BS, 0)
+    cache = model.init_cache(b, capacity, cache_dtype)
+    logits_BTV, cache = model.decode(prompt_BT, cache, num_new_B=lengths_B)
+    last_BV = jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+
+    def cond(carry):
+        i, _, _, _, _, done_B, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, cache, last_BV, tokens_BS, lengths_B, done_B, rng = carry
+        rng, key = jax.random.split(rng)
+        tok_B = sample_logits(last_BV, key, temperature=temperature, top_k=top_k, top_p=top_p)
+        live_B = ~done_B
+        write_BS = live_B[:, None] & (slots_S[None, :] == lengths_B[:, None])
+        tokens_BS = jnp.where(write_BS, tok_B[:, None], tokens_BS)
+        lengths_B = lengths_B + live_B.astype(jnp.int32)
+        done_B = done_B | jnp.isin(tok_B, stops)
+        logits_B1V, cache = model.decode(tok_B[:, None], cache, num_new_B=live_B.astype(jnp.int32))
+        return i + 1, cache, logits_B1V[:, 0], tokens_BS, lengths_B, done_B, rng
+
+    done_B = jnp.zeros((b,), bool)
+    carry = (jnp.int32(0), cache, last_BV, tokens_BS, lengths_B, done_B, rng)
+    _, _, _, tokens_BS, lengths_B, _, _ = jax.lax.while_loop(cond, body, carry)
+    return GenerateOutput(tokens_BS, lengths_B)
