@@ -243,7 +243,22 @@ def _resolved_rotary_dim(config: RopeConfig, head_dim: int) -> int:
     return int(dim)
 
 
-def _yarn_inv_freq(config: RopeConfig, s: YarnScaling, exps_P2: jax.Array, dim: int):
+# The frequencies follow HF's float32 torch code op for op, in numpy float32 (IEEE, like torch
+# on CPU; XLA would turn x / c into x * (1 / c)). Two torch details matter at the last bit:
+# `c / t` is `t.reciprocal() * c`, and pow is taken in float64 and rounded once (torch's own
+# float32 pow is within an ulp of that).
+_F32 = np.float32
+
+
+def _pow32(base, exps_P2: np.ndarray) -> np.ndarray:
+    return (np.float64(_F32(base)) ** exps_P2.astype(np.float64)).astype(_F32)
+
+
+def _rdiv(c, t: np.ndarray) -> np.ndarray:
+    return (_F32(1) / t) * _F32(c)
+
+
+def _yarn_inv_freq(config: RopeConfig, s: YarnScaling, exps_P2: np.ndarray, dim: int):
     orig = s.original_max_position_embeddings or config.max_position_embeddings
     factor = s.factor if s.factor is not None else config.max_position_embeddings / orig
     attention = s.attention_factor
@@ -264,24 +279,40 @@ def _yarn_inv_freq(config: RopeConfig, s: YarnScaling, exps_P2: jax.Array, dim: 
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp_P2 = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
-    extrap_weight_P2 = 1 - ramp_P2
-    pos_freqs_P2 = config.theta**exps_P2
-    inv_freq_P2 = (1.0 / (factor * pos_freqs_P2)) * (1 - extrap_weight_P2) + (
-        1.0 / pos_freqs_P2
-    ) * extrap_weight_P2
+    ramp_P2 = np.clip((np.arange(dim // 2, dtype=_F32) - _F32(low)) / _F32(high - low), 0, 1)
+    extrap_weight_P2 = _F32(1) - ramp_P2
+    pos_freqs_P2 = _pow32(config.theta, exps_P2)
+    interp_P2, extrap_P2 = _rdiv(1, _F32(factor) * pos_freqs_P2), _rdiv(1, pos_freqs_P2)
+    inv_freq_P2 = interp_P2 * (_F32(1) - extrap_weight_P2) + extrap_P2 * extrap_weight_P2
     return inv_freq_P2, float(attention)
 
 
-def _llama3_inv_freq(s: Llama3Scaling, inv_freq_P2: jax.Array) -> jax.Array:
-    old = s.original_max_position_embeddings
-    low_wavelen, high_wavelen = old / s.low_freq_factor, old / s.high_freq_factor
-    wavelen_P2 = 2 * math.pi / inv_freq_P2
-    inv_freq_P2 = jnp.where(wavelen_P2 > low_wavelen, inv_freq_P2 / s.factor, inv_freq_P2)
-    smooth_P2 = (old / wavelen_P2 - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    smoothed_P2 = (1 - smooth_P2) * inv_freq_P2 / s.factor + smooth_P2 * inv_freq_P2
-    medium_P2 = ~(wavelen_P2 < high_wavelen) & ~(wavelen_P2 > low_wavelen)
-    return jnp.where(medium_P2, smoothed_P2, inv_freq_P2)
+def _llama3_inv_freq(s: Llama3Scaling, inv_freq_P2: np.ndarray) -> np.ndarray:
+    old, low, high = s.original_max_position_embeddings, s.low_freq_factor, s.high_freq_factor
+    wavelen_P2 = _rdiv(2 * math.pi, inv_freq_P2)
+    inv_freq_P2 = np.where(wavelen_P2 > _F32(old / low), inv_freq_P2 / _F32(s.factor), inv_freq_P2)
+    smooth_P2 = (_rdiv(old, wavelen_P2) - _F32(low)) / _F32(high - low)
+    smoothed_P2 = (_F32(1) - smooth_P2) * inv_freq_P2 / _F32(s.factor) + smooth_P2 * inv_freq_P2
+    medium_P2 = ~(wavelen_P2 < _F32(old / high)) & ~(wavelen_P2 > _F32(old / low))
+    return np.where(medium_P2, smoothed_P2, inv_freq_P2)
+
+
+def _dynamic_inv_freq(config, s: DynamicNTKScaling, exps_P2, dim: int, seq_len, unscaled_P2):
+    """HF recomputes theta in float32 torch ops once seq_len exceeds M; mirror that order."""
+    m, power = config.max_position_embeddings, dim / (dim - 2)
+    try:
+        seq_len = int(seq_len)
+    except (TypeError, jax.errors.ConcretizationTypeError):  # traced: the same ops in jnp
+        seq_f32 = jnp.maximum(seq_len, m).astype(jnp.float32)
+        ratio = jnp.float32(s.factor) * seq_f32 / jnp.float32(m) - jnp.float32(s.factor - 1)
+        base = jnp.float32(config.theta) * ratio ** jnp.float32(power)
+        scaled_P2 = 1.0 / jnp.power(base, jnp.asarray(exps_P2))
+        return jnp.where(seq_len > m, scaled_P2, unscaled_P2)
+    if seq_len <= m:
+        return unscaled_P2
+    ratio = _F32(s.factor) * _F32(seq_len) / _F32(m) - _F32(s.factor - 1)
+    base = _F32(config.theta) * _pow32(ratio, np.asarray(power, _F32))
+    return _rdiv(1, _pow32(base, exps_P2))
 
 
 def rope_frequencies(
@@ -289,7 +320,7 @@ def rope_frequencies(
 ) -> tuple[jax.Array, float]:
     """Inverse frequencies and the cos/sin attention factor, as HF's ``ROPE_INIT_FUNCTIONS``.
 
-    Computed in float32 with HF's operation order (so the angles agree to the last bit on CPU).
+    Computed in float32 with HF's operation order, so they agree with transformers to an ulp.
 
     Args:
       config: the rope config.
@@ -307,38 +338,31 @@ def rope_frequencies(
         raise ValueError(f"rotary_dim must be > 2 for {type(s).__name__}, got {dim}")
     if isinstance(s, NTKScaling):
         theta = theta * s.factor ** (dim / (dim - 2))
-    # Constant parts run eagerly even under jit, so they match outside-jit values bit for bit.
-    with jax.ensure_compile_time_eval():
-        exps_P2 = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
-        inv_freq_P2 = 1.0 / (theta**exps_P2)
-        if isinstance(s, LinearScaling):
-            inv_freq_P2 = inv_freq_P2 / s.factor
-        elif isinstance(s, Llama3Scaling):
-            inv_freq_P2 = _llama3_inv_freq(s, inv_freq_P2)
-        elif isinstance(s, YarnScaling):
-            inv_freq_P2, attention = _yarn_inv_freq(config, s, exps_P2, dim)
-        elif isinstance(s, LongRopeScaling):
-            orig = s.original_max_position_embeddings or config.max_position_embeddings
-            factor = s.factor if s.factor is not None else config.max_position_embeddings / orig
-            attention = s.attention_factor
-            if attention is None:
-                attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
-            for name in ("short_factor", "long_factor"):
-                if len(getattr(s, name)) != dim // 2:
-                    raise ValueError(f"{name} must have rotary_dim // 2 = {dim // 2} entries")
-            short_P2 = 1.0 / (jnp.asarray(s.short_factor, jnp.float32) * theta**exps_P2)
-            long_P2 = 1.0 / (jnp.asarray(s.long_factor, jnp.float32) * theta**exps_P2)
-    if isinstance(s, LongRopeScaling):
+    exps_P2 = np.arange(0, dim, 2, dtype=_F32) / _F32(dim)
+    inv_freq_P2 = _rdiv(1, _pow32(theta, exps_P2))
+    if isinstance(s, LinearScaling):
+        inv_freq_P2 = inv_freq_P2 / _F32(s.factor)
+    elif isinstance(s, Llama3Scaling):
+        inv_freq_P2 = _llama3_inv_freq(s, inv_freq_P2)
+    elif isinstance(s, YarnScaling):
+        inv_freq_P2, attention = _yarn_inv_freq(config, s, exps_P2, dim)
+    elif isinstance(s, DynamicNTKScaling) and seq_len is not None:
+        inv_freq_P2 = _dynamic_inv_freq(config, s, exps_P2, dim, seq_len, inv_freq_P2)
+    elif isinstance(s, LongRopeScaling):
+        orig = s.original_max_position_embeddings or config.max_position_embeddings
+        factor = s.factor if s.factor is not None else config.max_position_embeddings / orig
+        attention = s.attention_factor
+        if attention is None:
+            attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        for name in ("short_factor", "long_factor"):
+            if len(getattr(s, name)) != dim // 2:
+                raise ValueError(f"{name} must have rotary_dim // 2 = {dim // 2} entries")
+        powers_P2 = _pow32(theta, exps_P2)
+        short_P2 = _rdiv(1, np.asarray(s.short_factor, _F32) * powers_P2)
+        long_P2 = _rdiv(1, np.asarray(s.long_factor, _F32) * powers_P2)
         use_long = False if seq_len is None else jnp.asarray(seq_len) > orig
         inv_freq_P2 = jnp.where(use_long, long_P2, short_P2)
-    elif isinstance(s, DynamicNTKScaling) and seq_len is not None:
-        # HF recomputes in float32 torch ops once the length exceeds M; mirror that order.
-        m = config.max_position_embeddings
-        seq = jnp.maximum(jnp.asarray(seq_len), m).astype(jnp.float32)
-        ratio = jnp.float32(s.factor) * seq / jnp.float32(m) - jnp.float32(s.factor - 1)
-        base = jnp.float32(theta) * ratio ** jnp.float32(dim / (dim - 2))
-        inv_freq_P2 = jnp.where(jnp.asarray(seq_len) > m, 1.0 / base**exps_P2, inv_freq_P2)
-    return inv_freq_P2.astype(jnp.float32), float(attention)
+    return jnp.asarray(inv_freq_P2, jnp.float32), float(attention)
 
 
 def rope_cos_sin(

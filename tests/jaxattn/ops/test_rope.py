@@ -161,3 +161,161 @@ def test_static_ntk_is_theta_scaling():
     freq = R.rope_frequencies(_config("ntk"), H)[0]
     want = R.rope_frequencies(R.RopeConfig(theta=500.0 * 8.0 ** (H / (H - 2))), H)[0]
     np.testing.assert_allclose(freq, want, rtol=1e-6)
+
+
+# Against Hugging Face transformers (torch CPU).
+
+
+@pytest.fixture(scope="module")
+def hf():
+    pytest.importorskip("torch")
+    return pytest.importorskip("transformers")
+
+
+def _hf_config(hf, config, head_dim=H, cls="LlamaConfig", **kw):
+    d = R.rope_config_to_hf(config, head_dim=head_dim)
+    return getattr(hf, cls)(
+        hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim, **d, **kw
+    )
+
+
+def _torch(x, transpose=True):
+    import torch
+
+    t = torch.from_numpy(np.asarray(x).copy())
+    return t.transpose(1, 2) if transpose else t  # [B, T, N, H] <-> HF's [B, N, T, H]
+
+
+def _hf_positions(seed=0, hi=120):
+    """Two sequences with gaps and a decode-like offset; the largest position exceeds 64."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(np.sort(rng.integers(0, hi, (2, 9)), axis=-1), jnp.int32)
+
+
+HF_TYPES = [name for name in SCALINGS if name != "ntk"]  # HF has no static NTK type
+
+
+@pytest.mark.parametrize("rotary_dim", [None, 8])
+@pytest.mark.parametrize("name", HF_TYPES)
+def test_frequencies_match_hf(hf, name, rotary_dim):
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
+
+    if name == "longrope" and rotary_dim:
+        pytest.skip("the longrope factors in SCALINGS have H // 2 entries")
+    config = _config(name, rotary_dim=rotary_dim)
+    hf_config = _hf_config(hf, config)
+    init = ROPE_INIT_FUNCTIONS.get(hf_config.rope_parameters["rope_type"])
+    init = init or PhiRotaryEmbedding.compute_default_rope_parameters  # honours partial rotary
+    for seq_len in (None, 32, 64, 65, 300):
+        # The model's forward passes seq_len as a tensor (dynamic NTK is then float32 torch ops).
+        want, want_attention = init(
+            hf_config, None, seq_len=None if seq_len is None else torch.tensor(seq_len)
+        )
+        got, attention = R.rope_frequencies(config, H, seq_len)
+        assert got.dtype == jnp.float32 and got.shape == want.shape
+        np.testing.assert_allclose(got, want.numpy(), rtol=3e-7, atol=0)  # pow: within an ulp
+        assert attention == pytest.approx(want_attention, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", HF_TYPES)
+def test_apply_matches_hf_llama(hf, name):
+    """split_half against LlamaRotaryEmbedding (dynamic / longrope updates included) and
+    Llama's apply_rotary_pos_emb."""
+    from transformers.models.llama import modeling_llama as m
+
+    config = _config(name)
+    q, k = _random((2, 9, 4, H), 1), _random((2, 9, 1, H), 2)
+    for pos in (_hf_positions(0), _hf_positions(1, hi=30)):
+        rotary = m.LlamaRotaryEmbedding(_hf_config(hf, config))  # fresh: HF caches the length
+        cos, sin = rotary(_torch(q), _torch(pos, transpose=False))
+        want_q, want_k = m.apply_rotary_pos_emb(_torch(q), _torch(k), cos, sin)
+        np.testing.assert_allclose(R.apply_rope(q, pos, config), _torch(want_q.numpy()), atol=1e-5)
+        np.testing.assert_allclose(R.apply_rope(k, pos, config), _torch(want_k.numpy()), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["none", "yarn", "dynamic"])
+def test_partial_rotary_matches_hf_phi3(hf, name):
+    """Partial rotary (split_half on the first rotary_dim dims) against Phi-3's apply."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+    config = _config(name, rotary_dim=6)
+    q, pos = _random((2, 9, 3, H)), _hf_positions()
+    hf_config = _hf_config(hf, config)
+    rotary = (PhiRotaryEmbedding if name == "none" else LlamaRotaryEmbedding)(hf_config)
+    cos, sin = rotary(_torch(q), _torch(pos, transpose=False))
+    assert cos.shape[-1] == 6
+    want, _ = apply_rotary_pos_emb(_torch(q), _torch(q), cos, sin)
+    np.testing.assert_allclose(R.apply_rope(q, pos, config), _torch(want.numpy()), atol=1e-5)
+
+
+def test_interleaved_partial_matches_hf_gptj(hf):
+    import torch
+    from transformers.models.gptj import modeling_gptj as m
+
+    rotary_dim, pos = 8, _hf_positions()
+    x = _random((2, 9, 3, H))
+    table = m.create_sinusoidal_positions(128, rotary_dim)[_torch(pos, transpose=False)]
+    sin, cos = torch.split(table, rotary_dim // 2, dim=-1)
+    xt = _torch(x, transpose=False)  # GPT-J rotates in [B, T, N, H]
+    rot = m.apply_rotary_pos_emb(xt[..., :rotary_dim], sin, cos)
+    want = torch.cat([rot, xt[..., rotary_dim:]], dim=-1).numpy()
+    hf_dict = {"model_type": "gptj", "rotary_dim": rotary_dim, "n_positions": 128}
+    config = R.rope_config_from_hf(hf_dict, H)
+    assert config.layout == "interleaved" and config.rotary_dim == rotary_dim
+    np.testing.assert_allclose(R.apply_rope(x, pos, config), want, atol=1e-5)
+
+
+def _deepseek_config(hf, version, **kw):
+    rope_scaling = {
+        "type": "yarn", "factor": 40.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8,
+    }  # fmt: skip
+    cls = hf.DeepseekV3Config if version == 3 else hf.DeepseekV2Config
+    return cls(
+        hidden_size=64, num_attention_heads=4, num_hidden_layers=1, q_lora_rank=16,
+        kv_lora_rank=16, qk_rope_head_dim=H, qk_nope_head_dim=8, v_head_dim=8,
+        max_position_embeddings=640, rope_scaling=rope_scaling, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_mla_layout_matches_hf_deepseek_v3(hf, interleave):
+    """DeepSeek-V3 q_pe / k_pe: rope_interleave=True reads interleaved pairs and writes them
+    de-interleaved; the yarn attention factor and softmax scale are as in HF."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as m
+
+    hf_config = _deepseek_config(hf, 3, rope_interleave=interleave)
+    config = R.rope_config_from_hf(hf_config.to_dict(), hf_config.qk_rope_head_dim)
+    assert config.layout == ("interleaved_to_split_half" if interleave else "split_half")
+    q_pe, k_pe, pos = _random((2, 9, 4, H), 1), _random((2, 9, 1, H), 2), _hf_positions()
+    cos, sin = m.DeepseekV3RotaryEmbedding(hf_config)(_torch(q_pe), _torch(pos, transpose=False))
+    apply = m.apply_rotary_pos_emb_interleave if interleave else m.apply_rotary_pos_emb
+    want_q, want_k = apply(_torch(q_pe), _torch(k_pe), cos, sin)
+    np.testing.assert_allclose(R.apply_rope(q_pe, pos, config), _torch(want_q.numpy()), atol=1e-5)
+    np.testing.assert_allclose(R.apply_rope(k_pe, pos, config), _torch(want_k.numpy()), atol=1e-5)
+    attention = m.DeepseekV3Attention(hf_config, layer_idx=0)
+    want_scale = attention.scaling / hf_config.qk_head_dim**-0.5
+    assert R.mla_softmax_scale_factor(config) == pytest.approx(want_scale, rel=1e-12)
+    assert R.rope_frequencies(config, H)[1] == pytest.approx(
+        (0.1 * np.log(40) + 1) / (0.1 * 0.8 * np.log(40) + 1), rel=1e-12
+    )
+
+
+def test_mla_layout_matches_hf_deepseek_v2(hf):
+    """DeepSeek-V2 rotates interleaved pairs as complex numbers and keeps the interleaved order."""
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as m
+
+    hf_config = _deepseek_config(hf, 2)
+    config = R.rope_config_from_hf(hf_config.to_dict(), hf_config.qk_rope_head_dim)
+    assert config.layout == "interleaved"
+    q_pe, k_pe, pos = _random((2, 9, 4, H), 1), _random((2, 9, 1, H), 2), _hf_positions()
+    freqs_cis = m.DeepseekV2RotaryEmbedding(hf_config)(_torch(q_pe), _torch(pos, transpose=False))
+    want_q, want_k = m.apply_rotary_emb(_torch(q_pe), _torch(k_pe), freqs_cis)
+    np.testing.assert_allclose(R.apply_rope(q_pe, pos, config), _torch(want_q.numpy()), atol=1e-5)
+    np.testing.assert_allclose(R.apply_rope(k_pe, pos, config), _torch(want_k.numpy()), atol=1e-5)
+    scale = m.DeepseekV2Attention(hf_config, layer_idx=0).scaling / hf_config.qk_head_dim**-0.5
+    assert R.mla_softmax_scale_factor(config) == pytest.approx(scale, rel=1e-12)
