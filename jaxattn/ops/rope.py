@@ -474,6 +474,7 @@ _HF_FIELDS = {  # our scaling class -> (HF rope_type, dataclass fields written a
     YarnScaling: ("yarn", tuple(f.name for f in dataclasses.fields(YarnScaling))),
     LongRopeScaling: ("longrope", tuple(f.name for f in dataclasses.fields(LongRopeScaling))),
 }
+_HF_OPTIONAL = ("beta_fast", "beta_slow", "truncate")
 _MLA_MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "mistral4", "kimi_k2", "kimi_k25")
 
 
@@ -541,9 +542,10 @@ def rope_config_to_hf(config: RopeConfig, *, head_dim: int | None = None) -> dic
 
     Writes ``rope_theta``, ``rope_parameters`` (transformers 5) and ``rope_scaling`` (4.x; None
     when unscaled), ``partial_rotary_factor`` when ``rotary_dim`` is set (``head_dim`` then
-    needed), ``max_position_embeddings`` when set, and ``rope_interleave: True`` for the
-    "interleaved_to_split_half" layout. HF has no key for "interleaved" (it follows from the
-    model type) nor for static NTK, which is folded into ``rope_theta``.
+    needed), ``max_position_embeddings`` when set, and ``rope_interleave`` (True for
+    "interleaved_to_split_half", False for "split_half": DeepSeek-V3-like model types default
+    to True). HF has no key for "interleaved" (it follows from the model type: GPT-J,
+    DeepSeek-V2) nor for static NTK, which is folded into ``rope_theta``.
 
     Args:
       config: the rope config.
@@ -564,10 +566,13 @@ def rope_config_to_hf(config: RopeConfig, *, head_dim: int | None = None) -> dic
     if s is not None:
         rope_type, keys = _HF_FIELDS[type(s)]
         scaling = {"rope_type": rope_type}
+        defaults = {f.name: f.default for f in dataclasses.fields(s)}
         for key in keys:
             value = getattr(s, key)
-            if value is not None:
-                scaling[key] = list(value) if isinstance(value, tuple) else value
+            # HF requires factor and the original length; other keys only when not the default.
+            if value is None or (value == defaults[key] and key in _HF_OPTIONAL):
+                continue
+            scaling[key] = list(value) if isinstance(value, tuple) else value
         params |= scaling
         out["rope_scaling"] = scaling
     else:
@@ -581,6 +586,6 @@ def rope_config_to_hf(config: RopeConfig, *, head_dim: int | None = None) -> dic
     out["rope_parameters"] = params
     if config.max_position_embeddings is not None:
         out["max_position_embeddings"] = config.max_position_embeddings
-    if config.layout == "interleaved_to_split_half":
-        out["rope_interleave"] = True
+    if config.layout != "interleaved":  # explicit, as MLA model types default to True
+        out["rope_interleave"] = config.layout == "interleaved_to_split_half"
     return out

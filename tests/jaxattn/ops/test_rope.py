@@ -319,3 +319,109 @@ def test_mla_layout_matches_hf_deepseek_v2(hf):
     np.testing.assert_allclose(R.apply_rope(k_pe, pos, config), _torch(want_k.numpy()), atol=1e-5)
     scale = m.DeepseekV2Attention(hf_config, layer_idx=0).scaling / hf_config.qk_head_dim**-0.5
     assert R.mla_softmax_scale_factor(config) == pytest.approx(scale, rel=1e-12)
+
+
+# HF config conversion.
+
+HF_DICTS = {
+    "llama3_1": {
+        "model_type": "llama", "rope_theta": 500000.0, "max_position_embeddings": 131072,
+        "rope_scaling": {
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3",
+        },
+    },
+    "deepseek_v3": {
+        "model_type": "deepseek_v3", "rope_theta": 10000, "max_position_embeddings": 163840,
+        "rope_scaling": {
+            "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096, "type": "yarn",
+        },
+    },
+    "qwen2_yarn": {
+        "model_type": "qwen2", "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+        "rope_scaling": {
+            "factor": 4.0, "original_max_position_embeddings": 32768, "type": "yarn",
+        },
+    },
+    "phi3_longrope": {
+        "model_type": "phi3", "rope_theta": 10000.0, "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.5,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 16, "long_factor": [2.0] * 16},
+    },
+    "v5_dynamic_partial": {
+        "model_type": "llama", "max_position_embeddings": 2048,
+        "rope_parameters": {
+            "rope_type": "dynamic", "factor": 2.0, "rope_theta": 50000.0,
+            "partial_rotary_factor": 0.25,
+        },
+    },
+    "neox": {"model_type": "gpt_neox", "rotary_pct": 0.25, "rope_theta": 10000},
+    "linear": {"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0}},
+}  # fmt: skip
+
+
+def test_from_hf_reads_real_configs():
+    c = R.rope_config_from_hf(HF_DICTS["llama3_1"], 128)
+    assert c == R.RopeConfig(
+        theta=500000.0, max_position_embeddings=131072, scaling=R.Llama3Scaling(factor=8.0)
+    )
+    c = R.rope_config_from_hf(HF_DICTS["deepseek_v3"], 64)
+    assert c.layout == "interleaved_to_split_half" and c.rotary_dim is None
+    assert c.scaling == R.YarnScaling(
+        factor=40, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0
+    )
+    assert R.rope_frequencies(c, 64)[1] == 1.0
+    assert R.mla_softmax_scale_factor(c) == pytest.approx((0.1 * np.log(40) + 1) ** 2)
+    c = R.rope_config_from_hf(HF_DICTS["phi3_longrope"], 64)
+    assert c.rotary_dim == 32 and c.scaling.original_max_position_embeddings == 4096
+    assert R.rope_frequencies(c, 64)[1] == pytest.approx(np.sqrt(1 + np.log(32) / np.log(4096)))
+    c = R.rope_config_from_hf(HF_DICTS["v5_dynamic_partial"], 64)
+    assert (c.theta, c.rotary_dim, c.scaling) == (50000.0, 16, R.DynamicNTKScaling(factor=2.0))
+    assert R.rope_config_from_hf(HF_DICTS["neox"], 128).rotary_dim == 32
+    assert R.rope_config_from_hf({}, 64) == R.RopeConfig()
+
+
+@pytest.mark.parametrize("name", sorted(HF_DICTS))
+def test_hf_dict_round_trip_is_hf_equivalent(hf, name):
+    """to_hf(from_hf(d)) describes the same rope to transformers as d does."""
+    d = HF_DICTS[name]
+    head_dim = 64
+    back = R.rope_config_to_hf(R.rope_config_from_hf(d, head_dim), head_dim=head_dim)
+    kw = dict(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim)
+    cls = hf.Phi3Config if name.startswith("phi3") else hf.LlamaConfig
+    kw.pop("head_dim") if cls is hf.Phi3Config else None
+    drop = {"model_type", "rotary_pct"}
+    want = cls(**kw, **{k: v for k, v in d.items() if k not in drop})
+    if name == "neox":
+        want.rope_parameters["partial_rotary_factor"] = 0.25
+    got = cls(
+        **kw, **back, original_max_position_embeddings=d.get("original_max_position_embeddings")
+    )
+    yarn_defaults = {"beta_fast": 32, "beta_slow": 1, "truncate": True}
+    norm = lambda p: {
+        **(yarn_defaults if p["rope_type"] == "yarn" else {}),
+        **{k: v for k, v in p.items() if k != "type"},
+    }
+    assert norm(got.rope_parameters) == norm(want.rope_parameters)
+
+
+@pytest.mark.parametrize("name", sorted(SCALINGS))
+@pytest.mark.parametrize("layout", R.LAYOUTS)
+def test_config_round_trip(name, layout):
+    for rotary_dim in (None, H):
+        config = _config(name, layout=layout, rotary_dim=rotary_dim if name != "longrope" else None)
+        back = R.rope_config_from_hf(
+            R.rope_config_to_hf(config, head_dim=2 * H), 2 * H, layout=layout
+        )
+        if name == "ntk":  # HF has no static NTK: folded into rope_theta, same frequencies
+            assert back.scaling is None
+            np.testing.assert_allclose(
+                R.rope_frequencies(back, 2 * H)[0], R.rope_frequencies(config, 2 * H)[0], rtol=1e-6
+            )
+        else:
+            assert back == config
+    hf_keys = R.rope_config_to_hf(_config(name, layout=layout), head_dim=H)
+    assert hf_keys.get("rope_interleave", True) == (layout != "split_half")
+    if layout != "interleaved":  # no HF key: the model type says it (GPT-J, DeepSeek-V2)
+        assert R.rope_config_from_hf({**hf_keys, "model_type": "deepseek_v3"}, H).layout == layout
