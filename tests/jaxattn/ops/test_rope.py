@@ -425,3 +425,53 @@ def test_config_round_trip(name, layout):
     assert hf_keys.get("rope_interleave", True) == (layout != "split_half")
     if layout != "interleaved":  # no HF key: the model type says it (GPT-J, DeepSeek-V2)
         assert R.rope_config_from_hf({**hf_keys, "model_type": "deepseek_v3"}, H).layout == layout
+
+
+# Bad input.
+
+_X, _POS = jnp.zeros((2, 3, 1, H)), jnp.zeros((2, 3), jnp.int32)
+
+
+def _rope(x=_X, pos=_POS, **config):
+    return R.apply_rope(x, pos, R.RopeConfig(**config))
+
+
+BAD_INPUTS = {
+    "rotary_dim_odd": (lambda: R.RopeConfig(rotary_dim=7), "rotary_dim"),
+    "rotary_dim_zero": (lambda: R.RopeConfig(rotary_dim=0), "rotary_dim"),
+    "rotary_dim_gt_head": (lambda: _rope(rotary_dim=2 * H), "rotary_dim"),
+    "odd_head_dim": (lambda: _rope(x=jnp.zeros((2, 3, 1, 5))), "rotary_dim"),
+    "layout": (lambda: R.RopeConfig(layout="deepseek"), "layout"),
+    "scaling_type": (lambda: R.RopeConfig(scaling={"rope_type": "linear"}), "scaling"),
+    "theta_zero": (lambda: R.RopeConfig(theta=0.0), "theta"),
+    "theta_negative": (lambda: R.RopeConfig(theta=-1.0), "theta"),
+    "factor_zero": (lambda: R.LinearScaling(factor=0.0), "factor"),
+    "factor_negative_yarn": (lambda: R.YarnScaling(factor=-2.0), "factor"),
+    "factor_nan_llama3": (lambda: R.Llama3Scaling(factor=float("nan")), "factor"),
+    "high_le_low": (
+        lambda: R.Llama3Scaling(low_freq_factor=4.0, high_freq_factor=4.0),
+        "high_freq_factor",
+    ),
+    "dynamic_without_max": (
+        lambda: R.RopeConfig(scaling=R.DynamicNTKScaling(factor=2.0)),
+        "max_position_embeddings",
+    ),
+    "longrope_length": (lambda: R.rope_frequencies(_config("longrope"), 2 * H), "short_factor"),
+    "positions_shape": (lambda: _rope(pos=jnp.zeros((2, 4), jnp.int32)), "positions_BT"),
+    "positions_rank": (lambda: _rope(pos=jnp.zeros((2, 3, 1), jnp.int32)), "positions_BT"),
+    "positions_float": (lambda: _rope(pos=_POS.astype(jnp.float32)), "positions_BT"),
+    "x_rank": (lambda: _rope(x=_X[0]), "x_BTNH"),
+    "head_dim": (lambda: R.rope_frequencies(_config(), 0), "head_dim"),
+    "hf_rope_type": (
+        lambda: R.rope_config_from_hf({"rope_scaling": {"type": "mrope"}}, H),
+        "rope_type",
+    ),
+    "to_hf_head_dim": (lambda: R.rope_config_to_hf(R.RopeConfig(rotary_dim=8)), "head_dim"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_raises_value_error_naming_the_argument(name):
+    fn, argument = BAD_INPUTS[name]
+    with pytest.raises(ValueError, match=argument):
+        fn()
