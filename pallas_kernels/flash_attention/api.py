@@ -81,6 +81,14 @@ class _Static:
     interpret: object
 
 
+def static_offset(q_offset) -> int | None:
+    """q_offset as a Python int, or None when it is traced."""
+    try:
+        return int(q_offset)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return None
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -99,7 +107,8 @@ def _split_segments(segment_ids, T, S):
     return segment_ids, segment_ids
 
 
-def _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, kv_lengths, scale, logits_soft_cap):
+def _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, q_offset, kv_lengths, scale,
+                  logits_soft_cap):
     """Raises ValueError naming the argument and shapes for malformed inputs."""
     shapes = f"q_BTNH {q_BTNH.shape}, k_BSKH {k_BSKH.shape}, v_BSKV {v_BSKV.shape}"
     if not (q_BTNH.ndim == k_BSKH.ndim == v_BSKV.ndim == 4):
@@ -125,6 +134,8 @@ def _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, kv_lengths, scale, logits
                              f" got {jnp.shape(q_seg)} and {jnp.shape(kv_seg)}")
     if kv_lengths is not None and jnp.shape(kv_lengths) != (B,):
         raise ValueError(f"kv_lengths must have shape [B] = {(B,)}, got {jnp.shape(kv_lengths)}")
+    if jnp.ndim(q_offset) != 0 or not jnp.issubdtype(jnp.result_type(q_offset), jnp.integer):
+        raise ValueError(f"q_offset must be an int or int32 scalar, got {q_offset!r}")
     for name, value in (("scale", scale), ("logits_soft_cap", logits_soft_cap)):
         if value is not None and not (isinstance(value, (int, float)) and value > 0):
             raise ValueError(f"{name} must be a positive Python number, got {value!r}")
@@ -148,7 +159,7 @@ def unsupported_reason(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q
     leaves = block_map.array_leaves(mask)
     if not leaves:
         return None
-    if isinstance(q_offset, jax.core.Tracer):
+    if static_offset(q_offset) is None:
         return "a BlockSparse mask needs a static (Python int) q_offset in the Pallas TPU kernel"
     if len(leaves) > 30:
         return "the Pallas TPU flash attention supports at most 30 BlockSparse leaves in a mask"
@@ -183,7 +194,8 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q_of
       o_BTNV in q's dtype (zeros on rows with no visible key), and lse_BNT (float32, -inf on
       such rows) if ``return_lse``.
     """
-    _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, kv_lengths, scale, logits_soft_cap)
+    _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, q_offset, kv_lengths, scale,
+                  logits_soft_cap)
     reason = unsupported_reason(q_BTNH, k_BSKH, v_BSKV, mask=mask, q_offset=q_offset,
                                 block_sizes=block_sizes)
     if reason is not None:
@@ -194,16 +206,16 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q_of
         interpret = pltpu.InterpretParams()
     T, S = q_BTNH.shape[1], k_BSKH.shape[1]
     bs = block_sizes or BlockSizes.default_for(head_dim=q_BTNH.shape[-1])
-    traced = isinstance(q_offset, jax.core.Tracer)
+    offset = static_offset(q_offset)
     static = _Static(
         mask=mask, scale=float(q_BTNH.shape[-1] ** -0.5 if scale is None else scale),
         soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-        blocks=_effective_blocks(bs, T, S), q_offset=None if traced else int(q_offset),
+        blocks=_effective_blocks(bs, T, S), q_offset=offset,
         return_lse=return_lse, interpret=interpret,
     )
     segs = _split_segments(segment_ids, T, S)
     if segs is not None:
         segs = tuple(jnp.asarray(s, jnp.int32) for s in segs)
-    off = jnp.asarray(q_offset, jnp.int32) if traced else None
+    off = jnp.asarray(q_offset, jnp.int32) if offset is None else None
     lens = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
     return _custom_vjp.flash(static, q_BTNH, k_BSKH, v_BSKV, segs, off, lens)
