@@ -121,6 +121,8 @@ def decode_attention(
       q_BTNH: queries [B, T, N, H] (float32 or bfloat16).
       k_BCKH: key cache [B, C, K, H], same dtype, N % K == 0 (GQA; heads are not repeated).
       v_BCKV: value cache [B, C, K, V]; V may differ from H (MLA: H = 576, V = 512).
+        Passing the very same array as ``k_BCKH`` reads the cache once (absorbed MLA, where
+        the latent cache is both key and value: slice ``o[..., :512]`` afterwards).
       kv_lengths_B: int [B], 0 <= kv_lengths <= C; may be traced.
       scale: multiplies q.k; default 1/sqrt(H).
       logits_soft_cap: c in c * tanh(s / c), or None.
@@ -162,6 +164,7 @@ def decode_attention(
         scale=scale,
         soft_cap=logits_soft_cap,
         window=window,
+        shared_kv=v_BCKV is k_BCKH,
         interpret=interpret,
     )
     o_BKRV, lse_BKR = tpu.combine_splits(acc, m, l)

@@ -52,14 +52,7 @@ def _kernel(
     lens_ref,
     q_ref,
     k_ref,
-    v_ref,
-    acc_out,
-    m_out,
-    l_out,
-    acc_scr,
-    m_scr,
-    l_scr,
-    *,
+    *refs,
     T,
     H,
     V,
@@ -69,7 +62,13 @@ def _kernel(
     scale,
     soft_cap,
     window,
+    shared_kv,
 ):
+    # With shared_kv the value block is the key block (one DMA of the cache, as in MLA).
+    if shared_kv:
+        v_ref, (acc_out, m_out, l_out, acc_scr, m_scr, l_scr) = k_ref, refs
+    else:
+        v_ref, acc_out, m_out, l_out, acc_scr, m_scr, l_scr = refs
     b, s, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     kv_len = lens_ref[b]
     j = s * blocks_per_split + i
@@ -151,6 +150,7 @@ def decode_partials(
     scale,
     soft_cap=None,
     window=None,
+    shared_kv=False,
     interpret=False,
 ):
     """Per-split partial attention: the Pallas call.
@@ -162,6 +162,7 @@ def decode_partials(
       kv_lengths_B: int32 [B].
       T: queries per sequence; block_kv: cache rows per block (== C, or a multiple of 8);
       num_splits: kv splits; scale, soft_cap, window: as in ``decode_attention``.
+      shared_kv: ``v_BCKV`` is ``k_BCKH``: pass and DMA the cache once, read v from the k block.
       interpret: False, or ``pltpu.InterpretParams`` to run on CPU.
 
     Returns:
@@ -192,8 +193,8 @@ def decode_partials(
         in_specs=[
             pl.BlockSpec((sq, hb, R, H), q_map),
             pl.BlockSpec((sq, block_kv, hb * H), kv_map),
-            pl.BlockSpec((sq, block_kv, hb * V), kv_map),
-        ],
+        ]
+        + ([] if shared_kv else [pl.BlockSpec((sq, block_kv, hb * V), kv_map)]),
         out_specs=[
             pl.BlockSpec((sq, sq, hb, R, V), out_map),
             pl.BlockSpec((sq, sq, hb, R, _LANES), out_map),
@@ -216,6 +217,7 @@ def decode_partials(
         scale=scale,
         soft_cap=soft_cap,
         window=window,
+        shared_kv=shared_kv,
     )
     acc, m, l = pl.pallas_call(
         kernel,
@@ -234,7 +236,7 @@ def decode_partials(
         kv_lengths_B.astype(jnp.int32),
         q_BKRH,
         k_BCKH.reshape(B, C, K * H),  # free: merges the two minor dims
-        v_BCKV.reshape(B, C, K * V),
+        *([] if shared_kv else [v_BCKV.reshape(B, C, K * V)]),
     )
     return acc, m[..., 0], l[..., 0]
 

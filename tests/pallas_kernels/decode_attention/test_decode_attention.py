@@ -37,6 +37,7 @@ class Case:
     window: int | None = None
     cap: float | None = None
     dtype: str = "float32"
+    shared_kv: bool = False  # v is k (absorbed MLA: one latent cache read once)
 
     @property
     def name(self):
@@ -44,6 +45,7 @@ class Case:
         s = f"g{self.G}k{self.K}_{hv}_c{self.C}_t{self.T}_b{self.block_kv}_split{self.splits}"
         s += f"_w{self.window}" if self.window else ""
         s += "_cap" if self.cap else ""
+        s += "_sharedkv" if self.shared_kv else ""
         return s + ("_bf16" if self.dtype == "bfloat16" else "")
 
 
@@ -55,6 +57,7 @@ CASES = [
     Case(G=8, K=1, H=128, V=128, C=200, T=3, lens=(199, 3, 0), splits=4, cap=5.0),
     Case(G=4, K=2, H=192, V=128, C=150, T=1, lens=(150, 31), splits=2),
     Case(G=16, K=1, H=576, V=512, C=130, T=1, lens=(130, 65), splits=2, dtype="bfloat16"),
+    Case(G=8, K=1, H=576, V=576, C=50, T=2, lens=(50, 1), block_kv=16, splits=2, shared_kv=True),
     Case(G=2, K=2, H=256, V=256, C=70, T=3, lens=(70, 5, 0), splits=3, window=40, dtype="bfloat16"),
     Case(G=2, K=2, H=128, V=128, C=40, T=1, lens=(40, 0, 7), block_kv=512, splits=None),
 ]
@@ -85,6 +88,7 @@ def _kernel_fn(block_kv, splits, window, cap):
 def _run_case(c: Case):
     B, N = len(c.lens), c.G * c.K
     q, k, v = _inputs(B, c.T, N, c.K, c.H, c.V, c.C, jnp.dtype(c.dtype))
+    v = k if c.shared_kv else v
     lens = jnp.asarray(c.lens, jnp.int32)
     o, lse = _kernel_fn(c.block_kv, c.splits, c.window, c.cap)(q, k, v, lens)
     return q, k, v, lens, o, lse
