@@ -39,6 +39,7 @@ class TrainConfig:
 
     name: str = "mla-tiny-default"
     model: str = "mla-tiny-default"
+    model_overrides: tuple[str, ...] = ()  # "field=value" for the model config, e.g. "num_layers=2"
     # data
     data: str = "builtin"
     seq_len: int = 128

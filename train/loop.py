@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from jaxattn.sharding import make_mesh
-from train.checkpoints import Checkpointer
+from train.checkpoints import Checkpointer, config_to_json
 from train.data import make_loaders
 from train.metrics import MetricsWriter, flops_per_token, peak_flops, progress_line
 from train.optim import lr_schedule
@@ -143,9 +143,7 @@ def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunR
     schedule = lr_schedule(config)
     meta = {
         "config": dataclasses.asdict(config),
-        "model_config": dataclasses.asdict(model_config)
-        if dataclasses.is_dataclass(model_config)
-        else None,
+        "model_config": config_to_json(model_config),
     }
     pending, t_last, timed_from, eval_loss = [], time.time(), 0, math.nan
     for step in range(start, config.steps):

@@ -38,7 +38,7 @@ _CPU_FLOPS_PER_CORE = 2 * 8 * 2 * 2.5e9  # FMA units x fp32 lanes (AVX2) x 2 x c
 def _first_attr(obj, names, default=None):
     for name in names:
         value = getattr(obj, name, None)
-        if value is not None:
+        if value:  # None or 0: not set
             return value
     return default
 
@@ -54,7 +54,7 @@ def flops_per_token(num_params: int, model_config, seq_len: int) -> float:
     """
     layers = _first_attr(model_config, ("num_layers", "n_layers", "num_hidden_layers"), 0)
     heads = _first_attr(model_config, ("num_heads", "n_heads", "num_attention_heads"), 0)
-    qk = _first_attr(model_config, ("qk_head_dim",))
+    qk = _first_attr(model_config, ("resolved_head_dim", "qk_head_dim"))
     if qk is None:
         nope = _first_attr(model_config, ("qk_nope_head_dim",))
         rope = _first_attr(model_config, ("qk_rope_head_dim",), 0)

@@ -7,33 +7,96 @@ outputs are (``./runs/<name>/``). A notebook calls :func:`run` with a config.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from train.config import ConfigError, TrainConfig, config_from_argv
 from train.loop import RunResult, host_params, say, setup_distributed, train_loop
 from train.metrics import plot_losses
 
-__all__ = ["build_model", "run", "finish", "main"]
+__all__ = ["build_model", "remat_blocks", "run", "finish", "main"]
+
+
+def _parse_overrides(model_config, overrides) -> dict:
+    """``("field=value", ...)`` -> kwargs; values are Python literals, else strings."""
+    known = {f.name for f in dataclasses.fields(model_config)}
+    kwargs = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in known:
+            raise ConfigError(
+                f"model_overrides entry {item!r}: need field=value with a field "
+                f"of {type(model_config).__name__}: {sorted(known)}"
+            )
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key] = text
+    return kwargs
+
+
+_REMAT_CLASSES: dict[type, type] = {}
+
+
+def _remat_call(cls: type):
+    """``cls.__call__`` under ``nnx.remat`` (keyword arguments passed positionally, since
+    ``nnx.remat`` cannot bind keyword-only parameters)."""
+
+    def call(self, x, **kwargs):
+        names = tuple(sorted(kwargs))
+
+        def body(module, x, *values):
+            return cls.__call__(module, x, **dict(zip(names, values, strict=True)))
+
+        return nnx.remat(body)(self, x, *(kwargs[n] for n in names))
+
+    return call
+
+
+def remat_blocks(model: nnx.Module) -> nnx.Module:
+    """Rematerialise each block of ``model.layers`` (``nnx.remat`` on the block's call).
+
+    Each block's class is swapped for a cached subclass whose ``__call__`` is wrapped in
+    ``nnx.remat``: parameters and paths are unchanged, activations inside a block are
+    recomputed in the backward pass instead of stored.
+
+    Raises:
+      ConfigError: the model has no non-empty ``layers`` list.
+    """
+    blocks = getattr(model, "layers", None)
+    if not blocks or not all(isinstance(b, nnx.Module) for b in blocks):
+        raise ConfigError(f"{type(model).__name__} has no `layers` list of blocks; use remat=full")
+    for block in blocks:
+        cls = type(block)
+        if cls not in _REMAT_CLASSES.values():
+            if cls not in _REMAT_CLASSES:
+                _REMAT_CLASSES[cls] = type(
+                    f"Remat{cls.__name__}", (cls,), {"__call__": _remat_call(cls)}
+                )
+            block.__class__ = _REMAT_CLASSES[cls]
+    return model
 
 
 def build_model(config: TrainConfig, model_config=None):
     """The model config and a zero-argument constructor of ``models.DecoderLM`` for ``config``.
 
     Args:
-      config: the training config (``model`` names a registered model config; ``remat=blocks``
-        turns on the model's own per-block rematerialisation).
+      config: the training config: ``model`` names a registered model config,
+        ``model_overrides`` changes its fields, ``compute_dtype`` sets the model's compute
+        dtype (parameters stay fp32), ``remat=blocks`` rematerialises each block.
       model_config: a ``models.ModelConfig`` to use instead of the named one.
 
     Returns:
       ``(model_config, model_fn)``.
 
     Raises:
-      ConfigError: an unknown model name, or ``remat=blocks`` for a model without block remat.
+      ConfigError: an unknown model name or override.
     """
     from models import DecoderLM, get_config, list_configs
 
@@ -41,11 +104,19 @@ def build_model(config: TrainConfig, model_config=None):
         if config.model not in list_configs():
             raise ConfigError(f"model={config.model!r} is not one of {list_configs()}")
         model_config = get_config(config.model)
-    if config.remat == "blocks":
-        if not any(f.name == "remat" for f in dataclasses.fields(model_config)):
-            raise ConfigError(f"model {config.model!r} has no per-block remat; use remat=full")
-        model_config = dataclasses.replace(model_config, remat=True)
-    return model_config, lambda: DecoderLM(model_config, rngs=nnx.Rngs(config.seed))
+    changes = _parse_overrides(model_config, config.model_overrides)
+    if config.compute_dtype != "float32" and "dtype" not in changes:
+        changes["dtype"] = jnp.dtype(config.compute_dtype)
+    try:
+        model_config = dataclasses.replace(model_config, **changes)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model_overrides {config.model_overrides}: {err}") from None
+
+    def model_fn():
+        model = DecoderLM(model_config, rngs=nnx.Rngs(config.seed))
+        return remat_blocks(model) if config.remat == "blocks" else model
+
+    return model_config, model_fn
 
 
 def finish(result: RunResult, config: TrainConfig) -> dict:

@@ -9,7 +9,6 @@ it, and generates with the KV cache through ``jaxattn.generate.generate``. Text 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 
 import jax
@@ -73,15 +72,11 @@ def sample_texts(
 
 def _model_config(meta: dict):
     """The ``models.ModelConfig`` stored in checkpoint metadata (or the named one)."""
-    from models import ModelConfig, get_config
+    from models import get_config
+    from train.checkpoints import config_from_json
 
-    stored = meta.get("model_config")
-    if stored:
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        kwargs = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields
-        }
-        return ModelConfig(**kwargs)
+    if meta.get("model_config"):
+        return config_from_json(meta["model_config"])
     return get_config(meta["config"]["model"])
 
 

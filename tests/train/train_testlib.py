@@ -1,0 +1,101 @@
+"""Shared helpers of the train tests: a tiny MLA model config and subprocess runners."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+from train.config import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# mla-tiny-default shrunk to ~60k parameters so every test step compiles and runs in seconds
+TINY_MODEL = (
+    "d_model=64",
+    "num_layers=2",
+    "num_heads=2",
+    "mlp_dim=128",
+    "kv_lora_rank=32",
+    "qk_nope_head_dim=16",
+    "qk_rope_head_dim=8",
+    "v_head_dim=16",
+    "attention_impl=xla",
+)
+
+
+def tiny_config(run_dir: str, **changes) -> TrainConfig:
+    """A TrainConfig for a few fast CPU steps of the tiny model writing under ``run_dir``."""
+    base = dict(
+        name="test",
+        model_overrides=TINY_MODEL,
+        run_dir=str(run_dir),
+        seq_len=32,
+        batch_size=8,
+        steps=6,
+        warmup_steps=2,
+        log_every=1,
+        eval_every=1000,
+        eval_batches=2,
+        ckpt_every=2,
+        tensorboard=False,
+        plot=False,
+        sample_tokens=0,
+    )
+    return TrainConfig(**(base | changes))
+
+
+def as_set_args(config_changes: dict) -> list[str]:
+    """``--set key=value`` arguments for the command line."""
+    args = []
+    for key, value in config_changes.items():
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def cli_env(num_devices: int) -> dict:
+    """Environment of a training subprocess with ``num_devices`` fake CPU devices."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def pretrain_cmd(run_dir, **changes) -> list[str]:
+    """Command line of ``python -m train.pretrain`` for the tiny test config."""
+    base = dict(
+        name="test",
+        model_overrides=TINY_MODEL,
+        run_dir=str(run_dir),
+        seq_len=32,
+        batch_size=8,
+        steps=6,
+        warmup_steps=2,
+        log_every=1,
+        eval_every=1000,
+        eval_batches=2,
+        ckpt_every=2,
+        tensorboard=False,
+        plot=False,
+        sample_tokens=0,
+    )
+    return [sys.executable, "-m", "train.pretrain", *as_set_args(base | changes)]
+
+
+def run_ok(cmd, env, timeout=240) -> str:
+    """Run ``cmd``; fail with its output if it exits non-zero. Returns stdout + stderr."""
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{out[-4000:]}"
+    return out
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
