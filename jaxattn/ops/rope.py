@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -72,40 +73,50 @@ def _check_positive(name: str, value, *, integer: bool = False) -> None:
         raise ValueError(f"{name} must be a {kind}, got {value!r}")
 
 
+class _Scaling:
+    """Validation shared by the scaling dataclasses: numeric fields must be positive (integers
+    for lengths; mscales may be 0); None is allowed only where it is the default."""
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name.endswith("_factor") and isinstance(value, (tuple, list)):
+                value = tuple(float(v) for v in value)  # longrope's per-pair factors
+                if not value or min(value) <= 0:
+                    raise ValueError(f"{field.name} must be a non-empty list of positive numbers")
+                object.__setattr__(self, field.name, value)
+            elif field.name.startswith("mscale") and value == 0:
+                continue  # HF treats a zero mscale as unset
+            elif field.type != "bool" and not (value is None and field.default is None):
+                integer = field.name.endswith("max_position_embeddings")
+                _check_positive(field.name, value, integer=integer)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LinearScaling:
+class LinearScaling(_Scaling):
     """Position interpolation (Chen et al. 2023; HF "linear"): ``inv_freq / factor``."""
 
     factor: float
 
-    def __post_init__(self):
-        _check_positive("factor", self.factor)
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DynamicNTKScaling:
+class DynamicNTKScaling(_Scaling):
     """Dynamic NTK (HF "dynamic"). With s = max(largest position + 1, M), M =
     ``RopeConfig.max_position_embeddings`` (required): when s > M, theta becomes
     ``theta * (factor * s / M - (factor - 1)) ** (P / (P - 2))``; otherwise unscaled."""
 
     factor: float
 
-    def __post_init__(self):
-        _check_positive("factor", self.factor)
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class NTKScaling:
+class NTKScaling(_Scaling):
     """Static NTK-aware scaling (bloc97): ``theta * factor ** (P / (P - 2))`` at every length."""
 
     factor: float
 
-    def __post_init__(self):
-        _check_positive("factor", self.factor)
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Llama3Scaling:
+class Llama3Scaling(_Scaling):
     """Llama 3.1 (HF "llama3"): wavelengths above ``original_max / low_freq_factor`` are
     divided by ``factor``, below ``original_max / high_freq_factor`` kept, smoothed between."""
 
@@ -115,23 +126,19 @@ class Llama3Scaling:
     original_max_position_embeddings: int = 8192
 
     def __post_init__(self):
-        for name in ("factor", "low_freq_factor", "high_freq_factor"):
-            _check_positive(name, getattr(self, name))
-        _check_positive(
-            "original_max_position_embeddings", self.original_max_position_embeddings, integer=True
-        )
+        super().__post_init__()
         if self.high_freq_factor <= self.low_freq_factor:
             raise ValueError(f"high_freq_factor must exceed {self.low_freq_factor=}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class YarnScaling:
+class YarnScaling(_Scaling):
     """YaRN (Peng et al. 2023; HF "yarn", DeepSeek-V2/V3 included). ``factor=None`` means
     ``max_position_embeddings / original_max_position_embeddings``; an unset
     ``original_max_position_embeddings`` means ``RopeConfig.max_position_embeddings``. cos/sin are
     multiplied by ``attention_factor``, by default ``mscale(factor, mscale) /
     mscale(factor, mscale_all_dim)`` when both are set (DeepSeek; 1.0 when equal), else
-    ``0.1 ln(factor) + 1``."""
+    ``0.1 ln(factor) + 1``, where ``mscale(s, m) = 0.1 m ln(s) + 1`` (1 for s <= 1)."""
 
     factor: float | None = None
     original_max_position_embeddings: int | None = None
@@ -142,16 +149,9 @@ class YarnScaling:
     attention_factor: float | None = None
     truncate: bool = True
 
-    def __post_init__(self):
-        for name in ("factor", "original_max_position_embeddings", "attention_factor"):
-            if getattr(self, name) is not None:
-                _check_positive(name, getattr(self, name), integer=name.startswith("original"))
-        _check_positive("beta_fast", self.beta_fast)
-        _check_positive("beta_slow", self.beta_slow)
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LongRopeScaling:
+class LongRopeScaling(_Scaling):
     """LongRoPE (Phi-3; HF "longrope"): ``inv_freq / ext`` with ``ext = long_factor`` when the
     largest position + 1 exceeds ``original_max_position_embeddings``, else ``short_factor``
     (each of length P / 2). cos/sin are multiplied by ``attention_factor``, by default
@@ -164,28 +164,11 @@ class LongRopeScaling:
     factor: float | None = None
     attention_factor: float | None = None
 
-    def __post_init__(self):
-        for name in ("short_factor", "long_factor"):
-            value = tuple(float(v) for v in getattr(self, name))
-            if not value or min(value) <= 0:
-                raise ValueError(f"{name} must be a non-empty sequence of positive numbers")
-            object.__setattr__(self, name, value)
-        for name in ("factor", "original_max_position_embeddings", "attention_factor"):
-            if getattr(self, name) is not None:
-                _check_positive(name, getattr(self, name), integer=name.startswith("original"))
-
 
 RopeScaling = (
     LinearScaling | DynamicNTKScaling | NTKScaling | Llama3Scaling | YarnScaling | LongRopeScaling
 )
-_SCALINGS = (
-    LinearScaling,
-    DynamicNTKScaling,
-    NTKScaling,
-    Llama3Scaling,
-    YarnScaling,
-    LongRopeScaling,
-)
+_SCALINGS = typing.get_args(RopeScaling)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -581,7 +564,10 @@ def rope_config_to_hf(config: RopeConfig, *, head_dim: int | None = None) -> dic
         if head_dim is None:
             raise ValueError("head_dim is required to write rotary_dim as partial_rotary_factor")
         _resolved_rotary_dim(config, head_dim)
-        params["partial_rotary_factor"] = config.rotary_dim / head_dim
+        factor = config.rotary_dim / head_dim
+        while int(head_dim * factor) < config.rotary_dim:  # HF reads int(head_dim * factor)
+            factor = math.nextafter(factor, 2.0)
+        params["partial_rotary_factor"] = factor
         out["partial_rotary_factor"] = params["partial_rotary_factor"]
     out["rope_parameters"] = params
     if config.max_position_embeddings is not None:

@@ -427,6 +427,14 @@ def test_config_round_trip(name, layout):
         assert R.rope_config_from_hf({**hf_keys, "model_type": "deepseek_v3"}, H).layout == layout
 
 
+def test_partial_rotary_factor_survives_hf_rounding():
+    """HF takes int(head_dim * partial_rotary_factor); 30 / 44 * 44 rounds down to 29.99..."""
+    for rotary_dim, head_dim in [(30, 44), (26, 46), (6, 47), (32, 128)]:
+        d = R.rope_config_to_hf(R.RopeConfig(rotary_dim=rotary_dim), head_dim=head_dim)
+        assert int(head_dim * d["partial_rotary_factor"]) == rotary_dim
+        assert R.rope_config_from_hf(d, head_dim).rotary_dim == rotary_dim
+
+
 # Bad input.
 
 _X, _POS = jnp.zeros((2, 3, 1, H)), jnp.zeros((2, 3), jnp.int32)
