@@ -123,7 +123,7 @@ def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunR
     )
     if restored is not None:
         state, meta = restored
-        say(f"resumed from {ckpt.directory} step {meta['step']}")
+        say(f"resumed at step {meta['step']} from {ckpt.directory}")
     elif init_params is not None:
         state["params"] = _place(init_params, trainer.state_shardings["params"])
     start = int(state["step"])

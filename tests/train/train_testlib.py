@@ -56,9 +56,17 @@ def as_set_args(config_changes: dict) -> list[str]:
     return args
 
 
-def cli_env(num_devices: int) -> dict:
-    """Environment of a training subprocess with ``num_devices`` fake CPU devices."""
+def cli_env(num_devices: int, cache_dir=None) -> dict:
+    """Environment of a training subprocess with ``num_devices`` fake CPU devices.
+
+    ``cache_dir`` turns on JAX's persistent compilation cache, so repeated runs of the same
+    program (a killed run and its restart) compile once.
+    """
     env = dict(os.environ)
+    if cache_dir is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
