@@ -73,7 +73,9 @@ def logical_to_spec(
             out.append(None)
             continue
         if name not in rules:
-            raise ValueError(f"logical axis name {name!r} is not in the rules table {sorted(rules)}")
+            raise ValueError(
+                f"logical axis name {name!r} is not in the rules table {sorted(rules)}"
+            )
         axes = rules[name]
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         axes = tuple(a for a in axes if a in present and a not in used)

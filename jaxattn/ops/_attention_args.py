@@ -95,19 +95,24 @@ def check_args(
             f"q, k, v must share a dtype, got q {q_BTNH.dtype}, k {k_BSKH.dtype}, v {v_BSKV.dtype}"
         )
     if Bk != B or Bv != B:
-        raise ValueError(f"batch sizes differ: q {_shape(q_BTNH)}, k {_shape(k_BSKH)}, "
-                         f"v {_shape(v_BSKV)}")
+        raise ValueError(
+            f"batch sizes differ: q {_shape(q_BTNH)}, k {_shape(k_BSKH)}, v {_shape(v_BSKV)}"
+        )
     if (Sv, Kv) != (S, K):
         raise ValueError(f"k {_shape(k_BSKH)} and v {_shape(v_BSKV)} must agree on seq and heads")
     if Hk != H:
-        raise ValueError(f"q head dim {H} != k head dim {Hk} (q {_shape(q_BTNH)}, "
-                         f"k {_shape(k_BSKH)})")
+        raise ValueError(
+            f"q head dim {H} != k head dim {Hk} (q {_shape(q_BTNH)}, k {_shape(k_BSKH)})"
+        )
     if K == 0 or N % K:
-        raise ValueError(f"query heads N={N} must be a multiple of kv heads K={K} "
-                         f"(q {_shape(q_BTNH)}, k {_shape(k_BSKH)})")
+        raise ValueError(
+            f"query heads N={N} must be a multiple of kv heads K={K} "
+            f"(q {_shape(q_BTNH)}, k {_shape(k_BSKH)})"
+        )
     if min(B, T, S, H, V) == 0:
-        raise ValueError(f"empty dimension in q {_shape(q_BTNH)}, k {_shape(k_BSKH)}, "
-                         f"v {_shape(v_BSKV)}")
+        raise ValueError(
+            f"empty dimension in q {_shape(q_BTNH)}, k {_shape(k_BSKH)}, v {_shape(v_BSKV)}"
+        )
 
     if scale is None:
         scale = 1.0 / math.sqrt(H)
@@ -116,7 +121,9 @@ def check_args(
     if logits_soft_cap is not None and (
         not isinstance(logits_soft_cap, (int, float)) or logits_soft_cap <= 0
     ):
-        raise ValueError(f"logits_soft_cap must be a positive float or None, got {logits_soft_cap!r}")
+        raise ValueError(
+            f"logits_soft_cap must be a positive float or None, got {logits_soft_cap!r}"
+        )
 
     spec = dense = None
     if isinstance(mask, MaskSpec):
@@ -142,8 +149,10 @@ def check_args(
             q_seg, kv_seg = segment_ids
         else:
             if T != S:
-                raise ValueError(f"a single segment_ids array needs T == S, got T={T}, S={S}; "
-                                 "pass a pair (q_BT, kv_BS)")
+                raise ValueError(
+                    f"a single segment_ids array needs T == S, got T={T}, S={S}; "
+                    "pass a pair (q_BT, kv_BS)"
+                )
             q_seg = kv_seg = segment_ids
         q_seg = _check_int_array("segment_ids (query side)", q_seg, (B, T))
         kv_seg = _check_int_array("segment_ids (kv side)", kv_seg, (B, S))
@@ -153,8 +162,10 @@ def check_args(
             q_offset = int(q_offset)
         else:
             if _shape(q_offset) not in ((), (B,)):
-                raise ValueError(f"q_offset must be an int, a scalar or a [B]={B} array, "
-                                 f"got shape {_shape(q_offset)}")
+                raise ValueError(
+                    f"q_offset must be an int, a scalar or a [B]={B} array, "
+                    f"got shape {_shape(q_offset)}"
+                )
             q_offset = _check_int_array("q_offset", q_offset, _shape(q_offset))
     if isinstance(q_offset, bool) or (isinstance(q_offset, int) and q_offset < 0):
         raise ValueError(f"q_offset must be a non-negative int, got {q_offset!r}")
@@ -162,10 +173,21 @@ def check_args(
         kv_lengths = _check_int_array("kv_lengths", kv_lengths, (B,))
 
     return AttentionArgs(
-        B=B, T=T, S=S, N=N, K=K, H=H, V=V, scale=float(scale),
+        B=B,
+        T=T,
+        S=S,
+        N=N,
+        K=K,
+        H=H,
+        V=V,
+        scale=float(scale),
         logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-        spec=spec, dense=dense, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-        q_offset=q_offset, kv_lengths=kv_lengths,
+        spec=spec,
+        dense=dense,
+        q_segment_ids=q_seg,
+        kv_segment_ids=kv_seg,
+        q_offset=q_offset,
+        kv_lengths=kv_lengths,
     )
 
 
@@ -211,8 +233,13 @@ def visible(a: AttentionArgs, q_idx, k_idx, dense_block=None):
 def scores_fp32(a: AttentionArgs, q_BtKGH, k_BsKH):
     """Scaled (and soft-capped) logits in float32: [B, K, G, t, s]."""
     precision = jax.lax.Precision.HIGHEST if q_BtKGH.dtype == jnp.float32 else None
-    s = jnp.einsum("btkgh,bskh->bkgts", q_BtKGH, k_BsKH,
-                   preferred_element_type=jnp.float32, precision=precision)
+    s = jnp.einsum(
+        "btkgh,bskh->bkgts",
+        q_BtKGH,
+        k_BsKH,
+        preferred_element_type=jnp.float32,
+        precision=precision,
+    )
     s = s * a.scale
     if a.logits_soft_cap is not None:
         # soft cap after scaling (Gemma 2): cap * tanh(s / cap)

@@ -84,8 +84,15 @@ def dot_product_attention(
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     a = check_args(
-        q_BTNH, k_BSKH, v_BSKV, mask=mask, scale=scale, logits_soft_cap=logits_soft_cap,
-        segment_ids=segment_ids, q_offset=q_offset, kv_lengths=kv_lengths,
+        q_BTNH,
+        k_BSKH,
+        v_BSKV,
+        mask=mask,
+        scale=scale,
+        logits_soft_cap=logits_soft_cap,
+        segment_ids=segment_ids,
+        q_offset=q_offset,
+        kv_lengths=kv_lengths,
     )
     if implementation == "auto":
         implementation = _choose(a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
@@ -93,8 +100,10 @@ def dot_product_attention(
         return xla_attention(a, q_BTNH, k_BSKH, v_BSKV, return_lse)
     if implementation == "chunked":
         if block_sizes is not None and not isinstance(block_sizes, ChunkedBlockSizes):
-            raise ValueError(f"block_sizes for 'chunked' must be ChunkedBlockSizes, "
-                             f"got {type(block_sizes).__name__}")
+            raise ValueError(
+                f"block_sizes for 'chunked' must be ChunkedBlockSizes, "
+                f"got {type(block_sizes).__name__}"
+            )
         return chunked_attention(a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
     if implementation == "cudnn":
         reason = _cudnn_unsupported(a, q_BTNH, return_lse)
@@ -103,8 +112,9 @@ def dot_product_attention(
         return _cudnn(a, q_BTNH, k_BSKH, v_BSKV)
     reason = _pallas_unsupported(implementation, a, q_BTNH, k_BSKH, v_BSKV)
     if reason:
-        raise NotImplementedError(f"implementation={implementation!r} cannot serve this call: "
-                                  f"{reason}")
+        raise NotImplementedError(
+            f"implementation={implementation!r} cannot serve this call: {reason}"
+        )
     return _pallas(implementation, a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
 
 
@@ -135,16 +145,25 @@ def _kernel_module(implementation: str):
 def _pallas_unsupported(implementation, a: AttentionArgs, q, k, v) -> str | None:
     platform = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}[implementation]
     if jax.default_backend() != platform:
-        return (f"it runs on {platform.upper()} only (backend is {jax.default_backend()}); "
-                "on CPU, test it with pallas_kernels' interpret mode")
+        return (
+            f"it runs on {platform.upper()} only (backend is {jax.default_backend()}); "
+            "on CPU, test it with pallas_kernels' interpret mode"
+        )
     api, reason = _kernel_module(implementation)
     if reason:
         return reason
     if a.dense is not None:
         return "dense mask arrays are not supported by the kernel; use a mask spec"
     return api.unsupported_reason(
-        q, k, v, mask=a.spec, segment_ids=_segments(a), q_offset=_offset(a),
-        kv_lengths=a.kv_lengths, logits_soft_cap=a.logits_soft_cap)
+        q,
+        k,
+        v,
+        mask=a.spec,
+        segment_ids=_segments(a),
+        q_offset=_offset(a),
+        kv_lengths=a.kv_lengths,
+        logits_soft_cap=a.logits_soft_cap,
+    )
 
 
 def _segments(a: AttentionArgs):
@@ -158,9 +177,19 @@ def _offset(a: AttentionArgs):
 def _pallas(implementation, a: AttentionArgs, q, k, v, return_lse, block_sizes):
     api, _ = _kernel_module(implementation)
     fn = api.flash_attention if implementation == "pallas_tpu" else api.flash_attention_gpu
-    return fn(q, k, v, mask=a.spec, segment_ids=_segments(a), q_offset=_offset(a),
-              kv_lengths=a.kv_lengths, scale=a.scale, logits_soft_cap=a.logits_soft_cap,
-              block_sizes=block_sizes, return_lse=return_lse)
+    return fn(
+        q,
+        k,
+        v,
+        mask=a.spec,
+        segment_ids=_segments(a),
+        q_offset=_offset(a),
+        kv_lengths=a.kv_lengths,
+        scale=a.scale,
+        logits_soft_cap=a.logits_soft_cap,
+        block_sizes=block_sizes,
+        return_lse=return_lse,
+    )
 
 
 def _cudnn_window(a: AttentionArgs):
@@ -196,5 +225,12 @@ def _cudnn_unsupported(a: AttentionArgs, q, return_lse) -> str | None:
 def _cudnn(a: AttentionArgs, q, k, v):
     is_causal, window = _cudnn_window(a)
     return jax.nn.dot_product_attention(
-        q, k, v, scale=a.scale, is_causal=is_causal, local_window_size=window,
-        key_value_seq_lengths=a.kv_lengths, implementation="cudnn")
+        q,
+        k,
+        v,
+        scale=a.scale,
+        is_causal=is_causal,
+        local_window_size=window,
+        key_value_seq_lengths=a.kv_lengths,
+        implementation="cudnn",
+    )

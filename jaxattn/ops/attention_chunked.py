@@ -2,7 +2,8 @@
 
 Online softmax (FlashAttention's recurrence) over kv blocks, in plain XLA:
 
-  m ← max(m, rowmax(s)),  l ← l·e^{m_old − m} + rowsum(e^{s − m}),  acc ← acc·e^{m_old − m} + e^{s − m} v
+  m ← max(m, rowmax(s)),  l ← l·e^{m_old − m} + rowsum(e^{s − m}),
+  acc ← acc·e^{m_old − m} + e^{s − m} v
 
 and a custom VJP that recomputes the probabilities from the saved log-sum-exp instead of
 storing the T×S matrix (FlashAttention-2's backward, one pass over q blocks that accumulates
@@ -77,6 +78,7 @@ def _block_tables(a: AttentionArgs, bq: int, bk: int, nq: int, nk: int):
         vis &= d.reshape(b, n, nq, bq, nk, bk).any(axis=(0, 1, 3, 5))
         full = jnp.zeros_like(full)
     if a.q_segment_ids is not None:
+
         def ranges(seg, n_blocks, block):
             seg = jnp.pad(seg, ((0, 0), (0, n_blocks * block - seg.shape[1])), mode="edge")
             seg = seg.reshape(seg.shape[0], n_blocks, block)
@@ -100,7 +102,8 @@ def _masked_scores(a, bq, bk, q_blk, k_blk, qb, kb, full, dense):
         dense_blk = None
         if dense is not None:
             dense_blk = jax.lax.dynamic_slice(
-                dense, (0, 0, qb * bq, kb * bk), (*dense.shape[:2], bq, bk))
+                dense, (0, 0, qb * bq, kb * bk), (*dense.shape[:2], bq, bk)
+            )
         q_idx = qb * bq + jnp.arange(bq, dtype=jnp.int32)
         k_idx = kb * bk + jnp.arange(bk, dtype=jnp.int32)
         return jnp.where(visible(a, q_idx, k_idx, dense_blk), s, -jnp.inf)
@@ -142,13 +145,20 @@ def _forward(a, bq, bk, q, k, v, arrays, tables):
             alpha = jnp.exp(m - m_safe)
             p = jnp.exp(s - m_safe[..., None])
             l = l * alpha + p.sum(-1)
-            pv = jnp.einsum("bkgts,bskv->bkgtv", p.astype(v.dtype), v_blk,
-                            preferred_element_type=jnp.float32, precision=_precision(v.dtype))
+            pv = jnp.einsum(
+                "bkgts,bskv->bkgtv",
+                p.astype(v.dtype),
+                v_blk,
+                preferred_element_type=jnp.float32,
+                precision=_precision(v.dtype),
+            )
             return m_new, l, acc * alpha[..., None] + pv
 
-        init = (jnp.full((B, K, G, bq), -jnp.inf, jnp.float32),
-                jnp.zeros((B, K, G, bq), jnp.float32),
-                jnp.zeros((B, K, G, bq, V), jnp.float32))
+        init = (
+            jnp.full((B, K, G, bq), -jnp.inf, jnp.float32),
+            jnp.zeros((B, K, G, bq), jnp.float32),
+            jnp.zeros((B, K, G, bq, V), jnp.float32),
+        )
         m, l, acc = jax.lax.fori_loop(0, cnt[qb], body, init)
         o = acc / jnp.where(l == 0, 1.0, l)[..., None]
         lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))
@@ -194,22 +204,44 @@ def _backward(a, bq, bk, res, cts):
             k_blk, v_blk = _slice(k, kb * bk, bk), _slice(v, kb * bk, bk)
             s, s_unmasked = _masked_scores(a, bq, bk, q_blk, k_blk, qb, kb, full[qb, kb], dense)
             p = jnp.exp(s - lse_blk[..., None])
-            dv_blk = jnp.einsum("bkgts,btkgv->bskv", p.astype(do.dtype), do_blk,
-                                preferred_element_type=jnp.float32, precision=_precision(do.dtype))
-            dp = jnp.einsum("btkgv,bskv->bkgts", do_blk, v_blk,
-                            preferred_element_type=jnp.float32, precision=_precision(v.dtype))
+            dv_blk = jnp.einsum(
+                "bkgts,btkgv->bskv",
+                p.astype(do.dtype),
+                do_blk,
+                preferred_element_type=jnp.float32,
+                precision=_precision(do.dtype),
+            )
+            dp = jnp.einsum(
+                "btkgv,bskv->bkgts",
+                do_blk,
+                v_blk,
+                preferred_element_type=jnp.float32,
+                precision=_precision(v.dtype),
+            )
             ds = p * (dp - d_blk[..., None])
             if cap is not None:  # d/dx cap·tanh(x/cap) = 1 − tanh², from the unmasked logits
                 ds = ds * (1.0 - jnp.square(s_unmasked / cap))
             ds = (ds * a.scale).astype(q.dtype)
-            dq = dq + jnp.einsum("bkgts,bskh->btkgh", ds, k_blk,
-                                 preferred_element_type=jnp.float32, precision=_precision(q.dtype))
-            dk_blk = jnp.einsum("bkgts,btkgh->bskh", ds, q_blk,
-                                preferred_element_type=jnp.float32, precision=_precision(q.dtype))
+            dq = dq + jnp.einsum(
+                "bkgts,bskh->btkgh",
+                ds,
+                k_blk,
+                preferred_element_type=jnp.float32,
+                precision=_precision(q.dtype),
+            )
+            dk_blk = jnp.einsum(
+                "bkgts,btkgh->bskh",
+                ds,
+                q_blk,
+                preferred_element_type=jnp.float32,
+                precision=_precision(q.dtype),
+            )
             dk = jax.lax.dynamic_update_slice_in_dim(
-                dk, _slice(dk, kb * bk, bk) + dk_blk, kb * bk, axis=1)
+                dk, _slice(dk, kb * bk, bk) + dk_blk, kb * bk, axis=1
+            )
             dv = jax.lax.dynamic_update_slice_in_dim(
-                dv, _slice(dv, kb * bk, bk) + dv_blk, kb * bk, axis=1)
+                dv, _slice(dv, kb * bk, bk) + dv_blk, kb * bk, axis=1
+            )
             return dq, dk, dv
 
         dq0 = jnp.zeros((B, bq, K, G, H), jnp.float32)
@@ -227,7 +259,11 @@ _attention.defvjp(_forward, _backward)
 
 
 def chunked_attention(
-    a: AttentionArgs, q_BTNH, k_BSKH, v_BSKV, return_lse: bool = False,
+    a: AttentionArgs,
+    q_BTNH,
+    k_BSKH,
+    v_BSKV,
+    return_lse: bool = False,
     block_sizes: ChunkedBlockSizes | None = None,
 ):
     """Memory-efficient attention with block skipping.
@@ -249,8 +285,9 @@ def chunked_attention(
     arrays = {f: getattr(a, f) for f in _ARRAY_FIELDS if not _is_static(getattr(a, f))}
     static = dataclasses.replace(a, **{f: None for f in arrays})
     tables = _block_tables(a, bq, bk, Tp // bq, Sp // bk)
-    o, lse = _attention(static, bq, bk, pad(q_BTNH, Tp), pad(k_BSKH, Sp), pad(v_BSKV, Sp),
-                        arrays, tables)
+    o, lse = _attention(
+        static, bq, bk, pad(q_BTNH, Tp), pad(k_BSKH, Sp), pad(v_BSKV, Sp), arrays, tables
+    )
     o = o[:, : a.T]
     return (o, lse[:, :, : a.T]) if return_lse else o
 

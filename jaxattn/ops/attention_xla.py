@@ -38,8 +38,12 @@ def xla_attention(a: AttentionArgs, q_BTNH, k_BSKH, v_BSKV, return_lse: bool = F
     l_BKGT = jnp.sum(p_BKGTS, axis=-1)
     l_safe = jnp.where(l_BKGT == 0, 1.0, l_BKGT)
     precision = jax.lax.Precision.HIGHEST if v_BSKV.dtype == jnp.float32 else None
-    o_BTKGV = jnp.einsum("bkgts,bskv->btkgv", p_BKGTS / l_safe[..., None], v_BSKV.astype(jnp.float32),
-                         precision=precision)
+    o_BTKGV = jnp.einsum(
+        "bkgts,bskv->btkgv",
+        p_BKGTS / l_safe[..., None],
+        v_BSKV.astype(jnp.float32),
+        precision=precision,
+    )
     o_BTNV = o_BTKGV.reshape(B, T, N, a.V).astype(q_BTNH.dtype)
     if not return_lse:
         return o_BTNV

@@ -2,6 +2,8 @@
 Face transformers code (frequencies, attention factors, rotation, MLA layouts), HF config
 conversion and input validation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,9 +204,12 @@ def test_frequencies_match_hf(hf, name, rotary_dim):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
 
-    if name == "longrope" and rotary_dim:
-        pytest.skip("the longrope factors in SCALINGS have H // 2 entries")
     config = _config(name, rotary_dim=rotary_dim)
+    if name == "longrope" and rotary_dim:  # one factor per rotated pair
+        s = config.scaling
+        short, long = s.short_factor[: rotary_dim // 2], s.long_factor[: rotary_dim // 2]
+        scaling = dataclasses.replace(s, short_factor=short, long_factor=long)
+        config = dataclasses.replace(config, scaling=scaling)
     hf_config = _hf_config(hf, config)
     init = ROPE_INIT_FUNCTIONS.get(hf_config.rope_parameters["rope_type"])
     init = init or PhiRotaryEmbedding.compute_default_rope_parameters  # honours partial rotary
@@ -380,6 +385,22 @@ def test_from_hf_reads_real_configs():
     assert (c.theta, c.rotary_dim, c.scaling) == (50000.0, 16, R.DynamicNTKScaling(factor=2.0))
     assert R.rope_config_from_hf(HF_DICTS["neox"], 128).rotary_dim == 32
     assert R.rope_config_from_hf({}, 64) == R.RopeConfig()
+
+
+@pytest.mark.parametrize("name", ["llama3_1", "deepseek_v3", "qwen2_yarn", "phi3_longrope"])
+def test_frequencies_match_hf_at_real_sizes(hf, name):
+    """Real configs and head sizes: from_hf then rope_frequencies vs HF on the same dict."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    d = {k: v for k, v in HF_DICTS[name].items() if k != "model_type"}
+    head_dim = 64 if name in ("deepseek_v3", "phi3_longrope") else 128
+    cls = hf.Phi3Config if name.startswith("phi3") else hf.LlamaConfig
+    extra = {} if cls is hf.Phi3Config else {"head_dim": head_dim}
+    hf_config = cls(hidden_size=32 * head_dim, num_attention_heads=32, **extra, **d)
+    want, want_attention = ROPE_INIT_FUNCTIONS[hf_config.rope_parameters["rope_type"]](hf_config)
+    got, attention = R.rope_frequencies(R.rope_config_from_hf(HF_DICTS[name], head_dim), head_dim)
+    np.testing.assert_allclose(got, want.numpy(), rtol=3e-7, atol=0)
+    assert attention == pytest.approx(want_attention, rel=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(HF_DICTS))
