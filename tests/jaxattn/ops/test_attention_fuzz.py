@@ -5,7 +5,6 @@ outputs, LSE and the gradients of q, k and v must agree.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
