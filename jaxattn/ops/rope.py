@@ -469,7 +469,9 @@ def rope_config_from_hf(hf_config: dict, head_dim: int, *, layout: str | None = 
     GPT-J ``rotary_dim``); ``max_position_embeddings``; Phi-3's top-level
     ``original_max_position_embeddings``. The layout comes from ``model_type``: DeepSeek-V3 /
     Mistral4 style MLA with ``rope_interleave`` (default True) -> "interleaved_to_split_half",
-    deepseek_v2 and gptj -> "interleaved", otherwise "split_half".
+    deepseek_v2 and gptj -> "interleaved", otherwise "split_half". Rope types other than
+    default, linear, dynamic, llama3, yarn and longrope (e.g. proportional, mrope) and
+    per-layer-type rope_parameters raise ValueError.
 
     Args:
       hf_config: the parsed config.json.

@@ -145,6 +145,29 @@ def test_dtype_kept_and_jit_matches_eager():
     np.testing.assert_array_equal(eager, jitted)
 
 
+@pytest.mark.parametrize("layout", ["split_half", "interleaved"])
+def test_gradient_is_the_inverse_rotation(layout):
+    """RoPE is orthogonal, so its VJP rotates the cotangent back (by minus the angle)."""
+    x, g, pos = _random((2, 5, 2, H), 1), _random((2, 5, 2, H), 2), _positions(2, 5, start=4)
+    config = _config("llama3", layout=layout)
+    grad = jax.grad(lambda x: jnp.sum(R.apply_rope(x, pos, config) * g))(x)
+    np.testing.assert_allclose(grad, R.apply_rope(g, -pos, config), atol=1e-5)
+
+
+def test_sharded_inputs_match_unsharded():
+    """Batch on 'data' and heads on 'tensor' of the 8 fake devices: same values, same sharding."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"))
+    x, pos = _random((2, 6, 4, H)), _positions(2, 6, start=50)
+    x_sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data", None, "tensor")))
+    pos_sharded = jax.device_put(pos, NamedSharding(mesh, PartitionSpec("data")))
+    config = _config("dynamic")
+    y = jax.jit(R.apply_rope, static_argnums=2)(x_sharded, pos_sharded, config)
+    np.testing.assert_allclose(y, R.apply_rope(x, pos, config), atol=1e-6)
+    assert y.sharding.is_equivalent_to(x_sharded.sharding, 4)
+
+
 def test_dynamic_and_longrope_follow_the_longest_position():
     """Unscaled (dynamic) / short factors (longrope) up to their threshold, rescaled beyond;
     apply_rope takes seq_len = max position + 1 over the whole batch, as HF does."""
