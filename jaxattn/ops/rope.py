@@ -103,7 +103,9 @@ class LinearScaling(_Scaling):
 class DynamicNTKScaling(_Scaling):
     """Dynamic NTK (HF "dynamic"). With s = max(largest position + 1, M), M =
     ``RopeConfig.max_position_embeddings`` (required): when s > M, theta becomes
-    ``theta * (factor * s / M - (factor - 1)) ** (P / (P - 2))``; otherwise unscaled."""
+    ``theta * (factor * s / M - (factor - 1)) ** (P / (P - 2))``; otherwise unscaled.
+    Stateless: s comes from this call's positions, whereas HF's module keeps the largest s seen
+    until a call falls back under M; they agree whenever positions only grow (generation)."""
 
     factor: float
 
