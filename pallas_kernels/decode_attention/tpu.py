@@ -43,8 +43,10 @@ def heads_per_block(num_kv_heads: int, h: int, v: int) -> int:
 def _live_block_range(kv_len, *, T: int, block_kv: int, window: int | None):
     """First and last cache block that any of the T queries can see (clamped to >= 0)."""
     lo_key = 0 if window is None else jnp.maximum(kv_len - T - window + 1, 0)
-    lo_blk = lo_key // block_kv
-    hi_blk = jnp.maximum((kv_len + block_kv - 1) // block_kv - 1, 0)
+    # lax.div/rem (truncating) rather than // and %: operands are >= 0, and floor semantics
+    # would add sign fix-ups to the scalar code.
+    lo_blk = jax.lax.div(lo_key, block_kv)
+    hi_blk = jnp.maximum(jax.lax.div(kv_len + block_kv - 1, block_kv) - 1, 0)
     return lo_blk, hi_blk
 
 
@@ -87,7 +89,9 @@ def _kernel(
     def _compute():
         start = j * block_kv
         k_pos_RS = start + jax.lax.broadcasted_iota(jnp.int32, (R, block_kv), 1)
-        q_pos_RS = kv_len - T + jax.lax.broadcasted_iota(jnp.int32, (R, block_kv), 0) % T
+        t_RS = jax.lax.broadcasted_iota(jnp.int32, (R, block_kv), 0)
+        t_RS = jax.lax.rem(t_RS, T) if T > 1 else jnp.zeros_like(t_RS)  # rows are (g, t)
+        q_pos_RS = kv_len - T + t_RS
         visible_RS = (k_pos_RS <= q_pos_RS) & (k_pos_RS < kv_len)
         if window is not None:
             visible_RS &= q_pos_RS - k_pos_RS < window
