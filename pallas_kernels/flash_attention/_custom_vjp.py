@@ -2,13 +2,13 @@
 
 Kernels work head-major on padded sequences ([B, N, Tp, H]); this module transposes and
 pads on the way in, slices and transposes on the way out, and pairs the forward kernel with
-the dq and dk/dv kernels. Residuals are the original inputs, the output and the padded lse.
+the dq and dk/dv kernels. Forward and backward pad to their own block multiples; residuals
+are the original inputs, the output and the (unpadded) lse.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -16,18 +16,16 @@ import jax.numpy as jnp
 from pallas_kernels.flash_attention import block_map, tpu, tpu_bwd
 
 
-def _pad_to(x, axis, length):
+def _pad_to(x, axis, length, value=0):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, length - x.shape[axis])
-    return jnp.pad(x, pad)
+    return jnp.pad(x, pad, constant_values=value)
 
 
-def _layout(st, q_BTNH, k_BSKH, v_BSKV, segs, kv_lengths):
-    """Head-major padded operands and the padded lengths."""
-    B, T, N, _ = q_BTNH.shape
-    S = k_BSKH.shape[1]
-    bq, bkv, bq_b, bkv_b = st.blocks
-    Tp, Sp = _round_up(T, math.lcm(bq, bq_b)), _round_up(S, math.lcm(bkv, bkv_b))
+def _layout(bq, bkv, q_BTNH, k_BSKH, v_BSKV, segs, kv_lengths):
+    """Head-major operands padded to multiples of (bq, bkv), and the padded lengths."""
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    Tp, Sp = _round_up(T, bq), _round_up(S, bkv)
     q = _pad_to(q_BTNH.transpose(0, 2, 1, 3), 2, Tp)
     k = _pad_to(k_BSKH.transpose(0, 2, 1, 3), 2, Sp)
     v = _pad_to(v_BSKV.transpose(0, 2, 1, 3), 2, Sp)
@@ -61,8 +59,8 @@ def _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths, transpose=False):
 def _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths):
     B, T, N, _ = q_BTNH.shape
     S, K = k_BSKH.shape[1:3]
-    q, k, v, seg, kv_len, Tp, Sp = _layout(st, q_BTNH, k_BSKH, v_BSKV, segs, kv_lengths)
     bq, bkv = st.blocks[:2]
+    q, k, v, seg, kv_len, Tp, Sp = _layout(bq, bkv, q_BTNH, k_BSKH, v_BSKV, segs, kv_lengths)
     bmap = _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths)
     cfg = _config(st, N // K, bq, bkv, seg is not None)
     q_seg = kv_seg = None
@@ -72,32 +70,29 @@ def _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths):
     o_BNTV, lse_BNT1 = tpu.forward(q, k, v, q_seg, kv_seg, offset, kv_len, bmap, cfg,
                                    st.interpret)
     o_BTNV = o_BNTV[:, :, :T].transpose(0, 2, 1, 3)
-    return o_BTNV, lse_BNT1[:, :, :, 0]
+    return o_BTNV, lse_BNT1[:, :, :T, 0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def flash(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths):
     """o_BTNV (and lse_BNT if ``st.return_lse``); see api.flash_attention."""
-    o_BTNV, lse_BNTp = _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths)
-    if st.return_lse:
-        return o_BTNV, lse_BNTp[:, :, : q_BTNH.shape[1]]
-    return o_BTNV
+    o_BTNV, lse_BNT = _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths)
+    return (o_BTNV, lse_BNT) if st.return_lse else o_BTNV
 
 
 def _flash_fwd(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths):
-    o_BTNV, lse_BNTp = _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths)
-    res = (q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, o_BTNV, lse_BNTp)
-    if st.return_lse:
-        return (o_BTNV, lse_BNTp[:, :, : q_BTNH.shape[1]]), res
-    return o_BTNV, res
+    o_BTNV, lse_BNT = _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths)
+    res = (q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, o_BTNV, lse_BNT)
+    return ((o_BTNV, lse_BNT) if st.return_lse else o_BTNV), res
 
 
 def _flash_bwd(st, res, cts):
-    q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, o_BTNV, lse_BNTp = res
+    q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, o_BTNV, lse_BNT = res
     do_BTNV, dlse_BNT = cts if st.return_lse else (cts, None)
     B, T, N, _ = q_BTNH.shape
     S, K = k_BSKH.shape[1:3]
-    q, k, v, seg, kv_len, Tp, Sp = _layout(st, q_BTNH, k_BSKH, v_BSKV, segs, kv_lengths)
+    bq, bkv = st.blocks[2:]
+    q, k, v, seg, kv_len, Tp, Sp = _layout(bq, bkv, q_BTNH, k_BSKH, v_BSKV, segs, kv_lengths)
     # delta = rowsum(dO * O) - dlse in fp32; padded rows get dO = 0 and delta = 0.
     delta_BNT = jnp.einsum("btnv,btnv->bnt", do_BTNV.astype(jnp.float32),
                            o_BTNV.astype(jnp.float32))
@@ -106,9 +101,9 @@ def _flash_bwd(st, res, cts):
     delta_BNT = _pad_to(delta_BNT, 2, Tp)
     do = _pad_to(do_BTNV.astype(q.dtype).transpose(0, 2, 1, 3), 2, Tp)
     # Rows with no visible key have lse = -inf; +inf makes exp(s - lse) = 0 there, not NaN.
-    lse_BNT = jnp.where(lse_BNTp == -jnp.inf, jnp.inf, lse_BNTp)
+    # Padded rows get +inf too (their dO and delta are 0 anyway).
+    lse_BNT = _pad_to(jnp.where(lse_BNT == -jnp.inf, jnp.inf, lse_BNT), 2, Tp, jnp.inf)
     offset = st.q_offset if off is None else off
-    bq, bkv = st.blocks[2:]
     cfg = _config(st, N // K, bq, bkv, seg is not None)
     q_seg = kv_seg = (None, None)
     if seg is not None:
