@@ -35,13 +35,15 @@ def _prefill_and_steps(model, tokens, prefill_len):
     cache = model.init_cache(b, 32, jnp.float32)
     lens = jnp.array([prefill_len, prefill_len - 1])
     logits0, cache = model.decode(tokens[:, :prefill_len], cache, num_new_B=lens)
-    outs = []
-    for i in range(prefill_len - 1, t - 1):  # row 1 re-feeds its first unprefilled token
-        step = jnp.stack([tokens[0, i + 1], tokens[1, i]])
-        logits, cache = model.decode(step[:, None], cache)
-        outs.append(logits[:, 0])
-    last = jnp.stack([tokens[0, t - 1], tokens[1, t - 1]])
-    return logits0, jnp.stack(outs, 1), cache, last
+    # row 0 feeds positions p..t-1, row 1 positions p-1..t-2 (its first unprefilled token)
+    steps_BS = jnp.stack([tokens[0, prefill_len:], tokens[1, prefill_len - 1 : -1]])
+
+    def step(cache, tok_B):
+        logits, cache = model.decode(tok_B[:, None], cache)
+        return cache, logits[:, 0]
+
+    cache, outs = jax.lax.scan(step, cache, steps_BS.T)
+    return logits0, jnp.swapaxes(outs, 0, 1), cache
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -50,7 +52,7 @@ def test_prefill_plus_steps_equals_full_forward(name):
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 256)
     full = np.asarray(_forward(model, tokens))
     p = 6
-    logits0, steps, cache, _ = _prefill_and_steps(model, tokens, p)
+    logits0, steps, cache = _prefill_and_steps(model, tokens, p)
     np.testing.assert_allclose(np.asarray(logits0[0]), full[0, :p], atol=1e-5)
     np.testing.assert_allclose(np.asarray(logits0[1, : p - 1]), full[1, : p - 1], atol=1e-5)
     # row 0 decoded positions p..11, row 1 positions p-1..10
@@ -66,9 +68,14 @@ def test_packed_segments_equal_separate_sequences():
     packed = jnp.concatenate([a, b], 1)
     seg = jnp.array([[0] * 5 + [1] * 7])
     pos = jnp.array([list(range(5)) + list(range(7))])
-    out = model(packed, positions_BT=pos, segment_ids_BT=seg)
-    np.testing.assert_allclose(out[:, :5], model(a), atol=1e-5)
-    np.testing.assert_allclose(out[:, 5:], model(b), atol=1e-5)
+
+    @nnx.jit
+    def run(model):
+        return model(packed, positions_BT=pos, segment_ids_BT=seg), model(a), model(b)
+
+    out, out_a, out_b = run(model)
+    np.testing.assert_allclose(out[:, :5], out_a, atol=1e-5)
+    np.testing.assert_allclose(out[:, 5:], out_b, atol=1e-5)
 
 
 def test_cache_bytes_per_token():
