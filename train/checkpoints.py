@@ -125,7 +125,8 @@ class Checkpointer:
             {k: v for k, v in abstract_state.items() if k != "params"},
             {k: v for k, v in shardings.items() if k != "params"},
         )
-        for step in sorted(self.manager.all_steps(read=True), reverse=True):
+        self.manager.reload()
+        for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 got = self.manager.restore(
                     step,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import warnings
 
 import numpy as np
 
@@ -59,22 +60,28 @@ def builtin_corpus() -> str:
     order; modules that fail to import are skipped).
     """
     parts = []
-    for name in _CORPUS_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - an optional stdlib module missing on this machine
-            continue
-        doc = inspect.getdoc(module)
-        if doc:
-            parts.append(f"{name}: {doc}")
-        for attr in sorted(vars(module)):
-            obj = getattr(module, attr)
-            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-                continue
-            doc = inspect.getdoc(obj)
-            if doc:
-                parts.append(f"{attr}: {doc}")
+    with warnings.catch_warnings():  # typing.io & co. warn when their docstrings are read
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in _CORPUS_MODULES:
+            parts.extend(_module_docs(name))
     return "\n\n".join(parts)
+
+
+def _module_docs(name: str) -> list[str]:
+    """Docstrings of module ``name`` and its own public members, in sorted order."""
+    try:
+        module = importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - an optional stdlib module missing on this machine
+        return []
+    parts = [f"{name}: {inspect.getdoc(module)}"] if inspect.getdoc(module) else []
+    for attr in sorted(vars(module)):
+        obj = getattr(module, attr)
+        if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        doc = inspect.getdoc(obj)
+        if doc:
+            parts.append(f"{attr}: {doc}")
+    return parts
 
 
 def load_tokens(source: str) -> np.ndarray:

@@ -61,13 +61,8 @@ def sample_texts(
         top_k=top_k,
         top_p=top_p,
     )
-    out_BT = np.asarray(out[0] if isinstance(out, tuple) else out)
-    if out_BT.shape[1] == prompt_BT.shape[1] + max_new_tokens:  # prompt included: drop it
-        return [
-            tok.decode(out_BT[b, lengths_B[b] : lengths_B[b] + max_new_tokens])
-            for b in range(len(ids))
-        ]
-    return [tok.decode(row[:max_new_tokens]) for row in out_BT]
+    tokens_BS, end_B = np.asarray(out.tokens_BS), np.asarray(out.lengths_B)
+    return [tok.decode(tokens_BS[b, lengths_B[b] : end_B[b]]) for b in range(len(ids))]
 
 
 def _model_config(meta: dict):
@@ -101,9 +96,14 @@ def load_model(checkpoint: str, step: int | None = None):
         abstract = nnx.eval_shape(lambda: DecoderLM(model_config, rngs=nnx.Rngs(0)))
     graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
     params, meta = restore_params(checkpoint, nnx.to_pure_dict(abs_params), step=meta["step"])
-    with nnx.use_eager_sharding(False):
-        _, _, rest = nnx.split(DecoderLM(model_config, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    return nnx.merge(graphdef, params, rest), meta
+
+    @jax.jit
+    def fresh_rest():  # non-parameter state (rng streams, tables); params are dead code here
+        with nnx.use_eager_sharding(False):
+            model = DecoderLM(model_config, rngs=nnx.Rngs(0))
+        return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
+
+    return nnx.merge(graphdef, params, fresh_rest()), meta
 
 
 def main(argv=None) -> None:

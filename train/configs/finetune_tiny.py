@@ -1,0 +1,21 @@
+"""Finetune the default run's model with the embedding and the first block frozen.
+
+Run the default pretraining first (it writes runs/mla-tiny-default), then:
+    python -m train.finetune --config train/configs/finetune_tiny.py
+A Hugging Face checkpoint directory works too:
+    python -m train.finetune --config train/configs/finetune_tiny.py --set init_from=/path/to/hf
+"""
+
+from train.config import TrainConfig
+
+CONFIG = TrainConfig(
+    name="mla-tiny-finetune",
+    init_from="runs/mla-tiny-default",
+    frozen=(r"^embed/", r"^layers/0/"),
+    steps=60,
+    warmup_steps=6,
+    lr=5e-4,
+    eval_every=30,
+    ckpt_every=30,
+    log_every=10,
+)

@@ -1,0 +1,86 @@
+"""Finetuning entry point: ``python -m train.finetune --config train/configs/finetune_tiny.py``.
+
+Starts from ``init_from``: a jaxattn run directory (or its ``checkpoints/``; the newest step's
+parameters and stored model config are used) or a Hugging Face checkpoint directory
+(``config.json`` + ``*.safetensors``, read by ``models.from_hf``). Which parameters train is
+set by the ``trainable`` / ``frozen`` path regexes (see ``train.optim``); frozen ones keep
+their values exactly and carry no optimizer state. The run itself (data, checkpoints, resume,
+logs) is the same loop as pretraining, writing to its own run directory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from train.config import ConfigError, TrainConfig, config_from_argv
+from train.loop import RunResult, setup_distributed, train_loop
+from train.pretrain import build_model, finish
+
+__all__ = ["is_hf_dir", "load_init", "run", "main"]
+
+
+def is_hf_dir(path: str) -> bool:
+    """Whether ``path`` is a Hugging Face checkpoint directory (config.json + safetensors)."""
+    return (
+        os.path.isdir(path)
+        and os.path.isfile(os.path.join(path, "config.json"))
+        and any(name.endswith(".safetensors") for name in os.listdir(path))
+    )
+
+
+def load_init(source: str):
+    """The model config and host parameters (pure dict of numpy arrays) to start from.
+
+    Args:
+      source: a jaxattn run / checkpoint directory, or a Hugging Face checkpoint directory.
+
+    Raises:
+      ConfigError: an empty or missing ``source``.
+    """
+    from train.sample import load_model
+
+    if not source:
+        raise ConfigError("finetuning needs init_from=<jaxattn run dir or Hugging Face dir>")
+    if not os.path.isdir(source):
+        raise ConfigError(f"init_from={source!r} is not a directory")
+    if is_hf_dir(source):
+        from models import from_hf
+
+        model = from_hf(source)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return model.config, jax.tree.map(np.asarray, params)
+    model, _ = load_model(source)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return model.config, jax.tree.map(np.asarray, params)
+
+
+def run(config: TrainConfig) -> RunResult:
+    """Finetune under ``config`` from ``config.init_from`` (resuming its own run if present).
+
+    Returns:
+      The :class:`train.loop.RunResult`.
+    """
+    setup_distributed(config)
+    model_config, params = load_init(config.init_from)
+    model_config, model_fn = build_model(config, model_config)
+    result = train_loop(config, model_fn, model_config=model_config, init_params=params)
+    finish(result, config)
+    return result
+
+
+def main(argv=None) -> None:
+    """Command-line entry point."""
+    try:
+        config = config_from_argv(argv, description=__doc__.splitlines()[0])
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    run(config)
+
+
+if __name__ == "__main__":
+    main()
