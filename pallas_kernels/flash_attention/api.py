@@ -99,6 +99,15 @@ def _effective_blocks(bs: BlockSizes, T: int, S: int) -> tuple[int, int, int, in
             min(bs.block_kv_bwd, s8))
 
 
+def _check_hardware_blocks(blocks, T: int, S: int) -> None:
+    """Mosaic tiles the lane axis by 128: blocks that split a sequence must be multiples."""
+    names = ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd")
+    for name, block, length in zip(names, blocks, (T, S, T, S), strict=True):
+        if block % 128 and block < length:
+            raise ValueError(f"BlockSizes.{name}={block} must be a multiple of 128 on TPU "
+                             f"hardware when the sequence ({length}) spans several blocks")
+
+
 def _split_segments(segment_ids, T, S):
     if segment_ids is None or isinstance(segment_ids, (tuple, list)):
         return segment_ids
@@ -206,11 +215,14 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q_of
         interpret = pltpu.InterpretParams()
     T, S = q_BTNH.shape[1], k_BSKH.shape[1]
     bs = block_sizes or BlockSizes.default_for(head_dim=q_BTNH.shape[-1])
+    blocks = _effective_blocks(bs, T, S)
+    if not interpret:
+        _check_hardware_blocks(blocks, T, S)
     offset = static_offset(q_offset)
     static = _Static(
         mask=mask, scale=float(q_BTNH.shape[-1] ** -0.5 if scale is None else scale),
         soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-        blocks=_effective_blocks(bs, T, S), q_offset=offset,
+        blocks=blocks, q_offset=offset,
         return_lse=return_lse, interpret=interpret,
     )
     segs = _split_segments(segment_ids, T, S)

@@ -42,11 +42,12 @@ class Config:
 class _LeafBit:
     """Stands in for an array-data mask leaf inside a kernel: its block value, broadcast."""
 
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, bit_i32):
+        self.bit_i32 = bit_i32  # 0 or 1, an int32 scalar (broadcast as int, then compared)
 
     def __call__(self, q_pos, k_pos):
-        return jnp.broadcast_to(self.value, jnp.broadcast_shapes(q_pos.shape, k_pos.shape))
+        shape = jnp.broadcast_shapes(q_pos.shape, k_pos.shape)
+        return jnp.broadcast_to(self.bit_i32, shape) == 1
 
 
 def _traceable(mask, flags, counter):
@@ -57,7 +58,7 @@ def _traceable(mask, flags, counter):
     if kids is None:
         bit = 1 + counter[0]
         counter[0] += 1
-        return _LeafBit(((flags >> bit) & 1) == 1)
+        return _LeafBit((flags >> bit) & 1)
     fields = [f.name for f in dataclasses.fields(mask)]
     new = {n: _traceable(getattr(mask, n), flags, counter) for n in fields
            if hasattr(getattr(mask, n), "block_visible")}
@@ -157,6 +158,22 @@ def _fwd_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l_safe))
 
 
+def out_struct(shape, dtype, like):
+    """ShapeDtypeStruct varying over the same shard_map axes as ``like`` (for check_vma).
+
+    The field is ``manual_axis_type`` in jax 0.10 (``vma`` before); without either, plain.
+    """
+    aval = jax.typeof(like)
+    for field in ("manual_axis_type", "vma"):
+        value = getattr(aval, field, None)
+        if value is not None:
+            try:
+                return jax.ShapeDtypeStruct(shape, dtype, **{field: value})
+            except TypeError:
+                continue
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def map_shape(bmap):
     """Static (per_batch, rows, steps) of a block map."""
     return bmap.per_batch, bmap.rows, bmap.steps
@@ -212,8 +229,8 @@ def forward(q_BNTH, k_BKSH, v_BKSV, q_seg_BT1, kv_seg_B1S, q_offset, kv_len_R, b
         functools.partial(_fwd_kernel, cfg=cfg, ms=map_shape(bmap)),
         grid_spec=grid_spec,
         out_shape=[
-            jax.ShapeDtypeStruct((B, N, Tp, V), q_BNTH.dtype),
-            jax.ShapeDtypeStruct((B, N, Tp, 1), jnp.float32),
+            out_struct((B, N, Tp, V), q_BNTH.dtype, q_BNTH),
+            out_struct((B, N, Tp, 1), jnp.float32, q_BNTH),
         ],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")

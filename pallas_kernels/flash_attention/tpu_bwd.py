@@ -155,7 +155,7 @@ def backward_dq(q, k, v, do, lse_BNT1, delta_BNT1, q_seg_BT1, kv_seg_B1S, q_offs
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, ms=tpu.map_shape(bmap)),
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=tpu.out_struct(q.shape, q.dtype, q),
         compiler_params=pltpu.CompilerParams(dimension_semantics=_PARAMS4),
         interpret=interpret,
         name="flash_attention_dq",
@@ -200,8 +200,7 @@ def backward_dkv(q, k, v, do, lse_BN1T, delta_BN1T, q_seg_B1T, kv_seg_BS1, q_off
     return pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, ms=tpu.map_shape(bmap_t)),
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[tpu.out_struct(k.shape, k.dtype, k), tpu.out_struct(v.shape, v.dtype, v)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=_PARAMS4 + ("arbitrary",)),
         interpret=interpret,
         name="flash_attention_dkv",

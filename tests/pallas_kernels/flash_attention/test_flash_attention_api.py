@@ -5,12 +5,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flash_case import SMALL, check_case
+from flash_case import FAST_COMPILE, INTERPRET, SMALL, check_case, make_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxattn import masks
-from pallas_kernels.flash_attention import BlockSizes, flash_attention, unsupported_reason
+from pallas_kernels.flash_attention import (
+    BlockSizes,
+    attention_reference,
+    flash_attention,
+    unsupported_reason,
+)
 from pallas_kernels.flash_attention import block_map as bm
 
 
@@ -139,3 +146,29 @@ def test_block_sizes_validation_and_defaults():
     assert (v5e.block_q, v5e.block_kv) == (256, 512)
     assert BlockSizes.default_for("TPU v6 lite", head_dim=256).block_kv == 512
     assert BlockSizes.default_for("cpu").block_q == 512
+
+
+def test_g2_h64_t40_causal_under_shard_map_over_batch():
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    q, k, v, do, _ = make_inputs(0, B=2, T=40, S=40, N=2, K=1, H=64, V=64)
+
+    def run(attn):
+        def fn(q, k, v):
+            o, vjp = jax.vjp(attn, q, k, v)
+            return o, vjp(do)
+        return fn
+
+    kernel = lambda q, k, v: flash_attention(q, k, v, mask=masks.Causal(), block_sizes=SMALL,
+                                             interpret=INTERPRET)
+    sharded = jax.shard_map(kernel, mesh=mesh, in_specs=(P("data"),) * 3, out_specs=P("data"))
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
+    got = jax.jit(run(sharded), compiler_options=FAST_COMPILE)(put(q), put(k), put(v))
+    want = run(lambda q, k, v: attention_reference(q, k, v, mask=masks.Causal()))(q, k, v)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-4, rtol=2e-4)
+
+
+def test_hardware_block_sizes_must_tile_lanes():
+    q, k, v = _qkv(T=256, S=256)
+    with pytest.raises(ValueError, match="block_q=64 must be a multiple of 128"):
+        flash_attention(q, k, v, block_sizes=BlockSizes(block_q=64), interpret=False)
