@@ -93,20 +93,54 @@ def generate(
         raise ValueError(f"prompt_lengths_B {lengths_B.shape} must be [{prompt_BT.shape[0]}]")
     if max_new_tokens < 1:
         raise ValueError(f"{max_new_tokens=} must be >= 1")
-    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (
-        top_k is not None and top_k < 1
+    if (
+        temperature < 0
+        or (top_p is not None and not 0 < top_p <= 1)
+        or (top_k is not None and top_k < 1)
     ):
         raise ValueError(f"bad sampling settings: {temperature=}, {top_k=}, {top_p=}")
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, prompt_BT, lengths_B, rng, max_new_tokens=max_new_tokens,
-                     temperature=float(temperature), top_k=top_k, top_p=top_p,
-                     stop_tokens=tuple(int(t) for t in stop_tokens), cache_dtype=cache_dtype)
+    return _generate(
+        graphdef,
+        state,
+        prompt_BT,
+        lengths_B,
+        rng,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=top_p,
+        stop_tokens=tuple(int(t) for t in stop_tokens),
+        cache_dtype=cache_dtype,
+    )
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=(
-    "max_new_tokens", "temperature", "top_k", "top_p", "stop_tokens", "cache_dtype"))
-def _generate(graphdef, state, prompt_BT, lengths_B, rng, *, max_new_tokens, temperature, top_k,
-              top_p, stop_tokens, cache_dtype):
+@functools.partial(
+    jax.jit,
+    static_argnums=0,
+    static_argnames=(
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "stop_tokens",
+        "cache_dtype",
+    ),
+)
+def _generate(
+    graphdef,
+    state,
+    prompt_BT,
+    lengths_B,
+    rng,
+    *,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    stop_tokens,
+    cache_dtype,
+):
     model = nnx.merge(graphdef, state)
     b, t = prompt_BT.shape
     capacity = t + max_new_tokens

@@ -91,8 +91,10 @@ class ModelConfig:
             object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
             bad = [i for i in self.sliding_window_layers if not 0 <= i < self.num_layers]
             if bad:
-                raise ValueError(f"sliding_window_layers has indices {bad} outside "
-                                 f"[0, num_layers={self.num_layers})")
+                raise ValueError(
+                    f"sliding_window_layers has indices {bad} outside "
+                    f"[0, num_layers={self.num_layers})"
+                )
         if self.attention == "mha":
             self._check_mha()
         else:
@@ -101,8 +103,9 @@ class ModelConfig:
 
     def _check_mha(self):
         if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} does not divide d_model={self.d_model}"
-                             " (set head_dim)")
+            raise ValueError(
+                f"num_heads={self.num_heads} does not divide d_model={self.d_model} (set head_dim)"
+            )
         if self.head_dim is not None:
             _positive(self, "head_dim")
         nq = self.num_query_heads or self.num_heads
@@ -110,9 +113,11 @@ class ModelConfig:
             raise ValueError(f"num_query_heads={nq} must be in [1, num_heads={self.num_heads}]")
         k = self.num_kv_heads or self.num_heads
         if self.num_kv_heads is not None and (k <= 0 or nq % k):
-            raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide the query heads "
-                             f"({'num_query_heads' if self.num_query_heads else 'num_heads'}"
-                             f"={nq})")
+            raise ValueError(
+                f"num_kv_heads={self.num_kv_heads} must divide the query heads "
+                f"({'num_query_heads' if self.num_query_heads else 'num_heads'}"
+                f"={nq})"
+            )
         h = self.head_dim or self.d_model // self.num_heads
         if (self.rope.rotary_dim or 0) > h:
             raise ValueError(f"rope.rotary_dim={self.rope.rotary_dim} > head_dim={h}")
@@ -121,16 +126,22 @@ class ModelConfig:
         for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             _positive(self, name)
         if not 0 < self.kv_lora_rank <= self.d_model:
-            raise ValueError(f"kv_lora_rank={self.kv_lora_rank} must be in [1, d_model="
-                             f"{self.d_model}] (the latent compresses the model width)")
+            raise ValueError(
+                f"kv_lora_rank={self.kv_lora_rank} must be in [1, d_model="
+                f"{self.d_model}] (the latent compresses the model width)"
+            )
         if not 0 <= self.q_lora_rank <= self.d_model:
-            raise ValueError(f"q_lora_rank={self.q_lora_rank} must be in [0, d_model="
-                             f"{self.d_model}] (0 = no query compression)")
+            raise ValueError(
+                f"q_lora_rank={self.q_lora_rank} must be in [0, d_model="
+                f"{self.d_model}] (0 = no query compression)"
+            )
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
         if self.rope.rotary_dim not in (None, self.qk_rope_head_dim):
-            raise ValueError(f"rope.rotary_dim={self.rope.rotary_dim} must equal "
-                             f"qk_rope_head_dim={self.qk_rope_head_dim} for MLA")
+            raise ValueError(
+                f"rope.rotary_dim={self.rope.rotary_dim} must equal "
+                f"qk_rope_head_dim={self.qk_rope_head_dim} for MLA"
+            )
         if self.num_kv_heads not in (None, self.num_heads) or self.num_query_heads is not None:
             raise ValueError("num_kv_heads / num_query_heads do not apply to attention='mla'")
         if self.sliding_window is not None or self.logits_soft_cap is not None:
@@ -148,19 +159,36 @@ class ModelConfig:
 
     def layer_attention_config(self, layer: int) -> AttentionConfig | MLAConfig:
         """The attention layer config of block ``layer``."""
-        common = dict(d_model=self.d_model, num_heads=self.num_heads, rope=self.rope,
-                      implementation=self.attention_impl, dtype=self.dtype,
-                      param_dtype=self.param_dtype)
+        common = dict(
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            rope=self.rope,
+            implementation=self.attention_impl,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         if self.attention == "mla":
             return MLAConfig(
-                q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank,
-                qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
-                v_head_dim=self.v_head_dim, latent_norm_eps=self.latent_norm_eps, **common)
+                q_lora_rank=self.q_lora_rank,
+                kv_lora_rank=self.kv_lora_rank,
+                qk_nope_head_dim=self.qk_nope_head_dim,
+                qk_rope_head_dim=self.qk_rope_head_dim,
+                v_head_dim=self.v_head_dim,
+                latent_norm_eps=self.latent_norm_eps,
+                **common,
+            )
         return AttentionConfig(
-            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-            num_query_heads=self.num_query_heads, qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
-            o_bias=self.o_bias, logits_soft_cap=self.logits_soft_cap,
-            sliding_window=self.layer_sliding_window(layer), norm_eps=self.norm_eps, **common)
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            num_query_heads=self.num_query_heads,
+            qk_norm=self.qk_norm,
+            qkv_bias=self.qkv_bias,
+            o_bias=self.o_bias,
+            logits_soft_cap=self.logits_soft_cap,
+            sliding_window=self.layer_sliding_window(layer),
+            norm_eps=self.norm_eps,
+            **common,
+        )
 
     @property
     def resolved_head_dim(self) -> int:

@@ -14,70 +14,175 @@ __all__ = ["get_config", "list_configs"]
 
 
 def _llama_tiny() -> dict:
-    return dict(arch="llama", vocab_size=256, d_model=64, num_layers=2, num_heads=4,
-                num_kv_heads=2, mlp_dim=128, norm_eps=1e-5, max_seq_len=256,
-                rope=RopeConfig(theta=500000.0))
+    return dict(
+        arch="llama",
+        vocab_size=256,
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_dim=128,
+        norm_eps=1e-5,
+        max_seq_len=256,
+        rope=RopeConfig(theta=500000.0),
+    )
 
 
 def _qwen2_tiny() -> dict:
-    return dict(arch="qwen2", vocab_size=256, d_model=64, num_layers=2, num_heads=4,
-                num_kv_heads=2, mlp_dim=128, norm_eps=1e-6, qkv_bias=True, max_seq_len=256,
-                rope=RopeConfig(theta=1000000.0), tie_embeddings=True)
+    return dict(
+        arch="qwen2",
+        vocab_size=256,
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_dim=128,
+        norm_eps=1e-6,
+        qkv_bias=True,
+        max_seq_len=256,
+        rope=RopeConfig(theta=1000000.0),
+        tie_embeddings=True,
+    )
 
 
 def _mistral_tiny() -> dict:
-    return dict(arch="mistral", vocab_size=256, d_model=64, num_layers=2, num_heads=4,
-                num_kv_heads=1, mlp_dim=128, norm_eps=1e-5, sliding_window=16, max_seq_len=256,
-                rope=RopeConfig(theta=10000.0))
+    return dict(
+        arch="mistral",
+        vocab_size=256,
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=1,
+        mlp_dim=128,
+        norm_eps=1e-5,
+        sliding_window=16,
+        max_seq_len=256,
+        rope=RopeConfig(theta=10000.0),
+    )
 
 
 def _deepseek_tiny() -> dict:
-    return dict(arch="deepseek_v2", attention="mla", vocab_size=256, d_model=64, num_layers=2,
-                num_heads=4, mlp_dim=128, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-                qk_rope_head_dim=8, v_head_dim=16, norm_eps=1e-6, max_seq_len=256,
-                rope=RopeConfig(theta=10000.0, layout="interleaved"))
+    return dict(
+        arch="deepseek_v2",
+        attention="mla",
+        vocab_size=256,
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        mlp_dim=128,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        norm_eps=1e-6,
+        max_seq_len=256,
+        rope=RopeConfig(theta=10000.0, layout="interleaved"),
+    )
 
 
 def _mla_tiny_default() -> dict:
     # ~2.6M parameters: the training default (byte tokenizer, vocab 256).
-    return dict(arch="deepseek_v3", attention="mla", vocab_size=256, d_model=256, num_layers=4,
-                num_heads=4, mlp_dim=768, q_lora_rank=0, kv_lora_rank=64, qk_nope_head_dim=32,
-                qk_rope_head_dim=16, v_head_dim=32, norm_eps=1e-6, max_seq_len=1024,
-                rope=RopeConfig(theta=10000.0, layout="interleaved_to_split_half"))
+    return dict(
+        arch="deepseek_v3",
+        attention="mla",
+        vocab_size=256,
+        d_model=256,
+        num_layers=4,
+        num_heads=4,
+        mlp_dim=768,
+        q_lora_rank=0,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        norm_eps=1e-6,
+        max_seq_len=1024,
+        rope=RopeConfig(theta=10000.0, layout="interleaved_to_split_half"),
+    )
 
 
 def _llama3_8b() -> dict:
-    scaling = Llama3Scaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                            original_max_position_embeddings=8192)
-    return dict(arch="llama", vocab_size=128256, d_model=4096, num_layers=32, num_heads=32,
-                num_kv_heads=8, mlp_dim=14336, norm_eps=1e-5, max_seq_len=8192,
-                rope=RopeConfig(theta=500000.0, scaling=scaling, max_position_embeddings=131072))
+    scaling = Llama3Scaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    )
+    return dict(
+        arch="llama",
+        vocab_size=128256,
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        mlp_dim=14336,
+        norm_eps=1e-5,
+        max_seq_len=8192,
+        rope=RopeConfig(theta=500000.0, scaling=scaling, max_position_embeddings=131072),
+    )
 
 
 def _qwen2_7b() -> dict:
-    return dict(arch="qwen2", vocab_size=152064, d_model=3584, num_layers=28, num_heads=28,
-                num_kv_heads=4, mlp_dim=18944, norm_eps=1e-6, qkv_bias=True, max_seq_len=32768,
-                rope=RopeConfig(theta=1000000.0))
+    return dict(
+        arch="qwen2",
+        vocab_size=152064,
+        d_model=3584,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        mlp_dim=18944,
+        norm_eps=1e-6,
+        qkv_bias=True,
+        max_seq_len=32768,
+        rope=RopeConfig(theta=1000000.0),
+    )
 
 
 def _mistral_7b() -> dict:
     # Mistral-7B-v0.1: 4096-token sliding window on every layer.
-    return dict(arch="mistral", vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
-                num_kv_heads=8, mlp_dim=14336, norm_eps=1e-5, sliding_window=4096,
-                max_seq_len=32768, rope=RopeConfig(theta=10000.0))
+    return dict(
+        arch="mistral",
+        vocab_size=32000,
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        mlp_dim=14336,
+        norm_eps=1e-5,
+        sliding_window=4096,
+        max_seq_len=32768,
+        rope=RopeConfig(theta=10000.0),
+    )
 
 
 def _deepseek_v2_lite() -> dict:
     # DeepSeek-V2-Lite attention and widths; its MoE layers are replaced by dense MLPs of
     # intermediate_size 10944 (the model's first, dense layer).
-    scaling = YarnScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
-                          beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707)
-    return dict(arch="deepseek_v2", attention="mla", vocab_size=102400, d_model=2048,
-                num_layers=27, num_heads=16, mlp_dim=10944, q_lora_rank=0, kv_lora_rank=512,
-                qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, norm_eps=1e-6,
-                max_seq_len=163840,
-                rope=RopeConfig(theta=10000.0, layout="interleaved", scaling=scaling,
-                                max_position_embeddings=163840))
+    scaling = YarnScaling(
+        factor=40.0,
+        original_max_position_embeddings=4096,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        mscale=0.707,
+        mscale_all_dim=0.707,
+    )
+    return dict(
+        arch="deepseek_v2",
+        attention="mla",
+        vocab_size=102400,
+        d_model=2048,
+        num_layers=27,
+        num_heads=16,
+        mlp_dim=10944,
+        q_lora_rank=0,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        norm_eps=1e-6,
+        max_seq_len=163840,
+        rope=RopeConfig(
+            theta=10000.0, layout="interleaved", scaling=scaling, max_position_embeddings=163840
+        ),
+    )
 
 
 _CONFIGS = {

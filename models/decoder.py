@@ -41,13 +41,15 @@ class Block(nnx.Module):
         else:
             self.attn = Attention(attn_cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=pd, rngs=rngs)
-        self.mlp = SwiGLU(c.d_model, c.mlp_dim, use_bias=c.mlp_bias, dtype=c.dtype,
-                          param_dtype=pd, rngs=rngs)
+        self.mlp = SwiGLU(
+            c.d_model, c.mlp_dim, use_bias=c.mlp_bias, dtype=c.dtype, param_dtype=pd, rngs=rngs
+        )
 
     def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None):
         """Full forward of one block: x_BTD [B, T, D] -> [B, T, D]."""
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT=positions_BT,
-                                  segment_ids_BT=segment_ids_BT)
+        x_BTD = x_BTD + self.attn(
+            self.attn_norm(x_BTD), positions_BT=positions_BT, segment_ids_BT=segment_ids_BT
+        )
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
     def decode(self, x_BTD, cache, *, num_new_B=None):
@@ -70,21 +72,23 @@ class DecoderLM(nnx.Module):
             raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
         c = config
         self.config = c
-        self.embed = Embed(c.vocab_size, c.d_model, dtype=c.dtype, param_dtype=c.param_dtype,
-                           rngs=rngs)
+        self.embed = Embed(
+            c.vocab_size, c.d_model, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs
+        )
         self.layers = nnx.List([Block(c, i, rngs=rngs) for i in range(c.num_layers)])
-        self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.param_dtype,
-                                  rngs=rngs)
+        self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.param_dtype, rngs=rngs)
         if not c.tie_embeddings:
-            self.lm_head_DV = param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"),
-                                    dtype=c.param_dtype)
+            self.lm_head_DV = param(
+                rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), dtype=c.param_dtype
+            )
 
     def _logits(self, x_BTD: jax.Array) -> jax.Array:
         x_BTD = self.final_norm(x_BTD)
         table = self.embed.table_VD[...].T if self.config.tie_embeddings else self.lm_head_DV[...]
         # logits in fp32: the softmax over a large vocabulary needs the precision.
-        return jnp.einsum("btd,dv->btv", x_BTD, table.astype(x_BTD.dtype),
-                          preferred_element_type=jnp.float32).astype(jnp.float32)
+        return jnp.einsum(
+            "btd,dv->btv", x_BTD, table.astype(x_BTD.dtype), preferred_element_type=jnp.float32
+        ).astype(jnp.float32)
 
     def __call__(
         self,
@@ -112,7 +116,8 @@ class DecoderLM(nnx.Module):
         x_BTD = sharding.constrain(self.embed(tokens_BT), _ACT)
         for block in self.layers:
             x_BTD = sharding.constrain(
-                block(x_BTD, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT), _ACT)
+                block(x_BTD, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT), _ACT
+            )
         return self._logits(x_BTD)
 
     def init_cache(self, batch: int, capacity: int | None = None, dtype=None) -> tuple:

@@ -33,8 +33,10 @@ def _open_tensors(path: str) -> dict[str, tuple]:
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}"
-                                " (pickled .bin checkpoints are not read)")
+        raise FileNotFoundError(
+            f"no model.safetensors or model.safetensors.index.json in {path}"
+            " (pickled .bin checkpoints are not read)"
+        )
     out = {}
     for name in files:
         file = os.path.join(path, name)
@@ -75,13 +77,19 @@ def from_hf(path: str, **config_overrides) -> DecoderLM:
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # some exports write the tied copy too
     missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(n for n in set(tensors) - set(expected)
-                        if not n.endswith(HF_IGNORED_SUFFIXES))
-    misshaped = sorted(f"{n}: file {tensors[n][1]}, expected {s}" for n, s in expected.items()
-                       if n in tensors and tensors[n][1] != s)
+    unexpected = sorted(
+        n for n in set(tensors) - set(expected) if not n.endswith(HF_IGNORED_SUFFIXES)
+    )
+    misshaped = sorted(
+        f"{n}: file {tensors[n][1]}, expected {s}"
+        for n, s in expected.items()
+        if n in tensors and tensors[n][1] != s
+    )
     if missing or unexpected or misshaped:
-        raise ValueError(f"checkpoint {path} does not match its config: missing={missing} "
-                         f"unexpected={unexpected} misshaped={misshaped}")
+        raise ValueError(
+            f"checkpoint {path} does not match its config: missing={missing} "
+            f"unexpected={unexpected} misshaped={misshaped}"
+        )
 
     model = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
@@ -92,8 +100,9 @@ def from_hf(path: str, **config_overrides) -> DecoderLM:
         for p, a in zip(r.paths, arrays, strict=True):
             var = flat[p]
             if tuple(a.shape) != tuple(var.shape):
-                raise ValueError(f"converted {r.hf} -> {p} has shape {a.shape}, "
-                                 f"expected {var.shape}")
+                raise ValueError(
+                    f"converted {r.hf} -> {p} has shape {a.shape}, expected {var.shape}"
+                )
             values[p] = var.replace(jnp.asarray(np.asarray(a), dtype=var.dtype))
     left = sorted(set(flat) - set(values))
     if left:

@@ -49,8 +49,12 @@ class KVCache:
         Returns:
           KVCache with zero buffers and zero lengths.
         """
-        for name, val in (("batch", batch), ("capacity", capacity), ("num_kv_heads", num_kv_heads),
-                          ("head_dim", head_dim)):
+        for name, val in (
+            ("batch", batch),
+            ("capacity", capacity),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
             if int(val) <= 0:
                 raise ValueError(f"{name}={val} must be positive")
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
@@ -97,5 +101,6 @@ class KVCache:
 
     def with_lengths(self, lengths_B: jax.Array) -> KVCache:
         """The same buffers with ``lengths_B`` valid slots per sequence."""
-        return self.replace(lengths_B=jnp.broadcast_to(jnp.asarray(lengths_B, jnp.int32),
-                                                       self.lengths_B.shape))
+        return self.replace(
+            lengths_B=jnp.broadcast_to(jnp.asarray(lengths_B, jnp.int32), self.lengths_B.shape)
+        )

@@ -37,8 +37,12 @@ class LatentCache:
         cls, *, batch: int, capacity: int, kv_lora_rank: int, rope_dim: int, dtype=jnp.bfloat16
     ) -> LatentCache:
         """An empty latent cache [B, C, L + P] with zero lengths."""
-        for name, val in (("batch", batch), ("capacity", capacity),
-                          ("kv_lora_rank", kv_lora_rank), ("rope_dim", rope_dim)):
+        for name, val in (
+            ("batch", batch),
+            ("capacity", capacity),
+            ("kv_lora_rank", kv_lora_rank),
+            ("rope_dim", rope_dim),
+        ):
             if int(val) <= 0:
                 raise ValueError(f"{name}={val} must be positive")
         return cls(
@@ -77,5 +81,6 @@ class LatentCache:
 
     def with_lengths(self, lengths_B: jax.Array) -> LatentCache:
         """The same buffer with ``lengths_B`` valid slots per sequence."""
-        return self.replace(lengths_B=jnp.broadcast_to(jnp.asarray(lengths_B, jnp.int32),
-                                                       self.lengths_B.shape))
+        return self.replace(
+            lengths_B=jnp.broadcast_to(jnp.asarray(lengths_B, jnp.int32), self.lengths_B.shape)
+        )

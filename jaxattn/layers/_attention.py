@@ -72,8 +72,10 @@ class AttentionConfig:
         if self.d_model <= 0 or self.num_heads <= 0:
             raise ValueError(f"d_model={self.d_model} and num_heads={self.num_heads} must be > 0")
         if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model} "
-                             "when head_dim is not given")
+            raise ValueError(
+                f"num_heads={self.num_heads} must divide d_model={self.d_model} "
+                "when head_dim is not given"
+            )
         nq, k = self.n_q, self.n_kv
         if not 0 < nq <= self.num_heads:
             raise ValueError(f"num_query_heads={nq} must be in [1, num_heads={self.num_heads}]")
@@ -136,17 +138,21 @@ class Attention(nnx.Module):
         self.o_NVD = param(rngs, (n, v, d), ("heads", "head_dim", "embed"), dtype=pd)
         if c.qkv_bias:
             self.q_bias_NH = param(rngs, (n, h), ("heads", "head_dim"), init=zeros_init, dtype=pd)
-            self.k_bias_KH = param(rngs, (k, h), ("kv_heads", "head_dim"), init=zeros_init,
-                                   dtype=pd)
-            self.v_bias_KV = param(rngs, (k, v), ("kv_heads", "head_dim"), init=zeros_init,
-                                   dtype=pd)
+            self.k_bias_KH = param(
+                rngs, (k, h), ("kv_heads", "head_dim"), init=zeros_init, dtype=pd
+            )
+            self.v_bias_KV = param(
+                rngs, (k, v), ("kv_heads", "head_dim"), init=zeros_init, dtype=pd
+            )
         if c.o_bias:
             self.o_bias_D = param(rngs, (d,), ("embed",), init=zeros_init, dtype=pd)
         if c.qk_norm:
-            self.q_norm = RMSNorm(h, eps=c.norm_eps, axis_name="head_dim", param_dtype=pd,
-                                  rngs=rngs)
-            self.k_norm = RMSNorm(h, eps=c.norm_eps, axis_name="head_dim", param_dtype=pd,
-                                  rngs=rngs)
+            self.q_norm = RMSNorm(
+                h, eps=c.norm_eps, axis_name="head_dim", param_dtype=pd, rngs=rngs
+            )
+            self.k_norm = RMSNorm(
+                h, eps=c.norm_eps, axis_name="head_dim", param_dtype=pd, rngs=rngs
+            )
 
     def _qkv(self, x_BTD: jax.Array, positions_BT: jax.Array):
         c = self.config
@@ -196,8 +202,13 @@ class Attention(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         q_BTNH, k_BTKH, v_BTKV = self._qkv(x_BTD, positions_BT)
         o_BTNV = dot_product_attention(
-            q_BTNH, k_BTKH, v_BTKV, mask=c.mask, scale=c.softmax_scale,
-            logits_soft_cap=c.logits_soft_cap, segment_ids=segment_ids_BT,
+            q_BTNH,
+            k_BTKH,
+            v_BTKV,
+            mask=c.mask,
+            scale=c.softmax_scale,
+            logits_soft_cap=c.logits_soft_cap,
+            segment_ids=segment_ids_BT,
             implementation=c.implementation,
         )
         return self._out(o_BTNV)
@@ -205,8 +216,14 @@ class Attention(nnx.Module):
     def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16) -> KVCache:
         """An empty :class:`KVCache` [B, C, K, H] for this layer."""
         c = self.config
-        return KVCache.create(batch=batch, capacity=capacity, num_kv_heads=c.n_kv,
-                              head_dim=c.h, v_head_dim=c.v, dtype=dtype)
+        return KVCache.create(
+            batch=batch,
+            capacity=capacity,
+            num_kv_heads=c.n_kv,
+            head_dim=c.h,
+            v_head_dim=c.v,
+            dtype=dtype,
+        )
 
     def decode(
         self, x_BTD: jax.Array, cache: KVCache, *, num_new_B: jax.Array | None = None
@@ -232,9 +249,15 @@ class Attention(nnx.Module):
         cache = cache.write(k_BTKH, v_BTKV)
         dt = q_BTNH.dtype
         o_BTNV = dot_product_attention(
-            q_BTNH, cache.k_BCKH.astype(dt), cache.v_BCKV.astype(dt), mask=c.mask,
-            scale=c.softmax_scale, logits_soft_cap=c.logits_soft_cap, q_offset=start_B,
-            kv_lengths=start_B + t, implementation=c.implementation,
+            q_BTNH,
+            cache.k_BCKH.astype(dt),
+            cache.v_BCKV.astype(dt),
+            mask=c.mask,
+            scale=c.softmax_scale,
+            logits_soft_cap=c.logits_soft_cap,
+            q_offset=start_B,
+            kv_lengths=start_B + t,
+            implementation=c.implementation,
         )
         cache = cache.advance(t if num_new_B is None else num_new_B)
         return self._out(o_BTNV), cache

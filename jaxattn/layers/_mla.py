@@ -67,8 +67,14 @@ class MLAConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        for name in ("d_model", "num_heads", "kv_lora_rank", "qk_nope_head_dim",
-                     "qk_rope_head_dim", "v_head_dim"):
+        for name in (
+            "d_model",
+            "num_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.q_lora_rank < 0:
@@ -76,8 +82,10 @@ class MLAConfig:
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
         if self.rope is not None and self.rope.rotary_dim not in (None, self.qk_rope_head_dim):
-            raise ValueError(f"rope.rotary_dim={self.rope.rotary_dim} must equal "
-                             f"qk_rope_head_dim={self.qk_rope_head_dim}")
+            raise ValueError(
+                f"rope.rotary_dim={self.rope.rotary_dim} must equal "
+                f"qk_rope_head_dim={self.qk_rope_head_dim}"
+            )
 
     @property
     def qk_head_dim(self) -> int:
@@ -112,20 +120,24 @@ class MultiHeadLatentAttention(nnx.Module):
         d, n, q, l, p = c.d_model, c.num_heads, c.q_lora_rank, c.kv_lora_rank, c.qk_rope_head_dim
         if q:
             self.q_a_DQ = param(rngs, (d, q), ("embed", "q_lora"), dtype=pd)
-            self.q_norm = RMSNorm(q, eps=c.latent_norm_eps, axis_name="q_lora", param_dtype=pd,
-                                  rngs=rngs)
-            self.q_b_QNH = param(rngs, (q, n, c.qk_head_dim), ("q_lora", "heads", "head_dim"),
-                                 dtype=pd)
+            self.q_norm = RMSNorm(
+                q, eps=c.latent_norm_eps, axis_name="q_lora", param_dtype=pd, rngs=rngs
+            )
+            self.q_b_QNH = param(
+                rngs, (q, n, c.qk_head_dim), ("q_lora", "heads", "head_dim"), dtype=pd
+            )
         else:
-            self.q_DNH = param(rngs, (d, n, c.qk_head_dim), ("embed", "heads", "head_dim"),
-                               dtype=pd)
+            self.q_DNH = param(
+                rngs, (d, n, c.qk_head_dim), ("embed", "heads", "head_dim"), dtype=pd
+            )
         self.kv_a_DR = param(rngs, (d, l + p), ("embed", "kv_lora"), dtype=pd)
-        self.kv_norm = RMSNorm(l, eps=c.latent_norm_eps, axis_name="kv_lora", param_dtype=pd,
-                               rngs=rngs)
-        self.k_b_LNH = param(rngs, (l, n, c.qk_nope_head_dim), ("kv_lora", "heads", "head_dim"),
-                             dtype=pd)
-        self.v_b_LNV = param(rngs, (l, n, c.v_head_dim), ("kv_lora", "heads", "head_dim"),
-                             dtype=pd)
+        self.kv_norm = RMSNorm(
+            l, eps=c.latent_norm_eps, axis_name="kv_lora", param_dtype=pd, rngs=rngs
+        )
+        self.k_b_LNH = param(
+            rngs, (l, n, c.qk_nope_head_dim), ("kv_lora", "heads", "head_dim"), dtype=pd
+        )
+        self.v_b_LNV = param(rngs, (l, n, c.v_head_dim), ("kv_lora", "heads", "head_dim"), dtype=pd)
         self.o_NVD = param(rngs, (n, c.v_head_dim, d), ("heads", "head_dim", "embed"), dtype=pd)
 
     def _project(self, x_BTD: jax.Array, positions_BT: jax.Array):
@@ -179,7 +191,12 @@ class MultiHeadLatentAttention(nnx.Module):
         q_BTNH = jnp.concatenate([q_nope_BTNH, q_pe_BTNP], axis=-1)
         k_BTNH = jnp.concatenate([k_nope_BTNH, k_pe_BTNP], axis=-1)
         o_BTNV = dot_product_attention(
-            q_BTNH, k_BTNH, v_BTNV, mask=Causal(), scale=c.scale, segment_ids=segment_ids_BT,
+            q_BTNH,
+            k_BTNH,
+            v_BTNV,
+            mask=Causal(),
+            scale=c.scale,
+            segment_ids=segment_ids_BT,
             implementation=c.implementation,
         )
         return self._out(o_BTNV)
@@ -187,8 +204,13 @@ class MultiHeadLatentAttention(nnx.Module):
     def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16) -> LatentCache:
         """An empty :class:`LatentCache` [B, C, L + P] for this layer."""
         c = self.config
-        return LatentCache.create(batch=batch, capacity=capacity, kv_lora_rank=c.kv_lora_rank,
-                                  rope_dim=c.qk_rope_head_dim, dtype=dtype)
+        return LatentCache.create(
+            batch=batch,
+            capacity=capacity,
+            kv_lora_rank=c.kv_lora_rank,
+            rope_dim=c.qk_rope_head_dim,
+            dtype=dtype,
+        )
 
     def decode(
         self, x_BTD: jax.Array, cache: LatentCache, *, num_new_B: jax.Array | None = None
@@ -217,8 +239,14 @@ class MultiHeadLatentAttention(nnx.Module):
         q_BTNR = jnp.concatenate([q_lat_BTNL, q_pe_BTNP], axis=-1)
         row_BC1R = cache.latent_BCR[:, :, None, :].astype(dt)
         o_lat_BTNL = dot_product_attention(
-            q_BTNR, row_BC1R, row_BC1R[..., : c.kv_lora_rank], mask=Causal(), scale=c.scale,
-            q_offset=start_B, kv_lengths=start_B + t, implementation=c.implementation,
+            q_BTNR,
+            row_BC1R,
+            row_BC1R[..., : c.kv_lora_rank],
+            mask=Causal(),
+            scale=c.scale,
+            q_offset=start_B,
+            kv_lengths=start_B + t,
+            implementation=c.implementation,
         )
         # Value up-projection absorbed into the output: o_n = (Σ p c) · Wv_n.
         o_BTNV = jnp.einsum("btnl,lnv->btnv", o_lat_BTNL, cast(self.v_b_LNV[...], dt))

@@ -86,9 +86,17 @@ def test_cache_bytes_per_token():
 
 
 def test_named_configs_build_and_tiny_default_size():
-    assert set(list_configs()) >= {"llama-tiny", "qwen2-tiny", "mistral-tiny", "deepseek-tiny",
-                                   "mla-tiny-default", "llama3-8b", "qwen2-7b", "mistral-7b",
-                                   "deepseek-v2-lite"}
+    assert set(list_configs()) >= {
+        "llama-tiny",
+        "qwen2-tiny",
+        "mistral-tiny",
+        "deepseek-tiny",
+        "mla-tiny-default",
+        "llama3-8b",
+        "qwen2-7b",
+        "mistral-7b",
+        "deepseek-v2-lite",
+    }
     for name in list_configs():
         assert isinstance(get_config(name), ModelConfig)
     cfg = get_config("mla-tiny-default")
@@ -103,37 +111,42 @@ def test_named_configs_build_and_tiny_default_size():
 
 def test_params_carry_logical_axes():
     model = DecoderLM(get_config("deepseek-tiny"), rngs=nnx.Rngs(0))
-    known = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "q_lora", "kv_lora",
-             "norm"}
+    known = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "q_lora", "kv_lora", "norm"}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = var.get_metadata()["out_sharding"]
         assert len(axes) == var.ndim and set(axes) <= known, (path, axes)
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(num_kv_heads=3), "num_kv_heads"),
-    (dict(num_heads=5), "num_heads"),
-    (dict(num_query_heads=3), "num_kv_heads"),
-    (dict(num_query_heads=8), "num_query_heads"),
-    (dict(head_dim=8, rope=models.config.RopeConfig(rotary_dim=16)), "rotary_dim"),
-    (dict(d_model=0), "d_model"),
-    (dict(sliding_window_layers=(5,)), "sliding_window_layers"),
-    (dict(arch="gpt2"), "arch"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(num_kv_heads=3), "num_kv_heads"),
+        (dict(num_heads=5), "num_heads"),
+        (dict(num_query_heads=3), "num_kv_heads"),
+        (dict(num_query_heads=8), "num_query_heads"),
+        (dict(head_dim=8, rope=models.config.RopeConfig(rotary_dim=16)), "rotary_dim"),
+        (dict(d_model=0), "d_model"),
+        (dict(sliding_window_layers=(5,)), "sliding_window_layers"),
+        (dict(arch="gpt2"), "arch"),
+    ],
+)
 def test_bad_mha_configs_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         get_config("llama-tiny", **overrides)
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(kv_lora_rank=0), "kv_lora_rank"),
-    (dict(kv_lora_rank=65), "kv_lora_rank"),
-    (dict(q_lora_rank=-1), "q_lora_rank"),
-    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
-    (dict(qk_rope_head_dim=0), "qk_rope_head_dim"),
-    (dict(rope=models.config.RopeConfig(rotary_dim=4)), "rotary_dim"),
-    (dict(num_kv_heads=2), "num_kv_heads"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(kv_lora_rank=0), "kv_lora_rank"),
+        (dict(kv_lora_rank=65), "kv_lora_rank"),
+        (dict(q_lora_rank=-1), "q_lora_rank"),
+        (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+        (dict(qk_rope_head_dim=0), "qk_rope_head_dim"),
+        (dict(rope=models.config.RopeConfig(rotary_dim=4)), "rotary_dim"),
+        (dict(num_kv_heads=2), "num_kv_heads"),
+    ],
+)
 def test_bad_mla_configs_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         get_config("deepseek-tiny", **overrides)

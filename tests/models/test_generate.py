@@ -26,15 +26,16 @@ def test_greedy_matches_full_forward_argmax(model):
     for b in range(2):
         seq = np.asarray(out.tokens_BS[b, : int(out.lengths_B[b])])
         logits = np.asarray(fwd(model, jnp.asarray(seq[None, :-1])))[0]
-        np.testing.assert_array_equal(seq[LENS[b]:], logits[LENS[b] - 1 :].argmax(-1))
+        np.testing.assert_array_equal(seq[LENS[b] :], logits[LENS[b] - 1 :].argmax(-1))
     assert not np.asarray(out.tokens_BS[1, 7:]).any()
 
 
 def test_stop_tokens_end_each_sequence(model):
     free = generate(model, PROMPT, LENS, max_new_tokens=5, rng=jax.random.key(0))
     stop = int(free.tokens_BS[0, 5])  # sequence 0's second generated token
-    out = generate(model, PROMPT, LENS, max_new_tokens=5, rng=jax.random.key(0),
-                   stop_tokens=(stop,))
+    out = generate(
+        model, PROMPT, LENS, max_new_tokens=5, rng=jax.random.key(0), stop_tokens=(stop,)
+    )
     assert int(out.lengths_B[0]) == 6 and int(out.tokens_BS[0, 5]) == stop
     assert not np.asarray(out.tokens_BS[0, 6:]).any()
 
@@ -45,8 +46,9 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(model):
     b = generate(model, PROMPT, LENS, rng=jax.random.key(1), **kw)
     np.testing.assert_array_equal(a.tokens_BS, b.tokens_BS)
     greedy = generate(model, PROMPT, LENS, max_new_tokens=4, rng=jax.random.key(0))
-    top1 = generate(model, PROMPT, LENS, max_new_tokens=4, rng=jax.random.key(3),
-                    temperature=1.0, top_k=1)
+    top1 = generate(
+        model, PROMPT, LENS, max_new_tokens=4, rng=jax.random.key(3), temperature=1.0, top_k=1
+    )
     np.testing.assert_array_equal(greedy.tokens_BS, top1.tokens_BS)
 
 

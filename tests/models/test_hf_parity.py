@@ -27,41 +27,97 @@ TOL = 1e-4
 
 
 def _hf_config(arch: str):
-    common = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=64,
-                  attn_implementation="eager")
+    common = dict(
+        vocab_size=VOCAB,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     if arch == "llama":  # head_dim decoupled from hidden/heads, llama3 rope, all biases
         return transformers.LlamaConfig(
-            hidden_size=48, intermediate_size=80, num_attention_heads=6, num_key_value_heads=2,
-            head_dim=10, attention_bias=True, rms_norm_eps=1e-5,
-            rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=4.0,
-                                 low_freq_factor=1.0, high_freq_factor=4.0,
-                                 original_max_position_embeddings=16), **common)
+            hidden_size=48,
+            intermediate_size=80,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=10,
+            attention_bias=True,
+            rms_norm_eps=1e-5,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=4.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+            **common,
+        )
     if arch == "qwen2":  # MQA, tied embeddings, linear rope, sliding window on layer 1 only
         return transformers.Qwen2Config(
-            hidden_size=40, intermediate_size=72, num_attention_heads=5, num_key_value_heads=1,
-            tie_word_embeddings=True, use_sliding_window=True, sliding_window=5,
-            max_window_layers=1, rope_parameters=dict(rope_type="linear", rope_theta=1e4,
-                                                       factor=2.0), **common)
+            hidden_size=40,
+            intermediate_size=72,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=5,
+            max_window_layers=1,
+            rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=2.0),
+            **common,
+        )
     if arch == "mistral":  # GQA, head_dim 14, yarn rope, window 6 on every layer
         return transformers.MistralConfig(
-            hidden_size=48, intermediate_size=88, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=14, sliding_window=6,
-            rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=2.0,
-                                 original_max_position_embeddings=32), **common)
+            hidden_size=48,
+            intermediate_size=88,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=14,
+            sliding_window=6,
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=1e4, factor=2.0, original_max_position_embeddings=32
+            ),
+            **common,
+        )
     if arch == "deepseek_v2":  # no q compression, 3 heads, yarn with DeepSeek mscale
         return transformers.DeepseekV2Config(
-            hidden_size=48, intermediate_size=80, num_attention_heads=3, num_key_value_heads=3,
-            q_lora_rank=None, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4,
-            v_head_dim=10, first_k_dense_replace=2,
-            rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0,
-                                 original_max_position_embeddings=16, mscale=0.707,
-                                 mscale_all_dim=0.707, beta_fast=32, beta_slow=1), **common)
+            hidden_size=48,
+            intermediate_size=80,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+            q_lora_rank=None,
+            kv_lora_rank=12,
+            qk_nope_head_dim=6,
+            qk_rope_head_dim=4,
+            v_head_dim=10,
+            first_k_dense_replace=2,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=1e4,
+                factor=4.0,
+                original_max_position_embeddings=16,
+                mscale=0.707,
+                mscale_all_dim=0.707,
+                beta_fast=32,
+                beta_slow=1,
+            ),
+            **common,
+        )
     if arch == "deepseek_v3":  # q compression, interleaved rope weights
         return transformers.DeepseekV3Config(
-            hidden_size=48, intermediate_size=80, num_attention_heads=4, num_key_value_heads=4,
-            q_lora_rank=16, kv_lora_rank=20, qk_nope_head_dim=8, qk_rope_head_dim=6,
-            v_head_dim=12, first_k_dense_replace=2, rope_interleave=True,
-            rope_parameters=dict(rope_type="default", rope_theta=5000.0), **common)
+            hidden_size=48,
+            intermediate_size=80,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=16,
+            kv_lora_rank=20,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=6,
+            v_head_dim=12,
+            first_k_dense_replace=2,
+            rope_interleave=True,
+            rope_parameters=dict(rope_type="default", rope_theta=5000.0),
+            **common,
+        )
     raise AssertionError(arch)
 
 
@@ -113,7 +169,8 @@ def test_to_hf_reloads_in_transformers(arch, tmp_path_factory, tmp_path):
     ours = models.from_hf(path)
     models.to_hf(ours, str(tmp_path))
     reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
-        str(tmp_path), attn_implementation="eager", output_loading_info=True)
+        str(tmp_path), attn_implementation="eager", output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     err = np.abs(_hf_logits(reloaded.eval(), TOKENS) - np.asarray(_ours(ours, jnp.asarray(TOKENS))))
     assert err.max() <= TOL, err.max()
@@ -132,8 +189,9 @@ def test_greedy_generate_matches_transformers(arch, tmp_path_factory):
     out = generate(ours, padded, np.array([5, 9]), max_new_tokens=new, rng=jax.random.key(0))
     for b, prompt in enumerate(prompts):
         with torch.no_grad():
-            ref = hf_model.generate(torch.tensor(prompt[None]), max_new_tokens=new,
-                                    do_sample=False, min_new_tokens=new)[0].numpy()
+            ref = hf_model.generate(
+                torch.tensor(prompt[None]), max_new_tokens=new, do_sample=False, min_new_tokens=new
+            )[0].numpy()
         n = int(out.lengths_B[b])
         assert n == len(prompt) + new
         np.testing.assert_array_equal(np.asarray(out.tokens_BS[b, :n]), ref)
@@ -143,10 +201,13 @@ def _damage(src, dst, edit):
     tensors = safetensors_numpy.load_file(os.path.join(src, "model.safetensors"))
     edit(tensors)
     os.makedirs(dst, exist_ok=True)
-    safetensors_numpy.save_file(tensors, os.path.join(dst, "model.safetensors"),
-                                metadata={"format": "pt"})
-    with open(os.path.join(src, "config.json")) as f, \
-            open(os.path.join(dst, "config.json"), "w") as g:
+    safetensors_numpy.save_file(
+        tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"}
+    )
+    with (
+        open(os.path.join(src, "config.json")) as f,
+        open(os.path.join(dst, "config.json"), "w") as g,
+    ):
         g.write(f.read())
 
 
@@ -162,8 +223,11 @@ def test_bad_checkpoints_list_the_tensors(tmp_path_factory, tmp_path):
     with pytest.raises(ValueError) as e:
         models.from_hf(str(tmp_path))
     msg = str(e.value)
-    for name in ("model.layers.1.mlp.up_proj.weight", "model.layers.0.extra.weight",
-                 "model.layers.0.self_attn.k_proj.weight"):
+    for name in (
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.0.extra.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+    ):
         assert name in msg
 
 
@@ -171,9 +235,11 @@ def test_unsupported_hf_configs_raise(tmp_path_factory, tmp_path):
     _, path = _hf_case("deepseek_v2", tmp_path_factory)
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
-    for change, word in (({"first_k_dense_replace": 1, "n_routed_experts": 4}, "MoE"),
-                         ({"hidden_act": "gelu"}, "hidden_act"),
-                         ({"model_type": "gpt2"}, "model_type")):
+    for change, word in (
+        ({"first_k_dense_replace": 1, "n_routed_experts": 4}, "MoE"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"model_type": "gpt2"}, "model_type"),
+    ):
         d = tmp_path / word
         d.mkdir()
         (d / "config.json").write_text(json.dumps(cfg | change))

@@ -23,15 +23,13 @@ def test_ragged_writes_land_at_each_sequence_length():
 def test_bytes_per_token():
     gqa = KVCache.create(batch=1, capacity=4, num_kv_heads=8, head_dim=128, dtype=jnp.bfloat16)
     assert gqa.bytes_per_token() == 2 * 8 * 128 * 2
-    mla = LatentCache.create(batch=1, capacity=4, kv_lora_rank=512, rope_dim=64,
-                             dtype=jnp.bfloat16)
+    mla = LatentCache.create(batch=1, capacity=4, kv_lora_rank=512, rope_dim=64, dtype=jnp.bfloat16)
     assert mla.bytes_per_token() == (512 + 64) * 2
     assert mla.rope_dim == 64 and mla.capacity == 4
 
 
 def test_latent_cache_packs_latent_then_rope_key():
-    cache = LatentCache.create(batch=1, capacity=3, kv_lora_rank=2, rope_dim=2,
-                               dtype=jnp.float32)
+    cache = LatentCache.create(batch=1, capacity=3, kv_lora_rank=2, rope_dim=2, dtype=jnp.float32)
     cache = cache.write(jnp.ones((1, 1, 2)), 2 * jnp.ones((1, 1, 2))).advance(1)
     np.testing.assert_array_equal(cache.latent_BCR[0, 0], [1, 1, 2, 2])
     with pytest.raises(ValueError, match="L=2"):
@@ -39,8 +37,7 @@ def test_latent_cache_packs_latent_then_rope_key():
 
 
 def test_caches_are_while_loop_carries():
-    cache = LatentCache.create(batch=2, capacity=8, kv_lora_rank=3, rope_dim=2,
-                               dtype=jnp.float32)
+    cache = LatentCache.create(batch=2, capacity=8, kv_lora_rank=3, rope_dim=2, dtype=jnp.float32)
 
     def body(i, c):
         return c.write(jnp.full((2, 1, 3), i, jnp.float32), jnp.zeros((2, 1, 2))).advance(1)

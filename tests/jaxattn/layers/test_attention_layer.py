@@ -45,8 +45,11 @@ def _reference(layer: Attention, x_BTD, window=None):
     return jnp.einsum("btnv,nvd->btd", o, layer.o_NVD[...])
 
 
-@pytest.mark.parametrize("n, k, nq", [(4, 4, None), (4, 2, None), (4, 1, None), (8, 2, 4),
-                                      (8, 1, 2)], ids=["mha", "gqa", "mqa", "sqa_gqa", "sqa_mqa"])
+@pytest.mark.parametrize(
+    "n, k, nq",
+    [(4, 4, None), (4, 2, None), (4, 1, None), (8, 2, 4), (8, 1, 2)],
+    ids=["mha", "gqa", "mqa", "sqa_gqa", "sqa_mqa"],
+)
 def test_attention_matches_reference(n, k, nq):
     cfg = AttentionConfig(d_model=D, num_heads=n, num_kv_heads=k, num_query_heads=nq)
     layer = Attention(cfg, rngs=nnx.Rngs(0))
@@ -67,8 +70,9 @@ def test_sqa_score_flops_scale_with_query_heads():
 
     def flops(nq):
         q, k = jnp.zeros((1, 256, nq, 8)), jnp.zeros((1, 256, 2, 8))
-        f = jax.jit(lambda q, k: dot_product_attention(q, k, k, mask=Causal(),
-                                                       implementation="xla"))
+        f = jax.jit(
+            lambda q, k: dot_product_attention(q, k, k, mask=Causal(), implementation="xla")
+        )
         cost = f.lower(q, k).compile().cost_analysis()
         return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
@@ -76,8 +80,16 @@ def test_sqa_score_flops_scale_with_query_heads():
 
 
 def test_sliding_window_and_decode_match_full():
-    cfg = AttentionConfig(d_model=D, num_heads=4, num_kv_heads=2, sliding_window=3,
-                          rope=RopeConfig(theta=100.0), qk_norm=True, qkv_bias=True, o_bias=True)
+    cfg = AttentionConfig(
+        d_model=D,
+        num_heads=4,
+        num_kv_heads=2,
+        sliding_window=3,
+        rope=RopeConfig(theta=100.0),
+        qk_norm=True,
+        qkv_bias=True,
+        o_bias=True,
+    )
     layer = Attention(cfg, rngs=nnx.Rngs(1))
     out, cache = _prefill_then_steps(layer, X, 5)
     np.testing.assert_allclose(out, _call(layer, X), atol=1e-5)
@@ -91,14 +103,22 @@ def test_window_without_rope_matches_reference():
 
 
 def _mla(q_lora_rank, layout="interleaved"):
-    cfg = MLAConfig(d_model=D, num_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=12,
-                    qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5,
-                    rope=RopeConfig(theta=100.0, layout=layout))
+    cfg = MLAConfig(
+        d_model=D,
+        num_heads=4,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=12,
+        qk_nope_head_dim=6,
+        qk_rope_head_dim=4,
+        v_head_dim=5,
+        rope=RopeConfig(theta=100.0, layout=layout),
+    )
     return MultiHeadLatentAttention(cfg, rngs=nnx.Rngs(2))
 
 
-@pytest.mark.parametrize("q_lora_rank, layout", [(0, "interleaved"),
-                                                 (8, "interleaved_to_split_half")])
+@pytest.mark.parametrize(
+    "q_lora_rank, layout", [(0, "interleaved"), (8, "interleaved_to_split_half")]
+)
 def test_mla_absorbed_decode_equals_naive(q_lora_rank, layout):
     layer = _mla(q_lora_rank, layout)
     naive = _call(layer, X)
@@ -114,6 +134,7 @@ def test_mla_naive_matches_explicit_formula():
     c = layer.config
     pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
     from jaxattn.ops.rope import apply_rope
+
     q = jnp.einsum("btd,dnh->btnh", X, layer.q_DNH[...])
     q_nope, q_pe = q[..., :6], apply_rope(q[..., 6:], pos, c.rope)
     kv = X @ layer.kv_a_DR[...]
@@ -122,12 +143,14 @@ def test_mla_naive_matches_explicit_formula():
     k_pe = apply_rope(kv[:, :, None, 12:], pos, c.rope)[:, :, 0]
     k_nope = jnp.einsum("bsl,lnh->bsnh", lat, layer.k_b_LNH[...])
     v = jnp.einsum("bsl,lnv->bsnv", lat, layer.v_b_LNV[...])
-    s = (jnp.einsum("btnh,bsnh->bnts", q_nope, k_nope)
-         + jnp.einsum("btnp,bsp->bnts", q_pe, k_pe)) / np.sqrt(10.0)
+    s = (
+        jnp.einsum("btnh,bsnh->bnts", q_nope, k_nope) + jnp.einsum("btnp,bsp->bnts", q_pe, k_pe)
+    ) / np.sqrt(10.0)
     s = jnp.where(jnp.tril(jnp.ones((9, 9), bool)), s, -jnp.inf)
     o = jnp.einsum("bnts,bsnv->btnv", jax.nn.softmax(s, -1), v)
-    np.testing.assert_allclose(_call(layer, X), jnp.einsum("btnv,nvd->btd", o, layer.o_NVD[...]),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        _call(layer, X), jnp.einsum("btnv,nvd->btd", o, layer.o_NVD[...]), atol=1e-5
+    )
 
 
 def test_layers_are_differentiable():
@@ -142,26 +165,33 @@ def test_layers_are_differentiable():
     assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
-    (dict(num_heads=5), "num_heads"),
-    (dict(num_heads=4, num_query_heads=6), "num_query_heads"),
-    (dict(num_heads=4, sliding_window=0), "sliding_window"),
-    (dict(num_heads=4, rope=RopeConfig(rotary_dim=16)), "rotary_dim"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
+        (dict(num_heads=5), "num_heads"),
+        (dict(num_heads=4, num_query_heads=6), "num_query_heads"),
+        (dict(num_heads=4, sliding_window=0), "sliding_window"),
+        (dict(num_heads=4, rope=RopeConfig(rotary_dim=16)), "rotary_dim"),
+    ],
+)
 def test_bad_attention_config(kw, field):
     with pytest.raises(ValueError, match=field):
         AttentionConfig(d_model=D, **kw)
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(kv_lora_rank=0), "kv_lora_rank"),
-    (dict(qk_rope_head_dim=3), "qk_rope_head_dim"),
-    (dict(q_lora_rank=-2), "q_lora_rank"),
-    (dict(rope=RopeConfig(rotary_dim=2)), "rotary_dim"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(kv_lora_rank=0), "kv_lora_rank"),
+        (dict(qk_rope_head_dim=3), "qk_rope_head_dim"),
+        (dict(q_lora_rank=-2), "q_lora_rank"),
+        (dict(rope=RopeConfig(rotary_dim=2)), "rotary_dim"),
+    ],
+)
 def test_bad_mla_config(kw, field):
-    base = dict(d_model=D, num_heads=4, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
-                v_head_dim=4)
+    base = dict(
+        d_model=D, num_heads=4, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4
+    )
     with pytest.raises(ValueError, match=field):
         MLAConfig(**(base | kw))
