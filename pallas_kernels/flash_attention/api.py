@@ -9,6 +9,7 @@ differentiation, the dq and dk/dv kernels with the forward's log-sum-exp as resi
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +147,7 @@ def _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, q_offset, kv_lengths, sca
     if jnp.ndim(q_offset) != 0 or not jnp.issubdtype(jnp.result_type(q_offset), jnp.integer):
         raise ValueError(f"q_offset must be an int or int32 scalar, got {q_offset!r}")
     for name, value in (("scale", scale), ("logits_soft_cap", logits_soft_cap)):
-        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+        if value is not None and not (isinstance(value, numbers.Real) and value > 0):
             raise ValueError(f"{name} must be a positive Python number, got {value!r}")
 
 
@@ -156,7 +157,10 @@ def unsupported_reason(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q
 
     Args: as ``flash_attention`` (``block_sizes`` matters for BlockSparse masks).
     """
+    q_offset = 0 if q_offset is None else q_offset
     del segment_ids, kv_lengths, logits_soft_cap
+    if q_BTNH.shape[1] == 0 or k_BSKH.shape[1] == 0:
+        return "the Pallas TPU flash attention needs non-empty q and kv sequences"
     if q_BTNH.dtype not in _DTYPES:
         return (f"the Pallas TPU flash attention supports float32/bfloat16/float16, "
                 f"not {q_BTNH.dtype}")
@@ -192,7 +196,8 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q_of
       q_BTNH: queries [B, T, N, H]; k_BSKH: keys [B, S, K, H]; v_BSKV: values [B, S, K, V].
       mask: None or a mask spec (jaxattn.masks); query row i sits at position i + q_offset.
       segment_ids: None or (q_BT, kv_BS) int32: attend only where equal.
-      q_offset: Python int, or a traced int32 scalar (then no block-count shortening).
+      q_offset: Python int (None means 0), or a traced int32 scalar (then the grid is not
+        shortened to the mask's longest row, though masked blocks still skip compute and DMA).
       kv_lengths: None or int32 [B]: keys j >= kv_lengths[b] are masked.
       scale: logit scale, default 1/sqrt(H). logits_soft_cap: cap * tanh(logits / cap).
       block_sizes: BlockSizes, default ``BlockSizes.default_for()``.
@@ -203,6 +208,7 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q_of
       o_BTNV in q's dtype (zeros on rows with no visible key), and lse_BNT (float32, -inf on
       such rows) if ``return_lse``.
     """
+    q_offset = 0 if q_offset is None else q_offset
     _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, q_offset, kv_lengths, scale,
                   logits_soft_cap)
     reason = unsupported_reason(q_BTNH, k_BSKH, v_BSKV, mask=mask, q_offset=q_offset,

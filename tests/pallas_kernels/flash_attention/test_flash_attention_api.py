@@ -172,3 +172,44 @@ def test_hardware_block_sizes_must_tile_lanes():
     q, k, v = _qkv(T=256, S=256)
     with pytest.raises(ValueError, match="block_q=64 must be a multiple of 128"):
         flash_attention(q, k, v, block_sizes=BlockSizes(block_q=64), interpret=False)
+
+
+@pytest.mark.parametrize(
+    "mask, extra",
+    [
+        (masks.Causal(), {}),
+        (masks.ChunkedCausal(chunk=100), dict(segments=True, soft_cap=30.0, kv_lengths=True)),
+        (masks.BlockSparse(layout=np.tril(np.ones((3, 3), bool)), block_q=128, block_kv=128)
+         & masks.SinkWindow(sinks=4, window=64), {}),
+    ],
+    ids=["causal", "chunked_segments_softcap_kvlen", "blocksparse_and_sink"],
+)
+def test_g2_h192v128_t300_lowers_to_mosaic_for_tpu(mask, extra):
+    """Exports fwd + bwd for a TPU v5e without a TPU: the Pallas -> Mosaic lowering runs
+    (Mosaic's own layout passes run only in the TPU compiler, not here)."""
+    try:
+        from jax._src import mesh as mesh_lib  # private: the abstract device kind
+
+        device = mesh_lib.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+        abstract_mesh = mesh_lib.AbstractMesh((1,), ("x",), abstract_device=device)
+    except (ImportError, AttributeError, TypeError) as e:
+        pytest.skip(f"no abstract TPU device in this jax: {e}")
+    B, T, N, K, H, V = 2, 300, 4, 2, 192, 128
+    sds = jax.ShapeDtypeStruct
+    q, k, v = sds((B, T, N, H), jnp.bfloat16), sds((B, T, K, H), jnp.bfloat16), sds(
+        (B, T, K, V), jnp.bfloat16)
+    seg, lens = sds((B, T), jnp.int32), sds((B,), jnp.int32)
+    blocks = BlockSizes(block_q=128, block_kv=128, block_q_bwd=128, block_kv_bwd=128)
+
+    def fwd_bwd(q, k, v, seg, lens):
+        call = lambda q, k, v: flash_attention(
+            q, k, v, mask=mask, block_sizes=blocks, return_lse=True,
+            segment_ids=(seg, seg) if extra.get("segments") else None,
+            kv_lengths=lens if extra.get("kv_lengths") else None,
+            logits_soft_cap=extra.get("soft_cap"))
+        out, vjp = jax.vjp(call, q, k, v)
+        return vjp(out)
+
+    with jax.sharding.use_abstract_mesh(abstract_mesh):
+        exported = jax.export.export(jax.jit(fwd_bwd), platforms=["tpu"])(q, k, v, seg, lens)
+    assert exported.mlir_module().count("tpu_custom_call") == 3  # fwd, dq, dk/dv
