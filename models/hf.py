@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models._hf_maps import HF_IGNORED_SUFFIXES, config_from_hf, config_to_hf, rules
+from models._hf_config import config_from_hf, config_to_hf
+from models._hf_maps import HF_IGNORED_SUFFIXES, rules
 from models.decoder import DecoderLM
 
 __all__ = ["from_hf", "to_hf"]
