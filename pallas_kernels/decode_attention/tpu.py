@@ -85,55 +85,63 @@ def _kernel(
     lo_blk, hi_blk = _live_block_range(kv_len, T=T, block_kv=block_kv, window=window)
     live = (j >= lo_blk) & (j <= hi_blk) & (j * block_kv < kv_len)
 
-    @pl.when(live)
-    def _compute():
-        start = j * block_kv
-        k_pos_RS = start + jax.lax.broadcasted_iota(jnp.int32, (R, block_kv), 1)
-        t_RS = jax.lax.broadcasted_iota(jnp.int32, (R, block_kv), 0)
-        t_RS = jax.lax.rem(t_RS, T) if T > 1 else jnp.zeros_like(t_RS)  # rows are (g, t)
-        q_pos_RS = kv_len - T + t_RS
-        visible_RS = (k_pos_RS <= q_pos_RS) & (k_pos_RS < kv_len)
-        if window is not None:
-            visible_RS &= q_pos_RS - k_pos_RS < window
-        # Rows past kv_len (including the padding of a partial last block, which may hold
-        # garbage or NaN) are zeroed: p = 0 there, but 0 * NaN would still poison p @ v.
-        row_ok_S1 = start + jax.lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0) < kv_len
+    start = j * block_kv
+    # A block whose every key is visible to every row (interior of the cache, the usual case)
+    # needs no iota, mask or row zeroing: that VPU work is comparable to the block's DMA time.
+    full = (start + block_kv <= kv_len - T + 1) & (
+        True if window is None else start >= kv_len - window
+    )
+
+    def update(masked: bool):
+        if masked:
+            k_pos_RS = start + jax.lax.broadcasted_iota(jnp.int32, (R, block_kv), 1)
+            t_RS = jax.lax.broadcasted_iota(jnp.int32, (R, block_kv), 0)
+            t_RS = jax.lax.rem(t_RS, T) if T > 1 else jnp.zeros_like(t_RS)  # rows are (g, t)
+            q_pos_RS = kv_len - T + t_RS
+            visible_RS = (k_pos_RS <= q_pos_RS) & (k_pos_RS < kv_len)
+            if window is not None:
+                visible_RS &= q_pos_RS - k_pos_RS < window
+            # Rows past kv_len (including the padding of a partial last block, which may hold
+            # garbage or NaN) are zeroed: p = 0 there, but 0 * NaN would still poison p @ v.
+            row_ok_S1 = start + jax.lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0) < kv_len
         for hh in range(hb):  # static: hb is 1 for H = 128/256 or K = 1
             q_RH = q_ref[hh]
             k_SH = k_ref[:, hh * H : (hh + 1) * H]
             v_SV = v_ref[:, hh * V : (hh + 1) * V]
             prec = jax.lax.Precision.HIGHEST if q_RH.dtype == jnp.float32 else None
             # Scores in fp32 (MXU accumulates in fp32); scale after the matmul, not on bf16 q.
-            s_RS = (
-                jax.lax.dot_general(
-                    q_RH,
-                    k_SH,
-                    (((1,), (1,)), ((), ())),
-                    preferred_element_type=jnp.float32,
-                    precision=prec,
-                )
-                * scale
+            dims = (((1,), (1,)), ((), ()))
+            s_RS = jax.lax.dot_general(
+                q_RH, k_SH, dims, preferred_element_type=jnp.float32, precision=prec
             )
+            s_RS = s_RS * scale
             if soft_cap is not None:
                 s_RS = soft_cap * jnp.tanh(s_RS / soft_cap)
-            s_RS = jnp.where(visible_RS, s_RS, MASK_VALUE)
+            if masked:
+                s_RS = jnp.where(visible_RS, s_RS, MASK_VALUE)
+                v_SV = jnp.where(row_ok_S1, v_SV, jnp.zeros_like(v_SV))
             m_prev_R1 = m_scr[hh][:, :1]
             m_new_R1 = jnp.maximum(m_prev_R1, jnp.max(s_RS, axis=1, keepdims=True))
             alpha_R1 = jnp.exp(m_prev_R1 - m_new_R1)
-            p_RS = jnp.where(visible_RS, jnp.exp(s_RS - m_new_R1), 0.0)
+            p_RS = jnp.exp(s_RS - m_new_R1)
+            if masked:
+                p_RS = jnp.where(visible_RS, p_RS, 0.0)
             l_new_R1 = alpha_R1 * l_scr[hh][:, :1] + jnp.sum(p_RS, axis=1, keepdims=True)
-            v_SV = jnp.where(row_ok_S1, v_SV, jnp.zeros_like(v_SV))
             # p in v's dtype for the MXU (bf16 x bf16 -> fp32), as flash attention does.
+            dims = (((1,), (0,)), ((), ()))
             pv_RV = jax.lax.dot_general(
                 p_RS.astype(v_SV.dtype),
                 v_SV,
-                (((1,), (0,)), ((), ())),
+                dims,
                 preferred_element_type=jnp.float32,
                 precision=prec,
             )
             acc_scr[hh] = alpha_R1 * acc_scr[hh] + pv_RV
             m_scr[hh] = jnp.broadcast_to(m_new_R1, (R, _LANES))
             l_scr[hh] = jnp.broadcast_to(l_new_R1, (R, _LANES))
+
+    pl.when(live & full)(lambda: update(masked=False))
+    pl.when(live & jnp.logical_not(full))(lambda: update(masked=True))
 
     @pl.when(i == blocks_per_split - 1)
     def _finish():
