@@ -145,40 +145,34 @@ def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunR
         "config": dataclasses.asdict(config),
         "model_config": config_to_json(model_config),
     }
-    pending, t_last, timed_from, eval_loss = [], time.time(), 0, math.nan
+    tokens_per_step = config.batch_size * config.seq_len
+    pending, timed_tokens, t_last, eval_loss = [], 0, time.time(), math.nan
     for step in range(start, config.steps):
         state, metrics = trainer.train_step(state, rest, trainer.put_batch(train_data.batch(step)))
         pending.append(metrics)
         done = step + 1
         if step == start:  # leave compilation out of the throughput
             jax.block_until_ready(metrics)
-            t_last, timed_from = time.time(), 1
+            t_last = time.time()
+        else:
+            timed_tokens += tokens_per_step
         if done % config.log_every == 0 or done == config.steps:
             got = jax.device_get(pending)
-            timed = got[timed_from:] or got
-            tok_s = sum(m["tokens"] for m in timed) / max(time.time() - t_last, 1e-9)
-            loss = float(np.mean([m["loss"] for m in got]))
-            mfu = tok_s * fpt / peak
-            lr = float(schedule(step))
-            writer.write(
-                done,
-                "train",
-                {
-                    "loss": loss,
-                    "grad_norm": got[-1]["grad_norm"],
-                    "lr": lr,
-                    "tokens_per_s": tok_s,
-                    "mfu": mfu,
-                },
-            )
-            say(progress_line(done, config.steps, loss, tok_s, mfu, lr))
-            pending, t_last, timed_from = [], time.time(), 0
+            tok_s = timed_tokens / (time.time() - t_last) if timed_tokens else math.nan
+            loss, lr = float(np.mean([m["loss"] for m in got])), float(schedule(step))
+            row = {"loss": loss, "grad_norm": got[-1]["grad_norm"], "lr": lr}
+            if timed_tokens:
+                row |= {"tokens_per_s": tok_s, "mfu": tok_s * fpt / peak}
+            writer.write(done, "train", row)
+            say(progress_line(done, config.steps, loss, tok_s, tok_s * fpt / peak, lr))
+            pending, timed_tokens, t_last = [], 0, time.time()
         if done % config.eval_every == 0 or done == config.steps:
             eval_loss = evaluate(trainer, state["params"], rest, eval_data, config.eval_batches)
             writer.write(done, "eval", {"loss": eval_loss, "perplexity": math.exp(eval_loss)})
             say(f"eval step {done}: loss {eval_loss:.4f}  perplexity {math.exp(eval_loss):.2f}")
-            t_last, timed_from = time.time(), len(pending)
-        ckpt.save(done, state, {**meta, "data_step": done}, force=done == config.steps)
+            timed_tokens, t_last = 0, time.time()
+        if ckpt.save(done, state, {**meta, "data_step": done}, force=done == config.steps):
+            timed_tokens, t_last = 0, time.time()  # the save's host copy is not training time
     if start >= config.steps:
         eval_loss = evaluate(trainer, state["params"], rest, eval_data, config.eval_batches)
     ckpt.close()

@@ -10,6 +10,7 @@ estimated (cores x 2 FMA units x 8 fp32 lanes x 2 x 2.5 GHz) and labelled as suc
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -80,6 +81,8 @@ def progress_line(
     step: int, total: int, loss: float, tokens_per_s: float, mfu: float, lr: float
 ) -> str:
     """One human-readable progress line."""
+    if math.isnan(tokens_per_s):  # only the compiling first step in this interval
+        return f"step {step:>6}/{total}  loss {loss:7.4f}  lr {lr:.2e}  (compiled)"
     return (
         f"step {step:>6}/{total}  loss {loss:7.4f}  lr {lr:.2e}  "
         f"{tokens_per_s:9.0f} tok/s  MFU {100 * mfu:5.2f}%"
