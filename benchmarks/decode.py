@@ -12,7 +12,7 @@ to GQA. On CPU decoding is compute-bound (MLA does more FLOPs per cached token: 
 dims vs 32 × 256 for GQA); on accelerators long-context decoding is bound by cache reads.
 
   python -m benchmarks.decode                 # contexts 1K..32K, batch 8, 2 layers
-  python -m benchmarks.decode --quick         # contexts 1K..4K, batch 1, 1 layer (CPU-friendly)
+  python -m benchmarks.decode --quick         # contexts 1K..8K, batch 4, 1 layer (CPU-friendly)
 """
 
 from __future__ import annotations
@@ -78,17 +78,17 @@ def decode_tokens_per_s(model: DecoderLM, batch: int, context: int, steps: int) 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="contexts 1K-4K, batch 1, 1 layer")
+    p.add_argument("--quick", action="store_true", help="contexts 1K-8K, batch 4, 1 layer")
     p.add_argument("--contexts", default=None, help="comma-separated cached lengths")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="decode steps timed per point")
     p.add_argument("--dtype", default=None, help="default bfloat16 (float32 on CPU)")
     a = p.parse_args(argv)
-    contexts = [1024, 2048, 4096] if a.quick else [1024, 2048, 4096, 8192, 16384, 32768]
+    contexts = [1024, 4096, 8192] if a.quick else [1024, 2048, 4096, 8192, 16384, 32768]
     if a.contexts:
         contexts = [int(c) for c in a.contexts.split(",")]
-    batch = a.batch or (1 if a.quick else 8)
+    batch = a.batch or (4 if a.quick else 8)
     layers = a.layers or (1 if a.quick else 2)
     steps = a.steps or (4 if a.quick else 32)
     # bf16 matmuls are emulated (slow) on CPU, which would hide the attention costs

@@ -91,6 +91,12 @@ def generate(
     lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
     if lengths_B.shape != prompt_BT.shape[:1]:
         raise ValueError(f"prompt_lengths_B {lengths_B.shape} must be [{prompt_BT.shape[0]}]")
+    if not isinstance(lengths_B, jax.core.Tracer):
+        lo, hi = int(lengths_B.min()), int(lengths_B.max())
+        if lo < 1 or hi > prompt_BT.shape[1]:
+            raise ValueError(
+                f"prompt_lengths_B must lie in [1, {prompt_BT.shape[1]}], got {lo}..{hi}"
+            )
     if max_new_tokens < 1:
         raise ValueError(f"{max_new_tokens=} must be >= 1")
     if (

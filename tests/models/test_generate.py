@@ -66,3 +66,5 @@ def test_bad_arguments(model):
         generate(model, PROMPT, LENS, max_new_tokens=0, rng=jax.random.key(0))
     with pytest.raises(ValueError, match="prompt_lengths_B"):
         generate(model, PROMPT, LENS[:1], max_new_tokens=2, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="prompt_lengths_B"):
+        generate(model, PROMPT, np.array([0, 5]), max_new_tokens=2, rng=jax.random.key(0))
