@@ -25,25 +25,27 @@ TINY_MODEL = (
 )
 
 
-def tiny_config(run_dir: str, **changes) -> TrainConfig:
-    """A TrainConfig for a few fast CPU steps of the tiny model writing under ``run_dir``."""
-    base = dict(
-        name="test",
-        model_overrides=TINY_MODEL,
-        run_dir=str(run_dir),
-        seq_len=32,
-        batch_size=8,
-        steps=6,
-        warmup_steps=2,
-        log_every=1,
-        eval_every=1000,
-        eval_batches=2,
-        ckpt_every=2,
-        tensorboard=False,
-        plot=False,
-        sample_tokens=0,
-    )
-    return TrainConfig(**(base | changes))
+# a few fast CPU steps of the tiny model; no TensorBoard, plot or samples
+TINY_RUN = dict(
+    name="test",
+    model_overrides=TINY_MODEL,
+    seq_len=32,
+    batch_size=8,
+    steps=6,
+    warmup_steps=2,
+    log_every=1,
+    eval_every=1000,
+    eval_batches=2,
+    ckpt_every=2,
+    tensorboard=False,
+    plot=False,
+    sample_tokens=0,
+)
+
+
+def tiny_config(run_dir, **changes) -> TrainConfig:
+    """A TrainConfig of ``TINY_RUN`` writing under ``run_dir``, with ``changes``."""
+    return TrainConfig(**(TINY_RUN | {"run_dir": str(run_dir)} | changes))
 
 
 def as_set_args(config_changes: dict) -> list[str]:
@@ -74,24 +76,9 @@ def cli_env(num_devices: int, cache_dir=None) -> dict:
 
 
 def pretrain_cmd(run_dir, **changes) -> list[str]:
-    """Command line of ``python -m train.pretrain`` for the tiny test config."""
-    base = dict(
-        name="test",
-        model_overrides=TINY_MODEL,
-        run_dir=str(run_dir),
-        seq_len=32,
-        batch_size=8,
-        steps=6,
-        warmup_steps=2,
-        log_every=1,
-        eval_every=1000,
-        eval_batches=2,
-        ckpt_every=2,
-        tensorboard=False,
-        plot=False,
-        sample_tokens=0,
-    )
-    return [sys.executable, "-m", "train.pretrain", *as_set_args(base | changes)]
+    """Command line of ``python -m train.pretrain`` for ``TINY_RUN`` with ``changes``."""
+    settings = TINY_RUN | {"run_dir": str(run_dir)} | changes
+    return [sys.executable, "-m", "train.pretrain", *as_set_args(settings)]
 
 
 def run_ok(cmd, env, timeout=240) -> str:
