@@ -24,7 +24,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["decode_partials", "combine_splits", "heads_per_block", "MASK_VALUE"]
+__all__ = [
+    "decode_partials",
+    "combine_splits",
+    "heads_per_block",
+    "kv_block_index",
+    "block_is_live",
+    "MASK_VALUE",
+]
 
 # Finite, far below any real score: a fully masked row keeps m finite, so exp(m_prev - m_new)
 # never becomes exp(-inf + inf) = NaN. Masked probabilities are also zeroed explicitly.
@@ -48,6 +55,22 @@ def _live_block_range(kv_len, *, T: int, block_kv: int, window: int | None):
     lo_blk = jax.lax.div(lo_key, block_kv)
     hi_blk = jnp.maximum(jax.lax.div(kv_len + block_kv - 1, block_kv) - 1, 0)
     return lo_blk, hi_blk
+
+
+def kv_block_index(j, kv_len, *, T: int, block_kv: int, window: int | None):
+    """Cache block fetched at grid step j: j clamped into the live range of the sequence.
+
+    Consecutive dead steps thus repeat one block index and Pallas issues no DMA for them.
+    Broadcasts over array ``j`` / ``kv_len``.
+    """
+    lo_blk, hi_blk = _live_block_range(kv_len, T=T, block_kv=block_kv, window=window)
+    return jnp.minimum(jnp.maximum(j, lo_blk), hi_blk)
+
+
+def block_is_live(j, kv_len, *, T: int, block_kv: int, window: int | None):
+    """Whether block j holds a key that one of the T queries can see (else compute skips)."""
+    lo_blk, hi_blk = _live_block_range(kv_len, T=T, block_kv=block_kv, window=window)
+    return (j >= lo_blk) & (j <= hi_blk) & (j * block_kv < kv_len)
 
 
 def _kernel(
@@ -82,8 +105,7 @@ def _kernel(
         m_scr[...] = jnp.full_like(m_scr, MASK_VALUE)
         l_scr[...] = jnp.zeros_like(l_scr)
 
-    lo_blk, hi_blk = _live_block_range(kv_len, T=T, block_kv=block_kv, window=window)
-    live = (j >= lo_blk) & (j <= hi_blk) & (j * block_kv < kv_len)
+    live = block_is_live(j, kv_len, T=T, block_kv=block_kv, window=window)
 
     start = j * block_kv
     # A block whose every key is visible to every row (interior of the cache, the usual case)
@@ -191,9 +213,8 @@ def decode_partials(
         return b, h, 0, 0
 
     def kv_map(b, h, s, i, lens_ref):
-        lo_blk, hi_blk = _live_block_range(lens_ref[b], T=T, block_kv=block_kv, window=window)
-        # Clamp into the live range: dead steps repeat a block index, so no DMA is issued.
-        return b, jnp.minimum(jnp.maximum(s * bps + i, lo_blk), hi_blk), h
+        j = kv_block_index(s * bps + i, lens_ref[b], T=T, block_kv=block_kv, window=window)
+        return b, j, h
 
     def out_map(b, h, s, i, lens_ref):
         return b, s, h, 0, 0
