@@ -110,7 +110,7 @@ def _flash_bwd(st, res, cts):
         q_seg = (seg[0][:, :, None], seg[0][:, None, :])
         kv_seg = (seg[1][:, None, :], seg[1][:, :, None])
     bmap = _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths)
-    dq = tpu_bwd.backward_dq(q, k, v, do, lse_BNT[..., None], delta_BNT[..., None], q_seg[0],
+    dq = tpu_bwd.backward_dq(q, k, v, do, lse_BNT[:, :, None], delta_BNT[:, :, None], q_seg[0],
                              kv_seg[0], offset, kv_len, bmap, cfg, st.interpret)
     bmap_t = _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths, transpose=True)
     dk, dv = tpu_bwd.backward_dkv(q, k, v, do, lse_BNT[:, :, None], delta_BNT[:, :, None],

@@ -5,8 +5,9 @@ delta = rowsum(dO * O) - dlse (computed in XLA) the score gradient is
 dS = P * (dP - delta), dP = dO V^T. The dq kernel walks kv blocks per q block; the dk/dv
 kernel walks, per kv block, the G query heads that share it and their visible q blocks
 (a transposed block map), accumulating in VMEM, so no per-q-head dk/dv is materialised.
-The dk/dv kernel works on transposed scores [block_kv, block_q] so every matmul is NN or NT;
-lse and delta arrive there as rows (a free reshape of [.., T, 1] to [.., 1, T]).
+The dk/dv kernel works on transposed scores [block_kv, block_q] so every matmul is NN or NT.
+lse and delta are passed lane-dense as [B, N, 1, T] (rows); the dq kernel turns its row into
+a column in VMEM, so no lane-padded [.., T, 1] array is written to HBM.
 """
 
 from __future__ import annotations
@@ -55,10 +56,12 @@ def _dq_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
                            ks_ref[...] if ks_ref is not None else None, masked)
         if vis is not None:
             s = jnp.where(vis, s, -jnp.inf)
-        p = jnp.exp(s - lse_ref[...])  # lse is +inf on empty rows: p = 0 there
+        # lse and delta arrive lane-dense as rows [1, bq]; as columns [bq, 1] here.
+        lse, delta = jnp.expand_dims(lse_ref[0], -1), jnp.expand_dims(dl_ref[0], -1)
+        p = jnp.exp(s - lse)  # lse is +inf on empty rows: p = 0 there
         do = do_ref[...]
         dp = jax.lax.dot_general(do, v_ref[...], _NT, preferred_element_type=jnp.float32)
-        ds = _score_grad(cfg, p, dp, dl_ref[...], t)
+        ds = _score_grad(cfg, p, dp, delta, t)
         acc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, _NN,
                                         preferred_element_type=jnp.float32)
 
@@ -120,7 +123,7 @@ def _dkv_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
 _PARAMS4 = ("parallel", "parallel", "parallel", "arbitrary")
 
 
-def backward_dq(q, k, v, do, lse_BNT1, delta_BNT1, q_seg_BT1, kv_seg_B1S, q_offset, kv_len,
+def backward_dq(q, k, v, do, lse_BN1T, delta_BN1T, q_seg_BT1, kv_seg_B1S, q_offset, kv_len,
                 bmap, cfg, interpret):
     """dq_BNTH from padded head-major inputs; ``bmap`` lists kv blocks per q block."""
     B, N, Tp, H = q.shape
@@ -129,15 +132,16 @@ def backward_dq(q, k, v, do, lse_BNT1, delta_BNT1, q_seg_BT1, kv_seg_B1S, q_offs
     pos = tpu._map_pos(*tpu.map_shape(bmap))
     kv_map = lambda b, n, i, j, off, ln, idx, cnt, flg: (b, n // G, idx[pos(b, i, j)], 0)
     q_map = lambda b, n, i, j, *_: (b, n, i, 0)
+    row_map = lambda b, n, i, j, *_: (b, n, 0, i)
     in_specs = [
         pl.BlockSpec((None, None, bq, H), q_map),
         pl.BlockSpec((None, None, bkv, H), kv_map),
         pl.BlockSpec((None, None, bkv, V), kv_map),
         pl.BlockSpec((None, None, bq, V), q_map),
-        pl.BlockSpec((None, None, bq, 1), q_map),
-        pl.BlockSpec((None, None, bq, 1), q_map),
+        pl.BlockSpec((None, None, 1, bq), row_map),
+        pl.BlockSpec((None, None, 1, bq), row_map),
     ]
-    args = [q, k, v, do, lse_BNT1, delta_BNT1]
+    args = [q, k, v, do, lse_BN1T, delta_BN1T]
     if cfg.has_segments:
         in_specs += [
             pl.BlockSpec((None, bq, 1), lambda b, n, i, j, *_: (b, i, 0)),
