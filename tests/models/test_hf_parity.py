@@ -249,3 +249,24 @@ def test_unsupported_hf_configs_raise(tmp_path_factory, tmp_path):
         (tmp_path / "nofiles").mkdir()
         (tmp_path / "nofiles" / "config.json").write_text(json.dumps(cfg))
         models.from_hf(str(tmp_path / "nofiles"))
+
+
+def test_sharded_checkpoint_index_is_read(tmp_path_factory, tmp_path):
+    _, path = _hf_case("llama", tmp_path_factory)
+    tensors = safetensors_numpy.load_file(os.path.join(path, "model.safetensors"))
+    names = sorted(tensors)
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
+    weight_map = {}
+    for file, keys in shards.items():
+        safetensors_numpy.save_file(
+            {k: tensors[k] for k in keys}, str(tmp_path / file), metadata={"format": "pt"}
+        )
+        weight_map |= {k: file for k in keys}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    a, b = models.from_hf(path), models.from_hf(str(tmp_path))
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
+        np.testing.assert_array_equal(x, y)
