@@ -47,13 +47,13 @@ def array_leaves(mask) -> list:
     """The array-data leaves of a (possibly combined) mask spec, in a fixed order."""
     if mask is None or not mask.has_array_data:
         return []
-    children = _children(mask)
-    if children is None:
+    kids = children(mask)
+    if kids is None:
         return [mask]
-    return [leaf for child in children for leaf in array_leaves(child)]
+    return [leaf for kid in kids for leaf in array_leaves(kid)]
 
 
-def _children(mask):
+def children(mask):
     """Spec-valued dataclass fields of a combinator (And/Or), or None for a leaf."""
     if not dataclasses.is_dataclass(mask):
         return None

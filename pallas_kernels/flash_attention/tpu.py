@@ -54,7 +54,7 @@ def _traceable(mask, flags, counter):
     """``mask`` with each array-data leaf replaced by its block bit from ``flags``."""
     if mask is None or not mask.has_array_data:
         return mask
-    kids = bm._children(mask)
+    kids = bm.children(mask)
     if kids is None:
         bit = 1 + counter[0]
         counter[0] += 1
