@@ -47,9 +47,9 @@ class TrainConfig:
     grad_accum: int = 1
     eval_fraction: float = 0.05
     # optimisation
-    steps: int = 400
+    steps: int = 120
     lr: float = 2e-3
-    warmup_steps: int = 40
+    warmup_steps: int = 12
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     b1: float = 0.9
@@ -72,10 +72,10 @@ class TrainConfig:
     num_processes: int = 0
     process_id: int = -1
     # evaluation, logging, checkpoints
-    eval_every: int = 200
+    eval_every: int = 60
     eval_batches: int = 8
-    log_every: int = 20
-    ckpt_every: int = 100
+    log_every: int = 10
+    ckpt_every: int = 40
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
     run_dir: str = ""

@@ -27,7 +27,7 @@ from train.data import ByteTokenizer, RecallLoader, WindowLoader, builtin_corpus
         (["remat=some"], "remat='some' is not one of"),
         (["batch_size=10", "grad_accum=4"], "batch_size=10 must be a multiple of grad_accum=4"),
         (["steps=0"], "steps=0 must be positive"),
-        (["warmup_steps=500"], "warmup_steps=500 must be in [0, steps=400)"),
+        (["warmup_steps=500"], "warmup_steps=500 must be in [0, steps=120)"),
         (["mesh_data=-1", "mesh_fsdp=-1"], "at most one of mesh_data"),
     ],
 )
