@@ -126,7 +126,11 @@ def _choose(a: AttentionArgs, q, k, v, return_lse, block_sizes) -> str:
         if reason is None:
             return preferred
         _log_once(f"jaxattn: {preferred} cannot serve a call ({reason}); using 'chunked'")
-    bs = block_sizes if isinstance(block_sizes, ChunkedBlockSizes) else ChunkedBlockSizes()
+    bs = (
+        block_sizes
+        if isinstance(block_sizes, ChunkedBlockSizes)
+        else ChunkedBlockSizes.for_backend(backend)
+    )
     if a.T <= bs.block_q and a.S <= bs.block_kv:
         return "xla"  # one block: the reference does the same work with less bookkeeping
     return "chunked"

@@ -35,8 +35,9 @@ _ARRAY_FIELDS = ("dense", "q_segment_ids", "kv_segment_ids", "q_offset", "kv_len
 class ChunkedBlockSizes:
     """Block sizes of the chunked implementation (queries and keys per block).
 
-    512 × 512 keeps each score block at 1 MiB per (batch, head) in fp32 while giving the CPU
-    matmuls enough work; smaller blocks skip masked regions more finely.
+    ``for_backend`` gives the defaults: 128 × 128 on CPU (measured fastest for fp32 fwd+bwd at
+    T = 4096 on 2 cores: finer blocks skip more of the causal triangle and stay in cache),
+    512 × 512 on accelerators, where each loop iteration carries a fixed launch overhead.
     """
 
     block_q: int = 512
@@ -47,6 +48,12 @@ class ChunkedBlockSizes:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ChunkedBlockSizes.{name} must be a positive int, got {value!r}")
+
+    @classmethod
+    def for_backend(cls, backend: str | None = None) -> ChunkedBlockSizes:
+        """The default block sizes for ``backend`` (default: jax's default backend)."""
+        backend = backend or jax.default_backend()
+        return cls(block_q=128, block_kv=128) if backend == "cpu" else cls()
 
 
 def _round_up(x: int, m: int) -> int:
@@ -278,7 +285,7 @@ def chunked_attention(
       o_BTNV in q's dtype (and lse_BNT). Lengths that are not block multiples are padded and
       the padding masked; rows that see no key give zeros and zero gradients.
     """
-    bs = block_sizes or ChunkedBlockSizes()
+    bs = block_sizes or ChunkedBlockSizes.for_backend()
     bq, bk = min(bs.block_q, a.T), min(bs.block_kv, a.S)
     Tp, Sp = _round_up(a.T, bq), _round_up(a.S, bk)
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
