@@ -44,14 +44,28 @@ def _round_up(x, m):
 
 
 def _config(st, groups, bq, bkv, has_segments):
-    return tpu.Config(mask=st.mask, scale=st.scale, soft_cap=st.soft_cap,
-                      has_segments=has_segments, groups=groups, block_q=bq, block_kv=bkv)
+    return tpu.Config(
+        mask=st.mask,
+        scale=st.scale,
+        soft_cap=st.soft_cap,
+        has_segments=has_segments,
+        groups=groups,
+        block_q=bq,
+        block_kv=bkv,
+    )
 
 
 def _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths, transpose=False):
     return block_map.build(
-        st.mask, q_len=T, kv_len=S, padded_q_len=Tp, padded_kv_len=Sp, block_q=bq,
-        block_kv=bkv, q_offset=st.q_offset if off is None else off, kv_lengths=kv_lengths,
+        st.mask,
+        q_len=T,
+        kv_len=S,
+        padded_q_len=Tp,
+        padded_kv_len=Sp,
+        block_q=bq,
+        block_kv=bkv,
+        q_offset=st.q_offset if off is None else off,
+        kv_lengths=kv_lengths,
         transpose=transpose,
     )
 
@@ -67,8 +81,7 @@ def _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths):
     if seg is not None:
         q_seg, kv_seg = seg[0][:, :, None], seg[1][:, None, :]
     offset = st.q_offset if off is None else off
-    o_BNTV, lse_BNT1 = tpu.forward(q, k, v, q_seg, kv_seg, offset, kv_len, bmap, cfg,
-                                   st.interpret)
+    o_BNTV, lse_BNT1 = tpu.forward(q, k, v, q_seg, kv_seg, offset, kv_len, bmap, cfg, st.interpret)
     o_BTNV = o_BNTV[:, :, :T].transpose(0, 2, 1, 3)
     return o_BTNV, lse_BNT1[:, :, :T, 0]
 
@@ -94,8 +107,9 @@ def _flash_bwd(st, res, cts):
     bq, bkv = st.blocks[2:]
     q, k, v, seg, kv_len, Tp, Sp = _layout(bq, bkv, q_BTNH, k_BSKH, v_BSKV, segs, kv_lengths)
     # delta = rowsum(dO * O) - dlse in fp32; padded rows get dO = 0 and delta = 0.
-    delta_BNT = jnp.einsum("btnv,btnv->bnt", do_BTNV.astype(jnp.float32),
-                           o_BTNV.astype(jnp.float32))
+    delta_BNT = jnp.einsum(
+        "btnv,btnv->bnt", do_BTNV.astype(jnp.float32), o_BTNV.astype(jnp.float32)
+    )
     if dlse_BNT is not None:
         delta_BNT = delta_BNT - dlse_BNT.astype(jnp.float32)
     delta_BNT = _pad_to(delta_BNT, 2, Tp)
@@ -110,12 +124,37 @@ def _flash_bwd(st, res, cts):
         q_seg = (seg[0][:, :, None], seg[0][:, None, :])
         kv_seg = (seg[1][:, None, :], seg[1][:, :, None])
     bmap = _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths)
-    dq = tpu_bwd.backward_dq(q, k, v, do, lse_BNT[:, :, None], delta_BNT[:, :, None], q_seg[0],
-                             kv_seg[0], offset, kv_len, bmap, cfg, st.interpret)
+    dq = tpu_bwd.backward_dq(
+        q,
+        k,
+        v,
+        do,
+        lse_BNT[:, :, None],
+        delta_BNT[:, :, None],
+        q_seg[0],
+        kv_seg[0],
+        offset,
+        kv_len,
+        bmap,
+        cfg,
+        st.interpret,
+    )
     bmap_t = _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths, transpose=True)
-    dk, dv = tpu_bwd.backward_dkv(q, k, v, do, lse_BNT[:, :, None], delta_BNT[:, :, None],
-                                  q_seg[1], kv_seg[1], offset, kv_len, bmap_t, cfg,
-                                  st.interpret)
+    dk, dv = tpu_bwd.backward_dkv(
+        q,
+        k,
+        v,
+        do,
+        lse_BNT[:, :, None],
+        delta_BNT[:, :, None],
+        q_seg[1],
+        kv_seg[1],
+        offset,
+        kv_len,
+        bmap_t,
+        cfg,
+        st.interpret,
+    )
     dq_BTNH = dq[:, :, :T].transpose(0, 2, 1, 3)
     dk_BSKH = dk[:, :, :S].transpose(0, 2, 1, 3)
     dv_BSKV = dv[:, :, :S].transpose(0, 2, 1, 3)

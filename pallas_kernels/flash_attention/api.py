@@ -51,8 +51,9 @@ class BlockSizes:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8:
-                raise ValueError(f"BlockSizes.{f.name} must be a positive multiple of 8, "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"BlockSizes.{f.name} must be a positive multiple of 8, got {value!r}"
+                )
 
     @classmethod
     def default_for(cls, device_kind: str | None = None, *, head_dim: int = 128) -> BlockSizes:
@@ -96,8 +97,12 @@ def _round_up(x: int, m: int) -> int:
 
 def _effective_blocks(bs: BlockSizes, T: int, S: int) -> tuple[int, int, int, int]:
     t8, s8 = _round_up(T, 8), _round_up(S, 8)
-    return (min(bs.block_q, t8), min(bs.block_kv, s8), min(bs.block_q_bwd, t8),
-            min(bs.block_kv_bwd, s8))
+    return (
+        min(bs.block_q, t8),
+        min(bs.block_kv, s8),
+        min(bs.block_q_bwd, t8),
+        min(bs.block_kv_bwd, s8),
+    )
 
 
 def _check_hardware_blocks(blocks, T: int, S: int) -> None:
@@ -105,8 +110,10 @@ def _check_hardware_blocks(blocks, T: int, S: int) -> None:
     names = ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd")
     for name, block, length in zip(names, blocks, (T, S, T, S), strict=True):
         if block % 128 and block < length:
-            raise ValueError(f"BlockSizes.{name}={block} must be a multiple of 128 on TPU "
-                             f"hardware when the sequence ({length}) spans several blocks")
+            raise ValueError(
+                f"BlockSizes.{name}={block} must be a multiple of 128 on TPU "
+                f"hardware when the sequence ({length}) spans several blocks"
+            )
 
 
 def _split_segments(segment_ids, T, S):
@@ -117,8 +124,9 @@ def _split_segments(segment_ids, T, S):
     return segment_ids, segment_ids
 
 
-def _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, q_offset, kv_lengths, scale,
-                  logits_soft_cap):
+def _check_inputs(
+    q_BTNH, k_BSKH, v_BSKV, segment_ids, q_offset, kv_lengths, scale, logits_soft_cap
+):
     """Raises ValueError naming the argument and shapes for malformed inputs."""
     shapes = f"q_BTNH {q_BTNH.shape}, k_BSKH {k_BSKH.shape}, v_BSKV {v_BSKV.shape}"
     if not (q_BTNH.ndim == k_BSKH.ndim == v_BSKV.ndim == 4):
@@ -134,14 +142,17 @@ def _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, q_offset, kv_lengths, sca
     if K == 0 or N % K:
         raise ValueError(f"query heads N must be a multiple of kv heads K, got {shapes}")
     if not (q_BTNH.dtype == k_BSKH.dtype == v_BSKV.dtype):
-        raise ValueError(f"q, k and v must share a dtype, got {q_BTNH.dtype}, {k_BSKH.dtype}, "
-                         f"{v_BSKV.dtype}")
+        raise ValueError(
+            f"q, k and v must share a dtype, got {q_BTNH.dtype}, {k_BSKH.dtype}, {v_BSKV.dtype}"
+        )
     S = k_BSKH.shape[1]
     if segment_ids is not None:
         q_seg, kv_seg = _split_segments(segment_ids, T, S)
         if jnp.shape(q_seg) != (B, T) or jnp.shape(kv_seg) != (B, S):
-            raise ValueError(f"segment_ids must be (q [B, T], kv [B, S]) = ({(B, T)}, {(B, S)}),"
-                             f" got {jnp.shape(q_seg)} and {jnp.shape(kv_seg)}")
+            raise ValueError(
+                f"segment_ids must be (q [B, T], kv [B, S]) = ({(B, T)}, {(B, S)}),"
+                f" got {jnp.shape(q_seg)} and {jnp.shape(kv_seg)}"
+            )
     if kv_lengths is not None and jnp.shape(kv_lengths) != (B,):
         raise ValueError(f"kv_lengths must have shape [B] = {(B,)}, got {jnp.shape(kv_lengths)}")
     if jnp.ndim(q_offset) != 0 or not jnp.issubdtype(jnp.result_type(q_offset), jnp.integer):
@@ -151,8 +162,18 @@ def _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, q_offset, kv_lengths, sca
             raise ValueError(f"{name} must be a positive Python number, got {value!r}")
 
 
-def unsupported_reason(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q_offset=0,
-                       kv_lengths=None, logits_soft_cap=None, block_sizes=None) -> str | None:
+def unsupported_reason(
+    q_BTNH,
+    k_BSKH,
+    v_BSKV,
+    *,
+    mask=None,
+    segment_ids=None,
+    q_offset=0,
+    kv_lengths=None,
+    logits_soft_cap=None,
+    block_sizes=None,
+) -> str | None:
     """None if the kernels can serve the call, else a sentence saying why not.
 
     Args: as ``flash_attention`` (``block_sizes`` matters for BlockSparse masks).
@@ -162,13 +183,16 @@ def unsupported_reason(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q
     if q_BTNH.shape[1] == 0 or k_BSKH.shape[1] == 0:
         return "the Pallas TPU flash attention needs non-empty q and kv sequences"
     if q_BTNH.dtype not in _DTYPES:
-        return (f"the Pallas TPU flash attention supports float32/bfloat16/float16, "
-                f"not {q_BTNH.dtype}")
+        return (
+            f"the Pallas TPU flash attention supports float32/bfloat16/float16, not {q_BTNH.dtype}"
+        )
     if mask is None:
         return None
     if not hasattr(mask, "block_visible"):
-        return ("the Pallas TPU flash attention takes mask specs only, not dense mask arrays; "
-                "use implementation='xla' or 'chunked' for a dense mask")
+        return (
+            "the Pallas TPU flash attention takes mask specs only, not dense mask arrays; "
+            "use implementation='xla' or 'chunked' for a dense mask"
+        )
     leaves = block_map.array_leaves(mask)
     if not leaves:
         return None
@@ -180,16 +204,31 @@ def unsupported_reason(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q
     bs = block_sizes or BlockSizes.default_for(head_dim=q_BTNH.shape[-1])
     eff = _effective_blocks(bs, T, S)
     for bq, bkv in (eff[:2], eff[2:]):
-        if not block_map.leaves_aligned(mask, q_len=T, kv_len=S, block_q=bq, block_kv=bkv,
-                                        q_offset=int(q_offset)):
-            return (f"the BlockSparse cells do not contain whole kernel blocks ({bq=}, {bkv=}, "
-                    f"{q_offset=}); choose BlockSizes that divide the layout's blocks")
+        if not block_map.leaves_aligned(
+            mask, q_len=T, kv_len=S, block_q=bq, block_kv=bkv, q_offset=int(q_offset)
+        ):
+            return (
+                f"the BlockSparse cells do not contain whole kernel blocks ({bq=}, {bkv=}, "
+                f"{q_offset=}); choose BlockSizes that divide the layout's blocks"
+            )
     return None
 
 
-def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q_offset=0,
-                    kv_lengths=None, scale=None, logits_soft_cap=None, block_sizes=None,
-                    return_lse=False, interpret=False):
+def flash_attention(
+    q_BTNH,
+    k_BSKH,
+    v_BSKV,
+    *,
+    mask=None,
+    segment_ids=None,
+    q_offset=0,
+    kv_lengths=None,
+    scale=None,
+    logits_soft_cap=None,
+    block_sizes=None,
+    return_lse=False,
+    interpret=False,
+):
     """Flash attention on TPU (Pallas Mosaic), differentiable in q, k and v.
 
     Args:
@@ -209,10 +248,10 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q_of
       such rows) if ``return_lse``.
     """
     q_offset = 0 if q_offset is None else q_offset
-    _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, q_offset, kv_lengths, scale,
-                  logits_soft_cap)
-    reason = unsupported_reason(q_BTNH, k_BSKH, v_BSKV, mask=mask, q_offset=q_offset,
-                                block_sizes=block_sizes)
+    _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, q_offset, kv_lengths, scale, logits_soft_cap)
+    reason = unsupported_reason(
+        q_BTNH, k_BSKH, v_BSKV, mask=mask, q_offset=q_offset, block_sizes=block_sizes
+    )
     if reason is not None:
         raise NotImplementedError(reason)
     if interpret is True:
@@ -226,10 +265,13 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, mask=None, segment_ids=None, q_of
         _check_hardware_blocks(blocks, T, S)
     offset = static_offset(q_offset)
     static = _Static(
-        mask=mask, scale=float(q_BTNH.shape[-1] ** -0.5 if scale is None else scale),
+        mask=mask,
+        scale=float(q_BTNH.shape[-1] ** -0.5 if scale is None else scale),
         soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-        blocks=blocks, q_offset=offset,
-        return_lse=return_lse, interpret=interpret,
+        blocks=blocks,
+        q_offset=offset,
+        return_lse=return_lse,
+        interpret=interpret,
     )
     segs = _split_segments(segment_ids, T, S)
     if segs is not None:

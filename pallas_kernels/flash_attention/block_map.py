@@ -114,8 +114,19 @@ def leaves_aligned(mask, *, q_len, kv_len, block_q, block_kv, q_offset) -> bool:
     return True
 
 
-def build(mask, *, q_len, kv_len, padded_q_len, padded_kv_len, block_q, block_kv, q_offset,
-          kv_lengths, transpose=False) -> BlockMap:
+def build(
+    mask,
+    *,
+    q_len,
+    kv_len,
+    padded_q_len,
+    padded_kv_len,
+    block_q,
+    block_kv,
+    q_offset,
+    kv_lengths,
+    transpose=False,
+) -> BlockMap:
     """Visit lists over kv blocks per q block (or, ``transpose``, q blocks per kv block).
 
     Args:
@@ -133,19 +144,30 @@ def build(mask, *, q_len, kv_len, padded_q_len, padded_kv_len, block_q, block_kv
     """
     num_q, num_kv = padded_q_len // block_q, padded_kv_len // block_kv
     visible, full, bits = dense_maps(
-        mask, q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv,
-        num_q=num_q, num_kv=num_kv, q_offset=q_offset,
+        mask,
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=block_q,
+        block_kv=block_kv,
+        num_q=num_q,
+        num_kv=num_kv,
+        q_offset=q_offset,
     )
     k_end = np.minimum((np.arange(num_kv) + 1) * block_kv, padded_kv_len)
     if transpose:
-        steps = int(np.max(np.sum(visible, 0), initial=1)) if isinstance(visible, np.ndarray) \
-            else num_q
+        steps = (
+            int(np.max(np.sum(visible, 0), initial=1)) if isinstance(visible, np.ndarray) else num_q
+        )
     else:
-        steps = int(np.max(np.sum(visible, 1), initial=1)) if isinstance(visible, np.ndarray) \
+        steps = (
+            int(np.max(np.sum(visible, 1), initial=1))
+            if isinstance(visible, np.ndarray)
             else num_kv
+        )
     steps = max(steps, 1)
-    lens = jnp.minimum(jnp.asarray(kv_len if kv_lengths is None else kv_lengths, jnp.int32),
-                       kv_len).reshape(-1)
+    lens = jnp.minimum(
+        jnp.asarray(kv_len if kv_lengths is None else kv_lengths, jnp.int32), kv_len
+    ).reshape(-1)
     # A kv block is visited only if it holds a key below the length, and is full only if
     # all its keys (padding included) are below it.
     k_start = jnp.arange(num_kv, dtype=jnp.int32) * block_kv
@@ -165,6 +187,10 @@ def build(mask, *, q_len, kv_len, padded_q_len, padded_kv_len, block_q, block_kv
     flags = jnp.take_along_axis(flags_RQK, index, axis=-1)
     del cols
     return BlockMap(
-        index=index.reshape(-1), count=count.reshape(-1), flags=flags.reshape(-1),
-        rows=rows, steps=steps, per_batch=kv_lengths is not None,
+        index=index.reshape(-1),
+        count=count.reshape(-1),
+        flags=flags.reshape(-1),
+        rows=rows,
+        steps=steps,
+        per_batch=kv_lengths is not None,
     )

@@ -60,8 +60,11 @@ def _traceable(mask, flags, counter):
         counter[0] += 1
         return _LeafBit((flags >> bit) & 1)
     fields = [f.name for f in dataclasses.fields(mask)]
-    new = {n: _traceable(getattr(mask, n), flags, counter) for n in fields
-           if hasattr(getattr(mask, n), "block_visible")}
+    new = {
+        n: _traceable(getattr(mask, n), flags, counter)
+        for n in fields
+        if hasattr(getattr(mask, n), "block_visible")
+    }
     return dataclasses.replace(mask, **new)
 
 
@@ -97,9 +100,11 @@ def _run_block(cfg, flags, body):
 
 def _map_pos(per_batch, rows, steps):
     """Flat SMEM offset of visit-list entry (b, row, step)."""
+
     def pos(b, row, step):
         r = b if per_batch else 0
         return (r * rows + row) * steps + step
+
     return pos
 
 
@@ -127,9 +132,16 @@ def _fwd_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         s, _ = _logits(cfg, q_ref[...], k_ref[...])  # [bq, bkv]
         q_pos = off_ref[0] + i * cfg.block_q + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
         k_pos = kb * cfg.block_kv + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        vis = _visible(cfg, flg_ref[pos(b, i, j)], q_pos, k_pos, len_ref[r],
-                       qs_ref[...] if qs_ref is not None else None,
-                       ks_ref[...] if ks_ref is not None else None, masked)
+        vis = _visible(
+            cfg,
+            flg_ref[pos(b, i, j)],
+            q_pos,
+            k_pos,
+            len_ref[r],
+            qs_ref[...] if qs_ref is not None else None,
+            ks_ref[...] if ks_ref is not None else None,
+            masked,
+        )
         if vis is not None:
             s = jnp.where(vis, s, -jnp.inf)
         m_prev = m_sc[...]
@@ -181,12 +193,12 @@ def map_shape(bmap):
 
 def prefetch(q_offset, kv_len, bmap):
     """The scalar prefetch operands of every kernel here."""
-    return (jnp.asarray(q_offset, jnp.int32).reshape(1), kv_len, bmap.index, bmap.count,
-            bmap.flags)
+    return (jnp.asarray(q_offset, jnp.int32).reshape(1), kv_len, bmap.index, bmap.count, bmap.flags)
 
 
-def forward(q_BNTH, k_BKSH, v_BKSV, q_seg_BT1, kv_seg_B1S, q_offset, kv_len_R, bmap, cfg,
-            interpret):
+def forward(
+    q_BNTH, k_BKSH, v_BKSV, q_seg_BT1, kv_seg_B1S, q_offset, kv_len_R, bmap, cfg, interpret
+):
     """Flash attention forward on padded head-major inputs.
 
     Returns:
@@ -207,8 +219,9 @@ def forward(q_BNTH, k_BKSH, v_BKSV, q_seg_BT1, kv_seg_B1S, q_offset, kv_len_R, b
     if cfg.has_segments:
         in_specs += [
             pl.BlockSpec((None, bq, 1), lambda b, n, i, j, *_: (b, i, 0)),
-            pl.BlockSpec((None, 1, bkv),
-                         lambda b, n, i, j, off, ln, idx, cnt, flg: (b, 0, idx[pos(b, i, j)])),
+            pl.BlockSpec(
+                (None, 1, bkv), lambda b, n, i, j, off, ln, idx, cnt, flg: (b, 0, idx[pos(b, i, j)])
+            ),
         ]
         args += [q_seg_BT1, kv_seg_B1S]
     grid_spec = pltpu.PrefetchScalarGridSpec(

@@ -51,9 +51,16 @@ def _dq_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         s, t = tpu._logits(cfg, q_ref[...], k)  # [bq, bkv]
         q_pos = off_ref[0] + i * cfg.block_q + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
         k_pos = kb * cfg.block_kv + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        vis = tpu._visible(cfg, flg_ref[pos(b, i, j)], q_pos, k_pos, len_ref[r],
-                           qs_ref[...] if qs_ref is not None else None,
-                           ks_ref[...] if ks_ref is not None else None, masked)
+        vis = tpu._visible(
+            cfg,
+            flg_ref[pos(b, i, j)],
+            q_pos,
+            k_pos,
+            len_ref[r],
+            qs_ref[...] if qs_ref is not None else None,
+            ks_ref[...] if ks_ref is not None else None,
+            masked,
+        )
         if vis is not None:
             s = jnp.where(vis, s, -jnp.inf)
         # lse and delta arrive lane-dense as rows [1, bq]; as columns [bq, 1] here.
@@ -62,8 +69,9 @@ def _dq_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         do = do_ref[...]
         dp = jax.lax.dot_general(do, v_ref[...], _NT, preferred_element_type=jnp.float32)
         ds = _score_grad(cfg, p, dp, delta, t)
-        acc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, _NN,
-                                        preferred_element_type=jnp.float32)
+        acc[...] += jax.lax.dot_general(
+            ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32
+        )
 
     @pl.when(j < cnt_ref[r * ms[1] + i])
     def _compute():
@@ -76,8 +84,20 @@ def _dq_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
 
 def _dkv_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
     if cfg.has_segments:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref,
-         dk_ref, dv_ref, dk_acc, dv_acc) = refs
+        (
+            q_ref,
+            k_ref,
+            v_ref,
+            do_ref,
+            lse_ref,
+            dl_ref,
+            qs_ref,
+            ks_ref,
+            dk_ref,
+            dv_ref,
+            dk_acc,
+            dv_acc,
+        ) = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
         qs_ref = ks_ref = None
@@ -96,19 +116,28 @@ def _dkv_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         s, t = tpu._logits(cfg, k_ref[...], q)  # transposed scores [bkv, bq]
         k_pos = jk * cfg.block_kv + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
         q_pos = off_ref[0] + qb * cfg.block_q + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        vis = tpu._visible(cfg, flg_ref[pos(b, jk, c)], q_pos, k_pos, len_ref[r],
-                           qs_ref[...] if qs_ref is not None else None,
-                           ks_ref[...] if ks_ref is not None else None, masked)
+        vis = tpu._visible(
+            cfg,
+            flg_ref[pos(b, jk, c)],
+            q_pos,
+            k_pos,
+            len_ref[r],
+            qs_ref[...] if qs_ref is not None else None,
+            ks_ref[...] if ks_ref is not None else None,
+            masked,
+        )
         if vis is not None:
             s = jnp.where(vis, s, -jnp.inf)
         p = jnp.exp(s - lse_ref[...])  # [bkv, bq]; lse row is +inf on empty query rows
         do = do_ref[...]
-        dv_acc[...] += jax.lax.dot_general(p.astype(do.dtype), do, _NN,
-                                           preferred_element_type=jnp.float32)
+        dv_acc[...] += jax.lax.dot_general(
+            p.astype(do.dtype), do, _NN, preferred_element_type=jnp.float32
+        )
         dp = jax.lax.dot_general(v_ref[...], do, _NT, preferred_element_type=jnp.float32)
         ds = _score_grad(cfg, p, dp, dl_ref[...], t)
-        dk_acc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, _NN,
-                                           preferred_element_type=jnp.float32)
+        dk_acc[...] += jax.lax.dot_general(
+            ds.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32
+        )
 
     @pl.when(c < cnt_ref[r * ms[1] + jk])
     def _compute():
@@ -123,8 +152,9 @@ def _dkv_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
 _PARAMS4 = ("parallel", "parallel", "parallel", "arbitrary")
 
 
-def backward_dq(q, k, v, do, lse_BN1T, delta_BN1T, q_seg_BT1, kv_seg_B1S, q_offset, kv_len,
-                bmap, cfg, interpret):
+def backward_dq(
+    q, k, v, do, lse_BN1T, delta_BN1T, q_seg_BT1, kv_seg_B1S, q_offset, kv_len, bmap, cfg, interpret
+):
     """dq_BNTH from padded head-major inputs; ``bmap`` lists kv blocks per q block."""
     B, N, Tp, H = q.shape
     V = v.shape[-1]
@@ -145,8 +175,9 @@ def backward_dq(q, k, v, do, lse_BN1T, delta_BN1T, q_seg_BT1, kv_seg_B1S, q_offs
     if cfg.has_segments:
         in_specs += [
             pl.BlockSpec((None, bq, 1), lambda b, n, i, j, *_: (b, i, 0)),
-            pl.BlockSpec((None, 1, bkv),
-                         lambda b, n, i, j, off, ln, idx, cnt, flg: (b, 0, idx[pos(b, i, j)])),
+            pl.BlockSpec(
+                (None, 1, bkv), lambda b, n, i, j, off, ln, idx, cnt, flg: (b, 0, idx[pos(b, i, j)])
+            ),
         ]
         args += [q_seg_BT1, kv_seg_B1S]
     grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -166,8 +197,21 @@ def backward_dq(q, k, v, do, lse_BN1T, delta_BN1T, q_seg_BT1, kv_seg_B1S, q_offs
     )(*tpu.prefetch(q_offset, kv_len, bmap), *args)
 
 
-def backward_dkv(q, k, v, do, lse_BN1T, delta_BN1T, q_seg_B1T, kv_seg_BS1, q_offset, kv_len,
-                 bmap_t, cfg, interpret):
+def backward_dkv(
+    q,
+    k,
+    v,
+    do,
+    lse_BN1T,
+    delta_BN1T,
+    q_seg_B1T,
+    kv_seg_BS1,
+    q_offset,
+    kv_len,
+    bmap_t,
+    cfg,
+    interpret,
+):
     """(dk_BKSH, dv_BKSV) from padded head-major inputs; ``bmap_t`` lists q blocks per kv
     block (transposed)."""
     B, N, Tp, H = q.shape
@@ -188,8 +232,10 @@ def backward_dkv(q, k, v, do, lse_BN1T, delta_BN1T, q_seg_B1T, kv_seg_BS1, q_off
     args = [q, k, v, do, lse_BN1T, delta_BN1T]
     if cfg.has_segments:
         in_specs += [
-            pl.BlockSpec((None, 1, bq),
-                         lambda b, h, j, g, c, off, ln, idx, cnt, flg: (b, 0, idx[pos(b, j, c)])),
+            pl.BlockSpec(
+                (None, 1, bq),
+                lambda b, h, j, g, c, off, ln, idx, cnt, flg: (b, 0, idx[pos(b, j, c)]),
+            ),
             pl.BlockSpec((None, bkv, 1), lambda b, h, j, g, c, *_: (b, j, 0)),
         ]
         args += [q_seg_B1T, kv_seg_BS1]
@@ -197,8 +243,10 @@ def backward_dkv(q, k, v, do, lse_BN1T, delta_BN1T, q_seg_B1T, kv_seg_BS1, q_off
         num_scalar_prefetch=5,
         grid=(B, K, Sp // bkv, G, bmap_t.steps),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, bkv, H), kv_map),
-                   pl.BlockSpec((None, None, bkv, V), kv_map)],
+        out_specs=[
+            pl.BlockSpec((None, None, bkv, H), kv_map),
+            pl.BlockSpec((None, None, bkv, V), kv_map),
+        ],
         scratch_shapes=[pltpu.VMEM((bkv, H), jnp.float32), pltpu.VMEM((bkv, V), jnp.float32)],
     )
     return pl.pallas_call(

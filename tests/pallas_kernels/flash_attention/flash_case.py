@@ -34,8 +34,7 @@ def _run(attn, q, k, v, do, dlse, segs, kv_lengths, q_offset, *, traced_offset, 
 
     def fn(q, k, v, segs, kv_lengths, off):
         off = off if traced_offset else q_offset
-        call = lambda q, k, v: attn(q, k, v, segment_ids=segs, kv_lengths=kv_lengths,
-                                    q_offset=off)
+        call = lambda q, k, v: attn(q, k, v, segment_ids=segs, kv_lengths=kv_lengths, q_offset=off)
         if not grad:
             return call(q, k, v)
         (o, lse), vjp = jax.vjp(call, q, k, v)
@@ -45,9 +44,27 @@ def _run(attn, q, k, v, do, dlse, segs, kv_lengths, q_offset, *, traced_offset, 
     return jitted(q, k, v, segs, kv_lengths, jnp.int32(q_offset))
 
 
-def check_case(*, B=1, T, S=None, N, K, H, V=None, mask=None, dtype=jnp.float32, segments=False,
-               soft_cap=None, q_offset=0, traced_offset=False, kv_lengths=None,
-               block_sizes=SMALL, grad=True, seed=0, interpret=INTERPRET):
+def check_case(
+    *,
+    B=1,
+    T,
+    S=None,
+    N,
+    K,
+    H,
+    V=None,
+    mask=None,
+    dtype=jnp.float32,
+    segments=False,
+    soft_cap=None,
+    q_offset=0,
+    traced_offset=False,
+    kv_lengths=None,
+    block_sizes=SMALL,
+    grad=True,
+    seed=0,
+    interpret=INTERPRET,
+):
     """Compares flash_attention with the reference: o, lse and dq, dk, dv (with an lse
     cotangent)."""
     S = T if S is None else S
@@ -62,8 +79,9 @@ def check_case(*, B=1, T, S=None, N, K, H, V=None, mask=None, dtype=jnp.float32,
     if kv_lengths is not None:
         kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
     common = dict(mask=mask, logits_soft_cap=soft_cap, return_lse=True)
-    kernel = lambda q, k, v, **kw: flash_attention(q, k, v, block_sizes=block_sizes,
-                                                   interpret=interpret, **common, **kw)
+    kernel = lambda q, k, v, **kw: flash_attention(
+        q, k, v, block_sizes=block_sizes, interpret=interpret, **common, **kw
+    )
     ref = lambda q, k, v, **kw: attention_reference(q, k, v, **common, **kw)
     args = (q, k, v, do, dlse, segs, kv_lengths, q_offset)
     got = _run(kernel, *args, traced_offset=traced_offset, grad=grad)
@@ -77,8 +95,7 @@ def check_case(*, B=1, T, S=None, N, K, H, V=None, mask=None, dtype=jnp.float32,
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
         assert np.all(np.isfinite(g) | (name == "lse")), f"{name} has NaN/inf"
         scale = 1.0 if not low else max(1.0, float(np.max(np.abs(w[np.isfinite(w)]), initial=1)))
-        np.testing.assert_allclose(g, w, atol=tol["atol"] * scale, rtol=tol["rtol"],
-                                   err_msg=name)
+        np.testing.assert_allclose(g, w, atol=tol["atol"] * scale, rtol=tol["rtol"], err_msg=name)
     return got
 
 

@@ -22,9 +22,18 @@ from pallas_kernels.flash_attention import block_map as bm
 
 
 def _build(mask, T=512, S=512, block=64, q_offset=0, kv_lengths=None, transpose=False):
-    return bm.build(mask, q_len=T, kv_len=S, padded_q_len=-(-T // block) * block,
-                    padded_kv_len=-(-S // block) * block, block_q=block, block_kv=block,
-                    q_offset=q_offset, kv_lengths=kv_lengths, transpose=transpose)
+    return bm.build(
+        mask,
+        q_len=T,
+        kv_len=S,
+        padded_q_len=-(-T // block) * block,
+        padded_kv_len=-(-S // block) * block,
+        block_q=block,
+        block_kv=block,
+        q_offset=q_offset,
+        kv_lengths=kv_lengths,
+        transpose=transpose,
+    )
 
 
 def test_block_map_causal_visits_about_half():
@@ -62,17 +71,29 @@ def test_block_map_traced_offset_and_kv_lengths():
 
 FORWARD = {
     "g2_h64_t72_full": dict(T=72, N=2, K=1, H=64, mask=masks.Full()),
-    "g1_h64_t64_s96_sliding_right": dict(T=64, S=96, N=1, K=1, H=64,
-                                         mask=masks.SlidingWindow(left=9, right=17)),
-    "g2_h64_t8_s100_causal_decode_offset": dict(T=8, S=100, N=2, K=1, H=64,
-                                                mask=masks.Causal(), q_offset=92),
-    "g4_h64_t60_and_chunked_sink": dict(T=60, N=4, K=1, H=64,
-                                        mask=masks.ChunkedCausal(chunk=40)
-                                        & masks.SinkWindow(sinks=3, window=20)),
+    "g1_h64_t64_s96_sliding_right": dict(
+        T=64, S=96, N=1, K=1, H=64, mask=masks.SlidingWindow(left=9, right=17)
+    ),
+    "g2_h64_t8_s100_causal_decode_offset": dict(
+        T=8, S=100, N=2, K=1, H=64, mask=masks.Causal(), q_offset=92
+    ),
+    "g4_h64_t60_and_chunked_sink": dict(
+        T=60,
+        N=4,
+        K=1,
+        H=64,
+        mask=masks.ChunkedCausal(chunk=40) & masks.SinkWindow(sinks=3, window=20),
+    ),
     "g1_h64_t64_blocksparse_or_sliding": dict(
-        T=64, N=1, K=1, H=64, mask=masks.BlockSparse(
-            layout=np.array([[True, False], [False, False]]), block_q=32, block_kv=32)
-        | masks.SlidingWindow(left=4)),
+        T=64,
+        N=1,
+        K=1,
+        H=64,
+        mask=masks.BlockSparse(
+            layout=np.array([[True, False], [False, False]]), block_q=32, block_kv=32
+        )
+        | masks.SlidingWindow(left=4),
+    ),
 }
 
 
@@ -83,19 +104,28 @@ def test_forward_matches_reference(case):
 
 @settings(max_examples=3, deadline=None, derandomize=True)
 @given(
-    T=st.integers(1, 80), S=st.integers(1, 80), G=st.sampled_from([1, 2]),
-    window=st.integers(1, 40), offset=st.integers(-10, 40),
+    T=st.integers(1, 80),
+    S=st.integers(1, 80),
+    G=st.sampled_from([1, 2]),
+    window=st.integers(1, 40),
+    offset=st.integers(-10, 40),
     kind=st.sampled_from(["causal", "sliding", "sink"]),
 )
 def test_fuzz_forward(T, S, G, window, offset, kind):
-    mask = {"causal": masks.Causal(), "sliding": masks.SlidingWindow(left=window, right=2),
-            "sink": masks.SinkWindow(sinks=2, window=window)}[kind]
+    mask = {
+        "causal": masks.Causal(),
+        "sliding": masks.SlidingWindow(left=window, right=2),
+        "sink": masks.SinkWindow(sinks=2, window=window),
+    }[kind]
     check_case(T=T, S=S, N=G, K=1, H=64, mask=mask, q_offset=offset, grad=False, seed=T + S)
 
 
 def _qkv(T=16, S=16, N=2, K=1, H=64, dtype=jnp.float32):
-    return (jnp.zeros((1, T, N, H), dtype), jnp.zeros((1, S, K, H), dtype),
-            jnp.zeros((1, S, K, H), dtype))
+    return (
+        jnp.zeros((1, T, N, H), dtype),
+        jnp.zeros((1, S, K, H), dtype),
+        jnp.zeros((1, S, K, H), dtype),
+    )
 
 
 def test_unsupported_reason():
@@ -110,8 +140,9 @@ def test_unsupported_reason():
     with pytest.raises(NotImplementedError, match="BlockSparse"):
         flash_attention(q, k, v, mask=misaligned, block_sizes=SMALL, interpret=True)
     reasons = []
-    jax.jit(lambda off: reasons.append(unsupported_reason(q, k, v, mask=misaligned,
-                                                          q_offset=off)))(jnp.int32(0))
+    jax.jit(lambda off: reasons.append(unsupported_reason(q, k, v, mask=misaligned, q_offset=off)))(
+        jnp.int32(0)
+    )
     assert "static" in reasons[0]
 
 
@@ -123,14 +154,25 @@ def test_unsupported_reason():
         (dict(v=jnp.zeros((1, 12, 1, 64))), "k and v"),
         (dict(k=jnp.zeros((1, 16, 1, 32)), v=jnp.zeros((1, 16, 1, 32))), "head dim"),
         (dict(v=jnp.zeros((1, 16, 1, 64), jnp.bfloat16)), "dtype"),
-        (dict(segment_ids=(jnp.zeros((1, 15), jnp.int32), jnp.zeros((1, 16), jnp.int32))),
-         "segment_ids"),
+        (
+            dict(segment_ids=(jnp.zeros((1, 15), jnp.int32), jnp.zeros((1, 16), jnp.int32))),
+            "segment_ids",
+        ),
         (dict(kv_lengths=jnp.zeros((2,), jnp.int32)), "kv_lengths"),
         (dict(q_offset=jnp.zeros((2,), jnp.int32)), "q_offset"),
         (dict(scale=-1.0), "scale"),
     ],
-    ids=["heads", "rank", "kv_len", "head_dim", "dtype", "segments", "kv_lengths", "q_offset",
-         "scale"],
+    ids=[
+        "heads",
+        "rank",
+        "kv_len",
+        "head_dim",
+        "dtype",
+        "segments",
+        "kv_lengths",
+        "q_offset",
+        "scale",
+    ],
 )
 def test_bad_input_raises_value_error(kwargs, match):
     q, k, v = _qkv()
@@ -156,10 +198,12 @@ def test_g2_h64_t40_causal_under_shard_map_over_batch():
         def fn(q, k, v):
             o, vjp = jax.vjp(attn, q, k, v)
             return o, vjp(do)
+
         return fn
 
-    kernel = lambda q, k, v: flash_attention(q, k, v, mask=masks.Causal(), block_sizes=SMALL,
-                                             interpret=INTERPRET)
+    kernel = lambda q, k, v: flash_attention(
+        q, k, v, mask=masks.Causal(), block_sizes=SMALL, interpret=INTERPRET
+    )
     sharded = jax.shard_map(kernel, mesh=mesh, in_specs=(P("data"),) * 3, out_specs=P("data"))
     put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
     got = jax.jit(run(sharded), compiler_options=FAST_COMPILE)(put(q), put(k), put(v))
@@ -179,8 +223,11 @@ def test_hardware_block_sizes_must_tile_lanes():
     [
         (masks.Causal(), {}),
         (masks.ChunkedCausal(chunk=100), dict(segments=True, soft_cap=30.0, kv_lengths=True)),
-        (masks.BlockSparse(layout=np.tril(np.ones((3, 3), bool)), block_q=128, block_kv=128)
-         & masks.SinkWindow(sinks=4, window=64), {}),
+        (
+            masks.BlockSparse(layout=np.tril(np.ones((3, 3), bool)), block_q=128, block_kv=128)
+            & masks.SinkWindow(sinks=4, window=64),
+            {},
+        ),
     ],
     ids=["causal", "chunked_segments_softcap_kvlen", "blocksparse_and_sink"],
 )
@@ -196,17 +243,26 @@ def test_g2_h192v128_t300_lowers_to_mosaic_for_tpu(mask, extra):
         pytest.skip(f"no abstract TPU device in this jax: {e}")
     B, T, N, K, H, V = 2, 300, 4, 2, 192, 128
     sds = jax.ShapeDtypeStruct
-    q, k, v = sds((B, T, N, H), jnp.bfloat16), sds((B, T, K, H), jnp.bfloat16), sds(
-        (B, T, K, V), jnp.bfloat16)
+    q, k, v = (
+        sds((B, T, N, H), jnp.bfloat16),
+        sds((B, T, K, H), jnp.bfloat16),
+        sds((B, T, K, V), jnp.bfloat16),
+    )
     seg, lens = sds((B, T), jnp.int32), sds((B,), jnp.int32)
     blocks = BlockSizes(block_q=128, block_kv=128, block_q_bwd=128, block_kv_bwd=128)
 
     def fwd_bwd(q, k, v, seg, lens):
         call = lambda q, k, v: flash_attention(
-            q, k, v, mask=mask, block_sizes=blocks, return_lse=True,
+            q,
+            k,
+            v,
+            mask=mask,
+            block_sizes=blocks,
+            return_lse=True,
             segment_ids=(seg, seg) if extra.get("segments") else None,
             kv_lengths=lens if extra.get("kv_lengths") else None,
-            logits_soft_cap=extra.get("soft_cap"))
+            logits_soft_cap=extra.get("soft_cap"),
+        )
         out, vjp = jax.vjp(call, q, k, v)
         return vjp(out)
 

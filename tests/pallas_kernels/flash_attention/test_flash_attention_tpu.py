@@ -20,23 +20,57 @@ _LAYOUT = np.tril(np.ones((4, 4), bool)) & ~np.eye(4, k=-2, dtype=bool)
 CASES = {
     "g1_h64_t64_none": dict(T=64, N=1, K=1, H=64),
     "g4_h192v128_t100_causal_bwd_blocks_differ": dict(
-        T=100, N=4, K=1, H=192, V=128, mask=masks.Causal(),
-        block_sizes=BlockSizes(block_q=64, block_kv=32, block_q_bwd=32, block_kv_bwd=64)),
+        T=100,
+        N=4,
+        K=1,
+        H=192,
+        V=128,
+        mask=masks.Causal(),
+        block_sizes=BlockSizes(block_q=64, block_kv=32, block_q_bwd=32, block_kv_bwd=64),
+    ),
     "g2_h128_t70_s90_sliding_segments_softcap": dict(
-        T=70, S=90, N=2, K=1, H=128, mask=masks.SlidingWindow(left=20, right=5),
-        segments=True, soft_cap=5.0),
+        T=70,
+        S=90,
+        N=2,
+        K=1,
+        H=128,
+        mask=masks.SlidingWindow(left=20, right=5),
+        segments=True,
+        soft_cap=5.0,
+    ),
     "g8_h64_t24_s100_sink_traced_offset_kvlen": dict(
-        B=2, T=24, S=100, N=8, K=1, H=64, mask=masks.SinkWindow(sinks=4, window=16),
-        q_offset=70, traced_offset=True, kv_lengths=[100, 81]),
-    "g1_h256_t64_chunked_bf16": dict(T=64, N=2, K=2, H=256, mask=masks.ChunkedCausal(chunk=24),
-                                     dtype=jnp.bfloat16),
+        B=2,
+        T=24,
+        S=100,
+        N=8,
+        K=1,
+        H=64,
+        mask=masks.SinkWindow(sinks=4, window=16),
+        q_offset=70,
+        traced_offset=True,
+        kv_lengths=[100, 81],
+    ),
+    "g1_h256_t64_chunked_bf16": dict(
+        T=64, N=2, K=2, H=256, mask=masks.ChunkedCausal(chunk=24), dtype=jnp.bfloat16
+    ),
     "g2_h64_t128_blocksparse_and_causal": dict(
-        T=128, N=2, K=1, H=64,
-        mask=masks.BlockSparse(layout=_LAYOUT, block_q=32, block_kv=32) & masks.Causal()),
+        T=128,
+        N=2,
+        K=1,
+        H=64,
+        mask=masks.BlockSparse(layout=_LAYOUT, block_q=32, block_kv=32) & masks.Causal(),
+    ),
     "g2_h96_t50_s80_or_fully_masked_rows": dict(
-        B=2, T=50, S=80, N=2, K=1, H=96, q_offset=30,
+        B=2,
+        T=50,
+        S=80,
+        N=2,
+        K=1,
+        H=96,
+        q_offset=30,
         mask=masks.Or(masks.SlidingWindow(left=3), masks.SinkWindow(sinks=2, window=1)),
-        kv_lengths=[0, 37]),
+        kv_lengths=[0, 37],
+    ),
 }
 
 
@@ -56,5 +90,11 @@ def test_g4_h64_t40_fully_masked_rows_zero_not_nan():
 def test_g2_h64_t64_causal_two_cores_no_races():
     # Megacore: the interpreter splits the "parallel" grid axes over two simulated cores and
     # the race detector checks that no output block is shared between them.
-    check_case(T=64, N=2, K=1, H=64, mask=masks.Causal(),
-               interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2))
+    check_case(
+        T=64,
+        N=2,
+        K=1,
+        H=64,
+        mask=masks.Causal(),
+        interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2),
+    )
