@@ -82,7 +82,7 @@ def _deepseek_tiny() -> dict:
 
 
 def _mla_tiny_default() -> dict:
-    # ~2.6M parameters: the training default (byte tokenizer, vocab 256).
+    # ~3.0M parameters: the training default (byte tokenizer, vocab 256).
     return dict(
         arch="deepseek_v3",
         attention="mla",

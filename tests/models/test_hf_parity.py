@@ -270,3 +270,20 @@ def test_sharded_checkpoint_index_is_read(tmp_path_factory, tmp_path):
     a, b = models.from_hf(path), models.from_hf(str(tmp_path))
     for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, word",
+    [
+        ("llama-tiny", dict(num_query_heads=2), "SQA"),
+        ("llama-tiny", dict(sliding_window=8), "sliding window"),
+        ("llama-tiny", dict(qk_norm=True), "qk_norm"),
+        ("qwen2-tiny", dict(qkv_bias=False), "qwen2"),
+        ("llama-tiny", dict(arch="deepseek_v2"), "mla"),
+    ],
+)
+def test_to_hf_rejects_configs_without_hf_equivalent(name, overrides, word):
+    from models._hf_config import config_to_hf
+
+    with pytest.raises(ValueError, match=word):
+        config_to_hf(models.get_config(name, **overrides))
