@@ -183,3 +183,13 @@ def test_sharded_forward_over_a_mesh_matches_single_device():
     with jax.set_mesh(mesh):
         got = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(sharded, tokens)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "deepseek-tiny"])
+def test_bf16_compute_decode_tracks_forward(name):
+    model = DecoderLM(get_config(name, dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, 256)
+    full = _forward(model, tokens)
+    assert full.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(full)))
+    _, steps, _ = _prefill_and_steps(model, tokens, 6)
+    np.testing.assert_allclose(np.asarray(steps[0]), np.asarray(full[0, 6:]), atol=5e-2)
