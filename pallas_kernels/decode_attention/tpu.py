@@ -47,30 +47,39 @@ def heads_per_block(num_kv_heads: int, h: int, v: int) -> int:
     return num_kv_heads
 
 
-def _live_block_range(kv_len, *, T: int, block_kv: int, window: int | None):
-    """First and last cache block that any of the T queries can see (clamped to >= 0)."""
+def _live_block_range(kv_len, *, T: int, block_kv: int, window: int | None, cache_len: int):
+    """First and last cache block that any of the T queries can see (clamped to >= 0).
+
+    Keys past ``cache_len`` do not exist: a kv_len > C (bad input) must not make the index
+    map point past the cache, where a DMA would read out of bounds.
+    """
     lo_key = 0 if window is None else jnp.maximum(kv_len - T - window + 1, 0)
     # lax.div/rem (truncating) rather than // and %: operands are >= 0, and floor semantics
     # would add sign fix-ups to the scalar code.
     lo_blk = jax.lax.div(lo_key, block_kv)
-    hi_blk = jnp.maximum(jax.lax.div(kv_len + block_kv - 1, block_kv) - 1, 0)
+    n_keys = jnp.minimum(kv_len, cache_len)
+    hi_blk = jnp.maximum(jax.lax.div(n_keys + block_kv - 1, block_kv) - 1, 0)
     return lo_blk, hi_blk
 
 
-def kv_block_index(j, kv_len, *, T: int, block_kv: int, window: int | None):
+def kv_block_index(j, kv_len, *, T: int, block_kv: int, window: int | None, cache_len: int):
     """Cache block fetched at grid step j: j clamped into the live range of the sequence.
 
     Consecutive dead steps thus repeat one block index and Pallas issues no DMA for them.
     Broadcasts over array ``j`` / ``kv_len``.
     """
-    lo_blk, hi_blk = _live_block_range(kv_len, T=T, block_kv=block_kv, window=window)
+    lo_blk, hi_blk = _live_block_range(
+        kv_len, T=T, block_kv=block_kv, window=window, cache_len=cache_len
+    )
     return jnp.minimum(jnp.maximum(j, lo_blk), hi_blk)
 
 
-def block_is_live(j, kv_len, *, T: int, block_kv: int, window: int | None):
+def block_is_live(j, kv_len, *, T: int, block_kv: int, window: int | None, cache_len: int):
     """Whether block j holds a key that one of the T queries can see (else compute skips)."""
-    lo_blk, hi_blk = _live_block_range(kv_len, T=T, block_kv=block_kv, window=window)
-    return (j >= lo_blk) & (j <= hi_blk) & (j * block_kv < kv_len)
+    lo_blk, hi_blk = _live_block_range(
+        kv_len, T=T, block_kv=block_kv, window=window, cache_len=cache_len
+    )
+    return (j >= lo_blk) & (j <= hi_blk) & (j * block_kv < jnp.minimum(kv_len, cache_len))
 
 
 def _kernel(
@@ -81,6 +90,7 @@ def _kernel(
     T,
     H,
     V,
+    C,
     hb,
     block_kv,
     blocks_per_split,
@@ -105,12 +115,13 @@ def _kernel(
         m_scr[...] = jnp.full_like(m_scr, MASK_VALUE)
         l_scr[...] = jnp.zeros_like(l_scr)
 
-    live = block_is_live(j, kv_len, T=T, block_kv=block_kv, window=window)
+    live = block_is_live(j, kv_len, T=T, block_kv=block_kv, window=window, cache_len=C)
+    n_keys = jnp.minimum(kv_len, C)  # keys that exist: j < kv_len and j < C
 
     start = j * block_kv
     # A block whose every key is visible to every row (interior of the cache, the usual case)
     # needs no iota, mask or row zeroing: that VPU work is comparable to the block's DMA time.
-    full = (start + block_kv <= kv_len - T + 1) & (
+    full = (start + block_kv <= jnp.minimum(kv_len - T + 1, n_keys)) & (
         True if window is None else start >= kv_len - window
     )
 
@@ -120,12 +131,12 @@ def _kernel(
             t_RS = jax.lax.broadcasted_iota(jnp.int32, (R, block_kv), 0)
             t_RS = jax.lax.rem(t_RS, T) if T > 1 else jnp.zeros_like(t_RS)  # rows are (g, t)
             q_pos_RS = kv_len - T + t_RS
-            visible_RS = (k_pos_RS <= q_pos_RS) & (k_pos_RS < kv_len)
+            visible_RS = (k_pos_RS <= q_pos_RS) & (k_pos_RS < n_keys)
             if window is not None:
                 visible_RS &= q_pos_RS - k_pos_RS < window
             # Rows past kv_len (including the padding of a partial last block, which may hold
             # garbage or NaN) are zeroed: p = 0 there, but 0 * NaN would still poison p @ v.
-            row_ok_S1 = start + jax.lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0) < kv_len
+            row_ok_S1 = start + jax.lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0) < n_keys
         for hh in range(hb):  # static: hb is 1 for H = 128/256 or K = 1
             q_RH = q_ref[hh]
             k_SH = k_ref[:, hh * H : (hh + 1) * H]
@@ -213,7 +224,9 @@ def decode_partials(
         return b, h, 0, 0
 
     def kv_map(b, h, s, i, lens_ref):
-        j = kv_block_index(s * bps + i, lens_ref[b], T=T, block_kv=block_kv, window=window)
+        j = kv_block_index(
+            s * bps + i, lens_ref[b], T=T, block_kv=block_kv, window=window, cache_len=C
+        )
         return b, j, h
 
     def out_map(b, h, s, i, lens_ref):
@@ -244,6 +257,7 @@ def decode_partials(
         T=T,
         H=H,
         V=V,
+        C=C,
         hb=hb,
         block_kv=block_kv,
         blocks_per_split=bps,

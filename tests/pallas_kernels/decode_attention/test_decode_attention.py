@@ -51,7 +51,7 @@ class Case:
 
 # Features are combined so that each case (one interpreter compile) covers several of them.
 CASES = [
-    Case(G=1, K=2, H=128, V=128, C=300, T=1, lens=(300, 0, 17, 129), block_kv=64, splits=3),
+    Case(G=1, K=2, H=128, V=128, C=300, T=1, lens=(300, 0, 17, 129, 310), block_kv=64, splits=3),
     Case(G=2, K=2, H=64, V=64, C=100, T=3, lens=(100, 0, 2, 20), block_kv=16, splits=3, window=17),
     Case(G=4, K=2, H=128, V=128, C=300, T=1, lens=(300, 1, 64), block_kv=64, splits=1),
     Case(G=8, K=1, H=128, V=128, C=200, T=3, lens=(199, 3, 0), splits=4, cap=5.0),

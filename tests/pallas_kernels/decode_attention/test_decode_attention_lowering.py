@@ -68,13 +68,14 @@ def test_dead_blocks_issue_no_dma_c40_b8(T, window, splits):
     C, block_kv = 40, 8
     num_blocks = -(-C // block_kv)
     bps = -(-num_blocks // splits)
-    lens = jnp.arange(C + 1, dtype=jnp.int32)  # every kv length at once
+    lens = jnp.arange(C + 4, dtype=jnp.int32)  # every kv length at once (> C: bad input)
     steps = jnp.arange(splits * bps, dtype=jnp.int32)[:, None]
-    kw = dict(T=T, block_kv=block_kv, window=window)
+    kw = dict(T=T, block_kv=block_kv, window=window, cache_len=C)
     fetched = np.asarray(tpu.kv_block_index(steps, lens, **kw))  # [steps, lens]
     live = np.asarray(tpu.block_is_live(steps, lens, **kw))
     mask = np.asarray(visible_mask(lens, T, C, window))  # [lens, T, C]
-    for n in range(C + 1):
+    assert fetched.max() == num_blocks - 1  # never past the cache, even for kv_len > C
+    for n in range(C + 4):
         dmas = 1 + int((np.diff(fetched[:, n]) != 0).sum())
         assert dmas == max(int(live[:, n].sum()), 1), n
         # Live steps fetch their own block; live blocks are exactly those with a visible key.
