@@ -123,7 +123,8 @@ def decode_attention(
       v_BCKV: value cache [B, C, K, V]; V may differ from H (MLA: H = 576, V = 512).
         Passing the very same array as ``k_BCKH`` reads the cache once (absorbed MLA, where
         the latent cache is both key and value: slice ``o[..., :512]`` afterwards).
-      kv_lengths_B: int [B], 0 <= kv_lengths <= C; may be traced.
+      kv_lengths_B: int [B], 0 <= kv_lengths <= C; may be traced. (Larger values see only
+        the C cached keys, as in the reference: no block past the cache is ever read.)
       scale: multiplies q.k; default 1/sqrt(H).
       logits_soft_cap: c in c * tanh(s / c), or None.
       window: sliding window W (p - j < W), or None.
