@@ -138,8 +138,15 @@ def config_to_hf(c: ModelConfig, torch_dtype: str = "float32") -> dict:
             first_k_dense_replace=c.num_layers,
         )  # every layer dense (no MoE)
         hf |= rope_config_to_hf(c.rope, head_dim=c.qk_rope_head_dim)
+        # "interleaved" and "interleaved_to_split_half" pair the same dims (equal q.k).
+        paired = c.rope.layout != "split_half"
         if c.arch == "deepseek_v3":
-            hf["rope_interleave"] = c.rope.layout == "interleaved_to_split_half"
+            hf["rope_interleave"] = paired
+        elif not paired:
+            raise ValueError(
+                "deepseek_v2 always interleaves rope pairs; export a split_half "
+                "rope layout as arch='deepseek_v3' (rope_interleave=False)"
+            )
         return hf
     if c.arch.startswith("deepseek"):
         raise ValueError(f"arch={c.arch!r} needs attention='mla'")

@@ -280,6 +280,7 @@ def test_sharded_checkpoint_index_is_read(tmp_path_factory, tmp_path):
         ("llama-tiny", dict(qk_norm=True), "qk_norm"),
         ("qwen2-tiny", dict(qkv_bias=False), "qwen2"),
         ("llama-tiny", dict(arch="deepseek_v2"), "mla"),
+        ("deepseek-tiny", dict(rope=models.config.RopeConfig()), "interleave"),
     ],
 )
 def test_to_hf_rejects_configs_without_hf_equivalent(name, overrides, word):
