@@ -110,7 +110,7 @@ def dot_product_attention(
         if reason:
             raise NotImplementedError(f"implementation='cudnn' cannot serve this call: {reason}")
         return _cudnn(a, q_BTNH, k_BSKH, v_BSKV)
-    reason = _pallas_unsupported(implementation, a, q_BTNH, k_BSKH, v_BSKV)
+    reason = _pallas_unsupported(implementation, a, q_BTNH, k_BSKH, v_BSKV, block_sizes)
     if reason:
         raise NotImplementedError(
             f"implementation={implementation!r} cannot serve this call: {reason}"
@@ -122,7 +122,8 @@ def _choose(a: AttentionArgs, q, k, v, return_lse, block_sizes) -> str:
     backend = jax.default_backend()
     preferred = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(backend)
     if preferred is not None:
-        reason = _pallas_unsupported(preferred, a, q, k, v)
+        kernel_blocks = None if isinstance(block_sizes, ChunkedBlockSizes) else block_sizes
+        reason = _pallas_unsupported(preferred, a, q, k, v, kernel_blocks)
         if reason is None:
             return preferred
         _log_once(f"jaxattn: {preferred} cannot serve a call ({reason}); using 'chunked'")
@@ -146,18 +147,31 @@ def _kernel_module(implementation: str):
     return api, None
 
 
-def _pallas_unsupported(implementation, a: AttentionArgs, q, k, v) -> str | None:
+def _tpu_interpret_params():
+    """The InterpretParams of an active ``pltpu.force_tpu_interpret_mode()``, else None."""
+    try:
+        from jax._src import config
+
+        return config.pallas_tpu_interpret_mode_context_manager.value
+    except (ImportError, AttributeError):  # a jax without TPU interpret mode
+        return None
+
+
+def _pallas_unsupported(implementation, a: AttentionArgs, q, k, v, block_sizes=None):
     platform = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}[implementation]
-    if jax.default_backend() != platform:
+    interpreted = implementation == "pallas_tpu" and _tpu_interpret_params() is not None
+    if jax.default_backend() != platform and not interpreted:
         return (
             f"it runs on {platform.upper()} only (backend is {jax.default_backend()}); "
-            "on CPU, test it with pallas_kernels' interpret mode"
+            "on CPU, run it under pltpu.force_tpu_interpret_mode()"
         )
     api, reason = _kernel_module(implementation)
     if reason:
         return reason
     if a.dense is not None:
         return "dense mask arrays are not supported by the kernel; use a mask spec"
+    if getattr(a.q_offset, "ndim", 0) == 1:
+        return "a per-sequence [B] q_offset is not supported by the kernel"
     return api.unsupported_reason(
         q,
         k,
@@ -167,6 +181,7 @@ def _pallas_unsupported(implementation, a: AttentionArgs, q, k, v) -> str | None
         q_offset=_offset(a),
         kv_lengths=a.kv_lengths,
         logits_soft_cap=a.logits_soft_cap,
+        block_sizes=block_sizes,
     )
 
 
@@ -181,6 +196,9 @@ def _offset(a: AttentionArgs):
 def _pallas(implementation, a: AttentionArgs, q, k, v, return_lse, block_sizes):
     api, _ = _kernel_module(implementation)
     fn = api.flash_attention if implementation == "pallas_tpu" else api.flash_attention_gpu
+    kw = {}
+    if implementation == "pallas_tpu" and jax.default_backend() != "tpu":
+        kw["interpret"] = _tpu_interpret_params()
     return fn(
         q,
         k,
@@ -193,6 +211,7 @@ def _pallas(implementation, a: AttentionArgs, q, k, v, return_lse, block_sizes):
         logits_soft_cap=a.logits_soft_cap,
         block_sizes=block_sizes,
         return_lse=return_lse,
+        **kw,
     )
 
 

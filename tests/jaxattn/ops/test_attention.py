@@ -283,3 +283,37 @@ def test_bad_input_raises_value_error(call, match):
 def test_negative_window_is_rejected_at_construction():
     with pytest.raises(ValueError, match="SlidingWindow.left"):
         masks.SlidingWindow(left=-2)
+
+
+def test_pallas_tpu_through_the_op_in_interpret_mode():
+    """The op hands every argument to the TPU kernel (run here by TPU interpret mode)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    from pallas_kernels.flash_attention import BlockSizes
+
+    q, k, v, do = _inputs(2, 40, 56, 4, 2, 64, 32, seed=11)
+    kw = dict(
+        mask=masks.Causal(),
+        q_offset=16,
+        kv_lengths=jnp.array([56, 30]),
+        segment_ids=(jnp.zeros((2, 40), jnp.int32), jnp.zeros((2, 56), jnp.int32)),
+        logits_soft_cap=20.0,
+    )
+    want = _value_and_grads("xla", q, k, v, do, **kw)
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+        got = _value_and_grads(
+            "pallas_tpu",
+            q,
+            k,
+            v,
+            do,
+            jit=False,
+            block_sizes=BlockSizes(block_q=16, block_kv=16, block_q_bwd=16, block_kv_bwd=16),
+            **kw,
+        )
+        with pytest.raises(NotImplementedError, match="dense mask"):
+            attention(q, k, v, mask=jnp.ones((40, 56), bool), implementation="pallas_tpu")
+    for name, g, w in zip(
+        ("o", "lse", "dq", "dk", "dv"), (*got[:2], *got[2]), (*want[:2], *want[2])
+    ):
+        _assert_close(g, w, dict(atol=1e-4, rtol=1e-4), name)
