@@ -82,7 +82,7 @@ _specs = st.one_of(
 )
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     spec=st.one_of(
         _specs,

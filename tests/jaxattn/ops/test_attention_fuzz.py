@@ -35,7 +35,7 @@ def _mask(draw):
     return kind
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     B=st.integers(1, 2),
     T=st.integers(1, 90),
@@ -73,7 +73,9 @@ def test_fuzz_chunked_vs_reference(
             o, lse = attention(q, k, v, implementation=impl, return_lse=True, **kw, **extra)
             return (o * do).sum(), (o, lse)
 
-        (_, out), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        vg = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+        fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+        (_, out), grads = vg.lower(q, k, v).compile(compiler_options=fast)(q, k, v)
         return (*out, *grads)
 
     want = run("xla")
