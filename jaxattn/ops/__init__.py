@@ -1,5 +1,49 @@
-"""Functional core of jaxattn: the attention op and its helpers."""
+"""Functional core of jaxattn: the attention op, rotary embeddings, sharded kernel wrappers.
+
+Attention
+  dot_product_attention, IMPLEMENTATIONS      the op (xla / chunked / pallas / cudnn)
+  ChunkedBlockSizes                           tuning of the "chunked" implementation
+Rotary embeddings (jaxattn.ops.rope)
+  RopeConfig, apply_rope, rope_frequencies, rope_cos_sin, rope_config_from_hf, rope_config_to_hf
+  LinearScaling, DynamicNTKScaling, NTKScaling, Llama3Scaling, YarnScaling, LongRopeScaling
+Sharding (jaxattn.ops.sharded)
+  shard_attention, sharded_decode_attention   kernels under jax.shard_map from the rules table
+"""
 
 from jaxattn.ops.attention import IMPLEMENTATIONS, dot_product_attention
+from jaxattn.ops.attention_chunked import ChunkedBlockSizes
+from jaxattn.ops.rope import (
+    DynamicNTKScaling,
+    LinearScaling,
+    Llama3Scaling,
+    LongRopeScaling,
+    NTKScaling,
+    RopeConfig,
+    YarnScaling,
+    apply_rope,
+    rope_config_from_hf,
+    rope_config_to_hf,
+    rope_cos_sin,
+    rope_frequencies,
+)
+from jaxattn.ops.sharded import shard_attention, sharded_decode_attention
 
-__all__ = ["IMPLEMENTATIONS", "dot_product_attention"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "dot_product_attention",
+    "ChunkedBlockSizes",
+    "RopeConfig",
+    "apply_rope",
+    "rope_frequencies",
+    "rope_cos_sin",
+    "rope_config_from_hf",
+    "rope_config_to_hf",
+    "LinearScaling",
+    "DynamicNTKScaling",
+    "NTKScaling",
+    "Llama3Scaling",
+    "YarnScaling",
+    "LongRopeScaling",
+    "shard_attention",
+    "sharded_decode_attention",
+]
