@@ -106,6 +106,10 @@ def config_to_hf(c: ModelConfig, torch_dtype: str = "float32") -> dict:
     """The HF ``config.json`` dict of ``c`` (its ``arch`` picks the model type)."""
     if c.num_query_heads not in (None, c.num_heads):
         raise ValueError("SQA models (num_query_heads < num_heads) have no HF equivalent")
+    if c.mlp_bias and c.arch != "llama":
+        raise ValueError(f"{c.arch} has no MLP biases in HF; mlp_bias=True exports as llama only")
+    if c.arch == "mistral" and (c.qkv_bias or c.o_bias):
+        raise ValueError("mistral has no attention biases in HF; export as llama or qwen2")
     if c.qk_norm or c.logits_soft_cap is not None:
         raise ValueError("qk_norm / logits_soft_cap have no equivalent in the supported HF archs")
     hf = dict(

@@ -280,6 +280,8 @@ def test_sharded_checkpoint_index_is_read(tmp_path_factory, tmp_path):
         ("llama-tiny", dict(qk_norm=True), "qk_norm"),
         ("qwen2-tiny", dict(qkv_bias=False), "qwen2"),
         ("llama-tiny", dict(arch="deepseek_v2"), "mla"),
+        ("mistral-tiny", dict(qkv_bias=True, o_bias=True), "mistral"),
+        ("qwen2-tiny", dict(mlp_bias=True), "mlp_bias"),
         ("deepseek-tiny", dict(rope=models.config.RopeConfig()), "interleave"),
     ],
 )
