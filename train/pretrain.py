@@ -131,7 +131,8 @@ def finish(result: RunResult, config: TrainConfig) -> dict:
     if config.tensorboard:
         outputs["tensorboard"] = os.path.abspath(os.path.join(result.run_dir, "tensorboard"))
     if config.plot and jax.process_index() == 0 and os.path.exists(outputs["metrics"]):
-        outputs["plot"] = plot_losses(outputs["metrics"], os.path.join(result.run_dir, "loss.png"))
+        png = os.path.abspath(os.path.join(result.run_dir, "loss.png"))
+        outputs["plot"] = plot_losses(outputs["metrics"], png)
     if config.sample_tokens > 0 and config.sample_prompts and config.data != "recall":
         model = result.trainer.model(host_params(result.state["params"]), result.rest)
         texts = sample_texts(
@@ -139,8 +140,10 @@ def finish(result: RunResult, config: TrainConfig) -> dict:
             list(config.sample_prompts),
             max_new_tokens=config.sample_tokens,
             seed=config.seed,
+            temperature=0.7,
+            top_k=20,
         )
-        say("samples (greedy, KV cache):")
+        say("samples (temperature 0.7, top-k 20, KV cache):")
         for prompt, text in zip(config.sample_prompts, texts, strict=True):
             say(f"  {prompt!r} -> {text!r}")
     say(f"done in {result.seconds:.0f}s; final eval loss {result.eval_loss:.4f}")

@@ -23,15 +23,10 @@ MESH = dict(mesh_data=2, mesh_fsdp=2)  # 4 fake devices in the subprocesses
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cache_dir):
+def uninterrupted(tmp_path_factory):
     """Run dir of a run trained straight through to STEPS (checkpoints every 2 steps)."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    run_ok(pretrain_cmd(run_dir, steps=STEPS, **MESH), cli_env(4, cache_dir))
+    run_ok(pretrain_cmd(run_dir, steps=STEPS, **MESH), cli_env(4))
     return run_dir
 
 
@@ -50,10 +45,10 @@ def _final_params(run_dir):
     return jax.tree.map(np.asarray, params)
 
 
-def test_sigkill_at_a_step_then_restart_is_bit_identical(uninterrupted, tmp_path, cache_dir):
+def test_sigkill_at_a_step_then_restart_is_bit_identical(uninterrupted, tmp_path):
     kill_at = int(np.random.default_rng(0).integers(3, STEPS - 1))  # an arbitrary middle step
     cmd = pretrain_cmd(tmp_path, steps=STEPS, **MESH)
-    env = cli_env(4, cache_dir)
+    env = cli_env(4)
     proc = subprocess.Popen(
         cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

@@ -16,12 +16,20 @@ from train.pretrain import build_model
 from train.step import make_trainer
 
 
-def _run_steps(config, mesh_shape, devices, steps=2):
-    """Loss per step and final params (numpy) of ``steps`` train steps."""
-    model_config, model_fn = build_model(config)
+def _run_steps(config, mesh_shape, devices, init=None, steps=2):
+    """Loss per step, final params (numpy) and state of ``steps`` train steps.
+
+    ``init``: host (numpy) initial ``(state, rest)`` to start from (placed on this trainer's
+    mesh), so variants share one compiled init.
+    """
+    _, model_fn = build_model(config)
     trainer = make_trainer(model_fn, config, make_mesh(mesh_shape, devices))
     loader, _ = make_loaders(config)
-    state, rest = trainer.init()
+    if init is None:
+        state, rest = trainer.init()
+    else:
+        state = jax.device_put(init[0], trainer.state_shardings)
+        rest = jax.device_put(init[1], trainer.rest_shardings)
     losses = []
     for step in range(steps):
         state, metrics = trainer.train_step(state, rest, trainer.put_batch(loader.batch(step)))
@@ -35,14 +43,19 @@ def _max_diff(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def single_device(tmp_path_factory):
+    """Config, shared host initial state, and the single-device reference run."""
     config = tiny_config(tmp_path_factory.mktemp("run"))
-    return config, _run_steps(config, {"data": 1}, jax.devices()[:1])
+    _, model_fn = build_model(config)
+    trainer = make_trainer(model_fn, config, make_mesh({"data": 1}, jax.devices()[:1]))
+    init = jax.tree.map(np.asarray, trainer.init())
+    return config, init, _run_steps(config, {"data": 1}, jax.devices()[:1], init)
 
 
 def test_sharded_2x2x2_step_equals_single_device(single_device):
-    config, (losses_1, params_1, _) = single_device
+    config, init, (losses_1, params_1, _) = single_device
     assert len(jax.devices()) == 8
-    losses_8, params_8, state_8 = _run_steps(config, {"data": 2, "fsdp": 2, "tensor": 2}, None)
+    mesh = {"data": 2, "fsdp": 2, "tensor": 2}
+    losses_8, params_8, state_8 = _run_steps(config, mesh, None, init)
     np.testing.assert_allclose(losses_8, losses_1, atol=1e-5, rtol=0)
     assert _max_diff(params_8, params_1) < 1e-5
     # the parameters really are split over the mesh
@@ -56,18 +69,18 @@ def test_sharded_2x2x2_step_equals_single_device(single_device):
     ids=["accum2_full", "blocks"],
 )
 def test_accumulation_and_remat_keep_the_step(single_device, change):
-    config, (losses_1, params_1, _) = single_device
+    config, init, (losses_1, params_1, _) = single_device
     losses, params, _ = _run_steps(
-        dataclasses.replace(config, **change), {"data": 1}, jax.devices()[:1]
+        dataclasses.replace(config, **change), {"data": 1}, jax.devices()[:1], init
     )
     np.testing.assert_allclose(losses, losses_1, atol=1e-5, rtol=0)
     assert _max_diff(params, params_1) < 1e-5
 
 
 def test_bf16_compute_keeps_fp32_master_weights(single_device):
-    config, (losses_1, _, _) = single_device
+    config, init, (losses_1, _, _) = single_device
     losses, params, _ = _run_steps(
-        dataclasses.replace(config, compute_dtype="bfloat16"), {"data": 1}, jax.devices()[:1]
+        dataclasses.replace(config, compute_dtype="bfloat16"), {"data": 1}, jax.devices()[:1], init
     )
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
     np.testing.assert_allclose(losses, losses_1, atol=0.05)  # bf16 rounding only

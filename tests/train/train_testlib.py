@@ -6,8 +6,18 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+
+import jax
 
 from train.config import TrainConfig
+
+# the persistent compilation cache: a restarted run, or a finetune whose step equals a
+# pretraining step, reuses compiled programs instead of compiling them again
+CACHE_DIR = os.path.join(tempfile.gettempdir(), "jaxattn_train_tests_jax_cache")
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,12 +68,9 @@ def as_set_args(config_changes: dict) -> list[str]:
     return args
 
 
-def cli_env(num_devices: int, cache_dir=None) -> dict:
-    """Environment of a training subprocess with ``num_devices`` fake CPU devices.
-
-    ``cache_dir`` turns on JAX's persistent compilation cache, so repeated runs of the same
-    program (a killed run and its restart) compile once.
-    """
+def cli_env(num_devices: int, cache_dir=CACHE_DIR) -> dict:
+    """Environment of a training subprocess with ``num_devices`` fake CPU devices and the
+    persistent compilation cache (so a killed run and its restart compile once)."""
     env = dict(os.environ)
     if cache_dir is not None:
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
@@ -81,7 +88,7 @@ def pretrain_cmd(run_dir, **changes) -> list[str]:
     return [sys.executable, "-m", "train.pretrain", *as_set_args(settings)]
 
 
-def run_ok(cmd, env, timeout=240) -> str:
+def run_ok(cmd, env, timeout=600) -> str:
     """Run ``cmd``; fail with its output if it exits non-zero. Returns stdout + stderr."""
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
