@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxattn.sharding import make_mesh
 from train.checkpoints import Checkpointer, config_to_json
+from train.config import ConfigError
 from train.data import make_loaders
 from train.metrics import MetricsWriter, flops_per_token, peak_flops, progress_line
 from train.optim import lr_schedule
@@ -93,6 +94,18 @@ def _place(tree, shardings):
     )
 
 
+def _check_vocab(config, model_config, *loaders) -> None:
+    """Token ids of file data must fit the model's vocabulary (a gather would clamp them)."""
+    vocab = getattr(model_config, "vocab_size", None)
+    for loader in loaders:
+        tokens = getattr(loader, "tokens_N", None)
+        if vocab and tokens is not None and len(tokens) and int(np.max(tokens)) >= vocab:
+            raise ConfigError(
+                f"data={config.data!r} holds token id {int(np.max(tokens))} but "
+                f"the model's vocab_size is {vocab}"
+            )
+
+
 def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunResult:
     """Train ``model_fn()`` under ``config``; resume if a checkpoint exists.
 
@@ -111,6 +124,7 @@ def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunR
     mesh = make_mesh(config.mesh_shape(jax.device_count()))
     trainer = make_trainer(model_fn, config, mesh)
     train_data, eval_data = make_loaders(config, jax.process_index(), jax.process_count())
+    _check_vocab(config, model_config, train_data, eval_data)
     ckpt = Checkpointer(
         os.path.join(run_dir, "checkpoints"),
         every=config.ckpt_every,

@@ -206,7 +206,7 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
         }
         metrics = {
             "loss": nll / weight,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "tokens": jnp.float32(batch["inputs_BT"].size),
         }
         return new_state, metrics

@@ -13,7 +13,14 @@ import pytest
 from train_testlib import REPO, cli_env
 
 from train.config import ConfigError, TrainConfig, apply_overrides, load_config
-from train.data import ByteTokenizer, RecallLoader, WindowLoader, builtin_corpus, load_tokens
+from train.data import (
+    ByteTokenizer,
+    RecallLoader,
+    WindowLoader,
+    builtin_corpus,
+    load_tokens,
+    make_loaders,
+)
 
 
 @pytest.mark.parametrize(
@@ -115,3 +122,18 @@ def test_recall_rows_ask_for_earlier_values():
         for t in np.nonzero(weights)[0]:
             assert pairs[inputs[t]] == targets[t]
     assert batch["weights_BT"].sum() > 0
+
+
+def test_token_ids_beyond_the_vocabulary_are_rejected(tmp_path):
+    from train.loop import _check_vocab
+
+    path = tmp_path / "tokens.npy"
+    np.save(path, np.array([1, 2, 300, 4] * 100, np.int32))
+    config = TrainConfig(data=str(path), seq_len=8, batch_size=2, eval_fraction=0.5)
+    loaders = make_loaders(config)
+
+    class Vocab:
+        vocab_size = 256
+
+    with pytest.raises(ConfigError, match="holds token id 300 but the model's vocab_size is 256"):
+        _check_vocab(config, Vocab, *loaders)
