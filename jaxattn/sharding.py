@@ -92,6 +92,11 @@ def logical_sharding(names: Sequence[str | None], mesh: Mesh, rules=None) -> Nam
 def make_mesh(shape: dict[str, int], devices=None) -> Mesh:
     """A mesh with the named axes and sizes, e.g. ``{"data": 2, "fsdp": 2, "tensor": 2}``.
 
+    Axes are in Auto mode: jaxattn places parameters and batches with ``jax.jit`` in/out
+    shardings and constrains activations at block boundaries, letting XLA propagate the rest
+    (``jax.make_mesh``'s default Explicit axes would demand an output sharding on every op
+    whose result sharding is ambiguous, such as an embedding gather).
+
     Raises:
       ValueError: unknown axis names, or a product that differs from the device count.
     """
@@ -104,7 +109,8 @@ def make_mesh(shape: dict[str, int], devices=None) -> Mesh:
         size *= n
     if size != len(devices):
         raise ValueError(f"mesh shape {shape} needs {size} devices, but {len(devices)} are given")
-    return jax.make_mesh(tuple(shape.values()), tuple(shape), devices=devices)
+    auto = (jax.sharding.AxisType.Auto,) * len(shape)
+    return jax.make_mesh(tuple(shape.values()), tuple(shape), axis_types=auto, devices=devices)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None = None) -> jax.Array:
