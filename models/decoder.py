@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxattn import sharding
 from jaxattn.layers import Attention, Embed, MultiHeadLatentAttention, RMSNorm, SwiGLU
-from jaxattn.layers._base import param
+from jaxattn.layers._base import dense, param
 from models.config import ModelConfig
 
 __all__ = ["DecoderLM", "Block"]
@@ -86,9 +86,9 @@ class DecoderLM(nnx.Module):
         x_BTD = self.final_norm(x_BTD)
         table = self.embed.table_VD[...].T if self.config.tie_embeddings else self.lm_head_DV[...]
         # logits in fp32: the softmax over a large vocabulary needs the precision.
-        return jnp.einsum(
-            "btd,dv->btv", x_BTD, table.astype(x_BTD.dtype), preferred_element_type=jnp.float32
-        ).astype(jnp.float32)
+        return dense(x_BTD, table.astype(x_BTD.dtype), preferred_element_type=jnp.float32).astype(
+            jnp.float32
+        )
 
     def __call__(
         self,

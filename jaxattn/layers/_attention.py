@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.cache import KVCache
-from jaxattn.layers._base import cast, param, zeros_init
+from jaxattn.layers._base import cast, dense, param, zeros_init
 from jaxattn.layers._norm import RMSNorm
 from jaxattn.masks import Causal, SlidingWindow
 from jaxattn.ops.attention import dot_product_attention
@@ -158,9 +158,9 @@ class Attention(nnx.Module):
         c = self.config
         dt = c.dtype or x_BTD.dtype
         x_BTD = x_BTD.astype(dt)
-        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, cast(self.q_DNH[...], dt))
-        k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, cast(self.k_DKH[...], dt))
-        v_BTKV = jnp.einsum("btd,dkv->btkv", x_BTD, cast(self.v_DKV[...], dt))
+        q_BTNH = dense(x_BTD, cast(self.q_DNH[...], dt))
+        k_BTKH = dense(x_BTD, cast(self.k_DKH[...], dt))
+        v_BTKV = dense(x_BTD, cast(self.v_DKV[...], dt))
         if c.qkv_bias:
             q_BTNH = q_BTNH + cast(self.q_bias_NH[...], dt)
             k_BTKH = k_BTKH + cast(self.k_bias_KH[...], dt)
@@ -174,7 +174,7 @@ class Attention(nnx.Module):
 
     def _out(self, o_BTNV: jax.Array) -> jax.Array:
         dt = o_BTNV.dtype
-        out_BTD = jnp.einsum("btnv,nvd->btd", o_BTNV, cast(self.o_NVD[...], dt))
+        out_BTD = dense(o_BTNV, cast(self.o_NVD[...], dt), n_in=2)
         if self.config.o_bias:
             out_BTD = out_BTD + cast(self.o_bias_D[...], dt)
         return out_BTD

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.cache import LatentCache
-from jaxattn.layers._base import cast, param
+from jaxattn.layers._base import cast, dense, param
 from jaxattn.layers._norm import RMSNorm
 from jaxattn.masks import Causal
 from jaxattn.ops.attention import dot_product_attention
@@ -146,12 +146,12 @@ class MultiHeadLatentAttention(nnx.Module):
         dt = c.dtype or x_BTD.dtype
         x_BTD = x_BTD.astype(dt)
         if c.q_lora_rank:
-            cq_BTQ = self.q_norm(jnp.einsum("btd,dq->btq", x_BTD, cast(self.q_a_DQ[...], dt)))
-            q_BTNH = jnp.einsum("btq,qnh->btnh", cq_BTQ, cast(self.q_b_QNH[...], dt))
+            cq_BTQ = self.q_norm(dense(x_BTD, cast(self.q_a_DQ[...], dt)))
+            q_BTNH = dense(cq_BTQ, cast(self.q_b_QNH[...], dt))
         else:
-            q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, cast(self.q_DNH[...], dt))
+            q_BTNH = dense(x_BTD, cast(self.q_DNH[...], dt))
         q_nope_BTNH, q_pe_BTNP = jnp.split(q_BTNH, [c.qk_nope_head_dim], axis=-1)
-        kv_BTR = jnp.einsum("btd,dr->btr", x_BTD, cast(self.kv_a_DR[...], dt))
+        kv_BTR = dense(x_BTD, cast(self.kv_a_DR[...], dt))
         c_BTL = self.kv_norm(kv_BTR[..., : c.kv_lora_rank])
         k_pe_BT1P = kv_BTR[:, :, None, c.kv_lora_rank :]
         if c.rope is not None:
@@ -160,7 +160,7 @@ class MultiHeadLatentAttention(nnx.Module):
         return q_nope_BTNH, q_pe_BTNP, c_BTL, k_pe_BT1P
 
     def _out(self, o_BTNV: jax.Array) -> jax.Array:
-        return jnp.einsum("btnv,nvd->btd", o_BTNV, cast(self.o_NVD[...], o_BTNV.dtype))
+        return dense(o_BTNV, cast(self.o_NVD[...], o_BTNV.dtype), n_in=2)
 
     def __call__(
         self,
@@ -185,8 +185,8 @@ class MultiHeadLatentAttention(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         q_nope_BTNH, q_pe_BTNP, c_BTL, k_pe_BT1P = self._project(x_BTD, positions_BT)
         dt = q_nope_BTNH.dtype
-        k_nope_BTNH = jnp.einsum("btl,lnh->btnh", c_BTL, cast(self.k_b_LNH[...], dt))
-        v_BTNV = jnp.einsum("btl,lnv->btnv", c_BTL, cast(self.v_b_LNV[...], dt))
+        k_nope_BTNH = dense(c_BTL, cast(self.k_b_LNH[...], dt))
+        v_BTNV = dense(c_BTL, cast(self.v_b_LNV[...], dt))
         k_pe_BTNP = jnp.broadcast_to(k_pe_BT1P, (*k_nope_BTNH.shape[:3], c.qk_rope_head_dim))
         q_BTNH = jnp.concatenate([q_nope_BTNH, q_pe_BTNP], axis=-1)
         k_BTNH = jnp.concatenate([k_nope_BTNH, k_pe_BTNP], axis=-1)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn.layers._base import DTypeLike, cast, param, zeros_init
+from jaxattn.layers._base import DTypeLike, cast, dense, param, zeros_init
 
 __all__ = ["SwiGLU"]
 
@@ -50,13 +50,13 @@ class SwiGLU(nnx.Module):
         """Apply the MLP to ``x_BTD`` [B, T, D]; returns [B, T, D]."""
         dt = self.dtype or x_BTD.dtype
         x_BTD = x_BTD.astype(dt)
-        gate_BTF = jnp.einsum("btd,df->btf", x_BTD, cast(self.gate_DF[...], dt))
-        up_BTF = jnp.einsum("btd,df->btf", x_BTD, cast(self.up_DF[...], dt))
+        gate_BTF = dense(x_BTD, cast(self.gate_DF[...], dt))
+        up_BTF = dense(x_BTD, cast(self.up_DF[...], dt))
         if self.use_bias:
             gate_BTF = gate_BTF + cast(self.gate_bias_F[...], dt)
             up_BTF = up_BTF + cast(self.up_bias_F[...], dt)
         h_BTF = jax.nn.silu(gate_BTF) * up_BTF
-        out_BTD = jnp.einsum("btf,fd->btd", h_BTF, cast(self.down_FD[...], dt))
+        out_BTD = dense(h_BTF, cast(self.down_FD[...], dt))
         if self.use_bias:
             out_BTD = out_BTD + cast(self.down_bias_D[...], dt)
         return out_BTD
