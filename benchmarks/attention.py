@@ -38,6 +38,10 @@ def _peers():
     }
     try:
         import tokamax
+        from absl import flags
+
+        # tokamax reads absl flags, which would parse this script's own argv: mark them parsed
+        flags.FLAGS.mark_as_parsed()
 
         impls["tokamax"] = lambda q, k, v, m: tokamax.dot_product_attention(
             q, k, v, implementation="xla_chunked", **m[1]
@@ -55,17 +59,23 @@ def _mask(name: str, window: int):
     raise ValueError(f"unknown mask {name!r}")
 
 
-def _time(fn, args, repeats: int) -> float:
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _time(fn, args, repeats: int, clock: str) -> float:
+    """Median seconds of ``repeats`` calls after a warm-up. ``process`` counts the CPU time of
+    all this process's threads: on a shared machine it is far steadier than wall time."""
+    now = CLOCKS[clock]
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     return statistics.median(times)
 
 
-def _measure(impl, q, k, v, m, repeats):
+def _measure(impl, q, k, v, m, repeats, clock):
     fwd = jax.jit(lambda q, k, v: impl(q, k, v, m))
     loss = lambda q, k, v: jnp.sum(impl(q, k, v, m).astype(jnp.float32) ** 2)
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
@@ -74,7 +84,7 @@ def _measure(impl, q, k, v, m, repeats):
         compiled = fn.lower(q, k, v).compile()
         mem = compiled.memory_analysis()
         out[name + "_mem"] = getattr(mem, "temp_size_in_bytes", float("nan"))
-        out[name] = _time(compiled, (q, k, v), repeats)
+        out[name] = _time(compiled, (q, k, v), repeats, clock)
     return out
 
 
@@ -89,6 +99,12 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or process CPU time (steadier on a shared machine)",
+    )
     p.add_argument("--max-scores-gib", type=float, default=4.0)
     p.add_argument("--impls", nargs="+", default=None, help="subset of xla chunked jax.nn tokamax")
     args = p.parse_args(argv)
@@ -128,7 +144,7 @@ def main(argv=None):
             for name, impl in impls.items():
                 if name in MATERIALISING and scores_gib > args.max_scores_gib:
                     continue
-                res[name] = _measure(impl, q, k, v, m, args.repeats)
+                res[name] = _measure(impl, q, k, v, m, args.repeats, args.clock)
             for pas in ("fwd", "fwd+bwd"):
                 t = [res[c][pas] if c in res else None for c in cols]
                 mem = [res[c][pas + "_mem"] / 2**20 if c in res else None for c in cols]
