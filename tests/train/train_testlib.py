@@ -8,16 +8,13 @@ import subprocess
 import sys
 import tempfile
 
-import jax
-
 from train.config import TrainConfig
 
-# the persistent compilation cache: a restarted run, or a finetune whose step equals a
-# pretraining step, reuses compiled programs instead of compiling them again
-CACHE_DIR = os.path.join(tempfile.gettempdir(), "jaxattn_train_tests_jax_cache")
-jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# the persistent compilation cache, for the training subprocesses only: a restarted run, or a
+# finetune whose step equals a pretraining step, reuses compiled programs. It is not switched
+# on in the pytest worker itself: the worker also runs other test files, and executables with
+# host callbacks (Pallas TPU interpret mode) must never be reloaded from a persistent cache.
+CACHE_DIR = os.path.join(tempfile.gettempdir(), f"jaxattn_train_tests_jax_cache_{os.getpid()}")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
