@@ -16,6 +16,101 @@ import jax.numpy as jnp
 from pallas_kernels.flash_attention import block_map, tpu, tpu_bwd
 
 
+class _TpuKernels:
+    """Adapts tpu.py / tpu_bwd.py to the common calling convention below.
+
+    Convention: segs = (q_seg [B, Tp], kv_seg [B, Sp]) or None; lse and delta [B, N, Tp].
+    """
+
+    @staticmethod
+    def config(st, groups, bq, bkv, has_segments):
+        return tpu.Config(
+            mask=st.mask,
+            scale=st.scale,
+            soft_cap=st.soft_cap,
+            has_segments=has_segments,
+            groups=groups,
+            block_q=bq,
+            block_kv=bkv,
+        )
+
+    @staticmethod
+    def forward(q, k, v, seg, offset, kv_len, bmap, cfg, interpret):
+        q_seg = kv_seg = None
+        if seg is not None:
+            q_seg, kv_seg = seg[0][:, :, None], seg[1][:, None, :]
+        o, lse_BNT1 = tpu.forward(q, k, v, q_seg, kv_seg, offset, kv_len, bmap, cfg, interpret)
+        return o, lse_BNT1[..., 0]
+
+    @staticmethod
+    def dq(q, k, v, do, lse, delta, seg, offset, kv_len, bmap, cfg, interpret):
+        q_seg = kv_seg = None
+        if seg is not None:
+            q_seg, kv_seg = seg[0][:, :, None], seg[1][:, None, :]
+        return tpu_bwd.backward_dq(
+            q, k, v, do, lse[:, :, None], delta[:, :, None], q_seg, kv_seg, offset, kv_len,
+            bmap, cfg, interpret,
+        )  # fmt: skip
+
+    @staticmethod
+    def dkv(q, k, v, do, lse, delta, seg, offset, kv_len, bmap_t, cfg, interpret):
+        q_seg = kv_seg = None
+        if seg is not None:
+            q_seg, kv_seg = seg[0][:, None, :], seg[1][:, :, None]
+        return tpu_bwd.backward_dkv(
+            q, k, v, do, lse[:, :, None], delta[:, :, None], q_seg, kv_seg, offset, kv_len,
+            bmap_t, cfg, interpret,
+        )  # fmt: skip
+
+
+class _GpuKernels:
+    """Adapts gpu.py / gpu_bwd.py (imported lazily: Mosaic GPU) to the same convention."""
+
+    @staticmethod
+    def config(st, groups, bq, bkv, has_segments):
+        from pallas_kernels.flash_attention import gpu
+
+        return gpu.Config(
+            mask=st.mask,
+            scale=st.scale,
+            soft_cap=st.soft_cap,
+            has_segments=has_segments,
+            groups=groups,
+            block_q=bq,
+            block_kv=bkv,
+        )
+
+    @staticmethod
+    def forward(q, k, v, seg, offset, kv_len, bmap, cfg, interpret):
+        from pallas_kernels.flash_attention import gpu
+
+        segs = (None, None) if seg is None else seg
+        return gpu.forward(q, k, v, *segs, offset, kv_len, bmap, cfg, interpret)
+
+    @staticmethod
+    def dq(q, k, v, do, lse, delta, seg, offset, kv_len, bmap, cfg, interpret):
+        from pallas_kernels.flash_attention import gpu_bwd
+
+        segs = (None, None) if seg is None else seg
+        return gpu_bwd.backward_dq(
+            q, k, v, do, lse, delta, *segs, offset, kv_len, bmap, cfg, interpret
+        )
+
+    @staticmethod
+    def dkv(q, k, v, do, lse, delta, seg, offset, kv_len, bmap_t, cfg, interpret):
+        from pallas_kernels.flash_attention import gpu_bwd
+
+        segs = (None, None) if seg is None else seg
+        return gpu_bwd.backward_dkv(
+            q, k, v, do, lse, delta, *segs, offset, kv_len, bmap_t, cfg, interpret
+        )
+
+
+def kernels(backend: str):
+    """The kernel adapter of a backend: ``"tpu"`` or ``"gpu"``."""
+    return {"tpu": _TpuKernels, "gpu": _GpuKernels}[backend]
+
+
 def _pad_to(x, axis, length, value=0):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, length - x.shape[axis])
@@ -43,18 +138,6 @@ def _round_up(x, m):
     return -(-x // m) * m
 
 
-def _config(st, groups, bq, bkv, has_segments):
-    return tpu.Config(
-        mask=st.mask,
-        scale=st.scale,
-        soft_cap=st.soft_cap,
-        has_segments=has_segments,
-        groups=groups,
-        block_q=bq,
-        block_kv=bkv,
-    )
-
-
 def _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths, transpose=False):
     return block_map.build(
         st.mask,
@@ -76,14 +159,12 @@ def _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths):
     bq, bkv = st.blocks[:2]
     q, k, v, seg, kv_len, Tp, Sp = _layout(bq, bkv, q_BTNH, k_BSKH, v_BSKV, segs, kv_lengths)
     bmap = _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths)
-    cfg = _config(st, N // K, bq, bkv, seg is not None)
-    q_seg = kv_seg = None
-    if seg is not None:
-        q_seg, kv_seg = seg[0][:, :, None], seg[1][:, None, :]
+    ker = kernels(st.backend)
+    cfg = ker.config(st, N // K, bq, bkv, seg is not None)
     offset = st.q_offset if off is None else off
-    o_BNTV, lse_BNT1 = tpu.forward(q, k, v, q_seg, kv_seg, offset, kv_len, bmap, cfg, st.interpret)
+    o_BNTV, lse_BNT = ker.forward(q, k, v, seg, offset, kv_len, bmap, cfg, st.interpret)
     o_BTNV = o_BNTV[:, :, :T].transpose(0, 2, 1, 3)
-    return o_BTNV, lse_BNT1[:, :, :T, 0]
+    return o_BTNV, lse_BNT[:, :, :T]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -118,43 +199,13 @@ def _flash_bwd(st, res, cts):
     # Padded rows get +inf too (their dO and delta are 0 anyway).
     lse_BNT = _pad_to(jnp.where(lse_BNT == -jnp.inf, jnp.inf, lse_BNT), 2, Tp, jnp.inf)
     offset = st.q_offset if off is None else off
-    cfg = _config(st, N // K, bq, bkv, seg is not None)
-    q_seg = kv_seg = (None, None)
-    if seg is not None:
-        q_seg = (seg[0][:, :, None], seg[0][:, None, :])
-        kv_seg = (seg[1][:, None, :], seg[1][:, :, None])
+    ker = kernels(st.backend)
+    cfg = ker.config(st, N // K, bq, bkv, seg is not None)
     bmap = _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths)
-    dq = tpu_bwd.backward_dq(
-        q,
-        k,
-        v,
-        do,
-        lse_BNT[:, :, None],
-        delta_BNT[:, :, None],
-        q_seg[0],
-        kv_seg[0],
-        offset,
-        kv_len,
-        bmap,
-        cfg,
-        st.interpret,
-    )
+    args = (q, k, v, do, lse_BNT, delta_BNT, seg, offset, kv_len)
+    dq = ker.dq(*args, bmap, cfg, st.interpret)
     bmap_t = _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths, transpose=True)
-    dk, dv = tpu_bwd.backward_dkv(
-        q,
-        k,
-        v,
-        do,
-        lse_BNT[:, :, None],
-        delta_BNT[:, :, None],
-        q_seg[1],
-        kv_seg[1],
-        offset,
-        kv_len,
-        bmap_t,
-        cfg,
-        st.interpret,
-    )
+    dk, dv = ker.dkv(*args, bmap_t, cfg, st.interpret)
     dq_BTNH = dq[:, :, :T].transpose(0, 2, 1, 3)
     dk_BSKH = dk[:, :, :S].transpose(0, 2, 1, 3)
     dv_BSKV = dv[:, :, :S].transpose(0, 2, 1, 3)

@@ -81,6 +81,7 @@ class _Static:
     q_offset: int | None  # None: traced, passed as an operand
     return_lse: bool
     interpret: object
+    backend: str = "tpu"  # which kernels: "tpu" (tpu.py) or "gpu" (gpu.py)
 
 
 def static_offset(q_offset) -> int | None:
@@ -95,8 +96,8 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _effective_blocks(bs: BlockSizes, T: int, S: int) -> tuple[int, int, int, int]:
-    t8, s8 = _round_up(T, 8), _round_up(S, 8)
+def _effective_blocks(bs: BlockSizes, T: int, S: int, unit: int = 8) -> tuple[int, ...]:
+    t8, s8 = _round_up(T, unit), _round_up(S, unit)
     return (
         min(bs.block_q, t8),
         min(bs.block_kv, s8),
@@ -279,3 +280,135 @@ def flash_attention(
     off = jnp.asarray(q_offset, jnp.int32) if offset is None else None
     lens = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
     return _custom_vjp.flash(static, q_BTNH, k_BSKH, v_BSKV, segs, off, lens)
+
+
+# ------------------------------------------------------------------------------ GPU
+
+_GPU_DTYPES = (jnp.bfloat16, jnp.float16)
+_GPU_UNIT = 64  # wgmma works on 64-row warpgroup tiles; 128-byte swizzles on 64 bf16 lanes
+
+
+def gpu_block_sizes(head_dim: int = 128) -> BlockSizes:
+    """Starting tile sizes for the Mosaic GPU kernels (one warpgroup per CTA, Hopper).
+
+    64 query rows per CTA keep the fp32 score tile and the output accumulator in registers;
+    wide heads (> 128) halve the kv tile. Not yet tuned on hardware.
+    """
+    bkv = 128 if head_dim <= 128 else 64
+    return BlockSizes(block_q=64, block_kv=bkv, block_q_bwd=64, block_kv_bwd=64)
+
+
+def unsupported_reason_gpu(
+    q_BTNH,
+    k_BSKH,
+    v_BSKV,
+    *,
+    mask=None,
+    segment_ids=None,
+    q_offset=0,
+    kv_lengths=None,
+    logits_soft_cap=None,
+    block_sizes=None,
+) -> str | None:
+    """None if the Mosaic GPU kernels can serve the call, else a sentence saying why not."""
+    if q_BTNH.dtype not in _GPU_DTYPES:
+        return (
+            "the Mosaic GPU flash attention runs on bfloat16/float16 tensor cores, not "
+            f"{q_BTNH.dtype}; cast the inputs or use implementation='cudnn'/'chunked'"
+        )
+    for name in ("q", "k", "v"):
+        dim = {"q": q_BTNH, "k": k_BSKH, "v": v_BSKV}[name].shape[-1]
+        if dim > 256:
+            return f"the Mosaic GPU flash attention supports head dims up to 256, {name} has {dim}"
+    if block_sizes is not None:
+        for f in dataclasses.fields(block_sizes):
+            if getattr(block_sizes, f.name) % _GPU_UNIT:
+                return f"BlockSizes.{f.name} must be a multiple of {_GPU_UNIT} on GPU"
+    bs = block_sizes or gpu_block_sizes(q_BTNH.shape[-1])
+    reason = unsupported_reason(
+        q_BTNH,
+        k_BSKH,
+        v_BSKV,
+        mask=mask,
+        segment_ids=segment_ids,
+        q_offset=q_offset,
+        kv_lengths=kv_lengths,
+        logits_soft_cap=logits_soft_cap,
+        block_sizes=_gpu_blocks_as_sizes(bs, q_BTNH.shape[1], k_BSKH.shape[1]),
+    )
+    return None if reason is None else reason.replace("Pallas TPU", "Mosaic GPU")
+
+
+def _gpu_blocks_as_sizes(bs: BlockSizes, T: int, S: int) -> BlockSizes:
+    bq, bkv, bq_b, bkv_b = _effective_blocks(bs, T, S, _GPU_UNIT)
+    return BlockSizes(block_q=bq, block_kv=bkv, block_q_bwd=bq_b, block_kv_bwd=bkv_b)
+
+
+def _pad_last(x, multiple: int):
+    pad = -x.shape[-1] % multiple
+    return x if pad == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+
+
+def flash_attention_gpu(
+    q_BTNH,
+    k_BSKH,
+    v_BSKV,
+    *,
+    mask=None,
+    segment_ids=None,
+    q_offset=0,
+    kv_lengths=None,
+    scale=None,
+    logits_soft_cap=None,
+    block_sizes=None,
+    return_lse=False,
+    interpret=False,
+):
+    """Flash attention on NVIDIA Hopper (Pallas Mosaic GPU), differentiable in q, k and v.
+
+    Same arguments and results as ``flash_attention``; bfloat16/float16 inputs, head dims up
+    to 256 (dims that are not multiples of 64 are zero-padded, which leaves q . k and the
+    sliced output unchanged), blocks multiples of 64 (default ``gpu_block_sizes``).
+    ``interpret``: False on a GPU, or True / an ``InterpretGPUParams`` to run the kernels in
+    the Mosaic GPU interpreter on CPU (matmuls there are plain dots: the interpreter's wgmma
+    takes neither register operands nor transposed shared-memory views).
+    """
+    q_offset = 0 if q_offset is None else q_offset
+    _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, q_offset, kv_lengths, scale, logits_soft_cap)
+    reason = unsupported_reason_gpu(
+        q_BTNH, k_BSKH, v_BSKV, mask=mask, q_offset=q_offset, block_sizes=block_sizes
+    )
+    if reason is not None:
+        raise NotImplementedError(reason)
+    if interpret is True:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        interpret = InterpretGPUParams()
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    H, V = q_BTNH.shape[-1], v_BSKV.shape[-1]
+    bs = block_sizes or gpu_block_sizes(H)
+    offset = static_offset(q_offset)
+    static = _Static(
+        mask=mask,
+        scale=float(H**-0.5 if scale is None else scale),
+        soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+        blocks=_effective_blocks(bs, T, S, _GPU_UNIT),
+        q_offset=offset,
+        return_lse=return_lse,
+        interpret=interpret,
+        backend="gpu",
+    )
+    segs = _split_segments(segment_ids, T, S)
+    if segs is not None:
+        segs = tuple(jnp.asarray(s, jnp.int32) for s in segs)
+    off = jnp.asarray(q_offset, jnp.int32) if offset is None else None
+    lens = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
+    q, k, v = (
+        _pad_last(q_BTNH, _GPU_UNIT),
+        _pad_last(k_BSKH, _GPU_UNIT),
+        _pad_last(v_BSKV, _GPU_UNIT),
+    )
+    out = _custom_vjp.flash(static, q, k, v, segs, off, lens)
+    if return_lse:
+        return out[0][..., :V], out[1]
+    return out[..., :V]

@@ -21,6 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash_attention import block_map as bm
+from pallas_kernels.flash_attention import common
+from pallas_kernels.flash_attention.common import map_shape, out_struct
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T without a transpose
 _NN = (((1,), (0,)), ((), ()))
@@ -39,49 +41,6 @@ class Config:
     block_kv: int
 
 
-class _LeafBit:
-    """Stands in for an array-data mask leaf inside a kernel: its block value, broadcast."""
-
-    def __init__(self, bit_i32):
-        self.bit_i32 = bit_i32  # 0 or 1, an int32 scalar (broadcast as int, then compared)
-
-    def __call__(self, q_pos, k_pos):
-        shape = jnp.broadcast_shapes(q_pos.shape, k_pos.shape)
-        return jnp.broadcast_to(self.bit_i32, shape) == 1
-
-
-def _traceable(mask, flags, counter):
-    """``mask`` with each array-data leaf replaced by its block bit from ``flags``."""
-    if mask is None or not mask.has_array_data:
-        return mask
-    kids = bm.children(mask)
-    if kids is None:
-        bit = 1 + counter[0]
-        counter[0] += 1
-        return _LeafBit((flags >> bit) & 1)
-    fields = [f.name for f in dataclasses.fields(mask)]
-    new = {
-        n: _traceable(getattr(mask, n), flags, counter)
-        for n in fields
-        if hasattr(getattr(mask, n), "block_visible")
-    }
-    return dataclasses.replace(mask, **new)
-
-
-def _visible(cfg, flags, q_pos, k_pos, kv_len, q_seg, k_seg, masked):
-    """Elementwise visibility of a block; None when everything is visible."""
-    vis = None
-    if masked:
-        vis = k_pos < kv_len
-        spec = _traceable(cfg.mask, flags, [0])
-        if spec is not None:
-            vis = vis & spec(q_pos, k_pos)
-    if cfg.has_segments:
-        same = q_seg == k_seg
-        vis = same if vis is None else vis & same
-    return vis
-
-
 def _logits(cfg, a, b):
     """scale * a @ b.T in fp32, soft-capped; also returns tanh (for the backward) or None."""
     s = jax.lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32) * cfg.scale
@@ -98,16 +57,6 @@ def _run_block(cfg, flags, body):
     pl.when(jnp.logical_not(full))(lambda: body(True))
 
 
-def _map_pos(per_batch, rows, steps):
-    """Flat SMEM offset of visit-list entry (b, row, step)."""
-
-    def pos(b, row, step):
-        r = b if per_batch else 0
-        return (r * rows + row) * steps + step
-
-    return pos
-
-
 # ----------------------------------------------------------------------------- forward
 
 
@@ -118,7 +67,7 @@ def _fwd_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
         qs_ref = ks_ref = None
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    pos = _map_pos(*ms)
+    pos = common.map_pos(*ms)
     r = b if ms[0] else 0
 
     @pl.when(j == 0)
@@ -132,8 +81,9 @@ def _fwd_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         s, _ = _logits(cfg, q_ref[...], k_ref[...])  # [bq, bkv]
         q_pos = off_ref[0] + i * cfg.block_q + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
         k_pos = kb * cfg.block_kv + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        vis = _visible(
-            cfg,
+        vis = common.visible(
+            cfg.mask,
+            cfg.has_segments,
             flg_ref[pos(b, i, j)],
             q_pos,
             k_pos,
@@ -170,27 +120,6 @@ def _fwd_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l_safe))
 
 
-def out_struct(shape, dtype, like):
-    """ShapeDtypeStruct varying over the same shard_map axes as ``like`` (for check_vma).
-
-    The field is ``manual_axis_type`` in jax 0.10 (``vma`` before); without either, plain.
-    """
-    aval = jax.typeof(like)
-    for field in ("manual_axis_type", "vma"):
-        value = getattr(aval, field, None)
-        if value is not None:
-            try:
-                return jax.ShapeDtypeStruct(shape, dtype, **{field: value})
-            except TypeError:
-                continue
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-
-def map_shape(bmap):
-    """Static (per_batch, rows, steps) of a block map."""
-    return bmap.per_batch, bmap.rows, bmap.steps
-
-
 def prefetch(q_offset, kv_len, bmap):
     """The scalar prefetch operands of every kernel here."""
     return (jnp.asarray(q_offset, jnp.int32).reshape(1), kv_len, bmap.index, bmap.count, bmap.flags)
@@ -207,7 +136,7 @@ def forward(
     B, N, Tp, H = q_BNTH.shape
     V = v_BKSV.shape[-1]
     bq, bkv, G = cfg.block_q, cfg.block_kv, cfg.groups
-    pos = _map_pos(bmap.per_batch, bmap.rows, bmap.steps)
+    pos = common.map_pos(bmap.per_batch, bmap.rows, bmap.steps)
     kv_map = lambda b, n, i, j, off, ln, idx, cnt, flg: (b, n // G, idx[pos(b, i, j)], 0)
     q_map = lambda b, n, i, j, *_: (b, n, i, 0)
     in_specs = [

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention import tpu
+from pallas_kernels.flash_attention import common, tpu
 from pallas_kernels.flash_attention.tpu import _NN, _NT
 
 
@@ -38,7 +38,7 @@ def _dq_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, acc = refs
         qs_ref = ks_ref = None
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    pos = tpu._map_pos(*ms)
+    pos = common.map_pos(*ms)
     r = b if ms[0] else 0
 
     @pl.when(j == 0)
@@ -51,8 +51,9 @@ def _dq_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         s, t = tpu._logits(cfg, q_ref[...], k)  # [bq, bkv]
         q_pos = off_ref[0] + i * cfg.block_q + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
         k_pos = kb * cfg.block_kv + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        vis = tpu._visible(
-            cfg,
+        vis = common.visible(
+            cfg.mask,
+            cfg.has_segments,
             flg_ref[pos(b, i, j)],
             q_pos,
             k_pos,
@@ -102,7 +103,7 @@ def _dkv_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
         qs_ref = ks_ref = None
     b, jk, g, c = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
-    pos = tpu._map_pos(*ms)
+    pos = common.map_pos(*ms)
     r = b if ms[0] else 0
 
     @pl.when((g == 0) & (c == 0))
@@ -116,8 +117,9 @@ def _dkv_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         s, t = tpu._logits(cfg, k_ref[...], q)  # transposed scores [bkv, bq]
         k_pos = jk * cfg.block_kv + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
         q_pos = off_ref[0] + qb * cfg.block_q + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        vis = tpu._visible(
-            cfg,
+        vis = common.visible(
+            cfg.mask,
+            cfg.has_segments,
             flg_ref[pos(b, jk, c)],
             q_pos,
             k_pos,
@@ -159,7 +161,7 @@ def backward_dq(
     B, N, Tp, H = q.shape
     V = v.shape[-1]
     bq, bkv, G = cfg.block_q, cfg.block_kv, cfg.groups
-    pos = tpu._map_pos(*tpu.map_shape(bmap))
+    pos = common.map_pos(*common.map_shape(bmap))
     kv_map = lambda b, n, i, j, off, ln, idx, cnt, flg: (b, n // G, idx[pos(b, i, j)], 0)
     q_map = lambda b, n, i, j, *_: (b, n, i, 0)
     row_map = lambda b, n, i, j, *_: (b, n, 0, i)
@@ -188,9 +190,9 @@ def backward_dq(
         scratch_shapes=[pltpu.VMEM((bq, H), jnp.float32)],
     )
     return pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg, ms=tpu.map_shape(bmap)),
+        functools.partial(_dq_kernel, cfg=cfg, ms=common.map_shape(bmap)),
         grid_spec=grid_spec,
-        out_shape=tpu.out_struct(q.shape, q.dtype, q),
+        out_shape=common.out_struct(q.shape, q.dtype, q),
         compiler_params=pltpu.CompilerParams(dimension_semantics=_PARAMS4),
         interpret=interpret,
         name="flash_attention_dq",
@@ -217,7 +219,7 @@ def backward_dkv(
     B, N, Tp, H = q.shape
     _, K, Sp, V = v.shape
     bq, bkv, G = cfg.block_q, cfg.block_kv, cfg.groups
-    pos = tpu._map_pos(*tpu.map_shape(bmap_t))
+    pos = common.map_pos(*common.map_shape(bmap_t))
     q_map = lambda b, h, j, g, c, off, ln, idx, cnt, flg: (b, h * G + g, idx[pos(b, j, c)], 0)
     row_map = lambda b, h, j, g, c, off, ln, idx, cnt, flg: (b, h * G + g, 0, idx[pos(b, j, c)])
     kv_map = lambda b, h, j, g, c, *_: (b, h, j, 0)
@@ -250,9 +252,9 @@ def backward_dkv(
         scratch_shapes=[pltpu.VMEM((bkv, H), jnp.float32), pltpu.VMEM((bkv, V), jnp.float32)],
     )
     return pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg, ms=tpu.map_shape(bmap_t)),
+        functools.partial(_dkv_kernel, cfg=cfg, ms=common.map_shape(bmap_t)),
         grid_spec=grid_spec,
-        out_shape=[tpu.out_struct(k.shape, k.dtype, k), tpu.out_struct(v.shape, v.dtype, v)],
+        out_shape=[common.out_struct(k.shape, k.dtype, k), common.out_struct(v.shape, v.dtype, v)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=_PARAMS4 + ("arbitrary",)),
         interpret=interpret,
         name="flash_attention_dkv",

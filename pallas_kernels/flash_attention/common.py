@@ -1,0 +1,91 @@
+"""Pieces shared by the TPU and GPU flash attention kernels: in-kernel masking from mask specs
+and block-map flags, visit-list addressing, output structs that work under shard_map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import block_map as bm
+
+
+class _LeafBit:
+    """Stands in for an array-data mask leaf inside a kernel: its block value, broadcast."""
+
+    def __init__(self, bit_i32):
+        self.bit_i32 = bit_i32  # 0 or 1, an int32 scalar (broadcast as int, then compared)
+
+    def __call__(self, q_pos, k_pos):
+        shape = jnp.broadcast_shapes(q_pos.shape, k_pos.shape)
+        return jnp.broadcast_to(self.bit_i32, shape) == 1
+
+
+def traceable(mask, flags, counter=None):
+    """``mask`` with each array-data leaf replaced by its block bit from ``flags``."""
+    counter = [0] if counter is None else counter
+    if mask is None or not mask.has_array_data:
+        return mask
+    kids = bm.children(mask)
+    if kids is None:
+        bit = 1 + counter[0]
+        counter[0] += 1
+        return _LeafBit((flags >> bit) & 1)
+    fields = [f.name for f in dataclasses.fields(mask)]
+    new = {
+        n: traceable(getattr(mask, n), flags, counter)
+        for n in fields
+        if hasattr(getattr(mask, n), "block_visible")
+    }
+    return dataclasses.replace(mask, **new)
+
+
+def visible(mask, has_segments, flags, q_pos, k_pos, kv_len, q_seg, k_seg, masked):
+    """Elementwise visibility of a block; None when everything is visible.
+
+    ``masked`` False means the block map flagged the block full (only segments can hide
+    pairs there); q_pos / k_pos are absolute positions broadcast to the block's shape.
+    """
+    vis = None
+    if masked:
+        vis = k_pos < kv_len
+        spec = traceable(mask, flags)
+        if spec is not None:
+            vis = vis & spec(q_pos, k_pos)
+    if has_segments:
+        same = q_seg == k_seg
+        vis = same if vis is None else vis & same
+    return vis
+
+
+def map_pos(per_batch, rows, steps):
+    """Flat offset of visit-list entry (b, row, step)."""
+
+    def pos(b, row, step):
+        r = b if per_batch else 0
+        return (r * rows + row) * steps + step
+
+    return pos
+
+
+def map_shape(bmap):
+    """Static (per_batch, rows, steps) of a block map."""
+    return bmap.per_batch, bmap.rows, bmap.steps
+
+
+def out_struct(shape, dtype, like):
+    """ShapeDtypeStruct varying over the same shard_map axes as ``like`` (for check_vma).
+
+    The field is ``manual_axis_type`` in jax 0.10 (``vma`` before); without either, plain.
+    """
+    aval = jax.typeof(like)
+    for field in ("manual_axis_type", "vma"):
+        value = getattr(aval, field, None)
+        if value is not None:
+            try:
+                return jax.ShapeDtypeStruct(shape, dtype, **{field: value})
+            except TypeError:
+                continue
+    return jax.ShapeDtypeStruct(shape, dtype)
