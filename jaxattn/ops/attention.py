@@ -142,28 +142,35 @@ def _kernel_module(implementation: str):
         from pallas_kernels.flash_attention import api
     except ImportError as e:  # the kernel package is optional in this build
         return None, f"pallas_kernels.flash_attention is not importable ({e})"
-    if implementation == "pallas_gpu" and not hasattr(api, "flash_attention_gpu"):
-        return None, "no Mosaic GPU flash kernel is available in this build yet"
     return api, None
 
 
-def _tpu_interpret_params():
-    """The InterpretParams of an active ``pltpu.force_tpu_interpret_mode()``, else None."""
+def _interpret_params(platform: str):
+    """The interpret params of an active ``pltpu.force_tpu_interpret_mode()`` (platform "tpu")
+    or ``force_gpu_interpret_mode()`` (platform "gpu"; Mosaic GPU interpreter), else None."""
     try:
         from jax._src import config
 
-        return config.pallas_tpu_interpret_mode_context_manager.value
-    except (ImportError, AttributeError):  # a jax without TPU interpret mode
+        params = config.pallas_tpu_interpret_mode_context_manager.value
+    except (ImportError, AttributeError):  # a jax without interpret modes
         return None
+    if params is None:
+        return None
+    is_gpu = type(params).__name__ == "InterpretGPUParams"
+    return params if is_gpu == (platform == "gpu") else None
 
 
 def _pallas_unsupported(implementation, a: AttentionArgs, q, k, v, block_sizes=None):
     platform = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}[implementation]
-    interpreted = implementation == "pallas_tpu" and _tpu_interpret_params() is not None
+    interpreted = _interpret_params(platform) is not None
     if jax.default_backend() != platform and not interpreted:
+        how = {
+            "tpu": "pltpu.force_tpu_interpret_mode()",
+            "gpu": "plgpu.force_gpu_interpret_mode() (jax._src.pallas.mosaic_gpu.interpret)",
+        }[platform]
         return (
             f"it runs on {platform.upper()} only (backend is {jax.default_backend()}); "
-            "on CPU, run it under pltpu.force_tpu_interpret_mode()"
+            f"on CPU, run it under {how}"
         )
     api, reason = _kernel_module(implementation)
     if reason:
@@ -172,7 +179,8 @@ def _pallas_unsupported(implementation, a: AttentionArgs, q, k, v, block_sizes=N
         return "dense mask arrays are not supported by the kernel; use a mask spec"
     if getattr(a.q_offset, "ndim", 0) == 1:
         return "a per-sequence [B] q_offset is not supported by the kernel"
-    return api.unsupported_reason(
+    gate = api.unsupported_reason if platform == "tpu" else api.unsupported_reason_gpu
+    return gate(
         q,
         k,
         v,
@@ -196,9 +204,10 @@ def _offset(a: AttentionArgs):
 def _pallas(implementation, a: AttentionArgs, q, k, v, return_lse, block_sizes):
     api, _ = _kernel_module(implementation)
     fn = api.flash_attention if implementation == "pallas_tpu" else api.flash_attention_gpu
+    platform = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}[implementation]
     kw = {}
-    if implementation == "pallas_tpu" and jax.default_backend() != "tpu":
-        kw["interpret"] = _tpu_interpret_params()
+    if jax.default_backend() != platform:
+        kw["interpret"] = _interpret_params(platform)
     return fn(
         q,
         k,

@@ -1,9 +1,10 @@
-"""Public entry point of the Pallas TPU flash attention: checks, block sizes, custom VJP.
+"""Public entry points of the Pallas flash attention: checks, block sizes, custom VJP.
 
-``flash_attention`` takes [batch, seq, heads, dim] inputs (grouped kv heads, H may differ
-from V), pads the sequences to block multiples, runs the forward kernel and, under
-differentiation, the dq and dk/dv kernels with the forward's log-sum-exp as residual.
-``unsupported_reason`` says in one sentence when the kernels cannot serve a call.
+``flash_attention`` (TPU, Mosaic) and ``flash_attention_gpu`` (Hopper, Mosaic GPU) take
+[batch, seq, heads, dim] inputs (grouped kv heads, H may differ from V), pad the sequences
+to block multiples, run the forward kernel and, under differentiation, the dq and dk/dv
+kernels with the forward's log-sum-exp as residual. ``unsupported_reason`` /
+``unsupported_reason_gpu`` say in one sentence when the kernels cannot serve a call.
 """
 
 from __future__ import annotations

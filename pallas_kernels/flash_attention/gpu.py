@@ -120,13 +120,16 @@ def _cols(x, shape):
 
 def _fwd_kernel(*refs, cfg, ms, dims, lay):
     B, N, Tp, H, V = dims
-    if cfg.has_segments:
-        (q_ref, k_ref, v_ref, qs_ref, ks_ref, off_ref, len_ref, idx_ref, cnt_ref, flg_ref,
-         o_ref, lse_ref, q_smem, o_smem, lse_smem, qs_smem, q_bar) = refs  # fmt: skip
-    else:
-        (q_ref, k_ref, v_ref, off_ref, len_ref, idx_ref, cnt_ref, flg_ref,
-         o_ref, lse_ref, q_smem, o_smem, lse_smem, q_bar) = refs  # fmt: skip
-        qs_ref = ks_ref = qs_smem = None
+    refs = list(refs)
+    take = lambda k: [refs.pop(0) for _ in range(k)]
+    q_ref, k_ref, v_ref = take(3)
+    qs_ref, ks_ref = take(2) if cfg.has_segments else (None, None)
+    off_ref, len_ref, idx_ref, cnt_ref, flg_ref, o_ref, lse_ref, q_smem = take(8)
+    # The output tile reuses the query tile's shared memory when the shapes agree.
+    o_smem = q_smem if H == V else refs.pop(0)
+    lse_smem = refs.pop(0)
+    qs_smem = refs.pop(0) if cfg.has_segments else None
+    (q_bar,) = refs
     bq, bkv, G = cfg.block_q, cfg.block_kv, cfg.groups
     n, i, b = lax.axis_index("heads"), lax.axis_index("q"), lax.axis_index("batch")
     kvh = lax.div(n, jnp.int32(G))
@@ -230,11 +233,10 @@ def forward(q_BNTH, k_BKSH, v_BKSV, q_seg_BT, kv_seg_BS, q_offset, kv_len_R, bma
     V = v_BKSV.shape[-1]
     bq = cfg.block_q
     dt = q_BNTH.dtype
-    scratch = [
-        plgpu.SMEM((bq, H), dt, transforms=swizzle_transforms(dt, H)),
-        plgpu.SMEM((bq, V), dt, transforms=swizzle_transforms(dt, V)),
-        plgpu.SMEM((bq,), jnp.float32),
-    ]
+    scratch = [plgpu.SMEM((bq, H), dt, transforms=swizzle_transforms(dt, H))]
+    if H != V:
+        scratch.append(plgpu.SMEM((bq, V), dt, transforms=swizzle_transforms(dt, V)))
+    scratch.append(plgpu.SMEM((bq,), jnp.float32))
     args = [q_BNTH, k_BKSH, v_BKSV]
     if cfg.has_segments:
         scratch.append(plgpu.SMEM((bq,), jnp.int32))

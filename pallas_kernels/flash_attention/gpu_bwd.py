@@ -54,11 +54,11 @@ def _dq_kernel(*refs, cfg, ms, lay):
     if cfg.has_segments:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref,
          off_ref, len_ref, idx_ref, cnt_ref, flg_ref, dq_ref,
-         q_smem, do_smem, lse_smem, dl_smem, dq_smem, qs_smem, bar) = refs  # fmt: skip
+         q_smem, do_smem, lse_smem, dl_smem, qs_smem, bar) = refs  # fmt: skip
     else:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref,
          off_ref, len_ref, idx_ref, cnt_ref, flg_ref, dq_ref,
-         q_smem, do_smem, lse_smem, dl_smem, dq_smem, bar) = refs  # fmt: skip
+         q_smem, do_smem, lse_smem, dl_smem, bar) = refs  # fmt: skip
         qs_ref = ks_ref = qs_smem = None
     bq, bkv, G = cfg.block_q, cfg.block_kv, cfg.groups
     n, i, b = lax.axis_index("heads"), lax.axis_index("q"), lax.axis_index("batch")
@@ -121,6 +121,7 @@ def _dq_kernel(*refs, cfg, ms, lay):
         max_concurrent_steps=cfg.max_concurrent_steps,
         init_carry=lay.cast(jnp.zeros((bq, H), jnp.float32), lay.acc),
     )(*operands)
+    dq_smem = q_smem  # q's tile is free once the loop is done
     dq_smem[...] = (acc * cfg.scale).astype(dq_smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, n, pl.ds(q0, bq)])
@@ -131,11 +132,11 @@ def _dkv_kernel(*refs, cfg, ms, lay, q_blocks):
     if cfg.has_segments:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref,
          off_ref, len_ref, idx_ref, cnt_ref, flg_ref, dk_ref, dv_ref,
-         k_smem, v_smem, dk_smem, dv_smem, ks_smem, bar) = refs  # fmt: skip
+         k_smem, v_smem, ks_smem, bar) = refs  # fmt: skip
     else:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref,
          off_ref, len_ref, idx_ref, cnt_ref, flg_ref, dk_ref, dv_ref,
-         k_smem, v_smem, dk_smem, dv_smem, bar) = refs  # fmt: skip
+         k_smem, v_smem, bar) = refs  # fmt: skip
         qs_ref = ks_ref = ks_smem = None
     bq, bkv, G = cfg.block_q, cfg.block_kv, cfg.groups
     kvh, j, b = lax.axis_index("heads"), lax.axis_index("kv"), lax.axis_index("batch")
@@ -205,6 +206,7 @@ def _dkv_kernel(*refs, cfg, ms, lay, q_blocks):
         max_concurrent_steps=cfg.max_concurrent_steps,
         init_carry=(zeros(H), zeros(V)),
     )(*operands)
+    dk_smem, dv_smem = k_smem, v_smem  # k's and v's tiles are free once the loop is done
     dk_smem[...] = (dk * cfg.scale).astype(dk_smem.dtype)
     dv_smem[...] = dv.astype(dv_smem.dtype)
     plgpu.commit_smem()
@@ -228,7 +230,7 @@ def backward_dq(q, k, v, do, lse_BNT, delta_BNT, q_seg, kv_seg, q_offset, kv_len
     B, N, Tp, H = q.shape
     bq, dt = cfg.block_q, q.dtype
     scratch = [_tile((bq, H), dt), _tile((bq, v.shape[-1]), dt), plgpu.SMEM((bq,), jnp.float32),
-               plgpu.SMEM((bq,), jnp.float32), _tile((bq, H), dt)]  # fmt: skip
+               plgpu.SMEM((bq,), jnp.float32)]  # fmt: skip
     args = [q, k, v, do, lse_BNT, delta_BNT]
     if cfg.has_segments:
         scratch.append(plgpu.SMEM((bq,), jnp.int32))
@@ -255,7 +257,7 @@ def backward_dkv(q, k, v, do, lse_BNT, delta_BNT, q_seg, kv_seg, q_offset, kv_le
     _, K, Sp, V = v.shape
     bkv, dt = cfg.block_kv, q.dtype
     fold = lambda x: x.reshape(B, N * Tp, *x.shape[3:])
-    scratch = [_tile((bkv, H), dt), _tile((bkv, V), dt), _tile((bkv, H), dt), _tile((bkv, V), dt)]
+    scratch = [_tile((bkv, H), dt), _tile((bkv, V), dt)]
     args = [fold(q), k, v, fold(do), fold(lse_BNT), fold(delta_BNT)]
     if cfg.has_segments:
         scratch.append(plgpu.SMEM((bkv,), jnp.int32))

@@ -1,8 +1,9 @@
 """Shared helpers of the flash attention kernel tests: build a case, run kernel and reference.
 
 Kernels run in TPU interpret mode (``pltpu.InterpretParams``, with the race detector) on
-CPU; XLA's backend optimisations are turned off for these programs since compile time, not
-run time, dominates the interpreter's cost here.
+CPU, or (``fn=flash_attention_gpu``) in the Mosaic GPU interpreter; XLA's backend
+optimisations are turned off for these programs since compile time, not run time,
+dominates the interpreter's cost here.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def check_case(
     grad=True,
     seed=0,
     interpret=INTERPRET,
+    fn=flash_attention,
 ):
     """Compares flash_attention with the reference: o, lse and dq, dk, dv (with an lse
     cotangent)."""
@@ -79,14 +81,14 @@ def check_case(
     if kv_lengths is not None:
         kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
     common = dict(mask=mask, logits_soft_cap=soft_cap, return_lse=True)
-    kernel = lambda q, k, v, **kw: flash_attention(
+    kernel = lambda q, k, v, **kw: fn(
         q, k, v, block_sizes=block_sizes, interpret=interpret, **common, **kw
     )
     ref = lambda q, k, v, **kw: attention_reference(q, k, v, **common, **kw)
     args = (q, k, v, do, dlse, segs, kv_lengths, q_offset)
     got = _run(kernel, *args, traced_offset=traced_offset, grad=grad)
     want = _run(ref, *args, traced_offset=traced_offset, grad=grad)
-    _check_no_races()
+    _check_no_races(gpu=fn is not flash_attention)
     low = dtype != jnp.float32
     tol = dict(atol=3e-2, rtol=3e-2) if low else dict(atol=2e-4, rtol=2e-4)
     names = ["o", "lse"] + (["dq", "dk", "dv"] if grad else [])
@@ -99,11 +101,17 @@ def check_case(
     return got
 
 
-def _check_no_races():
+def _check_no_races(gpu=False):
     """Fails if the interpreter's race detector (private state; best effort) saw a race."""
     try:
-        from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-    except ImportError:  # moved in another jax version: nothing to check
+        if gpu:
+            from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+
+            races = ipc.get_races()
+        else:
+            from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+
+            races = getattr(ipc, "races", None)
+    except (ImportError, AttributeError, AssertionError):  # moved, or no state: nothing to check
         return
-    races = getattr(ipc, "races", None)
     assert not getattr(races, "races_found", False), "race detected in a kernel"
