@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flash_case import check_case
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxattn import dot_product_attention, masks
 from pallas_kernels.flash_attention import BlockSizes, api
@@ -88,6 +90,39 @@ def test_forward_backward_matches_reference(case):
     kw = dict(dtype=jnp.bfloat16, block_sizes=B64, interpret=INTERPRET)
     kw.update(CASES[case])
     check_case(fn=api.flash_attention_gpu, **kw)
+
+
+@settings(max_examples=3, deadline=None, derandomize=True)
+@given(
+    T=st.integers(1, 150),
+    S=st.integers(1, 150),
+    G=st.integers(1, 8),
+    H=st.sampled_from([64, 96, 128, 192, 256]),
+    window=st.integers(1, 60),
+    offset=st.integers(-10, 80),
+    kind=st.sampled_from(["causal", "sliding", "sink", "none"]),
+)
+def test_fuzz_forward_backward(T, S, G, H, window, offset, kind):
+    mask = {
+        "causal": masks.Causal(),
+        "sliding": masks.SlidingWindow(left=window, right=3),
+        "sink": masks.SinkWindow(sinks=2, window=window),
+        "none": None,
+    }[kind]
+    check_case(
+        fn=api.flash_attention_gpu,
+        T=T,
+        S=S,
+        N=G,
+        K=1,
+        H=H,
+        mask=mask,
+        q_offset=offset,
+        dtype=jnp.bfloat16,
+        block_sizes=B64,
+        interpret=INTERPRET,
+        seed=T + S,
+    )
 
 
 def test_fully_masked_rows_are_zero_with_zero_gradients():
