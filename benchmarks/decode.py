@@ -8,8 +8,10 @@ decode step of ``models.DecoderLM.decode`` (MLA: absorbed, over the latent cache
 
 Printed per model: cache bytes per token per layer and its ratio to GQA (MLA's target is
 (L + P) / (2·K·H) = 576 / 2048 = 0.281), then decode tokens/s at each context and its ratio
-to GQA. On CPU decoding is compute-bound (MLA does more FLOPs per cached token: 32 heads × 576
-dims vs 32 × 256 for GQA); on accelerators long-context decoding is bound by cache reads.
+to GQA. The dense caches' decoding is bound by reading the cache; MLA's, on CPU, by its matmul
+FLOPs (32 heads × (576 + 576) per cached token vs 32 × 256 for GQA), on accelerators by cache
+reads too. Each point times ``steps`` decode steps in one jitted loop over a donated cache
+(compilation and the cache fill are not timed).
 
   python -m benchmarks.decode                 # contexts 1K..32K, batch 8, 2 layers
   python -m benchmarks.decode --quick         # contexts 1K..8K, batch 4, 1 layer (CPU-friendly)
@@ -18,6 +20,7 @@ dims vs 32 × 256 for GQA); on accelerators long-context decoding is bound by ca
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -55,10 +58,15 @@ def configs(layers: int, dtype) -> dict[str, ModelConfig]:
 def decode_tokens_per_s(model: DecoderLM, batch: int, context: int, steps: int) -> float:
     """Tokens/s of the jitted single-token decode step with ``context`` cached positions."""
     graphdef, state = nnx.split(model)
-    cache = model.init_cache(batch, context + steps + 1)
-    cache = tuple(c.with_lengths(jnp.full((batch,), context, jnp.int32)) for c in cache)
 
-    @jax.jit
+    def filled_cache():
+        cache = model.init_cache(batch, context + steps + 1)
+        cache = tuple(c.with_lengths(jnp.full((batch,), context, jnp.int32)) for c in cache)
+        return jax.block_until_ready(cache)
+
+    # The cache is donated, as in a serving loop that owns it: the steps update it in place
+    # instead of first copying the whole cache (which would be timed as part of the steps).
+    @functools.partial(jax.jit, donate_argnums=1)
     def run(state, cache, tok_B):
         m = nnx.merge(graphdef, state)
 
@@ -70,7 +78,8 @@ def decode_tokens_per_s(model: DecoderLM, batch: int, context: int, steps: int) 
         return jax.lax.fori_loop(0, steps, body, (cache, tok_B))
 
     tok_B = jnp.zeros((batch,), jnp.int32)
-    jax.block_until_ready(run(state, cache, tok_B))  # compile + warm up
+    jax.block_until_ready(run(state, filled_cache(), tok_B))  # compile + warm up
+    cache = filled_cache()
     start = time.perf_counter()
     jax.block_until_ready(run(state, cache, tok_B))
     return batch * steps / (time.perf_counter() - start)
