@@ -5,13 +5,14 @@ of S keys. "chunked" is a poor fit there: it loops over kv blocks of 256 inside 
 blocks, and pads k and v to a block multiple (a full copy of the cache every step when the
 capacity is not one). "xla" materialises the scores over all S keys, including unused capacity.
 
-This implementation runs one loop over kv blocks (split-S online softmax), with all T·N
-queries of a sequence in each block's two matmuls:
+This implementation runs one loop over kv blocks sized to stay in a core's cache (split-S
+online softmax), with all T·N queries of the batch in each block's two matmuls:
 
   m ← max(m, rowmax(s)),  l ← l·e^{m_old − m} + rowsum(e^{s − m}),
   acc ← acc·e^{m_old − m} + e^{s − m} v
 
-No padding: when S is not a block multiple the last block is slid back to end at S and the keys
+Scores are key-major (the key block, as it comes out of the cache, is the matmul's row operand)
+and the loop reads k and v as [B, S, K·H]. No padding: when S is not a block multiple the last block is slid back to end at S and the keys
 it shares with the block before are masked. Only the kv blocks some query can see are visited
 (the block table of "chunked": masks, kv_lengths, segment ids), so a cache's unused capacity past
 max(kv_lengths) and the keys outside a sliding window cost nothing.
@@ -41,21 +42,34 @@ class DecodeBlockSizes:
     """Keys per block of the decode implementation, and the most queries it serves under "auto".
 
     Attributes:
-      block_kv: keys per loop iteration. 256 measured best on CPU at 32K keys, batch 4, fp32
-        (GQA K=8: 0.32 s vs 0.55 s at 1024; MQA 69 ms vs 97 ms at 4096): a block of k and v
-        (B·block·K·(H+V) numbers, 1-8 MB here) stays in cache between its copy out of the
-        cache buffer (a transpose when K > 1) and the two matmuls that read it.
+      block_kv: keys per loop iteration, or None: the most (a power of two, at least 16) whose
+        key block, B·block·K·H numbers, fits in ``block_bytes``.
+      block_bytes: the key-block size aimed at when ``block_kv`` is None. A block is copied out
+        of the cache (a transpose when K > 1) and read by two matmuls, so it should stay in a
+        core's cache: on CPU at 32K keys, batch 4, fp32, 2 MiB blocks measured best (MHA K=32:
+        1.1 s at 32 keys vs 2.4 s at 128; GQA K=8: 0.26 s at 128 keys vs 0.66 s at 512; absorbed
+        MLA: 0.29 s at 128 keys vs 0.42 s at 512).
       max_q: "auto" picks this implementation for T <= max_q queries per sequence.
     """
 
-    block_kv: int = 256
+    block_kv: int | None = None
+    block_bytes: int = 2 << 20
     max_q: int = 16
 
     def __post_init__(self):
-        for name in ("block_kv", "max_q"):
+        for name in ("block_kv", "block_bytes", "max_q"):
             value = getattr(self, name)
+            if name == "block_kv" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DecodeBlockSizes.{name} must be a positive int, got {value!r}")
+
+    def keys_per_block(self, batch: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
+        """``block_kv``, or the power of two that fills ``block_bytes`` (at least 16)."""
+        if self.block_kv is not None:
+            return self.block_kv
+        keys = max(1, self.block_bytes // (batch * kv_heads * head_dim * itemsize))
+        return max(16, 1 << (keys.bit_length() - 1))
 
 
 def _precision(dtype):
@@ -163,7 +177,8 @@ def decode_attention(
     Returns:
       o_BTNV in q's dtype (and lse_BNT). Rows that see no key give zeros and zero gradients.
     """
-    bk = min((block_sizes or DecodeBlockSizes()).block_kv, a.S)
+    bs = block_sizes or DecodeBlockSizes()
+    bk = min(bs.keys_per_block(a.B, a.K, a.H, k_BSKH.dtype.itemsize), a.S)
     nk = -(-a.S // bk)
     arrays = {f: getattr(a, f) for f in _ARRAY_FIELDS if not _is_static(getattr(a, f))}
     static = dataclasses.replace(a, **{f: None for f in arrays})

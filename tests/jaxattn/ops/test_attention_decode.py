@@ -181,3 +181,13 @@ def test_auto_picks_decode_for_few_queries():
         assert _choose(args(q_long), q_long, k, v, False, None) == "chunked"
     with pytest.raises(ValueError, match="DecodeBlockSizes"):
         attention(q, k, v, implementation="decode", block_sizes=object())
+
+
+def test_block_sizes_fill_block_bytes():
+    bs = DecodeBlockSizes()
+    assert bs.keys_per_block(4, 8, 128, 4) == 128  # GQA fp32: 16 KiB per key, 2 MiB blocks
+    assert bs.keys_per_block(4, 1, 576, 4) == 128  # absorbed MLA: 9 KiB per key
+    assert bs.keys_per_block(64, 32, 256, 4) == 16  # never below 16 keys
+    assert DecodeBlockSizes(block_kv=48).keys_per_block(4, 8, 128, 4) == 48
+    with pytest.raises(ValueError, match="block_bytes"):
+        DecodeBlockSizes(block_bytes=0)
