@@ -10,8 +10,8 @@ Printed per model: cache bytes per token per layer and its ratio to GQA (MLA's t
 (L + P) / (2·K·H) = 576 / 2048 = 0.281), then decode tokens/s at each context and its ratio
 to GQA. The dense caches' decoding is bound by reading the cache; MLA's, on CPU, by its matmul
 FLOPs (32 heads × (576 + 576) per cached token vs 32 × 256 for GQA), on accelerators by cache
-reads too. Each point times ``steps`` decode steps in one jitted loop over a donated cache
-(compilation and the cache fill are not timed).
+reads too. Each point is the median of ``--repeats`` runs of ``steps`` decode steps in one
+jitted loop over a donated cache (compilation and the cache fill are not timed).
 
   python -m benchmarks.decode                 # contexts 1K..32K, batch 8, 2 layers
   python -m benchmarks.decode --quick         # contexts 1K..8K, batch 4, 1 layer (CPU-friendly)
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import time
 
 import jax
@@ -55,8 +56,13 @@ def configs(layers: int, dtype) -> dict[str, ModelConfig]:
     }
 
 
-def decode_tokens_per_s(model: DecoderLM, batch: int, context: int, steps: int) -> float:
-    """Tokens/s of the jitted single-token decode step with ``context`` cached positions."""
+def decode_tokens_per_s(
+    model: DecoderLM, batch: int, context: int, steps: int, repeats: int = 3
+) -> float:
+    """Tokens/s of the jitted single-token decode step with ``context`` cached positions.
+
+    The median over ``repeats`` timed runs of ``steps`` steps (each on a freshly filled cache).
+    """
     graphdef, state = nnx.split(model)
 
     def filled_cache():
@@ -79,10 +85,13 @@ def decode_tokens_per_s(model: DecoderLM, batch: int, context: int, steps: int) 
 
     tok_B = jnp.zeros((batch,), jnp.int32)
     jax.block_until_ready(run(state, filled_cache(), tok_B))  # compile + warm up
-    cache = filled_cache()
-    start = time.perf_counter()
-    jax.block_until_ready(run(state, cache, tok_B))
-    return batch * steps / (time.perf_counter() - start)
+    times = []
+    for _ in range(repeats):
+        cache = filled_cache()
+        start = time.perf_counter()
+        jax.block_until_ready(run(state, cache, tok_B))
+        times.append(time.perf_counter() - start)
+    return batch * steps / statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -93,6 +102,7 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="decode steps timed per point")
     p.add_argument("--dtype", default=None, help="default bfloat16 (float32 on CPU)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
     a = p.parse_args(argv)
     contexts = [1024, 4096, 8192] if a.quick else [1024, 2048, 4096, 8192, 16384, 32768]
     if a.contexts:
@@ -104,14 +114,15 @@ def main(argv=None) -> None:
     dtype = jnp.dtype(a.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), dtype {dtype.name}, "
-        f"batch {batch}, layers {layers}, {steps} decode steps per point"
+        f"batch {batch}, layers {layers}, {steps} decode steps per run, "
+        f"median of {a.repeats} runs per point"
     )
 
     rows = {}
     for name, cfg in configs(layers, dtype).items():
         model = DecoderLM(cfg, rngs=nnx.Rngs(0))
         per_layer = model.cache_bytes_per_token() // layers
-        speeds = [decode_tokens_per_s(model, batch, c, steps) for c in contexts]
+        speeds = [decode_tokens_per_s(model, batch, c, steps, a.repeats) for c in contexts]
         rows[name] = (per_layer, speeds)
         del model
 
