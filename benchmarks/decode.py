@@ -8,8 +8,10 @@ decode step of ``models.DecoderLM.decode`` (MLA: absorbed, over the latent cache
 
 Printed per model: cache bytes per token per layer and its ratio to GQA (MLA's target is
 (L + P) / (2·K·H) = 576 / 2048 = 0.281), then decode tokens/s at each context and its ratio
-to GQA. On CPU decoding is compute-bound (MLA does more FLOPs per cached token: 32 heads × 576
-dims vs 32 × 256 for GQA); on accelerators long-context decoding is bound by cache reads.
+to GQA. The dense caches' decoding is bound by reading the cache; MLA's, on CPU, by its matmul
+FLOPs (32 heads × (576 + 576) per cached token vs 32 × 256 for GQA), on accelerators by cache
+reads too. Each point is the median of ``--repeats`` runs of ``steps`` decode steps in one
+jitted loop over a donated cache (compilation and the cache fill are not timed).
 
   python -m benchmarks.decode                 # contexts 1K..32K, batch 8, 2 layers
   python -m benchmarks.decode --quick         # contexts 1K..8K, batch 4, 1 layer (CPU-friendly)
@@ -18,6 +20,8 @@ dims vs 32 × 256 for GQA); on accelerators long-context decoding is bound by ca
 from __future__ import annotations
 
 import argparse
+import functools
+import statistics
 import time
 
 import jax
@@ -52,13 +56,23 @@ def configs(layers: int, dtype) -> dict[str, ModelConfig]:
     }
 
 
-def decode_tokens_per_s(model: DecoderLM, batch: int, context: int, steps: int) -> float:
-    """Tokens/s of the jitted single-token decode step with ``context`` cached positions."""
-    graphdef, state = nnx.split(model)
-    cache = model.init_cache(batch, context + steps + 1)
-    cache = tuple(c.with_lengths(jnp.full((batch,), context, jnp.int32)) for c in cache)
+def decode_tokens_per_s(
+    model: DecoderLM, batch: int, context: int, steps: int, repeats: int = 3
+) -> float:
+    """Tokens/s of the jitted single-token decode step with ``context`` cached positions.
 
-    @jax.jit
+    The median over ``repeats`` timed runs of ``steps`` steps (each on a freshly filled cache).
+    """
+    graphdef, state = nnx.split(model)
+
+    def filled_cache():
+        cache = model.init_cache(batch, context + steps + 1)
+        cache = tuple(c.with_lengths(jnp.full((batch,), context, jnp.int32)) for c in cache)
+        return jax.block_until_ready(cache)
+
+    # The cache is donated, as in a serving loop that owns it: the steps update it in place
+    # instead of first copying the whole cache (which would be timed as part of the steps).
+    @functools.partial(jax.jit, donate_argnums=1)
     def run(state, cache, tok_B):
         m = nnx.merge(graphdef, state)
 
@@ -70,10 +84,14 @@ def decode_tokens_per_s(model: DecoderLM, batch: int, context: int, steps: int) 
         return jax.lax.fori_loop(0, steps, body, (cache, tok_B))
 
     tok_B = jnp.zeros((batch,), jnp.int32)
-    jax.block_until_ready(run(state, cache, tok_B))  # compile + warm up
-    start = time.perf_counter()
-    jax.block_until_ready(run(state, cache, tok_B))
-    return batch * steps / (time.perf_counter() - start)
+    jax.block_until_ready(run(state, filled_cache(), tok_B))  # compile + warm up
+    times = []
+    for _ in range(repeats):
+        cache = filled_cache()
+        start = time.perf_counter()
+        jax.block_until_ready(run(state, cache, tok_B))
+        times.append(time.perf_counter() - start)
+    return batch * steps / statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -84,6 +102,7 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="decode steps timed per point")
     p.add_argument("--dtype", default=None, help="default bfloat16 (float32 on CPU)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
     a = p.parse_args(argv)
     contexts = [1024, 4096, 8192] if a.quick else [1024, 2048, 4096, 8192, 16384, 32768]
     if a.contexts:
@@ -95,14 +114,15 @@ def main(argv=None) -> None:
     dtype = jnp.dtype(a.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), dtype {dtype.name}, "
-        f"batch {batch}, layers {layers}, {steps} decode steps per point"
+        f"batch {batch}, layers {layers}, {steps} decode steps per run, "
+        f"median of {a.repeats} runs per point"
     )
 
     rows = {}
     for name, cfg in configs(layers, dtype).items():
         model = DecoderLM(cfg, rngs=nnx.Rngs(0))
         per_layer = model.cache_bytes_per_token() // layers
-        speeds = [decode_tokens_per_s(model, batch, c, steps) for c in contexts]
+        speeds = [decode_tokens_per_s(model, batch, c, steps, a.repeats) for c in contexts]
         rows[name] = (per_layer, speeds)
         del model
 

@@ -238,16 +238,20 @@ class MultiHeadLatentAttention(nnx.Module):
         q_lat_BTNL = jnp.einsum("btnh,lnh->btnl", q_nope_BTNH, cast(self.k_b_LNH[...], dt))
         q_BTNR = jnp.concatenate([q_lat_BTNL, q_pe_BTNP], axis=-1)
         row_BC1R = cache.latent_BCR[:, :, None, :].astype(dt)
-        o_lat_BTNL = dot_product_attention(
+        # The value is the whole row too (the very same array as the key), and the output's
+        # last P columns (the rope part) are dropped: passing the latent slice row[..., :L]
+        # instead would copy the whole cache every step.
+        o_row_BTNR = dot_product_attention(
             q_BTNR,
             row_BC1R,
-            row_BC1R[..., : c.kv_lora_rank],
+            row_BC1R,
             mask=Causal(),
             scale=c.scale,
             q_offset=start_B,
             kv_lengths=start_B + t,
             implementation=c.implementation,
         )
+        o_lat_BTNL = o_row_BTNR[..., : c.kv_lora_rank]
         # Value up-projection absorbed into the output: o_n = (Σ p c) · Wv_n.
         o_BTNV = jnp.einsum("btnl,lnv->btnv", o_lat_BTNL, cast(self.v_b_LNV[...], dt))
         cache = cache.advance(t if num_new_B is None else num_new_B)

@@ -3,6 +3,7 @@
 Attention
   dot_product_attention, IMPLEMENTATIONS      the op (xla / chunked / pallas / cudnn)
   ChunkedBlockSizes                           tuning of the "chunked" implementation
+  DecodeBlockSizes                            tuning of the "decode" implementation
 Rotary embeddings (jaxattn.ops.rope)
   RopeConfig, apply_rope, rope_frequencies, rope_cos_sin, rope_config_from_hf, rope_config_to_hf
   LinearScaling, DynamicNTKScaling, NTKScaling, Llama3Scaling, YarnScaling, LongRopeScaling
@@ -12,6 +13,7 @@ Sharding (jaxattn.ops.sharded)
 
 from jaxattn.ops.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxattn.ops.attention_chunked import ChunkedBlockSizes
+from jaxattn.ops.attention_decode import DecodeBlockSizes
 from jaxattn.ops.rope import (
     DynamicNTKScaling,
     LinearScaling,
@@ -32,6 +34,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "dot_product_attention",
     "ChunkedBlockSizes",
+    "DecodeBlockSizes",
     "RopeConfig",
     "apply_rope",
     "rope_frequencies",

@@ -230,11 +230,11 @@ def visible(a: AttentionArgs, q_idx, k_idx, dense_block=None):
     return vis
 
 
-def scores_fp32(a: AttentionArgs, q_BtKGH, k_BsKH):
-    """Scaled (and soft-capped) logits in float32: [B, K, G, t, s]."""
+def scores_fp32(a: AttentionArgs, q_BtKGH, k_BsKH, spec: str = "btkgh,bskh->bkgts"):
+    """Scaled (and soft-capped) logits in float32: [B, K, G, t, s] (or as ``spec`` lays out)."""
     precision = jax.lax.Precision.HIGHEST if q_BtKGH.dtype == jnp.float32 else None
     s = jnp.einsum(
-        "btkgh,bskh->bkgts",
+        spec,
         q_BtKGH,
         k_BsKH,
         preferred_element_type=jnp.float32,

@@ -5,11 +5,14 @@ Implementations, chosen by name or by ``"auto"``:
 * ``"xla"``: the readable reference; materialises the [B, K, G, T, S] scores.
 * ``"chunked"``: memory-efficient pure XLA (online softmax over kv blocks, custom VJP,
   O(T·block) memory, masked blocks skipped).
+* ``"decode"``: a few queries over a long kv axis (decoding): one loop over large kv blocks,
+  no padding copies, unused cache capacity skipped.
 * ``"pallas_tpu"`` / ``"pallas_gpu"``: Pallas kernels from ``pallas_kernels.flash_attention``.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on NVIDIA GPUs.
 
 ``"auto"`` takes the platform's kernel when it can serve the call and otherwise falls back
-to ``"chunked"`` (or ``"xla"`` for single-block calls), logging the fallback once. A name
+to ``"decode"`` for a few queries per sequence (T <= DecodeBlockSizes.max_q), ``"xla"`` for
+single-block calls and ``"chunked"`` for the rest, logging the kernel fallback once. A name
 asked for explicitly that cannot serve the call raises NotImplementedError saying why.
 """
 
@@ -21,11 +24,12 @@ import jax
 
 from jaxattn.ops._attention_args import AttentionArgs, check_args
 from jaxattn.ops.attention_chunked import ChunkedBlockSizes, chunked_attention
+from jaxattn.ops.attention_decode import DecodeBlockSizes, decode_attention
 from jaxattn.ops.attention_xla import xla_attention
 
 __all__ = ["IMPLEMENTATIONS", "dot_product_attention"]
 
-IMPLEMENTATIONS = ("auto", "xla", "chunked", "pallas_tpu", "pallas_gpu", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "decode", "pallas_tpu", "pallas_gpu", "cudnn")
 
 _log = logging.getLogger("jaxattn")
 _logged: set[str] = set()
@@ -71,7 +75,8 @@ def dot_product_attention(
       kv_lengths: int [B]; keys at positions >= kv_lengths[b] are masked.
       implementation: one of IMPLEMENTATIONS.
       return_lse: also return the log-sum-exp of the visible logits, lse_BNT (float32).
-      block_sizes: tuning for "chunked" (ChunkedBlockSizes) or the Pallas kernels.
+      block_sizes: tuning for "chunked" (ChunkedBlockSizes), "decode" (DecodeBlockSizes) or
+        the Pallas kernels.
 
     Returns:
       o_BTNV in q's dtype, and lse_BNT if ``return_lse``. A query row that sees no key gives
@@ -105,6 +110,13 @@ def dot_product_attention(
                 f"got {type(block_sizes).__name__}"
             )
         return chunked_attention(a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
+    if implementation == "decode":
+        if block_sizes is not None and not isinstance(block_sizes, DecodeBlockSizes):
+            raise ValueError(
+                f"block_sizes for 'decode' must be DecodeBlockSizes, "
+                f"got {type(block_sizes).__name__}"
+            )
+        return decode_attention(a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
     if implementation == "cudnn":
         reason = _cudnn_unsupported(a, q_BTNH, return_lse)
         if reason:
@@ -126,7 +138,7 @@ def _choose(a: AttentionArgs, q, k, v, return_lse, block_sizes) -> str:
         reason = _pallas_unsupported(preferred, a, q, k, v, kernel_blocks)
         if reason is None:
             return preferred
-        _log_once(f"jaxattn: {preferred} cannot serve a call ({reason}); using 'chunked'")
+        _log_once(f"jaxattn: {preferred} cannot serve a call ({reason}); using a pure-XLA one")
     bs = (
         block_sizes
         if isinstance(block_sizes, ChunkedBlockSizes)
@@ -134,6 +146,9 @@ def _choose(a: AttentionArgs, q, k, v, return_lse, block_sizes) -> str:
     )
     if a.T <= bs.block_q and a.S <= bs.block_kv:
         return "xla"  # one block: the reference does the same work with less bookkeeping
+    decode_bs = block_sizes if isinstance(block_sizes, DecodeBlockSizes) else DecodeBlockSizes()
+    if a.T <= decode_bs.max_q and not isinstance(block_sizes, ChunkedBlockSizes):
+        return "decode"  # few queries: one pass over large kv blocks, no query tiling
     return "chunked"
 
 
