@@ -133,6 +133,9 @@ def dot_product_attention(
 def _choose(a: AttentionArgs, q, k, v, return_lse, block_sizes) -> str:
     backend = jax.default_backend()
     preferred = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(backend)
+    decode_bs = block_sizes if isinstance(block_sizes, DecodeBlockSizes) else DecodeBlockSizes()
+    if backend == "gpu" and a.T <= decode_bs.max_q:
+        preferred = None  # the GPU kernel tiles 64 query rows: decoding would waste most of them
     if preferred is not None:
         kernel_blocks = None if isinstance(block_sizes, ChunkedBlockSizes) else block_sizes
         reason = _pallas_unsupported(preferred, a, q, k, v, kernel_blocks)
@@ -146,7 +149,6 @@ def _choose(a: AttentionArgs, q, k, v, return_lse, block_sizes) -> str:
     )
     if a.T <= bs.block_q and a.S <= bs.block_kv:
         return "xla"  # one block: the reference does the same work with less bookkeeping
-    decode_bs = block_sizes if isinstance(block_sizes, DecodeBlockSizes) else DecodeBlockSizes()
     if a.T <= decode_bs.max_q and not isinstance(block_sizes, ChunkedBlockSizes):
         return "decode"  # few queries: one pass over large kv blocks, no query tiling
     return "chunked"

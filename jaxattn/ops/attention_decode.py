@@ -12,10 +12,11 @@ online softmax), with all T·N queries of the batch in each block's two matmuls:
   acc ← acc·e^{m_old − m} + e^{s − m} v
 
 Scores are key-major (the key block, as it comes out of the cache, is the matmul's row operand)
-and the loop reads k and v as [B, S, K·H]. No padding: when S is not a block multiple the last block is slid back to end at S and the keys
-it shares with the block before are masked. Only the kv blocks some query can see are visited
-(the block table of "chunked": masks, kv_lengths, segment ids), so a cache's unused capacity past
-max(kv_lengths) and the keys outside a sliding window cost nothing.
+and the loop reads k and v as [B, S, K·H]. No padding: when S is not a block multiple the last
+block is slid back to end at S and the keys it shares with the block before are masked. Only
+the kv blocks some query can see are visited (the block table of "chunked": masks, kv_lengths,
+segment ids), so a cache's unused capacity past max(kv_lengths) and the keys outside a sliding
+window cost nothing.
 
 Gradients: a custom VJP through the "xla" reference (O(T·S) memory, small for the T served here).
 """
