@@ -1,8 +1,10 @@
-"""Decode attention (flash-decoding) for TPU: few queries per sequence over a long KV cache.
+"""Decode attention (flash-decoding) for TPU and GPU: few queries per sequence over a long KV
+cache.
 
 Public surface:
 
 * ``decode_attention`` — the kernel entry point (Pallas Mosaic TPU, ``interpret=`` on CPU);
+* ``decode_attention_gpu`` / ``unsupported_reason_gpu`` — the same on Hopper (Mosaic GPU);
 * ``DecodeBlockSizes`` — its tunables; ``unsupported_reason`` — can it serve a call;
 * ``decode_attention_reference`` — the plain-jnp fp32 oracle.
 """
@@ -10,13 +12,17 @@ Public surface:
 from pallas_kernels.decode_attention.api import (
     DecodeBlockSizes,
     decode_attention,
+    decode_attention_gpu,
     unsupported_reason,
+    unsupported_reason_gpu,
 )
 from pallas_kernels.decode_attention.reference import decode_attention_reference
 
 __all__ = [
     "DecodeBlockSizes",
     "decode_attention",
+    "decode_attention_gpu",
     "decode_attention_reference",
     "unsupported_reason",
+    "unsupported_reason_gpu",
 ]

@@ -15,7 +15,13 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.decode_attention import tpu
 
-__all__ = ["DecodeBlockSizes", "decode_attention", "unsupported_reason"]
+__all__ = [
+    "DecodeBlockSizes",
+    "decode_attention",
+    "decode_attention_gpu",
+    "unsupported_reason",
+    "unsupported_reason_gpu",
+]
 
 SUPPORTED_HEAD_DIMS = (64, 128, 192, 256, 512, 576)
 
@@ -175,3 +181,98 @@ def decode_attention(
     if not return_lse:
         return o_BTNV
     return o_BTNV, lse_BKR.reshape(B, N, T)  # rows (g, t) of head k: n = k * G + g
+
+
+# ------------------------------------------------------------------------------ GPU
+
+GPU_HEAD_DIMS = (64, 128, 192, 256)
+
+
+def gpu_block_kv(C: int, H: int, V: int) -> int | None:
+    """Largest kv tile in (128, 64) that divides the cache (narrower for wide heads)."""
+    for block in (128, 64) if max(H, V) <= 128 else (64,):
+        if C % block == 0:
+            return block
+    return None
+
+
+def unsupported_reason_gpu(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, *, interpret=False, **kw):
+    """Why the Mosaic GPU decode kernel cannot serve the call, or None when it can.
+
+    The platform is not checked (the call may be lowered for CUDA elsewhere): without a GPU,
+    pass ``interpret=True``.
+    """
+    B, T, N, H = q_BTNH.shape
+    _, C, K, V = v_BCKV.shape
+    if H not in GPU_HEAD_DIMS or V not in GPU_HEAD_DIMS:
+        return f"head dims H={H}, V={V} not in {GPU_HEAD_DIMS} for the Mosaic GPU decode kernel"
+    if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"dtype {q_BTNH.dtype} is not bfloat16 or float16 (tensor-core operands)"
+    if (N // K) * T > 64:
+        return f"G * T = {(N // K) * T} query rows per kv head exceed one 64-row tile"
+    if gpu_block_kv(C, H, V) is None:
+        return f"cache length C={C} must be a multiple of 64 (no per-step padding copy)"
+    return None
+
+
+def decode_attention_gpu(
+    q_BTNH,
+    k_BCKH,
+    v_BCKV,
+    kv_lengths_B,
+    *,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    window: int | None = None,
+    num_splits: int | None = None,
+    return_lse: bool = False,
+    interpret=False,
+):
+    """``decode_attention`` on NVIDIA Hopper (Pallas Mosaic GPU); same semantics and results.
+
+    bfloat16/float16, head dims in ``GPU_HEAD_DIMS``, at most 64 query rows (G * T) per kv
+    head, cache length a multiple of 64. ``num_splits`` (default: enough that B * K * splits
+    covers 132 SMs, capped by the block count) cuts the kv axis. ``interpret``: True or an
+    ``InterpretGPUParams`` runs it in the Mosaic GPU interpreter on CPU.
+    """
+    from pallas_kernels.decode_attention import gpu
+
+    kv_lengths_B = jnp.asarray(kv_lengths_B)
+    _check(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, DecodeBlockSizes(), window, logits_soft_cap)
+    reason = unsupported_reason_gpu(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, interpret=interpret)
+    if reason is not None:
+        raise NotImplementedError(f"pallas_kernels.decode_attention (GPU): {reason}")
+    if interpret is True:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        interpret = InterpretGPUParams()
+    B, T, N, H = q_BTNH.shape
+    _, C, K, V = v_BCKV.shape
+    G = N // K
+    block_kv = gpu_block_kv(C, H, V)
+    num_blocks = C // block_kv
+    if num_splits is None:
+        num_splits = -(-132 // (B * K))
+    num_splits = max(1, min(int(num_splits), num_blocks))
+    q_BKRH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    q_BKRH = jnp.pad(q_BKRH, ((0, 0), (0, 0), (0, gpu.ROWS - G * T), (0, 0)))
+    o_BKSRV, lse_BKSR = gpu.decode_partials(
+        q_BKRH,
+        k_BCKH,
+        v_BCKV,
+        kv_lengths_B,
+        T=T,
+        block_kv=block_kv,
+        num_splits=num_splits,
+        scale=H**-0.5 if scale is None else float(scale),
+        soft_cap=logits_soft_cap,
+        window=window,
+        interpret=interpret,
+    )
+    o_BKRV, lse_BKR = gpu.combine(o_BKSRV, lse_BKSR)
+    o_BKRV, lse_BKR = o_BKRV[:, :, : G * T], lse_BKR[:, :, : G * T]
+    o_BTNV = o_BKRV.reshape(B, K, G, T, V).transpose(0, 3, 1, 2, 4).reshape(B, T, N, V)
+    o_BTNV = o_BTNV.astype(q_BTNH.dtype)
+    if not return_lse:
+        return o_BTNV
+    return o_BTNV, lse_BKR.reshape(B, N, T)
