@@ -1,7 +1,7 @@
 """Functional core of jaxattn: the attention op, rotary embeddings, sharded kernel wrappers.
 
 Attention
-  dot_product_attention, IMPLEMENTATIONS      the op (xla / chunked / pallas / cudnn)
+  dot_product_attention, IMPLEMENTATIONS      the op (xla / chunked / decode / pallas / cudnn)
   ChunkedBlockSizes                           tuning of the "chunked" implementation
   DecodeBlockSizes                            tuning of the "decode" implementation
 Rotary embeddings (jaxattn.ops.rope)
