@@ -7,6 +7,10 @@ One run, same machine, same batch (B x T byte tokens), AdamW with clipping on bo
 * ``transformers.LlamaForCausalLM`` (torch CPU, fp32, eager attention) with the same width,
   depth, heads, MLP and vocab.
 
+JAX runs with the CPU tuning the training entry points apply (``train.platform.configure_cpu``).
+Each row also prints its model-FLOPs utilisation (``train.metrics``: 6 x params + attention,
+over the CPU peak estimate), each model with its own parameter count.
+
 Usage: ``python benchmarks/train_throughput.py [--batch 16] [--seq 128] [--steps 20]``
 """
 
@@ -22,6 +26,8 @@ from jaxattn.sharding import make_mesh
 from models import DecoderLM, get_config
 from train.config import TrainConfig
 from train.data import WindowLoader, load_tokens
+from train.metrics import flops_per_token, peak_flops
+from train.platform import configure_cpu
 from train.step import make_trainer
 
 
@@ -91,6 +97,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
+    tuned = configure_cpu()  # what train.pretrain does before its first computation
     tokens_N = load_tokens("builtin")
     mla = get_config("mla-tiny-default")
     llama = get_config(
@@ -111,14 +118,21 @@ def main() -> None:
         + torch_tokens_per_s(llama, args.batch, args.seq, args.steps, tokens_N),
     ]
     ref = rows[-1][1]
+    peak, peak_label = peak_flops()
+    configs = (mla, llama, llama)
     print(
         f"\ntraining throughput, {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
-        f"batch {args.batch} x {args.seq} tokens, {args.steps} timed steps, fp32, AdamW"
+        f"batch {args.batch} x {args.seq} tokens, {args.steps} timed steps, fp32, AdamW; "
+        f"XLA CPU tuning {'on' if tuned else 'off'}; MFU vs {peak_label}"
     )
-    print(f"| {'model':34s} | {'params':>9s} | {'tokens/s':>9s} | {'vs torch':>8s} |")
-    print(f"|{'-' * 36}|{'-' * 11}|{'-' * 11}|{'-' * 10}|")
-    for name, tok_s, params in rows:
-        print(f"| {name:34s} | {params / 1e6:8.2f}M | {tok_s:9.0f} | {tok_s / ref:7.2f}x |")
+    print(f"| {'model':34s} | {'params':>9s} | {'tokens/s':>9s} | {'vs torch':>8s} | {'MFU':>6s} |")
+    print(f"|{'-' * 36}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 8}|")
+    for (name, tok_s, params), cfg in zip(rows, configs, strict=True):
+        mfu = tok_s * flops_per_token(params, cfg, args.seq) / peak
+        print(
+            f"| {name:34s} | {params / 1e6:8.2f}M | {tok_s:9.0f} | {tok_s / ref:7.2f}x "
+            f"| {100 * mfu:5.1f}% |"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from flax import nnx
 
 from train.config import ConfigError, TrainConfig, config_from_argv
 from train.loop import RunResult, setup_distributed, train_loop
+from train.platform import configure_cpu
 from train.pretrain import build_model, finish
 
 __all__ = ["is_hf_dir", "load_init", "run", "main"]
@@ -75,6 +76,7 @@ def run(config: TrainConfig) -> RunResult:
 
 def main(argv=None) -> None:
     """Command-line entry point."""
+    configure_cpu()  # before any JAX computation: XLA reads its flags once
     try:
         config = config_from_argv(argv, description=__doc__.splitlines()[0])
     except ConfigError as err:

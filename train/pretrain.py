@@ -19,6 +19,7 @@ from flax import nnx
 from train.config import ConfigError, TrainConfig, config_from_argv
 from train.loop import RunResult, host_params, say, setup_distributed, train_loop
 from train.metrics import plot_losses
+from train.platform import configure_cpu
 
 __all__ = ["build_model", "remat_blocks", "run", "finish", "main"]
 
@@ -174,6 +175,7 @@ def run(config: TrainConfig, *, model_fn=None, model_config=None) -> RunResult:
 
 def main(argv=None) -> None:
     """Command-line entry point."""
+    configure_cpu()  # before any JAX computation: XLA reads its flags once
     try:
         config = config_from_argv(argv, description=__doc__.splitlines()[0])
     except ConfigError as err:
