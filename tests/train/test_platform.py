@@ -12,6 +12,7 @@ from train import platform
 @pytest.fixture
 def not_started(monkeypatch):
     monkeypatch.setattr(platform, "_backends_started", lambda: False)
+    monkeypatch.setattr(platform, "flags_apply", lambda: True)
 
 
 def test_adds_flags_to_existing(monkeypatch, not_started):
@@ -36,3 +37,17 @@ def test_too_late_changes_nothing(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     assert not platform.configure_cpu()
     assert "XLA_FLAGS" not in os.environ
+
+
+def test_only_on_verified_cpu_hosts(monkeypatch):
+    monkeypatch.setattr(platform, "_backends_started", lambda: False)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+    assert not platform.flags_apply()
+    assert not platform.configure_cpu() and "XLA_FLAGS" not in os.environ
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setattr(platform, "_ACCELERATOR_PLUGINS", ("json",))  # an importable module
+    assert not platform.flags_apply()
+    monkeypatch.setattr(platform, "_ACCELERATOR_PLUGINS", ())
+    monkeypatch.setattr(platform, "_VERIFIED_JAXLIB", ("0.0.",))
+    assert not platform.flags_apply()
