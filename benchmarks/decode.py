@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import DecoderLM, ModelConfig
+from train.platform import configure_cpu
 
 WIDTH = dict(d_model=4096, num_heads=32, head_dim=128)
 
@@ -103,7 +104,13 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=None, help="decode steps timed per point")
     p.add_argument("--dtype", default=None, help="default bfloat16 (float32 on CPU)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
+    p.add_argument(
+        "--no-cpu-tuning",
+        action="store_true",
+        help="skip train.platform.configure_cpu (which train.sample applies)",
+    )
     a = p.parse_args(argv)
+    tuned = False if a.no_cpu_tuning else configure_cpu()  # before JAX starts its backends
     contexts = [1024, 4096, 8192] if a.quick else [1024, 2048, 4096, 8192, 16384, 32768]
     if a.contexts:
         contexts = [int(c) for c in a.contexts.split(",")]
@@ -115,7 +122,7 @@ def main(argv=None) -> None:
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), dtype {dtype.name}, "
         f"batch {batch}, layers {layers}, {steps} decode steps per run, "
-        f"median of {a.repeats} runs per point"
+        f"median of {a.repeats} runs per point, XLA CPU tuning {'on' if tuned else 'off'}"
     )
 
     rows = {}

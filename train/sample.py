@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from train.data import ByteTokenizer
+from train.platform import configure_cpu
 
 __all__ = ["sample_texts", "load_model", "main"]
 
@@ -118,6 +119,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, default=None)
     args = parser.parse_args(argv)
+    configure_cpu()  # before any JAX computation: XLA reads its flags once
     model, meta = load_model(args.checkpoint, args.step)
     texts = sample_texts(
         model,
