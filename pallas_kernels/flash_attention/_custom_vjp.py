@@ -16,6 +16,18 @@ import jax.numpy as jnp
 from pallas_kernels.flash_attention import block_map, tpu, tpu_bwd
 
 
+def _config(cls, st, groups, bq, bkv, has_segments):
+    return cls(
+        mask=st.mask,
+        scale=st.scale,
+        soft_cap=st.soft_cap,
+        has_segments=has_segments,
+        groups=groups,
+        block_q=bq,
+        block_kv=bkv,
+    )
+
+
 class _TpuKernels:
     """Adapts tpu.py / tpu_bwd.py to the common calling convention below.
 
@@ -24,15 +36,7 @@ class _TpuKernels:
 
     @staticmethod
     def config(st, groups, bq, bkv, has_segments):
-        return tpu.Config(
-            mask=st.mask,
-            scale=st.scale,
-            soft_cap=st.soft_cap,
-            has_segments=has_segments,
-            groups=groups,
-            block_q=bq,
-            block_kv=bkv,
-        )
+        return _config(tpu.Config, st, groups, bq, bkv, has_segments)
 
     @staticmethod
     def forward(q, k, v, seg, offset, kv_len, bmap, cfg, interpret):
@@ -70,15 +74,7 @@ class _GpuKernels:
     def config(st, groups, bq, bkv, has_segments):
         from pallas_kernels.flash_attention import gpu
 
-        return gpu.Config(
-            mask=st.mask,
-            scale=st.scale,
-            soft_cap=st.soft_cap,
-            has_segments=has_segments,
-            groups=groups,
-            block_q=bq,
-            block_kv=bkv,
-        )
+        return _config(gpu.Config, st, groups, bq, bkv, has_segments)
 
     @staticmethod
     def forward(q, k, v, seg, offset, kv_len, bmap, cfg, interpret):

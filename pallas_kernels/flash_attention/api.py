@@ -265,6 +265,18 @@ def flash_attention(
     blocks = _effective_blocks(bs, T, S)
     if not interpret:
         _check_hardware_blocks(blocks, T, S)
+    return _launch(
+        "tpu", q_BTNH, k_BSKH, v_BSKV, blocks, mask, segment_ids, q_offset, kv_lengths, scale,
+        logits_soft_cap, return_lse, interpret,
+    )  # fmt: skip
+
+
+def _launch(
+    backend, q_BTNH, k_BSKH, v_BSKV, blocks, mask, segment_ids, q_offset, kv_lengths, scale,
+    logits_soft_cap, return_lse, interpret,
+):  # fmt: skip
+    """Static options and operands of ``_custom_vjp.flash`` for checked inputs; its result."""
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
     offset = static_offset(q_offset)
     static = _Static(
         mask=mask,
@@ -274,6 +286,7 @@ def flash_attention(
         q_offset=offset,
         return_lse=return_lse,
         interpret=interpret,
+        backend=backend,
     )
     segs = _split_segments(segment_ids, T, S)
     if segs is not None:
@@ -387,29 +400,13 @@ def flash_attention_gpu(
         interpret = InterpretGPUParams()
     T, S = q_BTNH.shape[1], k_BSKH.shape[1]
     H, V = q_BTNH.shape[-1], v_BSKV.shape[-1]
-    bs = block_sizes or gpu_block_sizes(H)
-    offset = static_offset(q_offset)
-    static = _Static(
-        mask=mask,
-        scale=float(H**-0.5 if scale is None else scale),
-        soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-        blocks=_effective_blocks(bs, T, S, _GPU_UNIT),
-        q_offset=offset,
-        return_lse=return_lse,
-        interpret=interpret,
-        backend="gpu",
-    )
-    segs = _split_segments(segment_ids, T, S)
-    if segs is not None:
-        segs = tuple(jnp.asarray(s, jnp.int32) for s in segs)
-    off = jnp.asarray(q_offset, jnp.int32) if offset is None else None
-    lens = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
-    q, k, v = (
-        _pad_last(q_BTNH, _GPU_UNIT),
-        _pad_last(k_BSKH, _GPU_UNIT),
-        _pad_last(v_BSKV, _GPU_UNIT),
-    )
-    out = _custom_vjp.flash(static, q, k, v, segs, off, lens)
+    blocks = _effective_blocks(block_sizes or gpu_block_sizes(H), T, S, _GPU_UNIT)
+    scale = H**-0.5 if scale is None else scale  # of the real head dim, not the padded one
+    q, k, v = (_pad_last(x, _GPU_UNIT) for x in (q_BTNH, k_BSKH, v_BSKV))
+    out = _launch(
+        "gpu", q, k, v, blocks, mask, segment_ids, q_offset, kv_lengths, scale, logits_soft_cap,
+        return_lse, interpret,
+    )  # fmt: skip
     if return_lse:
         return out[0][..., :V], out[1]
     return out[..., :V]
