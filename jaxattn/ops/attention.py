@@ -29,6 +29,7 @@ from jaxattn.ops.attention_xla import xla_attention
 
 __all__ = ["IMPLEMENTATIONS", "dot_product_attention"]
 
+_KERNEL_PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}  # Pallas kernels and their backends
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "decode", "pallas_tpu", "pallas_gpu", "cudnn")
 
 _log = logging.getLogger("jaxattn")
@@ -132,7 +133,7 @@ def dot_product_attention(
 
 def _choose(a: AttentionArgs, q, k, v, return_lse, block_sizes) -> str:
     backend = jax.default_backend()
-    preferred = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(backend)
+    preferred = {p: impl for impl, p in _KERNEL_PLATFORM.items()}.get(backend)
     decode_bs = block_sizes if isinstance(block_sizes, DecodeBlockSizes) else DecodeBlockSizes()
     if backend == "gpu" and a.T <= decode_bs.max_q:
         preferred = None  # the GPU kernel tiles 64 query rows: decoding would waste most of them
@@ -178,7 +179,7 @@ def _interpret_params(platform: str):
 
 
 def _pallas_unsupported(implementation, a: AttentionArgs, q, k, v, block_sizes=None):
-    platform = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}[implementation]
+    platform = _KERNEL_PLATFORM[implementation]
     interpreted = _interpret_params(platform) is not None
     if jax.default_backend() != platform and not interpreted:
         how = {
@@ -221,7 +222,7 @@ def _offset(a: AttentionArgs):
 def _pallas(implementation, a: AttentionArgs, q, k, v, return_lse, block_sizes):
     api, _ = _kernel_module(implementation)
     fn = api.flash_attention if implementation == "pallas_tpu" else api.flash_attention_gpu
-    platform = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}[implementation]
+    platform = _KERNEL_PLATFORM[implementation]
     kw = {}
     if jax.default_backend() != platform:
         kw["interpret"] = _interpret_params(platform)

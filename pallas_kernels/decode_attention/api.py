@@ -58,6 +58,24 @@ class DecodeBlockSizes:
         return block_kv, max(1, min(splits, num_blocks))
 
 
+def _pack_rows(q_BTNH, K: int):
+    """q [B, T, N, H] -> [B, K, G*T, H]: the queries of kv head k as rows ordered (g, t)."""
+    B, T, N, H = q_BTNH.shape
+    return q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, H)
+
+
+def _unpack_rows(o_BKRV, lse_BKR, q_BTNH, return_lse):
+    """The inverse of ``_pack_rows`` on the outputs (rows past G*T are padding, dropped)."""
+    B, T, N, _ = q_BTNH.shape
+    K, V = o_BKRV.shape[1], o_BKRV.shape[-1]
+    R = N // K * T
+    o_BKRV = o_BKRV[:, :, :R].reshape(B, K, N // K, T, V)
+    o_BTNV = o_BKRV.transpose(0, 3, 1, 2, 4).reshape(B, T, N, V).astype(q_BTNH.dtype)
+    if not return_lse:
+        return o_BTNV
+    return o_BTNV, lse_BKR[:, :, :R].reshape(B, N, T)  # rows (g, t) of head k: n = k * G + g
+
+
 def _check(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, block_sizes, window, logits_soft_cap):
     """Raise ValueError on malformed input, before any tracing work."""
     shapes = (
@@ -155,11 +173,10 @@ def decode_attention(
         interpret = pltpu.InterpretParams()
     B, T, N, H = q_BTNH.shape
     _, C, K, V = v_BCKV.shape
-    G = N // K
     block_kv, num_splits = block_sizes.resolve(B, K, C)
     scale = H**-0.5 if scale is None else float(scale)
     # Rows (g, t) of one kv head form the matmul's M dimension: [B, K, G*T, H].
-    q_BKRH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    q_BKRH = _pack_rows(q_BTNH, K)
     acc, m, l = tpu.decode_partials(
         q_BKRH,
         k_BCKH,
@@ -174,13 +191,7 @@ def decode_attention(
         shared_kv=v_BCKV is k_BCKH,
         interpret=interpret,
     )
-    o_BKRV, lse_BKR = tpu.combine_splits(acc, m, l)
-    o_BTNV = (o_BKRV.reshape(B, K, G, T, V).transpose(0, 3, 1, 2, 4).reshape(B, T, N, V)).astype(
-        q_BTNH.dtype
-    )
-    if not return_lse:
-        return o_BTNV
-    return o_BTNV, lse_BKR.reshape(B, N, T)  # rows (g, t) of head k: n = k * G + g
+    return _unpack_rows(*tpu.combine_splits(acc, m, l), q_BTNH, return_lse)
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -254,8 +265,7 @@ def decode_attention_gpu(
     if num_splits is None:
         num_splits = -(-132 // (B * K))
     num_splits = max(1, min(int(num_splits), num_blocks))
-    q_BKRH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-    q_BKRH = jnp.pad(q_BKRH, ((0, 0), (0, 0), (0, gpu.ROWS - G * T), (0, 0)))
+    q_BKRH = jnp.pad(_pack_rows(q_BTNH, K), ((0, 0), (0, 0), (0, gpu.ROWS - G * T), (0, 0)))
     o_BKSRV, lse_BKSR = gpu.decode_partials(
         q_BKRH,
         k_BCKH,
@@ -269,10 +279,4 @@ def decode_attention_gpu(
         window=window,
         interpret=interpret,
     )
-    o_BKRV, lse_BKR = gpu.combine(o_BKSRV, lse_BKSR)
-    o_BKRV, lse_BKR = o_BKRV[:, :, : G * T], lse_BKR[:, :, : G * T]
-    o_BTNV = o_BKRV.reshape(B, K, G, T, V).transpose(0, 3, 1, 2, 4).reshape(B, T, N, V)
-    o_BTNV = o_BTNV.astype(q_BTNH.dtype)
-    if not return_lse:
-        return o_BTNV
-    return o_BTNV, lse_BKR.reshape(B, N, T)
+    return _unpack_rows(*gpu.combine(o_BKSRV, lse_BKSR), q_BTNH, return_lse)

@@ -20,19 +20,18 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_attention.common import out_struct
-from pallas_kernels.flash_attention.gpu import Layouts, _rows, swizzle_transforms
+from pallas_kernels.decode_attention.blocks import live_blocks
+from pallas_kernels.flash_attention.common import capped_logits, out_struct
+from pallas_kernels.flash_attention.gpu import (
+    Layouts,
+    online_softmax_finish,
+    online_softmax_init,
+    online_softmax_step,
+    smem_tile,
+    swizzle_transforms,
+)
 
 ROWS = 64  # query rows per CTA: one wgmma M tile
-
-
-def live_blocks(kv_len, *, T: int, block_kv: int, window: int | None, cache_len: int):
-    """First block and number of blocks that hold keys some of the T queries can see."""
-    n_keys = jnp.minimum(kv_len, cache_len)
-    lo_key = 0 if window is None else jnp.maximum(kv_len - T - window + 1, 0)
-    lo = lax.div(jnp.minimum(lo_key, n_keys), jnp.int32(block_kv))
-    hi = lax.div(n_keys + block_kv - 1, jnp.int32(block_kv))  # exclusive
-    return lo, jnp.maximum(hi - lo, 0)
 
 
 def _kernel(
@@ -53,33 +52,22 @@ def _kernel(
     plgpu.barrier_wait(bar.at[0])
 
     s_shape = (Rp, block_kv)
-    m0 = lay.cast(jnp.full((Rp,), -jnp.inf, jnp.float32), lay.row)
-    l0 = lay.cast(jnp.zeros((Rp,), jnp.float32), lay.row)
-    acc0 = lay.cast(jnp.zeros((Rp, V), jnp.float32), lay.acc)
 
     def body(indices, k_smem, v_smem, carry):
-        m_prev, l_prev, acc = carry
         start = (first + indices[0]) * block_kv
-        sc = lay.matmul(q_smem, k_smem, s_shape, transpose_b=True) * scale
-        if soft_cap is not None:
-            sc = soft_cap * jnp.tanh(sc / soft_cap)
+        sc, _ = capped_logits(
+            lay.matmul(q_smem, k_smem, s_shape, transpose_b=True), scale, soft_cap
+        )
         rows, cols = lay.iota(s_shape)
         k_pos = start + cols
         q_pos = kv_len - T + (lax.rem(rows, jnp.int32(T)) if T > 1 else 0)
         vis = (k_pos <= q_pos) & (k_pos < n_keys)
         if window is not None:
             vis = vis & (q_pos - k_pos < window)
-        sc = jnp.where(vis, sc, -jnp.inf)
-        m_new = jnp.maximum(m_prev, sc.max(axis=1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(sc - _rows(m_safe, s_shape))
-        alpha = jnp.exp(m_prev - m_safe)
-        l_new = alpha * l_prev + p.sum(axis=1)
-        pv = lay.matmul(p.astype(v_smem.dtype), v_smem, (Rp, V))
-        return m_new, l_new, acc * _rows(alpha, (Rp, V)) + pv
+        return online_softmax_step(lay, jnp.where(vis, sc, -jnp.inf), v_smem, carry)
 
     at = lambda step: (first + step, kvh)
-    m, l, acc = plgpu.emit_pipeline(
+    carry = plgpu.emit_pipeline(
         body,
         grid=(steps,),
         in_specs=[
@@ -87,13 +75,12 @@ def _kernel(
             plgpu.BlockSpec((block_kv, V), at, transforms=swizzle_transforms(v_ref.dtype, V)),
         ],
         max_concurrent_steps=2,
-        init_carry=(m0, l0, acc0),
+        init_carry=online_softmax_init(lay, Rp, V),
     )(k_ref.at[b], v_ref.at[b])
 
-    empty = l == 0.0
-    l_safe = jnp.where(empty, 1.0, l)
-    o_smem[...] = (acc / _rows(l_safe, (Rp, V))).astype(o_smem.dtype)
-    lse_smem[...] = jnp.where(empty, -jnp.inf, m + jnp.log(l_safe))
+    o, lse = online_softmax_finish(carry)
+    o_smem[...] = o.astype(o_smem.dtype)
+    lse_smem[...] = lse
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, kvh, s])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, kvh, s])
@@ -132,8 +119,8 @@ def decode_partials(
             out_struct((B, K, num_splits, Rp), jnp.float32, q_BKRH),
         ],
         scratch_types=[
-            plgpu.SMEM((Rp, H), q_BKRH.dtype, transforms=swizzle_transforms(q_BKRH.dtype, H)),
-            plgpu.SMEM((Rp, V), o_dtype, transforms=swizzle_transforms(o_dtype, V)),
+            smem_tile((Rp, H), q_BKRH.dtype),
+            smem_tile((Rp, V), o_dtype),
             plgpu.SMEM((Rp,), jnp.float32),
             plgpu.Barrier(num_arrivals=1, num_barriers=1),
         ],

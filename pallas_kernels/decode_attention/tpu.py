@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.decode_attention.blocks import live_block_range
+
 __all__ = [
     "decode_partials",
     "combine_splits",
@@ -47,28 +49,13 @@ def heads_per_block(num_kv_heads: int, h: int, v: int) -> int:
     return num_kv_heads
 
 
-def _live_block_range(kv_len, *, T: int, block_kv: int, window: int | None, cache_len: int):
-    """First and last cache block that any of the T queries can see (clamped to >= 0).
-
-    Keys past ``cache_len`` do not exist: a kv_len > C (bad input) must not make the index
-    map point past the cache, where a DMA would read out of bounds.
-    """
-    lo_key = 0 if window is None else jnp.maximum(kv_len - T - window + 1, 0)
-    # lax.div/rem (truncating) rather than // and %: operands are >= 0, and floor semantics
-    # would add sign fix-ups to the scalar code.
-    lo_blk = jax.lax.div(lo_key, block_kv)
-    n_keys = jnp.minimum(kv_len, cache_len)
-    hi_blk = jnp.maximum(jax.lax.div(n_keys + block_kv - 1, block_kv) - 1, 0)
-    return lo_blk, hi_blk
-
-
 def kv_block_index(j, kv_len, *, T: int, block_kv: int, window: int | None, cache_len: int):
     """Cache block fetched at grid step j: j clamped into the live range of the sequence.
 
     Consecutive dead steps thus repeat one block index and Pallas issues no DMA for them.
     Broadcasts over array ``j`` / ``kv_len``.
     """
-    lo_blk, hi_blk = _live_block_range(
+    lo_blk, hi_blk = live_block_range(
         kv_len, T=T, block_kv=block_kv, window=window, cache_len=cache_len
     )
     return jnp.minimum(jnp.maximum(j, lo_blk), hi_blk)
@@ -76,7 +63,7 @@ def kv_block_index(j, kv_len, *, T: int, block_kv: int, window: int | None, cach
 
 def block_is_live(j, kv_len, *, T: int, block_kv: int, window: int | None, cache_len: int):
     """Whether block j holds a key that one of the T queries can see (else compute skips)."""
-    lo_blk, hi_blk = _live_block_range(
+    lo_blk, hi_blk = live_block_range(
         kv_len, T=T, block_kv=block_kv, window=window, cache_len=cache_len
     )
     return (j >= lo_blk) & (j <= hi_blk) & (j * block_kv < jnp.minimum(kv_len, cache_len))

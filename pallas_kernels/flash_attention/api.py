@@ -330,8 +330,8 @@ def unsupported_reason_gpu(
             "the Mosaic GPU flash attention runs on bfloat16/float16 tensor cores, not "
             f"{q_BTNH.dtype}; cast the inputs or use implementation='cudnn'/'chunked'"
         )
-    for name in ("q", "k", "v"):
-        dim = {"q": q_BTNH, "k": k_BSKH, "v": v_BSKV}[name].shape[-1]
+    for name, x in (("q", q_BTNH), ("k", k_BSKH), ("v", v_BSKV)):
+        dim = x.shape[-1]
         if dim > 256:
             return f"the Mosaic GPU flash attention supports head dims up to 256, {name} has {dim}"
     if block_sizes is not None:

@@ -60,6 +60,31 @@ def visible(mask, has_segments, flags, q_pos, k_pos, kv_len, q_seg, k_seg, maske
     return vis
 
 
+def is_full(flags):
+    """Whether a visited block's flags mark every pair visible (no elementwise mask needed)."""
+    return (flags & bm.FULL_BIT) == bm.FULL_BIT
+
+
+def capped_logits(s, scale, soft_cap):
+    """scale * s, soft-capped as cap * tanh(. / cap); also tanh (for the backward) or None."""
+    s = s * scale
+    if soft_cap is None:
+        return s, None
+    t = jnp.tanh(s / soft_cap)
+    return soft_cap * t, t
+
+
+def score_grad(p, dp, delta, t):
+    """dS w.r.t. the raw (pre-cap) scaled logits: P * (dP - delta), times 1 - tanh^2 if capped."""
+    ds = p * (dp - delta)
+    return ds if t is None else ds * (1.0 - t * t)
+
+
+def scalar_operands(q_offset, kv_len, bmap):
+    """The scalar operands of every flash kernel: q_offset [1], kv_len [R], index, count, flags."""
+    return (jnp.asarray(q_offset, jnp.int32).reshape(1), kv_len, bmap.index, bmap.count, bmap.flags)
+
+
 def map_pos(per_batch, rows, steps):
     """Flat offset of visit-list entry (b, row, step)."""
 

@@ -24,7 +24,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_attention import block_map as bm
 from pallas_kernels.flash_attention import common
 
 _LOG2E = math.log2(math.e)
@@ -118,11 +117,51 @@ def _cols(x, shape):
     return lax.broadcast_in_dim(x, shape, [1])
 
 
-def _fwd_kernel(*refs, cfg, ms, dims, lay):
-    B, N, Tp, H, V = dims
+def smem_tile(shape, dtype):
+    """A 2-D shared-memory tile swizzled for TMA and wgmma."""
+    return plgpu.SMEM(shape, dtype, transforms=swizzle_transforms(dtype, shape[-1]))
+
+
+def by_fullness(flags, block):
+    """``block(masked)``, traced twice: full blocks (per the block map) skip the mask."""
+    return lax.cond(common.is_full(flags), lambda: block(False), lambda: block(True))
+
+
+def online_softmax_init(lay, rows: int, v: int):
+    """(m, l, acc) of an empty online softmax over ``rows`` queries, in wgmma layouts."""
+    return (
+        lay.cast(jnp.full((rows,), -jnp.inf, jnp.float32), lay.row),
+        lay.cast(jnp.zeros((rows,), jnp.float32), lay.row),
+        lay.cast(jnp.zeros((rows, v), jnp.float32), lay.acc),
+    )
+
+
+def online_softmax_step(lay, s, v_smem, carry):
+    """Folds masked scores s [rows, block] (-inf where hidden) and their values into carry."""
+    m_prev, l_prev, acc = carry
+    m_new = jnp.maximum(m_prev, s.max(axis=1))
+    # Rows with nothing visible yet keep max -inf: shift by 0 so exp gives 0, not NaN.
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp2((s - _rows(m_safe, s.shape)) * _LOG2E)
+    alpha = jnp.exp2((m_prev - m_safe) * _LOG2E)
+    l_new = alpha * l_prev + p.sum(axis=1)
+    pv = lay.matmul(p.astype(v_smem.dtype), v_smem, acc.shape)
+    return m_new, l_new, acc * _rows(alpha, acc.shape) + pv
+
+
+def online_softmax_finish(carry):
+    """Normalised output (zeros on rows with no visible key) and lse (-inf there), fp32."""
+    m, l, acc = carry
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    return acc / _rows(l_safe, acc.shape), jnp.where(empty, -jnp.inf, m + jnp.log(l_safe))
+
+
+def _fwd_kernel(*refs, cfg, ms, lay):
     refs = list(refs)
     take = lambda k: [refs.pop(0) for _ in range(k)]
     q_ref, k_ref, v_ref = take(3)
+    H, V = q_ref.shape[-1], v_ref.shape[-1]
     qs_ref, ks_ref = take(2) if cfg.has_segments else (None, None)
     off_ref, len_ref, idx_ref, cnt_ref, flg_ref, o_ref, lse_ref, q_smem = take(8)
     # The output tile reuses the query tile's shared memory when the shapes agree.
@@ -143,9 +182,6 @@ def _fwd_kernel(*refs, cfg, ms, dims, lay):
     plgpu.barrier_wait(q_bar.at[0])
 
     s_shape = (bq, bkv)
-    m0 = lay.cast(jnp.full((bq,), -jnp.inf, jnp.float32), lay.row)
-    l0 = lay.cast(jnp.zeros((bq,), jnp.float32), lay.row)
-    acc0 = lay.cast(jnp.zeros((bq, V), jnp.float32), lay.acc)
     q_seg = None
     if qs_smem is not None:
         q_seg = _rows(lay.load(qs_smem, lay.row), s_shape)
@@ -153,11 +189,9 @@ def _fwd_kernel(*refs, cfg, ms, dims, lay):
     offset = off_ref[0]
 
     def block(step, k_smem, v_smem, ks_smem, carry, masked):
-        m_prev, l_prev, acc = carry
         kb = idx_ref[pos(b, i, step)]
-        s = lay.matmul(q_smem, k_smem, s_shape, transpose_b=True) * cfg.scale
-        if cfg.soft_cap is not None:
-            s = cfg.soft_cap * jnp.tanh(s / cfg.soft_cap)
+        s_raw = lay.matmul(q_smem, k_smem, s_shape, transpose_b=True)
+        s, _ = common.capped_logits(s_raw, cfg.scale, cfg.soft_cap)
         rows, cols = lay.iota(s_shape)
         k_seg = None
         if ks_smem is not None:
@@ -175,24 +209,15 @@ def _fwd_kernel(*refs, cfg, ms, dims, lay):
         )
         if vis is not None:
             s = jnp.where(vis, s, -jnp.inf)
-        m_new = jnp.maximum(m_prev, s.max(axis=1))
-        # Rows with nothing visible yet keep max -inf: shift by 0 so exp gives 0, not NaN.
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp2((s - _rows(m_safe, s_shape)) * _LOG2E)
-        alpha = jnp.exp2((m_prev - m_safe) * _LOG2E)
-        l_new = alpha * l_prev + p.sum(axis=1)
-        pv = lay.matmul(p.astype(v_smem.dtype), v_smem, (bq, V))
-        return m_new, l_new, acc * _rows(alpha, (bq, V)) + pv
+        return online_softmax_step(lay, s, v_smem, carry)
 
     def body(indices, k_smem, v_smem, *rest):
         *seg, carry = rest
         ks_smem = seg[0] if seg else None
         step = indices[0]
-        full = (flg_ref[pos(b, i, step)] & bm.FULL_BIT) == bm.FULL_BIT
-        return lax.cond(
-            full,
-            lambda: block(step, k_smem, v_smem, ks_smem, carry, False),
-            lambda: block(step, k_smem, v_smem, ks_smem, carry, True),
+        return by_fullness(
+            flg_ref[pos(b, i, step)],
+            lambda masked: block(step, k_smem, v_smem, ks_smem, carry, masked),
         )
 
     kv_block = lambda step: (idx_ref[pos(b, i, step)], 0)
@@ -205,18 +230,17 @@ def _fwd_kernel(*refs, cfg, ms, dims, lay):
         in_specs.append(plgpu.BlockSpec((bkv,), lambda step: (idx_ref[pos(b, i, step)],)))
         operands.append(ks_ref.at[b])
     count = cnt_ref[r * ms[1] + i]
-    m, l, acc = plgpu.emit_pipeline(
+    carry = plgpu.emit_pipeline(
         body,
         grid=(count,),
         in_specs=in_specs,
         max_concurrent_steps=cfg.max_concurrent_steps,
-        init_carry=(m0, l0, acc0),
+        init_carry=online_softmax_init(lay, bq, V),
     )(*operands)
 
-    empty = l == 0.0
-    l_safe = jnp.where(empty, 1.0, l)
-    o_smem[...] = (acc / _rows(l_safe, (bq, V))).astype(o_smem.dtype)
-    lse_smem[...] = jnp.where(empty, -jnp.inf, m + jnp.log(l_safe))
+    o, lse = online_softmax_finish(carry)
+    o_smem[...] = o.astype(o_smem.dtype)
+    lse_smem[...] = lse
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, n, pl.ds(q0, bq)])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, n, pl.ds(q0, bq)])
@@ -233,23 +257,21 @@ def forward(q_BNTH, k_BKSH, v_BKSV, q_seg_BT, kv_seg_BS, q_offset, kv_len_R, bma
     V = v_BKSV.shape[-1]
     bq = cfg.block_q
     dt = q_BNTH.dtype
-    scratch = [plgpu.SMEM((bq, H), dt, transforms=swizzle_transforms(dt, H))]
+    scratch = [smem_tile((bq, H), dt)]
     if H != V:
-        scratch.append(plgpu.SMEM((bq, V), dt, transforms=swizzle_transforms(dt, V)))
+        scratch.append(smem_tile((bq, V), dt))
     scratch.append(plgpu.SMEM((bq,), jnp.float32))
     args = [q_BNTH, k_BKSH, v_BKSV]
     if cfg.has_segments:
         scratch.append(plgpu.SMEM((bq,), jnp.int32))
         args += [q_seg_BT, kv_seg_BS]
     scratch.append(plgpu.Barrier(num_arrivals=1 + cfg.has_segments, num_barriers=1))
-    args += [jnp.asarray(q_offset, jnp.int32).reshape(1), kv_len_R, bmap.index, bmap.count,
-             bmap.flags]  # fmt: skip
+    args += common.scalar_operands(q_offset, kv_len_R, bmap)
     kernel = plgpu.kernel(
         functools.partial(
             _fwd_kernel,
             cfg=cfg,
             ms=common.map_shape(bmap),
-            dims=(B, N, Tp, H, V),
             lay=Layouts(interpret=bool(interpret)),
         ),
         out_type=[

@@ -21,30 +21,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_attention import block_map as bm
 from pallas_kernels.flash_attention import common
-from pallas_kernels.flash_attention.gpu import Layouts, _cols, _rows, swizzle_transforms
+from pallas_kernels.flash_attention.gpu import (
+    Layouts,
+    _cols,
+    _rows,
+    by_fullness,
+    smem_tile,
+    swizzle_transforms,
+)
 
 
-def _logits(cfg, s):
-    """Scaled (and soft-capped) logits, and tanh for the cap's derivative (or None)."""
-    s = s * cfg.scale
-    if cfg.soft_cap is None:
-        return s, None
-    t = jnp.tanh(s / cfg.soft_cap)
-    return cfg.soft_cap * t, t
-
-
-def _score_grad(p, dp, delta, t):
-    ds = p * (dp - delta)
-    return ds if t is None else ds * (1.0 - t * t)
-
-
-def _full(flg_ref, at):
-    return (flg_ref[at] & bm.FULL_BIT) == bm.FULL_BIT
-
-
-def _masked_p(cfg, s, lse, vis):
+def _masked_p(s, lse, vis):
     """exp(s - lse) with invisible pairs (and rows with lse = +inf) at exactly 0."""
     p = jnp.exp(s - lse)
     return p if vis is None else jnp.where(vis, p, 0.0)
@@ -82,26 +70,26 @@ def _dq_kernel(*refs, cfg, ms, lay):
 
     def block(step, k_smem, v_smem, ks_smem, acc, masked):
         kb = idx_ref[pos(b, i, step)]
-        s, t = _logits(cfg, lay.matmul(q_smem, k_smem, s_shape, transpose_b=True))
+        s_raw = lay.matmul(q_smem, k_smem, s_shape, transpose_b=True)
+        s, t = common.capped_logits(s_raw, cfg.scale, cfg.soft_cap)
         rows, cols = lay.iota(s_shape)
         k_seg = None if ks_smem is None else _cols(lay.load(ks_smem, lay.col), s_shape)
         vis = common.visible(
             cfg.mask, cfg.has_segments, flg_ref[pos(b, i, step)],
             offset + q0 + rows, kb * bkv + cols, kv_len, q_seg, k_seg, masked,
         )  # fmt: skip
-        p = _masked_p(cfg, s, lse, vis)
+        p = _masked_p(s, lse, vis)
         dp = lay.matmul(do_smem, v_smem, s_shape, transpose_b=True)
-        ds = _score_grad(p, dp, delta, t)
+        ds = common.score_grad(p, dp, delta, t)
         return acc + lay.matmul(ds.astype(k_smem.dtype), k_smem, (bq, H))
 
     def body(indices, k_smem, v_smem, *rest):
         *seg, acc = rest
         ks_smem = seg[0] if seg else None
         step = indices[0]
-        return lax.cond(
-            _full(flg_ref, pos(b, i, step)),
-            lambda: block(step, k_smem, v_smem, ks_smem, acc, False),
-            lambda: block(step, k_smem, v_smem, ks_smem, acc, True),
+        return by_fullness(
+            flg_ref[pos(b, i, step)],
+            lambda masked: block(step, k_smem, v_smem, ks_smem, acc, masked),
         )
 
     kv_block = lambda step: (idx_ref[pos(b, i, step)], 0)
@@ -158,17 +146,18 @@ def _dkv_kernel(*refs, cfg, ms, lay, q_blocks):
     def block(step, q_smem, do_smem, lse_smem, dl_smem, qs_smem, carry, masked):
         dk, dv = carry
         qb = idx_ref[pos(b, j, step)]
-        s, t = _logits(cfg, lay.matmul(k_smem, q_smem, s_shape, transpose_b=True))
+        s_raw = lay.matmul(k_smem, q_smem, s_shape, transpose_b=True)
+        s, t = common.capped_logits(s_raw, cfg.scale, cfg.soft_cap)
         rows, cols = lay.iota(s_shape)
         q_seg = None if qs_smem is None else _cols(lay.load(qs_smem, lay.col), s_shape)
         vis = common.visible(
             cfg.mask, cfg.has_segments, flg_ref[pos(b, j, step)],
             offset + qb * bq + cols, k0 + rows, kv_len, q_seg, k_seg, masked,
         )  # fmt: skip
-        p = _masked_p(cfg, s, _cols(lay.load(lse_smem, lay.col), s_shape), vis)
+        p = _masked_p(s, _cols(lay.load(lse_smem, lay.col), s_shape), vis)
         dv = dv + lay.matmul(p.astype(do_smem.dtype), do_smem, (bkv, V))
         dp = lay.matmul(v_smem, do_smem, s_shape, transpose_b=True)
-        ds = _score_grad(p, dp, _cols(lay.load(dl_smem, lay.col), s_shape), t)
+        ds = common.score_grad(p, dp, _cols(lay.load(dl_smem, lay.col), s_shape), t)
         dk = dk + lay.matmul(ds.astype(q_smem.dtype), q_smem, (bkv, H))
         return dk, dv
 
@@ -177,11 +166,7 @@ def _dkv_kernel(*refs, cfg, ms, lay, q_blocks):
         qs_smem = seg[0] if seg else None
         step = indices[1]
         args = (step, q_smem, do_smem, lse_smem, dl_smem, qs_smem, carry)
-        return lax.cond(
-            _full(flg_ref, pos(b, j, step)),
-            lambda: block(*args, False),
-            lambda: block(*args, True),
-        )
+        return by_fullness(flg_ref[pos(b, j, step)], lambda masked: block(*args, masked))
 
     # Row block of (q head kvh * G + g, q tile idx[step]) in the [N * Tp] folded layout.
     q_row = lambda g, step: (kvh * G + g) * q_blocks + idx_ref[pos(b, j, step)]
@@ -215,22 +200,13 @@ def _dkv_kernel(*refs, cfg, ms, lay, q_blocks):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _tile(shape, dtype):
-    return plgpu.SMEM(shape, dtype, transforms=swizzle_transforms(dtype, shape[-1]))
-
-
-def _scalars(q_offset, kv_len, bmap):
-    return [jnp.asarray(q_offset, jnp.int32).reshape(1), kv_len, bmap.index, bmap.count,
-            bmap.flags]  # fmt: skip
-
-
 def backward_dq(q, k, v, do, lse_BNT, delta_BNT, q_seg, kv_seg, q_offset, kv_len, bmap, cfg,
                 interpret):  # fmt: skip
     """dq [B, N, Tp, H] on padded head-major inputs (lse +inf on rows with no visible key)."""
     B, N, Tp, H = q.shape
     bq, dt = cfg.block_q, q.dtype
-    scratch = [_tile((bq, H), dt), _tile((bq, v.shape[-1]), dt), plgpu.SMEM((bq,), jnp.float32),
-               plgpu.SMEM((bq,), jnp.float32)]  # fmt: skip
+    row = plgpu.SMEM((bq,), jnp.float32)
+    scratch = [smem_tile((bq, H), dt), smem_tile((bq, v.shape[-1]), dt), row, row]
     args = [q, k, v, do, lse_BNT, delta_BNT]
     if cfg.has_segments:
         scratch.append(plgpu.SMEM((bq,), jnp.int32))
@@ -247,7 +223,7 @@ def backward_dq(q, k, v, do, lse_BNT, delta_BNT, q_seg, kv_seg, q_offset, kv_len
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )
-    return kernel(*args, *_scalars(q_offset, kv_len, bmap))
+    return kernel(*args, *common.scalar_operands(q_offset, kv_len, bmap))
 
 
 def backward_dkv(q, k, v, do, lse_BNT, delta_BNT, q_seg, kv_seg, q_offset, kv_len, bmap_t, cfg,
@@ -257,7 +233,7 @@ def backward_dkv(q, k, v, do, lse_BNT, delta_BNT, q_seg, kv_seg, q_offset, kv_le
     _, K, Sp, V = v.shape
     bkv, dt = cfg.block_kv, q.dtype
     fold = lambda x: x.reshape(B, N * Tp, *x.shape[3:])
-    scratch = [_tile((bkv, H), dt), _tile((bkv, V), dt)]
+    scratch = [smem_tile((bkv, H), dt), smem_tile((bkv, V), dt)]
     args = [fold(q), k, v, fold(do), fold(lse_BNT), fold(delta_BNT)]
     if cfg.has_segments:
         scratch.append(plgpu.SMEM((bkv,), jnp.int32))
@@ -278,4 +254,4 @@ def backward_dkv(q, k, v, do, lse_BNT, delta_BNT, q_seg, kv_seg, q_offset, kv_le
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )
-    return kernel(*args, *_scalars(q_offset, kv_len, bmap_t))
+    return kernel(*args, *common.scalar_operands(q_offset, kv_len, bmap_t))

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention import block_map as bm
 from pallas_kernels.flash_attention import common
 from pallas_kernels.flash_attention.common import map_shape, out_struct
 
@@ -43,16 +42,13 @@ class Config:
 
 def _logits(cfg, a, b):
     """scale * a @ b.T in fp32, soft-capped; also returns tanh (for the backward) or None."""
-    s = jax.lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32) * cfg.scale
-    if cfg.soft_cap is None:
-        return s, None
-    t = jnp.tanh(s / cfg.soft_cap)
-    return cfg.soft_cap * t, t
+    s = jax.lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32)
+    return common.capped_logits(s, cfg.scale, cfg.soft_cap)
 
 
 def _run_block(cfg, flags, body):
     """Runs ``body(masked)`` once, choosing the unmasked trace for full blocks."""
-    full = (flags & bm.FULL_BIT) == bm.FULL_BIT
+    full = common.is_full(flags)
     pl.when(full)(lambda: body(False))
     pl.when(jnp.logical_not(full))(lambda: body(True))
 
@@ -120,11 +116,6 @@ def _fwd_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l_safe))
 
 
-def prefetch(q_offset, kv_len, bmap):
-    """The scalar prefetch operands of every kernel here."""
-    return (jnp.asarray(q_offset, jnp.int32).reshape(1), kv_len, bmap.index, bmap.count, bmap.flags)
-
-
 def forward(
     q_BNTH, k_BKSH, v_BKSV, q_seg_BT1, kv_seg_B1S, q_offset, kv_len_R, bmap, cfg, interpret
 ):
@@ -179,4 +170,4 @@ def forward(
         ),
         interpret=interpret,
         name="flash_attention_fwd",
-    )(*prefetch(q_offset, kv_len_R, bmap), *args)
+    )(*common.scalar_operands(q_offset, kv_len_R, bmap), *args)

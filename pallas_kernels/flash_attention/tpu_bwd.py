@@ -23,14 +23,6 @@ from pallas_kernels.flash_attention import common, tpu
 from pallas_kernels.flash_attention.tpu import _NN, _NT
 
 
-def _score_grad(cfg, p, dp, delta, t):
-    """dS w.r.t. the raw (pre-cap) scaled logits."""
-    ds = p * (dp - delta)
-    if t is not None:
-        ds = ds * (1.0 - t * t)  # d/dx [cap * tanh(x / cap)] = 1 - tanh^2
-    return ds
-
-
 def _dq_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
     if cfg.has_segments:
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dq_ref, acc = refs
@@ -69,7 +61,7 @@ def _dq_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         p = jnp.exp(s - lse)  # lse is +inf on empty rows: p = 0 there
         do = do_ref[...]
         dp = jax.lax.dot_general(do, v_ref[...], _NT, preferred_element_type=jnp.float32)
-        ds = _score_grad(cfg, p, dp, delta, t)
+        ds = common.score_grad(p, dp, delta, t)
         acc[...] += jax.lax.dot_general(
             ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32
         )
@@ -136,7 +128,7 @@ def _dkv_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
             p.astype(do.dtype), do, _NN, preferred_element_type=jnp.float32
         )
         dp = jax.lax.dot_general(v_ref[...], do, _NT, preferred_element_type=jnp.float32)
-        ds = _score_grad(cfg, p, dp, dl_ref[...], t)
+        ds = common.score_grad(p, dp, dl_ref[...], t)
         dk_acc[...] += jax.lax.dot_general(
             ds.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32
         )
@@ -196,7 +188,7 @@ def backward_dq(
         compiler_params=pltpu.CompilerParams(dimension_semantics=_PARAMS4),
         interpret=interpret,
         name="flash_attention_dq",
-    )(*tpu.prefetch(q_offset, kv_len, bmap), *args)
+    )(*common.scalar_operands(q_offset, kv_len, bmap), *args)
 
 
 def backward_dkv(
@@ -258,4 +250,4 @@ def backward_dkv(
         compiler_params=pltpu.CompilerParams(dimension_semantics=_PARAMS4 + ("arbitrary",)),
         interpret=interpret,
         name="flash_attention_dkv",
-    )(*tpu.prefetch(q_offset, kv_len, bmap_t), *args)
+    )(*common.scalar_operands(q_offset, kv_len, bmap_t), *args)
