@@ -24,20 +24,9 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks._devices import hbm_gbps
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 
-# Nominal HBM bandwidth in GB/s by device_kind prefix (vendor datasheets).
-HBM_GBPS = {
-    "TPU v4": 1200,
-    "TPU v5 lite": 819,
-    "TPU v5e": 819,
-    "TPU v5p": 2765,
-    "TPU v5": 2765,
-    "TPU v6": 1640,
-    "TPU7x": 7370,
-    "NVIDIA H100": 3350,
-    "NVIDIA H200": 4800,
-}
 # name: (T, N, K, H, V, shared_kv)
 CONFIGS = {
     "gqa_g4_h128_t1": (1, 32, 8, 128, 128, False),
@@ -56,11 +45,6 @@ def _time(fn, args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _bandwidth() -> float | None:
-    kind = jax.devices()[0].device_kind
-    return next((bw for k, bw in HBM_GBPS.items() if kind.startswith(k)), None)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     on_tpu = jax.default_backend() == "tpu"
@@ -71,7 +55,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10 if on_tpu else 3)
     args = p.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
-    bw = _bandwidth()
+    bw = hbm_gbps()
     print(
         f"# {jax.devices()[0].device_kind}, HBM {bw or '?'} GB/s, cache {args.cache}, "
         f"fill {args.fill}, batch {args.batch}, {dtype.name}"

@@ -3,8 +3,12 @@ interpreter, and its lowering for CUDA over head dims, groups and query counts.
 
 The interpreter simulates the TMA copies, barriers and the pipelined kv loop; its matmuls are
 plain dots (its wgmma takes neither register operands nor transposed views). Each case feeds one
-jitted call a batch of ragged lengths (0, short, full) as traced kv_lengths.
+jitted call a batch of ragged lengths (0, short, full) as traced kv_lengths. With
+JAXATTN_GPU_HARDWARE=1 on a machine whose backend is a GPU, the cases run on the device
+(interpret=False) instead (benchmarks/gpu_check.sh).
 """
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +21,15 @@ from pallas_kernels.decode_attention import (
     unsupported_reason_gpu,
 )
 
-pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
-from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: E402
+# JAXATTN_GPU_HARDWARE=1 with a GPU backend: run the kernel on the device, not interpreted.
+HARDWARE = os.environ.get("JAXATTN_GPU_HARDWARE") == "1" and jax.default_backend() == "gpu"
+if HARDWARE:
+    INTERPRET = False
+else:
+    pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-INTERPRET = InterpretGPUParams(detect_races=True)
+    INTERPRET = InterpretGPUParams(detect_races=True)
 
 
 def _inputs(B, T, N, K, H, V, C, dtype=jnp.bfloat16, seed=0):

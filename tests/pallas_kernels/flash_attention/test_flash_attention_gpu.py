@@ -5,7 +5,12 @@ The interpreter simulates shared memory, TMA copies, barriers and the pipelined 
 (with its race detector); its matmuls are plain dots (its wgmma takes neither register
 operands nor transposed views). The lowering tests run the real Mosaic GPU lowering (layout
 inference, wgmma and TMA constraints) without a GPU; ptxas runs only on a GPU.
+With JAXATTN_GPU_HARDWARE=1 on a machine whose backend is a GPU, the same cases run on the
+device (interpret=False) instead (benchmarks/gpu_check.sh).
 """
+
+import contextlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +23,18 @@ from hypothesis import strategies as st
 from jaxattn import dot_product_attention, masks
 from pallas_kernels.flash_attention import BlockSizes, api
 
-pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
-from jax._src.pallas.mosaic_gpu.interpret.params import (  # noqa: E402
-    InterpretGPUParams,
-    force_gpu_interpret_mode,
-)
+# JAXATTN_GPU_HARDWARE=1 with a GPU backend: run the kernels on the device, not interpreted.
+HARDWARE = os.environ.get("JAXATTN_GPU_HARDWARE") == "1" and jax.default_backend() == "gpu"
+if HARDWARE:
+    INTERPRET = False
+else:
+    pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    from jax._src.pallas.mosaic_gpu.interpret.params import (
+        InterpretGPUParams,
+        force_gpu_interpret_mode,
+    )
 
-INTERPRET = InterpretGPUParams(detect_races=True)
+    INTERPRET = InterpretGPUParams(detect_races=True)
 B64 = BlockSizes(block_q=64, block_kv=64, block_q_bwd=64, block_kv_bwd=64)
 _LAYOUT = np.tril(np.ones((3, 3), bool)) & ~np.eye(3, k=-2, dtype=bool)
 
@@ -143,9 +153,10 @@ def test_op_pallas_gpu_under_interpret_mode_matches_xla():
     k = jax.random.normal(ks[1], (1, 80, 2, 64), jnp.bfloat16)
     v = jax.random.normal(ks[2], (1, 80, 2, 64), jnp.bfloat16)
     want = dot_product_attention(q, k, v, mask=masks.Causal(), implementation="xla")
-    with pytest.raises(NotImplementedError, match="force_gpu_interpret_mode"):
-        dot_product_attention(q, k, v, mask=masks.Causal(), implementation="pallas_gpu")
-    with force_gpu_interpret_mode(INTERPRET):
+    if not HARDWARE:  # on a GPU backend "pallas_gpu" runs without the interpreter
+        with pytest.raises(NotImplementedError, match="force_gpu_interpret_mode"):
+            dot_product_attention(q, k, v, mask=masks.Causal(), implementation="pallas_gpu")
+    with contextlib.nullcontext() if HARDWARE else force_gpu_interpret_mode(INTERPRET):
         got = dot_product_attention(q, k, v, mask=masks.Causal(), implementation="pallas_gpu")
         with pytest.raises(NotImplementedError, match="bfloat16/float16"):
             dot_product_attention(
