@@ -11,14 +11,22 @@ JAX runs with the CPU tuning the training entry points apply (``train.platform.c
 Each row also prints its model-FLOPs utilisation (``train.metrics``: 6 x params + attention,
 over the CPU peak estimate), each model with its own parameter count.
 
-Usage: ``python benchmarks/train_throughput.py [--batch 16] [--seq 128] [--steps 20]``
+Each model is compiled and warmed up first; then ``--rounds`` rounds each time ``--steps``
+steps of every model in turn, so a slow spell of a shared machine hits all three alike. The
+table gives the median tokens/s, its ratio to torch's median, and the range of the per-round
+ratios (each model against torch in the same round).
+
+Usage: ``python -m benchmarks.train_throughput [--batch 16] [--seq 128] [--steps 10]
+[--rounds 5] [--no-cpu-tuning]``
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
+from collections.abc import Callable
 
 import jax
 
@@ -31,11 +39,12 @@ from train.platform import configure_cpu
 from train.step import make_trainer
 
 
-def jax_tokens_per_s(model_config, batch, seq, steps, tokens_N) -> tuple[float, int]:
-    """tokens/s of ``steps`` timed train steps (after one compile step), and the param count."""
+def jax_runner(model_config, batch, seq, tokens_N) -> tuple[Callable[[int], float], int]:
+    """A function timing ``n`` train steps of the jaxattn model (compiled and warmed up), and
+    the parameter count."""
     from flax import nnx
 
-    config = TrainConfig(seq_len=seq, batch_size=batch, steps=steps + 10, warmup_steps=1)
+    config = TrainConfig(seq_len=seq, batch_size=batch, steps=10**6, warmup_steps=1)
     trainer = make_trainer(
         lambda: DecoderLM(model_config, rngs=nnx.Rngs(0)),
         config,
@@ -44,17 +53,23 @@ def jax_tokens_per_s(model_config, batch, seq, steps, tokens_N) -> tuple[float, 
     loader = WindowLoader(tokens_N, seq_len=seq, global_batch=batch)
     state, rest = trainer.init()
     params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    state, m = trainer.train_step(state, rest, trainer.put_batch(loader.batch(0)))
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for step in range(1, steps + 1):
-        state, m = trainer.train_step(state, rest, trainer.put_batch(loader.batch(step)))
-    jax.block_until_ready(m)
-    return batch * seq * steps / (time.perf_counter() - t0), params
+    box = {"state": state, "step": 0}
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            box["step"] += 1
+            batch_ = trainer.put_batch(loader.batch(box["step"]))
+            box["state"], m = trainer.train_step(box["state"], rest, batch_)
+        jax.block_until_ready(m)
+        return time.perf_counter() - t0
+
+    run(2)  # compile and warm up
+    return run, params
 
 
-def torch_tokens_per_s(model_config, batch, seq, steps, tokens_N) -> tuple[float, int]:
-    """tokens/s of HF LlamaForCausalLM training at the same dims, and its param count."""
+def torch_runner(model_config, batch, seq, tokens_N) -> tuple[Callable[[int], float], int]:
+    """The same for HF LlamaForCausalLM (torch, CPU) at the same dims."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -74,30 +89,38 @@ def torch_tokens_per_s(model_config, batch, seq, steps, tokens_N) -> tuple[float
     model = LlamaForCausalLM(hf_config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     loader = WindowLoader(tokens_N, seq_len=seq, global_batch=batch)
+    box = {"step": 0}
 
-    def step(i):
-        ids = torch.from_numpy(loader.batch(i)["inputs_BT"]).long()
-        out = model(input_ids=ids, labels=ids)  # HF shifts the labels itself
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            box["step"] += 1
+            ids = torch.from_numpy(loader.batch(box["step"])["inputs_BT"]).long()
+            out = model(input_ids=ids, labels=ids)  # HF shifts the labels itself
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
 
-    step(0)  # warm-up
-    t0 = time.perf_counter()
-    for i in range(1, steps + 1):
-        step(i)
-    params = sum(p.numel() for p in model.parameters())
-    return batch * seq * steps / (time.perf_counter() - t0), params
+    run(2)  # warm up
+    return run, sum(p.numel() for p in model.parameters())
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args()
-    tuned = configure_cpu()  # what train.pretrain does before its first computation
+    parser.add_argument("--steps", type=int, default=10, help="train steps timed per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (median reported)")
+    parser.add_argument(
+        "--no-cpu-tuning",
+        action="store_true",
+        help="skip train.platform.configure_cpu (which train.pretrain applies)",
+    )
+    args = parser.parse_args(argv)
+    # what train.pretrain does before its first computation
+    tuned = False if args.no_cpu_tuning else configure_cpu()
     tokens_N = load_tokens("builtin")
     mla = get_config("mla-tiny-default")
     llama = get_config(
@@ -109,29 +132,43 @@ def main() -> None:
         mlp_dim=mla.mlp_dim,
         max_seq_len=mla.max_seq_len,
     )
-    rows = [
-        ("jaxattn mla-tiny-default (MLA)",)
-        + jax_tokens_per_s(mla, args.batch, args.seq, args.steps, tokens_N),
-        ("jaxattn DecoderLM, Llama attn",)
-        + jax_tokens_per_s(llama, args.batch, args.seq, args.steps, tokens_N),
-        ("HF LlamaForCausalLM (torch)",)
-        + torch_tokens_per_s(llama, args.batch, args.seq, args.steps, tokens_N),
-    ]
-    ref = rows[-1][1]
-    peak, peak_label = peak_flops()
+    names = (
+        "jaxattn mla-tiny-default (MLA)",
+        "jaxattn DecoderLM, Llama attn",
+        "HF LlamaForCausalLM (torch)",
+    )
     configs = (mla, llama, llama)
+    makers = (jax_runner, jax_runner, torch_runner)
+    runners = [
+        make(cfg, args.batch, args.seq, tokens_N) for make, cfg in zip(makers, configs, strict=True)
+    ]
+    # Rounds alternate the three models, so a slow spell of the machine hits all of them.
+    tokens = args.batch * args.seq * args.steps
+    rates = [[] for _ in runners]
+    for _ in range(args.rounds):
+        for rate, (run, _) in zip(rates, runners, strict=True):
+            rate.append(tokens / run(args.steps))
+    ref = rates[-1]
+    peak, peak_label = peak_flops()
     print(
         f"\ntraining throughput, {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
-        f"batch {args.batch} x {args.seq} tokens, {args.steps} timed steps, fp32, AdamW; "
-        f"XLA CPU tuning {'on' if tuned else 'off'}; MFU vs {peak_label}"
+        f"batch {args.batch} x {args.seq} tokens, fp32, AdamW; median of {args.rounds} rounds "
+        f"of {args.steps} steps, the models alternating; XLA CPU tuning "
+        f"{'on' if tuned else 'off'}; MFU vs {peak_label}"
     )
-    print(f"| {'model':34s} | {'params':>9s} | {'tokens/s':>9s} | {'vs torch':>8s} | {'MFU':>6s} |")
-    print(f"|{'-' * 36}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 8}|")
-    for (name, tok_s, params), cfg in zip(rows, configs, strict=True):
+    print(
+        f"| {'model':34s} | {'params':>9s} | {'tokens/s':>9s} | {'vs torch':>8s} "
+        f"| {'per round':>11s} | {'MFU':>6s} |"
+    )
+    print(f"|{'-' * 36}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 13}|{'-' * 8}|")
+    for name, rate, (_, params), cfg in zip(names, rates, runners, configs, strict=True):
+        tok_s = statistics.median(rate)
+        per_round = [r / t for r, t in zip(rate, ref, strict=True)]
         mfu = tok_s * flops_per_token(params, cfg, args.seq) / peak
         print(
-            f"| {name:34s} | {params / 1e6:8.2f}M | {tok_s:9.0f} | {tok_s / ref:7.2f}x "
-            f"| {100 * mfu:5.1f}% |"
+            f"| {name:34s} | {params / 1e6:8.2f}M | {tok_s:9.0f} "
+            f"| {tok_s / statistics.median(ref):7.2f}x "
+            f"| {min(per_round):.2f}-{max(per_round):.2f}x | {100 * mfu:5.1f}% |"
         )
 
 
