@@ -2,6 +2,8 @@
 
 Every mask kind × GQA group sizes 1, 2, 4, 8, with head dims 64, 128 and 192-qk/128-v and
 lengths that are and are not block multiples, comparing outputs, LSE and gradients of q, k, v.
+Calls whose query or key axis fits in one block (no loop over that axis) are checked the same
+way: both axes, queries only and keys only.
 """
 
 import itertools
@@ -195,19 +197,130 @@ def test_fully_masked_rows_give_zeros_and_zero_grads():
         assert (np.asarray(dv[1]) == 0).all() and (np.asarray(dq[0, :10]) == 0).all()
 
 
+@pytest.mark.parametrize("blocks", [BLOCKS, None], ids=["blocks", "one_block"])
 @pytest.mark.parametrize("hv", [(64, 64), (192, 128)])
-def test_bf16_accumulates_in_fp32(hv):
+def test_bf16_accumulates_in_fp32(hv, blocks):
     H, V = hv
     q, k, v, do = _inputs(1, 130, 130, 8, 2, H, V, dtype=jnp.bfloat16, seed=9)
     want = _value_and_grads(
         "xla", *(x.astype(jnp.float32) for x in (q, k, v)), do, mask=masks.Causal()
     )
-    got = _value_and_grads("chunked", q, k, v, do, mask=masks.Causal(), block_sizes=BLOCKS)
+    got = _value_and_grads("chunked", q, k, v, do, mask=masks.Causal(), block_sizes=blocks)
     assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
     # bf16 inputs and outputs: ~3 significant digits; fp32 softmax and accumulation
     tol = dict(atol=3e-2, rtol=3e-2)
     for g, w in zip((got[0], got[1], *got[2]), (want[0], want[1], *want[2])):
         _assert_close(g, w, tol)
+
+
+# Calls with one block along an axis: (T, S, block sizes) giving nq = nk = 1 (the block
+# shrinks to T and S: no padding), nq = 1 with 3 kv blocks (S padded 100 -> 144) and 3 q blocks
+# (T padded 100 -> 144) with nk = 1.
+ONE_BLOCK = {
+    "one": (40, 64, ChunkedBlockSizes(block_q=64, block_kv=64)),
+    "q1": (40, 100, ChunkedBlockSizes(block_q=64, block_kv=48)),
+    "k1": (100, 40, ChunkedBlockSizes(block_q=48, block_kv=64)),
+}
+ONE_BLOCK_MASKS = ["none", "causal", "window2sided", "sink", "blocksparse", "and", "or", "dense"]
+ONE_BLOCK_CASES = [
+    (layout, mname, (1, 2, 4, 8)[i % 4], ((48, 32), *HEAD_DIMS)[i % 4])
+    for i, (layout, mname) in enumerate(itertools.product(ONE_BLOCK, ONE_BLOCK_MASKS))
+]
+
+
+@pytest.mark.parametrize(
+    "layout, mname, g, hv",
+    ONE_BLOCK_CASES,
+    ids=[f"{lay}_{m}_g{g}_h{h}v{v}" for lay, m, g, (h, v) in ONE_BLOCK_CASES],
+)
+def test_one_block_matches_reference(layout, mname, g, hv):
+    T, S, blocks = ONE_BLOCK[layout]
+    H, V = hv
+    K = 2 if g <= 2 else 1
+    q, k, v, do = _inputs(2, T, S, K * g, K, H, V, seed=20 + g)
+    mask = MASKS[mname]
+    if mask == "dense":
+        mask = jax.random.bernoulli(jax.random.key(7), 0.3, (2, K * g, T, S))
+    # queries at the end of the key axis when T < S (prefill against a longer cache)
+    _compare(q, k, v, do, mask=mask, q_offset=max(S - T, 0), block_sizes=blocks)
+
+
+@pytest.mark.parametrize("layout", ONE_BLOCK)
+def test_one_block_segments_offsets_lengths_softcap(layout):
+    T, S, blocks = ONE_BLOCK[layout]
+    B, K, g = 2, 2, 4
+    q, k, v, do = _inputs(B, T, S, K * g, K, 64, 32, seed=21)
+    seg_q = jnp.zeros((B, T), jnp.int32).at[0, T // 2 :].set(1).at[1].set(1)
+    seg_k = jnp.zeros((B, S), jnp.int32).at[0, S // 2 :].set(1).at[1, S // 3 :].set(1)
+    common = dict(logits_soft_cap=5.0, kv_lengths=jnp.array([S, S - 7]), block_sizes=blocks)
+    _compare(q, k, v, do, mask=masks.Causal(), segment_ids=(seg_q, seg_k), q_offset=S, **common)
+    # traced offsets: one for the batch, then one per sequence
+    _compare(q, k, v, do, mask=masks.Causal(), q_offset=jnp.int32(3), **common)
+    offsets = jnp.array([S // 2, 0], jnp.int32)
+    _compare(q, k, v, do, mask=masks.SlidingWindow(left=25), q_offset=offsets, **common)
+
+
+@pytest.mark.parametrize("layout", ONE_BLOCK)
+def test_one_block_fully_masked_rows_and_blocks(layout):
+    """Rows that see no key, and blocks the table would skip, give zeros and zero gradients.
+
+    With one kv block the block is never skipped: it runs with every key masked instead.
+    """
+    T, S, blocks = ONE_BLOCK[layout]
+    B, K, g = 2, 2, 2
+    q, k, v, do = _inputs(B, T, S, K * g, K, 64, 64, seed=22)
+    cases = {
+        # the second sequence sees no key; rows 0..9 of the first are in a segment of their own
+        "rows": dict(
+            mask=masks.SlidingWindow(left=5, right=0),
+            kv_lengths=jnp.array([S, 0]),
+            segment_ids=(
+                jnp.zeros((B, T), jnp.int32).at[0, :10].set(9),
+                jnp.zeros((B, S), jnp.int32),
+            ),
+        ),
+        # rows at positions >= S + 5 see no key: for "k1", q blocks 1 and 2 see none
+        "window": dict(mask=masks.SlidingWindow(left=5, right=0), q_offset=max(S - T // 2 + 5, 0)),
+        # no key at all: every block is invisible
+        "none": dict(kv_lengths=jnp.zeros((B,), jnp.int32)),
+    }
+    for name, kw in cases.items():
+        o, lse, (dq, dk, dv) = _compare(q, k, v, do, block_sizes=blocks, **kw)
+        for x in (o, lse, dq, dk, dv):
+            assert not np.isnan(np.asarray(x)).any(), name
+        dead = np.isneginf(np.asarray(lse))  # [B, N, T]
+        assert dead.any(), name
+        dead_bt = dead.transpose(0, 2, 1)[..., None]  # [B, T, N, 1]
+        assert (np.where(dead_bt, np.asarray(o), 0) == 0).all(), name
+        assert (np.where(dead_bt, np.asarray(dq), 0) == 0).all(), name
+        if name == "none":
+            assert (np.asarray(dk) == 0).all() and (np.asarray(dv) == 0).all()
+
+
+def test_one_block_builds_no_loop_or_branch():
+    """nq = nk = 1: no lax.map/scan, fori_loop or lax.cond in the forward or the backward."""
+    q, k, v, do = _inputs(2, 40, 64, 8, 2, 48, 32)
+
+    def loss(q, k, v):
+        o = attention(
+            q,
+            k,
+            v,
+            mask=masks.Causal(),
+            q_offset=24,
+            kv_lengths=jnp.array([64, 30]),
+            implementation="chunked",
+        )
+        return (o * do).sum()
+
+    text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+    for primitive in ("while", "scan", "cond"):
+        assert f" {primitive}[" not in text, primitive
+    # with several kv blocks, the loop is still there
+    loss_blocks = lambda q, k, v: attention(
+        q, k, v, implementation="chunked", block_sizes=ChunkedBlockSizes(block_kv=16)
+    ).sum()
+    assert " while[" in str(jax.make_jaxpr(loss_blocks)(q, k, v))
 
 
 def test_causal_skips_the_upper_triangle():
@@ -230,9 +343,16 @@ def test_causal_skips_the_upper_triangle():
 
 
 def test_auto_and_named_implementations():
+    from jaxattn.ops._attention_args import check_args
+    from jaxattn.ops.attention import _choose
+
     q, k, v, _ = _inputs(1, 40, 40, 4, 2, 16, 16)
     ref = attention(q, k, v, mask=masks.Causal(), implementation="xla")
     _assert_close(attention(q, k, v, mask=masks.Causal()), ref)
+    if jax.default_backend() == "cpu":  # one block: "chunked" without its loops
+        none = dict.fromkeys(("scale", "logits_soft_cap", "segment_ids", "q_offset", "kv_lengths"))
+        a = check_args(q, k, v, mask=masks.Causal(), **none)
+        assert _choose(a, q, k, v, False, None) == "chunked"
     for impl in ("pallas_tpu", "pallas_gpu", "cudnn"):
         with pytest.raises(NotImplementedError, match=impl):
             attention(q, k, v, implementation=impl)
