@@ -17,12 +17,12 @@ would not fit ``--max-scores-gib`` are skipped for the implementations that mate
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks._timing import import_tokamax, median_seconds
 from jaxattn import dot_product_attention, masks
 
 MATERIALISING = {"xla", "jax.nn", "tokamax"}  # tokamax xla_chunked still stores T×S probs
@@ -37,12 +37,7 @@ def _peers():
         "jax.nn": lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, **m[1]),
     }
     try:
-        import tokamax
-        from absl import flags
-
-        # tokamax reads absl flags, which would parse this script's own argv: mark them parsed
-        flags.FLAGS.mark_as_parsed()
-
+        tokamax = import_tokamax()
         impls["tokamax"] = lambda q, k, v, m: tokamax.dot_product_attention(
             q, k, v, implementation="xla_chunked", **m[1]
         )
@@ -62,19 +57,6 @@ def _mask(name: str, window: int):
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
-def _time(fn, args, repeats: int, clock: str) -> float:
-    """Median seconds of ``repeats`` calls after a warm-up. ``process`` counts the CPU time of
-    all this process's threads: on a shared machine it is far steadier than wall time."""
-    now = CLOCKS[clock]
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = now()
-        jax.block_until_ready(fn(*args))
-        times.append(now() - t0)
-    return statistics.median(times)
-
-
 def _measure(impl, q, k, v, m, repeats, clock):
     fwd = jax.jit(lambda q, k, v: impl(q, k, v, m))
     loss = lambda q, k, v: jnp.sum(impl(q, k, v, m).astype(jnp.float32) ** 2)
@@ -84,7 +66,7 @@ def _measure(impl, q, k, v, m, repeats, clock):
         compiled = fn.lower(q, k, v).compile()
         mem = compiled.memory_analysis()
         out[name + "_mem"] = getattr(mem, "temp_size_in_bytes", float("nan"))
-        out[name] = _time(compiled, (q, k, v), repeats, clock)
+        out[name] = median_seconds(compiled, (q, k, v), repeats, clock=CLOCKS[clock])
     return out
 
 

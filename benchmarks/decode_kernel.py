@@ -18,13 +18,12 @@ its interpreter measures nothing useful) and small shapes are used.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks._devices import hbm_gbps
+from benchmarks._timing import median_seconds
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 
 # name: (T, N, K, H, V, shared_kv)
@@ -33,16 +32,6 @@ CONFIGS = {
     "spec_g4_h128_t4": (4, 32, 8, 128, 128, False),
     "mla_g16_h576_t1": (1, 16, 1, 576, 576, True),  # absorbed MLA: latent cache is k and v
 }
-
-
-def _time(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -82,7 +71,7 @@ def main(argv=None):
                 )
             )
         for impl, fn in impls.items():
-            sec = _time(fn, (q, k, v, lens), args.repeats)
+            sec = median_seconds(fn, (q, k, v, lens), args.repeats)
             gbps = live_bytes / sec / 1e9
             pct = f"{100 * gbps / bw:6.1f}" if bw else "     ?"
             print(f"{name:<18} {impl:<11} {sec * 1e3:9.3f} {gbps:8.1f} {pct}")

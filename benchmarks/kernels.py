@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
-import statistics
 import sys
 import time
 
@@ -50,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import _devices
+from benchmarks._timing import import_tokamax, median_seconds
 from jaxattn import masks
 from pallas_kernels.decode_attention import decode_attention_gpu, unsupported_reason_gpu
 from pallas_kernels.flash_attention import flash_attention_gpu
@@ -95,24 +94,6 @@ def flash_flops(*, B, N, T, S, H, V, causal, q_offset=0, kv_lengths=None) -> flo
     return 2.0 * N * (H + V) * pairs
 
 
-def _time(fn, args, repeats: int, min_run_s: float) -> float:
-    """Median seconds per call over ``repeats`` bursts of calls, after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    n = 1
-    if min_run_s > 0:
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        n = min(1000, max(1, math.ceil(min_run_s / max(time.perf_counter() - t0, 1e-6))))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times)
-
-
 def _reason(e: BaseException) -> str:
     text = (str(e).strip().splitlines() or [""])[0].replace("|", "/")
     return f"{type(e).__name__}: {text}"[:100]
@@ -121,11 +102,7 @@ def _reason(e: BaseException) -> str:
 def _tokamax():
     """(module, None) or (None, why not)."""
     try:
-        import tokamax
-        from absl import flags
-
-        flags.FLAGS.mark_as_parsed()  # tokamax reads absl flags: never parse this script's argv
-        return tokamax, None
+        return import_tokamax(), None
     except Exception as e:  # ImportError, or a tokamax that fails on this jax
         return None, f"not importable: {_reason(e)}"
 
@@ -199,9 +176,9 @@ def flash_row(impls, H, T, mask, cfg) -> dict:
 
         res = {}
         try:
-            t_f = _time(_jit(attn, cfg.interpret), qkvo[:3], cfg.repeats, cfg.min_run_s)
+            t_f = median_seconds(_jit(attn, cfg.interpret), qkvo[:3], cfg.repeats, cfg.min_run_s)
             res.update(fwd_ms=t_f * 1e3, fwd_tflops=fwd_flops / t_f / 1e12)
-            t_fb = _time(_jit(fwd_bwd, cfg.interpret), qkvo, cfg.repeats, cfg.min_run_s)
+            t_fb = median_seconds(_jit(fwd_bwd, cfg.interpret), qkvo, cfg.repeats, cfg.min_run_s)
             res.update(fwd_bwd_ms=t_fb * 1e3, bwd_ms=(t_fb - t_f) * 1e3)
             if t_fb > t_f:
                 res["bwd_tflops"] = BWD_FACTOR * fwd_flops / (t_fb - t_f) / 1e12
@@ -230,7 +207,7 @@ def decode_row(impls, name, B, C, cfg) -> dict:
     args = (q_BTNH, k_BCKH, v_BCKV, jnp.full((B,), C, jnp.int32))  # every sequence full
     for impl, (_, make) in impls.items():
         try:
-            t = _time(_jit(make, cfg.interpret), args, cfg.repeats, cfg.min_run_s)
+            t = median_seconds(_jit(make, cfg.interpret), args, cfg.repeats, cfg.min_run_s)
             row[impl] = dict(us=t * 1e6, gbps=live_bytes / t / 1e9)
         except Exception as e:  # one implementation's failure must not end the run
             row[impl] = {"error": _reason(e)}
@@ -240,9 +217,9 @@ def decode_row(impls, name, B, C, cfg) -> dict:
 def measured_ceilings(cfg) -> dict:
     """This chip's bf16 matmul TFLOP/s (8192³, random data) and copy GB/s (read + write)."""
     a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
-    t_mm = _time(jax.jit(jnp.matmul), (a, a), cfg.repeats, cfg.min_run_s)
+    t_mm = median_seconds(jax.jit(jnp.matmul), (a, a), cfg.repeats, cfg.min_run_s)
     x = jax.random.normal(jax.random.key(1), (2**30,), jnp.bfloat16)
-    t_cp = _time(jax.jit(lambda x: x * 2), (x,), cfg.repeats, cfg.min_run_s)
+    t_cp = median_seconds(jax.jit(lambda x: x * 2), (x,), cfg.repeats, cfg.min_run_s)
     return dict(matmul_tflops=2 * 8192**3 / t_mm / 1e12, copy_gbps=2 * x.nbytes / t_cp / 1e9)
 
 
