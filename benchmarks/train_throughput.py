@@ -16,8 +16,11 @@ steps of every model in turn, so a slow spell of a shared machine hits all three
 table gives the median tokens/s, its ratio to torch's median, and the range of the per-round
 ratios (each model against torch in the same round).
 
+The jaxattn models run their steps as ``train.loop`` does: ``--steps-per-call`` steps per
+compiled call (``TrainConfig.steps_per_call``, default 10; pass 1 for one call per step).
+
 Usage: ``python -m benchmarks.train_throughput [--batch 16] [--seq 128] [--steps 10]
-[--rounds 5] [--no-cpu-tuning]``
+[--rounds 5] [--steps-per-call 10] [--no-cpu-tuning]``
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import numpy as np
 
 from jaxattn.sharding import make_mesh
 from models import DecoderLM, get_config
@@ -39,12 +43,17 @@ from train.platform import configure_cpu
 from train.step import make_trainer
 
 
-def jax_runner(model_config, batch, seq, tokens_N) -> tuple[Callable[[int], float], int]:
+def jax_runner(
+    model_config, batch, seq, tokens_N, steps_per_call
+) -> tuple[Callable[[int], float], int]:
     """A function timing ``n`` train steps of the jaxattn model (compiled and warmed up), and
-    the parameter count."""
+    the parameter count. Steps go in calls of ``steps_per_call`` (``Trainer.train_steps``)
+    and single steps for a remainder, as ``train.loop`` runs them."""
     from flax import nnx
 
-    config = TrainConfig(seq_len=seq, batch_size=batch, steps=10**6, warmup_steps=1)
+    config = TrainConfig(
+        seq_len=seq, batch_size=batch, steps=10**6, warmup_steps=1, steps_per_call=steps_per_call
+    )
     trainer = make_trainer(
         lambda: DecoderLM(model_config, rngs=nnx.Rngs(0)),
         config,
@@ -57,14 +66,26 @@ def jax_runner(model_config, batch, seq, tokens_N) -> tuple[Callable[[int], floa
 
     def run(n: int) -> float:
         t0 = time.perf_counter()
-        for _ in range(n):
-            box["step"] += 1
-            batch_ = trainer.put_batch(loader.batch(box["step"]))
-            box["state"], m = trainer.train_step(box["state"], rest, batch_)
+        done = 0
+        while done < n:
+            k = steps_per_call if n - done >= steps_per_call > 1 else 1
+            batches = [loader.batch(box["step"] + i) for i in range(k)]
+            if k == 1:
+                box["state"], m = trainer.train_step(
+                    box["state"], rest, trainer.put_batch(batches[0])
+                )
+            else:
+                stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+                box["state"], m = trainer.train_steps(
+                    box["state"], rest, trainer.put_batches(stacked)
+                )
+            box["step"] += k
+            done += k
         jax.block_until_ready(m)
         return time.perf_counter() - t0
 
-    run(2)  # compile and warm up
+    run(steps_per_call if steps_per_call > 1 else 2)  # compile and warm up
+    run(1)
     return run, params
 
 
@@ -114,6 +135,13 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="train steps timed per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds (median reported)")
     parser.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=TrainConfig.steps_per_call,
+        help="jaxattn train steps per compiled call, as train.pretrain runs them "
+        "(TrainConfig.steps_per_call; 1 = one call per step)",
+    )
+    parser.add_argument(
         "--no-cpu-tuning",
         action="store_true",
         help="skip train.platform.configure_cpu (which train.pretrain applies)",
@@ -139,8 +167,10 @@ def main(argv=None) -> None:
     )
     configs = (mla, llama, llama)
     makers = (jax_runner, jax_runner, torch_runner)
+    extra = ((args.steps_per_call,), (args.steps_per_call,), ())
     runners = [
-        make(cfg, args.batch, args.seq, tokens_N) for make, cfg in zip(makers, configs, strict=True)
+        make(cfg, args.batch, args.seq, tokens_N, *more)
+        for make, cfg, more in zip(makers, configs, extra, strict=True)
     ]
     # Rounds alternate the three models, so a slow spell of the machine hits all of them.
     tokens = args.batch * args.seq * args.steps
@@ -153,7 +183,8 @@ def main(argv=None) -> None:
     print(
         f"\ntraining throughput, {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
         f"batch {args.batch} x {args.seq} tokens, fp32, AdamW; median of {args.rounds} rounds "
-        f"of {args.steps} steps, the models alternating; XLA CPU tuning "
+        f"of {args.steps} steps, the models alternating; jaxattn steps per call "
+        f"{args.steps_per_call}; XLA CPU tuning "
         f"{'on' if tuned else 'off'}; MFU vs {peak_label}"
     )
     print(

@@ -58,6 +58,8 @@ class TrainConfig:
     compute_dtype: str = "float32"
     remat: str = "none"
     seed: int = 0
+    # train steps per compiled call (a lax.scan over that many batches); see train.loop
+    steps_per_call: int = 10
     # parameters trained / frozen by path regex (finetuning; see train.optim)
     trainable: tuple[str, ...] = (".*",)
     frozen: tuple[str, ...] = ()
@@ -99,6 +101,7 @@ class TrainConfig:
             "ckpt_every",
             "keep_checkpoints",
             "eval_every",
+            "steps_per_call",
         )
         for key in positive:
             if getattr(self, key) <= 0:

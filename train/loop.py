@@ -26,7 +26,7 @@ from train.metrics import MetricsWriter, flops_per_token, peak_flops, progress_l
 from train.optim import lr_schedule
 from train.step import Trainer, make_trainer
 
-__all__ = ["RunResult", "setup_distributed", "train_loop", "evaluate", "host_params"]
+__all__ = ["RunResult", "call_length", "evaluate", "host_params", "setup_distributed", "train_loop"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,22 @@ def _check_vocab(config, model_config, *loaders) -> None:
             )
 
 
+def call_length(step: int, config) -> int:
+    """How many steps the call starting at ``step`` runs: ``config.steps_per_call``, unless
+    the next log, eval or checkpoint step (or the end) comes sooner, in which case one.
+
+    Calls run either ``steps_per_call`` steps (``Trainer.train_steps``) or one
+    (``Trainer.train_step``), so a run compiles at most two executables, and every boundary
+    where the loop must see the state is the end of a call. The split depends only on the
+    absolute step and the config: a run resumed from a checkpoint (a boundary) makes the
+    same calls, with the same executables, as the uninterrupted run from there on.
+    """
+    boundary = config.steps
+    for every in (config.log_every, config.eval_every, config.ckpt_every):
+        boundary = min(boundary, (step // every + 1) * every)
+    return config.steps_per_call if boundary - step >= config.steps_per_call else 1
+
+
 def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunResult:
     """Train ``model_fn()`` under ``config``; resume if a checkpoint exists.
 
@@ -161,20 +177,33 @@ def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunR
     }
     tokens_per_step = config.batch_size * config.seq_len
     pending, timed_tokens, t_last, eval_loss = [], 0, time.time(), math.nan
-    for step in range(start, config.steps):
-        state, metrics = trainer.train_step(state, rest, trainer.put_batch(train_data.batch(step)))
-        pending.append(metrics)
-        done = step + 1
-        if step == start:  # leave compilation out of the throughput
-            jax.block_until_ready(metrics)
-            t_last = time.time()
+    compiled = set()
+    step = start
+    while step < config.steps:
+        n = call_length(step, config)
+        if n == 1:
+            batch = trainer.put_batch(train_data.batch(step))
+            state, metrics = trainer.train_step(state, rest, batch)
+            metrics = jax.tree.map(lambda x: x[None], metrics)
         else:
-            timed_tokens += tokens_per_step
+            batches = [train_data.batch(s) for s in range(step, step + n)]
+            stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+            state, metrics = trainer.train_steps(state, rest, trainer.put_batches(stacked))
+        pending.append(metrics)
+        step += n
+        done = step
+        if n not in compiled:  # leave compilation out of the throughput
+            compiled.add(n)
+            jax.block_until_ready(metrics)
+            timed_tokens, t_last = 0, time.time()
+        else:
+            timed_tokens += n * tokens_per_step
         if done % config.log_every == 0 or done == config.steps:
             got = jax.device_get(pending)
             tok_s = timed_tokens / (time.time() - t_last) if timed_tokens else math.nan
-            loss, lr = float(np.mean([m["loss"] for m in got])), float(schedule(step))
-            row = {"loss": loss, "grad_norm": got[-1]["grad_norm"], "lr": lr}
+            losses = np.concatenate([m["loss"] for m in got])
+            loss, lr = float(np.mean(losses)), float(schedule(done - 1))
+            row = {"loss": loss, "grad_norm": got[-1]["grad_norm"][-1], "lr": lr}
             if timed_tokens:
                 row |= {"tokens_per_s": tok_s, "mfu": tok_s * fpt / peak}
             writer.write(done, "train", row)

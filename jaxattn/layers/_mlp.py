@@ -8,7 +8,37 @@ from flax import nnx
 
 from jaxattn.layers._base import DTypeLike, cast, dense, param, zeros_init
 
-__all__ = ["SwiGLU"]
+__all__ = ["SwiGLU", "swiglu"]
+
+
+@jax.custom_vjp
+def swiglu(gate, up):
+    """``silu(gate) * up`` with a backward that recomputes the sigmoid.
+
+    Autodiff of ``jax.nn.silu(g) * u`` saves sigmoid(g) and silu(g) as extra [B, T, F]
+    residuals and spends separate elementwise passes on them; here the forward is one pass
+    over (g, u) and the backward one pass over (g, u, dh) giving (dg, du): with
+    s = sigmoid(g), d/dg = u·s·(1 + g·(1 − s)), d/du = g·s.
+    """
+    return gate * jax.nn.sigmoid(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, dh):
+    gate, up = res
+    # the sigmoid in fp32 for low-precision inputs, like jax.nn.silu's
+    g = jax.lax.optimization_barrier(gate).astype(jnp.float32)
+    s = jax.nn.sigmoid(g)
+    dh32 = dh.astype(jnp.float32)
+    dg = dh32 * up.astype(jnp.float32) * s * (1.0 + g * (1.0 - s))
+    du = dh32 * g * s
+    return dg.astype(gate.dtype), du.astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class SwiGLU(nnx.Module):
@@ -55,7 +85,7 @@ class SwiGLU(nnx.Module):
         if self.use_bias:
             gate_BTF = gate_BTF + cast(self.gate_bias_F[...], dt)
             up_BTF = up_BTF + cast(self.up_bias_F[...], dt)
-        h_BTF = jax.nn.silu(gate_BTF) * up_BTF
+        h_BTF = swiglu(gate_BTF, up_BTF)
         out_BTD = dense(h_BTF, cast(self.down_FD[...], dt))
         if self.use_bias:
             out_BTD = out_BTD + cast(self.down_bias_D[...], dt)

@@ -126,7 +126,8 @@ def _masked_scores(a, bq, bk, q_blk, k_blk, qb, kb, full, dense):
     ``full`` is the block's traced "no element masked" flag from the block table, or None
     (a lone kv block, which has no table) to mask elementwise without a branch.
     """
-    s = scores_fp32(a, q_blk, k_blk, "bkgth,bksh->bkgts")
+    B, K, G, T, _ = q_blk.shape
+    s = scores_fp32(a, _fold(q_blk), k_blk, "bkrh,bksh->bkrs").reshape(B, K, G, T, -1)
 
     def apply_mask(s):
         dense_blk = None
@@ -151,8 +152,32 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
+def _fold(x):
+    """[B, K, G, t, ...] -> [B, K, G·t, ...] (a free reshape): the G query heads of a kv
+    group become rows of one matmul. Keeping G as its own axis made XLA:CPU lay out the
+    common G = 1 (MLA, MHA) with the unit axis in the middle and materialise transposing
+    copies of every [B, K, 1, t, s] probability block (measured on the MLA training step)."""
+    return x.reshape(x.shape[0], x.shape[1], -1, *x.shape[4:])
+
+
 def _dot(spec, x, y):
-    return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32, precision=_precision(x.dtype))
+    """``einsum(spec, x, y)`` in fp32, with operands and result laid out "bkgt..." folded to
+    rows "bkr..." for the matmul (see ``_fold``)."""
+    ins, out = spec.split("->")
+    specs, args = [], []
+    for sub, arg in zip(ins.split(","), (x, y)):
+        if sub.startswith("bkgt"):
+            sub, G, t, arg = "bkr" + sub[4:], arg.shape[2], arg.shape[3], _fold(arg)
+        specs.append(sub)
+        args.append(arg)
+    fold_out = out.startswith("bkgt")
+    r = jnp.einsum(
+        f"{','.join(specs)}->{'bkr' + out[4:] if fold_out else out}",
+        *args,
+        preferred_element_type=jnp.float32,
+        precision=_precision(x.dtype),
+    )
+    return r.reshape(r.shape[0], r.shape[1], G, t, *r.shape[3:]) if fold_out else r
 
 
 def _over_kv_blocks(nk, tables, qb, body, carry):

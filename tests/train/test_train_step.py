@@ -84,3 +84,25 @@ def test_bf16_compute_keeps_fp32_master_weights(single_device):
     )
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
     np.testing.assert_allclose(losses, losses_1, atol=0.05)  # bf16 rounding only
+
+
+@pytest.mark.parametrize(
+    "mesh", [{"data": 1}, {"data": 2, "fsdp": 2, "tensor": 2}], ids=["1dev", "2x2x2"]
+)
+def test_train_steps_in_one_call_equal_single_steps(single_device, mesh):
+    """``train_steps`` (one lax.scan call over stacked batches) takes the same steps as
+    ``train_step`` called once per batch: per-step losses and the final parameters."""
+    config, init, (losses_1, params_1, _) = single_device
+    _, model_fn = build_model(config)
+    devices = jax.devices()[:1] if mesh == {"data": 1} else None
+    trainer = make_trainer(model_fn, config, make_mesh(mesh, devices))
+    loader, _ = make_loaders(config)
+    state = jax.device_put(init[0], trainer.state_shardings)
+    rest = jax.device_put(init[1], trainer.rest_shardings)
+    batches = [loader.batch(step) for step in range(len(losses_1))]
+    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    state, metrics = trainer.train_steps(state, rest, trainer.put_batches(stacked))
+    assert metrics["loss"].shape == (len(losses_1),)
+    np.testing.assert_allclose(np.asarray(metrics["loss"]), losses_1, atol=1e-5, rtol=0)
+    assert _max_diff(jax.tree.map(np.asarray, state["params"]), params_1) < 1e-5
+    assert int(state["step"]) == len(losses_1)
