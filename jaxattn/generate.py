@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 __all__ = ["generate", "sample_logits", "GenerateOutput"]
@@ -40,6 +41,9 @@ def sample_logits(logits_BV, rng, *, temperature=0.0, top_k=None, top_p=None) ->
     Returns:
       int32 tokens [B].
     """
+    vocab = logits_BV.shape[-1]
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k={top_k} must be in [1, vocabulary size {vocab}]")
     if temperature == 0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits_BV = logits_BV.astype(jnp.float32) / temperature
@@ -69,6 +73,7 @@ def generate(
     top_p: float | None = None,
     stop_tokens: tuple[int, ...] = (),
     cache_dtype=None,
+    sequence_ids_B=None,
 ) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
@@ -81,6 +86,12 @@ def generate(
       temperature, top_k, top_p: see ``sample_logits`` (temperature 0 is greedy).
       stop_tokens: a sequence stops after emitting one of these.
       cache_dtype: cache storage dtype (default the model's compute dtype).
+      sequence_ids_B: int [B] per-sequence ids passed to every ``decode`` call (which adapter
+        or task a row uses); None passes nothing.
+
+    Raises:
+      ValueError: bad shapes, prompt lengths, sampling settings, or prompt ids outside the
+        model's vocabulary (``model.config.vocab_size``, when the model has one).
 
     Returns:
       GenerateOutput(tokens_BS [B, T + max_new_tokens], lengths_B).
@@ -97,6 +108,17 @@ def generate(
             raise ValueError(
                 f"prompt_lengths_B must lie in [1, {prompt_BT.shape[1]}], got {lo}..{hi}"
             )
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    traced = isinstance(prompt_BT, jax.core.Tracer) or isinstance(lengths_B, jax.core.Tracer)
+    if vocab is not None and not traced:
+        prompt, lengths = np.asarray(prompt_BT), np.asarray(lengths_B)
+        live_BT = np.arange(prompt.shape[1])[None, :] < lengths[:, None]
+        bad = live_BT & ((prompt < 0) | (prompt >= vocab))
+        if bad.any():
+            ids = sorted({int(i) for i in prompt[bad][:5]})
+            raise ValueError(f"prompt token ids {ids} are outside the vocabulary [0, {vocab})")
+    if top_k is not None and vocab is not None and top_k > vocab:
+        raise ValueError(f"top_k={top_k} must be <= the vocabulary size {vocab}")
     if max_new_tokens < 1:
         raise ValueError(f"{max_new_tokens=} must be >= 1")
     if (
@@ -118,6 +140,7 @@ def generate(
         top_p=top_p,
         stop_tokens=tuple(int(t) for t in stop_tokens),
         cache_dtype=cache_dtype,
+        extras={} if sequence_ids_B is None else {"sequence_ids_B": jnp.asarray(sequence_ids_B)},
     )
 
 
@@ -140,6 +163,7 @@ def _generate(
     lengths_B,
     rng,
     *,
+    extras,
     max_new_tokens,
     temperature,
     top_k,
@@ -154,7 +178,7 @@ def _generate(
     tokens_BS = jnp.zeros((b, capacity), jnp.int32).at[:, :t].set(prompt_BT)
     tokens_BS = jnp.where(slots_S[None, :] < lengths_B[:, None], tokens_BS, 0)
     cache = model.init_cache(b, capacity, cache_dtype)
-    logits_BTV, cache = model.decode(prompt_BT, cache, num_new_B=lengths_B)
+    logits_BTV, cache = model.decode(prompt_BT, cache, num_new_B=lengths_B, **extras)
     last_BV = jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
@@ -171,7 +195,8 @@ def _generate(
         tokens_BS = jnp.where(write_BS, tok_B[:, None], tokens_BS)
         lengths_B = lengths_B + live_B.astype(jnp.int32)
         done_B = done_B | jnp.isin(tok_B, stops)
-        logits_B1V, cache = model.decode(tok_B[:, None], cache, num_new_B=live_B.astype(jnp.int32))
+        live = live_B.astype(jnp.int32)
+        logits_B1V, cache = model.decode(tok_B[:, None], cache, num_new_B=live, **extras)
         return i + 1, cache, logits_B1V[:, 0], tokens_BS, lengths_B, done_B, rng
 
     done_B = jnp.zeros((b,), bool)

@@ -6,6 +6,7 @@ Field names follow transformers 5 (``rope_parameters``; 4.x ``rope_scaling`` is 
 
 from __future__ import annotations
 
+from jaxattn.layers import AttentionConfig, MLAConfig
 from jaxattn.ops.rope import rope_config_from_hf, rope_config_to_hf
 from models.config import ModelConfig
 
@@ -27,12 +28,25 @@ _CLASSES = {
 }
 
 
+class _Fields(dict):
+    """A config.json dict whose missing required fields raise a ValueError naming them."""
+
+    def __missing__(self, key):
+        raise ValueError(
+            f"config.json has no {key!r} field, which model_type={self.get('model_type')!r} needs"
+        )
+
+
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     """A ModelConfig from a HF ``config.json`` dict (``overrides``: e.g. dtype, param_dtype).
 
     Raises:
-      ValueError: an unsupported model type, activation, MoE layers or attention bias in MLA.
+      ValueError: an unsupported model type, activation, MoE layers or attention bias in MLA,
+        or a required field missing (named).
     """
+    if not isinstance(hf, dict):
+        raise ValueError(f"config.json must hold a JSON object, got {type(hf).__name__}")
+    hf = _Fields(hf)
     arch = hf.get("model_type")
     if arch not in _MODEL_TYPES:
         raise ValueError(f"model_type={arch!r} is not supported; supported: {list(_MODEL_TYPES)}")
@@ -103,15 +117,24 @@ def _sliding_from_hf(hf: dict, arch: str, layers: int) -> dict:
 
 
 def config_to_hf(c: ModelConfig, torch_dtype: str = "float32") -> dict:
-    """The HF ``config.json`` dict of ``c`` (its ``arch`` picks the model type)."""
-    if c.num_query_heads not in (None, c.num_heads):
-        raise ValueError("SQA models (num_query_heads < num_heads) have no HF equivalent")
+    """The HF ``config.json`` dict of ``c`` (its ``arch`` picks the model type).
+
+    Raises:
+      ValueError: a feature the HF family cannot hold (named, with the layer where it applies):
+        mixed attention kinds, kinds with no HF equivalent, SQA, qk-norm, soft caps, ...
+    """
+    layers = [c.layer_attention_config(i) for i in range(c.num_layers)]
+    kinds = [c.layer_kind(i) for i in range(c.num_layers)]
+    if len(set(map(type, layers))) > 1:
+        first = {}
+        for i, k in enumerate(kinds):
+            first.setdefault(k, i)
+        raise ValueError(
+            f"layers mix attention kinds {first} (kind: first layer); no Hugging Face family "
+            "holds mixed attention layers"
+        )
     if c.mlp_bias and c.arch != "llama":
         raise ValueError(f"{c.arch} has no MLP biases in HF; mlp_bias=True exports as llama only")
-    if c.arch == "mistral" and (c.qkv_bias or c.o_bias):
-        raise ValueError("mistral has no attention biases in HF; export as llama or qwen2")
-    if c.qk_norm or c.logits_soft_cap is not None:
-        raise ValueError("qk_norm / logits_soft_cap have no equivalent in the supported HF archs")
     hf = dict(
         model_type=_MODEL_TYPES[c.arch],
         architectures=[_CLASSES[c.arch]],
@@ -127,57 +150,84 @@ def config_to_hf(c: ModelConfig, torch_dtype: str = "float32") -> dict:
         torch_dtype=torch_dtype,
         dtype=torch_dtype,
     )
-    if c.attention == "mla":
-        if c.arch not in ("deepseek_v2", "deepseek_v3"):
-            raise ValueError(f"arch={c.arch!r} cannot hold MLA layers; use deepseek_v2/v3")
-        hf |= dict(
-            num_key_value_heads=c.num_heads,
-            q_lora_rank=c.q_lora_rank or None,
-            kv_lora_rank=c.kv_lora_rank,
-            qk_nope_head_dim=c.qk_nope_head_dim,
-            qk_rope_head_dim=c.qk_rope_head_dim,
-            v_head_dim=c.v_head_dim,
-            head_dim=c.qk_rope_head_dim,
-            attention_bias=False,
-            first_k_dense_replace=c.num_layers,
-        )  # every layer dense (no MoE)
-        hf |= rope_config_to_hf(c.rope, head_dim=c.qk_rope_head_dim)
-        # "interleaved" and "interleaved_to_split_half" pair the same dims (equal q.k).
-        paired = c.rope.layout != "split_half"
-        if c.arch == "deepseek_v3":
-            hf["rope_interleave"] = paired
-        elif not paired:
-            raise ValueError(
-                "deepseek_v2 always interleaves rope pairs; export a split_half "
-                "rope layout as arch='deepseek_v3' (rope_interleave=False)"
-            )
-        return hf
+    if isinstance(layers[0], MLAConfig):
+        return hf | _mla_to_hf(c, layers[0])
+    if isinstance(layers[0], AttentionConfig):
+        return hf | _mha_to_hf(c, layers)
+    raise ValueError(
+        f"attention kind {kinds[0]!r} ({type(layers[0]).__name__}) has no Hugging Face equivalent"
+    )
+
+
+def _mla_to_hf(c: ModelConfig, a: MLAConfig) -> dict:
+    if c.arch not in ("deepseek_v2", "deepseek_v3"):
+        raise ValueError(f"arch={c.arch!r} cannot hold MLA layers; use deepseek_v2/v3")
+    hf = dict(
+        num_key_value_heads=a.num_heads,
+        q_lora_rank=a.q_lora_rank or None,
+        kv_lora_rank=a.kv_lora_rank,
+        qk_nope_head_dim=a.qk_nope_head_dim,
+        qk_rope_head_dim=a.qk_rope_head_dim,
+        v_head_dim=a.v_head_dim,
+        head_dim=a.qk_rope_head_dim,
+        attention_bias=False,
+        first_k_dense_replace=c.num_layers,  # every layer dense (no MoE)
+    )
+    hf |= rope_config_to_hf(a.rope, head_dim=a.qk_rope_head_dim)
+    # "interleaved" and "interleaved_to_split_half" pair the same dims (equal q.k).
+    paired = a.rope.layout != "split_half"
+    if c.arch == "deepseek_v3":
+        hf["rope_interleave"] = paired
+    elif not paired:
+        raise ValueError(
+            "deepseek_v2 always interleaves rope pairs; export a split_half "
+            "rope layout as arch='deepseek_v3' (rope_interleave=False)"
+        )
+    return hf
+
+
+def _mha_to_hf(c: ModelConfig, layers: list) -> dict:
     if c.arch.startswith("deepseek"):
-        raise ValueError(f"arch={c.arch!r} needs attention='mla'")
-    a = c.layer_attention_config(0)
-    hf |= dict(num_key_value_heads=a.n_kv, head_dim=a.h)
+        raise ValueError(f"arch={c.arch!r} needs 'mla' attention layers")
+    a = layers[0]
+    # everything but the window must be the same in every layer: HF configs are per model
+    shared = ("n_q", "n_kv", "h", "v", "qkv_bias", "o_bias", "qk_norm", "logits_soft_cap", "rope")
+    for i, b in enumerate(layers):
+        differ = [f for f in shared if getattr(b, f) != getattr(a, f)]
+        if differ:
+            raise ValueError(
+                f"layer {i} differs from layer 0 in {differ}; HF configs are per model"
+            )
+    if a.n_q != a.num_heads:
+        raise ValueError("SQA models (num_query_heads < num_heads) have no HF equivalent")
+    if a.qk_norm or a.logits_soft_cap is not None:
+        raise ValueError("qk_norm / logits_soft_cap have no equivalent in the supported HF archs")
+    if c.arch == "mistral" and (a.qkv_bias or a.o_bias):
+        raise ValueError("mistral has no attention biases in HF; export as llama or qwen2")
+    hf = dict(num_key_value_heads=a.n_kv, head_dim=a.h)
     if c.arch == "qwen2":
-        if not c.qkv_bias or c.o_bias:
+        if not a.qkv_bias or a.o_bias:
             raise ValueError("qwen2 export needs qkv_bias=True and o_bias=False")
-    elif c.qkv_bias != c.o_bias:
+    elif a.qkv_bias != a.o_bias:
         raise ValueError(f"{c.arch} export needs qkv_bias == o_bias (HF attention_bias)")
     else:
-        hf["attention_bias"] = c.qkv_bias
+        hf["attention_bias"] = a.qkv_bias
     hf["mlp_bias"] = c.mlp_bias
-    if c.sliding_window is not None:
+    windows = [b.sliding_window for b in layers]
+    sizes = sorted({w for w in windows if w is not None})
+    if len(sizes) > 1:
+        raise ValueError(f"layers use different sliding windows {sizes}; HF holds one size")
+    if sizes:
         if c.arch == "llama":
             raise ValueError("llama has no sliding window; export as mistral or qwen2")
-        layers = range(c.num_layers) if c.sliding_window_layers is None else c.sliding_window_layers
-        hf["sliding_window"] = c.sliding_window
+        hf["sliding_window"] = sizes[0]
         if c.arch == "qwen2":
             hf["use_sliding_window"] = True
             hf["layer_types"] = [
-                "sliding_attention" if i in layers else "full_attention"
-                for i in range(c.num_layers)
+                "full_attention" if w is None else "sliding_attention" for w in windows
             ]
-        elif len(layers) != c.num_layers:
+        elif None in windows:
             raise ValueError("mistral applies the sliding window to every layer")
     elif c.arch == "mistral":
         hf["sliding_window"] = None
-    hf |= rope_config_to_hf(c.rope, head_dim=a.h)
-    return hf
+    return hf | rope_config_to_hf(a.rope, head_dim=a.h)

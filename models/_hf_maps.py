@@ -12,9 +12,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jaxattn.layers import AttentionConfig, MLAConfig
 from models.config import ModelConfig
 
-__all__ = ["Rule", "rules", "HF_IGNORED_SUFFIXES"]
+__all__ = ["Rule", "rules", "ATTENTION_RULES", "HF_IGNORED_SUFFIXES"]
 
 HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some exports keep
 
@@ -83,47 +84,52 @@ def _kv_b(hf: str, base: tuple, n: int, nope: int, v: int, l: int) -> Rule:
         return (w_NXL.reshape(n * (nope + v), l),)
 
     return Rule(
-        (hf,), ((n * (nope + v), l),), (base + ("k_b_LNH",), base + ("v_b_LNV",)), to_ours, to_hf
+        (hf,),
+        ((n * (nope + v), l),),
+        (base + ("k_b", "kernel"), base + ("v_b", "kernel")),
+        to_ours,
+        to_hf,
     )
 
 
-def _attention_rules(c: ModelConfig, i: int) -> list[Rule]:
-    hf, ours = f"model.layers.{i}.self_attn.", ("layers", i, "attn")
-    d, n = c.d_model, c.num_heads
-    if c.attention == "mla":
-        qk, l, p = c.qk_nope_head_dim + c.qk_rope_head_dim, c.kv_lora_rank, c.qk_rope_head_dim
-        out = []
-        if c.q_lora_rank:
-            q = c.q_lora_rank
-            out += [
-                _linear(hf + "q_a_proj.weight", ours + ("q_a_DQ",), d, (q,)),
-                _same(hf + "q_a_layernorm.weight", ours + ("q_norm", "scale"), (q,)),
-                _linear(hf + "q_b_proj.weight", ours + ("q_b_QNH",), q, (n, qk)),
-            ]
-        else:
-            out.append(_linear(hf + "q_proj.weight", ours + ("q_DNH",), d, (n, qk)))
-        return out + [
-            _linear(hf + "kv_a_proj_with_mqa.weight", ours + ("kv_a_DR",), d, (l + p,)),
-            _same(hf + "kv_a_layernorm.weight", ours + ("kv_norm", "scale"), (l,)),
-            _kv_b(hf + "kv_b_proj.weight", ours, n, c.qk_nope_head_dim, c.v_head_dim, l),
-            _out_proj(hf + "o_proj.weight", ours + ("o_NVD",), (n, c.v_head_dim), d),
-        ]
-    a = c.layer_attention_config(i)
-    out = [
-        _linear(hf + "q_proj.weight", ours + ("q_DNH",), d, (a.n_q, a.h)),
-        _linear(hf + "k_proj.weight", ours + ("k_DKH",), d, (a.n_kv, a.h)),
-        _linear(hf + "v_proj.weight", ours + ("v_DKV",), d, (a.n_kv, a.v)),
-        _out_proj(hf + "o_proj.weight", ours + ("o_NVD",), (a.n_q, a.v), d),
-    ]
-    if c.qkv_bias:
+def _mla_rules(c: ModelConfig, a: MLAConfig, hf: str, ours: tuple) -> list[Rule]:
+    d, n = c.d_model, a.num_heads
+    qk, l, p = a.qk_head_dim, a.kv_lora_rank, a.qk_rope_head_dim
+    out = []
+    if a.q_lora_rank:
+        q = a.q_lora_rank
         out += [
-            _bias(hf + "q_proj.bias", ours + ("q_bias_NH",), (a.n_q, a.h)),
-            _bias(hf + "k_proj.bias", ours + ("k_bias_KH",), (a.n_kv, a.h)),
-            _bias(hf + "v_proj.bias", ours + ("v_bias_KV",), (a.n_kv, a.v)),
+            _linear(hf + "q_a_proj.weight", ours + ("q_a", "kernel"), d, (q,)),
+            _same(hf + "q_a_layernorm.weight", ours + ("q_norm", "scale"), (q,)),
+            _linear(hf + "q_b_proj.weight", ours + ("q_b", "kernel"), q, (n, qk)),
         ]
-    if c.o_bias:
-        out.append(_bias(hf + "o_proj.bias", ours + ("o_bias_D",), (d,)))
-    if c.qk_norm:
+    else:
+        out.append(_linear(hf + "q_proj.weight", ours + ("q", "kernel"), d, (n, qk)))
+    return out + [
+        _linear(hf + "kv_a_proj_with_mqa.weight", ours + ("kv_a", "kernel"), d, (l + p,)),
+        _same(hf + "kv_a_layernorm.weight", ours + ("kv_norm", "scale"), (l,)),
+        _kv_b(hf + "kv_b_proj.weight", ours, n, a.qk_nope_head_dim, a.v_head_dim, l),
+        _out_proj(hf + "o_proj.weight", ours + ("o", "kernel"), (n, a.v_head_dim), d),
+    ]
+
+
+def _mha_rules(c: ModelConfig, a: AttentionConfig, hf: str, ours: tuple) -> list[Rule]:
+    d = c.d_model
+    out = [
+        _linear(hf + "q_proj.weight", ours + ("q", "kernel"), d, (a.n_q, a.h)),
+        _linear(hf + "k_proj.weight", ours + ("k", "kernel"), d, (a.n_kv, a.h)),
+        _linear(hf + "v_proj.weight", ours + ("v", "kernel"), d, (a.n_kv, a.v)),
+        _out_proj(hf + "o_proj.weight", ours + ("o", "kernel"), (a.n_q, a.v), d),
+    ]
+    if a.qkv_bias:
+        out += [
+            _bias(hf + "q_proj.bias", ours + ("q", "bias"), (a.n_q, a.h)),
+            _bias(hf + "k_proj.bias", ours + ("k", "bias"), (a.n_kv, a.h)),
+            _bias(hf + "v_proj.bias", ours + ("v", "bias"), (a.n_kv, a.v)),
+        ]
+    if a.o_bias:
+        out.append(_bias(hf + "o_proj.bias", ours + ("o", "bias"), (d,)))
+    if a.qk_norm:
         out += [
             _same(hf + "q_norm.weight", ours + ("q_norm", "scale"), (a.h,)),
             _same(hf + "k_norm.weight", ours + ("k_norm", "scale"), (a.h,)),
@@ -131,29 +137,49 @@ def _attention_rules(c: ModelConfig, i: int) -> list[Rule]:
     return out
 
 
+# HF tensor rules of each attention config type (kinds with no HF equivalent are absent)
+ATTENTION_RULES = {AttentionConfig: _mha_rules, MLAConfig: _mla_rules}
+
+
+def _attention_rules(c: ModelConfig, i: int) -> list[Rule]:
+    a = c.layer_attention_config(i)
+    make = ATTENTION_RULES.get(type(a))
+    if make is None:
+        raise ValueError(
+            f"layer {i} is of kind {c.layer_kind(i)!r} ({type(a).__name__}), which has no "
+            "Hugging Face equivalent"
+        )
+    return make(c, a, f"model.layers.{i}.self_attn.", ("layers", i, "attn"))
+
+
 def rules(c: ModelConfig) -> list[Rule]:
-    """Every tensor of a HF checkpoint of config ``c``, with its conversion."""
+    """Every tensor of a HF checkpoint of config ``c``, with its conversion.
+
+    Raises:
+      ValueError: a layer whose kind has no HF equivalent (named).
+    """
     d, f = c.d_model, c.mlp_dim
     out = [
-        _same("model.embed_tokens.weight", ("embed", "table_VD"), (c.vocab_size, d)),
+        _same("model.embed_tokens.weight", ("embed", "table"), (c.vocab_size, d)),
         _same("model.norm.weight", ("final_norm", "scale"), (d,)),
     ]
     if not c.tie_embeddings:
-        out.append(_out_proj("lm_head.weight", ("lm_head_DV",), (d,), c.vocab_size))
+        out.append(_out_proj("lm_head.weight", ("lm_head", "kernel"), (d,), c.vocab_size))
     for i in range(c.num_layers):
         pre, ours = f"model.layers.{i}.", ("layers", i)
+        mlp = ours + ("mlp",)
         out += [
             _same(pre + "input_layernorm.weight", ours + ("attn_norm", "scale"), (d,)),
             _same(pre + "post_attention_layernorm.weight", ours + ("mlp_norm", "scale"), (d,)),
-            _linear(pre + "mlp.gate_proj.weight", ours + ("mlp", "gate_DF"), d, (f,)),
-            _linear(pre + "mlp.up_proj.weight", ours + ("mlp", "up_DF"), d, (f,)),
-            _out_proj(pre + "mlp.down_proj.weight", ours + ("mlp", "down_FD"), (f,), d),
+            _linear(pre + "mlp.gate_proj.weight", mlp + ("gate", "kernel"), d, (f,)),
+            _linear(pre + "mlp.up_proj.weight", mlp + ("up", "kernel"), d, (f,)),
+            _out_proj(pre + "mlp.down_proj.weight", mlp + ("down", "kernel"), (f,), d),
         ]
         if c.mlp_bias:
             out += [
-                _bias(pre + "mlp.gate_proj.bias", ours + ("mlp", "gate_bias_F"), (f,)),
-                _bias(pre + "mlp.up_proj.bias", ours + ("mlp", "up_bias_F"), (f,)),
-                _bias(pre + "mlp.down_proj.bias", ours + ("mlp", "down_bias_D"), (d,)),
+                _bias(pre + "mlp.gate_proj.bias", mlp + ("gate", "bias"), (f,)),
+                _bias(pre + "mlp.up_proj.bias", mlp + ("up", "bias"), (f,)),
+                _bias(pre + "mlp.down_proj.bias", mlp + ("down", "bias"), (d,)),
             ]
         out += _attention_rules(c, i)
     return out

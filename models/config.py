@@ -1,24 +1,62 @@
 """ModelConfig: the frozen, keyword-only hyper-parameters of a ``DecoderLM``.
 
-One config describes Llama / Qwen2 / Mistral style models (``attention="mha"``: MHA, GQA, MQA
-or SQA heads, RoPE, optional q/k/v biases, sliding windows) and DeepSeek-V2/V3 style models
-with dense MLPs (``attention="mla"``). ``arch`` names the Hugging Face family used by
-``models.to_hf``. Every inconsistency raises ValueError naming the field in ``__post_init__``.
+One config describes Llama / Qwen2 / Mistral style models (kind ``"mha"``: MHA, GQA, MQA or SQA
+heads, RoPE, optional q/k/v biases, sliding windows), DeepSeek-V2/V3 style models with dense
+MLPs (kind ``"mla"``), and models that mix attention kinds per layer. ``attention`` names the
+default kind (any registered in ``jaxattn.layers``); ``layer_specs`` (one per layer) or
+``layer_pattern`` (repeated over the layers) give each layer its own kind and fields of that
+kind's config (kv heads, window, ...). :meth:`ModelConfig.layer_attention_config` is the one
+place a layer's attention config is resolved. ``arch`` names the Hugging Face family used by
+``models.to_hf``. Every inconsistency raises ValueError naming the field (and the layer) in
+``__post_init__``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any
 
 import jax.numpy as jnp
 
-from jaxattn.layers import AttentionConfig, MLAConfig
+from jaxattn.layers import _validate as v
+from jaxattn.layers import kind_config
 from jaxattn.ops.rope import RopeConfig
 
-__all__ = ["ModelConfig", "ARCHS"]
+__all__ = ["ModelConfig", "LayerSpec", "ARCHS", "RENAMED_FIELDS"]
 
 ARCHS = ("llama", "qwen2", "mistral", "deepseek_v2", "deepseek_v3")
+
+# fields that were renamed: old name -> new name (for error messages)
+RENAMED_FIELDS = {"attention_impl": "implementation"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One layer's attention: a registered kind and fields of that kind's config to set.
+
+    ``LayerSpec.of("mha", num_kv_heads=2, sliding_window=None)`` is an MHA layer with 2 kv
+    heads and full attention, whatever the model-level fields say; unset fields come from the
+    model config (``<Kind>Config.from_model``).
+
+    Attributes:
+      kind: a registered kind name (None: the model's ``attention``).
+      overrides: ``(field, value)`` pairs of the kind's config.
+    """
+
+    kind: str | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, kind: str | None = None, **overrides) -> LayerSpec:
+        """A spec of ``kind`` with keyword ``overrides``."""
+        return cls(kind=kind, overrides=tuple(sorted(overrides.items())))
+
+    def __post_init__(self):
+        object.__setattr__(self, "overrides", tuple(tuple(p) for p in self.overrides))
+        for pair in self.overrides:
+            if len(pair) != 2 or not isinstance(pair[0], str):
+                raise ValueError(f"LayerSpec.overrides must be (field, value) pairs, got {pair!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -30,17 +68,23 @@ class ModelConfig:
       vocab_size, d_model, num_layers, mlp_dim: V, D, layers, F.
       num_heads: nominal query heads; num_kv_heads: K (default num_heads);
       head_dim: H (default d_model // num_heads); num_query_heads: SQA query heads.
-      attention: "mha" (dense K/V) or "mla" (latent attention; fields below).
+      attention: the default attention kind of every layer ("mha", "mla", or any registered).
+      layer_specs: one :class:`LayerSpec` per layer (None: every layer is ``attention``).
+      layer_pattern: specs repeated over the layers (layer i uses ``pattern[i % len]``);
+        num_layers must be a multiple of its length. At most one of the two is set.
       q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim: MLA dims
         (q_lora_rank 0 = no query compression; L = kv_lora_rank, P = qk_rope_head_dim).
       rope: RoPE config (None: RopeConfig() with theta 10000, full rotary head).
       norm_eps: RMSNorm epsilon of the blocks; latent_norm_eps: of the MLA latent norms.
       qkv_bias, o_bias, mlp_bias, qk_norm: optional biases and per-head qk RMSNorm.
-      logits_soft_cap: attention logit soft cap.
+      logits_soft_cap: attention logit soft cap (> 0).
       sliding_window: causal window of W keys, on ``sliding_window_layers`` (None: all layers).
+      attention_dropout: dropout on attention probabilities; residual_dropout: on each block's
+        attention and MLP outputs before the residual add. Both in [0, 1), off by default, and
+        active only when the model is called with an ``rng`` (training).
       tie_embeddings: unembed with the embedding table.
       max_seq_len: default cache capacity and rope context.
-      dtype: compute dtype; param_dtype: parameter dtype; attention_impl: op implementation.
+      dtype: compute dtype; param_dtype: parameter dtype; implementation: the attention op's.
     """
 
     arch: str = "llama"
@@ -53,6 +97,8 @@ class ModelConfig:
     head_dim: int | None = None
     num_query_heads: int | None = None
     attention: str = "mha"
+    layer_specs: tuple[LayerSpec, ...] | None = None
+    layer_pattern: tuple[LayerSpec, ...] | None = None
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
@@ -68,25 +114,38 @@ class ModelConfig:
     logits_soft_cap: float | None = None
     sliding_window: int | None = None
     sliding_window_layers: tuple[int, ...] | None = None
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
     tie_embeddings: bool = False
     max_seq_len: int = 2048
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: str = "auto"
+    implementation: str = "auto"
 
     def __post_init__(self):
+        o = "ModelConfig"
         if self.arch not in ARCHS:
             raise ValueError(f"arch={self.arch!r} must be one of {ARCHS}")
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_seq_len"):
-            _positive(self, name)
-        if self.attention not in ("mha", "mla"):
-            raise ValueError(f"attention={self.attention!r} must be 'mha' or 'mla'")
+            v.check_int(o, name, getattr(self, name))
+        for name in ("num_kv_heads", "head_dim", "num_query_heads", "sliding_window"):
+            v.check_optional_int(o, name, getattr(self, name))
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim"):
+            v.check_int(o, name, getattr(self, name), minimum=0)
+        v.check_int(o, "v_head_dim", self.v_head_dim, minimum=0)
+        v.check_float(o, "norm_eps", self.norm_eps)
+        v.check_float(o, "latent_norm_eps", self.latent_norm_eps)
+        v.check_float(o, "logits_soft_cap", self.logits_soft_cap, optional=True)
+        v.check_rate(o, "attention_dropout", self.attention_dropout)
+        v.check_rate(o, "residual_dropout", self.residual_dropout)
+        v.check_dtype(o, "dtype", self.dtype)
+        v.check_dtype(o, "param_dtype", self.param_dtype)
+        v.check_implementation(o, "implementation", self.implementation)
+        kind_config(self.attention)  # an unknown kind lists the registered ones
         if self.rope is None:
             object.__setattr__(self, "rope", RopeConfig())
         if not isinstance(self.rope, RopeConfig):
             raise ValueError(f"rope must be a RopeConfig, got {type(self.rope).__name__}")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 or None")
         if self.sliding_window_layers is not None:
             object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
             bad = [i for i in self.sliding_window_layers if not 0 <= i < self.num_layers]
@@ -95,114 +154,84 @@ class ModelConfig:
                     f"sliding_window_layers has indices {bad} outside "
                     f"[0, num_layers={self.num_layers})"
                 )
-        if self.attention == "mha":
-            self._check_mha()
-        else:
-            self._check_mla()
-        self.layer_attention_config(0)  # the layer config validates the rest
+        self._check_specs()
+        for layer in range(self.num_layers):  # every layer's config validates its own fields
+            self.layer_attention_config(layer)
 
-    def _check_mha(self):
-        if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} does not divide d_model={self.d_model} (set head_dim)"
+    def _check_specs(self):
+        if self.layer_specs is not None and self.layer_pattern is not None:
+            raise ValueError("set layer_specs (one per layer) or layer_pattern, not both")
+        for name in ("layer_specs", "layer_pattern"):
+            specs = getattr(self, name)
+            if specs is None:
+                continue
+            specs = tuple(specs)
+            object.__setattr__(self, name, specs)
+            bad = [i for i, s in enumerate(specs) if not isinstance(s, LayerSpec)]
+            if bad or not specs:
+                raise ValueError(f"{name} must be a non-empty tuple of LayerSpec (bad: {bad})")
+        if self.layer_specs is not None and len(self.layer_specs) != self.num_layers:
+            n = len(self.layer_specs)
+            missing = (
+                f"; layers {list(range(n, self.num_layers))} have none"
+                if n < self.num_layers
+                else ""
             )
-        if self.head_dim is not None:
-            _positive(self, "head_dim")
-        nq = self.num_query_heads or self.num_heads
-        if self.num_query_heads is not None and not 0 < nq <= self.num_heads:
-            raise ValueError(f"num_query_heads={nq} must be in [1, num_heads={self.num_heads}]")
-        k = self.num_kv_heads or self.num_heads
-        if self.num_kv_heads is not None and (k <= 0 or nq % k):
+            raise ValueError(f"layer_specs has {n} specs for num_layers={self.num_layers}{missing}")
+        if self.layer_pattern is not None and self.num_layers % len(self.layer_pattern):
+            n = len(self.layer_pattern)
             raise ValueError(
-                f"num_kv_heads={self.num_kv_heads} must divide the query heads "
-                f"({'num_query_heads' if self.num_query_heads else 'num_heads'}"
-                f"={nq})"
+                f"layer_pattern of {n} specs does not tile num_layers={self.num_layers} "
+                f"(layers {list(range(self.num_layers - self.num_layers % n, self.num_layers))} "
+                "would be covered by a partial repeat)"
             )
-        h = self.head_dim or self.d_model // self.num_heads
-        if (self.rope.rotary_dim or 0) > h:
-            raise ValueError(f"rope.rotary_dim={self.rope.rotary_dim} > head_dim={h}")
 
-    def _check_mla(self):
-        for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-            _positive(self, name)
-        if not 0 < self.kv_lora_rank <= self.d_model:
-            raise ValueError(
-                f"kv_lora_rank={self.kv_lora_rank} must be in [1, d_model="
-                f"{self.d_model}] (the latent compresses the model width)"
-            )
-        if not 0 <= self.q_lora_rank <= self.d_model:
-            raise ValueError(
-                f"q_lora_rank={self.q_lora_rank} must be in [0, d_model="
-                f"{self.d_model}] (0 = no query compression)"
-            )
-        if self.qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
-        if self.rope.rotary_dim not in (None, self.qk_rope_head_dim):
-            raise ValueError(
-                f"rope.rotary_dim={self.rope.rotary_dim} must equal "
-                f"qk_rope_head_dim={self.qk_rope_head_dim} for MLA"
-            )
-        if self.num_kv_heads not in (None, self.num_heads) or self.num_query_heads is not None:
-            raise ValueError("num_kv_heads / num_query_heads do not apply to attention='mla'")
-        if self.sliding_window is not None or self.logits_soft_cap is not None:
-            raise ValueError("sliding_window / logits_soft_cap are not supported for 'mla'")
-        if self.qkv_bias or self.o_bias or self.qk_norm:
-            raise ValueError("qkv_bias / o_bias / qk_norm are not supported for 'mla'")
+    def layer_spec(self, layer: int) -> LayerSpec:
+        """The :class:`LayerSpec` of block ``layer`` (a default one when none is set)."""
+        if self.layer_specs is not None:
+            return self.layer_specs[layer]
+        if self.layer_pattern is not None:
+            return self.layer_pattern[layer % len(self.layer_pattern)]
+        return LayerSpec()
 
-    def layer_sliding_window(self, layer: int) -> int | None:
-        """The sliding window of ``layer`` (None: full causal attention)."""
-        if self.sliding_window is None:
-            return None
-        if self.sliding_window_layers is None or layer in self.sliding_window_layers:
-            return self.sliding_window
-        return None
+    def layer_kind(self, layer: int) -> str:
+        """The attention kind name of block ``layer``."""
+        return self.layer_spec(layer).kind or self.attention
 
-    def layer_attention_config(self, layer: int) -> AttentionConfig | MLAConfig:
-        """The attention layer config of block ``layer``."""
-        common = dict(
-            d_model=self.d_model,
-            num_heads=self.num_heads,
-            rope=self.rope,
-            implementation=self.attention_impl,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        if self.attention == "mla":
-            return MLAConfig(
-                q_lora_rank=self.q_lora_rank,
-                kv_lora_rank=self.kv_lora_rank,
-                qk_nope_head_dim=self.qk_nope_head_dim,
-                qk_rope_head_dim=self.qk_rope_head_dim,
-                v_head_dim=self.v_head_dim,
-                latent_norm_eps=self.latent_norm_eps,
-                **common,
-            )
-        return AttentionConfig(
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            num_query_heads=self.num_query_heads,
-            qk_norm=self.qk_norm,
-            qkv_bias=self.qkv_bias,
-            o_bias=self.o_bias,
-            logits_soft_cap=self.logits_soft_cap,
-            sliding_window=self.layer_sliding_window(layer),
-            norm_eps=self.norm_eps,
-            **common,
-        )
+    def layer_attention_config(self, layer: int):
+        """The attention layer config of block ``layer`` (built by its kind's ``from_model``).
+
+        Raises:
+          ValueError: an unknown kind, an override that is not a field of the kind's config,
+            or an invalid resulting config — the message names the layer.
+        """
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer={layer} outside [0, num_layers={self.num_layers})")
+        spec = self.layer_spec(layer)
+        kind = spec.kind or self.attention
+        try:
+            cls = kind_config(kind)
+            config = cls.from_model(self, layer)
+            if spec.overrides:
+                fields = {f.name for f in dataclasses.fields(cls) if f.init}
+                unknown = [k for k, _ in spec.overrides if k not in fields]
+                if unknown:
+                    close = {k: difflib.get_close_matches(k, fields, n=2) for k in unknown}
+                    raise ValueError(
+                        f"{unknown} are not fields of {cls.__name__} (close: {close}); "
+                        f"fields: {sorted(fields)}"
+                    )
+                config = dataclasses.replace(config, **dict(spec.overrides))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"layer {layer} ({kind!r}): {err}") from None
+        return config
 
     @property
     def resolved_head_dim(self) -> int:
-        """H for MHA; nope + P for MLA."""
-        if self.attention == "mla":
-            return self.qk_nope_head_dim + self.qk_rope_head_dim
-        return self.head_dim or self.d_model // self.num_heads
+        """H of layer 0 (nope + P for MLA)."""
+        c = self.layer_attention_config(0)
+        return c.qk_head_dim if hasattr(c, "qk_head_dim") else c.h
 
     def replace(self, **overrides) -> ModelConfig:
         """A copy with ``overrides`` applied (validated again)."""
         return dataclasses.replace(self, **overrides)
-
-
-def _positive(cfg: ModelConfig, name: str) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive int")

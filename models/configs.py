@@ -8,7 +8,7 @@ Hugging Face ``config.json`` of each model (DeepSeek-V2-Lite with its MoE layers
 from __future__ import annotations
 
 from jaxattn.ops.rope import Llama3Scaling, RopeConfig, YarnScaling
-from models.config import ModelConfig
+from models.config import RENAMED_FIELDS, ModelConfig
 
 __all__ = ["get_config", "list_configs"]
 
@@ -214,5 +214,7 @@ def get_config(name: str, **overrides) -> ModelConfig:
     fields = _CONFIGS[name]()
     unknown = set(overrides) - set(ModelConfig.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"unknown ModelConfig fields in overrides: {sorted(unknown)}")
+        renamed = {k: RENAMED_FIELDS[k] for k in unknown if k in RENAMED_FIELDS}
+        hint = f" (renamed: {renamed})" if renamed else ""
+        raise ValueError(f"unknown ModelConfig fields in overrides: {sorted(unknown)}{hint}")
     return ModelConfig(**(fields | overrides))

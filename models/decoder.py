@@ -1,9 +1,12 @@
 """DecoderLM: a pre-norm decoder-only transformer built from jaxattn layers.
 
-block(x) = x + attn(norm(x)); x + mlp(norm(x)), with Attention (MHA / GQA / MQA / SQA) or
-MultiHeadLatentAttention per ``ModelConfig.attention`` and a SwiGLU MLP, as in Llama, Qwen2,
-Mistral and the dense layers of DeepSeek-V2/V3. ``__call__`` is the training / full forward
-pass; ``init_cache`` + ``decode`` run prefill and step-wise decoding over fixed-capacity caches.
+block(x) = x + drop(attn(norm(x))); x + drop(mlp(norm(x))), with each block's attention built
+from its resolved kind config (``ModelConfig.layer_attention_config``: "mha", "mla" or any
+registered kind) and a SwiGLU MLP, as in Llama, Qwen2, Mistral and the dense layers of
+DeepSeek-V2/V3. ``__call__`` is the training / full forward pass; ``init_cache`` + ``decode``
+run prefill and step-wise decoding over fixed-capacity caches. A
+``jaxattn.layers.Context`` carries positions, segments, per-sequence ids and the rng from the
+model through every block to every ``Linear``.
 """
 
 from __future__ import annotations
@@ -13,54 +16,63 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn import sharding
-from jaxattn.layers import Attention, Embed, MultiHeadLatentAttention, RMSNorm, SwiGLU
-from jaxattn.layers._base import dense, param
+from jaxattn.layers import Context, Embed, Linear, RMSNorm, SwiGLU, dropout
+from jaxattn.layers._embed import check_tokens
 from models.config import ModelConfig
 
 __all__ = ["DecoderLM", "Block"]
 
 _ACT = ("batch", "length", "act_embed")
+_ATTN_DROP, _MLP_DROP = 2, 3  # ctx.key sites of the residual dropouts
 
 
 class Block(nnx.Module):
-    """One pre-norm transformer block (attention + SwiGLU).
+    """One pre-norm transformer block (attention of the layer's kind + SwiGLU).
 
     Args:
       config: the model config.
-      layer: the block's index (selects its sliding window).
+      layer: the block's index (selects its attention kind and fields).
       rngs: parameter RNGs.
     """
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         c = config
         pd = c.param_dtype
+        self.layer = layer
+        self.residual_dropout = c.residual_dropout
         self.attn_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=pd, rngs=rngs)
-        attn_cfg = c.layer_attention_config(layer)
-        if c.attention == "mla":
-            self.attn = MultiHeadLatentAttention(attn_cfg, rngs=rngs)
-        else:
-            self.attn = Attention(attn_cfg, rngs=rngs)
+        self.attn = c.layer_attention_config(layer).build(rngs=rngs)
         self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=pd, rngs=rngs)
         self.mlp = SwiGLU(
             c.d_model, c.mlp_dim, use_bias=c.mlp_bias, dtype=c.dtype, param_dtype=pd, rngs=rngs
         )
 
-    def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None):
-        """Full forward of one block: x_BTD [B, T, D] -> [B, T, D]."""
-        x_BTD = x_BTD + self.attn(
-            self.attn_norm(x_BTD), positions_BT=positions_BT, segment_ids_BT=segment_ids_BT
+    def _drop(self, h_BTD, ctx: Context, tag: int):
+        return dropout(
+            h_BTD, self.residual_dropout, ctx.key(tag) if self.residual_dropout else None
         )
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
-    def decode(self, x_BTD, cache, *, num_new_B=None):
+    def __call__(self, x_BTD, ctx: Context):
+        """Full forward of one block: x_BTD [B, T, D] -> [B, T, D]."""
+        ctx = ctx.at_layer(self.layer)
+        x_BTD = x_BTD + self._drop(self.attn(self.attn_norm(x_BTD), ctx), ctx, _ATTN_DROP)
+        return x_BTD + self._drop(self.mlp(self.mlp_norm(x_BTD), ctx), ctx, _MLP_DROP)
+
+    def decode(self, x_BTD, cache, ctx: Context, *, num_new_B=None):
         """Cached forward of one block: returns (x_BTD, cache)."""
-        h_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), cache, num_new_B=num_new_B)
-        x_BTD = x_BTD + h_BTD
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
+        ctx = ctx.at_layer(self.layer)
+        h_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), cache, ctx, num_new_B=num_new_B)
+        x_BTD = x_BTD + self._drop(h_BTD, ctx, _ATTN_DROP)
+        return x_BTD + self._drop(self.mlp(self.mlp_norm(x_BTD), ctx), ctx, _MLP_DROP), cache
 
 
 class DecoderLM(nnx.Module):
     """Decoder-only language model.
+
+    Parameter paths: ``embed/table``, ``layers/<i>/attn_norm/scale``, ``layers/<i>/attn/...``
+    (the kind's projections, e.g. ``attn/q/kernel``), ``layers/<i>/mlp/{gate,up,down}/kernel``,
+    ``final_norm/scale`` and ``lm_head/kernel`` (absent when tied: the head reads
+    ``embed/table``).
 
     Args:
       config: a :class:`ModelConfig`.
@@ -77,18 +89,21 @@ class DecoderLM(nnx.Module):
         )
         self.layers = nnx.List([Block(c, i, rngs=rngs) for i in range(c.num_layers)])
         self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.param_dtype, rngs=rngs)
-        if not c.tie_embeddings:
-            self.lm_head_DV = param(
-                rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), dtype=c.param_dtype
+        if c.tie_embeddings:
+            self.lm_head = self.embed.as_head()
+        else:
+            self.lm_head = Linear(
+                (c.d_model,),
+                (c.vocab_size,),
+                axes=("embed", "vocab"),
+                param_dtype=c.param_dtype,
+                rngs=rngs,
             )
 
-    def _logits(self, x_BTD: jax.Array) -> jax.Array:
+    def _logits(self, x_BTD: jax.Array, ctx: Context) -> jax.Array:
         x_BTD = self.final_norm(x_BTD)
-        table = self.embed.table_VD[...].T if self.config.tie_embeddings else self.lm_head_DV[...]
         # logits in fp32: the softmax over a large vocabulary needs the precision.
-        return dense(x_BTD, table.astype(x_BTD.dtype), preferred_element_type=jnp.float32).astype(
-            jnp.float32
-        )
+        return self.lm_head(x_BTD, ctx, preferred_element_type=jnp.float32).astype(jnp.float32)
 
     def __call__(
         self,
@@ -96,32 +111,41 @@ class DecoderLM(nnx.Module):
         *,
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
+        sequence_ids_B: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array:
         """Causal LM forward.
 
         Args:
-          tokens_BT: int tokens [B, T].
+          tokens_BT: int tokens [B, T] in [0, vocab_size) (concrete ids are checked; traced
+            out-of-range ids give NaN logits, see ``jaxattn.layers.Embed``).
           positions_BT: int positions [B, T] (default 0..T-1; restart them per packed segment).
           segment_ids_BT: int [B, T]; tokens attend only within their segment (packing).
+          sequence_ids_B: int [B] per-sequence ids (which adapter / task a row uses).
+          rng: a PRNG key for dropout (None: deterministic, as in evaluation).
 
         Returns:
           logits_BTV float32 [B, T, vocab].
         """
-        tokens_BT = jnp.asarray(tokens_BT)
+        tokens_BT = check_tokens(tokens_BT, self.config.vocab_size)
         if tokens_BT.ndim != 2:
             raise ValueError(f"tokens_BT must be [batch, length], got shape {tokens_BT.shape}")
         b, t = tokens_BT.shape
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        ctx = Context.create(
+            b,
+            t,
+            positions_BT=positions_BT,
+            segment_ids_BT=segment_ids_BT,
+            sequence_ids_B=sequence_ids_B,
+            rng=rng,
+        )
         x_BTD = sharding.constrain(self.embed(tokens_BT), _ACT)
         for block in self.layers:
-            x_BTD = sharding.constrain(
-                block(x_BTD, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT), _ACT
-            )
-        return self._logits(x_BTD)
+            x_BTD = sharding.constrain(block(x_BTD, ctx), _ACT)
+        return self._logits(x_BTD, ctx)
 
     def init_cache(self, batch: int, capacity: int | None = None, dtype=None) -> tuple:
-        """Empty per-layer caches (KVCache or LatentCache), one per block.
+        """Empty per-layer caches (each layer's kind decides its cache), one per block.
 
         Args:
           batch: B.
@@ -136,28 +160,39 @@ class DecoderLM(nnx.Module):
         return tuple(blk.attn.init_cache(batch, capacity, dtype) for blk in self.layers)
 
     def decode(
-        self, tokens_BT: jax.Array, cache: tuple, *, num_new_B: jax.Array | None = None
+        self,
+        tokens_BT: jax.Array,
+        cache: tuple,
+        *,
+        num_new_B: jax.Array | None = None,
+        sequence_ids_B: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple]:
         """Run T new tokens per sequence against the caches (prefill or one decode step).
 
-        Token t of sequence b takes position ``cache[0].lengths_B[b] + t``.
+        Token t of sequence b takes position ``cache[i].lengths_B[b] + t`` in every layer.
 
         Args:
           tokens_BT: int tokens [B, T]; right padding allowed when ``num_new_B`` is given.
           cache: the tuple from ``init_cache`` (or a previous ``decode``).
           num_new_B: valid new tokens per sequence (default T).
+          sequence_ids_B: int [B] per-sequence ids (as in ``__call__``).
 
         Returns:
           (logits_BTV float32, caches advanced by num_new_B).
         """
         if len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
-        x_BTD = self.embed(jnp.asarray(tokens_BT))
+        tokens_BT = check_tokens(tokens_BT, self.config.vocab_size)
+        if tokens_BT.ndim != 2:
+            raise ValueError(f"tokens_BT must be [batch, length], got shape {tokens_BT.shape}")
+        b, t = tokens_BT.shape
+        ctx = Context.create(b, t, sequence_ids_B=sequence_ids_B)
+        x_BTD = self.embed(tokens_BT)
         new_cache = []
         for block, layer_cache in zip(self.layers, cache, strict=True):
-            x_BTD, layer_cache = block.decode(x_BTD, layer_cache, num_new_B=num_new_B)
+            x_BTD, layer_cache = block.decode(x_BTD, layer_cache, ctx, num_new_B=num_new_B)
             new_cache.append(layer_cache)
-        return self._logits(x_BTD), tuple(new_cache)
+        return self._logits(x_BTD, ctx), tuple(new_cache)
 
     def cache_bytes_per_token(self, dtype=None) -> int:
         """Cache bytes one token costs across all layers, for storage ``dtype``."""

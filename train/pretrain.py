@@ -49,13 +49,15 @@ def _remat_call(cls: type):
     """``cls.__call__`` under ``nnx.remat`` (keyword arguments passed positionally, since
     ``nnx.remat`` cannot bind keyword-only parameters)."""
 
-    def call(self, x, **kwargs):
+    def call(self, x, *args, **kwargs):
         names = tuple(sorted(kwargs))
+        n = len(args)
 
         def body(module, x, *values):
-            return cls.__call__(module, x, **dict(zip(names, values, strict=True)))
+            named = dict(zip(names, values[n:], strict=True))
+            return cls.__call__(module, x, *values[:n], **named)
 
-        return nnx.remat(body)(self, x, *(kwargs[n] for n in names))
+        return nnx.remat(body)(self, x, *args, *(kwargs[k] for k in names))
 
     return call
 

@@ -1,8 +1,10 @@
 """Sharded train state and the jitted train/eval steps, generic over any NNX language model.
 
 A model is anything built by a zero-argument ``model_fn`` whose instances are called as
-``model(tokens_BT) -> logits_BTV`` and whose parameters carry logical axis names
-(``nnx.with_partitioning``). The train state is a plain pytree::
+``model(tokens_BT, rng=key, **batch_extras) -> logits_BTV`` (``rng``: a fresh key every train
+step, None in evaluation; extras: the batch's entries other than inputs/targets/weights) and
+whose parameters carry logical axis names (``nnx.with_partitioning``). The train state is a
+plain pytree::
 
     {"params": fp32 master weights, "opt_state": optax state, "step": int32[], "rng": uint32[2]}
 
@@ -26,6 +28,10 @@ from jaxattn.sharding import logical_sharding, logical_to_spec
 from train.optim import make_optimizer, path_string
 
 __all__ = ["Trainer", "auto_mesh", "make_trainer", "token_loss_sums"]
+
+# batch entries the loss reads; every other entry is passed to the model as a context field
+# (``model(inputs_BT, rng=key, positions_BT=..., segment_ids_BT=..., sequence_ids_B=...)``)
+_LOSS_KEYS = ("inputs_BT", "targets_BT", "weights_BT")
 
 
 def _pure(state) -> dict:
@@ -178,14 +184,15 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
         }
         return state, _pure(rest)
 
-    def loss_sums(params, rest, batch):
+    def loss_sums(params, rest, batch, rng=None):
         if compute_dtype != jnp.float32:  # bf16 compute, fp32 master weights
             params = jax.tree.map(
                 lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
                 params,
             )
         model = nnx.merge(graphdef, params, rest)
-        logits_BTV = model(batch["inputs_BT"])
+        extras = {k: v for k, v in batch.items() if k not in _LOSS_KEYS}  # context fields
+        logits_BTV = model(batch["inputs_BT"], rng=rng, **extras)
         return token_loss_sums(logits_BTV, batch["targets_BT"], batch["weights_BT"])
 
     if config.remat == "full":
@@ -194,8 +201,10 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
 
     def train_step(state, rest, batch):
         params = state["params"]
+        # a fresh key per step for the model's stochastic layers; [0] is carried to the next step
+        step_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))[1]
         if accum == 1:
-            (nll, weight), grads = grad_fn(params, rest, batch)
+            (nll, weight), grads = grad_fn(params, rest, batch, step_key)
         else:
 
             def split(x_BT):  # row r = b * accum + a goes to micro-batch a
@@ -203,12 +212,15 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
                 x_ABT = x_BT.reshape(b // accum, accum, t).swapaxes(0, 1)
                 return jax.lax.with_sharding_constraint(x_ABT, micro_sh)
 
-            def body(carry, micro):
-                (nll, weight), grads = grad_fn(params, rest, micro)
+            def body(carry, micro_index):
+                micro, a = micro_index
+                key = jax.random.fold_in(step_key, a)
+                (nll, weight), grads = grad_fn(params, rest, micro, key)
                 return jax.tree.map(jnp.add, carry, (nll, weight, grads)), None
 
             zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-            (nll, weight, grads), _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+            xs = (jax.tree.map(split, batch), jnp.arange(accum))
+            (nll, weight, grads), _ = jax.lax.scan(body, zeros, xs)
         weight = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)

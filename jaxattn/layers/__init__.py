@@ -1,27 +1,45 @@
 """jaxattn.layers: Flax NNX modules whose parameters carry logical axis names.
 
-Attention
-  AttentionConfig, Attention                      MHA / GQA / MQA / SQA, RoPE, qk-norm, window
-  MLAConfig, MultiHeadLatentAttention             DeepSeek MLA, absorbed latent-cache decoding
+Seams (DESIGN.md "Extension points")
+  Linear, AdapterParam, Adapter                   every projection; the adapter slot
+  Context, dropout                                the call context every layer receives
+  AttentionLayer, register_kind, kind_config,     the attention-kind protocol and registry
+  registered_kinds
+Attention kinds
+  AttentionConfig, Attention                "mha": MHA / GQA / MQA / SQA, RoPE, qk-norm, window
+  MLAConfig, MultiHeadLatentAttention       "mla": DeepSeek MLA, absorbed latent-cache decoding
 Feed-forward and normalisation
-  SwiGLU                                          gated SiLU MLP
+  SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
 Embeddings
-  Embed                                           token table, tied unembedding via ``attend``
+  Embed                                           token table; ``as_head()`` is the tied unembedding
 """
 
 from jaxattn.layers._attention import Attention, AttentionConfig
+from jaxattn.layers._context import Context, dropout
 from jaxattn.layers._embed import Embed
+from jaxattn.layers._kinds import AttentionLayer, kind_config, register_kind, registered_kinds
+from jaxattn.layers._linear import Adapter, AdapterParam, Linear
 from jaxattn.layers._mla import MLAConfig, MultiHeadLatentAttention
-from jaxattn.layers._mlp import SwiGLU
+from jaxattn.layers._mlp import SwiGLU, swiglu
 from jaxattn.layers._norm import RMSNorm, rms_norm
 
 __all__ = [
+    "Linear",
+    "AdapterParam",
+    "Adapter",
+    "Context",
+    "dropout",
+    "AttentionLayer",
+    "register_kind",
+    "kind_config",
+    "registered_kinds",
     "AttentionConfig",
     "Attention",
     "MLAConfig",
     "MultiHeadLatentAttention",
     "SwiGLU",
+    "swiglu",
     "RMSNorm",
     "rms_norm",
     "Embed",

@@ -1,24 +1,29 @@
-"""Multi-head attention with MHA / GQA / MQA / SQA head layouts from one frozen config.
+"""Multi-head attention with MHA / GQA / MQA / SQA head layouts: the ``"mha"`` attention kind.
 
 N query heads share K key/value heads in groups of G = N / K (query head n reads kv head
 n // G): K = N is MHA, 1 < K < N is GQA, K = 1 is MQA. SQA (Sparse Query Attention) keeps the
 nominal ``num_heads`` for sizing but projects to fewer query heads ``num_query_heads`` (score
 FLOPs scale with num_query_heads / num_heads); it combines with any K dividing it. Optional:
-RoPE, per-head RMS qk-norm, q/k/v and o biases, logit soft-capping and a sliding window.
-The attention itself is ``jaxattn.dot_product_attention``; decoding reads a ``KVCache``.
+RoPE, per-head RMS qk-norm, q/k/v and o biases, logit soft-capping, a sliding window and
+attention dropout. The attention itself is ``jaxattn.dot_product_attention``; decoding reads a
+``KVCache``. Stages (see ``jaxattn.layers.AttentionLayer``): project (q, k, v Linears),
+qk_transform (qk-norm, RoPE), the op, head_gate (identity), out (o Linear).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.cache import KVCache
-from jaxattn.layers._base import cast, dense, param, zeros_init
+from jaxattn.layers import _validate as v
+from jaxattn.layers._context import Context
+from jaxattn.layers._kinds import AttentionLayer, dropout_args, register_kind
+from jaxattn.layers._linear import Linear
 from jaxattn.layers._norm import RMSNorm
 from jaxattn.masks import Causal, SlidingWindow
 from jaxattn.ops.attention import dot_product_attention
@@ -26,10 +31,12 @@ from jaxattn.ops.rope import RopeConfig, apply_rope
 
 __all__ = ["AttentionConfig", "Attention"]
 
+_DROPOUT_TAG = 1  # ctx.key site of the attention-probability dropout
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
-    """Hyper-parameters of :class:`Attention`.
+    """Hyper-parameters of :class:`Attention` (the ``"mha"`` kind).
 
     Attributes:
       d_model: model width D.
@@ -42,13 +49,16 @@ class AttentionConfig:
       qk_norm: RMS-normalise each q and k head (over H) before RoPE.
       qkv_bias: biases on the q, k and v projections (Qwen2).
       o_bias: bias on the output projection.
-      logits_soft_cap: cap · tanh(logits / cap) when set.
+      logits_soft_cap: cap · tanh(logits / cap) when set (> 0).
       sliding_window: W keys visible to each query (itself and W - 1 before), None = all.
       softmax_scale: logit scale (default 1/sqrt(H)).
-      norm_eps: epsilon of the qk-norm.
+      norm_eps: epsilon of the qk-norm (> 0).
+      dropout: attention-probability dropout rate in [0, 1) (training only: needs ctx.rng).
       implementation: ``dot_product_attention`` implementation name.
       dtype: compute dtype (None: the input's dtype); param_dtype: parameter dtype.
     """
+
+    kind: ClassVar[str] = "mha"
 
     d_model: int
     num_heads: int
@@ -64,13 +74,24 @@ class AttentionConfig:
     sliding_window: int | None = None
     softmax_scale: float | None = None
     norm_eps: float = 1e-6
+    dropout: float = 0.0
     implementation: str = "auto"
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        if self.d_model <= 0 or self.num_heads <= 0:
-            raise ValueError(f"d_model={self.d_model} and num_heads={self.num_heads} must be > 0")
+        o = type(self).__name__
+        v.check_int(o, "d_model", self.d_model)
+        v.check_int(o, "num_heads", self.num_heads)
+        for name in ("num_kv_heads", "head_dim", "v_head_dim", "num_query_heads", "sliding_window"):
+            v.check_optional_int(o, name, getattr(self, name))
+        v.check_float(o, "logits_soft_cap", self.logits_soft_cap, optional=True)
+        v.check_float(o, "softmax_scale", self.softmax_scale, optional=True)
+        v.check_float(o, "norm_eps", self.norm_eps)
+        v.check_rate(o, "dropout", self.dropout)
+        v.check_implementation(o, "implementation", self.implementation)
+        v.check_dtype(o, "dtype", self.dtype, optional=True)
+        v.check_dtype(o, "param_dtype", self.param_dtype)
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must divide d_model={self.d_model} "
@@ -79,14 +100,41 @@ class AttentionConfig:
         nq, k = self.n_q, self.n_kv
         if not 0 < nq <= self.num_heads:
             raise ValueError(f"num_query_heads={nq} must be in [1, num_heads={self.num_heads}]")
-        if k <= 0 or nq % k:
+        if nq % k:
             raise ValueError(f"num_kv_heads={k} must divide the query heads ({nq})")
-        if self.h <= 0 or self.v <= 0:
-            raise ValueError(f"head_dim={self.h} and v_head_dim={self.v} must be > 0")
+        if self.rope is not None and not isinstance(self.rope, RopeConfig):
+            raise ValueError(f"rope must be a RopeConfig or None, got {type(self.rope).__name__}")
         if self.rope is not None and (self.rope.rotary_dim or 0) > self.h:
             raise ValueError(f"rope.rotary_dim={self.rope.rotary_dim} > head_dim={self.h}")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 or None")
+
+    @classmethod
+    def from_model(cls, m, layer: int) -> AttentionConfig:
+        """Layer ``layer``'s config from a ``models.ModelConfig``'s fields."""
+        window = m.sliding_window
+        if window is not None and m.sliding_window_layers is not None:
+            window = window if layer in m.sliding_window_layers else None
+        return cls(
+            d_model=m.d_model,
+            num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads,
+            head_dim=m.head_dim,
+            num_query_heads=m.num_query_heads,
+            rope=m.rope,
+            qk_norm=m.qk_norm,
+            qkv_bias=m.qkv_bias,
+            o_bias=m.o_bias,
+            logits_soft_cap=m.logits_soft_cap,
+            sliding_window=window,
+            norm_eps=m.norm_eps,
+            dropout=m.attention_dropout,
+            implementation=m.implementation,
+            dtype=m.dtype,
+            param_dtype=m.param_dtype,
+        )
+
+    def build(self, *, rngs: nnx.Rngs) -> Attention:
+        """The :class:`Attention` module of this config."""
+        return Attention(self, rngs=rngs)
 
     @property
     def n_q(self) -> int:
@@ -116,11 +164,15 @@ class AttentionConfig:
         return SlidingWindow(left=self.sliding_window - 1, right=0)
 
 
-class Attention(nnx.Module):
+register_kind("mha", AttentionConfig)
+
+
+class Attention(AttentionLayer):
     """Causal self-attention (MHA / GQA / MQA / SQA) with optional cache-based decoding.
 
-    Parameters (logical axes): q [D, N, H] (embed, heads, head_dim), k [D, K, H] and
-    v [D, K, V] (embed, kv_heads, head_dim), o [N, V, D] (heads, head_dim, embed).
+    Projections (``Linear``; kernel logical axes): q [D, N, H] (embed, heads, head_dim),
+    k [D, K, H] and v [D, K, V] (embed, kv_heads, head_dim), o [N, V, D] (heads, head_dim,
+    embed); parameter paths ``q/kernel``, ``q/bias``, ..., ``q_norm/scale``.
 
     Args:
       config: an :class:`AttentionConfig`.
@@ -130,88 +182,80 @@ class Attention(nnx.Module):
     def __init__(self, config: AttentionConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
-        pd = c.param_dtype
-        d, n, k, h, v = c.d_model, c.n_q, c.n_kv, c.h, c.v
-        self.q_DNH = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype=pd)
-        self.k_DKH = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype=pd)
-        self.v_DKV = param(rngs, (d, k, v), ("embed", "kv_heads", "head_dim"), dtype=pd)
-        self.o_NVD = param(rngs, (n, v, d), ("heads", "head_dim", "embed"), dtype=pd)
-        if c.qkv_bias:
-            self.q_bias_NH = param(rngs, (n, h), ("heads", "head_dim"), init=zeros_init, dtype=pd)
-            self.k_bias_KH = param(
-                rngs, (k, h), ("kv_heads", "head_dim"), init=zeros_init, dtype=pd
-            )
-            self.v_bias_KV = param(
-                rngs, (k, v), ("kv_heads", "head_dim"), init=zeros_init, dtype=pd
-            )
-        if c.o_bias:
-            self.o_bias_D = param(rngs, (d,), ("embed",), init=zeros_init, dtype=pd)
+        d, n, k, h, vd = c.d_model, c.n_q, c.n_kv, c.h, c.v
+        common = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.q = Linear(
+            (d,), (n, h), axes=("embed", "heads", "head_dim"), use_bias=c.qkv_bias, **common
+        )
+        self.k = Linear(
+            (d,), (k, h), axes=("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, **common
+        )
+        self.v = Linear(
+            (d,), (k, vd), axes=("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, **common
+        )
+        self.o = Linear(
+            (n, vd), (d,), axes=("heads", "head_dim", "embed"), use_bias=c.o_bias, **common
+        )
         if c.qk_norm:
-            self.q_norm = RMSNorm(
-                h, eps=c.norm_eps, axis_name="head_dim", param_dtype=pd, rngs=rngs
-            )
-            self.k_norm = RMSNorm(
-                h, eps=c.norm_eps, axis_name="head_dim", param_dtype=pd, rngs=rngs
-            )
+            norm = dict(eps=c.norm_eps, axis_name="head_dim", param_dtype=c.param_dtype, rngs=rngs)
+            self.q_norm = RMSNorm(h, **norm)
+            self.k_norm = RMSNorm(h, **norm)
 
-    def _qkv(self, x_BTD: jax.Array, positions_BT: jax.Array):
+    def project(self, x_BTD: jax.Array, ctx: Context):
+        """q_BTNH and (k_BTKH, v_BTKV)."""
+        return self.q(x_BTD, ctx), (self.k(x_BTD, ctx), self.v(x_BTD, ctx))
+
+    def qk_transform(self, q_BTNH, kv, ctx: Context):
+        """qk-norm, then RoPE at ``ctx.positions_BT``."""
         c = self.config
-        dt = c.dtype or x_BTD.dtype
-        x_BTD = x_BTD.astype(dt)
-        q_BTNH = dense(x_BTD, cast(self.q_DNH[...], dt))
-        k_BTKH = dense(x_BTD, cast(self.k_DKH[...], dt))
-        v_BTKV = dense(x_BTD, cast(self.v_DKV[...], dt))
-        if c.qkv_bias:
-            q_BTNH = q_BTNH + cast(self.q_bias_NH[...], dt)
-            k_BTKH = k_BTKH + cast(self.k_bias_KH[...], dt)
-            v_BTKV = v_BTKV + cast(self.v_bias_KV[...], dt)
+        k_BTKH, v_BTKV = kv
         if c.qk_norm:
             q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
         if c.rope is not None:
-            q_BTNH = apply_rope(q_BTNH, positions_BT, c.rope).astype(dt)
-            k_BTKH = apply_rope(k_BTKH, positions_BT, c.rope).astype(dt)
-        return q_BTNH, k_BTKH, v_BTKV
+            dt = q_BTNH.dtype
+            q_BTNH = apply_rope(q_BTNH, ctx.positions_BT, c.rope).astype(dt)
+            k_BTKH = apply_rope(k_BTKH, ctx.positions_BT, c.rope).astype(dt)
+        return q_BTNH, (k_BTKH, v_BTKV)
 
-    def _out(self, o_BTNV: jax.Array) -> jax.Array:
-        dt = o_BTNV.dtype
-        out_BTD = dense(o_BTNV, cast(self.o_NVD[...], dt), n_in=2)
-        if self.config.o_bias:
-            out_BTD = out_BTD + cast(self.o_bias_D[...], dt)
-        return out_BTD
-
-    def __call__(
-        self,
-        x_BTD: jax.Array,
-        *,
-        positions_BT: jax.Array | None = None,
-        segment_ids_BT: jax.Array | None = None,
-    ) -> jax.Array:
-        """Causal self-attention over the whole input (training / prefill without a cache).
-
-        Args:
-          x_BTD: input [B, T, D].
-          positions_BT: int positions for RoPE (default 0..T-1 per row).
-          segment_ids_BT: int [B, T]; tokens attend only within their segment (packing).
-
-        Returns:
-          out_BTD [B, T, D].
-        """
+    def _op(self, q_BTNH, k_BSKH, v_BSKV, ctx: Context, **kw) -> jax.Array:
         c = self.config
-        b, t, _ = x_BTD.shape
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        q_BTNH, k_BTKH, v_BTKV = self._qkv(x_BTD, positions_BT)
-        o_BTNV = dot_product_attention(
+        return dot_product_attention(
             q_BTNH,
-            k_BTKH,
-            v_BTKV,
+            k_BSKH,
+            v_BSKV,
             mask=c.mask,
             scale=c.softmax_scale,
             logits_soft_cap=c.logits_soft_cap,
-            segment_ids=segment_ids_BT,
             implementation=c.implementation,
+            **dropout_args(c.dropout, ctx, _DROPOUT_TAG),
+            **kw,
         )
-        return self._out(o_BTNV)
+
+    def attend(self, q_BTNH, kv, ctx: Context) -> jax.Array:
+        """Causal (windowed) attention within ``ctx.segment_ids_BT`` -> o_BTNV."""
+        k_BTKH, v_BTKV = kv
+        return self._op(q_BTNH, k_BTKH, v_BTKV, ctx, segment_ids=ctx.segment_ids_BT)
+
+    def attend_cache(self, q_BTNH, kv, cache: KVCache, ctx: Context):
+        """Write k/v at the cache lengths, attend over the cache -> (o_BTNV, cache)."""
+        k_BTKH, v_BTKV = kv
+        start_B = cache.lengths_B
+        t = q_BTNH.shape[1]
+        cache = cache.write(k_BTKH, v_BTKV)
+        dt = q_BTNH.dtype
+        o_BTNV = self._op(
+            q_BTNH,
+            cache.k_BCKH.astype(dt),
+            cache.v_BCKV.astype(dt),
+            ctx,
+            q_offset=start_B,
+            kv_lengths=start_B + t,
+        )
+        return o_BTNV, cache
+
+    def out(self, o_BTNV: jax.Array, ctx: Context) -> jax.Array:
+        """o projection [B, T, N, V] -> [B, T, D]."""
+        return self.o(o_BTNV, ctx)
 
     def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16) -> KVCache:
         """An empty :class:`KVCache` [B, C, K, H] for this layer."""
@@ -224,40 +268,3 @@ class Attention(nnx.Module):
             v_head_dim=c.v,
             dtype=dtype,
         )
-
-    def decode(
-        self, x_BTD: jax.Array, cache: KVCache, *, num_new_B: jax.Array | None = None
-    ) -> tuple[jax.Array, KVCache]:
-        """Attend T new tokens to the cache and themselves (prefill or decode step).
-
-        Token t of sequence b sits at position ``cache.lengths_B[b] + t``.
-
-        Args:
-          x_BTD: new tokens' inputs [B, T, D].
-          cache: this layer's KVCache.
-          num_new_B: valid new tokens per sequence (default T); trailing padding is written
-            but not counted, so the next write overwrites it.
-
-        Returns:
-          (out_BTD, cache advanced by num_new_B).
-        """
-        c = self.config
-        b, t, _ = x_BTD.shape
-        start_B = cache.lengths_B
-        positions_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        q_BTNH, k_BTKH, v_BTKV = self._qkv(x_BTD, positions_BT)
-        cache = cache.write(k_BTKH, v_BTKV)
-        dt = q_BTNH.dtype
-        o_BTNV = dot_product_attention(
-            q_BTNH,
-            cache.k_BCKH.astype(dt),
-            cache.v_BCKV.astype(dt),
-            mask=c.mask,
-            scale=c.softmax_scale,
-            logits_soft_cap=c.logits_soft_cap,
-            q_offset=start_B,
-            kv_lengths=start_B + t,
-            implementation=c.implementation,
-        )
-        cache = cache.advance(t if num_new_B is None else num_new_B)
-        return self._out(o_BTNV), cache

@@ -1,18 +1,26 @@
-"""Token embedding with an optional tied unembedding (logits = x @ table^T)."""
+"""Token embedding [vocab, D], with range-checked token ids and a tied-head ``Linear`` view."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxattn.layers._base import DTypeLike, cast, param
+from jaxattn.layers._linear import Linear
+from jaxattn.layers._validate import check_int
 
 __all__ = ["Embed"]
 
 
 class Embed(nnx.Module):
-    """Lookup table [vocab, D]; ``attend`` reuses it as the output projection (tied weights).
+    """Lookup table [vocab, D] at parameter path ``table``.
+
+    Token ids outside [0, vocab) are an error for concrete inputs. Under ``jax.jit`` (traced
+    ids) they cannot be checked without a host round trip; there an out-of-range id embeds to
+    NaN, so its logits (and everything that attends to it) are NaN rather than silently those
+    of a wrapped or clamped id.
 
     Args:
       vocab_size: number of tokens V.
@@ -31,18 +39,51 @@ class Embed(nnx.Module):
         param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if vocab_size <= 0 or d_model <= 0:
-            raise ValueError(f"{vocab_size=} and {d_model=} must be positive")
+        check_int("Embed", "vocab_size", vocab_size)
+        check_int("Embed", "d_model", d_model)
         self.vocab_size = vocab_size
         self.dtype = dtype
-        self.table_VD = param(rngs, (vocab_size, d_model), ("vocab", "embed"), dtype=param_dtype)
+        self.table = param(rngs, (vocab_size, d_model), ("vocab", "embed"), dtype=param_dtype)
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
-        """Embed int tokens [B, T]; returns x_BTD."""
-        if not jnp.issubdtype(jnp.asarray(tokens_BT).dtype, jnp.integer):
-            raise ValueError(f"tokens must be integers, got dtype {jnp.asarray(tokens_BT).dtype}")
-        return cast(jnp.take(self.table_VD[...], tokens_BT, axis=0), self.dtype)
+        """Embed int tokens [B, T]; returns x_BTD.
 
-    def attend(self, x_BTD: jax.Array) -> jax.Array:
-        """Tied unembedding: logits_BTV = x_BTD @ table_VD^T (in x's dtype)."""
-        return jnp.einsum("btd,vd->btv", x_BTD, self.table_VD[...].astype(x_BTD.dtype))
+        Raises:
+          ValueError: non-integer ids, or concrete ids outside [0, vocab).
+        """
+        tokens_BT = check_tokens(tokens_BT, self.vocab_size)
+        table = self.table[...]
+        valid_BT = (tokens_BT >= 0) & (tokens_BT < self.vocab_size)
+        x_BTD = jnp.take(table, jnp.clip(tokens_BT, 0, self.vocab_size - 1), axis=0)
+        x_BTD = jnp.where(valid_BT[..., None], x_BTD, jnp.asarray(jnp.nan, x_BTD.dtype))
+        return cast(x_BTD, self.dtype)
+
+    def as_head(self, *, dtype: DTypeLike | None = None) -> Linear:
+        """A ``Linear`` D -> V over this table (tied unembedding), sharing its parameter."""
+        d = self.table.shape[1]
+        return Linear(
+            (d,),
+            (self.vocab_size,),
+            axes=("embed", "vocab"),
+            dtype=dtype,
+            kernel=self.table,
+            transposed=True,
+        )
+
+
+def check_tokens(tokens_BT, vocab_size: int) -> jax.Array:
+    """``tokens_BT`` as an int array; concrete ids must lie in [0, vocab_size).
+
+    Raises:
+      ValueError: non-integer dtype, or a concrete id out of range (the first few are named).
+    """
+    tokens_BT = jnp.asarray(tokens_BT)
+    if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers, got dtype {tokens_BT.dtype}")
+    if not isinstance(tokens_BT, jax.core.Tracer) and tokens_BT.size:
+        host = np.asarray(tokens_BT)  # on the host: inside a jit this is a closed-over constant
+        bad = (host < 0) | (host >= vocab_size)
+        if bad.any():
+            ids = sorted({int(i) for i in host[bad][:5]})
+            raise ValueError(f"token ids {ids} are outside the vocabulary [0, {vocab_size})")
+    return tokens_BT

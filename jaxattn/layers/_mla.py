@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (DeepSeek-V2/V3), with absorbed decoding over a latent cache.
+"""Multi-head Latent Attention (DeepSeek-V2/V3), the ``"mla"`` kind, with absorbed decoding.
 
 Per token, a down-projection gives the KV latent ``c`` (L = kv_lora_rank numbers, RMS-normed)
 and one decoupled RoPE key ``k_pe`` (P = qk_rope_head_dim numbers) shared by every head.
@@ -6,25 +6,30 @@ Head n's key is ``[c · Wk_n | k_pe]`` and its value ``c · Wv_n``; queries are 
 (optionally through a rank-``q_lora_rank`` bottleneck). Training and cache-free prefill
 up-project K/V per head and call the attention op with H = nope + P, V = v_head_dim.
 
-Decoding caches only ``[c | k_pe]`` (L + P numbers per token) and absorbs the up-projections:
+Decoding caches only ``[c | k_pe]`` (L + P numbers per token; suffix ``X`` below stands for
+that packed L + P axis) and absorbs the up-projections:
     q_nope · (c Wk_n)ᵀ = (q_nope Wk_nᵀ) · cᵀ      (key up-projection into the query)
     Σ_s p_s (c_s Wv_n) = (Σ_s p_s c_s) Wv_n      (value up-projection into the output)
 so attention runs as MQA with one key ``[c | k_pe]`` of width L + P and one value ``c`` of
-width L; no per-head K/V is ever materialised.
+width L; no per-head K/V is ever materialised. The absorbed weights are the projections'
+``effective_kernel()``, so an adapter on k_b / v_b is honoured by decoding too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.cache import LatentCache
-from jaxattn.layers._base import cast, dense, param
+from jaxattn.layers import _validate as v
+from jaxattn.layers._context import Context
+from jaxattn.layers._kinds import AttentionLayer, dropout_args, register_kind
+from jaxattn.layers._linear import Linear
 from jaxattn.layers._norm import RMSNorm
 from jaxattn.masks import Causal
 from jaxattn.ops.attention import dot_product_attention
@@ -32,10 +37,16 @@ from jaxattn.ops.rope import RopeConfig, apply_rope, mla_softmax_scale_factor
 
 __all__ = ["MLAConfig", "MultiHeadLatentAttention"]
 
+_DROPOUT_TAG = 1
+
+# model fields that only the "mha" kind reads: an MLA layer refuses them rather than ignore them
+_MHA_ONLY = ("num_kv_heads", "num_query_heads", "sliding_window", "logits_soft_cap")
+_MHA_ONLY_FLAGS = ("qkv_bias", "o_bias", "qk_norm")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MLAConfig:
-    """Hyper-parameters of :class:`MultiHeadLatentAttention`.
+    """Hyper-parameters of :class:`MultiHeadLatentAttention` (the ``"mla"`` kind).
 
     Attributes:
       d_model: model width D.
@@ -48,9 +59,12 @@ class MLAConfig:
       rope: RoPE on the P dims (rotary_dim must equal P).
       latent_norm_eps: epsilon of the q and kv latent RMSNorms (HF: 1e-6).
       softmax_scale: logit scale (default (nope + P)^-1/2 times the rope's YaRN mscale factor).
+      dropout: attention-probability dropout rate in [0, 1) (training only: needs ctx.rng).
       implementation: ``dot_product_attention`` implementation name.
       dtype: compute dtype (None: the input's); param_dtype: parameter dtype.
     """
+
+    kind: ClassVar[str] = "mla"
 
     d_model: int
     num_heads: int
@@ -62,11 +76,13 @@ class MLAConfig:
     rope: RopeConfig | None = None
     latent_norm_eps: float = 1e-6
     softmax_scale: float | None = None
+    dropout: float = 0.0
     implementation: str = "auto"
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
+        o = type(self).__name__
         for name in (
             "d_model",
             "num_heads",
@@ -75,17 +91,69 @@ class MLAConfig:
             "qk_rope_head_dim",
             "v_head_dim",
         ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        if self.q_lora_rank < 0:
-            raise ValueError(f"q_lora_rank={self.q_lora_rank} must be >= 0 (0: no compression)")
+            v.check_int(o, name, getattr(self, name))
+        v.check_int(o, "q_lora_rank", self.q_lora_rank, minimum=0)
+        v.check_float(o, "latent_norm_eps", self.latent_norm_eps)
+        v.check_float(o, "softmax_scale", self.softmax_scale, optional=True)
+        v.check_rate(o, "dropout", self.dropout)
+        v.check_implementation(o, "implementation", self.implementation)
+        v.check_dtype(o, "dtype", self.dtype, optional=True)
+        v.check_dtype(o, "param_dtype", self.param_dtype)
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
+        if self.rope is not None and not isinstance(self.rope, RopeConfig):
+            raise ValueError(f"rope must be a RopeConfig or None, got {type(self.rope).__name__}")
         if self.rope is not None and self.rope.rotary_dim not in (None, self.qk_rope_head_dim):
             raise ValueError(
                 f"rope.rotary_dim={self.rope.rotary_dim} must equal "
                 f"qk_rope_head_dim={self.qk_rope_head_dim}"
             )
+
+    @classmethod
+    def from_model(cls, m, layer: int) -> MLAConfig:
+        """Layer ``layer``'s config from a ``models.ModelConfig``'s fields.
+
+        Raises:
+          ValueError: a model field only MHA layers read is set (set it per layer instead).
+        """
+        set_fields = [f for f in _MHA_ONLY if getattr(m, f) is not None]
+        set_fields += [f for f in _MHA_ONLY_FLAGS if getattr(m, f)]
+        if m.num_kv_heads == m.num_heads:  # MLA is MHA-shaped: K = N is the same model
+            set_fields.remove("num_kv_heads")
+        if set_fields:
+            raise ValueError(
+                f"layer {layer} is 'mla', which does not support the model fields "
+                f"{set_fields} (set them for the 'mha' layers in layer_specs)"
+            )
+        if not 0 < m.kv_lora_rank <= m.d_model:
+            raise ValueError(
+                f"kv_lora_rank={m.kv_lora_rank} must be in [1, d_model={m.d_model}] "
+                "(the latent compresses the model width)"
+            )
+        if not 0 <= m.q_lora_rank <= m.d_model:
+            raise ValueError(
+                f"q_lora_rank={m.q_lora_rank} must be in [0, d_model={m.d_model}] "
+                "(0 = no query compression)"
+            )
+        return cls(
+            d_model=m.d_model,
+            num_heads=m.num_heads,
+            q_lora_rank=m.q_lora_rank,
+            kv_lora_rank=m.kv_lora_rank,
+            qk_nope_head_dim=m.qk_nope_head_dim,
+            qk_rope_head_dim=m.qk_rope_head_dim,
+            v_head_dim=m.v_head_dim,
+            rope=m.rope,
+            latent_norm_eps=m.latent_norm_eps,
+            dropout=m.attention_dropout,
+            implementation=m.implementation,
+            dtype=m.dtype,
+            param_dtype=m.param_dtype,
+        )
+
+    def build(self, *, rngs: nnx.Rngs) -> MultiHeadLatentAttention:
+        """The :class:`MultiHeadLatentAttention` module of this config."""
+        return MultiHeadLatentAttention(self, rngs=rngs)
 
     @property
     def qk_head_dim(self) -> int:
@@ -101,12 +169,15 @@ class MLAConfig:
         return factor / math.sqrt(self.qk_head_dim)
 
 
-class MultiHeadLatentAttention(nnx.Module):
+register_kind("mla", MLAConfig)
+
+
+class MultiHeadLatentAttention(AttentionLayer):
     """Causal MLA self-attention; ``__call__`` is the naive path, ``decode`` the absorbed one.
 
-    Parameters (logical axes): q [D, N, nope+P] or q_a [D, Q] + q_b [Q, N, nope+P];
-    kv_a [D, L+P] (embed, kv_lora); k_b [L, N, nope], v_b [L, N, V] (kv_lora, heads,
-    head_dim); o [N, V, D].
+    Projections (``Linear``; kernel logical axes): q [D, N, nope+P] or q_a [D, Q] + q_b
+    [Q, N, nope+P]; kv_a [D, L+P] (embed, kv_lora); k_b [L, N, nope] and v_b [L, N, V]
+    (kv_lora, heads, head_dim); o [N, V, D]. Norms q_norm [Q] and kv_norm [L].
 
     Args:
       config: an :class:`MLAConfig`.
@@ -118,88 +189,100 @@ class MultiHeadLatentAttention(nnx.Module):
         self.config = c
         pd = c.param_dtype
         d, n, q, l, p = c.d_model, c.num_heads, c.q_lora_rank, c.kv_lora_rank, c.qk_rope_head_dim
+        common = dict(dtype=c.dtype, param_dtype=pd, rngs=rngs)
+        heads = ("heads", "head_dim")
         if q:
-            self.q_a_DQ = param(rngs, (d, q), ("embed", "q_lora"), dtype=pd)
+            self.q_a = Linear((d,), (q,), axes=("embed", "q_lora"), **common)
             self.q_norm = RMSNorm(
                 q, eps=c.latent_norm_eps, axis_name="q_lora", param_dtype=pd, rngs=rngs
             )
-            self.q_b_QNH = param(
-                rngs, (q, n, c.qk_head_dim), ("q_lora", "heads", "head_dim"), dtype=pd
-            )
+            self.q_b = Linear((q,), (n, c.qk_head_dim), axes=("q_lora", *heads), **common)
         else:
-            self.q_DNH = param(
-                rngs, (d, n, c.qk_head_dim), ("embed", "heads", "head_dim"), dtype=pd
-            )
-        self.kv_a_DR = param(rngs, (d, l + p), ("embed", "kv_lora"), dtype=pd)
+            self.q = Linear((d,), (n, c.qk_head_dim), axes=("embed", *heads), **common)
+        self.kv_a = Linear((d,), (l + p,), axes=("embed", "kv_lora"), **common)
         self.kv_norm = RMSNorm(
             l, eps=c.latent_norm_eps, axis_name="kv_lora", param_dtype=pd, rngs=rngs
         )
-        self.k_b_LNH = param(
-            rngs, (l, n, c.qk_nope_head_dim), ("kv_lora", "heads", "head_dim"), dtype=pd
-        )
-        self.v_b_LNV = param(rngs, (l, n, c.v_head_dim), ("kv_lora", "heads", "head_dim"), dtype=pd)
-        self.o_NVD = param(rngs, (n, c.v_head_dim, d), ("heads", "head_dim", "embed"), dtype=pd)
+        self.k_b = Linear((l,), (n, c.qk_nope_head_dim), axes=("kv_lora", *heads), **common)
+        self.v_b = Linear((l,), (n, c.v_head_dim), axes=("kv_lora", *heads), **common)
+        self.o = Linear((n, c.v_head_dim), (d,), axes=(*heads, "embed"), **common)
 
-    def _project(self, x_BTD: jax.Array, positions_BT: jax.Array):
-        """q_nope [B,T,N,nope], rotated q_pe [B,T,N,P], latent c [B,T,L], rotated k_pe [B,T,1,P]."""
+    def project(self, x_BTD: jax.Array, ctx: Context):
+        """(q_nope [B,T,N,nope], q_pe [B,T,N,P]) and (latent c [B,T,L], k_pe [B,T,1,P])."""
         c = self.config
-        dt = c.dtype or x_BTD.dtype
-        x_BTD = x_BTD.astype(dt)
         if c.q_lora_rank:
-            cq_BTQ = self.q_norm(dense(x_BTD, cast(self.q_a_DQ[...], dt)))
-            q_BTNH = dense(cq_BTQ, cast(self.q_b_QNH[...], dt))
+            q_BTNH = self.q_b(self.q_norm(self.q_a(x_BTD, ctx)), ctx)
         else:
-            q_BTNH = dense(x_BTD, cast(self.q_DNH[...], dt))
+            q_BTNH = self.q(x_BTD, ctx)
         q_nope_BTNH, q_pe_BTNP = jnp.split(q_BTNH, [c.qk_nope_head_dim], axis=-1)
-        kv_BTR = dense(x_BTD, cast(self.kv_a_DR[...], dt))
-        c_BTL = self.kv_norm(kv_BTR[..., : c.kv_lora_rank])
-        k_pe_BT1P = kv_BTR[:, :, None, c.kv_lora_rank :]
-        if c.rope is not None:
-            q_pe_BTNP = apply_rope(q_pe_BTNP, positions_BT, c.rope).astype(dt)
-            k_pe_BT1P = apply_rope(k_pe_BT1P, positions_BT, c.rope).astype(dt)
-        return q_nope_BTNH, q_pe_BTNP, c_BTL, k_pe_BT1P
+        kv_BTX = self.kv_a(x_BTD, ctx)
+        c_BTL = self.kv_norm(kv_BTX[..., : c.kv_lora_rank])
+        k_pe_BT1P = kv_BTX[:, :, None, c.kv_lora_rank :]
+        return (q_nope_BTNH, q_pe_BTNP), (c_BTL, k_pe_BT1P)
 
-    def _out(self, o_BTNV: jax.Array) -> jax.Array:
-        return dense(o_BTNV, cast(self.o_NVD[...], o_BTNV.dtype), n_in=2)
+    def qk_transform(self, q, kv, ctx: Context):
+        """RoPE on the decoupled q_pe and k_pe at ``ctx.positions_BT``."""
+        rope = self.config.rope
+        (q_nope_BTNH, q_pe_BTNP), (c_BTL, k_pe_BT1P) = q, kv
+        if rope is not None:
+            dt = q_pe_BTNP.dtype
+            q_pe_BTNP = apply_rope(q_pe_BTNP, ctx.positions_BT, rope).astype(dt)
+            k_pe_BT1P = apply_rope(k_pe_BT1P, ctx.positions_BT, rope).astype(dt)
+        return (q_nope_BTNH, q_pe_BTNP), (c_BTL, k_pe_BT1P)
 
-    def __call__(
-        self,
-        x_BTD: jax.Array,
-        *,
-        positions_BT: jax.Array | None = None,
-        segment_ids_BT: jax.Array | None = None,
-    ) -> jax.Array:
-        """Naive MLA: per-head K/V up-projected from the latent, then causal attention.
-
-        Args:
-          x_BTD: input [B, T, D].
-          positions_BT: int positions for RoPE (default 0..T-1).
-          segment_ids_BT: int [B, T] packing segments.
-
-        Returns:
-          out_BTD [B, T, D].
-        """
+    def attend(self, q, kv, ctx: Context) -> jax.Array:
+        """Naive MLA: per-head K/V up-projected from the latent, then causal attention."""
         c = self.config
-        b, t, _ = x_BTD.shape
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        q_nope_BTNH, q_pe_BTNP, c_BTL, k_pe_BT1P = self._project(x_BTD, positions_BT)
-        dt = q_nope_BTNH.dtype
-        k_nope_BTNH = dense(c_BTL, cast(self.k_b_LNH[...], dt))
-        v_BTNV = dense(c_BTL, cast(self.v_b_LNV[...], dt))
+        (q_nope_BTNH, q_pe_BTNP), (c_BTL, k_pe_BT1P) = q, kv
+        k_nope_BTNH = self.k_b(c_BTL, ctx)
+        v_BTNV = self.v_b(c_BTL, ctx)
         k_pe_BTNP = jnp.broadcast_to(k_pe_BT1P, (*k_nope_BTNH.shape[:3], c.qk_rope_head_dim))
         q_BTNH = jnp.concatenate([q_nope_BTNH, q_pe_BTNP], axis=-1)
         k_BTNH = jnp.concatenate([k_nope_BTNH, k_pe_BTNP], axis=-1)
-        o_BTNV = dot_product_attention(
+        return dot_product_attention(
             q_BTNH,
             k_BTNH,
             v_BTNV,
             mask=Causal(),
             scale=c.scale,
-            segment_ids=segment_ids_BT,
+            segment_ids=ctx.segment_ids_BT,
             implementation=c.implementation,
+            **dropout_args(c.dropout, ctx, _DROPOUT_TAG),
         )
-        return self._out(o_BTNV)
+
+    def attend_cache(self, q, kv, cache: LatentCache, ctx: Context):
+        """Absorbed MLA over the latent cache -> (o_BTNV, cache)."""
+        c = self.config
+        (q_nope_BTNH, q_pe_BTNP), (c_BTL, k_pe_BT1P) = q, kv
+        dt = q_nope_BTNH.dtype
+        start_B, t = cache.lengths_B, q_nope_BTNH.shape[1]
+        cache = cache.write(c_BTL, k_pe_BT1P[:, :, 0, :])
+        # Key up-projection absorbed into the query: q_lat = q_nope · Wk_nᵀ  [B, T, N, L].
+        q_lat_BTNL = jnp.einsum("btnh,lnh->btnl", q_nope_BTNH, self.k_b.effective_kernel(dt))
+        q_BTNX = jnp.concatenate([q_lat_BTNL, q_pe_BTNP], axis=-1)
+        row_BC1X = cache.latent_BCR[:, :, None, :].astype(dt)
+        # The value is the whole row too (the very same array as the key), and the output's
+        # last P columns (the rope part) are dropped: passing the latent slice row[..., :L]
+        # instead would copy the whole cache every step.
+        o_row_BTNX = dot_product_attention(
+            q_BTNX,
+            row_BC1X,
+            row_BC1X,
+            mask=Causal(),
+            scale=c.scale,
+            q_offset=start_B,
+            kv_lengths=start_B + t,
+            implementation=c.implementation,
+            **dropout_args(c.dropout, ctx, _DROPOUT_TAG),
+        )
+        o_lat_BTNL = o_row_BTNX[..., : c.kv_lora_rank]
+        # Value up-projection absorbed into the output: o_n = (Σ p c) · Wv_n.
+        o_BTNV = jnp.einsum("btnl,lnv->btnv", o_lat_BTNL, self.v_b.effective_kernel(dt))
+        return o_BTNV, cache
+
+    def out(self, o_BTNV: jax.Array, ctx: Context) -> jax.Array:
+        """o projection [B, T, N, V] -> [B, T, D]."""
+        return self.o(o_BTNV, ctx)
 
     def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16) -> LatentCache:
         """An empty :class:`LatentCache` [B, C, L + P] for this layer."""
@@ -211,48 +294,3 @@ class MultiHeadLatentAttention(nnx.Module):
             rope_dim=c.qk_rope_head_dim,
             dtype=dtype,
         )
-
-    def decode(
-        self, x_BTD: jax.Array, cache: LatentCache, *, num_new_B: jax.Array | None = None
-    ) -> tuple[jax.Array, LatentCache]:
-        """Absorbed MLA over the latent cache (prefill or decode step).
-
-        Token t of sequence b sits at position ``cache.lengths_B[b] + t``.
-
-        Args:
-          x_BTD: new tokens' inputs [B, T, D].
-          cache: this layer's LatentCache.
-          num_new_B: valid new tokens per sequence (default T).
-
-        Returns:
-          (out_BTD, cache advanced by num_new_B).
-        """
-        c = self.config
-        b, t, _ = x_BTD.shape
-        start_B = cache.lengths_B
-        positions_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        q_nope_BTNH, q_pe_BTNP, c_BTL, k_pe_BT1P = self._project(x_BTD, positions_BT)
-        dt = q_nope_BTNH.dtype
-        cache = cache.write(c_BTL, k_pe_BT1P[:, :, 0, :])
-        # Key up-projection absorbed into the query: q_lat = q_nope · Wk_nᵀ  [B, T, N, L].
-        q_lat_BTNL = jnp.einsum("btnh,lnh->btnl", q_nope_BTNH, cast(self.k_b_LNH[...], dt))
-        q_BTNR = jnp.concatenate([q_lat_BTNL, q_pe_BTNP], axis=-1)
-        row_BC1R = cache.latent_BCR[:, :, None, :].astype(dt)
-        # The value is the whole row too (the very same array as the key), and the output's
-        # last P columns (the rope part) are dropped: passing the latent slice row[..., :L]
-        # instead would copy the whole cache every step.
-        o_row_BTNR = dot_product_attention(
-            q_BTNR,
-            row_BC1R,
-            row_BC1R,
-            mask=Causal(),
-            scale=c.scale,
-            q_offset=start_B,
-            kv_lengths=start_B + t,
-            implementation=c.implementation,
-        )
-        o_lat_BTNL = o_row_BTNR[..., : c.kv_lora_rank]
-        # Value up-projection absorbed into the output: o_n = (Σ p c) · Wv_n.
-        o_BTNV = jnp.einsum("btnl,lnv->btnv", o_lat_BTNL, cast(self.v_b_LNV[...], dt))
-        cache = cache.advance(t if num_new_B is None else num_new_B)
-        return self._out(o_BTNV), cache

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn.layers._base import DTypeLike, cast, dense, param, zeros_init
+from jaxattn.layers._base import DTypeLike
+from jaxattn.layers._linear import Linear
+from jaxattn.layers._validate import check_int
 
 __all__ = ["SwiGLU", "swiglu"]
 
@@ -44,6 +46,9 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 class SwiGLU(nnx.Module):
     """Gated MLP with SiLU gate, as in Llama, Qwen2, Mistral and DeepSeek dense layers.
 
+    Projections (``Linear``): gate [D, F] and up [D, F] (embed, mlp), down [F, D] (mlp, embed);
+    parameter paths ``gate/kernel``, ``up/kernel``, ``down/kernel`` (+ ``bias``).
+
     Args:
       d_model: model width D.
       hidden_dim: MLP width F.
@@ -63,30 +68,14 @@ class SwiGLU(nnx.Module):
         param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if d_model <= 0 or hidden_dim <= 0:
-            raise ValueError(f"{d_model=} and {hidden_dim=} must be positive")
-        self.dtype = dtype
-        self.gate_DF = param(rngs, (d_model, hidden_dim), ("embed", "mlp"), dtype=param_dtype)
-        self.up_DF = param(rngs, (d_model, hidden_dim), ("embed", "mlp"), dtype=param_dtype)
-        self.down_FD = param(rngs, (hidden_dim, d_model), ("mlp", "embed"), dtype=param_dtype)
-        self.use_bias = use_bias
-        if use_bias:
-            b = lambda n, ax: param(rngs, (n,), (ax,), init=zeros_init, dtype=param_dtype)
-            self.gate_bias_F = b(hidden_dim, "mlp")
-            self.up_bias_F = b(hidden_dim, "mlp")
-            self.down_bias_D = b(d_model, "embed")
+        for name, value in (("d_model", d_model), ("hidden_dim", hidden_dim)):
+            check_int("SwiGLU", name, value)
+        common = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate = Linear((d_model,), (hidden_dim,), axes=("embed", "mlp"), **common)
+        self.up = Linear((d_model,), (hidden_dim,), axes=("embed", "mlp"), **common)
+        self.down = Linear((hidden_dim,), (d_model,), axes=("mlp", "embed"), **common)
 
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        """Apply the MLP to ``x_BTD`` [B, T, D]; returns [B, T, D]."""
-        dt = self.dtype or x_BTD.dtype
-        x_BTD = x_BTD.astype(dt)
-        gate_BTF = dense(x_BTD, cast(self.gate_DF[...], dt))
-        up_BTF = dense(x_BTD, cast(self.up_DF[...], dt))
-        if self.use_bias:
-            gate_BTF = gate_BTF + cast(self.gate_bias_F[...], dt)
-            up_BTF = up_BTF + cast(self.up_bias_F[...], dt)
-        h_BTF = swiglu(gate_BTF, up_BTF)
-        out_BTD = dense(h_BTF, cast(self.down_FD[...], dt))
-        if self.use_bias:
-            out_BTD = out_BTD + cast(self.down_bias_D[...], dt)
-        return out_BTD
+    def __call__(self, x_BTD: jax.Array, ctx=None) -> jax.Array:
+        """Apply the MLP to ``x_BTD`` [B, T, D] (ctx: the call context); returns [B, T, D]."""
+        h_BTF = swiglu(self.gate(x_BTD, ctx), self.up(x_BTD, ctx))
+        return self.down(h_BTF, ctx)

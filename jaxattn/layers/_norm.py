@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.layers._base import DTypeLike, ones_init, param
+from jaxattn.layers._validate import check_float, check_int
 
 __all__ = ["RMSNorm", "rms_norm"]
 
@@ -49,7 +50,8 @@ class RMSNorm(nnx.Module):
         param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.eps = eps
+        check_int("RMSNorm", "dim", dim)
+        self.eps = check_float("RMSNorm", "eps", eps)
         self.scale = param(rngs, (dim,), (axis_name,), init=ones_init, dtype=param_dtype)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:

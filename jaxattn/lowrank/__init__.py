@@ -1,1 +1,13 @@
-"""jaxattn.lowrank (see DESIGN.md)."""
+"""jaxattn.lowrank: adapters on the ``Linear`` projections, attached by path.
+
+Surgery
+  linear_paths        every Linear of a model by module path (``layers/0/attn/q``, ``lm_head``)
+  attach, detach      fill / empty the adapter slot of the projections a regex selects
+
+The adapter methods themselves (LoRA and its family) build on this; ``jaxattn.layers.Adapter``
+is the protocol an adapter follows and ``jaxattn.layers.AdapterParam`` its parameter type.
+"""
+
+from jaxattn.lowrank._surgery import attach, detach, linear_paths
+
+__all__ = ["linear_paths", "attach", "detach"]

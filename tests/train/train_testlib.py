@@ -28,7 +28,7 @@ TINY_MODEL = (
     "qk_nope_head_dim=16",
     "qk_rope_head_dim=8",
     "v_head_dim=16",
-    "attention_impl=xla",
+    "implementation=xla",
 )
 
 

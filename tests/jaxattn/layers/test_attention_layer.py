@@ -35,14 +35,14 @@ def _prefill_then_steps(layer, x_BTD, prefill):
 def _reference(layer: Attention, x_BTD, window=None):
     """Repeat kv heads and call jax.nn.dot_product_attention (no RoPE in these configs)."""
     c = layer.config
-    q = jnp.einsum("btd,dnh->btnh", x_BTD, layer.q_DNH[...])
-    k = jnp.einsum("btd,dkh->btkh", x_BTD, layer.k_DKH[...])
-    v = jnp.einsum("btd,dkv->btkv", x_BTD, layer.v_DKV[...])
+    q = jnp.einsum("btd,dnh->btnh", x_BTD, layer.q.kernel[...])
+    k = jnp.einsum("btd,dkh->btkh", x_BTD, layer.k.kernel[...])
+    v = jnp.einsum("btd,dkv->btkv", x_BTD, layer.v.kernel[...])
     g = c.n_q // c.n_kv
     k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
     local = None if window is None else (window - 1, 0)
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local)
-    return jnp.einsum("btnv,nvd->btd", o, layer.o_NVD[...])
+    return jnp.einsum("btnv,nvd->btd", o, layer.o.kernel[...])
 
 
 @pytest.mark.parametrize(
@@ -53,8 +53,8 @@ def _reference(layer: Attention, x_BTD, window=None):
 def test_attention_matches_reference(n, k, nq):
     cfg = AttentionConfig(d_model=D, num_heads=n, num_kv_heads=k, num_query_heads=nq)
     layer = Attention(cfg, rngs=nnx.Rngs(0))
-    assert layer.q_DNH.shape == (D, nq or n, D // n)
-    assert layer.k_DKH.shape == (D, k, D // n)
+    assert layer.q.kernel.shape == (D, nq or n, D // n)
+    assert layer.k.kernel.shape == (D, k, D // n)
     np.testing.assert_allclose(_call(layer, X), _reference(layer, X), atol=1e-5)
 
 
@@ -135,21 +135,21 @@ def test_mla_naive_matches_explicit_formula():
     pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
     from jaxattn.ops.rope import apply_rope
 
-    q = jnp.einsum("btd,dnh->btnh", X, layer.q_DNH[...])
+    q = jnp.einsum("btd,dnh->btnh", X, layer.q.kernel[...])
     q_nope, q_pe = q[..., :6], apply_rope(q[..., 6:], pos, c.rope)
-    kv = X @ layer.kv_a_DR[...]
+    kv = X @ layer.kv_a.kernel[...]
     lat = kv[..., :12] / jnp.sqrt(jnp.mean(kv[..., :12] ** 2, -1, keepdims=True) + 1e-6)
     lat = lat * layer.kv_norm.scale[...]
     k_pe = apply_rope(kv[:, :, None, 12:], pos, c.rope)[:, :, 0]
-    k_nope = jnp.einsum("bsl,lnh->bsnh", lat, layer.k_b_LNH[...])
-    v = jnp.einsum("bsl,lnv->bsnv", lat, layer.v_b_LNV[...])
+    k_nope = jnp.einsum("bsl,lnh->bsnh", lat, layer.k_b.kernel[...])
+    v = jnp.einsum("bsl,lnv->bsnv", lat, layer.v_b.kernel[...])
     s = (
         jnp.einsum("btnh,bsnh->bnts", q_nope, k_nope) + jnp.einsum("btnp,bsp->bnts", q_pe, k_pe)
     ) / np.sqrt(10.0)
     s = jnp.where(jnp.tril(jnp.ones((9, 9), bool)), s, -jnp.inf)
     o = jnp.einsum("bnts,bsnv->btnv", jax.nn.softmax(s, -1), v)
     np.testing.assert_allclose(
-        _call(layer, X), jnp.einsum("btnv,nvd->btd", o, layer.o_NVD[...]), atol=1e-5
+        _call(layer, X), jnp.einsum("btnv,nvd->btd", o, layer.o.kernel[...]), atol=1e-5
     )
 
 

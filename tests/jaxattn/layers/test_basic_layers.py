@@ -23,9 +23,9 @@ def test_rmsnorm_formula_and_dtype():
 
 def test_swiglu_formula():
     mlp = SwiGLU(16, 24, use_bias=True, rngs=nnx.Rngs(0))
-    h = jax.nn.silu(X @ mlp.gate_DF[...] + mlp.gate_bias_F[...]) * (X @ mlp.up_DF[...])
-    np.testing.assert_allclose(mlp(X), h @ mlp.down_FD[...], atol=1e-5)
-    assert mlp.gate_DF.get_metadata()["out_sharding"] == ("embed", "mlp")
+    h = jax.nn.silu(X @ mlp.gate.kernel[...] + mlp.gate.bias[...]) * (X @ mlp.up.kernel[...])
+    np.testing.assert_allclose(mlp(X), h @ mlp.down.kernel[...], atol=1e-5)
+    assert mlp.gate.kernel.get_metadata()["out_sharding"] == ("embed", "mlp")
     with pytest.raises(ValueError, match="hidden_dim"):
         SwiGLU(16, 0, rngs=nnx.Rngs(0))
 
@@ -55,8 +55,8 @@ def test_swiglu_custom_vjp_equals_autodiff(dtype, tol):
 def test_embed_lookup_and_tied_unembedding():
     emb = Embed(11, 16, rngs=nnx.Rngs(0))
     tokens = jnp.array([[1, 2, 10]])
-    np.testing.assert_array_equal(emb(tokens), emb.table_VD[...][tokens])
-    np.testing.assert_allclose(emb.attend(X), X @ emb.table_VD[...].T, atol=1e-5)
-    assert emb.table_VD.get_metadata()["out_sharding"] == ("vocab", "embed")
+    np.testing.assert_array_equal(emb(tokens), emb.table[...][tokens])
+    np.testing.assert_allclose(emb.as_head()(X), X @ emb.table[...].T, atol=1e-5)
+    assert emb.table.get_metadata()["out_sharding"] == ("vocab", "embed")
     with pytest.raises(ValueError, match="integers"):
         emb(jnp.zeros((1, 2)))
