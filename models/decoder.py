@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxattn import sharding
 from jaxattn.layers import Context, Embed, Linear, RMSNorm, SwiGLU, dropout
-from jaxattn.layers._embed import check_tokens
+from jaxattn.layers._embed import check_tokens, poison_after_invalid
 from models.config import ModelConfig
 
 __all__ = ["DecoderLM", "Block"]
@@ -117,8 +117,9 @@ class DecoderLM(nnx.Module):
         """Causal LM forward.
 
         Args:
-          tokens_BT: int tokens [B, T] in [0, vocab_size) (concrete ids are checked; traced
-            out-of-range ids give NaN logits, see ``jaxattn.layers.Embed``).
+          tokens_BT: int tokens [B, T] in [0, vocab_size). Concrete ids are checked (ValueError);
+            under jit an out-of-range id gives NaN logits at its position and at every later
+            position of its row, and leaves the other positions and rows as they would be.
           positions_BT: int positions [B, T] (default 0..T-1; restart them per packed segment).
           segment_ids_BT: int [B, T]; tokens attend only within their segment (packing).
           sequence_ids_B: int [B] per-sequence ids (which adapter / task a row uses).
@@ -142,7 +143,7 @@ class DecoderLM(nnx.Module):
         x_BTD = sharding.constrain(self.embed(tokens_BT), _ACT)
         for block in self.layers:
             x_BTD = sharding.constrain(block(x_BTD, ctx), _ACT)
-        return self._logits(x_BTD, ctx)
+        return poison_after_invalid(self._logits(x_BTD, ctx), tokens_BT, self.config.vocab_size)
 
     def init_cache(self, batch: int, capacity: int | None = None, dtype=None) -> tuple:
         """Empty per-layer caches (each layer's kind decides its cache), one per block.
@@ -192,7 +193,10 @@ class DecoderLM(nnx.Module):
         for block, layer_cache in zip(self.layers, cache, strict=True):
             x_BTD, layer_cache = block.decode(x_BTD, layer_cache, ctx, num_new_B=num_new_B)
             new_cache.append(layer_cache)
-        return self._logits(x_BTD, ctx), tuple(new_cache)
+        logits_BTV = poison_after_invalid(
+            self._logits(x_BTD, ctx), tokens_BT, self.config.vocab_size
+        )
+        return logits_BTV, tuple(new_cache)
 
     def cache_bytes_per_token(self, dtype=None) -> int:
         """Cache bytes one token costs across all layers, for storage ``dtype``."""

@@ -206,15 +206,16 @@ def to_hf(model: DecoderLM, path: str, *, dtype=None) -> None:
     from safetensors.numpy import save_file
 
     config = model.config
+    # the config first: a model the HF format cannot hold fails before any tensor work
+    stored = jnp.dtype(config.param_dtype if dtype is None else dtype)
+    hf_config = config_to_hf(config, torch_dtype=stored.name)
     table = rules(config)
     flat = _export_values(model, {p for r in table for p in r.paths})
     out = {}
     for r in table:
         arrays = r.to_hf(*(np.asarray(jax.device_get(flat[p])) for p in r.paths))
         for name, a in zip(r.hf, arrays, strict=True):
-            out[name] = np.ascontiguousarray(a if dtype is None else a.astype(jnp.dtype(dtype)))
-    stored = jnp.dtype(dtype) if dtype is not None else next(iter(out.values())).dtype
-    hf_config = config_to_hf(config, torch_dtype=jnp.dtype(stored).name)
+            out[name] = np.ascontiguousarray(a.astype(stored))
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)

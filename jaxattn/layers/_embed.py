@@ -11,7 +11,7 @@ from jaxattn.layers._base import DTypeLike, cast, param
 from jaxattn.layers._linear import Linear
 from jaxattn.layers._validate import check_int
 
-__all__ = ["Embed"]
+__all__ = ["Embed", "check_tokens", "invalid_tokens", "poison_after_invalid"]
 
 
 class Embed(nnx.Module):
@@ -19,8 +19,8 @@ class Embed(nnx.Module):
 
     Token ids outside [0, vocab) are an error for concrete inputs. Under ``jax.jit`` (traced
     ids) they cannot be checked without a host round trip; there an out-of-range id embeds to
-    NaN, so its logits (and everything that attends to it) are NaN rather than silently those
-    of a wrapped or clamped id.
+    zeros (never a wrapped or clamped id's vector), and ``models.DecoderLM`` turns the logits of
+    that position and of every later position of its row into NaN (see ``invalid_tokens``).
 
     Args:
       vocab_size: number of tokens V.
@@ -53,9 +53,8 @@ class Embed(nnx.Module):
         """
         tokens_BT = check_tokens(tokens_BT, self.vocab_size)
         table = self.table[...]
-        valid_BT = (tokens_BT >= 0) & (tokens_BT < self.vocab_size)
         x_BTD = jnp.take(table, jnp.clip(tokens_BT, 0, self.vocab_size - 1), axis=0)
-        x_BTD = jnp.where(valid_BT[..., None], x_BTD, jnp.asarray(jnp.nan, x_BTD.dtype))
+        x_BTD = jnp.where(invalid_tokens(tokens_BT, self.vocab_size)[..., None], 0, x_BTD)
         return cast(x_BTD, self.dtype)
 
     def as_head(self, *, dtype: DTypeLike | None = None) -> Linear:
@@ -69,6 +68,17 @@ class Embed(nnx.Module):
             kernel=self.table,
             transposed=True,
         )
+
+
+def invalid_tokens(tokens_BT: jax.Array, vocab_size: int) -> jax.Array:
+    """bool [B, T]: ids outside [0, vocab_size)."""
+    return (tokens_BT < 0) | (tokens_BT >= vocab_size)
+
+
+def poison_after_invalid(logits_BTV: jax.Array, tokens_BT: jax.Array, vocab_size: int):
+    """NaN logits at every position at or after an out-of-range id of its row (traced ids)."""
+    poisoned_BT = jnp.cumsum(invalid_tokens(tokens_BT, vocab_size), axis=1) > 0
+    return jnp.where(poisoned_BT[..., None], jnp.nan, logits_BTV)
 
 
 def check_tokens(tokens_BT, vocab_size: int) -> jax.Array:

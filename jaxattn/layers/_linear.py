@@ -108,7 +108,7 @@ class Linear(nnx.Module):
             if use_bias
             else None
         )
-        self.adapter = None
+        self.adapter = nnx.data(None)  # the adapter slot (a data attribute: it holds params)
 
     @property
     def fan_in(self) -> int:
