@@ -35,7 +35,7 @@ def _compare(impl, q, k, v, do, tol=TOL, **kw):
 def test_tpu_decode_kernel_by_name_matches_xla():
     B, T, S, K, G = 3, 2, 100, 2, 4
     q, k, v, do = inputs(0, B, T, S, K * G, K, 64, 64)
-    lens = jnp.array([100, 37, 1], jnp.int32)
+    lens = jnp.array([100, 37, 2], jnp.int32)
     with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
         # a decode step: the queries are the last T cached tokens
         _compare(
@@ -89,14 +89,14 @@ def test_gpu_decode_kernel_by_name_matches_xla():
 
 def test_auto_picks_the_decode_kernels_for_decoding(monkeypatch):
     none = dict.fromkeys(("scale", "logits_soft_cap", "segment_ids"))
-    q, k, v, _ = inputs(4, 2, 1, 256, 8, 2, 128, 128, dtype=jnp.bfloat16)
-    lens = jnp.array([256, 100], jnp.int32)
+    q, k, v, _ = inputs(4, 2, 1, 1024, 8, 2, 128, 128, dtype=jnp.bfloat16)
+    lens = jnp.array([1024, 100], jnp.int32)
     a = check_args(q, k, v, mask=masks.Causal(), q_offset=lens - 1, kv_lengths=lens, **none)
     for backend in ("tpu", "gpu"):
         monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
         assert _choose(a, q, k, v, False, None) == f"pallas_{backend}_decode"
     # what the kernel cannot serve falls back: segment ids
-    seg = jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 256), jnp.int32)
+    seg = jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1024), jnp.int32)
     a = check_args(q, k, v, mask=masks.Causal(), q_offset=None, kv_lengths=None, **{
         **none, "segment_ids": seg})  # fmt: skip
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
