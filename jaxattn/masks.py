@@ -259,14 +259,11 @@ class BlockSparse(MaskSpec):
             )
         return self.layout
 
-    def _lookup(self, table, qb, kb):
-        nq, nk = table.shape
-        inside = (qb >= 0) & (qb < nq) & (kb >= 0) & (kb < nk)
-        got = jnp.asarray(table)[jnp.clip(qb, 0, nq - 1), jnp.clip(kb, 0, nk - 1)]
-        return inside & got
-
     def __call__(self, q_pos, k_pos):
-        return self._lookup(self._layout_2d(), q_pos // self.block_q, k_pos // self.block_kv)
+        table = self._layout_2d()
+        (nq, nk), qb, kb = table.shape, q_pos // self.block_q, k_pos // self.block_kv
+        inside = (qb >= 0) & (qb < nq) & (kb >= 0) & (kb < nk)
+        return inside & jnp.asarray(table)[jnp.clip(qb, 0, nq - 1), jnp.clip(kb, 0, nk - 1)]
 
     def _range_reduce(self, q_lo, q_hi, k_lo, k_hi, reduce_any: bool):
         # Prefix sums over the layout answer "any/all set in a rectangle" in O(1).
@@ -390,11 +387,9 @@ def split_dynamic(spec: MaskSpec):
 
 
 def _has_dynamic(spec) -> bool:
-    if isinstance(spec, BlockSparse):
-        return spec.is_dynamic
     if isinstance(spec, (And, Or)):
         return _has_dynamic(spec.a) or _has_dynamic(spec.b)
-    return False
+    return isinstance(spec, BlockSparse) and spec.is_dynamic
 
 
 def materialize(spec: MaskSpec, q_len: int, kv_len: int, q_offset: int = 0):

@@ -193,7 +193,10 @@ def _block_sizes_for(implementation: str, block_sizes, auto: bool):
     owner = _block_sizes_owner(block_sizes)
     got = type(block_sizes).__name__
     if owner is None:
-        raise ValueError(f"block_sizes must be one of: {_accepted()}; got {got} ({block_sizes!r})")
+        raise ValueError(
+            f"block_sizes got {got} ({block_sizes!r}), which no implementation takes; "
+            f"pass one of: {_accepted()}"
+        )
     if implementation in owner.split("|"):
         return block_sizes
     if auto:
