@@ -4,7 +4,7 @@ Decoding reads the whole live KV cache once per step, so it is memory-bound: the
 merit is bytes of cache read / time, against the chip's HBM bandwidth. For each configuration
 this prints the median time (after one warm-up) and GB/s of:
 
-  "pallas_tpu"  pallas_kernels.decode_attention (Mosaic TPU; TPU only)
+  "pallas_tpu"  pallas_kernels.decode_attention.decode_attention_tpu (Mosaic TPU; TPU only)
   "reference"   its plain-jnp fp32 reference (materialises scores)
   "jax.nn"      jax.nn.dot_product_attention with key_value_seq_lengths (T = 1, H = V only)
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from benchmarks._devices import hbm_gbps
 from benchmarks._timing import median_seconds
-from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
+from pallas_kernels.decode_attention import decode_attention_reference, decode_attention_tpu
 
 # name: (T, N, K, H, V, shared_kv)
 CONFIGS = {
@@ -63,7 +63,7 @@ def main(argv=None):
         live_bytes = B * int(C * args.fill) * K * (H + (0 if shared else V)) * dtype.itemsize
         impls = {"reference": jax.jit(decode_attention_reference)}
         if on_tpu:
-            impls["pallas_tpu"] = jax.jit(decode_attention)
+            impls["pallas_tpu"] = jax.jit(decode_attention_tpu)
         if T == 1 and H == V and not shared:
             impls["jax.nn"] = jax.jit(
                 lambda q, k, v, lens: jax.nn.dot_product_attention(

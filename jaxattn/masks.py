@@ -23,6 +23,12 @@ p - left <= j <= p + right (a Mistral window W is left = W - 1). ``SinkWindow(si
 j <= p and (j < sinks or p - j < window). ``ChunkedCausal(chunk)``: j <= p and
 j // chunk == p // chunk. ``BlockSparse(layout, block_q, block_kv)``: visible where
 ``layout[p // block_q, j // block_kv]``; positions outside the layout are masked.
+
+Run-time visit lists, computed from data inside ``jit``, are not specs: ``BlockVisits`` (per
+batch row, kv head and query block, a padded list of kv-block indices and a count) is passed
+to ``dot_product_attention(block_visits=...)`` and ANDs with the spec. A ``BlockSparse`` whose
+layout is a jax array (traced or not) or differs per batch row and head is lowered to such
+lists by the op.
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.block_tables import BlockVisits
 
 __all__ = [
     "MaskSpec",
@@ -41,9 +50,11 @@ __all__ = [
     "SinkWindow",
     "ChunkedCausal",
     "BlockSparse",
+    "BlockVisits",
     "And",
     "Or",
     "materialize",
+    "split_dynamic",
 ]
 
 
@@ -182,9 +193,18 @@ class BlockSparse(MaskSpec):
     """Visible where ``layout[p // block_q, j // block_kv]``.
 
     Args:
-      layout: bool array [num_q_blocks, num_kv_blocks]; positions past its extent are masked.
+      layout: bool, either static — a numpy array (or nested lists) [num_q_blocks,
+        num_kv_blocks], served by every implementation and the Pallas kernels — or dynamic: a
+        jax array (concrete or traced inside ``jit``) [nq, nk], or any array
+        [B or 1, K or 1, nq, nk] that differs per batch row and kv head. Positions past its
+        extent are masked.
       block_q: query positions per layout row.
       block_kv: key positions per layout column.
+
+    A dynamic layout is lowered by ``dot_product_attention`` to ``BlockVisits`` (layout row
+    ``(i + q_offset) // block_q`` for query row i), so it may only be ANDed with other specs
+    (not inside ``|``), and q_offset must then be a Python int that is a multiple of
+    ``block_q``. Static layouts hash by value; dynamic ones by identity.
     """
 
     layout: Any
@@ -192,47 +212,68 @@ class BlockSparse(MaskSpec):
     block_kv: int
 
     def __post_init__(self):
-        layout = np.asarray(self.layout)
-        if layout.ndim != 2 or layout.dtype != np.bool_:
-            raise ValueError(
-                f"BlockSparse.layout must be a 2-D bool array [q_blocks, kv_blocks], got "
-                f"shape {layout.shape} dtype {layout.dtype}"
-            )
         _check_int("BlockSparse.block_q", self.block_q, 1)
         _check_int("BlockSparse.block_kv", self.block_kv, 1)
-        layout = layout.copy()
-        layout.setflags(write=False)
+        layout = self.layout
+        if not isinstance(layout, jax.Array):
+            layout = np.asarray(layout)
+        if layout.ndim not in (2, 4) or layout.dtype != np.bool_:
+            raise ValueError(
+                "BlockSparse.layout must be a bool array [q_blocks, kv_blocks] or "
+                f"[B or 1, K or 1, q_blocks, kv_blocks], got shape {layout.shape} dtype "
+                f"{layout.dtype}"
+            )
+        if isinstance(layout, np.ndarray):
+            layout = layout.copy()
+            layout.setflags(write=False)
         object.__setattr__(self, "layout", layout)
 
+    @property
+    def is_dynamic(self) -> bool:
+        """True for a jax-array or per-(batch, head) layout: lowered to block-visit lists."""
+        return isinstance(self.layout, jax.Array) or self.layout.ndim == 4
+
     def __eq__(self, other):
+        if self.is_dynamic or not isinstance(other, BlockSparse) or other.is_dynamic:
+            return self is other
         return (
-            isinstance(other, BlockSparse)
-            and (self.block_q, self.block_kv) == (other.block_q, other.block_kv)
+            (self.block_q, self.block_kv) == (other.block_q, other.block_kv)
             and self.layout.shape == other.layout.shape
             and bool((self.layout == other.layout).all())
         )
 
     def __hash__(self):
+        if self.is_dynamic:
+            return id(self)
         return hash((self.block_q, self.block_kv, self.layout.shape, self.layout.tobytes()))
 
     @property
     def has_array_data(self) -> bool:
         return True
 
-    def _lookup(self, table, qb, kb):
-        nq, nk = table.shape
-        inside = (qb >= 0) & (qb < nq) & (kb >= 0) & (kb < nk)
-        got = jnp.asarray(table)[jnp.clip(qb, 0, nq - 1), jnp.clip(kb, 0, nk - 1)]
-        return inside & got
+    def _layout_2d(self):
+        if self.layout.ndim != 2:
+            raise ValueError(
+                "a per-(batch, head) BlockSparse layout has no elementwise view; "
+                "dot_product_attention lowers it to block-visit lists"
+            )
+        return self.layout
 
     def __call__(self, q_pos, k_pos):
-        return self._lookup(self.layout, q_pos // self.block_q, k_pos // self.block_kv)
+        table = self._layout_2d()
+        (nq, nk), qb, kb = table.shape, q_pos // self.block_q, k_pos // self.block_kv
+        inside = (qb >= 0) & (qb < nq) & (kb >= 0) & (kb < nk)
+        return inside & jnp.asarray(table)[jnp.clip(qb, 0, nq - 1), jnp.clip(kb, 0, nk - 1)]
 
     def _range_reduce(self, q_lo, q_hi, k_lo, k_hi, reduce_any: bool):
         # Prefix sums over the layout answer "any/all set in a rectangle" in O(1).
-        nq, nk = self.layout.shape
-        cum = np.zeros((nq + 1, nk + 1), np.int32)
-        cum[1:, 1:] = self.layout.astype(np.int32).cumsum(0).cumsum(1)
+        layout = self._layout_2d()
+        nq, nk = layout.shape
+        if isinstance(layout, np.ndarray):  # a constant of the program
+            cum = np.zeros((nq + 1, nk + 1), np.int32)
+            cum[1:, 1:] = layout.astype(np.int32).cumsum(0).cumsum(1)
+        else:
+            cum = jnp.pad(layout.astype(jnp.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
         cum = jnp.asarray(cum)
         qa = jnp.clip(q_lo // self.block_q, 0, nq)
         qb = jnp.clip(q_hi // self.block_q + 1, 0, nq)
@@ -251,6 +292,33 @@ class BlockSparse(MaskSpec):
 
     def block_full(self, q_lo, q_hi, k_lo, k_hi):
         return self._range_reduce(q_lo, q_hi, k_lo, k_hi, False)
+
+    def to_visits(self, *, q_len: int, kv_len: int, q_offset=None, name="BlockSparse"):
+        """The layout as ``BlockVisits`` for T = ``q_len`` query rows starting at position
+        ``q_offset`` (a Python int multiple of block_q) and S = ``kv_len`` keys.
+
+        Raises:
+          ValueError: q_offset is traced, or not a multiple of block_q.
+        """
+        off = 0 if q_offset is None else q_offset
+        if not isinstance(off, int) or off % self.block_q:
+            raise ValueError(
+                f"{name}: a dynamic BlockSparse layout needs q_offset to be a Python int "
+                f"multiple of block_q={self.block_q}, got {q_offset!r}; pass BlockVisits "
+                "(whose query blocks are query rows) instead"
+            )
+        layout = jnp.asarray(self.layout)
+        layout = layout if layout.ndim == 4 else layout[None, None]
+        nq_l, nk_l = layout.shape[-2:]
+        rows = off // self.block_q + np.arange(-(-q_len // self.block_q))
+        nk = min(nk_l, -(-kv_len // self.block_kv))  # columns past S hold no key
+        picked = layout[:, :, np.clip(rows, 0, nq_l - 1), :nk]
+        picked = picked & jnp.asarray(rows < nq_l)[:, None]  # rows past the layout: masked
+        order = jnp.argsort(~picked, axis=-1, stable=True).astype(jnp.int32)
+        counts = jnp.sum(picked, axis=-1, dtype=jnp.int32)
+        return BlockVisits(
+            indices=order, counts=counts, block_q=self.block_q, block_kv=self.block_kv
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +361,35 @@ class Or(MaskSpec):
     @property
     def has_array_data(self) -> bool:
         return self.a.has_array_data or self.b.has_array_data
+
+
+def split_dynamic(spec: MaskSpec):
+    """(the spec without its dynamic BlockSparse leaves, or None; those leaves).
+
+    Dynamic leaves may sit at the top or inside ``&`` chains only: they become block-visit
+    lists, which AND with the rest.
+
+    Raises:
+      ValueError: a dynamic BlockSparse inside ``|``.
+    """
+    if isinstance(spec, BlockSparse) and spec.is_dynamic:
+        return None, [spec]
+    if isinstance(spec, And):
+        (a, da), (b, db) = split_dynamic(spec.a), split_dynamic(spec.b)
+        rest = a if b is None else b if a is None else And(a, b)
+        return rest, da + db
+    if _has_dynamic(spec):
+        raise ValueError(
+            "a dynamic BlockSparse layout (a jax array, or per batch row and head) can only be "
+            "combined with & (it becomes block-visit lists); it sits inside | here"
+        )
+    return spec, []
+
+
+def _has_dynamic(spec) -> bool:
+    if isinstance(spec, (And, Or)):
+        return _has_dynamic(spec.a) or _has_dynamic(spec.b)
+    return isinstance(spec, BlockSparse) and spec.is_dynamic
 
 
 def materialize(spec: MaskSpec, q_len: int, kv_len: int, q_offset: int = 0):

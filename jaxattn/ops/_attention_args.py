@@ -1,8 +1,8 @@
-"""Validation and normalisation of the attention op's arguments, and the elementwise mask.
+"""Validation and normalisation of the attention op's arguments.
 
-Every implementation of ``jaxattn.dot_product_attention`` receives an :class:`AttentionArgs`
-(checked before any tracing work) and builds its visibility masks with
-:func:`visible`, so all implementations agree on what is masked by construction.
+Every implementation of ``jaxattn.dot_product_attention`` receives an :class:`AttentionArgs`,
+checked before any tracing work. Concrete values are validated (errors name the argument);
+traced values cannot be, and behave as documented on ``dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.masks import MaskSpec
+from jaxattn.masks import BlockVisits, MaskSpec, split_dynamic
 
-__all__ = ["AttentionArgs", "check_args", "visible"]
+__all__ = ["AttentionArgs", "check_args"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,11 +25,17 @@ class AttentionArgs:
     """Normalised attention call. Shapes use DESIGN.md's alphabet.
 
     Attributes:
-      spec: the declarative mask, or None.
+      K: key heads; Kv: value heads (each divides N; they differ only when asked).
+      scale: a Python float, or a float32 scalar array (traced; treated as a constant).
+      spec: the static declarative mask, or None.
       dense: bool array [B or 1, N or 1, T, S] (a dense mask), or None.
       q_segment_ids / kv_segment_ids: int32 [B, T] / [B, S], or None.
       q_offset: None, a Python int, or an int32 array of shape [] or [B].
       kv_lengths: int32 [B] or None.
+      visits: checked ``BlockVisits`` (the ``block_visits`` argument and dynamic BlockSparse
+        layouts), ANDed.
+      dropout_rate: probability of dropping an attention probability (0: none).
+      dropout_seeds: uint32 [B, N, 2] key words per (batch row, query head), or None.
     """
 
     B: int
@@ -39,7 +45,7 @@ class AttentionArgs:
     K: int
     H: int
     V: int
-    scale: float
+    scale: Any
     logits_soft_cap: float | None
     spec: MaskSpec | None
     dense: Any
@@ -47,9 +53,18 @@ class AttentionArgs:
     kv_segment_ids: Any
     q_offset: Any
     kv_lengths: Any
+    Kv: int = 0
+    visits: tuple = ()
+    dropout_rate: float = 0.0
+    dropout_seeds: Any = None
+
+    def __post_init__(self):
+        if not self.Kv:
+            object.__setattr__(self, "Kv", self.K)
 
     @property
     def G(self) -> int:
+        """Query heads per key head."""
         return self.N // self.K
 
     @property
@@ -64,114 +79,212 @@ def _shape(x) -> tuple[int, ...]:
     return tuple(np.shape(x))
 
 
+def _concrete(x):
+    """``x`` as numpy, or None when it is traced."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
 def _check_int_array(name: str, x, shape: tuple[int, ...]):
     if not hasattr(x, "dtype"):
         x = np.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.integer):
+    if not jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == np.bool_:
         raise ValueError(f"{name} must be an integer array, got dtype {x.dtype}")
     if _shape(x) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {_shape(x)}")
     return jnp.asarray(x, jnp.int32)
 
 
+def _real_scalar(name: str, x, *, traced_ok: bool):
+    """A positive finite real scalar as a float (or a float32 array when traced and allowed).
+
+    Accepts Python and numpy numbers and 0-d arrays; rejects bools, strings, non-scalars.
+    """
+    if isinstance(x, (bool, np.bool_)) or not (
+        isinstance(x, (int, float, np.number)) or (hasattr(x, "dtype") and _shape(x) == ())
+    ):
+        raise ValueError(f"{name} must be a positive real number, got {x!r}")
+    if hasattr(x, "dtype") and not (
+        jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
+    ):
+        raise ValueError(f"{name} must be a positive real number, got dtype {x.dtype}")
+    value = _concrete(x)
+    if value is None:
+        if not traced_ok:
+            raise ValueError(f"{name} must be a concrete number (a static option), got a tracer")
+        # a traced scale is used as a constant: no gradient flows to it
+        return jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
+
+
+def _check_heads(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if len(_shape(x)) != 4:
+            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, dim], got {_shape(x)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating array, got dtype {x.dtype}")
+    (B, T, N, H), (Bk, S, K, Hk), (Bv, Sv, Kv, V) = _shape(q), _shape(k), _shape(v)
+    shapes = f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if Bk != B or Bv != B:
+        raise ValueError(f"batch sizes differ: {shapes}")
+    if Sv != S:
+        raise ValueError(f"k {_shape(k)} and v {_shape(v)} must agree on seq")
+    if Hk != H:
+        raise ValueError(f"q head dim {H} != k head dim {Hk} (q {_shape(q)}, k {_shape(k)})")
+    for what, heads in (("kv heads K", K), ("value heads", Kv)):
+        if heads == 0 or N % heads:
+            raise ValueError(
+                f"query heads N={N} must be a multiple of {what}={heads} (N % K == 0 for keys, "
+                f"N % K_v == 0 for values): {shapes}"
+            )
+    if min(B, T, S, H, V) == 0:
+        raise ValueError(f"empty dimension in {shapes}")
+    return B, T, S, N, K, H, V, Kv
+
+
+def _check_mask(mask, B, T, S, N):
+    """(static spec, dense [B|1, N|1, T, S], dynamic BlockSparse leaves)."""
+    if isinstance(mask, MaskSpec):
+        spec, dynamic = split_dynamic(mask)
+        return spec, None, dynamic
+    if mask is None:
+        return None, None, []
+    if not hasattr(mask, "dtype") or not hasattr(mask, "shape"):
+        raise ValueError(f"mask must be a jaxattn.masks spec or a bool array, got {type(mask)}")
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"mask array must be bool, got dtype {mask.dtype}")
+    allowed = {(T, S): (1, 1, T, S), (B, T, S): (B, 1, T, S), (B, N, T, S): (B, N, T, S)}
+    if _shape(mask) not in allowed:
+        raise ValueError(
+            f"mask array must have shape [T, S]={(T, S)}, [B, T, S]={(B, T, S)} or "
+            f"[B, N, T, S]={(B, N, T, S)}, got {_shape(mask)}"
+        )
+    return None, jnp.reshape(jnp.asarray(mask), allowed[_shape(mask)]), []
+
+
+def _check_segments(segment_ids, B, T, S):
+    if segment_ids is None:
+        return None, None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            raise ValueError("segment_ids must be one array or a pair (q_BT, kv_BS)")
+        q_seg, kv_seg = segment_ids
+    else:
+        if T != S:
+            raise ValueError(
+                f"a single segment_ids array needs T == S, got T={T}, S={S}; "
+                "pass a pair (q_BT, kv_BS)"
+            )
+        q_seg = kv_seg = segment_ids
+    q_seg = _check_int_array("segment_ids (query side)", q_seg, (B, T))
+    return q_seg, _check_int_array("segment_ids (kv side)", kv_seg, (B, S))
+
+
+def _check_positions(q_offset, kv_lengths, B, S):
+    """q_offset in [0, S] and kv_lengths in [0, S] where concrete."""
+    if isinstance(q_offset, (bool, np.bool_)):
+        raise ValueError(f"q_offset must be an int or an int array, got {q_offset!r}")
+    if isinstance(q_offset, np.integer):
+        q_offset = int(q_offset)
+    if q_offset is not None and not isinstance(q_offset, int):
+        if _shape(q_offset) not in ((), (B,)):
+            raise ValueError(
+                f"q_offset must be an int, a scalar or a [B]={B} array, "
+                f"got shape {_shape(q_offset)}"
+            )
+        q_offset = _check_int_array("q_offset", q_offset, _shape(q_offset))
+    value = _concrete(q_offset) if q_offset is not None else None
+    if value is not None and value.size and (value.min() < 0 or value.max() > S):
+        raise ValueError(
+            f"q_offset (the position of query row 0 on the kv axis) must lie in [0, S={S}], "
+            f"got {q_offset if isinstance(q_offset, int) else value.tolist()}"
+        )
+    if kv_lengths is not None:
+        kv_lengths = _check_int_array("kv_lengths", kv_lengths, (B,))
+        value = _concrete(kv_lengths)
+        if value is not None and (value.min() < 0 or value.max() > S):
+            raise ValueError(f"kv_lengths must lie in [0, S={S}], got {value.tolist()}")
+    return q_offset, kv_lengths
+
+
+def _check_dropout(rate, rng, B, N):
+    """(rate as a float, uint32 seeds [B, N, 2] or None)."""
+    if isinstance(rate, (bool, np.bool_)) or not (
+        isinstance(rate, (int, float, np.number)) or (hasattr(rate, "dtype") and _shape(rate) == ())
+    ):
+        raise ValueError(f"dropout_rate must be a number in [0, 1), got {rate!r}")
+    value = _concrete(rate)
+    if value is None:
+        raise ValueError("dropout_rate must be a concrete number in [0, 1) (a static option)")
+    rate = float(value)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {rate}")
+    if rate == 0.0:
+        return 0.0, None
+    if rng is None:
+        raise ValueError(f"dropout_rate={rate} > 0 needs dropout_rng (a jax.random key)")
+    if not hasattr(rng, "dtype"):
+        raise ValueError(f"dropout_rng must be a jax.random key, got {type(rng).__name__}")
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        if rng.dtype != jnp.uint32 or _shape(rng) != (2,):
+            raise ValueError(
+                f"dropout_rng must be a jax.random.key() or a raw uint32[2] key, got dtype "
+                f"{rng.dtype} shape {_shape(rng)}"
+            )
+        rng = jax.random.wrap_key_data(rng)
+    if _shape(rng) != ():
+        raise ValueError(f"dropout_rng must be a single key, got shape {_shape(rng)}")
+    # Key words per (batch row, query head); each probability's bits then come from a counter-
+    # based hash of (row, key) (see attention_math.dropout_keep), the same in every layout.
+    return rate, jax.random.bits(rng, (B, N, 2), jnp.uint32)
+
+
 def check_args(
-    q_BTNH, k_BSKH, v_BSKV, *, mask, scale, logits_soft_cap, segment_ids, q_offset, kv_lengths
+    q_BTNH,
+    k_BSKH,
+    v_BSKV,
+    *,
+    mask,
+    scale,
+    logits_soft_cap,
+    segment_ids,
+    q_offset,
+    kv_lengths,
+    block_visits=None,
+    dropout_rate=0.0,
+    dropout_rng=None,
 ) -> AttentionArgs:
     """Validate the op's arguments and normalise them.
 
     Raises:
       ValueError: naming the offending argument and its shape, for any bad input.
     """
-    for name, x in (("q", q_BTNH), ("k", k_BSKH), ("v", v_BSKV)):
-        if len(_shape(x)) != 4:
-            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, dim], got {_shape(x)}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be a floating array, got dtype {x.dtype}")
-    B, T, N, H = _shape(q_BTNH)
-    Bk, S, K, Hk = _shape(k_BSKH)
-    Bv, Sv, Kv, V = _shape(v_BSKV)
-    if not (q_BTNH.dtype == k_BSKH.dtype == v_BSKV.dtype):
-        raise ValueError(
-            f"q, k, v must share a dtype, got q {q_BTNH.dtype}, k {k_BSKH.dtype}, v {v_BSKV.dtype}"
-        )
-    if Bk != B or Bv != B:
-        raise ValueError(
-            f"batch sizes differ: q {_shape(q_BTNH)}, k {_shape(k_BSKH)}, v {_shape(v_BSKV)}"
-        )
-    if (Sv, Kv) != (S, K):
-        raise ValueError(f"k {_shape(k_BSKH)} and v {_shape(v_BSKV)} must agree on seq and heads")
-    if Hk != H:
-        raise ValueError(
-            f"q head dim {H} != k head dim {Hk} (q {_shape(q_BTNH)}, k {_shape(k_BSKH)})"
-        )
-    if K == 0 or N % K:
-        raise ValueError(
-            f"query heads N={N} must be a multiple of kv heads K={K} "
-            f"(q {_shape(q_BTNH)}, k {_shape(k_BSKH)})"
-        )
-    if min(B, T, S, H, V) == 0:
-        raise ValueError(
-            f"empty dimension in q {_shape(q_BTNH)}, k {_shape(k_BSKH)}, v {_shape(v_BSKV)}"
-        )
-
-    if scale is None:
-        scale = 1.0 / math.sqrt(H)
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
-        raise ValueError(f"scale must be a positive float, got {scale!r}")
-    if logits_soft_cap is not None and (
-        not isinstance(logits_soft_cap, (int, float)) or logits_soft_cap <= 0
-    ):
-        raise ValueError(
-            f"logits_soft_cap must be a positive float or None, got {logits_soft_cap!r}"
-        )
-
-    spec = dense = None
-    if isinstance(mask, MaskSpec):
-        spec = mask
-    elif mask is not None:
-        if not hasattr(mask, "dtype") or not hasattr(mask, "shape"):
-            raise ValueError(f"mask must be a jaxattn.masks spec or a bool array, got {type(mask)}")
-        if mask.dtype != jnp.bool_:
-            raise ValueError(f"mask array must be bool, got dtype {mask.dtype}")
-        allowed = {(T, S): (1, 1, T, S), (B, T, S): (B, 1, T, S), (B, N, T, S): (B, N, T, S)}
-        if _shape(mask) not in allowed:
+    B, T, S, N, K, H, V, Kv = _check_heads(q_BTNH, k_BSKH, v_BSKV)
+    scale = 1.0 / math.sqrt(H) if scale is None else _real_scalar("scale", scale, traced_ok=True)
+    if logits_soft_cap is not None:
+        logits_soft_cap = _real_scalar("logits_soft_cap", logits_soft_cap, traced_ok=False)
+    spec, dense, dynamic = _check_mask(mask, B, T, S, N)
+    q_seg, kv_seg = _check_segments(segment_ids, B, T, S)
+    q_offset, kv_lengths = _check_positions(q_offset, kv_lengths, B, S)
+    visits = []
+    if block_visits is not None:
+        if not isinstance(block_visits, BlockVisits):
             raise ValueError(
-                f"mask array must have shape [T, S]={(T, S)}, [B, T, S]={(B, T, S)} or "
-                f"[B, N, T, S]={(B, N, T, S)}, got {_shape(mask)}"
+                f"block_visits must be a jaxattn.masks.BlockVisits, got {type(block_visits)}"
             )
-        dense = jnp.reshape(jnp.asarray(mask), allowed[_shape(mask)])
-
-    q_seg = kv_seg = None
-    if segment_ids is not None:
-        if isinstance(segment_ids, (tuple, list)):
-            if len(segment_ids) != 2:
-                raise ValueError("segment_ids must be one array or a pair (q_BT, kv_BS)")
-            q_seg, kv_seg = segment_ids
-        else:
-            if T != S:
-                raise ValueError(
-                    f"a single segment_ids array needs T == S, got T={T}, S={S}; "
-                    "pass a pair (q_BT, kv_BS)"
-                )
-            q_seg = kv_seg = segment_ids
-        q_seg = _check_int_array("segment_ids (query side)", q_seg, (B, T))
-        kv_seg = _check_int_array("segment_ids (kv side)", kv_seg, (B, S))
-
-    if q_offset is not None and not isinstance(q_offset, int):
-        if isinstance(q_offset, (np.integer,)):
-            q_offset = int(q_offset)
-        else:
-            if _shape(q_offset) not in ((), (B,)):
-                raise ValueError(
-                    f"q_offset must be an int, a scalar or a [B]={B} array, "
-                    f"got shape {_shape(q_offset)}"
-                )
-            q_offset = _check_int_array("q_offset", q_offset, _shape(q_offset))
-    if isinstance(q_offset, bool) or (isinstance(q_offset, int) and q_offset < 0):
-        raise ValueError(f"q_offset must be a non-negative int, got {q_offset!r}")
-    if kv_lengths is not None:
-        kv_lengths = _check_int_array("kv_lengths", kv_lengths, (B,))
-
+        visits.append(block_visits.check(batch=B, kv_heads=K, q_len=T, kv_len=S))
+    for i, leaf in enumerate(dynamic):
+        where = f"mask's BlockSparse #{i} (dynamic layout)"
+        lowered = leaf.to_visits(q_len=T, kv_len=S, q_offset=q_offset, name=where)
+        visits.append(lowered.check(batch=B, kv_heads=K, q_len=T, kv_len=S, name=where))
+    rate, seeds = _check_dropout(dropout_rate, dropout_rng, B, N)
     return AttentionArgs(
         B=B,
         T=T,
@@ -180,68 +293,16 @@ def check_args(
         K=K,
         H=H,
         V=V,
-        scale=float(scale),
-        logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+        Kv=Kv,
+        scale=scale,
+        logits_soft_cap=logits_soft_cap,
         spec=spec,
         dense=dense,
         q_segment_ids=q_seg,
         kv_segment_ids=kv_seg,
         q_offset=q_offset,
         kv_lengths=kv_lengths,
+        visits=tuple(visits),
+        dropout_rate=rate,
+        dropout_seeds=seeds,
     )
-
-
-def q_positions(a: AttentionArgs, q_idx):
-    """Positions on the kv axis of query rows ``q_idx`` [t]: shape [1 or B, t]."""
-    q_idx = q_idx[None, :]
-    if a.q_offset is None:
-        return q_idx
-    off = jnp.asarray(a.q_offset, jnp.int32)
-    return q_idx + (off[:, None] if off.ndim == 1 else off)
-
-
-def visible(a: AttentionArgs, q_idx, k_idx, dense_block=None):
-    """Which (query, key) pairs may attend, for query rows ``q_idx`` [t] and keys ``k_idx`` [s].
-
-    Indices past T or S (block padding) are masked. ``dense_block`` is the matching slice
-    [B or 1, N or 1, t, s] of the dense mask when the caller already sliced it.
-
-    Returns:
-      bool [B or 1, K or 1, G or 1, t, s], to broadcast against scores_BKGts.
-    """
-    q_pos = q_positions(a, q_idx)[:, :, None]  # [b, t, 1]
-    k_idx2 = k_idx[None, None, :]  # [1, 1, s]
-    vis = (q_idx[None, :, None] < a.T) & (k_idx2 < a.S)
-    if a.spec is not None:
-        vis = vis & a.spec(q_pos, k_idx2)
-    if a.kv_lengths is not None:
-        vis = vis & (k_idx2 < a.kv_lengths[:, None, None])
-    if a.q_segment_ids is not None:
-        qs = jnp.take(a.q_segment_ids, jnp.clip(q_idx, 0, a.T - 1), axis=1)
-        ks = jnp.take(a.kv_segment_ids, jnp.clip(k_idx, 0, a.S - 1), axis=1)
-        vis = vis & (qs[:, :, None] == ks[:, None, :])
-    vis = vis[:, None, None]  # [b, 1, 1, t, s]
-    if a.dense is not None:
-        if dense_block is None:
-            dense_block = a.dense
-        b, n = dense_block.shape[:2]
-        g = a.G if n > 1 else 1
-        vis = vis & dense_block.reshape(b, n // g, g, *dense_block.shape[2:])
-    return vis
-
-
-def scores_fp32(a: AttentionArgs, q_BtKGH, k_BsKH, spec: str = "btkgh,bskh->bkgts"):
-    """Scaled (and soft-capped) logits in float32: [B, K, G, t, s] (or as ``spec`` lays out)."""
-    precision = jax.lax.Precision.HIGHEST if q_BtKGH.dtype == jnp.float32 else None
-    s = jnp.einsum(
-        spec,
-        q_BtKGH,
-        k_BsKH,
-        preferred_element_type=jnp.float32,
-        precision=precision,
-    )
-    s = s * a.scale
-    if a.logits_soft_cap is not None:
-        # soft cap after scaling (Gemma 2): cap * tanh(s / cap)
-        s = a.logits_soft_cap * jnp.tanh(s / a.logits_soft_cap)
-    return s

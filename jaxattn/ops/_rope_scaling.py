@@ -38,18 +38,21 @@ class _Scaling:
     for lengths; mscales may be 0); None is allowed only where it is the default."""
 
     def __post_init__(self):
+        cls = type(self).__name__
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name.endswith("_factor") and isinstance(value, (tuple, list)):
                 value = tuple(float(v) for v in value)  # longrope's per-pair factors
                 if not value or min(value) <= 0:
-                    raise ValueError(f"{field.name} must be a non-empty list of positive numbers")
+                    raise ValueError(
+                        f"{cls}.{field.name} must be a non-empty list of positive numbers"
+                    )
                 object.__setattr__(self, field.name, value)
             elif field.name.startswith("mscale") and value == 0:
                 continue  # HF treats a zero mscale as unset
             elif field.type != "bool" and not (value is None and field.default is None):
                 integer = field.name.endswith("max_position_embeddings")
-                _check_positive(field.name, value, integer=integer)
+                _check_positive(f"{cls}.{field.name}", value, integer=integer)
 
 
 @_public
@@ -94,7 +97,10 @@ class Llama3Scaling(_Scaling):
     def __post_init__(self):
         super().__post_init__()
         if self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError(f"high_freq_factor must exceed {self.low_freq_factor=}")
+            raise ValueError(
+                f"Llama3Scaling.high_freq_factor ({self.high_freq_factor}) must exceed "
+                f"Llama3Scaling.low_freq_factor ({self.low_freq_factor})"
+            )
 
 
 @_public
@@ -160,25 +166,31 @@ class RopeConfig:
     max_position_embeddings: int | None = None
 
     def __post_init__(self):
-        _check_positive("theta", self.theta)
+        _check_positive("RopeConfig.theta", self.theta)
         if self.rotary_dim is not None:
-            _check_positive("rotary_dim", self.rotary_dim, integer=True)
+            _check_positive("RopeConfig.rotary_dim", self.rotary_dim, integer=True)
             if self.rotary_dim % 2:
-                raise ValueError(f"rotary_dim must be even, got {self.rotary_dim}")
+                raise ValueError(f"RopeConfig.rotary_dim must be even, got {self.rotary_dim}")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+            raise ValueError(f"RopeConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.scaling is not None and not isinstance(self.scaling, _SCALINGS):
             names = [c.__name__ for c in _SCALINGS]
-            raise ValueError(f"scaling must be None or one of {names}, got {self.scaling!r}")
+            raise ValueError(
+                f"RopeConfig.scaling must be None or one of {names}, got {self.scaling!r}"
+            )
         if self.max_position_embeddings is not None:
-            _check_positive("max_position_embeddings", self.max_position_embeddings, integer=True)
+            _check_positive(
+                "RopeConfig.max_position_embeddings", self.max_position_embeddings, integer=True
+            )
         s, missing = self.scaling, False
         if isinstance(s, DynamicNTKScaling):
             missing = True
         elif isinstance(s, (YarnScaling, LongRopeScaling)):
             missing = s.original_max_position_embeddings is None or s.factor is None
         if missing and self.max_position_embeddings is None:
-            raise ValueError(f"max_position_embeddings is required by {type(s).__name__} here")
+            raise ValueError(
+                f"RopeConfig.max_position_embeddings is required by {type(s).__name__} here"
+            )
 
 
 def _resolved_rotary_dim(config: RopeConfig, head_dim: int) -> int:
@@ -281,7 +293,9 @@ def _longrope_inv_freq(config, s: LongRopeScaling, theta, exps_P2, dim: int, seq
         attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
     for name in ("short_factor", "long_factor"):
         if len(getattr(s, name)) != dim // 2:
-            raise ValueError(f"{name} must have rotary_dim // 2 = {dim // 2} entries")
+            raise ValueError(
+                f"LongRopeScaling.{name} must have rotary_dim // 2 = {dim // 2} entries"
+            )
     powers_P2 = _pow32(theta, exps_P2)
     short_P2 = _rdiv(1, np.asarray(s.short_factor, _F32) * powers_P2)
     long_P2 = _rdiv(1, np.asarray(s.long_factor, _F32) * powers_P2)

@@ -4,16 +4,18 @@ Implementations, chosen by name or by ``"auto"``:
 
 * ``"xla"``: the readable reference; materialises the [B, K, G, T, S] scores.
 * ``"chunked"``: memory-efficient pure XLA (online softmax over kv blocks, custom VJP,
-  O(T·block) memory, masked blocks skipped).
+  O(T·block) memory, masked and unlisted blocks skipped).
 * ``"decode"``: a few queries over a long kv axis (decoding): one loop over large kv blocks,
   no padding copies, unused cache capacity skipped.
-* ``"pallas_tpu"`` / ``"pallas_gpu"``: Pallas kernels from ``pallas_kernels.flash_attention``.
+* ``"pallas_tpu"`` / ``"pallas_gpu"``: Pallas flash kernels (``pallas_kernels.flash_attention``).
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on NVIDIA GPUs.
 
 ``"auto"`` takes the platform's kernel when it can serve the call and otherwise falls back
 to ``"decode"`` for a few queries per sequence (T <= DecodeBlockSizes.max_q) over more than
 one kv block and ``"chunked"`` for the rest, logging the kernel fallback once. A name
 asked for explicitly that cannot serve the call raises NotImplementedError saying why.
+Kernels are imported only when a kernel implementation is considered (``import jaxattn``
+loads no Pallas module).
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 
+from jaxattn.ops import _kernels
 from jaxattn.ops._attention_args import AttentionArgs, check_args
 from jaxattn.ops.attention_chunked import ChunkedBlockSizes, chunked_attention
-from jaxattn.ops.attention_decode import DecodeBlockSizes, decode_attention
+from jaxattn.ops.attention_decode import DecodeBlockSizes, decode_attention, decode_unsupported
 from jaxattn.ops.attention_xla import xla_attention
 
 __all__ = ["IMPLEMENTATIONS", "dot_product_attention"]
 
-_KERNEL_PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}  # Pallas kernels and their backends
-IMPLEMENTATIONS = ("auto", "xla", "chunked", "decode", "pallas_tpu", "pallas_gpu", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "decode", *_kernels.KERNELS, "cudnn")
 
 _log = logging.getLogger("jaxattn")
 _logged: set[str] = set()
@@ -40,6 +43,17 @@ def _log_once(msg: str) -> None:
     if msg not in _logged:
         _logged.add(msg)
         _log.warning(msg)
+
+
+def _as_arrays(*xs):
+    """Array-likes (lists, tuples, numbers) as jnp arrays; arrays, and aliasing, untouched."""
+    seen = {}
+    out = []
+    for x in xs:
+        if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+            x = seen.setdefault(id(x), jnp.asarray(x))
+        out.append(x)
+    return out
 
 
 def dot_product_attention(
@@ -53,27 +67,48 @@ def dot_product_attention(
     segment_ids=None,
     q_offset=None,
     kv_lengths=None,
+    block_visits=None,
+    dropout_rate=0.0,
+    dropout_rng=None,
     implementation="auto",
     return_lse=False,
     block_sizes=None,
 ):
     """Scaled dot-product attention with GQA/MQA, declarative masks and several backends.
 
-    o[b, t, n] = Σ_s softmax_s(cap(scale · q[b, t, n] · k[b, s, n // G])) · v[b, s, n // G]
-    over the keys s that the mask, segment ids and kv_lengths leave visible.
+    o[b, t, n] = Σ_s softmax_s(cap(scale · q[b, t, n] · k[b, s, n // G])) · v[b, s, n // G_v]
+    over the keys s that the mask, segment ids, kv_lengths and block visits leave visible.
+
+    Concrete values are validated; traced ones cannot be and behave as follows: kv_lengths
+    are clipped to [0, S]; a q_offset is used as given (a row at a position before every key
+    sees none under a causal mask and gives zeros); block-visit counts are clipped to [0, L]
+    and out-of-range indices ignored; a traced ``scale`` is a constant (no gradient flows to
+    it; the Pallas kernels refuse it).
 
     Args:
-      q_BTNH: queries [B, T, N, H].
+      q_BTNH: queries [B, T, N, H] (an array or array-like).
       k_BSKH: keys [B, S, K, H]; N % K == 0 (G = N // K query heads share a kv head).
-      v_BSKV: values [B, S, K, V]; V may differ from H (MLA: H = 192, V = 128).
+      v_BSKV: values [B, S, K_v, V]; V may differ from H (MLA: H = 192, V = 128) and K_v from K
+        (N % K_v == 0; query head n reads value head n // (N / K_v)); heads are never repeated.
       mask: a ``jaxattn.masks`` spec, or a dense bool array [T, S], [B, T, S] or [B, N, T, S]
         (True = attend), or None.
-      scale: logit scale, default 1/sqrt(H).
-      logits_soft_cap: if set, logits become cap · tanh(logits / cap) (after scaling).
+      scale: logit scale, default 1/sqrt(H): a positive real (Python, numpy or 0-d array).
+      logits_soft_cap: if set (a positive concrete real), logits become cap · tanh(logits /
+        cap) (after scaling).
       segment_ids: one int array [B, T] (needs T == S) or a pair (q [B, T], kv [B, S]);
         queries attend only to keys of the same segment.
-      q_offset: position of query row 0 on the kv axis: an int, or an int array [] or [B].
-      kv_lengths: int [B]; keys at positions >= kv_lengths[b] are masked.
+      q_offset: position of query row 0 on the kv axis: an int, or an int array [] or [B],
+        in [0, S] where concrete.
+      kv_lengths: int [B] in [0, S] where concrete; keys at positions >= kv_lengths[b] are
+        masked.
+      block_visits: a ``jaxattn.masks.BlockVisits``: run-time per (batch row, kv head, query
+        block) lists of the kv blocks that may be visited, ANDed with everything else.
+      dropout_rate: probability in [0, 1) of dropping each attention probability (after the
+        softmax; kept ones are scaled by 1 / (1 - rate)), as Hugging Face's
+        ``attention_dropout``. 0 (the default) is exactly no dropout. Served by "xla" and
+        "chunked", which drop the same entries for the same key.
+      dropout_rng: a ``jax.random.key`` (or raw uint32[2] key), required when dropout_rate > 0;
+        the mask is a deterministic function of it (the backward recomputes it).
       implementation: one of IMPLEMENTATIONS.
       return_lse: also return the log-sum-exp of the visible logits, lse_BNT (float32).
       block_sizes: tuning for "chunked" (ChunkedBlockSizes), "decode" (DecodeBlockSizes) or
@@ -89,6 +124,7 @@ def dot_product_attention(
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    q_BTNH, k_BSKH, v_BSKV = _as_arrays(q_BTNH, k_BSKH, v_BSKV)
     a = check_args(
         q_BTNH,
         k_BSKH,
@@ -99,50 +135,101 @@ def dot_product_attention(
         segment_ids=segment_ids,
         q_offset=q_offset,
         kv_lengths=kv_lengths,
+        block_visits=block_visits,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
     )
-    if implementation == "auto":
+    auto = implementation == "auto"
+    if auto:
         implementation = _choose(a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
-    if implementation == "xla":
-        return xla_attention(a, q_BTNH, k_BSKH, v_BSKV, return_lse)
-    if implementation == "chunked":
-        if block_sizes is not None and not isinstance(block_sizes, ChunkedBlockSizes):
-            raise ValueError(
-                f"block_sizes for 'chunked' must be ChunkedBlockSizes, "
-                f"got {type(block_sizes).__name__}"
-            )
-        return chunked_attention(a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
-    if implementation == "decode":
-        if block_sizes is not None and not isinstance(block_sizes, DecodeBlockSizes):
-            raise ValueError(
-                f"block_sizes for 'decode' must be DecodeBlockSizes, "
-                f"got {type(block_sizes).__name__}"
-            )
-        return decode_attention(a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
-    if implementation == "cudnn":
-        reason = _cudnn_unsupported(a, q_BTNH, return_lse)
-        if reason:
-            raise NotImplementedError(f"implementation='cudnn' cannot serve this call: {reason}")
-        return _cudnn(a, q_BTNH, k_BSKH, v_BSKV)
-    reason = _pallas_unsupported(implementation, a, q_BTNH, k_BSKH, v_BSKV, block_sizes)
+    block_sizes = _block_sizes_for(implementation, block_sizes, auto)
+    reason = _unsupported(implementation, a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
     if reason:
         raise NotImplementedError(
             f"implementation={implementation!r} cannot serve this call: {reason}"
         )
-    return _pallas(implementation, a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
+    if implementation == "xla":
+        return xla_attention(a, q_BTNH, k_BSKH, v_BSKV, return_lse)
+    if implementation == "chunked":
+        return chunked_attention(a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
+    if implementation == "decode":
+        return decode_attention(a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
+    if implementation == "cudnn":
+        return _kernels.cudnn(a, q_BTNH, k_BSKH, v_BSKV)
+    return _kernels.run(implementation, a, q_BTNH, k_BSKH, v_BSKV, return_lse, block_sizes)
+
+
+# which block_sizes type tunes which implementation (kernel types named, not imported)
+_BLOCK_SIZES = {
+    "chunked": ("ChunkedBlockSizes", "jaxattn.ops.ChunkedBlockSizes"),
+    "decode": ("DecodeBlockSizes", "jaxattn.ops.DecodeBlockSizes"),
+    **_kernels.BLOCK_SIZES,
+}
+
+
+def _block_sizes_owner(block_sizes) -> str | None:
+    """The implementations a block_sizes object tunes, as one string key, or None."""
+    if isinstance(block_sizes, ChunkedBlockSizes):
+        return "chunked"
+    if isinstance(block_sizes, DecodeBlockSizes):
+        return "decode"
+    return _kernels.block_sizes_owner(block_sizes)
+
+
+def _accepted() -> str:
+    return "; ".join(f"{full} for {impl!r}" for impl, (_, full) in _BLOCK_SIZES.items())
+
+
+def _block_sizes_for(implementation: str, block_sizes, auto: bool):
+    """``block_sizes`` if it tunes ``implementation``; under "auto", None when it tunes another.
+
+    Implementations with nothing to tune ("xla", "cudnn") ignore any known block sizes.
+
+    Raises:
+      ValueError: a type no implementation takes, or (named implementation) the wrong type.
+    """
+    if block_sizes is None:
+        return None
+    owner = _block_sizes_owner(block_sizes)
+    got = type(block_sizes).__name__
+    if owner is None:
+        raise ValueError(
+            f"block_sizes got {got} ({block_sizes!r}), which no implementation takes; "
+            f"pass one of: {_accepted()}"
+        )
+    if implementation in owner.split("|"):
+        return block_sizes
+    if auto:
+        _log_once(f"jaxattn: auto chose {implementation!r}, which ignores block_sizes={got}")
+        return None
+    want = _BLOCK_SIZES.get(implementation)
+    if want is None:  # "xla" and "cudnn" have nothing to tune
+        return None
+    raise ValueError(
+        f"block_sizes for implementation={implementation!r} must be {want[1]}, got {got} "
+        f"(which tunes {owner.replace('|', ' / ')})"
+    )
+
+
+def _unsupported(implementation, a: AttentionArgs, q, k, v, return_lse, block_sizes):
+    if implementation in ("xla", "chunked"):
+        return None
+    if implementation == "decode":
+        return decode_unsupported(a)
+    if implementation == "cudnn":
+        return _kernels.cudnn_unsupported(a, q, return_lse)
+    return _kernels.unsupported(implementation, a, q, k, v, block_sizes)
 
 
 def _choose(a: AttentionArgs, q, k, v, return_lse, block_sizes) -> str:
     backend = jax.default_backend()
-    preferred = {p: impl for impl, p in _KERNEL_PLATFORM.items()}.get(backend)
     decode_bs = block_sizes if isinstance(block_sizes, DecodeBlockSizes) else DecodeBlockSizes()
-    if backend == "gpu" and a.T <= decode_bs.max_q:
-        preferred = None  # the GPU kernel tiles 64 query rows: decoding would waste most of them
-    if preferred is not None:
-        kernel_blocks = None if isinstance(block_sizes, ChunkedBlockSizes) else block_sizes
-        reason = _pallas_unsupported(preferred, a, q, k, v, kernel_blocks)
+    for kernel in _kernels.candidates(backend, few_queries=a.T <= decode_bs.max_q):
+        kernel_bs = _block_sizes_for(kernel, block_sizes, auto=True) if block_sizes else None
+        reason = _unsupported(kernel, a, q, k, v, return_lse, kernel_bs)
         if reason is None:
-            return preferred
-        _log_once(f"jaxattn: {preferred} cannot serve a call ({reason}); using a pure-XLA one")
+            return kernel
+        _log_once(f"jaxattn: {kernel} cannot serve a call ({reason}); using a pure-XLA one")
     bs = (
         block_sizes
         if isinstance(block_sizes, ChunkedBlockSizes)
@@ -155,137 +242,7 @@ def _choose(a: AttentionArgs, q, k, v, return_lse, block_sizes) -> str:
         # 7.1 / 19.3, chunked 5.1 / 14.4; B 8 T 256 N 8 K 2 H 64 causal xla 54.3 / 100.1,
         # chunked 31.4 / 63.9; B 16 T 64 N 8 H 64 kv_lengths xla 4.0 / 10.1, chunked 3.1 / 8.7
         return "chunked"
-    if a.T <= decode_bs.max_q and not isinstance(block_sizes, ChunkedBlockSizes):
+    few = a.T <= decode_bs.max_q and not isinstance(block_sizes, ChunkedBlockSizes)
+    if few and decode_unsupported(a) is None:
         return "decode"  # few queries: one pass over large kv blocks, no query tiling
     return "chunked"
-
-
-def _kernel_module(implementation: str):
-    try:
-        from pallas_kernels.flash_attention import api
-    except ImportError as e:  # the kernel package is optional in this build
-        return None, f"pallas_kernels.flash_attention is not importable ({e})"
-    return api, None
-
-
-def _interpret_params(platform: str):
-    """The interpret params of an active ``pltpu.force_tpu_interpret_mode()`` (platform "tpu")
-    or ``force_gpu_interpret_mode()`` (platform "gpu"; Mosaic GPU interpreter), else None."""
-    try:
-        from jax._src import config
-
-        params = config.pallas_tpu_interpret_mode_context_manager.value
-    except (ImportError, AttributeError):  # a jax without interpret modes
-        return None
-    if params is None:
-        return None
-    is_gpu = type(params).__name__ == "InterpretGPUParams"
-    return params if is_gpu == (platform == "gpu") else None
-
-
-def _pallas_unsupported(implementation, a: AttentionArgs, q, k, v, block_sizes=None):
-    platform = _KERNEL_PLATFORM[implementation]
-    interpreted = _interpret_params(platform) is not None
-    if jax.default_backend() != platform and not interpreted:
-        how = {
-            "tpu": "pltpu.force_tpu_interpret_mode()",
-            "gpu": "plgpu.force_gpu_interpret_mode() (jax._src.pallas.mosaic_gpu.interpret)",
-        }[platform]
-        return (
-            f"it runs on {platform.upper()} only (backend is {jax.default_backend()}); "
-            f"on CPU, run it under {how}"
-        )
-    api, reason = _kernel_module(implementation)
-    if reason:
-        return reason
-    if a.dense is not None:
-        return "dense mask arrays are not supported by the kernel; use a mask spec"
-    if getattr(a.q_offset, "ndim", 0) == 1:
-        return "a per-sequence [B] q_offset is not supported by the kernel"
-    gate = api.unsupported_reason if platform == "tpu" else api.unsupported_reason_gpu
-    return gate(
-        q,
-        k,
-        v,
-        mask=a.spec,
-        segment_ids=_segments(a),
-        q_offset=_offset(a),
-        kv_lengths=a.kv_lengths,
-        logits_soft_cap=a.logits_soft_cap,
-        block_sizes=block_sizes,
-    )
-
-
-def _segments(a: AttentionArgs):
-    return None if a.q_segment_ids is None else (a.q_segment_ids, a.kv_segment_ids)
-
-
-def _offset(a: AttentionArgs):
-    return 0 if a.q_offset is None else a.q_offset
-
-
-def _pallas(implementation, a: AttentionArgs, q, k, v, return_lse, block_sizes):
-    api, _ = _kernel_module(implementation)
-    fn = api.flash_attention if implementation == "pallas_tpu" else api.flash_attention_gpu
-    platform = _KERNEL_PLATFORM[implementation]
-    kw = {}
-    if jax.default_backend() != platform:
-        kw["interpret"] = _interpret_params(platform)
-    return fn(
-        q,
-        k,
-        v,
-        mask=a.spec,
-        segment_ids=_segments(a),
-        q_offset=_offset(a),
-        kv_lengths=a.kv_lengths,
-        scale=a.scale,
-        logits_soft_cap=a.logits_soft_cap,
-        block_sizes=block_sizes,
-        return_lse=return_lse,
-        **kw,
-    )
-
-
-def _cudnn_window(a: AttentionArgs):
-    """(is_causal, local_window_size) for jax.nn, or None if the spec has no cuDNN form."""
-    from jaxattn.masks import Causal, SlidingWindow
-
-    if a.spec is None:
-        return False, None
-    if isinstance(a.spec, Causal):
-        return True, None
-    if isinstance(a.spec, SlidingWindow):
-        return False, (a.spec.left, a.spec.right)
-    return None
-
-
-def _cudnn_unsupported(a: AttentionArgs, q, return_lse) -> str | None:
-    if jax.default_backend() != "gpu":
-        return f"cuDNN needs an NVIDIA GPU (backend is {jax.default_backend()})"
-    if str(q.dtype) not in ("bfloat16", "float16"):
-        return f"cuDNN attention takes bf16/fp16, got {q.dtype}"
-    checks = [
-        (a.H != a.V, f"qk head dim {a.H} != v head dim {a.V}"),
-        (a.logits_soft_cap is not None, "no soft cap"),
-        (a.q_segment_ids is not None, "no segment ids"),
-        (a.static_q_offset != 0, "no q_offset"),
-        (return_lse, "no return_lse"),
-        (a.dense is not None, "no dense masks here"),
-        (_cudnn_window(a) is None, f"mask {a.spec!r} has no cuDNN form"),
-    ]
-    return next((why for bad, why in checks if bad), None)
-
-
-def _cudnn(a: AttentionArgs, q, k, v):
-    is_causal, window = _cudnn_window(a)
-    return jax.nn.dot_product_attention(
-        q,
-        k,
-        v,
-        scale=a.scale,
-        is_causal=is_causal,
-        local_window_size=window,
-        key_value_seq_lengths=a.kv_lengths,
-        implementation="cudnn",
-    )

@@ -9,20 +9,28 @@ and a custom VJP that recomputes the probabilities from the saved log-sum-exp in
 storing the T×S matrix (FlashAttention-2's backward, one pass over q blocks that accumulates
 dk/dv in place). Temporary memory is O(T·block) rather than O(T·S).
 
-Skipping: before the loops, a table says which kv blocks each q block can see (from the mask
-spec's ``block_visible``, kv_lengths, the dense mask's block reduction and segment-id ranges).
-Each q block loops only over its visible kv blocks (a data-dependent trip count), so blocks
-the mask rules out cost nothing: the causal upper triangle is never computed. Blocks the spec
-marks as full skip the elementwise mask (a lax.cond: it pays inside the loops, 175 vs 228 ms
-fwd+bwd at T = 2048 causal on CPU).
+Skipping: before the loops, the visit tables of ``pallas_kernels.block_tables`` say which kv
+blocks each q block can see (mask spec block views, kv_lengths, the dense mask's block
+reduction, segment-id ranges, and block-visit lists). Each q block loops only over its visible
+kv blocks (a data-dependent trip count), so blocks the mask rules out cost nothing: the causal
+upper triangle is never computed. Blocks flagged full skip the elementwise mask (a lax.cond:
+it pays inside the loops, 175 vs 228 ms fwd+bwd at T = 2048 causal on CPU).
+
+Block-visit lists (per batch row and kv head) make the tables per row: step i of q block r
+then gathers, for every (batch row, kv head), the i-th listed kv block (the trip count is the
+longest list of the q block; shorter lists are masked in their extra steps) and the backward
+scatter-adds dk/dv into the listed blocks. Only listed blocks are ever read. The block sizes
+follow the lists' (they must nest inside them).
 
 Layout: q, k, v are transposed once to head-major q [B, K, G, T, H], k [B, K, S, H],
-v [B, K, S, V], so every block product is one batched matmul per (b, k) over the G·bq query
+v [B, K_v, S, V], so every block product is one batched matmul per (b, k) over the G·bq query
 rows of a kv group; in the input layout XLA transposes the operands of every einsum. Measured
 on 2 CPU cores, fp32, T = 4096 causal (B 1, N 8, K 2, H 128): fwd 0.36 -> 0.28 s, fwd+bwd
 1.36 -> 1.00 s. One case measured slower: one q block over several kv blocks without GQA,
 forward only (B 4, T 200, S 1024, N = K = 8: 22 -> 34 ms; fwd+bwd 89 -> 96 ms), where the
-transposed k and v are read once, so their copies are not paid back.
+transposed k and v are read once, so their copies are not paid back. With K_v != K value
+heads the probabilities of a block are regrouped by value heads (a reshape) for the products
+with v.
 
 One block: when the static block count of an axis is 1 (T <= block_q or S <= block_kv) the
 loop over it is not built: no lax.map/scan over one q block, no fori_loop, block table or
@@ -32,21 +40,33 @@ A call that fits in one block is then a few fused ops around its batched matmuls
 than the autodiffed "xla" reference (numbers in ``attention._choose``). Saving the
 probabilities as a residual instead of recomputing them in the backward measured no faster
 for one block (14.4 vs 14.4 ms fwd+bwd at B 16, T 128, N 4, H 48), so it is not done.
+
+Dropout multiplies each block's probabilities by the keep-mask of ``dropout_keep`` (a
+function of batch row, head, query row and key only), recomputed in the backward.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
-from jaxattn.ops._attention_args import AttentionArgs, scores_fp32, visible
+from jaxattn.ops._attention_args import AttentionArgs
+from jaxattn.ops._attention_math import (
+    dropout_keep,
+    gather_columns,
+    regroup,
+    scores_fp32,
+    split_arrays,
+    visible,
+)
+from jaxattn.ops._chunked_blocks import Blocks, _dot, _fold, _slice
+from pallas_kernels import block_tables
 
-__all__ = ["ChunkedBlockSizes", "chunked_attention"]
-
-_ARRAY_FIELDS = ("dense", "q_segment_ids", "kv_segment_ids", "q_offset", "kv_lengths")
+__all__ = ["ChunkedBlockSizes", "chunked_attention", "tables_for"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,7 +76,8 @@ class ChunkedBlockSizes:
     ``for_backend`` gives the defaults: 256 × 256 on CPU (fastest wall time measured for fp32
     fwd+bwd at T = 4096 on 2 cores: 1.89 s vs 2.61 s at 128 and 2.49 s at 512; finer blocks skip
     more of the causal triangle, coarser ones give XLA's threads bigger ops), 512 × 512 on
-    accelerators, where each loop iteration carries a fixed launch overhead.
+    accelerators, where each loop iteration carries a fixed launch overhead. With block-visit
+    lists the default is the lists' block sizes.
     """
 
     block_q: int = 512
@@ -65,7 +86,7 @@ class ChunkedBlockSizes:
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ChunkedBlockSizes.{name} must be a positive int, got {value!r}")
 
     @classmethod
@@ -79,123 +100,104 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _block_tables(a: AttentionArgs, bq: int, bk: int, nq: int, nk: int):
-    """idx [nq, nk] (visible kv blocks first, in order), cnt [nq], full [nq, nk]."""
-    qb = jnp.arange(nq, dtype=jnp.int32)[:, None]
-    kb = jnp.arange(nk, dtype=jnp.int32)[None, :]
-    q_lo_i, q_hi_i = qb * bq, jnp.minimum(qb * bq + bq - 1, a.T - 1)
-    k_lo, k_hi = kb * bk, jnp.minimum(kb * bk + bk - 1, a.S - 1)
-    off = jnp.zeros((), jnp.int32) if a.q_offset is None else jnp.asarray(a.q_offset, jnp.int32)
-    q_lo, q_hi = q_lo_i + jnp.min(off), q_hi_i + jnp.max(off)
-    vis = jnp.ones((nq, nk), bool)
-    full = jnp.broadcast_to(kb * bk + bk <= a.S, (nq, nk))
-    if a.spec is not None:
-        vis &= a.spec.block_visible(q_lo, q_hi, k_lo, k_hi)
-        # full needs every query offset to agree: use the exact range of each row only when
-        # the offset is one scalar
-        exact = off.ndim == 0
-        full &= a.spec.block_full(q_lo, q_hi, k_lo, k_hi) & exact
-    if a.kv_lengths is not None:
-        vis &= k_lo < jnp.max(a.kv_lengths)
-        full &= k_hi < jnp.min(a.kv_lengths)
-    if a.dense is not None:
-        b, n = a.dense.shape[:2]
-        d = jnp.pad(a.dense, ((0, 0), (0, 0), (0, nq * bq - a.T), (0, nk * bk - a.S)))
-        vis &= d.reshape(b, n, nq, bq, nk, bk).any(axis=(0, 1, 3, 5))
-        full = jnp.zeros_like(full)
-    if a.q_segment_ids is not None:
+def block_sizes_for(a: AttentionArgs, bs: ChunkedBlockSizes | None) -> tuple[int, int]:
+    """Effective (block_q, block_kv): shrunk to T and S; with visit lists, nested in theirs.
 
-        def ranges(seg, n_blocks, block):
-            seg = jnp.pad(seg, ((0, 0), (0, n_blocks * block - seg.shape[1])), mode="edge")
-            seg = seg.reshape(seg.shape[0], n_blocks, block)
-            return seg.min(-1), seg.max(-1)
-
-        qmin, qmax = ranges(a.q_segment_ids, nq, bq)
-        kmin, kmax = ranges(a.kv_segment_ids, nk, bk)
-        overlap = (qmin[:, :, None] <= kmax[:, None, :]) & (kmin[:, None, :] <= qmax[:, :, None])
-        vis &= overlap.any(axis=0)
-        full = jnp.zeros_like(full)
-    idx = jnp.argsort(~vis, axis=1, stable=True).astype(jnp.int32)
-    cnt = vis.sum(axis=1).astype(jnp.int32)
-    return idx, cnt, full & vis
+    Raises:
+      ValueError: explicit block sizes that do not nest inside the visit lists' blocks.
+    """
+    if bs is None and a.visits:
+        bq = functools.reduce(math.gcd, (v.block_q for v in a.visits))
+        bk = functools.reduce(math.gcd, (v.block_kv for v in a.visits))
+    else:
+        bs = bs or ChunkedBlockSizes.for_backend()
+        bq, bk = bs.block_q, bs.block_kv
+    bq, bk = min(bq, a.T), min(bk, a.S)
+    for v in a.visits:
+        if not (block_tables.nests(a.T, bq, v.block_q) and block_tables.nests(a.S, bk, v.block_kv)):
+            raise ValueError(
+                f"'chunked' blocks (block_q={bq}, block_kv={bk}) must nest inside the visit "
+                f"lists' blocks (block_q={v.block_q}, block_kv={v.block_kv}): pass "
+                "ChunkedBlockSizes that divide them, or leave block_sizes unset"
+            )
+    return bq, bk
 
 
-def _masked_scores(a, bq, bk, q_blk, k_blk, qb, kb, full, dense):
+def tables_for(a: AttentionArgs, bq: int, bk: int) -> block_tables.Tables:
+    """The visit tables of this call at blocks (bq, bk): shared by the batch unless the visit
+    lists are per batch row or kv head."""
+    segments = None if a.q_segment_ids is None else (a.q_segment_ids, a.kv_segment_ids)
+    return block_tables.build(
+        a.spec,
+        q_len=a.T,
+        kv_len=a.S,
+        block_q=bq,
+        block_kv=bk,
+        q_offset=0 if a.q_offset is None else a.q_offset,
+        kv_lengths=a.kv_lengths,
+        segment_ids=segments,
+        dense=a.dense,
+        visits=a.visits,
+    )
+
+
+def _masked_scores(a, bq, blocks, q_blk, k_blk, qb, kb, full, valid, dense):
     """Scores of one block, -inf where masked; returns (masked scores, unmasked scores).
 
-    ``full`` is the block's traced "no element masked" flag from the block table, or None
-    (a lone kv block, which has no table) to mask elementwise without a branch.
+    ``full`` is the block's traced "no element masked" flag from the tables, or None (a lone
+    kv block, which has no table) to mask elementwise without a branch; ``valid`` [Rb, Rk]
+    (per-row tables) is False for rows whose list is shorter than this step.
     """
     B, K, G, T, _ = q_blk.shape
     s = scores_fp32(a, _fold(q_blk), k_blk, "bkrh,bksh->bkrs").reshape(B, K, G, T, -1)
 
     def apply_mask(s):
+        q_idx = qb * bq + jnp.arange(bq, dtype=jnp.int32)
+        k_idx = blocks.k_idx(kb)
         dense_blk = None
         if dense is not None:
-            dense_blk = jax.lax.dynamic_slice(
-                dense, (0, 0, qb * bq, kb * bk), (*dense.shape[:2], bq, bk)
-            )
-        q_idx = qb * bq + jnp.arange(bq, dtype=jnp.int32)
-        k_idx = kb * bk + jnp.arange(bk, dtype=jnp.int32)
-        return jnp.where(visible(a, q_idx, k_idx, dense_blk), s, -jnp.inf)
+            rows = _slice(dense, qb * bq, bq, 2)
+            if blocks.per_row:
+                dense_blk = gather_columns(rows, k_idx, a.K)
+            else:
+                dense_blk = _slice(rows, kb * blocks.bk, blocks.bk, 3)
+        extra = None if valid is None else valid[:, :, None, None, None]
+        return jnp.where(visible(a, q_idx, k_idx, dense_blk, extra), s, -jnp.inf)
 
     if full is None:
         return apply_mask(s), s
     return jax.lax.cond(full, lambda s: s, apply_mask, s), s
 
 
-def _slice(x, start, size, axis):
-    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+def _dropped(a, p, bq, blocks, qb, kb):
+    """(p with dropped entries zeroed and kept ones scaled by 1 / (1 - rate), keep scale)."""
+    if not a.dropout_rate:
+        return p, None
+    q_idx = qb * bq + jnp.arange(bq, dtype=jnp.int32)
+    z = jnp.where(dropout_keep(a, q_idx, blocks.k_idx(kb)), 1.0 / (1.0 - a.dropout_rate), 0.0)
+    return p * z, z
 
 
-def _precision(dtype):
-    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+def _over_kv_blocks(tables, qb, body, carry):
+    """carry = body(kb, full, valid, carry) for each kv block q block ``qb`` visits.
 
-
-def _fold(x):
-    """[B, K, G, t, ...] -> [B, K, G·t, ...] (a free reshape): the G query heads of a kv
-    group become rows of one matmul. Keeping G as its own axis made XLA:CPU lay out the
-    common G = 1 (MLA, MHA) with the unit axis in the middle and materialise transposing
-    copies of every [B, K, 1, t, s] probability block (measured on the MLA training step)."""
-    return x.reshape(x.shape[0], x.shape[1], -1, *x.shape[4:])
-
-
-def _dot(spec, x, y):
-    """``einsum(spec, x, y)`` in fp32, with operands and result laid out "bkgt..." folded to
-    rows "bkr..." for the matmul (see ``_fold``)."""
-    ins, out = spec.split("->")
-    specs, args = [], []
-    for sub, arg in zip(ins.split(","), (x, y)):
-        if sub.startswith("bkgt"):
-            sub, G, t, arg = "bkr" + sub[4:], arg.shape[2], arg.shape[3], _fold(arg)
-        specs.append(sub)
-        args.append(arg)
-    fold_out = out.startswith("bkgt")
-    r = jnp.einsum(
-        f"{','.join(specs)}->{'bkr' + out[4:] if fold_out else out}",
-        *args,
-        preferred_element_type=jnp.float32,
-        precision=_precision(x.dtype),
-    )
-    return r.reshape(r.shape[0], r.shape[1], G, t, *r.shape[3:]) if fold_out else r
-
-
-def _over_kv_blocks(nk, tables, qb, body, carry):
-    """carry = body(kb, full, carry) for each kv block q block ``qb`` sees.
-
-    One kv block (nk == 1): the body runs once, without a loop or a lax.cond. If the table
-    would have ruled the block out, its elementwise mask hides every key, which gives the
-    same result as not running it (m = -inf, l = 0: zeros, lse = -inf, zero gradients).
+    No tables (one kv block, no lists): the body runs once, without a loop or a lax.cond; if
+    the block is invisible its elementwise mask hides every key, which gives the same result
+    as not running it (m = -inf, l = 0: zeros, lse = -inf, zero gradients).
     """
-    if nk == 1:
-        return body(0, None, carry)
-    idx, cnt, full = tables
+    if tables is None:
+        return body(0, None, None, carry)
+    idx, cnt, flg = (x[:, :, qb] for x in (tables.index, tables.count, tables.flags))
+    full = (flg & block_tables.FULL_BIT) != 0
+    if tables.shape[:2] == (1, 1):
+        step = lambda i, c: body(idx[0, 0, i], full[0, 0, i], None, c)
+        return jax.lax.fori_loop(0, cnt[0, 0], step, carry)
 
-    def step(i, carry):
-        kb = idx[qb, i]
-        return body(kb, full[qb, kb], carry)
+    def step(i, c):
+        valid = i < cnt  # rows whose list is shorter than i + 1 are masked at this step
+        return body(idx[:, :, i], jnp.all(valid & full[:, :, i]), valid, c)
 
-    return jax.lax.fori_loop(0, cnt[qb], step, carry)
+    return jax.lax.fori_loop(0, jnp.max(cnt), step, carry)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -204,22 +206,24 @@ def _attention(a, bq, bk, q, k, v, arrays, tables):
 
 
 def _forward(a, bq, bk, q, k, v, arrays, tables):
-    """q [B, K, G, Tp, H], k [B, K, Sp, H], v [B, K, Sp, V] -> o [B, K, G, Tp, V], lse."""
+    """q [B, K, G, Tp, H], k [B, K, Sp, H], v [B, K_v, Sp, V] -> o [B, K, G, Tp, V], lse."""
     a = dataclasses.replace(a, **arrays)
     B, K, G, Tp, _ = q.shape
-    V, nq, nk = v.shape[-1], Tp // bq, k.shape[2] // bk
+    V, nq = v.shape[-1], Tp // bq
     dense = _pad_dense(a, Tp, k.shape[2])
+    blocks = Blocks(a, bk, k, v, tables)
 
     def q_block(qb):
         q_blk = _slice(q, qb * bq, bq, 3)
 
-        def body(kb, full, carry):
-            k_blk, v_blk = _slice(k, kb * bk, bk, 2), _slice(v, kb * bk, bk, 2)
-            s, _ = _masked_scores(a, bq, bk, q_blk, k_blk, qb, kb, full, dense)
+        def body(kb, full, valid, carry):
+            k_blk, v_blk = blocks.read(k, v, kb, valid)
+            s, _ = _masked_scores(a, bq, blocks, q_blk, k_blk, qb, kb, full, valid, dense)
             m_new = s.max(-1) if carry is None else jnp.maximum(carry[0], s.max(-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all masked so far: exp(-inf)=0
             p = jnp.exp(s - m_safe[..., None])
-            pv = _dot("bkgts,bksv->bkgtv", p.astype(v.dtype), v_blk)
+            pd, _ = _dropped(a, p, bq, blocks, qb, kb)
+            pv = regroup(_dot("bkgts,bksv->bkgtv", regroup(pd.astype(v.dtype), blocks.P), v_blk), K)
             if carry is None:  # the first block: nothing to rescale
                 return m_new, p.sum(-1), pv
             m, l, acc = carry
@@ -227,13 +231,13 @@ def _forward(a, bq, bk, q, k, v, arrays, tables):
             return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv
 
         init = None
-        if nk > 1:
+        if tables is not None:
             init = (
                 jnp.full((B, K, G, bq), -jnp.inf, jnp.float32),
                 jnp.zeros((B, K, G, bq), jnp.float32),
                 jnp.zeros((B, K, G, bq, V), jnp.float32),
             )
-        m, l, acc = _over_kv_blocks(nk, tables, qb, body, init)
+        m, l, acc = _over_kv_blocks(tables, qb, body, init)
         o = acc / jnp.where(l == 0, 1.0, l)[..., None]
         lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))
         return o.astype(q.dtype), lse
@@ -259,9 +263,11 @@ def _backward(a, bq, bk, res, cts):
     do, dlse = cts
     a = dataclasses.replace(a, **arrays)
     B, K, G, Tp, H = q.shape
-    nq, nk = Tp // bq, k.shape[2] // bk
+    nq = Tp // bq
     dense = _pad_dense(a, Tp, k.shape[2])
+    blocks = Blocks(a, bk, k, v, tables)
     # D = rowsum(dO ∘ O) − dlse: the softmax-Jacobian term, with the lse cotangent folded in
+    # (with dropout O holds the dropped probabilities, so D = rowsum(P ∘ dP) still holds)
     d = jnp.einsum("bkgtv,bkgtv->bkgt", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
     lse = jnp.where(jnp.isinf(lse), 0.0, lse)
     cap = a.logits_soft_cap
@@ -269,32 +275,30 @@ def _backward(a, bq, bk, res, cts):
     def q_block(carry, qb):
         q_blk, do_blk = _slice(q, qb * bq, bq, 3), _slice(do, qb * bq, bq, 3)
         lse_blk, d_blk = _slice(lse, qb * bq, bq, 3), _slice(d, qb * bq, bq, 3)
+        do_p = regroup(do_blk, blocks.P)
 
-        def body(kb, full, inner):
+        def body(kb, full, valid, inner):
             dq, dk, dv = inner
-            k_blk, v_blk = _slice(k, kb * bk, bk, 2), _slice(v, kb * bk, bk, 2)
-            s, s_unmasked = _masked_scores(a, bq, bk, q_blk, k_blk, qb, kb, full, dense)
+            k_blk, v_blk = blocks.read(k, v, kb, valid)
+            s, s_unmasked = _masked_scores(a, bq, blocks, q_blk, k_blk, qb, kb, full, valid, dense)
             p = jnp.exp(s - lse_blk[..., None])
-            dv_blk = _dot("bkgts,bkgtv->bksv", p.astype(do.dtype), do_blk)
-            dp = _dot("bkgtv,bksv->bkgts", do_blk, v_blk)
+            pd, z = _dropped(a, p, bq, blocks, qb, kb)
+            dv_blk = _dot("bkgts,bkgtv->bksv", regroup(pd.astype(do.dtype), blocks.P), do_p)
+            dp = regroup(_dot("bkgtv,bksv->bkgts", do_p, v_blk), K)
+            if z is not None:  # dropped entries carry no gradient, kept ones the same scale
+                dp = dp * z
             ds = p * (dp - d_blk[..., None])
             if cap is not None:  # d/dx cap·tanh(x/cap) = 1 − tanh², from the unmasked logits
                 ds = ds * (1.0 - jnp.square(s_unmasked / cap))
             ds = (ds * a.scale).astype(q.dtype)
             dq = dq + _dot("bkgts,bksh->bkgth", ds, k_blk)
             dk_blk = _dot("bkgts,bkgth->bksh", ds, q_blk)
-            if nk == 1:  # the block is all of dk and dv
+            if tables is None:  # the block is all of dk and dv
                 return dq, dk + dk_blk, dv + dv_blk
-            dk = jax.lax.dynamic_update_slice_in_dim(
-                dk, _slice(dk, kb * bk, bk, 2) + dk_blk, kb * bk, axis=2
-            )
-            dv = jax.lax.dynamic_update_slice_in_dim(
-                dv, _slice(dv, kb * bk, bk, 2) + dv_blk, kb * bk, axis=2
-            )
-            return dq, dk, dv
+            return (dq, *blocks.add(dk, dv, kb, dk_blk, dv_blk))
 
         dq0 = jnp.zeros((B, K, G, bq, H), jnp.float32)
-        dq, dk, dv = _over_kv_blocks(nk, tables, qb, body, (dq0, *carry))
+        dq, dk, dv = _over_kv_blocks(tables, qb, body, (dq0, *carry))
         return (dk, dv), dq
 
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
@@ -322,16 +326,16 @@ def chunked_attention(
 
     Args:
       a: the validated call (see ``check_args``).
-      q_BTNH, k_BSKH, v_BSKV: inputs, one floating dtype.
+      q_BTNH, k_BSKH, v_BSKV: inputs, one floating dtype; v may have K_v != K heads.
       return_lse: also return lse_BNT (float32, -inf for rows that see no key).
-      block_sizes: queries/keys per block; blocks shrink to T or S when those are smaller.
+      block_sizes: queries/keys per block; blocks shrink to T and S when those are smaller.
+        Default: ``ChunkedBlockSizes.for_backend()``, or the visit lists' block sizes.
 
     Returns:
       o_BTNV in q's dtype (and lse_BNT). Lengths that are not block multiples are padded and
       the padding masked; rows that see no key give zeros and zero gradients.
     """
-    bs = block_sizes or ChunkedBlockSizes.for_backend()
-    bq, bk = min(bs.block_q, a.T), min(bs.block_kv, a.S)
+    bq, bk = block_sizes_for(a, block_sizes)
     Tp, Sp = _round_up(a.T, bq), _round_up(a.S, bk)
     B, K, G = a.B, a.K, a.G
     # head-major layout, once: each (b, k) block product is one batched matmul over the G·bq
@@ -340,17 +344,9 @@ def chunked_attention(
     q_BKGTH = pad(q_BTNH, Tp).reshape(B, Tp, K, G, a.H).transpose(0, 2, 3, 1, 4)
     k_BKSH = pad(k_BSKH, Sp).transpose(0, 2, 1, 3)
     v_BKSV = pad(v_BSKV, Sp).transpose(0, 2, 1, 3)
-    arrays = {f: getattr(a, f) for f in _ARRAY_FIELDS if not _is_static(getattr(a, f))}
-    static = dataclasses.replace(a, **{f: None for f in arrays})
-    # one kv block: no table (the block is masked elementwise, see _over_kv_blocks)
-    tables = _block_tables(a, bq, bk, Tp // bq, Sp // bk) if Sp > bk else None
+    static, arrays = split_arrays(a)
+    # one kv block and no lists: no table (the block is masked elementwise, _over_kv_blocks)
+    tables = tables_for(a, bq, bk) if Sp > bk or a.visits else None
     o_BKGTV, lse_BKGT = _attention(static, bq, bk, q_BKGTH, k_BKSH, v_BKSV, arrays, tables)
     o = o_BKGTV[:, :, :, : a.T].transpose(0, 3, 1, 2, 4).reshape(B, a.T, a.N, a.V)
     return (o, lse_BKGT[..., : a.T].reshape(B, a.N, a.T)) if return_lse else o
-
-
-def _is_static(x) -> bool:
-    return x is None or isinstance(x, int)
-
-
-block_tables = _block_tables  # for tests that count visited blocks

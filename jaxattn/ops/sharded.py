@@ -21,7 +21,7 @@ import jax
 from jax.sharding import Mesh
 
 from jaxattn.sharding import logical_to_spec
-from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.decode_attention import decode_attention_tpu
 
 __all__ = ["shard_attention", "sharded_decode_attention", "attention_specs"]
 
@@ -114,15 +114,16 @@ def shard_attention(fn: Callable, mesh: Mesh, *, with_lse: bool = False, check_v
 
 
 def sharded_decode_attention(mesh: Mesh, **kernel_kwargs) -> Callable:
-    """``pallas_kernels.decode_attention`` over a mesh: ``f(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B)``.
+    """``pallas_kernels.decode_attention.decode_attention_tpu`` over a mesh:
+    ``f(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B)``.
 
     Args:
       mesh: the mesh (batch over "batch" axes, heads over "act_heads"/"act_kv_heads" axes).
-      **kernel_kwargs: keyword arguments of ``decode_attention`` (scale, window, block_sizes,
+      **kernel_kwargs: keyword arguments of ``decode_attention_tpu`` (scale, window, block_sizes,
         return_lse, interpret ...). Splits and block sizes apply per device.
 
     Returns:
       The wrapped function; returns o_BTNV, and lse_BNT when ``return_lse=True``.
     """
-    fn = functools.partial(decode_attention, **kernel_kwargs)
+    fn = functools.partial(decode_attention_tpu, **kernel_kwargs)
     return shard_attention(fn, mesh, with_lse=bool(kernel_kwargs.get("return_lse", False)))

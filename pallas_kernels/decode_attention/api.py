@@ -1,8 +1,10 @@
 """Public entry point of the TPU decode-attention kernel: checks, block sizes, layout.
 
-``decode_attention`` packs the queries of each kv head into rows, runs the split Pallas
+``decode_attention_tpu`` packs the queries of each kv head into rows, runs the split Pallas
 kernel (``tpu.decode_partials``) and merges the splits (``tpu.combine_splits``). Inference
-only: there is no backward. It is jit-able with traced ``kv_lengths``.
+only: there is no backward (``jaxattn.dot_product_attention(implementation=
+"pallas_tpu_decode")`` adds one through its reference). It is jit-able with traced
+``kv_lengths`` and ``q_offsets``.
 """
 
 from __future__ import annotations
@@ -11,24 +13,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.decode_attention import tpu
-
-__all__ = [
-    "DecodeBlockSizes",
-    "decode_attention",
-    "decode_attention_gpu",
-    "unsupported_reason",
-    "unsupported_reason_gpu",
-]
+__all__ = ["DecodeKernelBlockSizes", "decode_attention_tpu", "unsupported_reason"]
 
 SUPPORTED_HEAD_DIMS = (64, 128, 192, 256, 512, 576)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DecodeBlockSizes:
-    """Tunables of the decode kernel.
+class DecodeKernelBlockSizes:
+    """Tunables of the decode kernels (``jaxattn.ops.DecodeBlockSizes`` tunes the op's XLA
+    "decode" implementation instead).
 
     Attributes:
       block_kv: cache rows per block; used as is when it is < C (then a multiple of 8;
@@ -43,10 +37,15 @@ class DecodeBlockSizes:
     min_parallel: int = 8
 
     def __post_init__(self):
-        if self.block_kv < 1:
-            raise ValueError(f"{self.block_kv=} must be >= 1")
-        if self.num_splits is not None and self.num_splits < 1:
-            raise ValueError(f"{self.num_splits=} must be >= 1 or None")
+        for name in ("block_kv", "min_parallel", "num_splits"):
+            value = getattr(self, name)
+            if name == "num_splits" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"DecodeKernelBlockSizes.{name} must be a positive int"
+                    f"{' or None' if name == 'num_splits' else ''}, got {value!r}"
+                )
 
     def resolve(self, B: int, K: int, C: int) -> tuple[int, int]:
         """Effective (block_kv, num_splits) for a cache of length C."""
@@ -58,14 +57,14 @@ class DecodeBlockSizes:
         return block_kv, max(1, min(splits, num_blocks))
 
 
-def _pack_rows(q_BTNH, K: int):
+def pack_rows(q_BTNH, K: int):
     """q [B, T, N, H] -> [B, K, G*T, H]: the queries of kv head k as rows ordered (g, t)."""
     B, T, N, H = q_BTNH.shape
     return q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, H)
 
 
-def _unpack_rows(o_BKRV, lse_BKR, q_BTNH, return_lse):
-    """The inverse of ``_pack_rows`` on the outputs (rows past G*T are padding, dropped)."""
+def unpack_rows(o_BKRV, lse_BKR, q_BTNH, return_lse):
+    """The inverse of ``pack_rows`` on the outputs (rows past G*T are padding, dropped)."""
     B, T, N, _ = q_BTNH.shape
     K, V = o_BKRV.shape[1], o_BKRV.shape[-1]
     R = N // K * T
@@ -76,7 +75,9 @@ def _unpack_rows(o_BKRV, lse_BKR, q_BTNH, return_lse):
     return o_BTNV, lse_BKR[:, :, :R].reshape(B, N, T)  # rows (g, t) of head k: n = k * G + g
 
 
-def _check(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, block_sizes, window, logits_soft_cap):
+def check_inputs(
+    q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, block_sizes, window, logits_soft_cap, q_offsets_B=None
+):
     """Raise ValueError on malformed input, before any tracing work."""
     shapes = (
         f"q {q_BTNH.shape}, k {k_BCKH.shape}, v {v_BCKV.shape}, kv_lengths {kv_lengths_B.shape}"
@@ -95,13 +96,22 @@ def _check(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, block_sizes, window, logits_sof
         )
     if not jnp.issubdtype(kv_lengths_B.dtype, jnp.integer):
         raise ValueError(f"kv_lengths must be integer, got {kv_lengths_B.dtype}")
+    if q_offsets_B is not None and (
+        jnp.shape(q_offsets_B) != (B,) or not jnp.issubdtype(q_offsets_B.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"q_offsets must be int [B]={(B,)}, got {jnp.shape(q_offsets_B)} {q_offsets_B.dtype}"
+        )
     block_kv, _ = block_sizes.resolve(B, K, C)
     if block_kv != C and block_kv % 8:
-        raise ValueError(f"{block_kv=} must be a multiple of 8 when smaller than the cache {C=}")
-    if window is not None and window < 1:
-        raise ValueError(f"{window=} must be >= 1 or None")
+        raise ValueError(
+            f"DecodeKernelBlockSizes.block_kv={block_kv} must be a multiple of 8 when smaller "
+            f"than the cache C={C}"
+        )
+    if window is not None and (isinstance(window, bool) or window < 1):
+        raise ValueError(f"window must be >= 1 or None, got {window!r}")
     if logits_soft_cap is not None and logits_soft_cap <= 0:
-        raise ValueError(f"{logits_soft_cap=} must be > 0 or None")
+        raise ValueError(f"logits_soft_cap must be > 0 or None, got {logits_soft_cap!r}")
 
 
 def unsupported_reason(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, *, interpret=False, **kw):
@@ -122,24 +132,26 @@ def unsupported_reason(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, *, interpret=False,
     return None
 
 
-def decode_attention(
+def decode_attention_tpu(
     q_BTNH,
     k_BCKH,
     v_BCKV,
     kv_lengths_B,
     *,
+    q_offsets_B=None,
     scale: float | None = None,
     logits_soft_cap: float | None = None,
     window: int | None = None,
-    block_sizes: DecodeBlockSizes | None = None,
+    block_sizes: DecodeKernelBlockSizes | None = None,
     return_lse: bool = False,
     interpret=False,
 ):
     """Attention of T queries per sequence over a ragged KV cache (flash-decoding on TPU).
 
-    Query t of sequence b sits at position ``p = kv_lengths[b] - T + t``; key j is visible when
-    ``j <= p``, ``j < kv_lengths[b]`` and, with ``window=W``, ``p - j < W``. A row with no
-    visible key gives zeros and lse = -inf, never NaN.
+    Query t of sequence b sits at position ``p = q_offsets[b] + t`` (default ``q_offsets =
+    kv_lengths - T``); key j is visible when ``j <= p``, ``j < kv_lengths[b]`` and, with
+    ``window=W``, ``p - j < W``. A row with no visible key gives zeros and lse = -inf, never
+    NaN.
 
     Args:
       q_BTNH: queries [B, T, N, H] (float32 or bfloat16).
@@ -149,10 +161,11 @@ def decode_attention(
         the latent cache is both key and value: slice ``o[..., :512]`` afterwards).
       kv_lengths_B: int [B], 0 <= kv_lengths <= C; may be traced. (Larger values see only
         the C cached keys, as in the reference: no block past the cache is ever read.)
+      q_offsets_B: int [B] position of query 0 of each sequence, or None; may be traced.
       scale: multiplies q.k; default 1/sqrt(H).
       logits_soft_cap: c in c * tanh(s / c), or None.
       window: sliding window W (p - j < W), or None.
-      block_sizes: ``DecodeBlockSizes``; default ``DecodeBlockSizes()``.
+      block_sizes: ``DecodeKernelBlockSizes``; default ``DecodeKernelBlockSizes()``.
       return_lse: also return lse_BNT.
       interpret: False on TPU; True or a ``pltpu.InterpretParams`` for the TPU interpreter.
 
@@ -163,9 +176,16 @@ def decode_attention(
       ValueError: malformed shapes, dtypes or options.
       NotImplementedError: ``unsupported_reason`` is not None.
     """
-    block_sizes = DecodeBlockSizes() if block_sizes is None else block_sizes
+    from jax.experimental.pallas import tpu as pltpu
+
+    from pallas_kernels.decode_attention import tpu
+
+    block_sizes = DecodeKernelBlockSizes() if block_sizes is None else block_sizes
     kv_lengths_B = jnp.asarray(kv_lengths_B)
-    _check(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, block_sizes, window, logits_soft_cap)
+    q_offsets_B = None if q_offsets_B is None else jnp.asarray(q_offsets_B)
+    check_inputs(
+        q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, block_sizes, window, logits_soft_cap, q_offsets_B
+    )
     reason = unsupported_reason(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, interpret=interpret)
     if reason is not None:
         raise NotImplementedError(f"pallas_kernels.decode_attention: {reason}")
@@ -176,12 +196,13 @@ def decode_attention(
     block_kv, num_splits = block_sizes.resolve(B, K, C)
     scale = H**-0.5 if scale is None else float(scale)
     # Rows (g, t) of one kv head form the matmul's M dimension: [B, K, G*T, H].
-    q_BKRH = _pack_rows(q_BTNH, K)
+    q_BKRH = pack_rows(q_BTNH, K)
     acc, m, l = tpu.decode_partials(
         q_BKRH,
         k_BCKH,
         v_BCKV,
         kv_lengths_B,
+        q_offsets_B,
         T=T,
         block_kv=block_kv,
         num_splits=num_splits,
@@ -191,92 +212,4 @@ def decode_attention(
         shared_kv=v_BCKV is k_BCKH,
         interpret=interpret,
     )
-    return _unpack_rows(*tpu.combine_splits(acc, m, l), q_BTNH, return_lse)
-
-
-# ------------------------------------------------------------------------------ GPU
-
-GPU_HEAD_DIMS = (64, 128, 192, 256)
-
-
-def gpu_block_kv(C: int, H: int, V: int) -> int | None:
-    """Largest kv tile in (128, 64) that divides the cache (narrower for wide heads)."""
-    for block in (128, 64) if max(H, V) <= 128 else (64,):
-        if C % block == 0:
-            return block
-    return None
-
-
-def unsupported_reason_gpu(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, *, interpret=False, **kw):
-    """Why the Mosaic GPU decode kernel cannot serve the call, or None when it can.
-
-    The platform is not checked (the call may be lowered for CUDA elsewhere): without a GPU,
-    pass ``interpret=True``.
-    """
-    B, T, N, H = q_BTNH.shape
-    _, C, K, V = v_BCKV.shape
-    if H not in GPU_HEAD_DIMS or V not in GPU_HEAD_DIMS:
-        return f"head dims H={H}, V={V} not in {GPU_HEAD_DIMS} for the Mosaic GPU decode kernel"
-    if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"dtype {q_BTNH.dtype} is not bfloat16 or float16 (tensor-core operands)"
-    if (N // K) * T > 64:
-        return f"G * T = {(N // K) * T} query rows per kv head exceed one 64-row tile"
-    if gpu_block_kv(C, H, V) is None:
-        return f"cache length C={C} must be a multiple of 64 (no per-step padding copy)"
-    return None
-
-
-def decode_attention_gpu(
-    q_BTNH,
-    k_BCKH,
-    v_BCKV,
-    kv_lengths_B,
-    *,
-    scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    window: int | None = None,
-    num_splits: int | None = None,
-    return_lse: bool = False,
-    interpret=False,
-):
-    """``decode_attention`` on NVIDIA Hopper (Pallas Mosaic GPU); same semantics and results.
-
-    bfloat16/float16, head dims in ``GPU_HEAD_DIMS``, at most 64 query rows (G * T) per kv
-    head, cache length a multiple of 64. ``num_splits`` (default: enough that B * K * splits
-    covers 132 SMs, capped by the block count) cuts the kv axis. ``interpret``: True or an
-    ``InterpretGPUParams`` runs it in the Mosaic GPU interpreter on CPU.
-    """
-    from pallas_kernels.decode_attention import gpu
-
-    kv_lengths_B = jnp.asarray(kv_lengths_B)
-    _check(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, DecodeBlockSizes(), window, logits_soft_cap)
-    reason = unsupported_reason_gpu(q_BTNH, k_BCKH, v_BCKV, kv_lengths_B, interpret=interpret)
-    if reason is not None:
-        raise NotImplementedError(f"pallas_kernels.decode_attention (GPU): {reason}")
-    if interpret is True:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-        interpret = InterpretGPUParams()
-    B, T, N, H = q_BTNH.shape
-    _, C, K, V = v_BCKV.shape
-    G = N // K
-    block_kv = gpu_block_kv(C, H, V)
-    num_blocks = C // block_kv
-    if num_splits is None:
-        num_splits = -(-132 // (B * K))
-    num_splits = max(1, min(int(num_splits), num_blocks))
-    q_BKRH = jnp.pad(_pack_rows(q_BTNH, K), ((0, 0), (0, 0), (0, gpu.ROWS - G * T), (0, 0)))
-    o_BKSRV, lse_BKSR = gpu.decode_partials(
-        q_BKRH,
-        k_BCKH,
-        v_BCKV,
-        kv_lengths_B,
-        T=T,
-        block_kv=block_kv,
-        num_splits=num_splits,
-        scale=H**-0.5 if scale is None else float(scale),
-        soft_cap=logits_soft_cap,
-        window=window,
-        interpret=interpret,
-    )
-    return _unpack_rows(*gpu.combine(o_BKSRV, lse_BKSR), q_BTNH, return_lse)
+    return unpack_rows(*tpu.combine_splits(acc, m, l), q_BTNH, return_lse)

@@ -35,15 +35,15 @@ ROWS = 64  # query rows per CTA: one wgmma M tile
 
 
 def _kernel(
-    q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, q_smem, o_smem, lse_smem, bar,
+    q_ref, k_ref, v_ref, len_ref, off_ref, o_ref, lse_ref, q_smem, o_smem, lse_smem, bar,
     *, T, C, block_kv, blocks_per_split, scale, soft_cap, window, lay,
 ):  # fmt: skip
     kvh, s, b = lax.axis_index("heads"), lax.axis_index("split"), lax.axis_index("batch")
     Rp, H = q_smem.shape
     V = o_smem.shape[-1]
-    kv_len = len_ref[b]
+    kv_len, q0 = len_ref[b], off_ref[b]  # query t sits at position q0 + t
     n_keys = jnp.minimum(kv_len, C)
-    lo, count = live_blocks(kv_len, T=T, block_kv=block_kv, window=window, cache_len=C)
+    lo, count = live_blocks(kv_len, T=T, block_kv=block_kv, window=window, cache_len=C, q_start=q0)
     first = jnp.maximum(lo, s * blocks_per_split)
     last = jnp.minimum(lo + count, (s + 1) * blocks_per_split)  # exclusive
     steps = jnp.maximum(last - first, 0)
@@ -60,7 +60,7 @@ def _kernel(
         )
         rows, cols = lay.iota(s_shape)
         k_pos = start + cols
-        q_pos = kv_len - T + (lax.rem(rows, jnp.int32(T)) if T > 1 else 0)
+        q_pos = q0 + (lax.rem(rows, jnp.int32(T)) if T > 1 else 0)
         vis = (k_pos <= q_pos) & (k_pos < n_keys)
         if window is not None:
             vis = vis & (q_pos - k_pos < window)
@@ -88,8 +88,8 @@ def _kernel(
 
 
 def decode_partials(
-    q_BKRH, k_BCKH, v_BCKV, kv_lengths_B, *, T, block_kv, num_splits, scale, soft_cap, window,
-    interpret,
+    q_BKRH, k_BCKH, v_BCKV, kv_lengths_B, q_offsets_B=None, *, T, block_kv, num_splits, scale,
+    soft_cap, window, interpret,
 ):  # fmt: skip
     """Per-split normalised outputs o [B, K, splits, Rp, V] (fp32 where shared memory allows)
     and lse [B, K, splits, Rp] (fp32)."""
@@ -131,7 +131,9 @@ def decode_partials(
     )
     k_BCX = k_BCKH.reshape(B, C, K * H)
     v_BCX = v_BCKV.reshape(B, C, K * V)
-    return kernel(q_BKRH, k_BCX, v_BCX, jnp.asarray(kv_lengths_B, jnp.int32))
+    lens = jnp.asarray(kv_lengths_B, jnp.int32)
+    offs = lens - T if q_offsets_B is None else jnp.asarray(q_offsets_B, jnp.int32)
+    return kernel(q_BKRH, k_BCX, v_BCX, lens, offs)
 
 
 def combine(o_BKSRV, lse_BKSR):

@@ -1,7 +1,8 @@
 """Plain-jnp reference of decode attention (a few queries over a long, ragged KV cache).
 
-Query ``t`` of sequence ``b`` sits at position ``p = kv_lengths[b] - T + t`` on the cache axis
-(the last T tokens written into the cache are the queries' own). Key ``j`` is visible when
+Query ``t`` of sequence ``b`` sits at position ``p = q_offsets[b] + t`` on the cache axis, by
+default ``q_offsets = kv_lengths - T`` (the last T tokens written into the cache are the
+queries' own). Key ``j`` is visible when
 ``j <= p`` and ``j < kv_lengths[b]``, and with ``window=W`` also ``p - j < W``. Then
 
     o[b, t, n] = softmax_j(s[b, n, t, j]) @ v[b, :, n // G],
@@ -20,7 +21,9 @@ import jax.numpy as jnp
 __all__ = ["decode_attention_reference", "visible_mask"]
 
 
-def visible_mask(kv_lengths_B, num_queries: int, cache_len: int, window: int | None = None):
+def visible_mask(
+    kv_lengths_B, num_queries: int, cache_len: int, window: int | None = None, q_offsets_B=None
+):
     """Bool mask_BTC: may query t of sequence b see key j.
 
     Args:
@@ -28,12 +31,16 @@ def visible_mask(kv_lengths_B, num_queries: int, cache_len: int, window: int | N
       num_queries: T, the number of queries per sequence.
       cache_len: C, the cache length.
       window: W, keys within W positions of the query (p - j < W), or None for all.
+      q_offsets_B: int [B] position of query 0, default kv_lengths - T.
 
     Returns:
       bool [B, T, C].
     """
     kv_lengths_B = jnp.asarray(kv_lengths_B, jnp.int32)
-    q_pos_BT1 = (kv_lengths_B[:, None] - num_queries + jnp.arange(num_queries))[:, :, None]
+    if q_offsets_B is None:
+        q_offsets_B = kv_lengths_B - num_queries
+    q_offsets_B = jnp.asarray(q_offsets_B, jnp.int32)
+    q_pos_BT1 = (q_offsets_B[:, None] + jnp.arange(num_queries))[:, :, None]
     k_pos_11C = jnp.arange(cache_len)[None, None, :]
     mask_BTC = (k_pos_11C <= q_pos_BT1) & (k_pos_11C < kv_lengths_B[:, None, None])
     if window is not None:
@@ -51,6 +58,7 @@ def decode_attention_reference(
     logits_soft_cap: float | None = None,
     window: int | None = None,
     return_lse: bool = False,
+    q_offsets_B=None,
 ):
     """Decode attention, computed densely in fp32.
 
@@ -63,6 +71,7 @@ def decode_attention_reference(
       logits_soft_cap: c in c * tanh(s / c), applied after scaling; None for none.
       window: sliding window W (p - j < W), or None.
       return_lse: also return the log-sum-exp of the (capped) scores.
+      q_offsets_B: int [B] position of query 0 of each sequence (default kv_lengths - T).
 
     Returns:
       o_BTNV in q's dtype, and lse_BNT (float32, -inf for rows with no visible key) if asked.
@@ -83,7 +92,7 @@ def decode_attention_reference(
     )
     if logits_soft_cap is not None:
         s_BKGTC = logits_soft_cap * jnp.tanh(s_BKGTC / logits_soft_cap)
-    mask_B11TC = visible_mask(kv_lengths_B, T, C, window)[:, None, None]
+    mask_B11TC = visible_mask(kv_lengths_B, T, C, window, q_offsets_B)[:, None, None]
     s_BKGTC = jnp.where(mask_B11TC, s_BKGTC, -jnp.inf)
     m_BKGT1 = jnp.max(s_BKGTC, axis=-1, keepdims=True)
     # Rows with no visible key have max -inf; shift by 0 there so exp gives 0, not NaN.

@@ -10,9 +10,10 @@ head is never repeated.
 Grid ``(B, K/hb, num_splits, blocks_per_split)``: the kv axis is cut into ``num_splits``
 contiguous splits (flash-decoding); each split keeps an online softmax in VMEM scratch and
 writes its unnormalised partial ``(acc, m, l)``; ``combine_splits`` merges the splits with the
-log-sum-exp rule. ``kv_lengths`` is scalar-prefetched: the index maps clamp the block index
-into the live range of the sequence, so dead steps repeat the previous block index and Pallas
-issues no DMA for them, and ``pl.when`` skips their compute.
+log-sum-exp rule. ``kv_lengths`` and the query offsets (query t of sequence b sits at position
+``q_offsets[b] + t``) are scalar-prefetched: the index maps clamp the block index into the live
+range of the sequence, so dead steps repeat the previous block index and Pallas issues no DMA
+for them, and ``pl.when`` skips their compute.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.decode_attention.blocks import live_block_range
+from pallas_kernels.decode_attention.blocks import live_block_range, visible_keys
 
 __all__ = [
     "decode_partials",
@@ -49,28 +50,35 @@ def heads_per_block(num_kv_heads: int, h: int, v: int) -> int:
     return num_kv_heads
 
 
-def kv_block_index(j, kv_len, *, T: int, block_kv: int, window: int | None, cache_len: int):
+def kv_block_index(
+    j, kv_len, *, T: int, block_kv: int, window: int | None, cache_len: int, q_start=None
+):
     """Cache block fetched at grid step j: j clamped into the live range of the sequence.
 
     Consecutive dead steps thus repeat one block index and Pallas issues no DMA for them.
-    Broadcasts over array ``j`` / ``kv_len``.
+    Broadcasts over array ``j`` / ``kv_len``; ``q_start`` defaults to kv_len - T.
     """
     lo_blk, hi_blk = live_block_range(
-        kv_len, T=T, block_kv=block_kv, window=window, cache_len=cache_len
+        kv_len, T=T, block_kv=block_kv, window=window, cache_len=cache_len, q_start=q_start
     )
     return jnp.minimum(jnp.maximum(j, lo_blk), hi_blk)
 
 
-def block_is_live(j, kv_len, *, T: int, block_kv: int, window: int | None, cache_len: int):
+def block_is_live(
+    j, kv_len, *, T: int, block_kv: int, window: int | None, cache_len: int, q_start=None
+):
     """Whether block j holds a key that one of the T queries can see (else compute skips)."""
+    q_start = kv_len - T if q_start is None else q_start
     lo_blk, hi_blk = live_block_range(
-        kv_len, T=T, block_kv=block_kv, window=window, cache_len=cache_len
+        kv_len, T=T, block_kv=block_kv, window=window, cache_len=cache_len, q_start=q_start
     )
-    return (j >= lo_blk) & (j <= hi_blk) & (j * block_kv < jnp.minimum(kv_len, cache_len))
+    n_keys = visible_keys(kv_len, q_start, T=T, cache_len=cache_len)
+    return (j >= lo_blk) & (j <= hi_blk) & (j * block_kv < n_keys)
 
 
 def _kernel(
     lens_ref,
+    offs_ref,
     q_ref,
     k_ref,
     *refs,
@@ -92,7 +100,7 @@ def _kernel(
     else:
         v_ref, acc_out, m_out, l_out, acc_scr, m_scr, l_scr = refs
     b, s, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    kv_len = lens_ref[b]
+    kv_len, q0 = lens_ref[b], offs_ref[b]  # query t sits at position q0 + t
     j = s * blocks_per_split + i
     R = q_ref.shape[1]  # G * T rows
 
@@ -102,14 +110,14 @@ def _kernel(
         m_scr[...] = jnp.full_like(m_scr, MASK_VALUE)
         l_scr[...] = jnp.zeros_like(l_scr)
 
-    live = block_is_live(j, kv_len, T=T, block_kv=block_kv, window=window, cache_len=C)
+    live = block_is_live(j, kv_len, T=T, block_kv=block_kv, window=window, cache_len=C, q_start=q0)
     n_keys = jnp.minimum(kv_len, C)  # keys that exist: j < kv_len and j < C
 
     start = j * block_kv
     # A block whose every key is visible to every row (interior of the cache, the usual case)
     # needs no iota, mask or row zeroing: that VPU work is comparable to the block's DMA time.
-    full = (start + block_kv <= jnp.minimum(kv_len - T + 1, n_keys)) & (
-        True if window is None else start >= kv_len - window
+    full = (start + block_kv <= jnp.minimum(q0 + 1, n_keys)) & (
+        True if window is None else start >= q0 + T - window
     )
 
     def update(masked: bool):
@@ -117,7 +125,7 @@ def _kernel(
             k_pos_RS = start + jax.lax.broadcasted_iota(jnp.int32, (R, block_kv), 1)
             t_RS = jax.lax.broadcasted_iota(jnp.int32, (R, block_kv), 0)
             t_RS = jax.lax.rem(t_RS, T) if T > 1 else jnp.zeros_like(t_RS)  # rows are (g, t)
-            q_pos_RS = kv_len - T + t_RS
+            q_pos_RS = q0 + t_RS
             visible_RS = (k_pos_RS <= q_pos_RS) & (k_pos_RS < n_keys)
             if window is not None:
                 visible_RS &= q_pos_RS - k_pos_RS < window
@@ -175,6 +183,7 @@ def decode_partials(
     k_BCKH,
     v_BCKV,
     kv_lengths_B,
+    q_offsets_B=None,
     *,
     T,
     block_kv,
@@ -192,6 +201,7 @@ def decode_partials(
       k_BCKH: key cache [B, C, K, H].
       v_BCKV: value cache [B, C, K, V].
       kv_lengths_B: int32 [B].
+      q_offsets_B: int32 [B], position of query 0 of each sequence (default kv_lengths - T).
       T: queries per sequence; block_kv: cache rows per block (== C, or a multiple of 8);
       num_splits: kv splits; scale, soft_cap, window: as in ``decode_attention``.
       shared_kv: ``v_BCKV`` is ``k_BCKH``: pass and DMA the cache once, read v from the k block.
@@ -207,21 +217,22 @@ def decode_partials(
     num_blocks = pl.cdiv(C, block_kv)
     bps = pl.cdiv(num_blocks, num_splits)
 
-    def q_map(b, h, s, i, lens_ref):
+    def q_map(b, h, s, i, lens_ref, offs_ref):
         return b, h, 0, 0
 
-    def kv_map(b, h, s, i, lens_ref):
+    def kv_map(b, h, s, i, lens_ref, offs_ref):
         j = kv_block_index(
-            s * bps + i, lens_ref[b], T=T, block_kv=block_kv, window=window, cache_len=C
-        )
+            s * bps + i, lens_ref[b], T=T, block_kv=block_kv, window=window, cache_len=C,
+            q_start=offs_ref[b],
+        )  # fmt: skip
         return b, j, h
 
-    def out_map(b, h, s, i, lens_ref):
+    def out_map(b, h, s, i, lens_ref, offs_ref):
         return b, s, h, 0, 0
 
     sq = pl.squeezed
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
+        num_scalar_prefetch=2,
         grid=(B, K // hb, num_splits, bps),
         in_specs=[
             pl.BlockSpec((sq, hb, R, H), q_map),
@@ -268,6 +279,7 @@ def decode_partials(
         name="decode_attention",
     )(
         kv_lengths_B.astype(jnp.int32),
+        (kv_lengths_B - T if q_offsets_B is None else q_offsets_B).astype(jnp.int32),
         q_BKRH,
         k_BCKH.reshape(B, C, K * H),  # free: merges the two minor dims
         *([] if shared_kv else [v_BCKV.reshape(B, C, K * V)]),

@@ -8,12 +8,10 @@ Public surface:
   attention_reference                          -- the plain-jnp semantics the kernels are tested on
 """
 
-from pallas_kernels.flash_attention.api import (
-    BlockSizes,
-    flash_attention,
+from pallas_kernels.flash_attention.api import BlockSizes, flash_attention, unsupported_reason
+from pallas_kernels.flash_attention.api_gpu import (
     flash_attention_gpu,
     gpu_block_sizes,
-    unsupported_reason,
     unsupported_reason_gpu,
 )
 from pallas_kernels.flash_attention.reference import attention_reference

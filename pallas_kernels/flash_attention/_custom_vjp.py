@@ -13,7 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import block_map, tpu, tpu_bwd
+from pallas_kernels import block_tables
+from pallas_kernels.flash_attention import tpu, tpu_bwd
 
 
 def _config(cls, st, groups, bq, bkv, has_segments):
@@ -123,8 +124,9 @@ def _layout(bq, bkv, q_BTNH, k_BSKH, v_BSKV, segs, kv_lengths):
     seg = None
     if segs is not None:
         seg = (_pad_to(segs[0], 1, Tp), _pad_to(segs[1], 1, Sp))
+    B = q_BTNH.shape[0]
     if kv_lengths is None:
-        kv_len = jnp.full((1,), S, jnp.int32)
+        kv_len = jnp.full((B,), S, jnp.int32)
     else:
         kv_len = jnp.clip(kv_lengths, 0, S)
     return q, k, v, seg, kv_len, Tp, Sp
@@ -134,27 +136,28 @@ def _round_up(x, m):
     return -(-x // m) * m
 
 
-def _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths, transpose=False):
-    return block_map.build(
+def _map(st, T, S, bq, bkv, off, kv_lengths, visits, transpose=False):
+    return block_tables.build(
         st.mask,
         q_len=T,
         kv_len=S,
-        padded_q_len=Tp,
-        padded_kv_len=Sp,
         block_q=bq,
         block_kv=bkv,
         q_offset=st.q_offset if off is None else off,
         kv_lengths=kv_lengths,
+        visits=visits,
+        per_batch=True,
         transpose=transpose,
+        leaf_bits=True,
     )
 
 
-def _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths):
+def _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, visits):
     B, T, N, _ = q_BTNH.shape
     S, K = k_BSKH.shape[1:3]
     bq, bkv = st.blocks[:2]
     q, k, v, seg, kv_len, Tp, Sp = _layout(bq, bkv, q_BTNH, k_BSKH, v_BSKV, segs, kv_lengths)
-    bmap = _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths)
+    bmap = _map(st, T, S, bq, bkv, off, kv_lengths, visits)
     ker = kernels(st.backend)
     cfg = ker.config(st, N // K, bq, bkv, seg is not None)
     offset = st.q_offset if off is None else off
@@ -164,20 +167,20 @@ def _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def flash(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths):
+def flash(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, visits=()):
     """o_BTNV (and lse_BNT if ``st.return_lse``); see api.flash_attention."""
-    o_BTNV, lse_BNT = _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths)
+    o_BTNV, lse_BNT = _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, visits)
     return (o_BTNV, lse_BNT) if st.return_lse else o_BTNV
 
 
-def _flash_fwd(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths):
-    o_BTNV, lse_BNT = _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths)
-    res = (q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, o_BTNV, lse_BNT)
+def _flash_fwd(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, visits=()):
+    o_BTNV, lse_BNT = _forward(st, q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, visits)
+    res = (q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, visits, o_BTNV, lse_BNT)
     return ((o_BTNV, lse_BNT) if st.return_lse else o_BTNV), res
 
 
 def _flash_bwd(st, res, cts):
-    q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, o_BTNV, lse_BNT = res
+    q_BTNH, k_BSKH, v_BSKV, segs, off, kv_lengths, visits, o_BTNV, lse_BNT = res
     do_BTNV, dlse_BNT = cts if st.return_lse else (cts, None)
     B, T, N, _ = q_BTNH.shape
     S, K = k_BSKH.shape[1:3]
@@ -197,15 +200,15 @@ def _flash_bwd(st, res, cts):
     offset = st.q_offset if off is None else off
     ker = kernels(st.backend)
     cfg = ker.config(st, N // K, bq, bkv, seg is not None)
-    bmap = _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths)
+    bmap = _map(st, T, S, bq, bkv, off, kv_lengths, visits)
     args = (q, k, v, do, lse_BNT, delta_BNT, seg, offset, kv_len)
     dq = ker.dq(*args, bmap, cfg, st.interpret)
-    bmap_t = _map(st, T, S, Tp, Sp, bq, bkv, off, kv_lengths, transpose=True)
+    bmap_t = _map(st, T, S, bq, bkv, off, kv_lengths, visits, transpose=True)
     dk, dv = ker.dkv(*args, bmap_t, cfg, st.interpret)
     dq_BTNH = dq[:, :, :T].transpose(0, 2, 1, 3)
     dk_BSKH = dk[:, :, :S].transpose(0, 2, 1, 3)
     dv_BSKV = dv[:, :, :S].transpose(0, 2, 1, 3)
-    zeros = jax.tree.map(lambda _: None, (segs, off, kv_lengths))
+    zeros = jax.tree.map(lambda _: None, (segs, off, kv_lengths, visits))
     return (dq_BTNH, dk_BSKH, dv_BSKV, *zeros)
 
 

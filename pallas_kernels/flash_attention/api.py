@@ -1,21 +1,25 @@
-"""Public entry points of the Pallas flash attention: checks, block sizes, custom VJP.
+"""Public entry point of the Pallas TPU flash attention: checks, block sizes, custom VJP.
 
-``flash_attention`` (TPU, Mosaic) and ``flash_attention_gpu`` (Hopper, Mosaic GPU) take
-[batch, seq, heads, dim] inputs (grouped kv heads, H may differ from V), pad the sequences
-to block multiples, run the forward kernel and, under differentiation, the dq and dk/dv
-kernels with the forward's log-sum-exp as residual. ``unsupported_reason`` /
-``unsupported_reason_gpu`` say in one sentence when the kernels cannot serve a call.
+``flash_attention`` (TPU, Mosaic; ``api_gpu.flash_attention_gpu`` for Hopper) takes
+[batch, seq, heads, dim] inputs (grouped kv heads, H may differ from V), pads the sequences
+to block multiples, runs the forward kernel and, under differentiation, the dq and dk/dv
+kernels with the forward's log-sum-exp as residual. ``unsupported_reason`` says in one
+sentence when the kernels cannot serve a call. Block-visit lists (``block_visits``) AND with
+the mask; they reach the kernels through the scalar-prefetched visit tables, so an unlisted
+block costs neither compute nor DMA.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import _custom_vjp, block_map
+from pallas_kernels import block_tables
+from pallas_kernels.flash_attention import _custom_vjp
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -164,6 +168,53 @@ def _check_inputs(
             raise ValueError(f"{name} must be a positive Python number, got {value!r}")
 
 
+def visits_tuple(block_visits) -> tuple:
+    """``block_visits`` (None, one ``BlockVisits`` or a sequence of them) as a tuple."""
+    if block_visits is None:
+        return ()
+    if isinstance(block_visits, block_tables.BlockVisits):
+        return (block_visits,)
+    visits = tuple(block_visits)
+    for v in visits:
+        if not isinstance(v, block_tables.BlockVisits):
+            raise ValueError(f"block_visits must hold BlockVisits, got {type(v).__name__}")
+    return visits
+
+
+def adapted_block_sizes(bs: BlockSizes, visits, unit: int) -> BlockSizes:
+    """``bs`` with each block shrunk to the largest multiple of ``unit`` that divides the
+    visit lists' blocks (so it nests inside them), where one exists."""
+    if not visits:
+        return bs
+
+    def fit(value, outer):
+        best = max((d for d in range(unit, value + 1, unit) if outer % d == 0), default=None)
+        return value if best is None else best
+
+    gq = math.gcd(*(v.block_q for v in visits))
+    gk = math.gcd(*(v.block_kv for v in visits))
+    return BlockSizes(
+        block_q=fit(bs.block_q, gq),
+        block_kv=fit(bs.block_kv, gk),
+        block_q_bwd=fit(bs.block_q_bwd, gq),
+        block_kv_bwd=fit(bs.block_kv_bwd, gk),
+    )
+
+
+def _visits_reason(visits, blocks, T: int, S: int) -> str | None:
+    for v in visits:
+        for bq, bkv in (blocks[:2], blocks[2:]):
+            if not (
+                block_tables.nests(T, bq, v.block_q) and block_tables.nests(S, bkv, v.block_kv)
+            ):
+                return (
+                    f"the kernel's blocks ({bq=}, {bkv=}) must nest inside the visit lists' "
+                    f"blocks (block_q={v.block_q}, block_kv={v.block_kv}); choose BlockSizes "
+                    "that divide them"
+                )
+    return None
+
+
 def unsupported_reason(
     q_BTNH,
     k_BSKH,
@@ -175,10 +226,12 @@ def unsupported_reason(
     kv_lengths=None,
     logits_soft_cap=None,
     block_sizes=None,
+    block_visits=None,
 ) -> str | None:
     """None if the kernels can serve the call, else a sentence saying why not.
 
-    Args: as ``flash_attention`` (``block_sizes`` matters for BlockSparse masks).
+    Args: as ``flash_attention`` (``block_sizes`` matters for BlockSparse masks and visit
+      lists).
     """
     q_offset = 0 if q_offset is None else q_offset
     del segment_ids, kv_lengths, logits_soft_cap
@@ -188,6 +241,15 @@ def unsupported_reason(
         return (
             f"the Pallas TPU flash attention supports float32/bfloat16/float16, not {q_BTNH.dtype}"
         )
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    visits = visits_tuple(block_visits)
+    if visits:
+        bs = block_sizes or adapted_block_sizes(
+            BlockSizes.default_for(head_dim=q_BTNH.shape[-1]), visits, 8
+        )
+        reason = _visits_reason(visits, _effective_blocks(bs, T, S), T, S)
+        if reason:
+            return reason
     if mask is None:
         return None
     if not hasattr(mask, "block_visible"):
@@ -195,18 +257,17 @@ def unsupported_reason(
             "the Pallas TPU flash attention takes mask specs only, not dense mask arrays; "
             "use implementation='xla' or 'chunked' for a dense mask"
         )
-    leaves = block_map.array_leaves(mask)
+    leaves = block_tables.array_leaves(mask)
     if not leaves:
         return None
     if static_offset(q_offset) is None:
         return "a BlockSparse mask needs a static (Python int) q_offset in the Pallas TPU kernel"
     if len(leaves) > 30:
         return "the Pallas TPU flash attention supports at most 30 BlockSparse leaves in a mask"
-    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
     bs = block_sizes or BlockSizes.default_for(head_dim=q_BTNH.shape[-1])
     eff = _effective_blocks(bs, T, S)
     for bq, bkv in (eff[:2], eff[2:]):
-        if not block_map.leaves_aligned(
+        if not block_tables.leaves_aligned(
             mask, q_len=T, kv_len=S, block_q=bq, block_kv=bkv, q_offset=int(q_offset)
         ):
             return (
@@ -228,6 +289,7 @@ def flash_attention(
     scale=None,
     logits_soft_cap=None,
     block_sizes=None,
+    block_visits=None,
     return_lse=False,
     interpret=False,
 ):
@@ -241,7 +303,11 @@ def flash_attention(
         shortened to the mask's longest row, though masked blocks still skip compute and DMA).
       kv_lengths: None or int32 [B]: keys j >= kv_lengths[b] are masked.
       scale: logit scale, default 1/sqrt(H). logits_soft_cap: cap * tanh(logits / cap).
-      block_sizes: BlockSizes, default ``BlockSizes.default_for()``.
+      block_sizes: BlockSizes, default ``BlockSizes.default_for()`` (with visit lists, shrunk
+        to divide the lists' blocks).
+      block_visits: None, a ``BlockVisits`` (jaxattn.masks.BlockVisits) or a sequence of them:
+        per (batch row, kv head, query block) lists of the kv blocks that may be visited,
+        ANDed with the mask; the kernel's blocks must nest inside the lists' blocks.
       return_lse: also return the log-sum-exp (its cotangent is honoured).
       interpret: False, True or a ``pltpu.InterpretParams`` (run on CPU).
 
@@ -251,9 +317,11 @@ def flash_attention(
     """
     q_offset = 0 if q_offset is None else q_offset
     _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, q_offset, kv_lengths, scale, logits_soft_cap)
+    visits = check_visits(block_visits, q_BTNH, k_BSKH)
     reason = unsupported_reason(
-        q_BTNH, k_BSKH, v_BSKV, mask=mask, q_offset=q_offset, block_sizes=block_sizes
-    )
+        q_BTNH, k_BSKH, v_BSKV, mask=mask, q_offset=q_offset, block_sizes=block_sizes,
+        block_visits=visits,
+    )  # fmt: skip
     if reason is not None:
         raise NotImplementedError(reason)
     if interpret is True:
@@ -261,19 +329,30 @@ def flash_attention(
 
         interpret = pltpu.InterpretParams()
     T, S = q_BTNH.shape[1], k_BSKH.shape[1]
-    bs = block_sizes or BlockSizes.default_for(head_dim=q_BTNH.shape[-1])
+    bs = block_sizes or adapted_block_sizes(
+        BlockSizes.default_for(head_dim=q_BTNH.shape[-1]), visits, 8 if interpret else 128
+    )
     blocks = _effective_blocks(bs, T, S)
     if not interpret:
         _check_hardware_blocks(blocks, T, S)
-    return _launch(
+    return launch(
         "tpu", q_BTNH, k_BSKH, v_BSKV, blocks, mask, segment_ids, q_offset, kv_lengths, scale,
-        logits_soft_cap, return_lse, interpret,
+        logits_soft_cap, return_lse, interpret, visits,
     )  # fmt: skip
 
 
-def _launch(
+def check_visits(block_visits, q_BTNH, k_BSKH) -> tuple:
+    """The visit lists, checked against the call's shapes (ValueError naming the field)."""
+    B, T = q_BTNH.shape[:2]
+    S, K = k_BSKH.shape[1:3]
+    return tuple(
+        v.check(batch=B, kv_heads=K, q_len=T, kv_len=S) for v in visits_tuple(block_visits)
+    )
+
+
+def launch(
     backend, q_BTNH, k_BSKH, v_BSKV, blocks, mask, segment_ids, q_offset, kv_lengths, scale,
-    logits_soft_cap, return_lse, interpret,
+    logits_soft_cap, return_lse, interpret, visits,
 ):  # fmt: skip
     """Static options and operands of ``_custom_vjp.flash`` for checked inputs; its result."""
     T, S = q_BTNH.shape[1], k_BSKH.shape[1]
@@ -293,120 +372,4 @@ def _launch(
         segs = tuple(jnp.asarray(s, jnp.int32) for s in segs)
     off = jnp.asarray(q_offset, jnp.int32) if offset is None else None
     lens = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
-    return _custom_vjp.flash(static, q_BTNH, k_BSKH, v_BSKV, segs, off, lens)
-
-
-# ------------------------------------------------------------------------------ GPU
-
-_GPU_DTYPES = (jnp.bfloat16, jnp.float16)
-_GPU_UNIT = 64  # wgmma works on 64-row warpgroup tiles; 128-byte swizzles on 64 bf16 lanes
-
-
-def gpu_block_sizes(head_dim: int = 128) -> BlockSizes:
-    """Starting tile sizes for the Mosaic GPU kernels (one warpgroup per CTA, Hopper).
-
-    64 query rows per CTA keep the fp32 score tile and the output accumulator in registers;
-    wide heads (> 128) halve the kv tile. Not yet tuned on hardware.
-    """
-    bkv = 128 if head_dim <= 128 else 64
-    return BlockSizes(block_q=64, block_kv=bkv, block_q_bwd=64, block_kv_bwd=64)
-
-
-def unsupported_reason_gpu(
-    q_BTNH,
-    k_BSKH,
-    v_BSKV,
-    *,
-    mask=None,
-    segment_ids=None,
-    q_offset=0,
-    kv_lengths=None,
-    logits_soft_cap=None,
-    block_sizes=None,
-) -> str | None:
-    """None if the Mosaic GPU kernels can serve the call, else a sentence saying why not."""
-    if q_BTNH.dtype not in _GPU_DTYPES:
-        return (
-            "the Mosaic GPU flash attention runs on bfloat16/float16 tensor cores, not "
-            f"{q_BTNH.dtype}; cast the inputs or use implementation='cudnn'/'chunked'"
-        )
-    for name, x in (("q", q_BTNH), ("k", k_BSKH), ("v", v_BSKV)):
-        dim = x.shape[-1]
-        if dim > 256:
-            return f"the Mosaic GPU flash attention supports head dims up to 256, {name} has {dim}"
-    if block_sizes is not None:
-        for f in dataclasses.fields(block_sizes):
-            if getattr(block_sizes, f.name) % _GPU_UNIT:
-                return f"BlockSizes.{f.name} must be a multiple of {_GPU_UNIT} on GPU"
-    bs = block_sizes or gpu_block_sizes(q_BTNH.shape[-1])
-    reason = unsupported_reason(
-        q_BTNH,
-        k_BSKH,
-        v_BSKV,
-        mask=mask,
-        segment_ids=segment_ids,
-        q_offset=q_offset,
-        kv_lengths=kv_lengths,
-        logits_soft_cap=logits_soft_cap,
-        block_sizes=_gpu_blocks_as_sizes(bs, q_BTNH.shape[1], k_BSKH.shape[1]),
-    )
-    return None if reason is None else reason.replace("Pallas TPU", "Mosaic GPU")
-
-
-def _gpu_blocks_as_sizes(bs: BlockSizes, T: int, S: int) -> BlockSizes:
-    bq, bkv, bq_b, bkv_b = _effective_blocks(bs, T, S, _GPU_UNIT)
-    return BlockSizes(block_q=bq, block_kv=bkv, block_q_bwd=bq_b, block_kv_bwd=bkv_b)
-
-
-def _pad_last(x, multiple: int):
-    pad = -x.shape[-1] % multiple
-    return x if pad == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-
-
-def flash_attention_gpu(
-    q_BTNH,
-    k_BSKH,
-    v_BSKV,
-    *,
-    mask=None,
-    segment_ids=None,
-    q_offset=0,
-    kv_lengths=None,
-    scale=None,
-    logits_soft_cap=None,
-    block_sizes=None,
-    return_lse=False,
-    interpret=False,
-):
-    """Flash attention on NVIDIA Hopper (Pallas Mosaic GPU), differentiable in q, k and v.
-
-    Same arguments and results as ``flash_attention``; bfloat16/float16 inputs, head dims up
-    to 256 (dims that are not multiples of 64 are zero-padded, which leaves q . k and the
-    sliced output unchanged), blocks multiples of 64 (default ``gpu_block_sizes``).
-    ``interpret``: False on a GPU, or True / an ``InterpretGPUParams`` to run the kernels in
-    the Mosaic GPU interpreter on CPU (matmuls there are plain dots: the interpreter's wgmma
-    takes neither register operands nor transposed shared-memory views).
-    """
-    q_offset = 0 if q_offset is None else q_offset
-    _check_inputs(q_BTNH, k_BSKH, v_BSKV, segment_ids, q_offset, kv_lengths, scale, logits_soft_cap)
-    reason = unsupported_reason_gpu(
-        q_BTNH, k_BSKH, v_BSKV, mask=mask, q_offset=q_offset, block_sizes=block_sizes
-    )
-    if reason is not None:
-        raise NotImplementedError(reason)
-    if interpret is True:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-        interpret = InterpretGPUParams()
-    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
-    H, V = q_BTNH.shape[-1], v_BSKV.shape[-1]
-    blocks = _effective_blocks(block_sizes or gpu_block_sizes(H), T, S, _GPU_UNIT)
-    scale = H**-0.5 if scale is None else scale  # of the real head dim, not the padded one
-    q, k, v = (_pad_last(x, _GPU_UNIT) for x in (q_BTNH, k_BSKH, v_BSKV))
-    out = _launch(
-        "gpu", q, k, v, blocks, mask, segment_ids, q_offset, kv_lengths, scale, logits_soft_cap,
-        return_lse, interpret,
-    )  # fmt: skip
-    if return_lse:
-        return out[0][..., :V], out[1]
-    return out[..., :V]
+    return _custom_vjp.flash(static, q_BTNH, k_BSKH, v_BSKV, segs, off, lens, visits)

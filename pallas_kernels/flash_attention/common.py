@@ -1,5 +1,5 @@
 """Pieces shared by the TPU and GPU flash attention kernels: in-kernel masking from mask specs
-and block-map flags, visit-list addressing, output structs that work under shard_map.
+and visit-table flags, visit-table addressing, output structs that work under shard_map.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import block_map as bm
+from pallas_kernels import block_tables as bt
 
 
 class _LeafBit:
@@ -28,7 +28,7 @@ def traceable(mask, flags, counter=None):
     counter = [0] if counter is None else counter
     if mask is None or not mask.has_array_data:
         return mask
-    kids = bm.children(mask)
+    kids = bt.children(mask)
     if kids is None:
         bit = 1 + counter[0]
         counter[0] += 1
@@ -62,7 +62,7 @@ def visible(mask, has_segments, flags, q_pos, k_pos, kv_len, q_seg, k_seg, maske
 
 def is_full(flags):
     """Whether a visited block's flags mark every pair visible (no elementwise mask needed)."""
-    return (flags & bm.FULL_BIT) == bm.FULL_BIT
+    return (flags & bt.FULL_BIT) == bt.FULL_BIT
 
 
 def capped_logits(s, scale, soft_cap):
@@ -80,24 +80,44 @@ def score_grad(p, dp, delta, t):
     return ds if t is None else ds * (1.0 - t * t)
 
 
-def scalar_operands(q_offset, kv_len, bmap):
-    """The scalar operands of every flash kernel: q_offset [1], kv_len [R], index, count, flags."""
-    return (jnp.asarray(q_offset, jnp.int32).reshape(1), kv_len, bmap.index, bmap.count, bmap.flags)
+def scalar_operands(q_offset, kv_len_B, tables):
+    """The scalar operands of every flash kernel: q_offset [1], kv_len [B], and the visit
+    tables flattened for SMEM: index, count, flags."""
+    return (
+        jnp.asarray(q_offset, jnp.int32).reshape(1),
+        kv_len_B,
+        tables.index.reshape(-1),
+        tables.count.reshape(-1),
+        tables.flags.reshape(-1),
+    )
 
 
-def map_pos(per_batch, rows, steps):
-    """Flat offset of visit-list entry (b, row, step)."""
+def map_pos(Rb, Rk, rows, steps):
+    """Flat offset of visit-table entry (batch row b, kv head h, row, step)."""
 
-    def pos(b, row, step):
-        r = b if per_batch else 0
-        return (r * rows + row) * steps + step
+    def pos(b, h, row, step):
+        rb = b if Rb > 1 else 0
+        rk = h if Rk > 1 else 0
+        return ((rb * Rk + rk) * rows + row) * steps + step
 
     return pos
 
 
-def map_shape(bmap):
-    """Static (per_batch, rows, steps) of a block map."""
-    return bmap.per_batch, bmap.rows, bmap.steps
+def count_pos(Rb, Rk, rows, steps):
+    """Flat offset of the count of (batch row b, kv head h, row)."""
+    del steps
+
+    def pos(b, h, row):
+        rb = b if Rb > 1 else 0
+        rk = h if Rk > 1 else 0
+        return (rb * Rk + rk) * rows + row
+
+    return pos
+
+
+def map_shape(tables):
+    """Static (Rb, Rk, rows, steps) of visit tables."""
+    return tables.shape
 
 
 def out_struct(shape, dtype, like):

@@ -1,6 +1,6 @@
 """Pallas Mosaic GPU flash attention forward (Hopper: TMA copies, wgmma, online softmax).
 
-Same layout and block maps as the TPU kernels (see tpu.py and block_map.py): head-major,
+Same layout and visit tables as the TPU kernels (see tpu.py and ../block_tables.py): head-major,
 padded q [B, N, Tp, H], k [B, K, Sp, H], v [B, K, Sp, V]; query head n reads kv head n // G
 (never repeated in memory). One CTA (one warpgroup) owns a query tile of one head; it loads
 the tile into shared memory once, then ``plgpu.emit_pipeline`` streams exactly the kv blocks
@@ -172,8 +172,7 @@ def _fwd_kernel(*refs, cfg, ms, lay):
     bq, bkv, G = cfg.block_q, cfg.block_kv, cfg.groups
     n, i, b = lax.axis_index("heads"), lax.axis_index("q"), lax.axis_index("batch")
     kvh = lax.div(n, jnp.int32(G))
-    r = b if ms[0] else 0
-    pos = common.map_pos(*ms)
+    pos, cpos = common.map_pos(*ms), common.count_pos(*ms)
     q0 = i * bq
 
     plgpu.copy_gmem_to_smem(q_ref.at[b, n, pl.ds(q0, bq)], q_smem, q_bar.at[0])
@@ -185,11 +184,11 @@ def _fwd_kernel(*refs, cfg, ms, lay):
     q_seg = None
     if qs_smem is not None:
         q_seg = _rows(lay.load(qs_smem, lay.row), s_shape)
-    kv_len = len_ref[r]
+    kv_len = len_ref[b]
     offset = off_ref[0]
 
     def block(step, k_smem, v_smem, ks_smem, carry, masked):
-        kb = idx_ref[pos(b, i, step)]
+        kb = idx_ref[pos(b, kvh, i, step)]
         s_raw = lay.matmul(q_smem, k_smem, s_shape, transpose_b=True)
         s, _ = common.capped_logits(s_raw, cfg.scale, cfg.soft_cap)
         rows, cols = lay.iota(s_shape)
@@ -199,7 +198,7 @@ def _fwd_kernel(*refs, cfg, ms, lay):
         vis = common.visible(
             cfg.mask,
             cfg.has_segments,
-            flg_ref[pos(b, i, step)],
+            flg_ref[pos(b, kvh, i, step)],
             offset + q0 + rows,
             kb * bkv + cols,
             kv_len,
@@ -216,20 +215,20 @@ def _fwd_kernel(*refs, cfg, ms, lay):
         ks_smem = seg[0] if seg else None
         step = indices[0]
         return by_fullness(
-            flg_ref[pos(b, i, step)],
+            flg_ref[pos(b, kvh, i, step)],
             lambda masked: block(step, k_smem, v_smem, ks_smem, carry, masked),
         )
 
-    kv_block = lambda step: (idx_ref[pos(b, i, step)], 0)
+    kv_block = lambda step: (idx_ref[pos(b, kvh, i, step)], 0)
     in_specs = [
         plgpu.BlockSpec((bkv, H), kv_block, transforms=swizzle_transforms(q_ref.dtype, H)),
         plgpu.BlockSpec((bkv, V), kv_block, transforms=swizzle_transforms(v_ref.dtype, V)),
     ]
     operands = [k_ref.at[b, kvh], v_ref.at[b, kvh]]
     if ks_ref is not None:
-        in_specs.append(plgpu.BlockSpec((bkv,), lambda step: (idx_ref[pos(b, i, step)],)))
+        in_specs.append(plgpu.BlockSpec((bkv,), lambda step: (idx_ref[pos(b, kvh, i, step)],)))
         operands.append(ks_ref.at[b])
-    count = cnt_ref[r * ms[1] + i]
+    count = cnt_ref[cpos(b, kvh, i)]
     carry = plgpu.emit_pipeline(
         body,
         grid=(count,),

@@ -51,8 +51,7 @@ def _dq_kernel(*refs, cfg, ms, lay):
     bq, bkv, G = cfg.block_q, cfg.block_kv, cfg.groups
     n, i, b = lax.axis_index("heads"), lax.axis_index("q"), lax.axis_index("batch")
     kvh = lax.div(n, jnp.int32(G))
-    r = b if ms[0] else 0
-    pos = common.map_pos(*ms)
+    pos, cpos = common.map_pos(*ms), common.count_pos(*ms)
     q0 = i * bq
     H = q_smem.shape[-1]
 
@@ -66,16 +65,16 @@ def _dq_kernel(*refs, cfg, ms, lay):
     lse = _rows(lay.load(lse_smem, lay.row), s_shape)
     delta = _rows(lay.load(dl_smem, lay.row), s_shape)
     q_seg = None if qs_smem is None else _rows(lay.load(qs_smem, lay.row), s_shape)
-    kv_len, offset = len_ref[r], off_ref[0]
+    kv_len, offset = len_ref[b], off_ref[0]
 
     def block(step, k_smem, v_smem, ks_smem, acc, masked):
-        kb = idx_ref[pos(b, i, step)]
+        kb = idx_ref[pos(b, kvh, i, step)]
         s_raw = lay.matmul(q_smem, k_smem, s_shape, transpose_b=True)
         s, t = common.capped_logits(s_raw, cfg.scale, cfg.soft_cap)
         rows, cols = lay.iota(s_shape)
         k_seg = None if ks_smem is None else _cols(lay.load(ks_smem, lay.col), s_shape)
         vis = common.visible(
-            cfg.mask, cfg.has_segments, flg_ref[pos(b, i, step)],
+            cfg.mask, cfg.has_segments, flg_ref[pos(b, kvh, i, step)],
             offset + q0 + rows, kb * bkv + cols, kv_len, q_seg, k_seg, masked,
         )  # fmt: skip
         p = _masked_p(s, lse, vis)
@@ -88,11 +87,11 @@ def _dq_kernel(*refs, cfg, ms, lay):
         ks_smem = seg[0] if seg else None
         step = indices[0]
         return by_fullness(
-            flg_ref[pos(b, i, step)],
+            flg_ref[pos(b, kvh, i, step)],
             lambda masked: block(step, k_smem, v_smem, ks_smem, acc, masked),
         )
 
-    kv_block = lambda step: (idx_ref[pos(b, i, step)], 0)
+    kv_block = lambda step: (idx_ref[pos(b, kvh, i, step)], 0)
     V = v_ref.shape[-1]
     in_specs = [
         plgpu.BlockSpec((bkv, H), kv_block, transforms=swizzle_transforms(k_ref.dtype, H)),
@@ -100,11 +99,11 @@ def _dq_kernel(*refs, cfg, ms, lay):
     ]
     operands = [k_ref.at[b, kvh], v_ref.at[b, kvh]]
     if ks_ref is not None:
-        in_specs.append(plgpu.BlockSpec((bkv,), lambda step: (idx_ref[pos(b, i, step)],)))
+        in_specs.append(plgpu.BlockSpec((bkv,), lambda step: (idx_ref[pos(b, kvh, i, step)],)))
         operands.append(ks_ref.at[b])
     acc = plgpu.emit_pipeline(
         body,
-        grid=(cnt_ref[r * ms[1] + i],),
+        grid=(cnt_ref[cpos(b, kvh, i)],),
         in_specs=in_specs,
         max_concurrent_steps=cfg.max_concurrent_steps,
         init_carry=lay.cast(jnp.zeros((bq, H), jnp.float32), lay.acc),
@@ -128,8 +127,7 @@ def _dkv_kernel(*refs, cfg, ms, lay, q_blocks):
         qs_ref = ks_ref = ks_smem = None
     bq, bkv, G = cfg.block_q, cfg.block_kv, cfg.groups
     kvh, j, b = lax.axis_index("heads"), lax.axis_index("kv"), lax.axis_index("batch")
-    r = b if ms[0] else 0
-    pos = common.map_pos(*ms)
+    pos, cpos = common.map_pos(*ms), common.count_pos(*ms)
     k0 = j * bkv
     H, V = k_smem.shape[-1], v_smem.shape[-1]
 
@@ -141,17 +139,17 @@ def _dkv_kernel(*refs, cfg, ms, lay, q_blocks):
 
     s_shape = (bkv, bq)
     k_seg = None if ks_smem is None else _rows(lay.load(ks_smem, lay.row), s_shape)
-    kv_len, offset = len_ref[r], off_ref[0]
+    kv_len, offset = len_ref[b], off_ref[0]
 
     def block(step, q_smem, do_smem, lse_smem, dl_smem, qs_smem, carry, masked):
         dk, dv = carry
-        qb = idx_ref[pos(b, j, step)]
+        qb = idx_ref[pos(b, kvh, j, step)]
         s_raw = lay.matmul(k_smem, q_smem, s_shape, transpose_b=True)
         s, t = common.capped_logits(s_raw, cfg.scale, cfg.soft_cap)
         rows, cols = lay.iota(s_shape)
         q_seg = None if qs_smem is None else _cols(lay.load(qs_smem, lay.col), s_shape)
         vis = common.visible(
-            cfg.mask, cfg.has_segments, flg_ref[pos(b, j, step)],
+            cfg.mask, cfg.has_segments, flg_ref[pos(b, kvh, j, step)],
             offset + qb * bq + cols, k0 + rows, kv_len, q_seg, k_seg, masked,
         )  # fmt: skip
         p = _masked_p(s, _cols(lay.load(lse_smem, lay.col), s_shape), vis)
@@ -166,10 +164,10 @@ def _dkv_kernel(*refs, cfg, ms, lay, q_blocks):
         qs_smem = seg[0] if seg else None
         step = indices[1]
         args = (step, q_smem, do_smem, lse_smem, dl_smem, qs_smem, carry)
-        return by_fullness(flg_ref[pos(b, j, step)], lambda masked: block(*args, masked))
+        return by_fullness(flg_ref[pos(b, kvh, j, step)], lambda masked: block(*args, masked))
 
     # Row block of (q head kvh * G + g, q tile idx[step]) in the [N * Tp] folded layout.
-    q_row = lambda g, step: (kvh * G + g) * q_blocks + idx_ref[pos(b, j, step)]
+    q_row = lambda g, step: (kvh * G + g) * q_blocks + idx_ref[pos(b, kvh, j, step)]
     dt = q_ref.dtype
     tile_at = lambda g, s: (q_row(g, s), 0)
     row_at = lambda g, s: (q_row(g, s),)
@@ -181,12 +179,12 @@ def _dkv_kernel(*refs, cfg, ms, lay, q_blocks):
     ]
     operands = [q_ref.at[b], do_ref.at[b], lse_ref.at[b], dl_ref.at[b]]
     if qs_ref is not None:
-        in_specs.append(plgpu.BlockSpec((bq,), lambda g, s: (idx_ref[pos(b, j, s)],)))
+        in_specs.append(plgpu.BlockSpec((bq,), lambda g, s: (idx_ref[pos(b, kvh, j, s)],)))
         operands.append(qs_ref.at[b])
     zeros = lambda d: lay.cast(jnp.zeros((bkv, d), jnp.float32), lay.acc)
     dk, dv = plgpu.emit_pipeline(
         body,
-        grid=(G, cnt_ref[r * ms[1] + j]),
+        grid=(G, cnt_ref[cpos(b, kvh, j)]),
         in_specs=in_specs,
         max_concurrent_steps=cfg.max_concurrent_steps,
         init_carry=(zeros(H), zeros(V)),

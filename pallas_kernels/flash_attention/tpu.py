@@ -3,11 +3,12 @@
 Kernel layout is head-major: q [B, N, Tp, H], k [B, K, Sp, H], v [B, K, Sp, V] with the
 sequence lengths padded to block multiples (api.py transposes and pads). A q head n reads kv
 head n // G through the index maps, so kv is never repeated in memory. The grid's last axis
-walks a block map's visit list (scalar prefetch, see block_map.py): index maps fetch the
-listed block, steps past the list's count repeat the last block (no DMA) and skip the
+walks a visit list of the tables (scalar prefetch, see pallas_kernels/block_tables.py): index
+maps fetch the listed block, steps past the list's count repeat the last block (no DMA) and skip the
 compute. Blocks flagged full skip the elementwise mask (that body is traced separately).
 
-Scalar prefetch operands, in order: q_offset [1], kv_len [R], index, count, flags.
+Scalar prefetch operands, in order: q_offset [1], kv_len [B], index, count, flags (the tables
+[Rb, Rk, rows, steps] flattened; Rk = K when visit lists differ per kv head).
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ def _fwd_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
     else:
         q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
         qs_ref = ks_ref = None
-    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    pos = common.map_pos(*ms)
-    r = b if ms[0] else 0
+    b, n, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    h = n // cfg.groups  # kv head: visit tables may differ per kv head
+    pos, cpos = common.map_pos(*ms), common.count_pos(*ms)
 
     @pl.when(j == 0)
     def _init():
@@ -73,17 +74,17 @@ def _fwd_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
     def body(masked):
-        kb = idx_ref[pos(b, i, j)]
+        kb = idx_ref[pos(b, h, i, j)]
         s, _ = _logits(cfg, q_ref[...], k_ref[...])  # [bq, bkv]
         q_pos = off_ref[0] + i * cfg.block_q + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
         k_pos = kb * cfg.block_kv + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
         vis = common.visible(
             cfg.mask,
             cfg.has_segments,
-            flg_ref[pos(b, i, j)],
+            flg_ref[pos(b, h, i, j)],
             q_pos,
             k_pos,
-            len_ref[r],
+            len_ref[b],
             qs_ref[...] if qs_ref is not None else None,
             ks_ref[...] if ks_ref is not None else None,
             masked,
@@ -103,9 +104,9 @@ def _fwd_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         acc_sc[...] = alpha * acc_sc[...] + pv
         m_sc[...] = m_new
 
-    @pl.when(j < cnt_ref[r * ms[1] + i])
+    @pl.when(j < cnt_ref[cpos(b, h, i)])
     def _compute():
-        _run_block(cfg, flg_ref[pos(b, i, j)], body)
+        _run_block(cfg, flg_ref[pos(b, h, i, j)], body)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -127,8 +128,8 @@ def forward(
     B, N, Tp, H = q_BNTH.shape
     V = v_BKSV.shape[-1]
     bq, bkv, G = cfg.block_q, cfg.block_kv, cfg.groups
-    pos = common.map_pos(bmap.per_batch, bmap.rows, bmap.steps)
-    kv_map = lambda b, n, i, j, off, ln, idx, cnt, flg: (b, n // G, idx[pos(b, i, j)], 0)
+    pos = common.map_pos(*map_shape(bmap))
+    kv_map = lambda b, n, i, j, off, ln, idx, cnt, flg: (b, n // G, idx[pos(b, n // G, i, j)], 0)
     q_map = lambda b, n, i, j, *_: (b, n, i, 0)
     in_specs = [
         pl.BlockSpec((None, None, bq, H), q_map),
@@ -140,13 +141,14 @@ def forward(
         in_specs += [
             pl.BlockSpec((None, bq, 1), lambda b, n, i, j, *_: (b, i, 0)),
             pl.BlockSpec(
-                (None, 1, bkv), lambda b, n, i, j, off, ln, idx, cnt, flg: (b, 0, idx[pos(b, i, j)])
+                (None, 1, bkv),
+                lambda b, n, i, j, off, ln, idx, cnt, flg: (b, 0, idx[pos(b, n // G, i, j)]),
             ),
         ]
         args += [q_seg_BT1, kv_seg_B1S]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5,
-        grid=(B, N, Tp // bq, bmap.steps),
+        grid=(B, N, Tp // bq, map_shape(bmap)[3]),
         in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, bq, V), q_map),

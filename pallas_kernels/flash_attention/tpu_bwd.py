@@ -29,16 +29,16 @@ def _dq_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, acc = refs
         qs_ref = ks_ref = None
-    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    pos = common.map_pos(*ms)
-    r = b if ms[0] else 0
+    b, n, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    h = n // cfg.groups
+    pos, cpos = common.map_pos(*ms), common.count_pos(*ms)
 
     @pl.when(j == 0)
     def _init():
         acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
     def body(masked):
-        kb = idx_ref[pos(b, i, j)]
+        kb = idx_ref[pos(b, h, i, j)]
         k = k_ref[...]
         s, t = tpu._logits(cfg, q_ref[...], k)  # [bq, bkv]
         q_pos = off_ref[0] + i * cfg.block_q + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
@@ -46,10 +46,10 @@ def _dq_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         vis = common.visible(
             cfg.mask,
             cfg.has_segments,
-            flg_ref[pos(b, i, j)],
+            flg_ref[pos(b, h, i, j)],
             q_pos,
             k_pos,
-            len_ref[r],
+            len_ref[b],
             qs_ref[...] if qs_ref is not None else None,
             ks_ref[...] if ks_ref is not None else None,
             masked,
@@ -66,9 +66,9 @@ def _dq_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
             ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32
         )
 
-    @pl.when(j < cnt_ref[r * ms[1] + i])
+    @pl.when(j < cnt_ref[cpos(b, h, i)])
     def _compute():
-        tpu._run_block(cfg, flg_ref[pos(b, i, j)], body)
+        tpu._run_block(cfg, flg_ref[pos(b, h, i, j)], body)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -94,9 +94,9 @@ def _dkv_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
         qs_ref = ks_ref = None
-    b, jk, g, c = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
-    pos = common.map_pos(*ms)
-    r = b if ms[0] else 0
+    b, h, jk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    g, c = pl.program_id(3), pl.program_id(4)
+    pos, cpos = common.map_pos(*ms), common.count_pos(*ms)
 
     @pl.when((g == 0) & (c == 0))
     def _init():
@@ -104,7 +104,7 @@ def _dkv_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
     def body(masked):
-        qb = idx_ref[pos(b, jk, c)]
+        qb = idx_ref[pos(b, h, jk, c)]
         q = q_ref[...]
         s, t = tpu._logits(cfg, k_ref[...], q)  # transposed scores [bkv, bq]
         k_pos = jk * cfg.block_kv + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
@@ -112,10 +112,10 @@ def _dkv_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
         vis = common.visible(
             cfg.mask,
             cfg.has_segments,
-            flg_ref[pos(b, jk, c)],
+            flg_ref[pos(b, h, jk, c)],
             q_pos,
             k_pos,
-            len_ref[r],
+            len_ref[b],
             qs_ref[...] if qs_ref is not None else None,
             ks_ref[...] if ks_ref is not None else None,
             masked,
@@ -133,9 +133,9 @@ def _dkv_kernel(off_ref, len_ref, idx_ref, cnt_ref, flg_ref, *refs, cfg, ms):
             ds.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32
         )
 
-    @pl.when(c < cnt_ref[r * ms[1] + jk])
+    @pl.when(c < cnt_ref[cpos(b, h, jk)])
     def _compute():
-        tpu._run_block(cfg, flg_ref[pos(b, jk, c)], body)
+        tpu._run_block(cfg, flg_ref[pos(b, h, jk, c)], body)
 
     @pl.when((g == pl.num_programs(3) - 1) & (c == pl.num_programs(4) - 1))
     def _finish():
@@ -154,7 +154,7 @@ def backward_dq(
     V = v.shape[-1]
     bq, bkv, G = cfg.block_q, cfg.block_kv, cfg.groups
     pos = common.map_pos(*common.map_shape(bmap))
-    kv_map = lambda b, n, i, j, off, ln, idx, cnt, flg: (b, n // G, idx[pos(b, i, j)], 0)
+    kv_map = lambda b, n, i, j, off, ln, idx, cnt, flg: (b, n // G, idx[pos(b, n // G, i, j)], 0)
     q_map = lambda b, n, i, j, *_: (b, n, i, 0)
     row_map = lambda b, n, i, j, *_: (b, n, 0, i)
     in_specs = [
@@ -170,13 +170,14 @@ def backward_dq(
         in_specs += [
             pl.BlockSpec((None, bq, 1), lambda b, n, i, j, *_: (b, i, 0)),
             pl.BlockSpec(
-                (None, 1, bkv), lambda b, n, i, j, off, ln, idx, cnt, flg: (b, 0, idx[pos(b, i, j)])
+                (None, 1, bkv),
+                lambda b, n, i, j, off, ln, idx, cnt, flg: (b, 0, idx[pos(b, n // G, i, j)]),
             ),
         ]
         args += [q_seg_BT1, kv_seg_B1S]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5,
-        grid=(B, N, Tp // bq, bmap.steps),
+        grid=(B, N, Tp // bq, common.map_shape(bmap)[3]),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, bq, H), q_map),
         scratch_shapes=[pltpu.VMEM((bq, H), jnp.float32)],
@@ -212,8 +213,8 @@ def backward_dkv(
     _, K, Sp, V = v.shape
     bq, bkv, G = cfg.block_q, cfg.block_kv, cfg.groups
     pos = common.map_pos(*common.map_shape(bmap_t))
-    q_map = lambda b, h, j, g, c, off, ln, idx, cnt, flg: (b, h * G + g, idx[pos(b, j, c)], 0)
-    row_map = lambda b, h, j, g, c, off, ln, idx, cnt, flg: (b, h * G + g, 0, idx[pos(b, j, c)])
+    q_map = lambda b, h, j, g, c, off, ln, idx, cnt, flg: (b, h * G + g, idx[pos(b, h, j, c)], 0)
+    row_map = lambda b, h, j, g, c, off, ln, idx, cnt, flg: (b, h * G + g, 0, idx[pos(b, h, j, c)])
     kv_map = lambda b, h, j, g, c, *_: (b, h, j, 0)
     in_specs = [
         pl.BlockSpec((None, None, bq, H), q_map),
@@ -228,14 +229,14 @@ def backward_dkv(
         in_specs += [
             pl.BlockSpec(
                 (None, 1, bq),
-                lambda b, h, j, g, c, off, ln, idx, cnt, flg: (b, 0, idx[pos(b, j, c)]),
+                lambda b, h, j, g, c, off, ln, idx, cnt, flg: (b, 0, idx[pos(b, h, j, c)]),
             ),
             pl.BlockSpec((None, bkv, 1), lambda b, h, j, g, c, *_: (b, j, 0)),
         ]
         args += [q_seg_B1T, kv_seg_BS1]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5,
-        grid=(B, K, Sp // bkv, G, bmap_t.steps),
+        grid=(B, K, Sp // bkv, G, common.map_shape(bmap_t)[3]),
         in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, bkv, H), kv_map),

@@ -325,21 +325,26 @@ def test_one_block_builds_no_loop_or_branch():
 
 def test_causal_skips_the_upper_triangle():
     from jaxattn.ops._attention_args import check_args
-    from jaxattn.ops.attention_chunked import block_tables
+    from jaxattn.ops.attention_chunked import tables_for
+    from pallas_kernels.block_tables import FULL_BIT
 
     q, k, v, _ = _inputs(1, 1024, 1024, 2, 2, 8, 8)
     common = dict(
         scale=None, logits_soft_cap=None, segment_ids=None, q_offset=None, kv_lengths=None
     )
     n = 8
-    _, cnt, full = block_tables(check_args(q, k, v, mask=masks.Causal(), **common), 128, 128, n, n)
-    assert int(cnt.sum()) == n * (n + 1) // 2 and int(full.sum()) == n * (n - 1) // 2
-    _, cnt, _ = block_tables(
-        check_args(q, k, v, mask=masks.SlidingWindow(left=127), **common), 128, 128, n, n
-    )
-    assert int(cnt.sum()) == 2 * n - 1  # O(T·window): the diagonal and one block before it
-    _, cnt, _ = block_tables(check_args(q, k, v, mask=None, **common), 128, 128, n, n)
-    assert int(cnt.sum()) == n * n
+
+    def visits(mask):
+        t = tables_for(check_args(q, k, v, mask=mask, **common), 128, 128)
+        cnt = np.asarray(t.count)[0, 0]
+        flags = np.asarray(t.flags)[0, 0]
+        full = sum(int(((flags[r, :c] & FULL_BIT) != 0).sum()) for r, c in enumerate(cnt))
+        return int(cnt.sum()), full
+
+    assert visits(masks.Causal()) == (n * (n + 1) // 2, n * (n - 1) // 2)
+    # O(T·window): the diagonal and one block before it
+    assert visits(masks.SlidingWindow(left=127))[0] == 2 * n - 1
+    assert visits(None)[0] == n * n
 
 
 def test_auto_and_named_implementations():

@@ -10,9 +10,9 @@ from jax.sharding import NamedSharding
 from jaxattn.ops.sharded import attention_specs, shard_attention, sharded_decode_attention
 from jaxattn.sharding import make_mesh
 from pallas_kernels.decode_attention import (
-    DecodeBlockSizes,
-    decode_attention,
+    DecodeKernelBlockSizes,
     decode_attention_reference,
+    decode_attention_tpu,
 )
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
@@ -33,7 +33,7 @@ def _place(mesh, args, specs):
 def test_decode_kernel_data2_tensor4_g2_t1_matches_unsharded():
     mesh = make_mesh({"data": 2, "tensor": 4})
     kwargs = dict(
-        block_sizes=DecodeBlockSizes(block_kv=16, num_splits=2),
+        block_sizes=DecodeKernelBlockSizes(block_kv=16, num_splits=2),
         return_lse=True,
         interpret=pltpu.InterpretParams(),
     )
@@ -42,7 +42,7 @@ def test_decode_kernel_data2_tensor4_g2_t1_matches_unsharded():
     in_specs, _ = attention_specs(mesh, [1], with_lse=True)
     args = _place(mesh, (q, k, v, lens), in_specs)
     o, lse = jax.jit(sharded_decode_attention(mesh, **kwargs))(*args)
-    want_o, want_lse = decode_attention(q, k, v, lens, **kwargs)
+    want_o, want_lse = decode_attention_tpu(q, k, v, lens, **kwargs)
     assert o.sharding.spec == in_specs[0]
     np.testing.assert_allclose(np.asarray(o), np.asarray(want_o), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), atol=1e-5, rtol=1e-5)

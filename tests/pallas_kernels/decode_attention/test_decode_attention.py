@@ -1,4 +1,4 @@
-"""decode_attention (Pallas TPU kernel, run in the TPU interpreter) vs the jnp reference and
+"""decode_attention_tpu (Pallas TPU kernel, run in the TPU interpreter) vs the jnp reference and
 jax.nn.dot_product_attention.
 
 Interpreter compiles dominate the run time (seconds per shape), so each case compiles one
@@ -15,9 +15,9 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.decode_attention import (
-    DecodeBlockSizes,
-    decode_attention,
+    DecodeKernelBlockSizes,
     decode_attention_reference,
+    decode_attention_tpu,
     unsupported_reason,
 )
 from pallas_kernels.decode_attention.reference import visible_mask
@@ -75,8 +75,8 @@ def _inputs(B, T, N, K, H, V, C, dtype, seed=0):
 def _kernel_fn(block_kv, splits, window, cap):
     return jax.jit(
         functools.partial(
-            decode_attention,
-            block_sizes=DecodeBlockSizes(block_kv=block_kv, num_splits=splits),
+            decode_attention_tpu,
+            block_sizes=DecodeKernelBlockSizes(block_kv=block_kv, num_splits=splits),
             window=window,
             logits_soft_cap=cap,
             return_lse=True,
@@ -145,28 +145,30 @@ def test_visible_mask_matches_definition():
 
 
 def test_block_sizes_resolve():
-    assert DecodeBlockSizes(block_kv=512).resolve(B=1, K=1, C=300) == (300, 1)
-    assert DecodeBlockSizes(block_kv=64, num_splits=10).resolve(B=1, K=1, C=300) == (64, 5)
-    assert DecodeBlockSizes(block_kv=64).resolve(B=1, K=2, C=300) == (64, 4)
-    assert DecodeBlockSizes(block_kv=64).resolve(B=16, K=8, C=300) == (64, 1)
+    assert DecodeKernelBlockSizes(block_kv=512).resolve(B=1, K=1, C=300) == (300, 1)
+    assert DecodeKernelBlockSizes(block_kv=64, num_splits=10).resolve(B=1, K=1, C=300) == (64, 5)
+    assert DecodeKernelBlockSizes(block_kv=64).resolve(B=1, K=2, C=300) == (64, 4)
+    assert DecodeKernelBlockSizes(block_kv=64).resolve(B=16, K=8, C=300) == (64, 1)
     with pytest.raises(ValueError, match="num_splits"):
-        DecodeBlockSizes(num_splits=0)
+        DecodeKernelBlockSizes(num_splits=0)
 
 
 def test_bad_input_raises_value_error():
     q, k, v = _inputs(2, 1, 6, 4, 64, 64, 16, jnp.float32)
     lens = jnp.array([3, 4])
     with pytest.raises(ValueError, match="multiple of kv heads"):
-        decode_attention(q, k, v, lens, interpret=True)
+        decode_attention_tpu(q, k, v, lens, interpret=True)
     q, k, v = _inputs(2, 1, 8, 4, 64, 64, 16, jnp.float32)
     with pytest.raises(ValueError, match="disagree"):
-        decode_attention(q, k, v[:1], lens, interpret=True)
+        decode_attention_tpu(q, k, v[:1], lens, interpret=True)
     with pytest.raises(ValueError, match="dtype"):
-        decode_attention(q, k.astype(jnp.bfloat16), v, lens, interpret=True)
+        decode_attention_tpu(q, k.astype(jnp.bfloat16), v, lens, interpret=True)
     with pytest.raises(ValueError, match="multiple of 8"):
-        decode_attention(q, k, v, lens, block_sizes=DecodeBlockSizes(block_kv=12), interpret=True)
+        decode_attention_tpu(
+            q, k, v, lens, block_sizes=DecodeKernelBlockSizes(block_kv=12), interpret=True
+        )
     with pytest.raises(ValueError, match="window"):
-        decode_attention(q, k, v, lens, window=0, interpret=True)
+        decode_attention_tpu(q, k, v, lens, window=0, interpret=True)
 
 
 @pytest.mark.skipif(jax.default_backend() == "tpu", reason="checks the non-TPU refusal")
@@ -176,4 +178,4 @@ def test_needs_tpu_or_interpret():
     assert "TPU" in unsupported_reason(q, k, v, lens)
     assert unsupported_reason(q, k, v, lens, interpret=True) is None
     with pytest.raises(NotImplementedError, match="interpret"):
-        decode_attention(q, k, v, lens)
+        decode_attention_tpu(q, k, v, lens)

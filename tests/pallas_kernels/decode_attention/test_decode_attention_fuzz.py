@@ -1,4 +1,4 @@
-"""Hypothesis fuzz of decode_attention (TPU interpreter) against the jnp reference.
+"""Hypothesis fuzz of decode_attention_tpu (TPU interpreter) against the jnp reference.
 
 Few examples: each new shape is an interpreter compile of several seconds.
 """
@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.decode_attention import (
-    DecodeBlockSizes,
-    decode_attention,
+    DecodeKernelBlockSizes,
     decode_attention_reference,
+    decode_attention_tpu,
 )
 
 
@@ -46,12 +46,12 @@ def test_fuzz_decode_matches_reference(c):
     v = jax.random.normal(kv, (c["B"], c["C"], c["K"], c["H"]), jnp.float32)
     lens = jnp.asarray(c["lens"], jnp.int32)
     kw = dict(window=c["window"], logits_soft_cap=c["cap"], return_lse=True)
-    o, lse = decode_attention(
+    o, lse = decode_attention_tpu(
         q,
         k,
         v,
         lens,
-        block_sizes=DecodeBlockSizes(block_kv=c["block_kv"], num_splits=c["splits"]),
+        block_sizes=DecodeKernelBlockSizes(block_kv=c["block_kv"], num_splits=c["splits"]),
         interpret=pltpu.InterpretParams(),
         **kw,
     )

@@ -12,27 +12,27 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxattn import masks
+from pallas_kernels import block_tables as bt
 from pallas_kernels.flash_attention import (
     BlockSizes,
     attention_reference,
     flash_attention,
     unsupported_reason,
 )
-from pallas_kernels.flash_attention import block_map as bm
 
 
 def _build(mask, T=512, S=512, block=64, q_offset=0, kv_lengths=None, transpose=False):
-    return bm.build(
+    return bt.build(
         mask,
         q_len=T,
         kv_len=S,
-        padded_q_len=-(-T // block) * block,
-        padded_kv_len=-(-S // block) * block,
         block_q=block,
         block_kv=block,
         q_offset=q_offset,
         kv_lengths=kv_lengths,
+        per_batch=True,
         transpose=transpose,
+        leaf_bits=True,
     )
 
 
@@ -42,8 +42,8 @@ def test_block_map_causal_visits_about_half():
     assert total == 8 * 8 and visited == 8 * 9 // 2  # the diagonal and below: (n + 1) / 2n
     assert visited / total < 0.6
     # Only the 8 diagonal blocks need the elementwise mask; the rest are flagged full.
-    flags, count = np.asarray(causal.flags).reshape(8, 8), np.asarray(causal.count)
-    n_full = sum(int(np.sum(flags[i, :c] & bm.FULL_BIT)) for i, c in enumerate(count))
+    flags, count = np.asarray(causal.flags).reshape(8, 8), np.asarray(causal.count).reshape(8)
+    n_full = sum(int(np.sum(flags[i, :c] & bt.FULL_BIT)) for i, c in enumerate(count))
     assert n_full == visited - 8
     # The transposed map (dk/dv kernel) visits the same blocks.
     assert int(_build(masks.Causal(), transpose=True).count.sum()) == visited
@@ -52,10 +52,10 @@ def test_block_map_causal_visits_about_half():
 def test_block_map_sliding_window_is_linear_and_shortens_the_grid():
     window = masks.SlidingWindow(left=127)
     short = _build(window, T=1024, S=1024)
-    assert short.steps == 3  # ceil(128 / 64) + 1 blocks per row, not 16
+    assert short.shape[3] == 3  # ceil(128 / 64) + 1 blocks per row, not 16
     assert int(short.count.sum()) <= 3 * 16
     sink = _build(masks.SinkWindow(sinks=4, window=128), T=1024, S=1024)
-    assert sink.steps == 4  # the sink block, plus the window's
+    assert sink.shape[3] == 4  # the sink block, plus the window's
 
 
 def test_block_map_traced_offset_and_kv_lengths():

@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxattn import dot_product_attention, masks
-from pallas_kernels.flash_attention import BlockSizes, api
+from pallas_kernels.flash_attention import BlockSizes
+from pallas_kernels.flash_attention import api_gpu as api
 
 # JAXATTN_GPU_HARDWARE=1 with a GPU backend: run the kernels on the device, not interpreted.
 HARDWARE = os.environ.get("JAXATTN_GPU_HARDWARE") == "1" and jax.default_backend() == "gpu"

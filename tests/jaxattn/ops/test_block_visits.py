@@ -1,0 +1,274 @@
+"""Block-visit lists (``block_visits=`` / dynamic ``BlockSparse``) in the "xla", "chunked" and
+"decode" implementations: outputs, LSE and gradients against jax.nn.dot_product_attention under
+the equivalent dense mask and against each other, over fuzzed lists (empty, full, unsorted,
+duplicated rows; shared or per batch row and kv head), awkward lengths and GQA groups 1-8;
+"chunked" reads only listed blocks; bad lists raise ValueError naming the argument.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from visit_case import (
+    assert_close,
+    compare_with_jax_nn,
+    dense_from_visits,
+    inputs,
+    op,
+    random_visits,
+    value_and_grads,
+)
+
+from jaxattn import dot_product_attention as attention
+from jaxattn import masks
+from jaxattn.ops import ChunkedBlockSizes, DecodeBlockSizes
+from jaxattn.ops._attention_args import check_args
+from jaxattn.ops.attention_chunked import tables_for
+
+TOL = dict(atol=5e-5, rtol=5e-5)
+
+
+def _spec_dense(spec, T, S, q_offset=0):
+    return np.asarray(masks.materialize(spec, T, S, q_offset)) if spec is not None else True
+
+
+def _compare_impls(q, k, v, do, impls=("chunked",), **kw):
+    """Each implementation against "xla" (o, lse, dq, dk, dv)."""
+    want = value_and_grads(op("xla", return_lse=True, **kw), q, k, v, do)
+    for impl in impls:
+        got = value_and_grads(op(impl, return_lse=True, **kw), q, k, v, do)
+        for name, g, w in zip(("o", "lse"), got[:2], want[:2]):
+            assert_close(g, w, TOL, f"{impl} {name}")
+        for name, g, w in zip(("dq", "dk", "dv"), got[2], want[2]):
+            assert_close(g, w, TOL, f"{impl} {name}")
+    return want
+
+
+@settings(
+    max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    B=st.integers(1, 2),
+    T=st.integers(1, 70),
+    S=st.integers(1, 70),
+    K=st.integers(1, 2),
+    G=st.sampled_from([1, 2, 3, 4, 8]),
+    block_q=st.integers(1, 24),
+    block_kv=st.integers(1, 24),
+    per_row=st.booleans(),
+    per_head=st.booleans(),
+    spec=st.sampled_from(["none", "causal", "window"]),
+    lengths=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_visits_chunked_xla_and_jax_nn(
+    B, T, S, K, G, block_q, block_kv, per_row, per_head, spec, lengths, seed
+):
+    rng = np.random.default_rng(seed)
+    N, H = K * G, 16
+    nk = -(-S // block_kv)
+    visits = random_visits(
+        rng,
+        Bv=B if per_row else 1,
+        Kv=K if per_head else 1,
+        T=T,
+        S=S,
+        block_q=block_q,
+        block_kv=block_kv,
+        L=int(rng.integers(1, nk + 3)),
+    )
+    mask = {"none": None, "causal": masks.Causal(), "window": masks.SlidingWindow(left=9)}[spec]
+    q_offset = max(S - T, 0)
+    kv_lengths = jnp.asarray(rng.integers(0, S + 1, B), jnp.int32) if lengths else None
+    q, k, v, do = inputs(seed, B, T, S, N, K, H, H)  # jax.nn needs V == H
+    kw = dict(mask=mask, q_offset=q_offset, kv_lengths=kv_lengths, block_visits=visits)
+    _compare_impls(q, k, v, do, **kw)
+    dense = dense_from_visits(visits, B=B, N=N, K=K, T=T, S=S) & _spec_dense(mask, T, S, q_offset)
+    if kv_lengths is not None:
+        dense = dense & (np.arange(S) < np.asarray(kv_lengths)[:, None, None, None])
+    compare_with_jax_nn(op("chunked", **kw), q, k, v, do, dense, TOL)
+
+
+@pytest.mark.parametrize("G", [1, 3, 8])
+def test_gqa_segments_and_per_head_lists(G):
+    """Per (batch row, kv head) lists with segment ids and a causal spec, T and S off blocks."""
+    B, T, S, K = 2, 45, 53, 2
+    rng = np.random.default_rng(G)
+    visits = random_visits(rng, Bv=B, Kv=K, T=T, S=S, block_q=16, block_kv=8, L=5)
+    q, k, v, do = inputs(G, B, T, S, K * G, K, 16, 16)
+    seg_q = jnp.asarray(np.sort(rng.integers(0, 2, (B, T)), axis=1), jnp.int32)
+    seg_k = jnp.asarray(np.sort(rng.integers(0, 2, (B, S)), axis=1), jnp.int32)
+    kw = dict(mask=masks.Causal(), q_offset=S - T, segment_ids=(seg_q, seg_k), block_visits=visits)
+    _compare_impls(q, k, v, do, **kw)
+    dense = dense_from_visits(visits, B=B, N=K * G, K=K, T=T, S=S)
+    dense &= _spec_dense(masks.Causal(), T, S, S - T)
+    dense &= (np.asarray(seg_q)[:, :, None] == np.asarray(seg_k)[:, None, :])[:, None]
+    compare_with_jax_nn(op("chunked", **kw), q, k, v, do, dense, TOL)
+
+
+def test_chunked_reads_only_listed_blocks():
+    """NaN in every unlisted block of k and v leaves "chunked" finite (it never reads them),
+    equal to a clean run; the tables' trip counts are the deduplicated listed blocks."""
+    B, T, S, K, N, bk = 2, 40, 96, 2, 4, 16
+    idx = np.zeros((B, K, 2, 3), np.int32)
+    idx[0, 0] = [[5, 1, 5], [0, 0, 0]]  # unsorted, a duplicate; row 1 padded
+    idx[0, 1] = [[2, 3, 4], [2, 2, 2]]
+    idx[1, 0] = [[0, 1, 2], [3, 3, 3]]
+    idx[1, 1] = [[5, 5, 5], [4, 0, 1]]
+    cnt = np.array([[[3, 0], [3, 1]], [[2, 1], [1, 3]]], np.int32)
+    visits = masks.BlockVisits(
+        indices=jnp.asarray(idx), counts=jnp.asarray(cnt), block_q=32, block_kv=bk
+    )
+    listed = dense_from_visits(visits, B=B, N=K, K=K, T=T, S=S).any(2)  # [B, K, S]
+    q, k, v, do = inputs(0, B, T, S, N, K, 16, 16)
+    nan_k = jnp.where(jnp.asarray(listed.transpose(0, 2, 1))[..., None], k, jnp.nan)
+    nan_v = jnp.where(jnp.asarray(listed.transpose(0, 2, 1))[..., None], v, jnp.nan)
+    fn = op("chunked", return_lse=True, block_visits=visits)
+    clean = value_and_grads(fn, q, k, v, do)
+    poisoned = value_and_grads(fn, q, nan_k, nan_v, do)
+    for name, g, w in zip(
+        ("o", "lse", "dq"), (*poisoned[:2], poisoned[2][0]), (*clean[:2], clean[2][0])
+    ):
+        assert_close(g, w, TOL, name)
+    none = dict.fromkeys(("scale", "logits_soft_cap", "segment_ids", "q_offset", "kv_lengths"))
+    a = check_args(q, k, v, mask=None, block_visits=visits, **none)
+    counts = np.asarray(tables_for(a, 32, bk).count)
+    np.testing.assert_array_equal(counts, [[[2, 0], [3, 1]], [[2, 1], [1, 3]]])
+
+
+def test_empty_lists_give_zeros_and_zero_gradients():
+    B, T, S, K, N = 1, 20, 30, 1, 2
+    visits = masks.BlockVisits(
+        indices=jnp.zeros((1, 1, 2, 4), jnp.int32),
+        counts=jnp.array([[[0, 2]]], jnp.int32),  # query block 0 lists nothing
+        block_q=10,
+        block_kv=10,
+    )
+    q, k, v, do = inputs(1, B, T, S, N, K, 16, 16)
+    for impl in ("xla", "chunked"):
+        o, lse, (dq, dk, dv) = value_and_grads(
+            op(impl, return_lse=True, block_visits=visits), q, k, v, do
+        )
+        for x in (o, lse, dq, dk, dv):
+            assert not np.isnan(np.asarray(x)).any(), impl
+        assert (np.asarray(o)[:, :10] == 0).all() and np.isneginf(np.asarray(lse)[..., :10]).all()
+        assert (np.asarray(dq)[:, :10] == 0).all()
+    # "decode" has one query block of all 20 rows, spanning two list rows: it cannot serve this
+    with pytest.raises(NotImplementedError, match="visit-list query block"):
+        attention(q, k, v, block_visits=visits, implementation="decode")
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])
+def test_decode_follows_the_lists(per_head):
+    B, T, S, K, G = 2, 3, 77, 2, 4
+    rng = np.random.default_rng(3)
+    visits = random_visits(
+        rng, Bv=B, Kv=K if per_head else 1, T=T, S=S, block_q=4, block_kv=16, L=4
+    )
+    q, k, v, do = inputs(2, B, T, S, K * G, K, 16, 8)
+    lengths = jnp.array([77, 50], jnp.int32)
+    kw = dict(mask=masks.Causal(), q_offset=lengths - T, kv_lengths=lengths, block_visits=visits)
+    _compare_impls(q, k, v, do, impls=("decode", "chunked"), **kw)
+    with pytest.raises(ValueError, match="must nest inside"):
+        attention(q, k, v, implementation="decode", block_sizes=DecodeBlockSizes(block_kv=24), **kw)
+
+
+def test_dynamic_block_sparse_inside_jit_per_row_and_head():
+    """A layout computed inside jit, different per batch row and kv head, ANDed with Causal:
+    the same as the visit lists (and the dense mask) it stands for."""
+    B, T, S, K, G, bq, bk = 2, 50, 50, 2, 2, 10, 10
+    q, k, v, do = inputs(4, B, T, S, K * G, K, 16, 16)
+    scores = jax.random.uniform(jax.random.key(9), (B, K, 5, 5))
+
+    @jax.jit
+    def run(q, k, v, scores):
+        layout = scores > 0.5  # traced: data-dependent block selection
+        spec = masks.Causal() & masks.BlockSparse(layout=layout, block_q=bq, block_kv=bk)
+        return attention(q, k, v, mask=spec, implementation="chunked")
+
+    got = run(q, k, v, scores)
+    layout = np.asarray(scores > 0.5)
+    dense = np.repeat(np.kron(layout, np.ones((bq, bk), bool)), G, axis=1) & np.tri(
+        T, S, dtype=bool
+    )
+    seen = dense.any(-1).transpose(0, 2, 1)[..., None]
+    want = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(dense))
+    assert_close(np.where(seen, got, 0), np.where(seen, want, 0), TOL)
+    # a 2-D jax layout is the static numpy layout's twin
+    lay2 = np.random.default_rng(0).random((5, 5)) < 0.5
+    static = masks.BlockSparse(layout=lay2, block_q=bq, block_kv=bk)
+    dynamic = masks.BlockSparse(layout=jnp.asarray(lay2), block_q=bq, block_kv=bk)
+    for impl in ("xla", "chunked"):
+        assert_close(
+            attention(q, k, v, mask=dynamic, implementation=impl),
+            attention(q, k, v, mask=static, implementation="xla"),
+            TOL,
+            impl,
+        )
+
+
+def _bad(**over):
+    B, T, S, N, K, H = 2, 8, 10, 4, 2, 16
+    q, k, v = jnp.zeros((B, T, N, H)), jnp.zeros((B, S, K, H)), jnp.zeros((B, S, K, H))
+    fields = dict(
+        indices=jnp.zeros((B, K, 2, 3), jnp.int32),
+        counts=jnp.ones((B, K, 2), jnp.int32),
+        block_q=4,
+        block_kv=4,
+    )
+    kw = {f: over.pop(f) for f in list(over) if f in fields}
+    visits = masks.BlockVisits(**{**fields, **kw})
+    return lambda: attention(q, k, v, block_visits=visits, **over)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (_bad(indices=jnp.full((2, 2, 2, 3), 3, jnp.int32)), r"block_visits.indices must lie"),
+        (_bad(indices=jnp.full((2, 2, 2, 3), -1, jnp.int32)), r"block_visits.indices must lie"),
+        (_bad(counts=jnp.full((2, 2, 2), 4, jnp.int32)), r"block_visits.counts must lie"),
+        (_bad(counts=jnp.full((2, 2, 2), -1, jnp.int32)), r"block_visits.counts must lie"),
+        (_bad(counts=jnp.ones((2, 2, 3), jnp.int32)), r"block_visits.counts must have shape"),
+        (_bad(indices=jnp.zeros((2, 2, 3, 3), jnp.int32)), r"Q = ceil\(T / block_q\)"),
+        (_bad(indices=jnp.zeros((3, 2, 2, 3), jnp.int32)), r"block_visits.indices must have"),
+        (_bad(indices=jnp.zeros((2, 2, 3), jnp.int32)), r"block_visits.indices must have"),
+        (_bad(indices=jnp.zeros((2, 2, 2, 3))), r"block_visits.indices must be an integer"),
+        (_bad(counts=jnp.ones((2, 2, 2), bool)), r"block_visits.counts must be an integer"),
+        (_bad(block_q=0), r"block_visits.block_q must be a positive int"),
+        (
+            _bad(implementation="chunked", block_sizes=ChunkedBlockSizes(block_q=3, block_kv=4)),
+            "must nest inside",
+        ),
+    ],
+)
+def test_bad_visits_raise_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_bad_dynamic_block_sparse_raises():
+    q = jnp.zeros((1, 8, 2, 16))
+    layout = masks.BlockSparse(layout=jnp.ones((2, 2), bool), block_q=4, block_kv=4)
+    with pytest.raises(ValueError, match="inside |"):
+        attention(q, q, q, mask=masks.Causal() | layout)
+    with pytest.raises(ValueError, match="multiple of block_q=4"):
+        attention(q, q, q, mask=layout, q_offset=2)
+    with pytest.raises(ValueError, match="no elementwise view"):
+        masks.BlockSparse(layout=np.ones((1, 1, 2, 2), bool), block_q=4, block_kv=4)(0, 0)
+
+
+def test_traced_lists_out_of_range_are_ignored():
+    """Inside jit the values cannot be checked: out-of-range indices are dropped and counts
+    clipped to [0, L], as documented."""
+    q, k, v, _ = inputs(5, 1, 8, 16, 2, 1, 16, 16)
+
+    @jax.jit
+    def run(idx, cnt):
+        visits = masks.BlockVisits(indices=idx, counts=cnt, block_q=8, block_kv=4)
+        return attention(q, k, v, block_visits=visits, implementation="chunked")
+
+    got = run(jnp.array([[[[1, 99, -3]]]], jnp.int32), jnp.array([[[7]]], jnp.int32))
+    want = run(jnp.array([[[[1, 1, 1]]]], jnp.int32), jnp.array([[[1]]], jnp.int32))
+    assert_close(got, want, TOL)
