@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 
 from train.config import ConfigError
 from train.integrity import (
+    ALGORITHM,
     CheckpointError,
     describe_mismatch,
     leaf_checksums,
@@ -169,7 +170,7 @@ class Checkpointer:
             raise CheckpointError(f"refusing to save step {step}: non-finite {bad_leaves[:4]}")
         if step in self.bad:
             self._set_aside(step)
-        meta = {**meta, "step": int(step), "leaf_checksums": sums}
+        meta = {**meta, "step": int(step), "leaf_checksums": {"algorithm": ALGORITHM, **sums}}
         return self.manager.save(
             step,
             force=True,

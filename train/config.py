@@ -294,8 +294,8 @@ def resolve_config_path(path: str) -> str:
             return candidate
     known = sorted(n for n in os.listdir(CONFIGS_DIR) if n.endswith(".py") and n[0] != "_")
     raise ConfigError(
-        f"--config {path!r}: no such file here, under {_PACKAGE_ROOT}, or in train/configs "
-        f"({', '.join(known)})"
+        f"--config {path!r} does not exist (looked in the current directory, under "
+        f"{_PACKAGE_ROOT} and in train/configs: {', '.join(known)})"
     )
 
 

@@ -2,15 +2,19 @@
 one-line summaries of read errors.
 
 Every step a :class:`train.checkpoints.Checkpointer` writes stores, in its ``meta`` item, a
-64-bit checksum of every leaf of ``params`` and of ``train`` (``meta["leaf_checksums"]``,
-keyed by item and parameter path, e.g. ``"layers/0/mlp/..."``). Each element's bits are mixed
-with its position by a bijective integer hash before a wrapping sum, so changing any single
-element always changes the checksum (and several changed elements escape detection with
-probability about 2^-64). Readers verify the leaves they load and refuse a mismatch, naming
-the step directory and the parameter paths; they also refuse non-finite floating-point
-values, which training never saves. Checkpoints written before per-leaf checksums hold one
-whole-tree checksum of ``(params, train)`` (``meta["checksum"]``, :func:`legacy_checksum`);
-they are verified with it, which cannot name the bad leaf.
+64-bit checksum of every leaf of ``params`` and of ``train`` (``meta["leaf_checksums"]`` =
+``{"algorithm": ALGORITHM, "params": {path: checksum}, "train": {...}}``, paths such as
+``"layers/0/mlp/..."``; a reader refuses an algorithm it does not know). Each element's bits
+are mixed with its position by a bijective integer hash (``fmix(bits + index * c + seed)``,
+MurmurHash3's finaliser) before a wrapping sum, so changing any single element always changes
+the checksum, and a sum of 32-bit words is exact under any sharding. Several changed elements escape
+detection only by chance (two independent 32-bit lanes).
+
+Readers verify the leaves they load and refuse a mismatch, naming the step directory and the
+parameter paths; they also refuse non-finite floating-point values, which training never
+saves. Checkpoints written before per-leaf checksums hold one whole-tree checksum of
+``(params, train)`` (``meta["checksum"]``, :func:`legacy_checksum`); they are verified with it,
+which cannot name the bad leaf.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from train.optim import path_string
 
 __all__ = [
     "CheckpointError",
+    "ALGORITHM",
     "all_finite",
     "leaf_checksums",
     "legacy_checksum",
@@ -61,16 +66,24 @@ def _fmix(h):
     return h ^ (h >> 16)
 
 
-def _leaf_hash(leaf) -> jax.Array:
-    """[2] uint32: two independent position-mixed wrapping sums of ``leaf``'s bits."""
-    bits = _bits_u32(leaf)
-    index = jnp.arange(bits.size, dtype=jnp.uint32)
-    lanes = []
-    for seed in (0x9E3779B9, 0x7F4A7C15):
-        # for a fixed index, bits -> term is a bijection, so any changed element changes the sum
-        term = _fmix(bits * jnp.uint32(0xCC9E2D51) + _fmix(index ^ jnp.uint32(seed)))
-        lanes.append(jnp.sum(term, dtype=jnp.uint32) ^ jnp.uint32(bits.size))
-    return jnp.stack(lanes)
+# per lane: an odd multiplier placing each index, and a seed; the lanes are independent
+_LANES = ((0x9E3779B1, 0x7F4A7C15), (0x85EBCA77, 0x165667B1))
+# stored with the checksums: a reader refuses checksums made by an algorithm it does not know
+ALGORITHM = "fmix32x2-v1"
+
+
+@jax.jit
+def _leaf_digest(leaf) -> tuple[jax.Array, jax.Array]:
+    """``([2] uint32, bool[])``: two independent position-mixed wrapping sums of ``leaf``'s
+    bits, and whether it is all finite. Jitted per leaf, not per tree: leaves of one shape
+    (every layer's) share one small executable."""
+    bits = _bits_u32(leaf)[None, :]
+    index = jnp.arange(bits.shape[1], dtype=jnp.uint32)[None, :]
+    mult, seed = (jnp.array(c, jnp.uint32)[:, None] for c in zip(*_LANES, strict=True))
+    # for a fixed index, bits -> term is a bijection, so any changed element changes the sum
+    term = _fmix(bits + index * mult + seed)
+    digest = jnp.sum(term, axis=1, dtype=jnp.uint32) ^ jnp.uint32(bits.shape[1])
+    return digest, _all_finite(leaf)
 
 
 def _all_finite(leaf) -> jax.Array:
@@ -85,14 +98,6 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(flags)) if flags else jnp.ones((), jnp.bool_)
 
 
-@jax.jit
-def _hash_tree(tree):
-    return (
-        jax.tree.map(_leaf_hash, tree),
-        jax.tree.map(_all_finite, tree),
-    )
-
-
 def _flat(tree) -> dict:
     return {path_string(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -103,9 +108,9 @@ def leaf_checksums(tree) -> tuple[dict[str, int], dict[str, bool]]:
     Returns:
       ``({path: checksum}, {path: all finite})``, paths as ``"a/b/0/c"``.
     """
-    hashes, finite = jax.device_get(_hash_tree(tree))
-    sums = {k: int(v[0]) | (int(v[1]) << 32) for k, v in _flat(hashes).items()}
-    return sums, {k: bool(v) for k, v in _flat(finite).items()}
+    digests = jax.device_get({k: _leaf_digest(x) for k, x in _flat(tree).items()})
+    sums = {k: int(d[0]) | (int(d[1]) << 32) for k, (d, _) in digests.items()}
+    return sums, {k: bool(ok) for k, (_, ok) in digests.items()}
 
 
 @jax.jit
@@ -146,6 +151,11 @@ def verify(items: dict, meta: dict, where: str) -> None:
     stored = meta.get("leaf_checksums")
     finite_bad = []
     if stored is not None:
+        if stored.get("algorithm") != ALGORITHM:
+            raise CheckpointError(
+                f"{where}: checksums made by {stored.get('algorithm')!r}, which this version "
+                f"cannot verify (it knows {ALGORITHM!r})"
+            )
         bad = []
         for item, tree in items.items():
             sums, finite = leaf_checksums(tree)

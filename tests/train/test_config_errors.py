@@ -125,7 +125,7 @@ def test_recall_rows_ask_for_earlier_values():
 
 
 def test_token_ids_beyond_the_vocabulary_are_rejected(tmp_path):
-    from train.loop import _check_vocab
+    from train.setup import _check_vocab
 
     path = tmp_path / "tokens.npy"
     np.save(path, np.array([1, 2, 300, 4] * 100, np.int32))

@@ -98,3 +98,91 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# A process that imports the training code once and forks one child per run (os.fork before
+# any JAX backend exists, single-threaded: OPENBLAS_NUM_THREADS=1), so a test that starts
+# many short runs pays Python's and JAX's import time once. Each child runs
+# ``train.pretrain.main(argv)`` with stdout and stderr in a log file; it is an ordinary
+# process that can be killed with SIGKILL. Commands (JSON lines on stdin): ["start", argv,
+# log] answers the child's pid, ["wait", pid] its exit code.
+_ZYGOTE = r"""
+import json, os, sys, threading, traceback
+import models, train.pretrain, train.sample
+assert threading.active_count() == 1 and len(os.listdir("/proc/self/task")) == 1
+for line in sys.stdin:
+    command, *args = json.loads(line)
+    if command == "wait":
+        print(os.waitstatus_to_exitcode(os.waitpid(args[0], 0)[1]), flush=True)
+        continue
+    argv, log = args
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1), os.dup2(fd, 2)
+        try:
+            train.pretrain.main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    print(pid, flush=True)
+"""
+
+
+class Zygote:
+    """Starts ``train.pretrain`` runs as forked children of one pre-imported process.
+
+    Usage: ``with Zygote(cli_env(1)) as z: pid = z.start(argv, log); ...; z.wait(pid)``.
+    """
+
+    def __init__(self, env: dict):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _ZYGOTE],
+            env=env | {"OPENBLAS_NUM_THREADS": "1"},
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.running: set[int] = set()
+
+    def _ask(self, *command) -> int:
+        import json
+
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"the zygote died (exit code {self.proc.poll()})"
+        return int(line)
+
+    def start(self, argv: list[str], log) -> int:
+        """Fork a child running ``train.pretrain.main(argv)`` (output in ``log``); its pid."""
+        pid = self._ask("start", argv, str(log))
+        self.running.add(pid)
+        return pid
+
+    def wait(self, pid: int) -> int:
+        """Exit code of child ``pid`` (negative: killed by that signal)."""
+        self.running.discard(pid)
+        return self._ask("wait", pid)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for pid in self.running:  # a failed test leaves no run behind
+            os.kill(pid, signal.SIGKILL)
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def set_args(changes: dict) -> list[str]:
+    """``--set`` arguments of ``TINY_RUN`` with ``changes`` (for ``Zygote.start``)."""
+    return as_set_args(TINY_RUN | changes)
