@@ -317,7 +317,7 @@ def read_meta(directory: str, step: int | None = None) -> dict:
             return manager.restore(step, args=args)["meta"]
         except Exception as err:  # noqa: BLE001 - report which step and why, in one line
             where = os.path.join(os.path.abspath(directory), str(step))
-            raise CheckpointError(f"{where}: cannot read its metadata ({one_line(err)})") from None
+            raise CheckpointError(f"{where}: unreadable metadata ({one_line(err)})") from None
     finally:
         manager.close()
 
@@ -368,7 +368,7 @@ def restore_params(directory: str, abstract_params, shardings=None, step: int | 
             metadata = manager.item_metadata(step)
             saved = tree_signature(getattr(metadata["params"], "tree", metadata["params"]))
         except Exception as err:  # noqa: BLE001 - report which step and why, in one line
-            raise CheckpointError(f"{where}: cannot read it ({one_line(err)})") from None
+            raise CheckpointError(f"{where}: unreadable ({one_line(err)})") from None
         mismatch = describe_mismatch(saved, tree_signature(targets["params"]))
         if mismatch:
             raise ValueError(f"checkpoint {where} does not match the model: params {mismatch}")
@@ -381,7 +381,7 @@ def restore_params(directory: str, abstract_params, shardings=None, step: int | 
         try:
             got = manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as err:  # noqa: BLE001 - report which step and why, in one line
-            raise CheckpointError(f"{where}: cannot read it ({one_line(err)})") from None
+            raise CheckpointError(f"{where}: unreadable ({one_line(err)})") from None
         verify({k: got[k] for k in targets}, meta, where)
         return got["params"], meta
     finally:

@@ -19,6 +19,9 @@ which cannot name the bad leaf.
 
 from __future__ import annotations
 
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,9 +191,17 @@ def _some(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + more
 
 
+# TensorStore's message for a leaf it cannot read from an OCDBT database
+_OCDBT_ERROR = re.compile(
+    r'Error reading "(?P<key>[^"]+?)/[\d.]+" in OCDBT database at local file '
+    r'"(?P<dir>[^"]+?)/?": (?P<why>.*)'
+)
+
+
 def one_line(err: BaseException, limit: int = 300) -> str:
     """A one-line summary of an exception and its causes (TensorStore reprs and the like
-    dropped): the innermost informative message, prefixed by the exception type."""
+    dropped): the innermost informative message, prefixed by the exception type; a leaf
+    TensorStore cannot read is named by its path (``params/layers/0/...``)."""
     chain, seen = [], set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -199,6 +210,10 @@ def one_line(err: BaseException, limit: int = 300) -> str:
     for e in reversed(chain):
         text = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if text and "TensorStore(" not in text and "<bound method" not in text:
+            match = _OCDBT_ERROR.search(text)
+            if match:
+                leaf = f"{os.path.basename(match['dir'])}/{match['key'].replace('.', '/')}"
+                return f"cannot read {leaf}: {match['why']}"[:limit]
             return f"{type(e).__name__}: {text[:limit]}"
     return type(chain[0]).__name__
 

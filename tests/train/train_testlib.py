@@ -102,26 +102,29 @@ def free_port() -> int:
 
 # A process that imports the training code once and forks one child per run (os.fork before
 # any JAX backend exists, single-threaded: OPENBLAS_NUM_THREADS=1), so a test that starts
-# many short runs pays Python's and JAX's import time once. Each child runs
-# ``train.pretrain.main(argv)`` with stdout and stderr in a log file; it is an ordinary
-# process that can be killed with SIGKILL. Commands (JSON lines on stdin): ["start", argv,
-# log] answers the child's pid, ["wait", pid] its exit code.
+# many short runs pays Python's and JAX's import time once. Each child calls a command-line
+# entry point (``train.pretrain.main(argv)``, ...) with stdout and stderr in a log file; it
+# is an ordinary process that can be killed with SIGKILL. Commands (JSON lines on stdin):
+# ["start", "module:function", argv, log] answers the child's pid, ["wait", pid] its exit
+# code.
 _ZYGOTE = r"""
-import json, os, sys, threading, traceback
-import models, train.pretrain, train.sample
+import importlib, json, os, sys, threading, traceback
+sys.path.insert(0, os.path.join(os.getcwd(), "tests", "train"))
+import models, train.finetune, train.pretrain, train.sample
 assert threading.active_count() == 1 and len(os.listdir("/proc/self/task")) == 1
 for line in sys.stdin:
     command, *args = json.loads(line)
     if command == "wait":
         print(os.waitstatus_to_exitcode(os.waitpid(args[0], 0)[1]), flush=True)
         continue
-    argv, log = args
+    target, argv, log = args
     pid = os.fork()
     if pid == 0:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(fd, 1), os.dup2(fd, 2)
         try:
-            train.pretrain.main(argv)
+            module, function = target.split(":")
+            getattr(importlib.import_module(module), function)(argv)
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else int(e.code is not None)
@@ -160,11 +163,16 @@ class Zygote:
         assert line, f"the zygote died (exit code {self.proc.poll()})"
         return int(line)
 
-    def start(self, argv: list[str], log) -> int:
-        """Fork a child running ``train.pretrain.main(argv)`` (output in ``log``); its pid."""
-        pid = self._ask("start", argv, str(log))
+    def start(self, argv: list[str], log, target: str = "train.pretrain:main") -> int:
+        """Fork a child calling ``target(argv)`` (output in ``log``); its pid."""
+        pid = self._ask("start", target, argv, str(log))
         self.running.add(pid)
         return pid
+
+    def run(self, argv: list[str], log, target: str = "train.pretrain:main") -> tuple[int, str]:
+        """Run ``target(argv)`` to its end: ``(exit code, output)``."""
+        code = self.wait(self.start(argv, log, target))
+        return code, open(log).read()
 
     def wait(self, pid: int) -> int:
         """Exit code of child ``pid`` (negative: killed by that signal)."""
@@ -186,3 +194,57 @@ class Zygote:
 def set_args(changes: dict) -> list[str]:
     """``--set`` arguments of ``TINY_RUN`` with ``changes`` (for ``Zygote.start``)."""
     return as_set_args(TINY_RUN | changes)
+
+
+def pretrain_with_nan_batches(argv: list[str]) -> None:
+    """``train.pretrain.main(argv[1:])`` with the loss weights of the training batches whose
+    indices ``argv[0]`` lists ("5,9") set to NaN: their loss and gradients are non-finite."""
+    import numpy as np
+
+    import train.pretrain
+    import train.setup
+
+    bad = {int(i) for i in argv[0].split(",")}
+    make_loaders = train.setup.make_loaders
+
+    def poisoned(*args, **kwargs):
+        train_data, eval_data = make_loaders(*args, **kwargs)
+        clean = train_data.batch
+
+        def batch(step):
+            rows = clean(step)
+            return rows | {"weights_BT": rows["weights_BT"] * np.nan} if step in bad else rows
+
+        train_data.batch = batch
+        return train_data, eval_data
+
+    train.setup.make_loaders = poisoned
+    train.pretrain.main(argv[1:])
+
+
+def abstract_params(config: TrainConfig | None = None) -> dict:
+    """Pure dict of ShapeDtypeStructs: the parameters of ``config``'s model (``TINY_RUN``)."""
+    from flax import nnx
+
+    from train.pretrain import build_model
+
+    _, model_fn = build_model(config or TrainConfig(**TINY_RUN))
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(model_fn)
+    return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+
+
+def flip_bytes(path, count: int = 3000) -> None:
+    """XOR ``count`` bytes of the file ``path`` with 0xFF, from a quarter of its length on."""
+    data = bytearray(open(path, "rb").read())
+    start = len(data) // 4
+    for i in range(start, min(len(data), start + count)):
+        data[i] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def largest_file(directory) -> str:
+    """The largest file under ``directory`` (for a step's ``params/``: its biggest data file)."""
+    files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
+    return max(files, key=os.path.getsize)
