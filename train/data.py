@@ -98,20 +98,20 @@ def load_tokens(source: str) -> np.ndarray:
         return ByteTokenizer().encode(builtin_corpus())
     if not os.path.exists(source):
         raise FileNotFoundError(
-            f"data source {source!r} is neither 'builtin', 'recall' nor a path that exists"
+            f"{source!r} does not exist (a data source is 'builtin', 'recall' or a path)"
         )
     if source.endswith(".npy"):
         tokens = np.load(source, mmap_mode="r", allow_pickle=False)
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(
-                f"{source}: need a 1-D integer array of token ids, got shape {tokens.shape} "
+                f"{source!r}: need a 1-D integer array of token ids, got shape {tokens.shape} "
                 f"dtype {tokens.dtype}"
             )
         return tokens
     if os.path.isdir(source):
         names = sorted(n for n in os.listdir(source) if n.endswith(".txt"))
         if not names:
-            raise FileNotFoundError(f"directory {source!r} holds no .txt files")
+            raise FileNotFoundError(f"{source!r} is a directory holding no .txt files")
         texts = [open(os.path.join(source, n), encoding="utf-8").read() for n in names]
         return ByteTokenizer().encode("\n\n".join(texts))
     with open(source, encoding="utf-8") as f:
@@ -230,7 +230,9 @@ def make_loaders(config, process_index=0, process_count=1):
     except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"data={config.data!r}: {err}") from None
+        text = str(err)
+        text = text if text.startswith(repr(config.data)) else f"{config.data!r}: {text}"
+        raise ConfigError(f"data={text}") from None
 
 
 def _make_loaders(config, process_index, process_count):

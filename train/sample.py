@@ -95,14 +95,15 @@ def resolve_checkpoint(path: str, *, flag: str = "--checkpoint") -> str:
     from train.checkpoints import list_steps
     from train.config import ConfigError
 
+    named = f"{flag} {path!r}" if flag.startswith("-") else f"{flag}={path!r}"
     if not os.path.isdir(path):
         what = "does not exist" if not os.path.exists(path) else "is not a directory"
-        raise ConfigError(f"{flag} {path!r} {what}")
+        raise ConfigError(f"{named} {what}")
     root = os.path.join(path, "checkpoints")
     root = root if os.path.isdir(root) else path
     if not list_steps(root):
         raise ConfigError(
-            f"{flag} {path!r} holds no checkpoint steps (expected a run directory written by "
+            f"{named} holds no checkpoint steps (expected a run directory written by "
             "train.pretrain / train.finetune, or its checkpoints/ folder)"
         )
     return root

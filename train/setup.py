@@ -116,8 +116,8 @@ def prepare(config, model_fn, *, model_config=None, init_params=None) -> Setup:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(
-            f"model={config.model!r} model_overrides={config.model_overrides}: "
-            f"{type(err).__name__}: {err}"
+            f"model={config.model!r} with model_overrides={','.join(config.model_overrides)} "
+            f"cannot run: {type(err).__name__}: {err}"
         ) from None
     train_data, eval_data = make_loaders(config, jax.process_index(), jax.process_count())
     _check_vocab(config, model_config, train_data, eval_data)

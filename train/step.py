@@ -44,7 +44,7 @@ def _names_tree(abstract_params) -> dict:
     """Pure dict of logical axis names (a tuple per leaf; all-None where unannotated)."""
     tree: dict = {}
     for path, var in nnx.to_flat_state(abstract_params):
-        names = var.get_metadata().get("out_sharding") or (None,) * var.value.ndim
+        names = var.get_metadata().get("out_sharding") or (None,) * var.get_value().ndim
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})

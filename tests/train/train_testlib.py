@@ -8,6 +8,9 @@ import subprocess
 import sys
 import tempfile
 
+import jax
+from flax import nnx
+
 from train.config import TrainConfig
 
 # the persistent compilation cache, for the training subprocesses only: a restarted run, or a
@@ -109,7 +112,6 @@ def free_port() -> int:
 # code.
 _ZYGOTE = r"""
 import importlib, json, os, sys, threading, traceback
-sys.path.insert(0, os.path.join(os.getcwd(), "tests", "train"))
 import models, train.finetune, train.pretrain, train.sample
 assert threading.active_count() == 1 and len(os.listdir("/proc/self/task")) == 1
 for line in sys.stdin:
@@ -196,32 +198,6 @@ def set_args(changes: dict) -> list[str]:
     return as_set_args(TINY_RUN | changes)
 
 
-def pretrain_with_nan_batches(argv: list[str]) -> None:
-    """``train.pretrain.main(argv[1:])`` with the loss weights of the training batches whose
-    indices ``argv[0]`` lists ("5,9") set to NaN: their loss and gradients are non-finite."""
-    import numpy as np
-
-    import train.pretrain
-    import train.setup
-
-    bad = {int(i) for i in argv[0].split(",")}
-    make_loaders = train.setup.make_loaders
-
-    def poisoned(*args, **kwargs):
-        train_data, eval_data = make_loaders(*args, **kwargs)
-        clean = train_data.batch
-
-        def batch(step):
-            rows = clean(step)
-            return rows | {"weights_BT": rows["weights_BT"] * np.nan} if step in bad else rows
-
-        train_data.batch = batch
-        return train_data, eval_data
-
-    train.setup.make_loaders = poisoned
-    train.pretrain.main(argv[1:])
-
-
 def abstract_params(config: TrainConfig | None = None) -> dict:
     """Pure dict of ShapeDtypeStructs: the parameters of ``config``'s model (``TINY_RUN``)."""
     from flax import nnx
@@ -248,3 +224,19 @@ def largest_file(directory) -> str:
     """The largest file under ``directory`` (for a step's ``params/``: its biggest data file)."""
     files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
     return max(files, key=os.path.getsize)
+
+
+class Bigram(nnx.Module):
+    """The smallest language model the trainer accepts: next-token logits from a table. The
+    loop and step logic is the same for every model; this one compiles in a second."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.table_VV = nnx.Param(jax.random.normal(rngs.params(), (256, 256)) * 0.02)
+
+    def __call__(self, tokens_BT):
+        return self.table_VV[tokens_BT]
+
+
+def bigram() -> Bigram:
+    """A fresh :class:`Bigram` (a ``model_fn`` for ``train_loop``)."""
+    return Bigram(nnx.Rngs(0))
