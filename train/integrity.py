@@ -47,17 +47,27 @@ class CheckpointError(RuntimeError):
 
 
 def _bits_u32(leaf) -> jax.Array:
-    """The raw bits of ``leaf`` as a flat uint32 vector (8-byte items give two words)."""
-    leaf = jnp.asarray(leaf).reshape(-1)
+    """The raw bits of ``leaf`` as uint32, same shape (8-byte items: a trailing axis of two
+    words). Nothing is reshaped, so a sharded leaf stays sharded (no gather)."""
+    leaf = jnp.asarray(leaf)
     if leaf.dtype == jnp.bool_:
         return leaf.astype(jnp.uint32)
     size = leaf.dtype.itemsize
-    if size == 8:
-        return jax.lax.bitcast_convert_type(leaf, jnp.uint32).reshape(-1)
-    if size == 4:
+    if size in (4, 8):
         return jax.lax.bitcast_convert_type(leaf, jnp.uint32)
     unsigned = {2: jnp.uint16, 1: jnp.uint8}[size]
     return jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32)
+
+
+def _flat_index(shape) -> jax.Array:
+    """uint32 row-major position of every element of an array of ``shape`` (wrapping past
+    2^32 elements), built from per-axis iotas so it shards like the array."""
+    index, stride = jnp.zeros(shape, jnp.uint32), 1
+    for axis in reversed(range(len(shape))):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+        index = index + iota * jnp.uint32(stride % 2**32)
+        stride *= shape[axis]
+    return index
 
 
 def _fmix(h):
@@ -80,13 +90,14 @@ def _leaf_digest(leaf) -> tuple[jax.Array, jax.Array]:
     """``([2] uint32, bool[])``: two independent position-mixed wrapping sums of ``leaf``'s
     bits, and whether it is all finite. Jitted per leaf, not per tree: leaves of one shape
     (every layer's) share one small executable."""
-    bits = _bits_u32(leaf)[None, :]
-    index = jnp.arange(bits.shape[1], dtype=jnp.uint32)[None, :]
-    mult, seed = (jnp.array(c, jnp.uint32)[:, None] for c in zip(*_LANES, strict=True))
-    # for a fixed index, bits -> term is a bijection, so any changed element changes the sum
-    term = _fmix(bits + index * mult + seed)
-    digest = jnp.sum(term, axis=1, dtype=jnp.uint32) ^ jnp.uint32(bits.shape[1])
-    return digest, _all_finite(leaf)
+    bits = _bits_u32(leaf)
+    index = _flat_index(bits.shape)
+    digest = []
+    for mult, seed in _LANES:
+        # for a fixed index, bits -> term is a bijection, so any changed element changes the sum
+        term = _fmix(bits + index * jnp.uint32(mult) + jnp.uint32(seed))
+        digest.append(jnp.sum(term, dtype=jnp.uint32) ^ jnp.uint32(bits.size % 2**32))
+    return jnp.stack(digest), _all_finite(leaf)
 
 
 def _all_finite(leaf) -> jax.Array:
@@ -111,7 +122,9 @@ def leaf_checksums(tree) -> tuple[dict[str, int], dict[str, bool]]:
     Returns:
       ``({path: checksum}, {path: all finite})``, paths as ``"a/b/0/c"``.
     """
-    digests = jax.device_get({k: _leaf_digest(x) for k, x in _flat(tree).items()})
+    # one leaf at a time: XLA:CPU can deadlock when many small collective programs over the
+    # same devices are in flight at once
+    digests = {k: jax.device_get(_leaf_digest(x)) for k, x in _flat(tree).items()}
     sums = {k: int(d[0]) | (int(d[1]) << 32) for k, (d, _) in digests.items()}
     return sums, {k: bool(ok) for k, (_, ok) in digests.items()}
 

@@ -13,9 +13,10 @@ Non-parameter model state (``rest``: rng streams, constant tables) is replicated
 Every step reports ``finite``: whether its loss, gradient norm and updated parameters are all
 finite. With ``config.nonfinite == "skip"`` a step that is not finite keeps the previous
 parameters and optimizer state (a select inside the compiled step, as
-``optax.apply_if_finite`` does; the step counter and RNG still advance, so the data moves on);
-with "stop" the state is updated regardless and the loop stops at that step
-(``train.loop``), so no select is compiled in.
+``optax.apply_if_finite`` does; the step counter and RNG still advance, so the data moves on,
+while the optimizer's own count, hence its learning-rate schedule, stays where it was); with
+"stop" the state is updated regardless and the loop stops at that step (``train.loop``), so
+no select is compiled in.
 """
 
 from __future__ import annotations

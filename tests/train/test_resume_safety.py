@@ -59,6 +59,7 @@ def test_harmless_changes_resume_append_and_are_recorded(tmp_path, capsys):
     result = train_loop(tiny_config(run, **BIGRAM | {"steps": 6, "log_every": 2}), bigram)
     out = capsys.readouterr().out
     assert "resumed at step 4" in out and result.start_step == 4
+    assert repr(result).startswith(f"RunResult(run_dir={str(run)!r}, steps 4->6, ")  # short
     assert "resuming with changed settings: log_every: 1 -> 2; steps: 4 -> 6" in out
     assert (run / "config.json").read_bytes() == config_json  # the run's first config
     assert (run / "metrics.jsonl").read_bytes().startswith(metrics)
