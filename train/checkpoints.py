@@ -27,15 +27,13 @@ target's shardings decide the layout).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from train.config import ConfigError
+from train.config import ConfigError, config_from_json, config_to_json  # re-exported
 from train.integrity import (
     ALGORITHM,
     CheckpointError,
@@ -52,12 +50,10 @@ __all__ = [
     "list_steps",
     "read_meta",
     "restore_params",
-    "config_to_json",
+    "config_to_json",  # (defined in train.config)
     "config_from_json",
 ]
 
-# dataclasses a checkpoint's JSON may name (nothing else is imported from metadata)
-_TRUSTED_MODULES = ("models.", "jaxattn.", "train.")
 
 log = logging.getLogger(__name__)
 
@@ -386,43 +382,3 @@ def restore_params(directory: str, abstract_params, shardings=None, step: int | 
         return got["params"], meta
     finally:
         manager.close()
-
-
-def config_to_json(obj):
-    """JSON-able form of a (nested) config dataclass; dtypes become ``{"__dtype__": name}``."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        kind = f"{type(obj).__module__}:{type(obj).__qualname__}"
-        fields = {f.name: config_to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        return {"__dataclass__": kind, **fields}
-    if isinstance(obj, (list, tuple)):
-        return [config_to_json(x) for x in obj]
-    if isinstance(obj, dict):
-        return {str(k): config_to_json(v) for k, v in obj.items()}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    try:
-        return {"__dtype__": jnp.dtype(obj).name}
-    except TypeError:
-        raise TypeError(f"cannot store {obj!r} ({type(obj).__name__}) in checkpoint JSON") from None
-
-
-def config_from_json(data):
-    """Inverse of :func:`config_to_json` (lists become tuples; only trusted modules load).
-
-    Raises:
-      ValueError: a dataclass from a module outside models/jaxattn/train.
-    """
-    if isinstance(data, list):
-        return tuple(config_from_json(x) for x in data)
-    if not isinstance(data, dict):
-        return data
-    if "__dtype__" in data:
-        return jnp.dtype(data["__dtype__"])
-    if "__dataclass__" not in data:
-        return {k: config_from_json(v) for k, v in data.items()}
-    module, qualname = data["__dataclass__"].split(":")
-    if not module.startswith(_TRUSTED_MODULES):
-        raise ValueError(f"checkpoint names an untrusted config class {data['__dataclass__']!r}")
-    cls = getattr(importlib.import_module(module), qualname)
-    init = {f.name for f in dataclasses.fields(cls) if f.init}
-    return cls(**{k: config_from_json(v) for k, v in data.items() if k in init})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import importlib.util
 import os
 import re
@@ -27,6 +28,8 @@ __all__ = [
     "config_from_argv",
     "resolve_config_path",
     "fields_help",
+    "config_to_json",
+    "config_from_json",
 ]
 
 
@@ -344,3 +347,51 @@ def config_from_argv(argv=None, description: str = "", prog: str | None = None) 
     )
     args = parser.parse_args(argv)
     return load_config(args.config, args.set)
+
+
+# dataclasses a checkpoint's JSON may name (nothing else is imported from metadata)
+_TRUSTED_MODULES = ("models.", "jaxattn.", "train.")
+
+
+def config_to_json(obj):
+    """JSON-able form of a (nested) config dataclass; dtypes become ``{"__dtype__": name}``."""
+    import jax.numpy as jnp  # here: the config module itself loads without JAX
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        kind = f"{type(obj).__module__}:{type(obj).__qualname__}"
+        fields = {f.name: config_to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"__dataclass__": kind, **fields}
+    if isinstance(obj, (list, tuple)):
+        return [config_to_json(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): config_to_json(v) for k, v in obj.items()}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    try:
+        return {"__dtype__": jnp.dtype(obj).name}
+    except TypeError:
+        raise TypeError(f"cannot store {obj!r} ({type(obj).__name__}) in checkpoint JSON") from None
+
+
+def config_from_json(data):
+    """Inverse of :func:`config_to_json` (lists become tuples; only trusted modules load).
+
+    Raises:
+      ValueError: a dataclass from a module outside models/jaxattn/train.
+    """
+    import jax.numpy as jnp
+
+    if isinstance(data, list):
+        return tuple(config_from_json(x) for x in data)
+    if not isinstance(data, dict):
+        return data
+    if "__dtype__" in data:
+        return jnp.dtype(data["__dtype__"])
+    if "__dataclass__" not in data:
+        return {k: config_from_json(v) for k, v in data.items()}
+    module, qualname = data["__dataclass__"].split(":")
+    if not module.startswith(_TRUSTED_MODULES):
+        raise ValueError(f"checkpoint names an untrusted config class {data['__dataclass__']!r}")
+    cls = getattr(importlib.import_module(module), qualname)
+    init = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{k: config_from_json(v) for k, v in data.items() if k in init})
