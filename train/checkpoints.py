@@ -48,6 +48,7 @@ __all__ = [
     "Checkpointer",
     "CheckpointError",
     "list_steps",
+    "sync_processes",
     "read_meta",
     "restore_params",
     "config_to_json",  # (defined in train.config)
@@ -92,7 +93,8 @@ class _KeepGood:
         return [c.step in self.bad or c.step in keep for c in checkpoints]
 
 
-def _sync(name: str) -> None:
+def sync_processes(name: str) -> None:
+    """Barrier across the processes of a multi-host run (no-op with one process)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -250,7 +252,7 @@ class Checkpointer:
                 step,
                 f"{src}.corrupt-{k}",
             )
-        _sync(f"set_aside_{step}")
+        sync_processes(f"set_aside_{step}")
         self.bad.discard(step)
         self.manager.reload()
 

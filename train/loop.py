@@ -30,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from train.checkpoints import Checkpointer, config_to_json
+from train.checkpoints import Checkpointer, config_to_json, sync_processes
 from train.metrics import MetricsWriter, flops_per_token, peak_flops, progress_line
 from train.optim import lr_schedule
 from train.resume import clear_run
@@ -194,6 +194,8 @@ def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunR
     """
     t_start = time.time()
     setup = prepare(config, model_fn, model_config=model_config, init_params=init_params)
+    # every process has read the run directory before any of them writes to it
+    sync_processes("train_loop_planned")
     trainer, run_dir, plan = setup.trainer, setup.plan.run_dir, setup.plan
     if plan.kind == "overwrite":
         deleted = clear_run(run_dir)

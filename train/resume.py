@@ -27,7 +27,13 @@ import shutil
 
 import jax
 
-from train.checkpoints import config_from_json, config_to_json, list_steps, read_meta
+from train.checkpoints import (
+    config_from_json,
+    config_to_json,
+    list_steps,
+    read_meta,
+    sync_processes,
+)
 from train.config import ConfigError, TrainConfig
 
 __all__ = ["HARMLESS_FIELDS", "RUN_FILES", "RunPlan", "plan_run", "config_diff", "clear_run"]
@@ -195,8 +201,5 @@ def clear_run(run_dir: str) -> list[str]:
             deleted.append(name)
             if jax.process_index() == 0:
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("clear_run")
+    sync_processes("clear_run")
     return deleted
