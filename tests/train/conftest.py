@@ -3,6 +3,8 @@ finished tiny run to copy."""
 
 from __future__ import annotations
 
+import fcntl
+
 import pytest
 from train_testlib import Zygote, cli_env, set_args
 
@@ -19,9 +21,17 @@ def zygote():
 
 
 @pytest.fixture(scope="session")
-def tiny_run(zygote, tmp_path_factory):
-    """Run directory of a finished ``TINY_RUN`` of 4 steps (copy it before changing it)."""
-    root = tmp_path_factory.mktemp("tiny_run")
-    code, out = zygote.run(set_args(TINY_STEPS | {"run_dir": str(root / "run")}), root / "log")
-    assert code == 0, out[-3000:]
-    return root / "run"
+def tiny_run(request, tmp_path_factory, worker_id):
+    """Run directory of a finished ``TINY_RUN`` of 4 steps, made once per pytest session
+    (shared by the xdist workers; never change it: copy it first)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base if worker_id == "master" else base.parent  # the session's, all workers'
+    run = root / "tiny_run" / "run"
+    with open(root / "tiny_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker makes it, the others wait for it
+        if not (run / "checkpoints" / "4").is_dir():
+            run.parent.mkdir(exist_ok=True)
+            zygote = request.getfixturevalue("zygote")
+            code, out = zygote.run(set_args(TINY_STEPS | {"run_dir": str(run)}), run.parent / "log")
+            assert code == 0, out[-3000:]
+    return run

@@ -111,7 +111,7 @@ def _final(run_dir):
     return jax.tree.map(np.asarray, params), meta
 
 
-@pytest.mark.slow  # ~25 s alone on 2 cores (11 runs, forked from one pre-imported process)
+@pytest.mark.slow  # 11 runs forked from one pre-imported process: 49 s on 2 busy cores
 def test_killed_and_corrupted_runs_resume_bit_identical(tmp_path):
     # the schedule: kinds of kill points in a seeded order; after every "saved" kill (and at
     # random after the others) the newest finished step is corrupted

@@ -17,7 +17,9 @@ from train.config import TrainConfig
 # finetune whose step equals a pretraining step, reuses compiled programs. It is not switched
 # on in the pytest worker itself: the worker also runs other test files, and executables with
 # host callbacks (Pallas TPU interpret mode) must never be reloaded from a persistent cache.
-CACHE_DIR = os.path.join(tempfile.gettempdir(), f"jaxattn_train_tests_jax_cache_{os.getpid()}")
+# One cache per pytest session, shared by its xdist workers (JAX writes entries atomically).
+_SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+CACHE_DIR = os.path.join(tempfile.gettempdir(), f"jaxattn_train_tests_jax_cache_{_SESSION}")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
