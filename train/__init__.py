@@ -5,11 +5,15 @@ Entry points
   python -m train.finetune    start from a jaxattn or Hugging Face checkpoint
   python -m train.sample      generate text from a checkpoint (KV cache)
 Modules
-  config        TrainConfig, config files under train/configs, --set overrides
+  config        TrainConfig, config files under train/configs, --set overrides, --help keys
   data          byte tokenizer, built-in corpus, associative recall, resumable loaders
-  step          sharded train state, jitted train/eval steps
+  step          sharded train state, jitted train/eval steps (non-finite skip inside)
   optim         AdamW + warmup/cosine, clipping, trainable/frozen path patterns
-  checkpoints   Orbax CheckpointManager with verified restores
-  metrics       JSONL/TensorBoard, FLOPs and MFU, loss plot
-  loop          the training loop shared by pretrain and finetune
+  checkpoints   Orbax CheckpointManager: verified restores, bad steps skipped in place
+  integrity     per-leaf checksums, verification naming the bad leaves
+  resume        what a start finds in run_dir: fresh, continue, refuse, overwrite
+  setup         validation of a run before anything is created on disk
+  metrics       append-only JSONL/TensorBoard, FLOPs and MFU, loss plot
+  loop          the training loop shared by pretrain and finetune (non-finite stop)
+  cli           one-line errors and exit codes of the entry points
 """

@@ -2,62 +2,71 @@
 
 A step directory holds three items: ``params`` (the fp32 master weights, restorable alone for
 sampling and finetuning), ``train`` (optimizer state, step counter, RNG key) and ``meta`` (JSON:
-data position, config, and a checksum of params and train state). Orbax writes each step into
-a temporary directory and renames it when complete, so a run killed mid-save leaves the
-previous step as the latest one. A finished step whose files were later truncated or corrupted
-fails to restore or fails its checksum; :meth:`Checkpointer.restore` then moves it aside and
-falls back to the newest good step. Restoring onto another mesh reshards (the target's
-shardings decide the layout).
+data position, train and model config, and a checksum of every leaf; see
+``train.integrity``). Orbax writes each step into a temporary directory and renames it when
+complete, so a run killed mid-save leaves the previous step as the latest one (the temporary
+directory is removed when the next run opens the checkpoints).
+
+What happens to a bad step. A finished step that later fails to read or fails its integrity
+check is skipped *in place*: :meth:`Checkpointer.restore` logs one line naming the step and
+why, and falls back to the newest good step; nothing is deleted or moved. A step whose
+stored parameter tree does not match the model being restored (another model config) is
+not corrupt: restoring stops with a :class:`train.config.ConfigError` naming the differing
+parameters, and the step is left alone. Keep-N counts only steps not known to be bad, and
+never deletes a known-bad one, so newer corrupt steps cannot push the last good checkpoint
+out. When training reaches a known-bad step again and saves there, the bad directory is
+renamed to ``<step>.corrupt-<k>`` beside the others (orbax ignores that name; it stays for
+inspection) and the new checkpoint takes the step's name.
+
+Every reader verifies what it loads: :meth:`Checkpointer.restore` (resume) and
+:func:`restore_params` (sampling, finetuning) raise or skip on a checksum mismatch, naming
+the step directory and the parameter paths. Restoring onto another mesh reshards (the
+target's shardings decide the layout).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
-import shutil
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
+
+from train.config import ConfigError, config_from_json, config_to_json  # re-exported
+from train.integrity import (
+    ALGORITHM,
+    CheckpointError,
+    describe_mismatch,
+    leaf_checksums,
+    one_line,
+    tree_signature,
+    verify,
+)
 
 __all__ = [
     "Checkpointer",
-    "state_checksum",
+    "CheckpointError",
+    "list_steps",
+    "sync_processes",
     "read_meta",
     "restore_params",
-    "config_to_json",
+    "config_to_json",  # (defined in train.config)
     "config_from_json",
 ]
 
-# dataclasses a checkpoint's JSON may name (nothing else is imported from metadata)
-_TRUSTED_MODULES = ("models.", "jaxattn.", "train.")
 
 log = logging.getLogger(__name__)
 
 
-@jax.jit
-def _checksum(tree) -> jax.Array:
-    """uint32 fingerprint of every bit of every leaf (position-weighted, wrapping sums)."""
-    total = jnp.zeros((), jnp.uint32)
-    for i, leaf in enumerate(jax.tree.leaves(tree)):
-        leaf = jnp.asarray(leaf).reshape(-1)
-        if leaf.dtype.itemsize == 4:
-            bits = jax.lax.bitcast_convert_type(leaf, jnp.uint32)
-        elif leaf.dtype.itemsize == 2:
-            bits = jax.lax.bitcast_convert_type(leaf, jnp.uint16).astype(jnp.uint32)
-        else:
-            bits = leaf.astype(jnp.uint32)
-        weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + 1
-        total = total + jnp.sum(bits * weights, dtype=jnp.uint32) * jnp.uint32(2 * i + 1)
-    return total
-
-
-def state_checksum(tree) -> int:
-    """Checksum (Python int) of a pytree of arrays; equal trees give equal checksums."""
-    return int(jax.device_get(_checksum(tree)))
+def _handlers() -> dict:
+    # naming every item's handler lets orbax read metadata without "could not be restored"
+    # warnings for the items a reader does not ask for
+    return {
+        "params": ocp.StandardCheckpointHandler(),
+        "train": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
 
 
 def _target(abstract, shardings):
@@ -67,39 +76,99 @@ def _target(abstract, shardings):
     )
 
 
+def _split_train(tree: dict) -> dict:
+    return {k: v for k, v in tree.items() if k != "params"}
+
+
+@dataclasses.dataclass
+class _KeepGood:
+    """Orbax preservation policy: the ``n`` newest steps not in ``bad``, and every bad one."""
+
+    n: int
+    bad: set
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        good = sorted(c.step for c in checkpoints if c.step not in self.bad)
+        keep = set(good[-self.n :])
+        return [c.step in self.bad or c.step in keep for c in checkpoints]
+
+
+def sync_processes(name: str) -> None:
+    """Barrier across the processes of a multi-host run (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _saved_signature(manager, step: int, items) -> dict:
+    """``{item: tree_signature}`` of a step's stored trees (raises if unreadable)."""
+    metadata = manager.item_metadata(step)
+    out = {}
+    for item in items:
+        tree = metadata[item]
+        if tree is None:
+            raise CheckpointError(f"item {item!r} has no metadata")
+        out[item] = tree_signature(getattr(tree, "tree", tree))
+    return out
+
+
+def _check_structure(saved: dict, wanted: dict, where: str) -> None:
+    for item in wanted:
+        mismatch = describe_mismatch(saved[item], wanted[item])
+        if mismatch:
+            raise ConfigError(
+                f"checkpoint {where} does not match the model being restored (it is not "
+                f"corrupt and is left untouched): {item} {mismatch}"
+            )
+
+
 class Checkpointer:
     """Saves and restores ``(params, train, meta)`` under ``directory``.
 
     Args:
       directory: checkpoint root (one sub-directory per step).
       every: save every this many steps (others are skipped unless forced).
-      keep: how many recent steps to keep.
+      keep: how many recent good steps to keep (known-bad steps are kept besides).
       async_save: write in a background thread (call :meth:`wait` before reading them).
     """
 
     def __init__(self, directory: str, *, every: int = 100, keep: int = 3, async_save: bool = True):
         self.directory, self.every = os.path.abspath(directory), every
+        self.bad: set[int] = set()  # steps that failed to restore; never read again
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every,
-            max_to_keep=keep,
             create=True,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
+            preservation_policy=_KeepGood(keep, self.bad),
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("params", "train", "meta")
+            self.directory, options=options, item_handlers=_handlers()
         )
 
     def save(self, step: int, state: dict, meta: dict, *, force: bool = False) -> bool:
         """Save a train state (``{"params", "opt_state", "step", "rng"}``) if due at ``step``.
+
+        Raises:
+          CheckpointError: the state holds non-finite values (never saved).
 
         Returns:
           Whether a save was started.
         """
         if not (force or step % self.every == 0):  # orbax's own policy also saves step 1
             return False
-        train = {k: v for k, v in state.items() if k != "params"}
-        meta = {**meta, "step": int(step), "checksum": state_checksum((state["params"], train))}
+        train = _split_train(state)
+        sums, finite = {}, {}
+        for item, tree in (("params", state["params"]), ("train", train)):
+            sums[item], item_finite = leaf_checksums(tree)
+            finite |= {f"{item}/{k}": ok for k, ok in item_finite.items()}
+        bad_leaves = [k for k, ok in finite.items() if not ok]
+        if bad_leaves:
+            raise CheckpointError(f"refusing to save step {step}: non-finite {bad_leaves[:4]}")
+        if step in self.bad:
+            self._set_aside(step)
+        meta = {**meta, "step": int(step), "leaf_checksums": {"algorithm": ALGORITHM, **sums}}
         return self.manager.save(
             step,
             force=True,
@@ -111,7 +180,10 @@ class Checkpointer:
         )
 
     def restore(self, abstract_state: dict, shardings: dict):
-        """Newest good checkpoint, placed with ``shardings``; bad steps are moved aside.
+        """Newest good checkpoint, verified and placed with ``shardings``.
+
+        Steps that cannot be read or fail their integrity check are skipped with a warning
+        (left in place, remembered in :attr:`bad`).
 
         Args:
           abstract_state: the state's structure (arrays or ShapeDtypeStructs).
@@ -119,49 +191,69 @@ class Checkpointer:
 
         Returns:
           ``(state, meta)``, or None when there is no good checkpoint.
+
+        Raises:
+          ConfigError: a step's parameter or optimizer tree differs from ``abstract_state``
+            (another model or optimizer; nothing is skipped or changed).
         """
-        params_t = _target(abstract_state["params"], shardings["params"])
-        train_t = _target(
-            {k: v for k, v in abstract_state.items() if k != "params"},
-            {k: v for k, v in shardings.items() if k != "params"},
-        )
+        targets = {
+            "params": _target(abstract_state["params"], shardings["params"]),
+            "train": _target(_split_train(abstract_state), _split_train(shardings)),
+        }
+        wanted = {k: tree_signature(v) for k, v in targets.items()}
         self.manager.reload()
         for step in sorted(self.manager.all_steps(), reverse=True):
+            if step in self.bad:
+                continue
+            where = os.path.join(self.directory, str(step))
             try:
-                got = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        params=ocp.args.StandardRestore(params_t),
-                        train=ocp.args.StandardRestore(train_t),
-                        meta=ocp.args.JsonRestore(),
-                    ),
-                )
-                ok = state_checksum((got["params"], got["train"])) == got["meta"]["checksum"]
-                reason = "checksum mismatch"
-            except Exception as err:  # noqa: BLE001 - any failure to read means a bad step
-                ok, reason = False, f"{type(err).__name__}: {str(err)[:200]}"
-            if ok:
-                return {"params": got["params"], **got["train"]}, got["meta"]
+                saved = _saved_signature(self.manager, step, targets)
+            except Exception as err:  # noqa: BLE001 - unreadable metadata: a bad step
+                reason = one_line(err)
+            else:
+                _check_structure(saved, wanted, where)
+                try:
+                    got = self.manager.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            params=ocp.args.StandardRestore(targets["params"]),
+                            train=ocp.args.StandardRestore(targets["train"]),
+                            meta=ocp.args.JsonRestore(),
+                        ),
+                    )
+                    verify({"params": got["params"], "train": got["train"]}, got["meta"], where)
+                    return {"params": got["params"], **got["train"]}, got["meta"]
+                except CheckpointError as err:
+                    reason = str(err).removeprefix(f"{where}: ")
+                except Exception as err:  # noqa: BLE001 - any failure to read means a bad step
+                    reason = one_line(err)
             log.warning(
-                "checkpoint step %d in %s is unreadable (%s); using an older step",
+                "checkpoint step %d in %s is unusable (%s); skipping it (left in place) and "
+                "trying an older step",
                 step,
                 self.directory,
                 reason,
             )
-            self._quarantine(step)
+            self.bad.add(step)
         return None
 
-    def _quarantine(self, step: int) -> None:
-        """Move a bad step out of the manager's directory (kept for inspection)."""
-        if jax.process_index() == 0:
-            bad = os.path.join(os.path.dirname(self.directory), "corrupted_checkpoints")
-            os.makedirs(bad, exist_ok=True)
-            dest = os.path.join(bad, f"{step}-{len(os.listdir(bad))}")
-            shutil.move(os.path.join(self.directory, str(step)), dest)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"quarantine_{step}")
+    def _set_aside(self, step: int) -> None:
+        """Rename a known-bad step to ``<step>.corrupt-<k>`` so a new save can take its name."""
+        self.manager.wait_until_finished()
+        src = os.path.join(self.directory, str(step))
+        k = 0
+        while os.path.exists(f"{src}.corrupt-{k}"):
+            k += 1
+        if jax.process_index() == 0 and os.path.isdir(src):
+            os.rename(src, f"{src}.corrupt-{k}")
+            log.warning(
+                "saving step %d again; its earlier checkpoint, which failed its integrity "
+                "check, is kept as %s",
+                step,
+                f"{src}.corrupt-{k}",
+            )
+        sync_processes(f"set_aside_{step}")
+        self.bad.discard(step)
         self.manager.reload()
 
     def latest_step(self) -> int | None:
@@ -178,30 +270,70 @@ class Checkpointer:
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
+    """A manager that only reads (no ``read_only`` option: orbax warns on every use of it)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
     return ocp.CheckpointManager(
         os.path.abspath(directory),
-        item_names=("params", "meta"),
-        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers=_handlers(),
+        options=ocp.CheckpointManagerOptions(create=False),
     )
+
+
+def list_steps(directory: str) -> list[int]:
+    """The finished steps under a checkpoint root (not verified), oldest first."""
+    manager = _reader(directory)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def _pick_step(manager, directory: str, step: int | None) -> int:
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint steps under {directory!r}")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint step {step} under {directory!r}; steps: {steps}")
+    return step
 
 
 def read_meta(directory: str, step: int | None = None) -> dict:
     """The JSON metadata (config, model config, step, data position) of a checkpoint step.
 
     Raises:
-      FileNotFoundError: no checkpoint under ``directory``.
+      FileNotFoundError: no checkpoint (or no such step) under ``directory``.
+      CheckpointError: the step's metadata cannot be read.
     """
     manager = _reader(directory)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint steps under {directory!r}")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    manager.close()
-    return meta
+    try:
+        step = _pick_step(manager, directory, step)
+        try:
+            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+            return manager.restore(step, args=args)["meta"]
+        except Exception as err:  # noqa: BLE001 - report which step and why, in one line
+            where = os.path.join(os.path.abspath(directory), str(step))
+            raise CheckpointError(f"{where}: unreadable metadata ({one_line(err)})") from None
+    finally:
+        manager.close()
+
+
+def _int_keys(tree):
+    """Stored metadata names list/dict-of-layer keys as strings; the pure dicts of NNX use
+    ints, whose order (1, 2, 10) differs from the strings' ("1", "10", "2")."""
+    if isinstance(tree, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v)
+                for k, v in tree.items()}  # fmt: skip
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_int_keys(v) for v in tree)
+    return tree
 
 
 def restore_params(directory: str, abstract_params, shardings=None, step: int | None = None):
-    """Restore only the parameters (and meta) of a checkpoint, e.g. for sampling or finetuning.
+    """Restore only the parameters (and meta) of a checkpoint, verified, e.g. for sampling
+    or finetuning.
 
     Args:
       directory: a checkpoint root written by :class:`Checkpointer`.
@@ -213,66 +345,42 @@ def restore_params(directory: str, abstract_params, shardings=None, step: int | 
       ``(params, meta)``.
 
     Raises:
-      FileNotFoundError: no checkpoint under ``directory``.
+      FileNotFoundError: no checkpoint (or no such step) under ``directory``.
+      ValueError: the stored parameter tree differs from ``abstract_params`` (names the
+        parameters).
+      CheckpointError: the step cannot be read or fails its integrity check (names the step
+        directory and the parameters).
     """
     manager = _reader(directory)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint steps under {directory!r}")
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract_params)
-    got = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_target(abstract_params, shardings)),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
-    manager.close()
-    return got["params"], got["meta"]
-
-
-def config_to_json(obj):
-    """JSON-able form of a (nested) config dataclass; dtypes become ``{"__dtype__": name}``."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        kind = f"{type(obj).__module__}:{type(obj).__qualname__}"
-        fields = {f.name: config_to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        return {"__dataclass__": kind, **fields}
-    if isinstance(obj, (list, tuple)):
-        return [config_to_json(x) for x in obj]
-    if isinstance(obj, dict):
-        return {str(k): config_to_json(v) for k, v in obj.items()}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
     try:
-        return {"__dtype__": jnp.dtype(obj).name}
-    except TypeError:
-        raise TypeError(f"cannot store {obj!r} ({type(obj).__name__}) in checkpoint JSON") from None
-
-
-def config_from_json(data):
-    """Inverse of :func:`config_to_json` (lists become tuples; only trusted modules load).
-
-    Raises:
-      ValueError: a dataclass from a module outside models/jaxattn/train.
-    """
-    if isinstance(data, list):
-        return tuple(config_from_json(x) for x in data)
-    if not isinstance(data, dict):
-        return data
-    if "__dtype__" in data:
-        return jnp.dtype(data["__dtype__"])
-    if "__dataclass__" not in data:
-        return {k: config_from_json(v) for k, v in data.items()}
-    module, qualname = data["__dataclass__"].split(":")
-    if not module.startswith(_TRUSTED_MODULES):
-        raise ValueError(f"checkpoint names an untrusted config class {data['__dataclass__']!r}")
-    cls = getattr(importlib.import_module(module), qualname)
-    init = {f.name for f in dataclasses.fields(cls) if f.init}
-    return cls(**{k: config_from_json(v) for k, v in data.items() if k in init})
-
-
-def to_numpy(tree):
-    """Host copies of a pytree of (fully addressable) arrays, for comparisons and export."""
-    return jax.tree.map(np.asarray, tree)
+        step = _pick_step(manager, directory, step)
+        where = os.path.join(os.path.abspath(directory), str(step))
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        if shardings is None:
+            shardings = jax.tree.map(lambda _: device, abstract_params)
+        targets = {"params": _target(abstract_params, shardings)}
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = meta["meta"]
+            legacy = "leaf_checksums" not in meta
+            metadata = manager.item_metadata(step)
+            saved = tree_signature(getattr(metadata["params"], "tree", metadata["params"]))
+        except Exception as err:  # noqa: BLE001 - report which step and why, in one line
+            raise CheckpointError(f"{where}: unreadable ({one_line(err)})") from None
+        mismatch = describe_mismatch(saved, tree_signature(targets["params"]))
+        if mismatch:
+            raise ValueError(f"checkpoint {where} does not match the model: params {mismatch}")
+        if legacy:  # the whole-tree checksum also covers the train state
+            train = _int_keys(getattr(metadata["train"], "tree", metadata["train"]))
+            targets["train"] = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), train
+            )
+        args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+        try:
+            got = manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as err:  # noqa: BLE001 - report which step and why, in one line
+            raise CheckpointError(f"{where}: unreadable ({one_line(err)})") from None
+        verify({k: got[k] for k in targets}, meta, where)
+        return got["params"], meta
+    finally:
+        manager.close()

@@ -3,18 +3,34 @@
 An experiment config is a Python file under ``train/configs/`` that defines ``CONFIG``, a
 :class:`TrainConfig` (its docstring holds the exact command line that runs it). On the command
 line, ``--set key=value`` replaces single fields; values are parsed by the field's type, and an
-unknown key or a bad value raises :class:`ConfigError` that names the key and the choices.
+unknown key or a bad value raises :class:`ConfigError` that names the key and the choices
+(``--help`` lists every key with its type and default). ``--config`` takes a path (relative to
+the current directory, else to the repository / installed package, so
+``--config train/configs/recall.py`` works from anywhere) or the bare name of a file in
+``train/configs`` (``--config recall``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import importlib.util
 import os
+import re
 import typing
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "apply_overrides", "config_from_argv"]
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "load_config",
+    "apply_overrides",
+    "config_from_argv",
+    "resolve_config_path",
+    "fields_help",
+    "config_to_json",
+    "config_from_json",
+]
 
 
 class ConfigError(ValueError):
@@ -24,6 +40,7 @@ class ConfigError(ValueError):
 _CHOICES = {
     "compute_dtype": ("float32", "bfloat16"),
     "remat": ("none", "blocks", "full"),
+    "nonfinite": ("stop", "skip"),
 }
 
 
@@ -35,6 +52,16 @@ class TrainConfig:
     associative recall), or a path to a text file, a directory of ``.txt`` files or a ``.npy``
     array of token ids. Batch sizes are global (all hosts); ``grad_accum`` splits each batch
     into that many micro-batches. Mesh sizes of -1 take all remaining devices.
+
+    Non-finite steps: with ``nonfinite="stop"`` training stops at the first step whose loss,
+    gradient norm or updated parameters are not finite, naming it (nothing of that state is
+    saved); ``"skip"`` leaves such a step's parameters and optimizer state unchanged instead
+    (the data still advances) and counts it in the metrics (``skipped``).
+
+    Resuming and ``overwrite``: a run directory holding an earlier run is resumed; fields that
+    change what the run computes must equal the saved ones (see ``train.resume``), and
+    nothing of the earlier run is deleted. ``overwrite=true`` deletes the earlier run's files
+    and starts over.
     """
 
     name: str = "mla-tiny-default"
@@ -60,6 +87,8 @@ class TrainConfig:
     seed: int = 0
     # train steps per compiled call (a lax.scan over that many batches); see train.loop
     steps_per_call: int = 10
+    # a step with a non-finite loss / gradient norm / update: "stop" the run or "skip" the step
+    nonfinite: str = "stop"
     # parameters trained / frozen by path regex (finetuning; see train.optim)
     trainable: tuple[str, ...] = (".*",)
     frozen: tuple[str, ...] = ()
@@ -82,6 +111,7 @@ class TrainConfig:
     async_checkpoint: bool = True
     run_dir: str = ""
     resume: bool = True
+    overwrite: bool = False  # delete an earlier run in run_dir and start over
     tensorboard: bool = True
     plot: bool = True
     sample_prompts: tuple[str, ...] = ("def ", "Return the ", "The ")
@@ -125,6 +155,33 @@ class TrainConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} must be positive or -1 (fill)")
         if [self.mesh_data, self.mesh_fsdp, self.mesh_tensor].count(-1) > 1:
             raise ConfigError("at most one of mesh_data, mesh_fsdp, mesh_tensor may be -1")
+        self._check_optimizer_and_output()
+
+    def _check_optimizer_and_output(self):
+        for key in ("b1", "b2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"{key}={getattr(self, key)} must be in [0, 1)")
+        if not self.clip_norm > 0:
+            raise ConfigError(f"clip_norm={self.clip_norm} must be > 0 (global-norm clipping)")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
+        for key in ("trainable", "frozen"):
+            for pattern in getattr(self, key):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ConfigError(f"{key} pattern {pattern!r} is not a regex: {err}") from None
+        if self.sample_tokens < 0:
+            raise ConfigError(f"sample_tokens={self.sample_tokens} must be >= 0")
+        if any(not p for p in self.sample_prompts):
+            raise ConfigError(f"sample_prompts={self.sample_prompts} must be non-empty strings")
+        if not (self.run_dir or self.name):
+            raise ConfigError("name='' needs run_dir=... (the run directory is runs/<name>)")
+        if self.num_processes < 0 or self.process_id < -1:
+            raise ConfigError(
+                f"num_processes={self.num_processes} must be >= 0 (0: auto) and "
+                f"process_id={self.process_id} >= -1 (-1: auto)"
+            )
 
     @property
     def out_dir(self) -> str:
@@ -144,11 +201,18 @@ class TrainConfig:
         for axis, size in shape.items():
             if size == -1:
                 if num_devices % known:
-                    raise ConfigError(f"mesh {shape} cannot fill {num_devices} devices")
+                    raise ConfigError(
+                        f"mesh {shape} cannot fill {num_devices} devices: the fixed sizes "
+                        f"multiply to {known}, which does not divide {num_devices}"
+                    )
                 shape[axis] = num_devices // known
         total = shape["data"] * shape["fsdp"] * shape["tensor"]
         if total != num_devices:
-            raise ConfigError(f"mesh {shape} needs {total} devices but {num_devices} are present")
+            raise ConfigError(
+                f"mesh_data={shape['data']} x mesh_fsdp={shape['fsdp']} x mesh_tensor="
+                f"{shape['tensor']} needs {total} devices but {num_devices} "
+                f"{'is' if num_devices == 1 else 'are'} present (-1 fills the rest)"
+            )
         return shape
 
 
@@ -205,8 +269,7 @@ def load_config(path: str | None = None, overrides=()) -> TrainConfig:
     """
     config = TrainConfig()
     if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
+        path = resolve_config_path(path)
         spec = importlib.util.spec_from_file_location("_train_config", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -216,12 +279,65 @@ def load_config(path: str | None = None, overrides=()) -> TrainConfig:
     return apply_overrides(config, overrides)
 
 
-def config_from_argv(argv=None, description: str = "") -> TrainConfig:
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def resolve_config_path(path: str) -> str:
+    """The config file ``path`` names: as given (relative to the current directory), else
+    relative to the repository / installed package root, else a file in ``train/configs``
+    (``"recall"`` or ``"recall.py"``).
+
+    Raises:
+      ConfigError: none of these exists (the message lists the files in train/configs).
+    """
+    name = path if path.endswith(".py") else path + ".py"
+    for candidate in (path, os.path.join(_PACKAGE_ROOT, path), os.path.join(CONFIGS_DIR, name)):
+        if os.path.isfile(candidate):
+            return candidate
+    known = sorted(n for n in os.listdir(CONFIGS_DIR) if n.endswith(".py") and n[0] != "_")
+    raise ConfigError(
+        f"--config {path!r} does not exist (looked in the current directory, under "
+        f"{_PACKAGE_ROOT} and in train/configs: {', '.join(known)})"
+    )
+
+
+def _type_name(kind) -> str:
+    if typing.get_origin(kind) is tuple:
+        return "comma-separated list"
+    return getattr(kind, "__name__", str(kind))
+
+
+def fields_help() -> str:
+    """Every ``--set`` key with its type, default and choices (generated from the dataclass)."""
+    hints = typing.get_type_hints(TrainConfig)
+    lines = ["--set keys (KEY=VALUE; lists are comma-separated):"]
+    for field in dataclasses.fields(TrainConfig):
+        default = field.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        extra = f"; one of {', '.join(_CHOICES[field.name])}" if field.name in _CHOICES else ""
+        lines.append(
+            f"  {field.name:20s} {_type_name(hints[field.name])}, default {default!r}{extra}"
+        )
+    return "\n".join(lines)
+
+
+def config_from_argv(argv=None, description: str = "", prog: str | None = None) -> TrainConfig:
     """Parse ``[--config FILE] [--set key=value ...]`` into a config (see :func:`load_config`)."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None, help="experiment config file (train/configs)")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=fields_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="experiment config: a file (train/configs/recall.py) or a name in train/configs",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -231,3 +347,51 @@ def config_from_argv(argv=None, description: str = "") -> TrainConfig:
     )
     args = parser.parse_args(argv)
     return load_config(args.config, args.set)
+
+
+# dataclasses a checkpoint's JSON may name (nothing else is imported from metadata)
+_TRUSTED_MODULES = ("models.", "jaxattn.", "train.")
+
+
+def config_to_json(obj):
+    """JSON-able form of a (nested) config dataclass; dtypes become ``{"__dtype__": name}``."""
+    import jax.numpy as jnp  # here: the config module itself loads without JAX
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        kind = f"{type(obj).__module__}:{type(obj).__qualname__}"
+        fields = {f.name: config_to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"__dataclass__": kind, **fields}
+    if isinstance(obj, (list, tuple)):
+        return [config_to_json(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): config_to_json(v) for k, v in obj.items()}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    try:
+        return {"__dtype__": jnp.dtype(obj).name}
+    except TypeError:
+        raise TypeError(f"cannot store {obj!r} ({type(obj).__name__}) in checkpoint JSON") from None
+
+
+def config_from_json(data):
+    """Inverse of :func:`config_to_json` (lists become tuples; only trusted modules load).
+
+    Raises:
+      ValueError: a dataclass from a module outside models/jaxattn/train.
+    """
+    import jax.numpy as jnp
+
+    if isinstance(data, list):
+        return tuple(config_from_json(x) for x in data)
+    if not isinstance(data, dict):
+        return data
+    if "__dtype__" in data:
+        return jnp.dtype(data["__dtype__"])
+    if "__dataclass__" not in data:
+        return {k: config_from_json(v) for k, v in data.items()}
+    module, qualname = data["__dataclass__"].split(":")
+    if not module.startswith(_TRUSTED_MODULES):
+        raise ValueError(f"checkpoint names an untrusted config class {data['__dataclass__']!r}")
+    cls = getattr(importlib.import_module(module), qualname)
+    init = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{k: config_from_json(v) for k, v in data.items() if k in init})

@@ -98,19 +98,20 @@ def load_tokens(source: str) -> np.ndarray:
         return ByteTokenizer().encode(builtin_corpus())
     if not os.path.exists(source):
         raise FileNotFoundError(
-            f"data source {source!r} is neither 'builtin', 'recall' nor a path that exists"
+            f"{source!r} does not exist (a data source is 'builtin', 'recall' or a path)"
         )
     if source.endswith(".npy"):
         tokens = np.load(source, mmap_mode="r", allow_pickle=False)
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(
-                f"{source}: need a 1-D integer array, got {tokens.shape} {tokens.dtype}"
+                f"{source!r}: need a 1-D integer array of token ids, got shape {tokens.shape} "
+                f"dtype {tokens.dtype}"
             )
         return tokens
     if os.path.isdir(source):
         names = sorted(n for n in os.listdir(source) if n.endswith(".txt"))
         if not names:
-            raise FileNotFoundError(f"directory {source!r} holds no .txt files")
+            raise FileNotFoundError(f"{source!r} is a directory holding no .txt files")
         texts = [open(os.path.join(source, n), encoding="utf-8").read() for n in names]
         return ByteTokenizer().encode("\n\n".join(texts))
     with open(source, encoding="utf-8") as f:
@@ -217,7 +218,24 @@ def make_loaders(config, process_index=0, process_count=1):
 
     Returns:
       ``(train_loader, eval_loader)``; both have ``batch(step) -> dict`` of local rows.
+
+    Raises:
+      ConfigError: a data source that does not exist or cannot be used, a training split
+        with fewer windows than one batch has rows, or a held-out split without one window.
     """
+    from train.config import ConfigError
+
+    try:
+        return _make_loaders(config, process_index, process_count)
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        if isinstance(err, ConfigError):
+            raise
+        text = str(err)
+        text = text if text.startswith(repr(config.data)) else f"{config.data!r}: {text}"
+        raise ConfigError(f"data={text}") from None
+
+
+def _make_loaders(config, process_index, process_count):
     common = dict(
         seq_len=config.seq_len,
         global_batch=config.batch_size,
@@ -232,6 +250,19 @@ def make_loaders(config, process_index=0, process_count=1):
         )
     tokens_N = load_tokens(config.data)
     split = int(len(tokens_N) * (1.0 - config.eval_fraction))
+    windows = (split - 1) // config.seq_len
+    if windows < config.batch_size:
+        raise ValueError(
+            f"{len(tokens_N)} tokens leave {split} for training: {max(windows, 0)} windows of "
+            f"seq_len+1={config.seq_len + 1} tokens, fewer than one batch of "
+            f"batch_size={config.batch_size} rows (use more data or a smaller seq_len/batch_size)"
+        )
+    if len(tokens_N) - split - 1 < config.seq_len:
+        raise ValueError(
+            f"the held-out split (eval_fraction={config.eval_fraction} of {len(tokens_N)} "
+            f"tokens = {len(tokens_N) - split}) is too small for one window of "
+            f"seq_len+1={config.seq_len + 1} tokens (raise eval_fraction or use more data)"
+        )
     return (
         WindowLoader(tokens_N[:split], seed=config.seed, **common),
         WindowLoader(tokens_N[split:], shuffle=False, **common),

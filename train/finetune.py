@@ -6,17 +6,21 @@ parameters and stored model config are used) or a Hugging Face checkpoint direct
 set by the ``trainable`` / ``frozen`` path regexes (see ``train.optim``); frozen ones keep
 their values exactly and carry no optimizer state. The run itself (data, checkpoints, resume,
 logs) is the same loop as pretraining, writing to its own run directory.
+
+The starting checkpoint is verified like every read (``train.checkpoints.restore_params``): a
+corrupted one stops with ``checkpoint error:`` naming the step directory and parameters, and a
+missing, empty or non-run ``init_from`` with ``config error:``, before anything is created.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 import numpy as np
 from flax import nnx
 
+from train.cli import guarded
 from train.config import ConfigError, TrainConfig, config_from_argv
 from train.loop import RunResult, setup_distributed, train_loop
 from train.platform import configure_cpu
@@ -41,21 +45,25 @@ def load_init(source: str):
       source: a jaxattn run / checkpoint directory, or a Hugging Face checkpoint directory.
 
     Raises:
-      ConfigError: an empty or missing ``source``.
+      ConfigError: an empty, missing or unusable ``source`` (naming ``init_from``).
+      CheckpointError: a jaxattn checkpoint that fails its integrity check.
     """
-    from train.sample import load_model
+    from train.sample import load_model, resolve_checkpoint
 
     if not source:
         raise ConfigError("finetuning needs init_from=<jaxattn run dir or Hugging Face dir>")
     if not os.path.isdir(source):
-        raise ConfigError(f"init_from={source!r} is not a directory")
+        what = "does not exist" if not os.path.exists(source) else "is not a directory"
+        raise ConfigError(f"init_from={source!r} {what}")
     if is_hf_dir(source):
         from models import from_hf
 
-        model = from_hf(source)
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return model.config, jax.tree.map(np.asarray, params)
-    model, _ = load_model(source)
+        try:
+            model = from_hf(source)
+        except (ValueError, KeyError, OSError) as err:
+            raise ConfigError(f"init_from={source!r} (Hugging Face directory): {err}") from None
+    else:
+        model, _ = load_model(resolve_checkpoint(source, flag="init_from"))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return model.config, jax.tree.map(np.asarray, params)
 
@@ -75,13 +83,10 @@ def run(config: TrainConfig) -> RunResult:
 
 
 def main(argv=None) -> None:
-    """Command-line entry point."""
+    """Command-line entry point (errors: see ``train.cli``)."""
     configure_cpu()  # before any JAX computation: XLA reads its flags once
-    try:
-        config = config_from_argv(argv, description=__doc__.splitlines()[0])
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
-    run(config)
+    prog = "python -m train.finetune"
+    guarded(lambda: run(config_from_argv(argv, __doc__.splitlines()[0], prog=prog)))
 
 
 if __name__ == "__main__":

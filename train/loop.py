@@ -1,9 +1,21 @@
 """The training loop shared by pretraining and finetuning, as importable functions.
 
-``train_loop(config, model_fn)`` builds the mesh and the sharded steps, resumes from the newest
-good checkpoint in ``<run_dir>/checkpoints`` (or starts fresh, optionally from given
-parameters), trains to ``config.steps`` with periodic evaluation, logging and async
-checkpoints, and returns a :class:`RunResult`. Only process 0 writes logs and prints.
+``train_loop(config, model_fn)`` validates the config against the devices, model and data
+(:func:`prepare`, which creates nothing on disk), resumes from the newest good checkpoint in
+``<run_dir>/checkpoints`` (or starts fresh, optionally from given parameters), trains to
+``config.steps`` with periodic evaluation, logging and async checkpoints, and returns a
+:class:`RunResult`. Only process 0 writes logs and prints.
+
+Non-finite steps: at every log, eval and checkpoint boundary the loop reads the per-step
+``finite`` flags of the steps since the previous boundary (each step of a multi-step call has
+its own). Under ``nonfinite="stop"`` the first non-finite step stops the run with
+:class:`NonFiniteError` naming that exact step; its state is never logged as a loss,
+evaluated or saved, earlier checkpoints and metrics are kept. Under ``"skip"`` the compiled
+step has already left the state unchanged; the log row counts the skipped steps
+(``skipped``) and averages the loss over the others.
+
+A run already at ``config.steps`` trains nothing and says so (pass a larger ``steps`` to
+continue it).
 """
 
 from __future__ import annotations
@@ -18,15 +30,23 @@ import time
 import jax
 import numpy as np
 
-from jaxattn.sharding import make_mesh
-from train.checkpoints import Checkpointer, config_to_json
-from train.config import ConfigError
-from train.data import make_loaders
+from train.checkpoints import Checkpointer, config_to_json, sync_processes
 from train.metrics import MetricsWriter, flops_per_token, peak_flops, progress_line
 from train.optim import lr_schedule
-from train.step import Trainer, make_trainer
+from train.resume import clear_run
+from train.setup import Setup, prepare, setup_distributed
+from train.step import Trainer
 
-__all__ = ["RunResult", "call_length", "evaluate", "host_params", "setup_distributed", "train_loop"]
+__all__ = [
+    "NonFiniteError",
+    "RunResult",
+    "call_length",
+    "evaluate",
+    "host_params",
+    "prepare",
+    "setup_distributed",  # re-exported from train.setup
+    "train_loop",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +63,20 @@ class RunResult:
     eval_loss: float
     seconds: float
 
+    def __repr__(self) -> str:  # the state alone would print every parameter
+        steps = int(jax.device_get(self.state["step"]))
+        num_params = sum(x.size for x in jax.tree.leaves(self.state["params"]))
+        return (
+            f"RunResult(run_dir={self.run_dir!r}, steps {self.start_step}->{steps}, "
+            f"{num_params / 1e6:.2f}M params, eval_loss={self.eval_loss:.4f}, "
+            f"seconds={self.seconds:.1f})"
+        )
+
 
 def say(*args) -> None:
     """Print on process 0 only."""
     if jax.process_index() == 0:
         print(*args, flush=True)
-
-
-def setup_distributed(config) -> None:
-    """``jax.distributed.initialize()`` when ``config.distributed`` (no-op otherwise).
-
-    On CPU, cross-process collectives go through gloo. Empty/negative fields are left to JAX's
-    cluster auto-detection (TPU pods, SLURM, ...).
-    """
-    if not config.distributed or jax.distributed.is_initialized():
-        return
-    if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=config.coordinator_address or None,
-        num_processes=config.num_processes or None,
-        process_id=config.process_id if config.process_id >= 0 else None,
-    )
 
 
 def evaluate(trainer: Trainer, params, rest, loader, num_batches: int) -> float:
@@ -94,18 +106,6 @@ def _place(tree, shardings):
     )
 
 
-def _check_vocab(config, model_config, *loaders) -> None:
-    """Token ids of file data must fit the model's vocabulary (a gather would clamp them)."""
-    vocab = getattr(model_config, "vocab_size", None)
-    for loader in loaders:
-        tokens = getattr(loader, "tokens_N", None)
-        if vocab and tokens is not None and len(tokens) and int(np.max(tokens)) >= vocab:
-            raise ConfigError(
-                f"data={config.data!r} holds token id {int(np.max(tokens))} but "
-                f"the model's vocab_size is {vocab}"
-            )
-
-
 def call_length(step: int, config) -> int:
     """How many steps the call starting at ``step`` runs: ``config.steps_per_call``, unless
     the next log, eval or checkpoint step (or the end) comes sooner, in which case one.
@@ -122,61 +122,145 @@ def call_length(step: int, config) -> int:
     return config.steps_per_call if boundary - step >= config.steps_per_call else 1
 
 
+class NonFiniteError(RuntimeError):
+    """A step produced a non-finite loss, gradient norm or update (``nonfinite="stop"``)."""
+
+
+def _first_nonfinite(host_metrics) -> tuple[int, dict] | None:
+    """``(step, values)`` of the first non-finite step in ``[(first_step, metrics), ...]``."""
+    for first, m in host_metrics:
+        bad = np.flatnonzero(~np.asarray(m["finite"], bool))
+        if bad.size:
+            i = int(bad[0])
+            return first + i + 1, {k: float(m[k][i]) for k in ("loss", "grad_norm")}
+    return None
+
+
+def _nonfinite_message(step: int, values: dict, ckpt: Checkpointer) -> str:
+    what = (
+        "loss" if not math.isfinite(values["loss"])
+        else "gradient norm" if not math.isfinite(values["grad_norm"])
+        else "parameter update"
+    )  # fmt: skip
+    ckpt.wait()
+    last = ckpt.latest_step()
+    kept = f"the last checkpoint (step {last}) is untouched" if last else "no checkpoint was saved"
+    return (
+        f"non-finite {what} at step {step} (loss {values['loss']}, grad norm "
+        f"{values['grad_norm']}); training stopped: nothing of that state was saved, {kept} "
+        "and the metrics so far are kept. Resume with --set nonfinite=skip to skip such steps, "
+        "or lower lr"
+    )
+
+
+def _start(config, setup: Setup, ckpt: Checkpointer, init_params):
+    """The state to start from (restored, given, or fresh) and the step it is at."""
+    trainer, plan = setup.trainer, setup.plan
+    state, rest = trainer.init()
+    restored = None
+    if plan.kind == "continue":
+        restored = ckpt.restore(trainer.abstract_state, trainer.state_shardings)
+        if restored is None and plan.saved_step is not None:
+            say(f"no usable checkpoint in {ckpt.directory}; training again from step 0")
+    if restored is not None:
+        state, meta = restored
+        say(f"resumed at step {meta['step']} from {ckpt.directory}")
+    elif init_params is not None:
+        state["params"] = _place(init_params, trainer.state_shardings["params"])
+    return state, rest, int(state["step"])
+
+
 def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunResult:
-    """Train ``model_fn()`` under ``config``; resume if a checkpoint exists.
+    """Train ``model_fn()`` under ``config``; resume if the run directory holds a run.
+
+    Everything that depends on the input is validated first (:func:`prepare`); only then is
+    anything created on disk. An earlier run in the run directory is resumed from its newest
+    good checkpoint (``train.resume`` says when that is refused, ``train.checkpoints`` what
+    happens to bad steps); its metrics are appended to, never rewritten.
 
     Args:
       config: a :class:`train.config.TrainConfig`.
       model_fn: zero-argument model constructor (see :func:`train.step.make_trainer`).
-      model_config: the model's config, for the FLOP estimate (optional).
+      model_config: the model's config, for the FLOP estimate and the resume check (optional).
       init_params: host parameters (pure dict) to start from instead of a fresh init, used
         when no checkpoint exists yet (finetuning).
 
     Returns:
       A :class:`RunResult`.
+
+    Raises:
+      ConfigError: bad input (before anything is created).
+      NonFiniteError: a non-finite step under ``nonfinite="stop"``.
     """
     t_start = time.time()
-    run_dir = config.out_dir
-    mesh = make_mesh(config.mesh_shape(jax.device_count()))
-    trainer = make_trainer(model_fn, config, mesh)
-    train_data, eval_data = make_loaders(config, jax.process_index(), jax.process_count())
-    _check_vocab(config, model_config, train_data, eval_data)
+    setup = prepare(config, model_fn, model_config=model_config, init_params=init_params)
+    # every process has read the run directory before any of them writes to it
+    sync_processes("train_loop_planned")
+    trainer, run_dir, plan = setup.trainer, setup.plan.run_dir, setup.plan
+    if plan.kind == "overwrite":
+        deleted = clear_run(run_dir)
+        say(f"overwrite=true: deleted {', '.join(deleted)} of the earlier run in {run_dir}")
     ckpt = Checkpointer(
         os.path.join(run_dir, "checkpoints"),
         every=config.ckpt_every,
         keep=config.keep_checkpoints,
         async_save=config.async_checkpoint,
     )
-    state, rest = trainer.init()
-    restored = (
-        ckpt.restore(trainer.abstract_state, trainer.state_shardings) if config.resume else None
+    writer = None
+    try:
+        state, rest, start = _start(config, setup, ckpt, init_params)
+        resumed = plan.kind == "continue"
+        writer = MetricsWriter(
+            run_dir, tensorboard=config.tensorboard, purge_step=start if resumed else None
+        )
+        if plan.changes:
+            say(f"resuming with changed settings: {'; '.join(plan.changes)}")
+        writer.event(start, "resume" if resumed else "start", changes=list(plan.changes))
+        config_path = os.path.join(run_dir, "config.json")
+        if jax.process_index() == 0 and not os.path.exists(config_path):
+            with open(config_path, "w") as f:  # the run's first config; never rewritten
+                json.dump(dataclasses.asdict(config), f, indent=1)
+        state, eval_loss = _train(config, setup, ckpt, writer, state, rest, start, model_config)
+    finally:
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+    return RunResult(
+        trainer=trainer,
+        state=state,
+        rest=rest,
+        run_dir=run_dir,
+        start_step=start,
+        eval_loss=eval_loss,
+        seconds=time.time() - t_start,
     )
-    if restored is not None:
-        state, meta = restored
-        say(f"resumed at step {meta['step']} from {ckpt.directory}")
-    elif init_params is not None:
-        state["params"] = _place(init_params, trainer.state_shardings["params"])
-    start = int(state["step"])
-    writer = MetricsWriter(run_dir, tensorboard=config.tensorboard)
-    writer.truncate_after(start)
-    if jax.process_index() == 0:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=1)
+
+
+def _train(config, setup, ckpt, writer, state, rest, start, model_config):
+    """The loop proper: steps, checks, logs, evals, saves. Returns the final state and loss."""
+    trainer, eval_data, train_data = setup.trainer, setup.eval_data, setup.train_data
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     fpt = flops_per_token(num_params, model_config, config.seq_len)
     peak, peak_label = peak_flops()
     say(
-        f"{config.name}: {num_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
+        f"{config.name}: {num_params / 1e6:.2f}M params, mesh {dict(setup.mesh.shape)}, "
         f"{config.batch_size}x{config.seq_len} tokens/step, steps {start}->{config.steps}, "
         f"MFU vs {peak_label}"
     )
+    if start >= config.steps:
+        say(
+            f"{setup.plan.run_dir} is already at step {start} (steps={config.steps}): nothing "
+            f"to train; pass --set steps=N with N > {start} to continue, or --set "
+            "overwrite=true to start over"
+        )
     schedule = lr_schedule(config)
     meta = {
         "config": dataclasses.asdict(config),
         "model_config": config_to_json(model_config),
     }
     tokens_per_step = config.batch_size * config.seq_len
-    pending, timed_tokens, t_last, eval_loss = [], 0, time.time(), math.nan
+    unchecked, interval, skipped = [], [], 0
+    timed_tokens, t_last, eval_loss = 0, time.time(), math.nan
     compiled = set()
     step = start
     while step < config.steps:
@@ -189,7 +273,7 @@ def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunR
             batches = [train_data.batch(s) for s in range(step, step + n)]
             stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
             state, metrics = trainer.train_steps(state, rest, trainer.put_batches(stacked))
-        pending.append(metrics)
+        unchecked.append((step, metrics))
         step += n
         done = step
         if n not in compiled:  # leave compilation out of the throughput
@@ -198,18 +282,39 @@ def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunR
             timed_tokens, t_last = 0, time.time()
         else:
             timed_tokens += n * tokens_per_step
-        if done % config.log_every == 0 or done == config.steps:
-            got = jax.device_get(pending)
+        log_now = done % config.log_every == 0 or done == config.steps
+        eval_now = done % config.eval_every == 0 or done == config.steps
+        save_now = done % config.ckpt_every == 0 or done == config.steps
+        if not (log_now or eval_now or save_now):
+            continue
+        # every boundary checks the steps since the last one: nothing non-finite is logged
+        # as a loss, evaluated or saved
+        host = jax.device_get(unchecked)
+        unchecked = []
+        bad = _first_nonfinite(host)
+        if bad is not None and config.nonfinite == "stop":
+            writer.event(bad[0], "nonfinite", **{k: str(v) for k, v in bad[1].items()})
+            raise NonFiniteError(_nonfinite_message(bad[0], bad[1], ckpt))
+        interval += [m for _, m in host]
+        if log_now:
             tok_s = timed_tokens / (time.time() - t_last) if timed_tokens else math.nan
-            losses = np.concatenate([m["loss"] for m in got])
-            loss, lr = float(np.mean(losses)), float(schedule(done - 1))
-            row = {"loss": loss, "grad_norm": got[-1]["grad_norm"][-1], "lr": lr}
+            finite = np.concatenate([m["finite"] for m in interval]).astype(bool)
+            losses = np.concatenate([m["loss"] for m in interval])[finite]
+            loss, lr = (
+                float(np.mean(losses)) if losses.size else math.nan,
+                float(schedule(done - 1)),
+            )
+            row = {"loss": loss, "grad_norm": interval[-1]["grad_norm"][-1], "lr": lr}
             if timed_tokens:
                 row |= {"tokens_per_s": tok_s, "mfu": tok_s * fpt / peak}
+            if not finite.all():
+                row["skipped"] = int((~finite).sum())
+                skipped += row["skipped"]
+                say(f"step {done}: skipped {row['skipped']} non-finite steps ({skipped} so far)")
             writer.write(done, "train", row)
             say(progress_line(done, config.steps, loss, tok_s, tok_s * fpt / peak, lr))
-            pending, timed_tokens, t_last = [], 0, time.time()
-        if done % config.eval_every == 0 or done == config.steps:
+            interval, timed_tokens, t_last = [], 0, time.time()
+        if eval_now:
             eval_loss = evaluate(trainer, state["params"], rest, eval_data, config.eval_batches)
             writer.write(done, "eval", {"loss": eval_loss, "perplexity": math.exp(eval_loss)})
             say(f"eval step {done}: loss {eval_loss:.4f}  perplexity {math.exp(eval_loss):.2f}")
@@ -218,14 +323,4 @@ def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunR
             timed_tokens, t_last = 0, time.time()  # the save's host copy is not training time
     if start >= config.steps:
         eval_loss = evaluate(trainer, state["params"], rest, eval_data, config.eval_batches)
-    ckpt.close()
-    writer.close()
-    return RunResult(
-        trainer=trainer,
-        state=state,
-        rest=rest,
-        run_dir=run_dir,
-        start_step=start,
-        eval_loss=eval_loss,
-        seconds=time.time() - t_start,
-    )
+    return state, eval_loss

@@ -5,6 +5,13 @@ matmuls) plus the attention term ``6 * layers * T * heads * (H + V) / 2`` (score
 value product, forward and backward, halved for the causal mask). MFU divides achieved model
 FLOP/s by a peak taken from a table of dense bf16 peaks by device kind; a CPU's peak is only
 estimated (cores x 2 FMA units x 8 fp32 lanes x 2 x 2.5 GHz) and labelled as such.
+
+``metrics.jsonl`` is append-only: a resumed run appends the rows of the steps it trains again
+after the rows of the interrupted attempt, and nothing is ever rewritten. Each start appends an
+event row (``split`` "start" or "resume", with the harmless config changes). Readers take the
+last row per ``(split, step)`` (:func:`latest_rows`); a line cut short by a killed process is
+skipped. TensorBoard gets a new event file per start, with ``purge_step`` set on resume so
+that TensorBoard shows the resumed values.
 """
 
 from __future__ import annotations
@@ -15,7 +22,15 @@ import os
 
 import jax
 
-__all__ = ["MetricsWriter", "flops_per_token", "peak_flops", "progress_line", "plot_losses"]
+__all__ = [
+    "MetricsWriter",
+    "flops_per_token",
+    "peak_flops",
+    "progress_line",
+    "plot_losses",
+    "read_metrics",
+    "latest_rows",
+]
 
 # dense bf16 peak FLOP/s per chip, matched as substrings of jax.Device.device_kind (lowercase)
 _PEAK_FLOPS = (
@@ -95,37 +110,48 @@ class MetricsWriter:
     Args:
       run_dir: output directory.
       tensorboard: also write TensorBoard event files (needs ``tensorboardX``).
+      purge_step: the step a resumed run continues from (TensorBoard then hides the earlier
+        attempt's events from that step on); None for a fresh run.
     """
 
-    def __init__(self, run_dir: str, *, tensorboard: bool = True):
+    def __init__(self, run_dir: str, *, tensorboard: bool = True, purge_step: int | None = None):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._tb = None
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        if os.path.exists(self.path) and os.path.getsize(self.path):
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            if torn:  # a process killed mid-line: end that line so the next row stands alone
+                with open(self.path, "a") as f:
+                    f.write("\n")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge_step)
+
+    def _append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def write(self, step: int, split: str, metrics: dict) -> None:
         """Record ``metrics`` (name -> number) of ``split`` ("train", "eval") at ``step``."""
         if not self.enabled:
             return
-        row = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append(
+            {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
+        )
         if self._tb is not None:
             for name, value in metrics.items():
                 self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
 
-    def truncate_after(self, step: int) -> None:
-        """Drop JSONL rows past ``step`` (a resumed run rewrites them)."""
-        if self.enabled and os.path.exists(self.path):
-            rows = [r for r in read_metrics(self.path) if r["step"] <= step]
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+    def event(self, step: int, split: str, **fields) -> None:
+        """Record a non-numeric event row (a start, a resume with its config changes)."""
+        if self.enabled:
+            self._append({"step": int(step), "split": split, **fields})
 
     def close(self) -> None:
         """Flush TensorBoard."""
@@ -134,9 +160,25 @@ class MetricsWriter:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """Rows of a ``metrics.jsonl`` file."""
+    """Every row of a ``metrics.jsonl`` file in file order (a torn last line is skipped)."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # cut short by a killed process
+                continue
+    return rows
+
+
+def latest_rows(rows: list[dict], split: str | None = None) -> list[dict]:
+    """The last row per ``(split, step)`` (a resumed run's rows supersede the interrupted
+    attempt's), ordered by step; only ``split`` when given."""
+    last = {}
+    for row in rows:
+        if split is None or row.get("split") == split:
+            last[(row.get("split"), row["step"])] = row
+    return sorted(last.values(), key=lambda r: r["step"])
 
 
 def plot_losses(metrics_path: str, png_path: str) -> str:
@@ -149,7 +191,7 @@ def plot_losses(metrics_path: str, png_path: str) -> str:
     rows = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(6, 4))
     for split, style in (("train", "-"), ("eval", "o-")):
-        pts = [(r["step"], r["loss"]) for r in rows if r["split"] == split and "loss" in r]
+        pts = [(r["step"], r["loss"]) for r in latest_rows(rows, split) if "loss" in r]
         if pts:
             ax.plot(*zip(*pts, strict=True), style, label=split)
     ax.set_xlabel("step")

@@ -1,11 +1,13 @@
 """Optimizer: AdamW with warmup + cosine decay and global-norm clipping, on a trainable subset.
 
-Which parameters train is decided by regular expressions over parameter paths
-(``"blocks/0/attn/wq/kernel"``): a parameter trains when a ``trainable`` pattern matches
-(``re.search``) and no ``frozen`` pattern does. The same patterns serve as an NNX filter
-(:func:`path_filter`, for ``nnx.state(model, filter)``) and as optax labels
-(:func:`param_labels`, for ``optax.multi_transform``), so low-rank adapters plug in by passing
-``trainable=(r"lora_",)``. Frozen parameters get zero updates and carry no optimizer state.
+Which parameters train is decided by regular expressions over parameter paths, the
+``/``-joined keys of the model's ``nnx.to_pure_dict`` parameters (``"layers/0/attn/q/kernel"``,
+``"embed/..."``; patterns such as ``r"^layers/0/"`` select a whole block): a parameter trains
+when a ``trainable`` pattern matches (``re.search``) and no ``frozen`` pattern does. The same
+patterns serve as an NNX filter (:func:`path_filter`, for ``nnx.state(model, filter)``) and as
+optax labels (:func:`param_labels`, for ``optax.multi_transform``), so low-rank adapters plug
+in by passing ``trainable=(r"lora_",)``. Frozen parameters get zero updates and carry no
+optimizer state.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def param_labels(params, trainable: Sequence[str] = (".*",), frozen: Sequence[st
     """A pytree like ``params`` with ``"trainable"`` or ``"frozen"`` at every leaf.
 
     Raises:
-      ValueError: the patterns select no parameter at all (almost surely a typo).
+      ConfigError: (a ValueError) the patterns select no parameter at all (almost surely a
+        typo).
     """
     labels = jax.tree_util.tree_map_with_path(
         lambda path, _: (
@@ -66,7 +69,9 @@ def param_labels(params, trainable: Sequence[str] = (".*",), frozen: Sequence[st
         params,
     )
     if "trainable" not in jax.tree.leaves(labels):
-        raise ValueError(
+        from train.config import ConfigError  # a ValueError naming the config fields
+
+        raise ConfigError(
             f"trainable={tuple(trainable)} frozen={tuple(frozen)} select no "
             "parameter; paths look like "
             f"{[path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)[:3]]}"

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from train.cli import guarded
 from train.config import ConfigError, TrainConfig, config_from_argv
 from train.loop import RunResult, host_params, say, setup_distributed, train_loop
 from train.metrics import plot_losses
@@ -25,16 +26,26 @@ __all__ = ["build_model", "remat_blocks", "run", "finish", "main"]
 
 
 def _parse_overrides(model_config, overrides) -> dict:
-    """``("field=value", ...)`` -> kwargs; values are Python literals, else strings."""
-    known = {f.name for f in dataclasses.fields(model_config)}
+    """``("field=value", ...)`` -> kwargs; values are Python literals, else strings.
+
+    Raises:
+      ConfigError: an entry without ``=``, an unknown field (with close matches) or a field
+        given twice.
+    """
+    known = [f.name for f in dataclasses.fields(model_config) if f.init]
+    kind = type(model_config).__name__
     kwargs = {}
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or key not in known:
-            raise ConfigError(
-                f"model_overrides entry {item!r}: need field=value with a field "
-                f"of {type(model_config).__name__}: {sorted(known)}"
-            )
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"model_overrides entry {item!r} must look like field=value")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"did you mean {close}?" if close else f"fields: {sorted(known)}"
+            raise ConfigError(f"model_overrides: {kind} has no field {key!r}; {hint}")
+        if key in kwargs:
+            raise ConfigError(f"model_overrides sets {key!r} twice")
         try:
             kwargs[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -113,7 +124,7 @@ def build_model(config: TrainConfig, model_config=None):
     try:
         model_config = dataclasses.replace(model_config, **changes)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"model_overrides {config.model_overrides}: {err}") from None
+        raise ConfigError(f"model_overrides={','.join(config.model_overrides)}: {err}") from None
 
     def model_fn():
         model = DecoderLM(model_config, rngs=nnx.Rngs(config.seed))
@@ -167,6 +178,11 @@ def run(config: TrainConfig, *, model_fn=None, model_config=None) -> RunResult:
     Returns:
       The :class:`train.loop.RunResult`.
     """
+    if config.init_from:
+        raise ConfigError(
+            f"init_from={config.init_from!r} is read by train.finetune; train.pretrain starts "
+            "from a fresh initialisation (drop init_from, or run python -m train.finetune)"
+        )
     setup_distributed(config)
     if model_fn is None:
         model_config, model_fn = build_model(config, model_config)
@@ -176,13 +192,12 @@ def run(config: TrainConfig, *, model_fn=None, model_config=None) -> RunResult:
 
 
 def main(argv=None) -> None:
-    """Command-line entry point."""
+    """Command-line entry point (errors: see ``train.cli``)."""
     configure_cpu()  # before any JAX computation: XLA reads its flags once
-    try:
-        config = config_from_argv(argv, description=__doc__.splitlines()[0])
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
-    run(config)
+    guarded(lambda: run(config_from_argv(argv, __doc__.splitlines()[0], prog=_PROG)))
+
+
+_PROG = "python -m train.pretrain"
 
 
 if __name__ == "__main__":

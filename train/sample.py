@@ -3,22 +3,26 @@
 Loads the parameters of a checkpoint written by ``train.pretrain``/``train.finetune`` (the
 run directory or its ``checkpoints/`` folder), rebuilds the model from the config stored with
 it, and generates with the KV cache through ``jaxattn.generate.generate``. Text is byte-level
-(vocab 256).
+(vocab 256). The parameters are verified against their stored checksums before use: a
+corrupted checkpoint stops with ``checkpoint error:`` naming the step directory and the
+parameters (exit code 1); bad flags stop with ``config error:`` (exit code 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 import jax
 import numpy as np
 from flax import nnx
 
+from train.cli import guarded
 from train.data import ByteTokenizer
 from train.platform import configure_cpu
 
-__all__ = ["sample_texts", "load_model", "main"]
+__all__ = ["sample_texts", "load_model", "resolve_checkpoint", "main"]
 
 
 def sample_texts(
@@ -67,17 +71,46 @@ def sample_texts(
 
 
 def _model_config(meta: dict):
-    """The ``models.ModelConfig`` stored in checkpoint metadata (or the named one)."""
-    from models import get_config
+    """The ``models.ModelConfig`` stored in checkpoint metadata (else rebuilt from the stored
+    train config: its model name and overrides)."""
     from train.checkpoints import config_from_json
 
     if meta.get("model_config"):
         return config_from_json(meta["model_config"])
-    return get_config(meta["config"]["model"])
+    from train.config import TrainConfig
+    from train.pretrain import build_model
+
+    saved = meta["config"]
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known}
+    return build_model(TrainConfig(**fields))[0]
+
+
+def resolve_checkpoint(path: str, *, flag: str = "--checkpoint") -> str:
+    """The checkpoint root of a run directory (its ``checkpoints/``) or of ``path`` itself.
+
+    Raises:
+      ConfigError: ``path`` is missing or holds no checkpoint steps (naming ``flag``).
+    """
+    from train.checkpoints import list_steps
+    from train.config import ConfigError
+
+    named = f"{flag} {path!r}" if flag.startswith("-") else f"{flag}={path!r}"
+    if not os.path.isdir(path):
+        what = "does not exist" if not os.path.exists(path) else "is not a directory"
+        raise ConfigError(f"{named} {what}")
+    root = os.path.join(path, "checkpoints")
+    root = root if os.path.isdir(root) else path
+    if not list_steps(root):
+        raise ConfigError(
+            f"{named} holds no checkpoint steps (expected a run directory written by "
+            "train.pretrain / train.finetune, or its checkpoints/ folder)"
+        )
+    return root
 
 
 def load_model(checkpoint: str, step: int | None = None):
-    """A ``models.DecoderLM`` holding a checkpoint's parameters, on the default device.
+    """A ``models.DecoderLM`` holding a checkpoint's verified parameters, on the default device.
 
     Args:
       checkpoint: a run directory or its ``checkpoints/`` folder.
@@ -85,6 +118,10 @@ def load_model(checkpoint: str, step: int | None = None):
 
     Returns:
       ``(model, meta)``.
+
+    Raises:
+      FileNotFoundError: no checkpoint (or no such step).
+      CheckpointError: the step cannot be read or fails its integrity check.
     """
     from models import DecoderLM
     from train.checkpoints import read_meta, restore_params
@@ -107,9 +144,27 @@ def load_model(checkpoint: str, step: int | None = None):
     return nnx.merge(graphdef, params, fresh_rest()), meta
 
 
+def _check_args(args) -> None:
+    """Sampling flags that cannot work, as a ConfigError naming the flag."""
+    from train.config import ConfigError
+
+    if any(not p for p in args.prompt):
+        raise ConfigError("--prompt must be non-empty")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature {args.temperature} must be >= 0 (0: greedy)")
+    if args.top_k is not None and not 1 <= args.top_k <= ByteTokenizer.vocab_size:
+        raise ConfigError(f"--top-k {args.top_k} must be in [1, {ByteTokenizer.vocab_size}]")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p {args.top_p} must be in (0, 1]")
+
+
 def main(argv=None) -> None:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Command-line entry point (errors: see ``train.cli``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m train.sample", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--checkpoint", required=True, help="run dir or its checkpoints/ dir")
     parser.add_argument("--prompt", action="append", required=True, help="repeatable")
     parser.add_argument("--max-new-tokens", type=int, default=100)
@@ -117,10 +172,22 @@ def main(argv=None) -> None:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--step", type=int, default=None, help="default: the newest")
     args = parser.parse_args(argv)
     configure_cpu()  # before any JAX computation: XLA reads its flags once
-    model, meta = load_model(args.checkpoint, args.step)
+    guarded(lambda: _sample(args))
+
+
+def _sample(args) -> None:
+    from train.checkpoints import list_steps
+    from train.config import ConfigError
+
+    _check_args(args)
+    root = resolve_checkpoint(args.checkpoint)
+    steps = list_steps(root)
+    if args.step is not None and args.step not in steps:
+        raise ConfigError(f"--step {args.step}: {args.checkpoint!r} holds steps {steps}")
+    model, meta = load_model(root, args.step)
     texts = sample_texts(
         model,
         args.prompt,

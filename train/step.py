@@ -11,6 +11,14 @@ plain pytree::
 ``params`` is a pure dict (``nnx.to_pure_dict``); each leaf is placed by the logical-axis rules
 of ``jaxattn.sharding``, and optimizer moments are placed like the parameter they track.
 Non-parameter model state (``rest``: rng streams, constant tables) is replicated and untrained.
+
+Every step reports ``finite``: whether its loss, gradient norm and updated parameters are all
+finite. With ``config.nonfinite == "skip"`` a step that is not finite keeps the previous
+parameters and optimizer state (a select inside the compiled step, as
+``optax.apply_if_finite`` does; the step counter and RNG still advance, so the data moves on,
+while the optimizer's own count, hence its learning-rate schedule, stays where it was); with
+"stop" the state is updated regardless and the loop stops at that step (``train.loop``), so
+no select is compiled in.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxattn.sharding import logical_sharding, logical_to_spec
+from train.integrity import all_finite
 from train.optim import make_optimizer, path_string
 
 __all__ = ["Trainer", "auto_mesh", "make_trainer", "token_loss_sums"]
@@ -42,7 +51,7 @@ def _names_tree(abstract_params) -> dict:
     """Pure dict of logical axis names (a tuple per leaf; all-None where unannotated)."""
     tree: dict = {}
     for path, var in nnx.to_flat_state(abstract_params):
-        names = var.get_metadata().get("out_sharding") or (None,) * var.value.ndim
+        names = var.get_metadata().get("out_sharding") or (None,) * var.get_value().ndim
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})
@@ -93,7 +102,8 @@ class Trainer:
 
     Attributes:
       init: ``() -> (state, rest)``, sharded fresh state.
-      train_step: ``(state, rest, batch) -> (state, metrics)``; the state is donated.
+      train_step: ``(state, rest, batch) -> (state, metrics)``; the state is donated;
+        metrics: ``loss``, ``grad_norm``, ``tokens``, ``finite`` (see the module docstring).
       train_steps: ``(state, rest, batches) -> (state, metrics)``: ``train_step`` over the
         leading axis of ``batches`` ([n, B, T] each) in one call (a ``lax.scan``), metrics
         stacked to [n]. The same steps in one executable: XLA:CPU maps the step's temporary
@@ -110,6 +120,7 @@ class Trainer:
     rest_shardings: dict
     batch_sharding: NamedSharding
     abstract_state: dict
+    abstract_rest: dict
     init: Callable
     train_step: Callable
     eval_step: Callable
@@ -169,6 +180,7 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
     micro_sh = NamedSharding(mesh, PartitionSpec(None, *logical_to_spec(("batch", "length"), mesh)))
     compute_dtype = jnp.dtype(config.compute_dtype)
     accum = config.grad_accum
+    skip_nonfinite = config.nonfinite == "skip"
 
     def init():
         with nnx.use_eager_sharding(False):
@@ -224,16 +236,24 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
         weight = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        loss, grad_norm = nll / weight, optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params)
+        if skip_nonfinite:  # a non-finite step changes nothing but the step and the RNG
+            keep = lambda new, old: jnp.where(finite, new, old)
+            new_params = jax.tree.map(keep, new_params, params)
+            opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
         new_state = {
-            "params": optax.apply_updates(params, updates),
+            "params": new_params,
             "opt_state": opt_state,
             "step": state["step"] + 1,
             "rng": jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0]),
         }
         metrics = {
-            "loss": nll / weight,
-            "grad_norm": optax.tree.norm(grads),
+            "loss": loss,
+            "grad_norm": grad_norm,
             "tokens": jnp.float32(batch["inputs_BT"].size),
+            "finite": finite,
         }
         return new_state, metrics
 
@@ -257,6 +277,7 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
         rest_shardings=rest_sh,
         batch_sharding=batch_sh,
         abstract_state=abstract_state,
+        abstract_rest=_pure(abs_rest),
         init=jax.jit(init, out_shardings=(state_sh, rest_sh)),
         train_step=jax.jit(
             train_step,

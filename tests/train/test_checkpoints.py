@@ -1,6 +1,6 @@
 """Checkpoints: a run killed with SIGKILL and restarted ends bit-identical to an uninterrupted
-run; a truncated latest step is detected and the last good one used; restoring onto another
-mesh reshards."""
+run; a truncated latest step is detected, left in place, and the last good one used;
+restoring onto another mesh reshards."""
 
 from __future__ import annotations
 
@@ -76,13 +76,15 @@ def test_truncated_latest_checkpoint_falls_back_to_last_good(uninterrupted, tmp_
     victim = max(files, key=os.path.getsize)  # the biggest data file of the latest step
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 2)
+    truncated = open(victim, "rb").read()
     trainer = _trainer(tmp_path, {"data": 1}, jax.devices()[:1])
     ckpt = Checkpointer(str(ckpt_dir))
     state, meta = ckpt.restore(trainer.abstract_state, trainer.state_shardings)
     assert meta["step"] == STEPS - 2 and int(state["step"]) == STEPS - 2
-    assert ckpt.latest_step() == STEPS - 2
-    assert os.listdir(tmp_path / "corrupted_checkpoints")  # kept aside for inspection
+    assert ckpt.bad == {STEPS} and ckpt.latest_step() == STEPS  # skipped in place
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]  # nothing moved aside
     ckpt.close()
+    assert open(victim, "rb").read() == truncated
 
 
 def test_restore_onto_a_different_mesh_reshards(uninterrupted):

@@ -8,13 +8,18 @@ import subprocess
 import sys
 import tempfile
 
+import jax
+from flax import nnx
+
 from train.config import TrainConfig
 
 # the persistent compilation cache, for the training subprocesses only: a restarted run, or a
 # finetune whose step equals a pretraining step, reuses compiled programs. It is not switched
 # on in the pytest worker itself: the worker also runs other test files, and executables with
 # host callbacks (Pallas TPU interpret mode) must never be reloaded from a persistent cache.
-CACHE_DIR = os.path.join(tempfile.gettempdir(), f"jaxattn_train_tests_jax_cache_{os.getpid()}")
+# One cache per pytest session, shared by its xdist workers (JAX writes entries atomically).
+_SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+CACHE_DIR = os.path.join(tempfile.gettempdir(), f"jaxattn_train_tests_jax_cache_{_SESSION}")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -98,3 +103,142 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# A process that imports the training code once and forks one child per run (os.fork before
+# any JAX backend exists, single-threaded: OPENBLAS_NUM_THREADS=1), so a test that starts
+# many short runs pays Python's and JAX's import time once. Each child calls a command-line
+# entry point (``train.pretrain.main(argv)``, ...) with stdout and stderr in a log file; it
+# is an ordinary process that can be killed with SIGKILL. Commands (JSON lines on stdin):
+# ["start", "module:function", argv, log] answers the child's pid, ["wait", pid] its exit
+# code.
+_ZYGOTE = r"""
+import importlib, json, os, sys, threading, traceback
+import models, train.finetune, train.pretrain, train.sample
+assert threading.active_count() == 1 and len(os.listdir("/proc/self/task")) == 1
+for line in sys.stdin:
+    command, *args = json.loads(line)
+    if command == "wait":
+        print(os.waitstatus_to_exitcode(os.waitpid(args[0], 0)[1]), flush=True)
+        continue
+    target, argv, log = args
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1), os.dup2(fd, 2)
+        try:
+            module, function = target.split(":")
+            getattr(importlib.import_module(module), function)(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    print(pid, flush=True)
+"""
+
+
+class Zygote:
+    """Starts ``train.pretrain`` runs as forked children of one pre-imported process.
+
+    Usage: ``with Zygote(cli_env(1)) as z: pid = z.start(argv, log); ...; z.wait(pid)``.
+    """
+
+    def __init__(self, env: dict):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _ZYGOTE],
+            env=env | {"OPENBLAS_NUM_THREADS": "1"},
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.running: set[int] = set()
+
+    def _ask(self, *command) -> int:
+        import json
+
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"the zygote died (exit code {self.proc.poll()})"
+        return int(line)
+
+    def start(self, argv: list[str], log, target: str = "train.pretrain:main") -> int:
+        """Fork a child calling ``target(argv)`` (output in ``log``); its pid."""
+        pid = self._ask("start", target, argv, str(log))
+        self.running.add(pid)
+        return pid
+
+    def run(self, argv: list[str], log, target: str = "train.pretrain:main") -> tuple[int, str]:
+        """Run ``target(argv)`` to its end: ``(exit code, output)``."""
+        code = self.wait(self.start(argv, log, target))
+        return code, open(log).read()
+
+    def wait(self, pid: int) -> int:
+        """Exit code of child ``pid`` (negative: killed by that signal)."""
+        self.running.discard(pid)
+        return self._ask("wait", pid)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for pid in self.running:  # a failed test leaves no run behind
+            os.kill(pid, signal.SIGKILL)
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def set_args(changes: dict) -> list[str]:
+    """``--set`` arguments of ``TINY_RUN`` with ``changes`` (for ``Zygote.start``)."""
+    return as_set_args(TINY_RUN | changes)
+
+
+def abstract_params(config: TrainConfig | None = None) -> dict:
+    """Pure dict of ShapeDtypeStructs: the parameters of ``config``'s model (``TINY_RUN``)."""
+    from flax import nnx
+
+    from train.pretrain import build_model
+
+    _, model_fn = build_model(config or TrainConfig(**TINY_RUN))
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(model_fn)
+    return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+
+
+def flip_bytes(path, count: int = 3000) -> None:
+    """XOR ``count`` bytes of the file ``path`` with 0xFF, from a quarter of its length on."""
+    data = bytearray(open(path, "rb").read())
+    start = len(data) // 4
+    for i in range(start, min(len(data), start + count)):
+        data[i] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def largest_file(directory) -> str:
+    """The largest file under ``directory`` (for a step's ``params/``: its biggest data file)."""
+    files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
+    return max(files, key=os.path.getsize)
+
+
+class Bigram(nnx.Module):
+    """The smallest language model the trainer accepts: next-token logits from a table. The
+    loop and step logic is the same for every model; this one compiles in a second."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.table_VV = nnx.Param(jax.random.normal(rngs.params(), (256, 256)) * 0.02)
+
+    def __call__(self, tokens_BT):
+        return self.table_VV[tokens_BT]
+
+
+def bigram() -> Bigram:
+    """A fresh :class:`Bigram` (a ``model_fn`` for ``train_loop``)."""
+    return Bigram(nnx.Rngs(0))
