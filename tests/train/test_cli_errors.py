@@ -48,7 +48,7 @@ PRETRAIN_CASES = {
         "has no field 'num_layer'; did you mean ['num_layers'",
     ),
     "zero_layers": ({"model_overrides": _model(num_layers=0)}, "num_layers"),
-    "bad_impl": ({"model_overrides": _model(attention_impl="flash")}, "flash"),
+    "bad_impl": ({"model_overrides": _model(implementation="flash")}, "flash"),
     "mesh": ({"mesh_data": 4}, "mesh_data=4 x mesh_fsdp=1 x mesh_tensor=1 needs 4 devices but 8"),
     "batch": ({"batch_size": 12}, "must be a multiple of the batch-parallel size 8"),
     "missing_data": ({"data": "/nope/tokens.txt"}, "data='/nope/tokens.txt' does not exist"),
