@@ -7,6 +7,8 @@ Gradient low-rank projection (jaxattn.optim.galore)
 Projectors (jaxattn.optim.projectors)
   SVD, Randomized, DCT            exact SVD, randomized subspace iteration, SVD-free DCT
   sign_convention, dct_basis      the basis sign rule; DCT-II columns from indices
+Sharding (jaxattn.optim.specs)
+  state_partition_specs, state_spec   optimizer-state PartitionSpecs from the parameters'
 8-bit states (jaxattn.optim.quantize)
   quantize_state                  any transform with block-wise 8-bit state leaves
   QuantizedArray, quantize, dequantize, dynamic_code_map
@@ -21,6 +23,7 @@ from jaxattn.optim.quantize import (
     quantize,
     quantize_state,
 )
+from jaxattn.optim.specs import state_partition_specs, state_spec
 
 __all__ = [
     "galore",
@@ -32,6 +35,8 @@ __all__ = [
     "DCT",
     "sign_convention",
     "dct_basis",
+    "state_partition_specs",
+    "state_spec",
     "quantize_state",
     "QuantizedArray",
     "quantize",
