@@ -46,7 +46,7 @@ import optax
 
 from jaxattn.optim import projectors as _proj
 from jaxattn.optim._plan import FanIn, Rank, check_proj_type, flatten, leaves, make_plans
-from jaxattn.optim.quantize import quantize_state
+from jaxattn.optim.quantized import quantize_state
 
 __all__ = ["GaLoreState", "galore", "fira", "scale_by_adam_galore_torch"]
 

@@ -23,7 +23,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from jaxattn.optim._plan import FanIn, flatten, is_masked, matrix_view
-from jaxattn.optim.quantize import QuantizedArray
+from jaxattn.optim.quantized import QuantizedArray
 
 __all__ = ["state_spec", "state_partition_specs"]
 

@@ -1,4 +1,4 @@
-"""8-bit block-wise states (jaxattn.optim.quantize): exact semantics, error bounds, bitsandbytes."""
+"""8-bit block-wise states (jaxattn.optim.quantized): semantics, error bounds, bitsandbytes."""
 
 import jax
 import jax.numpy as jnp
