@@ -98,12 +98,21 @@ def _unblock(b: jax.Array, shape) -> jax.Array:
     return b.reshape(-1)[:size].reshape(shape)
 
 
-def _nearest(code: np.ndarray, y: jax.Array) -> jax.Array:
-    """Index of the entry of sorted ``code`` nearest to each ``y`` (the lower one on ties)."""
-    c = jnp.asarray(code)
-    hi = jnp.clip(jnp.searchsorted(c, y), 1, c.size - 1)
+_BOTH = np.concatenate([_SIGNED, _UNSIGNED])  # map m is rows [256 m, 256 m + 256)
+
+
+def _nearest(y: jax.Array, unsigned: jax.Array) -> jax.Array:
+    """Per entry, the index of the nearest value of its map (the lower one on ties)."""
+    c = jnp.asarray(_BOTH)
+    base = jnp.where(unsigned, 256, 0)
+    # branchless lower bound in the entry's own map: 8 lookups, no sort, no per-map pass
+    pos = jnp.zeros(y.shape, jnp.int32)
+    for step in (128, 64, 32, 16, 8, 4, 2, 1):
+        pos = jnp.where(c[base + pos + step - 1] < y, pos + step, pos)
+    hi = jnp.clip(pos, 1, 255)
     lo = hi - 1
-    return jnp.where(jnp.abs(y - c[lo]) <= jnp.abs(c[hi] - y), lo, hi).astype(jnp.uint8)
+    near_lo = jnp.abs(y - c[base + lo]) <= jnp.abs(c[base + hi] - y)
+    return jnp.where(near_lo, lo, hi).astype(jnp.uint8)
 
 
 def quantize(x: jax.Array, block_size: int = 2048) -> QuantizedArray:
@@ -112,16 +121,14 @@ def quantize(x: jax.Array, block_size: int = 2048) -> QuantizedArray:
     absmax = jnp.max(jnp.abs(b), axis=1)
     unsigned = jnp.all(b >= 0, axis=1)
     y = b / jnp.where(absmax > 0, absmax, 1.0)[:, None]
-    codes = jnp.where(unsigned[:, None], _nearest(_UNSIGNED, y), _nearest(_SIGNED, y))
+    codes = _nearest(y, unsigned[:, None])
     return QuantizedArray(_unblock(codes, x.shape), absmax, unsigned)
 
 
 def dequantize(q: QuantizedArray, block_size: int = 2048) -> jax.Array:
     """The fp32 tensor ``C[code] * absmax`` that ``q`` stores."""
     codes = _blocks(q.codes, block_size).astype(jnp.int32)
-    values = jnp.where(
-        q.unsigned[:, None], jnp.asarray(_UNSIGNED)[codes], jnp.asarray(_SIGNED)[codes]
-    )
+    values = jnp.asarray(_BOTH)[codes + jnp.where(q.unsigned, 256, 0)[:, None]]
     return _unblock(values * q.absmax[:, None], q.codes.shape)
 
 
