@@ -76,3 +76,9 @@ def test_a_selection_that_selects_nothing():
         optim.lowrank_refactor(ADAM, every=3).init(PARAMS)
     with pytest.raises(ValueError, match="mask has 1 leaves, the parameters 3"):
         _init(mask={"x": True})
+
+
+def test_public_surface():
+    missing = [name for name in optim.__all__ if not hasattr(optim, name)]
+    assert not missing
+    assert all(getattr(optim, name).__doc__ for name in optim.__all__)

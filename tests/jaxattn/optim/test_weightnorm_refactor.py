@@ -26,7 +26,7 @@ def test_weight_norm_reproduces_the_kernel_and_its_gradient_is_orthogonal_to_v()
     loss = lambda p: jnp.sum(
         jnp.tanh(jnp.einsum("bij,ijo->bo", x, optim.weight_norm_merge(**p, fan_in_axes=2)))
     )
-    grads = jax.grad(loss)(pair)
+    grads = jax.jit(jax.grad(loss))(pair)
     # weight normalisation: the gradient of V is orthogonal to V, per output unit
     dots = jnp.sum(grads["v"] * pair["v"], axis=(0, 1)) / jnp.sum(
         jnp.abs(grads["v"] * pair["v"]), axis=(0, 1)
