@@ -1,0 +1,226 @@
+"""GaLore (jaxattn.optim.galore): PAPERS.md §8 faithful tests, projectors, robustness, seams."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxattn import optim
+
+
+def _normal(key, shapes):
+    keys = jax.random.split(jax.random.key(key), len(shapes))
+    return {k: jax.random.normal(kk, s, jnp.float32) for kk, (k, s) in zip(keys, shapes.items())}
+
+
+def _svd_left(g, r):
+    u, _, _ = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)
+    return np.asarray(optim.sign_convention(jnp.asarray(u[:, :r], jnp.float32), axis=0))
+
+
+def test_moments_live_in_the_projected_shapes():
+    shapes = {"tall": (40, 24), "wide": (24, 40), "t3": (8, 3, 10), "o": (2, 4, 16), "b": (24,)}
+    params = _normal(0, shapes)
+    fan_in = lambda path, shape: 2 if path == "o" else 1
+    tx = optim.galore(optax.scale_by_adam(), rank=4, update_proj_gap=3, fan_in_axes=fan_in)
+    st = jax.eval_shape(tx.init, params)
+    shape = lambda t: jax.tree.map(lambda x: x.shape, t)
+    assert shape(st.inner.mu) == {
+        "tall": (40, 4),  # right projection (m >= n): G Qᵀ
+        "wide": (4, 40),  # left projection: Pᵀ G
+        "t3": (4, 30),  # [8, 3, 10] viewed as [8, 30]
+        "o": (4, 16),  # fan_in_axes=2: [2, 4, 16] viewed as [8, 16]
+        "b": (24,),  # 1-D: the inner transform's own state
+    }
+    assert shape(st.right)["tall"] == (4, 24) and shape(st.left)["wide"] == (24, 4)
+    assert isinstance(st.left["tall"], optax.MaskedNode) and isinstance(
+        st.left["b"], optax.MaskedNode
+    )
+    full = jax.eval_shape(
+        optim.galore(
+            optax.scale_by_adam(), rank=4, update_proj_gap=3, proj_type="full", fan_in_axes=fan_in
+        ).init,
+        params,
+    )
+    assert shape(full.inner.mu)["tall"] == (4, 4)
+    assert shape(full.left)["tall"] == (40, 4) and shape(full.right)["tall"] == (4, 24)
+
+
+def test_refresh_exactly_every_T_updates_in_the_subspace_no_recompilation():
+    shapes = {"tall": (40, 24), "wide": (24, 40), "b": (40,)}
+    tx = optim.galore(optax.scale_by_adam(), rank=4, update_proj_gap=3, scale=0.5)
+    update = jax.jit(tx.update)
+    state = tx.init(_normal(0, shapes))
+    prev = state
+    for t in range(7):
+        g = _normal(10 + t, shapes)
+        u, state = update(g, state)
+        p_wide, q_tall = np.asarray(state.left["wide"]), np.asarray(state.right["tall"])
+        if t % 3 == 0:  # recomputed from this step's gradient
+            np.testing.assert_allclose(p_wide, _svd_left(g["wide"], 4), atol=2e-5)
+            np.testing.assert_allclose(q_tall, _svd_left(g["tall"].T, 4).T, atol=2e-5)
+        else:  # kept
+            np.testing.assert_array_equal(p_wide, np.asarray(prev.left["wide"]))
+            np.testing.assert_array_equal(q_tall, np.asarray(prev.right["tall"]))
+        # each update lies in the column space of P (row space of Q)
+        u_wide, u_tall = np.asarray(u["wide"]), np.asarray(u["tall"])
+        np.testing.assert_allclose(u_wide - p_wide @ (p_wide.T @ u_wide), 0, atol=1e-6)
+        np.testing.assert_allclose(u_tall - (u_tall @ q_tall.T) @ q_tall, 0, atol=1e-6)
+        assert np.abs(u_wide).max() > 1e-3
+        prev = state
+    assert int(state.count) == 7
+    assert update._cache_size() == 1  # the refresh is a lax.cond, not a retrace
+
+
+def test_full_rank_is_exactly_the_inner_transform():
+    shapes = {"tall": (12, 8), "wide": (8, 12), "square": (8, 8), "t3": (4, 2, 6), "b": (8,)}
+    params = _normal(0, shapes)
+    full = lambda path, shape: None if len(shape) < 2 else min(shape[0], int(np.prod(shape[1:])))
+    inner = optax.adam(1e-2)
+    txs = {
+        "svd": optim.galore(inner, rank=full, update_proj_gap=2),
+        "randomized": optim.galore(inner, rank=full, update_proj_gap=2, projector="randomized"),
+        "dct": optim.galore(inner, rank=full, update_proj_gap=2, projector="dct"),
+        "fira": optim.fira(inner, rank=full, update_proj_gap=2),
+        "full": optim.galore(
+            inner,
+            rank=lambda p, s: 8 if p == "square" else None,
+            update_proj_gap=2,
+            proj_type="full",
+        ),
+    }
+
+    def run(tx):
+        state, out, update = tx.init(params), [], jax.jit(tx.update)
+        for t in range(4):
+            u, state = update(_normal(20 + t, shapes), state, params)
+            out.append(u)
+        return out
+
+    want = run(inner)
+    for name, tx in txs.items():
+        for a, b in zip(jax.tree.leaves(run(tx)), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+@pytest.mark.parametrize("projector", ["svd", "randomized", "dct"])
+def test_projector_never_nan(projector):
+    """Zero, rank-deficient, 1e30 and 1e-30 gradients give finite orthonormal projectors (the
+    same ones for any positive scale); a NaN gradient keeps the previous projector."""
+    shapes = {"w": (24, 40)}
+    tx = optim.galore(optax.scale_by_adam(), rank=4, update_proj_gap=1, projector=projector)
+    update = jax.jit(tx.update)
+    state0 = tx.init(_normal(0, shapes))
+    g = _normal(1, shapes)["w"]
+    a, b = (
+        jax.random.normal(jax.random.key(2), (24, 1)),
+        jax.random.normal(jax.random.key(3), (1, 40)),
+    )
+    cases = {
+        "zero": jnp.zeros_like(g),
+        "rank1": a @ b,
+        "huge": 1e30 * g,
+        "tiny": 1e-30 * g,
+        "nan": g.at[3, 5].set(jnp.nan),
+        "plain": g,
+    }
+    got = {}
+    for name, case in cases.items():
+        u, st = update({"w": case}, state0)
+        p = st.left["w"]
+        p_mr = optim.dct_basis(24, p) if projector == "dct" else p
+        assert bool(jnp.all(jnp.isfinite(p_mr))), name
+        np.testing.assert_allclose(np.asarray(p_mr.T @ p_mr), np.eye(4), atol=1e-5, err_msg=name)
+        if name != "nan":
+            assert bool(jnp.all(jnp.isfinite(u["w"]))), name
+        got[name] = np.asarray(p)
+    for kept in ("zero", "nan"):  # unusable gradients keep the initial projector
+        np.testing.assert_array_equal(got[kept], np.asarray(state0.left["w"]))
+    tol = 0 if projector == "dct" else 1e-4  # fp32 SVDs of differently rounded inputs
+    np.testing.assert_allclose(got["huge"], got["plain"], atol=tol)
+    np.testing.assert_allclose(got["tiny"], got["plain"], atol=tol)
+
+
+def test_sign_convention_makes_the_projector_independent_of_the_svd_sign():
+    shapes = {"wide": (24, 40), "tall": (40, 24)}
+    tx = optim.galore(optax.scale_by_adam(), rank=5, update_proj_gap=4)
+    update = jax.jit(tx.update)
+    g = _normal(3, shapes)
+    st_pos = update(g, tx.init(g))[1]
+    st_neg = update(jax.tree.map(jnp.negative, g), tx.init(g))[1]
+    for side, key, axis in (("left", "wide", 0), ("right", "tall", 1)):
+        pos, neg = getattr(st_pos, side)[key], getattr(st_neg, side)[key]
+        np.testing.assert_allclose(np.asarray(pos), np.asarray(neg), atol=1e-6)
+        peak = jnp.take_along_axis(pos, jnp.argmax(jnp.abs(pos), axis, keepdims=True), axis)
+        assert bool(jnp.all(peak > 0))
+    x = jnp.array([[1.0, -3.0], [-2.0, 1.0]])
+    np.testing.assert_array_equal(optim.sign_convention(x, 0), [[-1.0, 3.0], [2.0, -1.0]])
+    np.testing.assert_array_equal(optim.sign_convention(x, 1), [[-1.0, 3.0], [2.0, -1.0]])
+
+
+def test_randomized_projector_finds_the_svd_subspace():
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    u, _ = jnp.linalg.qr(jax.random.normal(k1, (64, 4)))
+    v, _ = jnp.linalg.qr(jax.random.normal(k2, (48, 4)))
+    g = (u * jnp.array([8.0, 6.0, 4.0, 3.0])) @ v.T + 1e-3 * jax.random.normal(k3, (64, 48))
+    plans = {}
+    for name in ("svd", "randomized"):
+        tx = optim.galore(
+            optax.scale_by_adam(), rank=4, update_proj_gap=1, proj_type="left", projector=name
+        )
+        plans[name] = np.asarray(jax.jit(tx.update)({"w": g}, tx.init({"w": g}))[1].left["w"])
+    np.testing.assert_allclose(plans["randomized"], plans["svd"], atol=1e-3)
+
+
+def test_dct_projector_selects_top_columns_and_stores_only_indices():
+    for n in (16, 37):
+        q = optim.dct_basis(n)
+        np.testing.assert_allclose(np.asarray(q.T @ q), np.eye(n), atol=1e-5)
+        x = jax.random.normal(jax.random.key(n), (n, 3))
+        np.testing.assert_allclose(
+            np.asarray(q.T @ x),
+            np.asarray(jax.scipy.fft.dct(x, type=2, norm="ortho", axis=0)),
+            atol=1e-5,
+        )
+    big = np.asarray(optim.dct_basis(4096, jnp.array([0, 1, 2047, 4095])))
+    i, k = np.arange(4096)[:, None], np.array([0, 1, 2047, 4095])
+    exact = np.cos(np.pi * (2 * i + 1) * k / 8192) * np.where(
+        k == 0, np.sqrt(1 / 4096), np.sqrt(2 / 4096)
+    )
+    np.testing.assert_allclose(big, exact, atol=2e-7)  # integer phase: exact even at N = 4096
+
+    shapes = {"wide": (24, 40), "tall": (40, 24)}
+    g = _normal(5, shapes)
+    tx = optim.galore(optax.scale_by_adam(), rank=5, update_proj_gap=3, projector="dct")
+    u, st = jax.jit(tx.update)(g, tx.init(g))
+    left, right = st.left["wide"], st.right["tall"]
+    assert left.dtype == jnp.int32 and left.shape == (5,) and right.shape == (5,)
+    scores_l = np.linalg.norm(np.asarray(optim.dct_basis(24).T @ g["wide"]), axis=1)
+    scores_r = np.linalg.norm(np.asarray(g["tall"] @ optim.dct_basis(24)), axis=0)
+    np.testing.assert_array_equal(np.asarray(left), np.argsort(-scores_l)[:5])
+    np.testing.assert_array_equal(np.asarray(right), np.argsort(-scores_r)[:5])
+    p = np.asarray(optim.dct_basis(24, left))  # the projector, rebuilt from the indices alone
+    uw = np.asarray(u["wide"])
+    np.testing.assert_allclose(uw - p @ (p.T @ uw), 0, atol=1e-6)
+    assert np.abs(uw).max() > 1e-3
+
+
+def test_per_path_ranks_inside_multi_transform():
+    """Issue 13's path rules: a GaLore rule for some leaves inside optax.multi_transform (which
+    hands it MaskedNodes for the others) equals GaLore run on those leaves alone."""
+    shapes = {"attn": {"q": (16, 24), "o": (24, 16)}, "mlp": {"up": (16, 32)}, "norm": (16,)}
+    params = jax.tree.map(lambda s: jnp.ones(s), shapes, is_leaf=lambda s: isinstance(s, tuple))
+    labels = {"attn": {"q": "galore", "o": "galore"}, "mlp": {"up": "adam"}, "norm": "adam"}
+    rank = lambda path, shape: {"attn/q": 4, "attn/o": 6}[path]
+    gal = optim.galore(optax.scale_by_adam(), rank=rank, update_proj_gap=2)
+    tx = optax.multi_transform({"galore": gal, "adam": optax.scale_by_adam()}, labels)
+    state, alone = tx.init(params), gal.init({"attn": params["attn"]})
+    update, update_alone = jax.jit(tx.update), jax.jit(gal.update)
+    for t in range(3):
+        g = jax.tree.map(lambda p, t=t: jax.random.normal(jax.random.key(t), p.shape), params)
+        u, state = update(g, state)
+        ua, alone = update_alone({"attn": g["attn"]}, alone)
+        for a, b in zip(jax.tree.leaves(u["attn"]), jax.tree.leaves(ua["attn"])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert state.inner_states["galore"].inner_state.left["attn"]["q"].shape == (16, 4)
