@@ -235,7 +235,7 @@ class Bigram(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
         self.table_VV = nnx.Param(jax.random.normal(rngs.params(), (256, 256)) * 0.02)
 
-    def __call__(self, tokens_BT):
+    def __call__(self, tokens_BT, *, rng=None):  # the trainer passes a per-step key
         return self.table_VV[tokens_BT]
 
 
