@@ -52,7 +52,9 @@ def hooked_attend(hooks, layer, q, kv, ctx) -> jax.Array:
     kw = layer.attention_args(ctx)
     unknown = sorted(set(kw) - {*_MASK_ARGS, *_OTHER_ARGS})
     if unknown:
-        raise ValueError(f"{type(layer).__name__}.attention_args has unknown op arguments {unknown}")
+        raise ValueError(
+            f"{type(layer).__name__}.attention_args has unknown op arguments {unknown}"
+        )
     on_probs = hooks.at(ctx, "attn.scores") + hooks.at(ctx, "attn.pattern")
     if not on_probs:
         return dot_product_attention(q_BTNH, k_BSKH, v_BSKV, **kw)
@@ -69,9 +71,7 @@ def hooked_attend(hooks, layer, q, kv, ctx) -> jax.Array:
     return o_BTNV
 
 
-def probabilities(
-    q_BTNH, k_BSKH, lse_BNT, *, heads=None, rows=None, **op_kwargs
-) -> jax.Array:
+def probabilities(q_BTNH, k_BSKH, lse_BNT, *, heads=None, rows=None, **op_kwargs) -> jax.Array:
     """Attention probabilities of chosen heads and query rows, exactly from the op's LSE.
 
     p[b, n, t, s] = exp(cap(scale · q[b, t, n] · k[b, s, n // G]) - lse[b, n, t]) where key s is

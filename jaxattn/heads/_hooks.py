@@ -55,7 +55,14 @@ BLOCK_POINTS = ("resid_pre", *ATTN_POINTS, "resid_mid", "mlp.out", "resid_post")
 PROB_POINTS = ("attn.scores", "attn.pattern")  # [B, N, T, S]: rows and heads selectable
 PATTERN_MAX_BYTES = 256 * 2**20
 # the head axis of each per-head point (scale_heads / mask_heads)
-_HEAD_AXIS = {"attn.q": 2, "attn.k": 2, "attn.v": 2, "attn.z": 2, "attn.scores": 1, "attn.pattern": 1}
+_HEAD_AXIS = {
+    "attn.q": 2,
+    "attn.k": 2,
+    "attn.v": 2,
+    "attn.z": 2,
+    "attn.scores": 1,
+    "attn.pattern": 1,
+}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -321,8 +328,9 @@ def intervene(h: Intervene, name: str, value, ctx):
     """``h.fn(value, ctx)``, checked to keep ``value``'s shape and dtype."""
     out = h.fn(value, ctx)
     if not hasattr(out, "shape") or not hasattr(out, "dtype"):
-        raise ValueError(f"Intervene({h.name!r}) at {name!r} returned {type(out).__name__}, not "
-                         "an array")
+        raise ValueError(
+            f"Intervene({h.name!r}) at {name!r} returned {type(out).__name__}, not an array"
+        )
     if out.shape != value.shape or out.dtype != value.dtype:
         raise ValueError(
             f"Intervene({h.name!r}) at {name!r} must return {value.dtype}{list(value.shape)} "

@@ -107,8 +107,11 @@ def _trace(model, hooks, t=8, b=2, **kw):
 
 def test_bad_hooks_get_clear_errors():
     model = model_of("mha")
-    with pytest.raises(ValueError, match=r"unknown hook point 'blocks.0.attn.patern'.*"
-                       r"blocks.0.attn.pattern"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown hook point 'blocks.0.attn.patern'.*"
+        r"blocks.0.attn.pattern",
+    ):
         heads.run_with_hooks(model, tokens(), [heads.Capture("blocks.0.attn.patern")])
     with pytest.raises(ValueError, match=r"'blocks.7.attn.q'.*i in 0..1"):
         heads.run_with_cache(model, tokens(), ["blocks.7.attn.q"])
@@ -133,8 +136,11 @@ def test_bad_hooks_get_clear_errors():
 def test_interventions_must_keep_shape_and_dtype():
     model = model_of("mla")
     bad_shape = heads.Intervene("blocks.0.attn.z", lambda z, ctx: z[..., :1])
-    with pytest.raises(ValueError, match=r"at 'blocks.0.attn.z' must return float32\[2, 8, 4, 16\]"
-                       r".*got float32\[2, 8, 4, 1\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"at 'blocks.0.attn.z' must return float32\[2, 8, 4, 16\]"
+        r".*got float32\[2, 8, 4, 1\]",
+    ):
         _trace(model, [bad_shape])
     bad_dtype = heads.Intervene("blocks.1.attn.pattern", lambda p, ctx: p.astype(jnp.bfloat16))
     with pytest.raises(ValueError, match=r"'blocks.1.attn.pattern' must return float32.*bfloat16"):
@@ -146,8 +152,11 @@ def test_interventions_must_keep_shape_and_dtype():
 def test_pattern_of_a_long_context_is_refused_with_its_size():
     model = model_of("mha", max_seq_len=4096)
     # every head and row of 2 x 4096 x 4096: 512 MiB, refused at trace time (nothing runs)
-    with pytest.raises(ValueError, match=r"heads=4 x positions=4096 x S=4096 float32 = 512.0 "
-                       r"MiB > max_bytes=256.0 MiB.*max_bytes=None"):
+    with pytest.raises(
+        ValueError,
+        match=r"heads=4 x positions=4096 x S=4096 float32 = 512.0 "
+        r"MiB > max_bytes=256.0 MiB.*max_bytes=None",
+    ):
         _trace(model, [heads.Capture("blocks.0.attn.pattern")], t=4096)
     with pytest.raises(ValueError, match="512.0 MiB"):
         jax.eval_shape(lambda t: heads.run_with_cache(model, t), jnp.zeros((2, 4096), jnp.int32))
