@@ -43,8 +43,15 @@ def hooked_attend(hooks, layer, q, kv, ctx) -> jax.Array:
     Returns:
       o_BTNV, as the layer's op gives it (the "xla" path when scores / pattern are edited).
     """
-    if not any(hooks.at(ctx, p) for p in (*_INPUTS, *PROB_POINTS)):
+    points = [p for p in (*_INPUTS, *PROB_POINTS) if hooks.at(ctx, p)]
+    if not points:
         return layer.attend(q, kv, ctx)
+    if not has_operands(layer):
+        raise NotImplementedError(
+            f"hook points {[hooks.full_name(ctx, p) for p in points]} need "
+            f"{type(layer).__name__}.attention_inputs and .attention_args (the op's operands and "
+            "arguments); the kind overrides attend without them"
+        )
     operands = layer.attention_inputs(q, kv, ctx)
     q_BTNH, k_BSKH, v_BSKV = (
         hooks.point(layer, ctx, p, x) for p, x in zip(_INPUTS, operands, strict=True)
@@ -69,6 +76,17 @@ def hooked_attend(hooks, layer, q, kv, ctx) -> jax.Array:
             lse = lse_BNT if point == "attn.pattern" else None
             sow(layer, name, _rows_of(a, q_BTNH, k_BSKH, lse, heads, rows))
     return o_BTNV
+
+
+def has_operands(layer) -> bool:
+    """Whether ``layer``'s kind says which operands and arguments its op uses."""
+    from jaxattn.layers._kinds import AttentionLayer
+
+    cls = type(layer)
+    return all(
+        getattr(cls, m) is not getattr(AttentionLayer, m)
+        for m in ("attention_inputs", "attention_args")
+    )
 
 
 def probabilities(q_BTNH, k_BSKH, lse_BNT, *, heads=None, rows=None, **op_kwargs) -> jax.Array:

@@ -309,6 +309,12 @@ class HookSet:
                         "attends in the kind's own layout; intervene on attn.z or the residual"
                     )
         if any(self.at(ctx, p) for p in ATTN_POINTS[:3]):
+            from jaxattn.heads._attend import has_operands
+
+            if not has_operands(layer):
+                raise NotImplementedError(
+                    f"{type(layer).__name__} has no attention_inputs: no q / k / v hook points"
+                )
             q_BTNH, k_BTKH, v_BTKV = layer.attention_inputs(q, kv, ctx)
             for point, x in zip(ATTN_POINTS[:3], (q_BTNH, k_BTKH, v_BTKV), strict=True):
                 self.point(layer, ctx, point, x)

@@ -165,3 +165,32 @@ def test_pattern_of_a_long_context_is_refused_with_its_size():
     assert out[1]["blocks.0.attn.pattern"].shape == (2, 1, 1, 4096)
     out = _trace(model, [heads.Capture("blocks.0.attn.pattern", max_bytes=None)], t=4096)
     assert out[1]["blocks.0.attn.pattern"].shape == (2, 4, 4096, 4096)
+
+
+def test_direct_model_call_sows_captures_and_a_standalone_layer_has_bare_points():
+    from jaxattn.layers import AttentionConfig, Context
+
+    model = model_of("mha")
+    toks = tokens()
+    hooks = heads.hook_set(model, [heads.Capture("blocks.1.attn.z")])
+    logits = nnx.jit(lambda m, t: m(t, hooks=hooks))(model, toks)  # nnx.jit carries the sown state
+    caps = heads.pop_captures(model)
+    assert list(caps) == ["blocks.1.attn.z"] and caps["blocks.1.attn.z"].shape == (2, 8, 4, 16)
+    assert heads.pop_captures(model) == {}  # popped: the model is back to its parameters
+    np.testing.assert_allclose(logits, forward(model, toks), atol=1e-5)
+
+    layer = AttentionConfig(d_model=32, num_heads=4).build(rngs=nnx.Rngs(0))
+    assert heads.hook_names(layer) == heads.ATTN_POINTS
+    x = jax.random.normal(jax.random.key(0), (1, 5, 32))
+    hooks = heads.hook_set(
+        layer, [heads.Capture("attn.pattern", positions=[4]), heads.Capture("attn.z")]
+    )
+
+    @nnx.jit
+    def call(layer, x):
+        return layer(x, Context.create(1, 5, hooks=hooks))
+
+    call(layer, x)
+    caps = heads.pop_captures(layer)
+    assert caps["attn.pattern"].shape == (1, 4, 1, 5) and caps["attn.z"].shape == (1, 5, 4, 8)
+    np.testing.assert_allclose(caps["attn.pattern"].sum(-1), 1.0, atol=1e-6)
