@@ -135,8 +135,9 @@ class DecoderLM(nnx.Module):
           sequence_ids_B: int [B] per-sequence ids (which adapter / task a row uses).
           rng: a PRNG key for dropout (None: deterministic, as in evaluation).
           hooks: ``jaxattn.heads`` hooks (Capture / Intervene, or a HookSet), decided at trace
-            time; captures are sown as ``heads.HookCapture`` intermediates on the blocks (take
-            them with ``heads.pop_captures(model)``, or use ``heads.run_with_hooks``).
+            time; captures are sown as ``heads.HookCapture`` intermediates on the blocks and
+            their attention layers (take them with ``heads.pop_captures(model)``, or use
+            ``heads.run_with_hooks``, which does it on a clone).
 
         Returns:
           logits_BTV float32 [B, T, vocab].
