@@ -6,7 +6,9 @@ registered kind) and a SwiGLU MLP, as in Llama, Qwen2, Mistral and the dense lay
 DeepSeek-V2/V3. ``__call__`` is the training / full forward pass; ``init_cache`` + ``decode``
 run prefill and step-wise decoding over fixed-capacity caches. A
 ``jaxattn.layers.Context`` carries positions, segments, per-sequence ids and the rng from the
-model through every block to every ``Linear``.
+model through every block to every ``Linear``, with the active hooks (``hooks=``; see
+``jaxattn.heads``): points ``blocks.<i>.resid_pre``, ``.resid_mid``, ``.mlp.out``,
+``.resid_post`` here and ``blocks.<i>.attn.*`` in each attention layer.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn import sharding
+from jaxattn import heads, sharding
 from jaxattn.layers import Context, Embed, Linear, RMSNorm, SwiGLU, dropout
 from jaxattn.layers._embed import check_tokens, poison_after_invalid
+from jaxattn.layers._kinds import hook_point
 from models.config import ModelConfig
 
 __all__ = ["DecoderLM", "Block"]
@@ -52,18 +55,24 @@ class Block(nnx.Module):
             h_BTD, self.residual_dropout, ctx.key(tag) if self.residual_dropout else None
         )
 
+    def _mlp_half(self, x_BTD, ctx: Context):
+        x_BTD = hook_point(self, ctx, "resid_mid", x_BTD)
+        h_BTD = hook_point(self, ctx, "mlp.out", self.mlp(self.mlp_norm(x_BTD), ctx))
+        return hook_point(self, ctx, "resid_post", x_BTD + self._drop(h_BTD, ctx, _MLP_DROP))
+
     def __call__(self, x_BTD, ctx: Context):
         """Full forward of one block: x_BTD [B, T, D] -> [B, T, D]."""
         ctx = ctx.at_layer(self.layer)
+        x_BTD = hook_point(self, ctx, "resid_pre", x_BTD)
         x_BTD = x_BTD + self._drop(self.attn(self.attn_norm(x_BTD), ctx), ctx, _ATTN_DROP)
-        return x_BTD + self._drop(self.mlp(self.mlp_norm(x_BTD), ctx), ctx, _MLP_DROP)
+        return self._mlp_half(x_BTD, ctx)
 
     def decode(self, x_BTD, cache, ctx: Context, *, num_new_B=None):
         """Cached forward of one block: returns (x_BTD, cache)."""
         ctx = ctx.at_layer(self.layer)
+        x_BTD = hook_point(self, ctx, "resid_pre", x_BTD)
         h_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), cache, ctx, num_new_B=num_new_B)
-        x_BTD = x_BTD + self._drop(h_BTD, ctx, _ATTN_DROP)
-        return x_BTD + self._drop(self.mlp(self.mlp_norm(x_BTD), ctx), ctx, _MLP_DROP), cache
+        return self._mlp_half(x_BTD + self._drop(h_BTD, ctx, _ATTN_DROP), ctx), cache
 
 
 class DecoderLM(nnx.Module):
@@ -113,6 +122,7 @@ class DecoderLM(nnx.Module):
         segment_ids_BT: jax.Array | None = None,
         sequence_ids_B: jax.Array | None = None,
         rng: jax.Array | None = None,
+        hooks=(),
     ) -> jax.Array:
         """Causal LM forward.
 
@@ -124,6 +134,10 @@ class DecoderLM(nnx.Module):
           segment_ids_BT: int [B, T]; tokens attend only within their segment (packing).
           sequence_ids_B: int [B] per-sequence ids (which adapter / task a row uses).
           rng: a PRNG key for dropout (None: deterministic, as in evaluation).
+          hooks: ``jaxattn.heads`` hooks (Capture / Intervene, or a HookSet), decided at trace
+            time; captures are sown as ``heads.HookCapture`` intermediates on the blocks and
+            their attention layers (take them with ``heads.pop_captures(model)``, or use
+            ``heads.run_with_hooks``, which does it on a clone).
 
         Returns:
           logits_BTV float32 [B, T, vocab].
@@ -139,6 +153,7 @@ class DecoderLM(nnx.Module):
             segment_ids_BT=segment_ids_BT,
             sequence_ids_B=sequence_ids_B,
             rng=rng,
+            hooks=heads.hook_set(self, hooks),
         )
         x_BTD = sharding.constrain(self.embed(tokens_BT), _ACT)
         for block in self.layers:
@@ -167,6 +182,7 @@ class DecoderLM(nnx.Module):
         *,
         num_new_B: jax.Array | None = None,
         sequence_ids_B: jax.Array | None = None,
+        hooks=(),
     ) -> tuple[jax.Array, tuple]:
         """Run T new tokens per sequence against the caches (prefill or one decode step).
 
@@ -177,6 +193,9 @@ class DecoderLM(nnx.Module):
           cache: the tuple from ``init_cache`` (or a previous ``decode``).
           num_new_B: valid new tokens per sequence (default T).
           sequence_ids_B: int [B] per-sequence ids (as in ``__call__``).
+          hooks: ``jaxattn.heads`` hooks, as in ``__call__``; q / k / v capture only (the new
+            tokens' naive-layout operands), no ``scores`` / ``pattern`` (the cache owns its
+            attention).
 
         Returns:
           (logits_BTV float32, caches advanced by num_new_B).
@@ -187,7 +206,7 @@ class DecoderLM(nnx.Module):
         if tokens_BT.ndim != 2:
             raise ValueError(f"tokens_BT must be [batch, length], got shape {tokens_BT.shape}")
         b, t = tokens_BT.shape
-        ctx = Context.create(b, t, sequence_ids_B=sequence_ids_B)
+        ctx = Context.create(b, t, sequence_ids_B=sequence_ids_B, hooks=heads.hook_set(self, hooks))
         x_BTD = self.embed(tokens_BT)
         new_cache = []
         for block, layer_cache in zip(self.layers, cache, strict=True):

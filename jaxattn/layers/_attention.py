@@ -217,24 +217,27 @@ class Attention(AttentionLayer):
             k_BTKH = apply_rope(k_BTKH, ctx.positions_BT, c.rope).astype(dt)
         return q_BTNH, (k_BTKH, v_BTKV)
 
-    def _op(self, q_BTNH, k_BSKH, v_BSKV, ctx: Context, **kw) -> jax.Array:
+    def _op_args(self, ctx: Context) -> dict:
         c = self.config
-        return dot_product_attention(
-            q_BTNH,
-            k_BSKH,
-            v_BSKV,
+        return dict(
             mask=c.mask,
             scale=c.softmax_scale,
             logits_soft_cap=c.logits_soft_cap,
             implementation=c.implementation,
             **dropout_args(c.dropout, ctx, _DROPOUT_TAG),
-            **kw,
         )
 
-    def attend(self, q_BTNH, kv, ctx: Context) -> jax.Array:
-        """Causal (windowed) attention within ``ctx.segment_ids_BT`` -> o_BTNV."""
+    def _op(self, q_BTNH, k_BSKH, v_BSKV, ctx: Context, **kw) -> jax.Array:
+        return dot_product_attention(q_BTNH, k_BSKH, v_BSKV, **self._op_args(ctx), **kw)
+
+    def attention_inputs(self, q_BTNH, kv, ctx: Context):
+        """The op's operands: q_BTNH, k_BTKH, v_BTKV (kv heads not repeated)."""
         k_BTKH, v_BTKV = kv
-        return self._op(q_BTNH, k_BTKH, v_BTKV, ctx, segment_ids=ctx.segment_ids_BT)
+        return q_BTNH, k_BTKH, v_BTKV
+
+    def attention_args(self, ctx: Context) -> dict:
+        """Causal (windowed) attention within ``ctx.segment_ids_BT``, soft cap, dropout."""
+        return dict(self._op_args(ctx), segment_ids=ctx.segment_ids_BT)
 
     def attend_cache(self, q_BTNH, kv, cache: KVCache, ctx: Context):
         """Write k/v at the cache lengths, attend over the cache -> (o_BTNV, cache)."""

@@ -18,6 +18,13 @@ sequence itself, ``attend_cache`` writes the new keys/values into the cache and 
 ``head_gate`` weights, masks or blends the per-head outputs [B, T, N, V] (identity by default);
 ``out`` projects back to the model width. ``register_kind(name, config_cls)`` makes a kind
 available to ``models.ModelConfig`` (``attention=`` and per-layer ``layer_specs``).
+
+The default ``attend`` is ``dot_product_attention(*attention_inputs(q, kv, ctx),
+**attention_args(ctx))``: a kind says which operands and which op arguments its attention over
+the sequence uses, and ``jaxattn.heads`` reads the same two to expose q / k / v / scores /
+pattern (recomputed from the op's LSE) at its hook points (Extension point 4). Hook points are
+decided at trace time through ``ctx.hooks``: with none active the flow below runs exactly as
+if the hook lines were absent.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.layers._context import Context
+from jaxattn.ops.attention import dot_product_attention
 
-__all__ = ["AttentionLayer", "register_kind", "kind_config", "registered_kinds"]
+__all__ = ["AttentionLayer", "register_kind", "kind_config", "registered_kinds", "hook_point"]
 
 _KINDS: dict[str, type] = {}
 
@@ -72,9 +80,14 @@ def registered_kinds() -> tuple[str, ...]:
 class AttentionLayer(nnx.Module):
     """The flow every attention kind shares; subclasses implement the stages.
 
-    Subclasses set ``self.config`` (with ``d_model``) and implement ``project``, ``attend``,
-    ``attend_cache``, ``out`` and ``init_cache``; ``qk_transform`` and ``head_gate`` default to
-    the identity.
+    Subclasses set ``self.config`` (with ``d_model``) and implement ``project``,
+    ``attention_inputs`` and ``attention_args`` (or override ``attend``), ``attend_cache``,
+    ``out`` and ``init_cache``; ``qk_transform`` and ``head_gate`` default to the identity.
+
+    Hook points (``jaxattn.heads``; full names ``blocks.<i>.attn.<point>``): ``q``, ``k``, ``v``
+    (``attention_inputs``' operands), ``scores`` and ``pattern`` (the op's logits and
+    probabilities), ``z`` (per-head outputs after ``head_gate``: what ``out`` reads) and
+    ``out`` (the layer's output).
     """
 
     config: Any
@@ -88,9 +101,17 @@ class AttentionLayer(nnx.Module):
         """Norms, rotary embeddings, temperatures on queries and keys (identity here)."""
         return q, kv
 
+    def attention_inputs(self, q, kv, ctx: Context):
+        """The op's operands over the sequence itself: (q_BTNH, k_BSKH, v_BSKV)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define attention_inputs")
+
+    def attention_args(self, ctx: Context) -> dict:
+        """The op's keyword arguments over the sequence itself (mask, scale, segments, ...)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define attention_args")
+
     def attend(self, q, kv, ctx: Context) -> jax.Array:
         """Causal attention over the sequence itself -> per-head outputs o_BTNV."""
-        raise NotImplementedError
+        return dot_product_attention(*self.attention_inputs(q, kv, ctx), **self.attention_args(ctx))
 
     def attend_cache(self, q, kv, cache, ctx: Context):
         """Write the new keys/values into ``cache`` and attend over it -> (o_BTNV, cache)."""
@@ -133,8 +154,12 @@ class AttentionLayer(nnx.Module):
         b, t, _ = x_BTD.shape
         ctx = Context.create(b, t) if ctx is None else ctx
         q, kv = self.qk_transform(*self.project(x_BTD, ctx), ctx)
-        o_BTNV = self.head_gate(self.attend(q, kv, ctx), ctx)
-        return self.out(o_BTNV, ctx)
+        if ctx.hooks:  # points q, k, v, scores, pattern
+            o_BTNV = ctx.hooks.attend(self, q, kv, ctx)
+        else:
+            o_BTNV = self.attend(q, kv, ctx)
+        o_BTNV = hook_point(self, ctx, "attn.z", self.head_gate(o_BTNV, ctx))
+        return hook_point(self, ctx, "attn.out", self.out(o_BTNV, ctx))
 
     def decode(
         self,
@@ -170,10 +195,20 @@ class AttentionLayer(nnx.Module):
         else:
             ctx = ctx.replace(positions_BT=positions_BT)
         q, kv = self.qk_transform(*self.project(x_BTD, ctx), ctx)
+        if ctx.hooks:  # points q, k, v of the new tokens (capture only)
+            ctx.hooks.decode_inputs(self, q, kv, ctx)
         o_BTNV, cache = self.attend_cache(q, kv, cache, ctx)
-        o_BTNV = self.head_gate(o_BTNV, ctx)
+        o_BTNV = hook_point(self, ctx, "attn.z", self.head_gate(o_BTNV, ctx))
         cache = cache.advance(t if num_new_B is None else num_new_B)
-        return self.out(o_BTNV, ctx), cache
+        return hook_point(self, ctx, "attn.out", self.out(o_BTNV, ctx)), cache
+
+
+def hook_point(module: nnx.Module, ctx: Context, name: str, value):
+    """``value`` through the hooks active at point ``name`` of ``module`` (``ctx.hooks``,
+    ``jaxattn.heads``): captured and/or changed. With no hook active, ``value`` itself and
+    nothing traced.
+    """
+    return ctx.hooks.point(module, ctx, name, value) if ctx.hooks else value
 
 
 def dropout_args(rate: float, ctx: Context, tag: int) -> dict:

@@ -230,8 +230,9 @@ class MultiHeadLatentAttention(AttentionLayer):
             k_pe_BT1P = apply_rope(k_pe_BT1P, ctx.positions_BT, rope).astype(dt)
         return (q_nope_BTNH, q_pe_BTNP), (c_BTL, k_pe_BT1P)
 
-    def attend(self, q, kv, ctx: Context) -> jax.Array:
-        """Naive MLA: per-head K/V up-projected from the latent, then causal attention."""
+    def attention_inputs(self, q, kv, ctx: Context):
+        """Naive MLA's per-head operands, up-projected from the latent: q_BTNH = [q_nope | q_pe],
+        k_BTNH = [c·Wk_n | k_pe] (k_pe shared by every head), v_BTNV = c·Wv_n (H = nope + P)."""
         c = self.config
         (q_nope_BTNH, q_pe_BTNP), (c_BTL, k_pe_BT1P) = q, kv
         k_nope_BTNH = self.k_b(c_BTL, ctx)
@@ -239,10 +240,12 @@ class MultiHeadLatentAttention(AttentionLayer):
         k_pe_BTNP = jnp.broadcast_to(k_pe_BT1P, (*k_nope_BTNH.shape[:3], c.qk_rope_head_dim))
         q_BTNH = jnp.concatenate([q_nope_BTNH, q_pe_BTNP], axis=-1)
         k_BTNH = jnp.concatenate([k_nope_BTNH, k_pe_BTNP], axis=-1)
-        return dot_product_attention(
-            q_BTNH,
-            k_BTNH,
-            v_BTNV,
+        return q_BTNH, k_BTNH, v_BTNV
+
+    def attention_args(self, ctx: Context) -> dict:
+        """Causal attention within ``ctx.segment_ids_BT`` at the MLA scale, dropout."""
+        c = self.config
+        return dict(
             mask=Causal(),
             scale=c.scale,
             segment_ids=ctx.segment_ids_BT,
