@@ -191,7 +191,17 @@ def _mha_to_hf(c: ModelConfig, layers: list) -> dict:
         raise ValueError(f"arch={c.arch!r} needs 'mla' attention layers")
     a = layers[0]
     # everything but the window must be the same in every layer: HF configs are per model
-    shared = ("n_q", "n_kv", "h", "v", "qkv_bias", "o_bias", "qk_norm", "logits_soft_cap", "rope")
+    shared = (
+        "n_q",
+        "n_kv",
+        "h",
+        "v",
+        "qkv_bias",
+        "o_bias",
+        "qk_norm",
+        "logits_soft_cap",
+        "rope",
+    )
     for i, b in enumerate(layers):
         differ = [f for f in shared if getattr(b, f) != getattr(a, f)]
         if differ:
@@ -200,6 +210,11 @@ def _mha_to_hf(c: ModelConfig, layers: list) -> dict:
             )
     if a.n_q != a.num_heads:
         raise ValueError("SQA models (num_query_heads < num_heads) have no HF equivalent")
+    if a.n_v != a.n_kv:
+        raise ValueError(
+            f"num_v_heads={a.n_v} != num_kv_heads={a.n_kv} has no equivalent in the supported "
+            "HF archs"
+        )
     if a.qk_norm or a.logits_soft_cap is not None:
         raise ValueError("qk_norm / logits_soft_cap have no equivalent in the supported HF archs")
     if c.arch == "mistral" and (a.qkv_bias or a.o_bias):

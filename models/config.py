@@ -5,8 +5,10 @@ heads, RoPE, optional q/k/v biases, sliding windows), DeepSeek-V2/V3 style model
 MLPs (kind ``"mla"``), and models that mix attention kinds per layer. ``attention`` names the
 default kind (any registered in ``jaxattn.layers``); ``layer_specs`` (one per layer) or
 ``layer_pattern`` (repeated over the layers) give each layer its own kind and fields of that
-kind's config (kv heads, window, ...). :meth:`ModelConfig.layer_attention_config` is the one
-place a layer's attention config is resolved. ``arch`` names the Hugging Face family used by
+kind's config (kv heads, window, cache, ...). :meth:`ModelConfig.layer_attention_config` is
+the one place a layer's attention config is resolved, its decoding cache included: ``cache``
+(a ``jaxattn.cache.CacheConfig``) is every layer's default and ``LayerSpec.of(kind,
+cache=CacheConfig(...))`` a layer's own. ``arch`` names the Hugging Face family used by
 ``models.to_hf``. Every inconsistency raises ValueError naming the field (and the layer) in
 ``__post_init__``.
 """
@@ -19,6 +21,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxattn.cache import CacheConfig
 from jaxattn.layers import _validate as v
 from jaxattn.layers import kind_config
 from jaxattn.ops.rope import RopeConfig
@@ -84,6 +87,9 @@ class ModelConfig:
         active only when the model is called with an ``rng`` (training).
       tie_embeddings: unembed with the embedding table.
       max_seq_len: default cache capacity and rope context.
+      cache: every layer's decoding cache (``jaxattn.cache.CacheConfig``: format, policy such
+        as "sink_window", storage dtype); None: each kind's own format, keeping every token.
+        A layer spec's ``cache`` override wins; a config a layer's kind cannot serve raises.
       dtype: compute dtype; param_dtype: parameter dtype; implementation: the attention op's.
     """
 
@@ -118,6 +124,7 @@ class ModelConfig:
     residual_dropout: float = 0.0
     tie_embeddings: bool = False
     max_seq_len: int = 2048
+    cache: CacheConfig | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     implementation: str = "auto"
@@ -142,6 +149,10 @@ class ModelConfig:
         v.check_dtype(o, "param_dtype", self.param_dtype)
         v.check_implementation(o, "implementation", self.implementation)
         kind_config(self.attention)  # an unknown kind lists the registered ones
+        if self.cache is not None and not isinstance(self.cache, CacheConfig):
+            raise ValueError(
+                f"cache must be a jaxattn.cache.CacheConfig or None, got {type(self.cache)}"
+            )
         if self.rope is None:
             object.__setattr__(self, "rope", RopeConfig())
         if not isinstance(self.rope, RopeConfig):

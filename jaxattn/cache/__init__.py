@@ -1,15 +1,41 @@
-"""jaxattn.cache: fixed-capacity, jit-friendly KV caches with per-sequence lengths.
+"""jaxattn.cache: fixed-size, jit-friendly caches that own the attention over themselves.
 
-Caches are pytrees of fixed-shape buffers: build one with ``create``, ``write`` new rows at each
-sequence's length, then ``advance`` the lengths. ``bytes_per_token()`` is the per-layer cost.
+A cache is a storage format combined with a policy, named per layer by a ``CacheConfig``
+(DESIGN.md, Extension point 6). Caches are pytrees of fixed-shape buffers; build one with a
+layer's ``init_cache`` (or ``create``). The protocol layers and ``generate`` use:
 
-Dense (MHA / GQA / MQA / SQA)
-  KVCache       keys and values, K·(H + V) numbers per token
-Latent (MLA)
-  LatentCache   normalised latent and decoupled rope key, L + P numbers per token
+* ``update_and_attend(q, new..., num_new_B=, mask=, **op_args) -> (o, cache)``: attend the new
+  queries over the stored tokens and the new ones, store the new tokens, count them;
+* ``lengths_B``: tokens seen per sequence (the next token's absolute position);
+* ``key_positions_BC()``: the absolute position each slot holds (-1: empty), so ring buffers
+  and eviction need no positional bookkeeping outside the cache;
+* ``bytes_per_token()``: exact storage bytes of one token; ``check_room(n)``: can a sequence of
+  n tokens be decoded; ``advance`` / ``with_lengths`` / ``write``: lower-level steps.
+
+The attention runs in the storage dtype with fp32 accumulation (queries are cast, never the
+cache) through ``jaxattn.dot_product_attention``, so ``implementation="auto"`` reaches the
+Pallas decode kernels on TPU / GPU for full caches and one-token ring steps.
+
+Capacity: a full cache holds ``capacity`` positions per sequence. Writing past it raises
+ValueError before the write when it is known on the host (a static write longer than the
+capacity, concrete lengths); under ``jit`` the write carries a ``checkify.debug_check``
+(wrap the call in ``jax.experimental.checkify.checkify`` to get the error), and without it the
+overflowing sequence's outputs are NaN from then on and nothing is clamped onto other slots.
+A "sink_window" ring never overflows.
+
+Formats
+  KVCache       "dense": keys and values, K·H + K_v·V numbers per token (MHA / GQA / MQA / SQA)
+  LatentCache   "latent": normalised latent and decoupled rope key, L + P numbers per token (MLA)
+Policies (CacheConfig.policy)
+  "full"          every token, up to the capacity
+  "sink_window"   the first ``sink`` and last ``window`` tokens in a ring of sink + window
+                  slots: constant memory, equal to full attention under masks.SinkWindow
+Config
+  CacheConfig   format, policy, sink, window, storage dtype (frozen, JSON-able)
 """
 
+from jaxattn.cache._config import CacheConfig
 from jaxattn.cache._dense import KVCache
 from jaxattn.cache._latent import LatentCache
 
-__all__ = ["KVCache", "LatentCache"]
+__all__ = ["CacheConfig", "KVCache", "LatentCache"]

@@ -3,11 +3,14 @@
 N query heads share K key/value heads in groups of G = N / K (query head n reads kv head
 n // G): K = N is MHA, 1 < K < N is GQA, K = 1 is MQA. SQA (Sparse Query Attention) keeps the
 nominal ``num_heads`` for sizing but projects to fewer query heads ``num_query_heads`` (score
-FLOPs scale with num_query_heads / num_heads); it combines with any K dividing it. Optional:
+FLOPs scale with num_query_heads / num_heads); it combines with any K dividing it. Values may
+have their own head count K_v (``num_v_heads``, dividing the query heads). Optional:
 RoPE, per-head RMS qk-norm, q/k/v and o biases, logit soft-capping, a sliding window and
-attention dropout. The attention itself is ``jaxattn.dot_product_attention``; decoding reads a
-``KVCache``. Stages (see ``jaxattn.layers.AttentionLayer``): project (q, k, v Linears),
-qk_transform (qk-norm, RoPE), the op, head_gate (identity), out (o Linear).
+attention dropout. The attention itself is ``jaxattn.dot_product_attention``; decoding hands
+queries and new keys/values to a ``KVCache`` (format "dense", policy "full" or "sink_window",
+per ``cache``), which attends over itself. Stages (see ``jaxattn.layers.AttentionLayer``):
+project (q, k, v Linears), qk_transform (qk-norm, RoPE), the op, head_gate (identity), out
+(o Linear).
 """
 
 from __future__ import annotations
@@ -19,14 +22,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn.cache import KVCache
+from jaxattn.cache import CacheConfig, KVCache
 from jaxattn.layers import _validate as v
 from jaxattn.layers._context import Context
 from jaxattn.layers._kinds import AttentionLayer, dropout_args, register_kind
 from jaxattn.layers._linear import Linear
 from jaxattn.layers._norm import RMSNorm
 from jaxattn.masks import Causal, SlidingWindow
-from jaxattn.ops.attention import dot_product_attention
 from jaxattn.ops.rope import RopeConfig, apply_rope
 
 __all__ = ["AttentionConfig", "Attention"]
@@ -42,6 +44,7 @@ class AttentionConfig:
       d_model: model width D.
       num_heads: nominal query heads (sets the default head_dim).
       num_kv_heads: K, key/value heads (default num_heads); must divide the query heads.
+      num_v_heads: K_v, value heads (default K); must divide the query heads.
       head_dim: H, per-head q/k width (default d_model // num_heads).
       v_head_dim: V, per-head value width (default H).
       num_query_heads: SQA: the query heads actually used (default num_heads), <= num_heads.
@@ -55,6 +58,8 @@ class AttentionConfig:
       norm_eps: epsilon of the qk-norm (> 0).
       dropout: attention-probability dropout rate in [0, 1) (training only: needs ctx.rng).
       implementation: ``dot_product_attention`` implementation name.
+      cache: the decoding cache (``jaxattn.cache.CacheConfig``: format "dense", policy "full"
+        or "sink_window"; None: full). "sink_window" needs ``sliding_window`` unset.
       dtype: compute dtype (None: the input's dtype); param_dtype: parameter dtype.
     """
 
@@ -63,6 +68,7 @@ class AttentionConfig:
     d_model: int
     num_heads: int
     num_kv_heads: int | None = None
+    num_v_heads: int | None = None
     head_dim: int | None = None
     v_head_dim: int | None = None
     num_query_heads: int | None = None
@@ -76,6 +82,7 @@ class AttentionConfig:
     norm_eps: float = 1e-6
     dropout: float = 0.0
     implementation: str = "auto"
+    cache: CacheConfig | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -83,7 +90,14 @@ class AttentionConfig:
         o = type(self).__name__
         v.check_int(o, "d_model", self.d_model)
         v.check_int(o, "num_heads", self.num_heads)
-        for name in ("num_kv_heads", "head_dim", "v_head_dim", "num_query_heads", "sliding_window"):
+        for name in (
+            "num_kv_heads",
+            "num_v_heads",
+            "head_dim",
+            "v_head_dim",
+            "num_query_heads",
+            "sliding_window",
+        ):
             v.check_optional_int(o, name, getattr(self, name))
         v.check_float(o, "logits_soft_cap", self.logits_soft_cap, optional=True)
         v.check_float(o, "softmax_scale", self.softmax_scale, optional=True)
@@ -102,6 +116,15 @@ class AttentionConfig:
             raise ValueError(f"num_query_heads={nq} must be in [1, num_heads={self.num_heads}]")
         if nq % k:
             raise ValueError(f"num_kv_heads={k} must divide the query heads ({nq})")
+        if nq % self.n_v:
+            raise ValueError(f"num_v_heads={self.n_v} must divide the query heads ({nq})")
+        v.check_cache(o, self.cache, formats=("dense",))
+        if self.cache is not None and self.cache.policy != "full" and self.sliding_window:
+            raise ValueError(
+                f"{o}: cache.policy={self.cache.policy!r} with sliding_window="
+                f"{self.sliding_window}: a ring cache serves causal layers only (a window W "
+                "is CacheConfig(policy='sink_window', sink=0, window=W) on a causal layer)"
+            )
         if self.rope is not None and not isinstance(self.rope, RopeConfig):
             raise ValueError(f"rope must be a RopeConfig or None, got {type(self.rope).__name__}")
         if self.rope is not None and (self.rope.rotary_dim or 0) > self.h:
@@ -128,6 +151,7 @@ class AttentionConfig:
             norm_eps=m.norm_eps,
             dropout=m.attention_dropout,
             implementation=m.implementation,
+            cache=m.cache,
             dtype=m.dtype,
             param_dtype=m.param_dtype,
         )
@@ -145,6 +169,11 @@ class AttentionConfig:
     def n_kv(self) -> int:
         """Key/value heads (K)."""
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def n_v(self) -> int:
+        """Value heads (K_v)."""
+        return self.n_kv if self.num_v_heads is None else self.num_v_heads
 
     @property
     def h(self) -> int:
@@ -171,7 +200,7 @@ class Attention(AttentionLayer):
     """Causal self-attention (MHA / GQA / MQA / SQA) with optional cache-based decoding.
 
     Projections (``Linear``; kernel logical axes): q [D, N, H] (embed, heads, head_dim),
-    k [D, K, H] and v [D, K, V] (embed, kv_heads, head_dim), o [N, V, D] (heads, head_dim,
+    k [D, K, H] and v [D, K_v, V] (embed, kv_heads, head_dim), o [N, V, D] (heads, head_dim,
     embed); parameter paths ``q/kernel``, ``q/bias``, ..., ``q_norm/scale``.
 
     Args:
@@ -182,7 +211,7 @@ class Attention(AttentionLayer):
     def __init__(self, config: AttentionConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
-        d, n, k, h, vd = c.d_model, c.n_q, c.n_kv, c.h, c.v
+        d, n, k, kv, h, vd = c.d_model, c.n_q, c.n_kv, c.n_v, c.h, c.v
         common = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         self.q = Linear(
             (d,), (n, h), axes=("embed", "heads", "head_dim"), use_bias=c.qkv_bias, **common
@@ -191,7 +220,7 @@ class Attention(AttentionLayer):
             (d,), (k, h), axes=("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, **common
         )
         self.v = Linear(
-            (d,), (k, vd), axes=("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, **common
+            (d,), (kv, vd), axes=("embed", "kv_heads", "head_dim"), use_bias=c.qkv_bias, **common
         )
         self.o = Linear(
             (n, vd), (d,), axes=("heads", "head_dim", "embed"), use_bias=c.o_bias, **common
@@ -227,9 +256,6 @@ class Attention(AttentionLayer):
             **dropout_args(c.dropout, ctx, _DROPOUT_TAG),
         )
 
-    def _op(self, q_BTNH, k_BSKH, v_BSKV, ctx: Context, **kw) -> jax.Array:
-        return dot_product_attention(q_BTNH, k_BSKH, v_BSKV, **self._op_args(ctx), **kw)
-
     def attention_inputs(self, q_BTNH, kv, ctx: Context):
         """The op's operands: q_BTNH, k_BTKH, v_BTKV (kv heads not repeated)."""
         k_BTKH, v_BTKV = kv
@@ -239,29 +265,20 @@ class Attention(AttentionLayer):
         """Causal (windowed) attention within ``ctx.segment_ids_BT``, soft cap, dropout."""
         return dict(self._op_args(ctx), segment_ids=ctx.segment_ids_BT)
 
-    def attend_cache(self, q_BTNH, kv, cache: KVCache, ctx: Context):
-        """Write k/v at the cache lengths, attend over the cache -> (o_BTNV, cache)."""
+    def attend_cache(self, q_BTNH, kv, cache: KVCache, ctx: Context, *, num_new_B=None):
+        """The cache attends over itself and the new k/v, stores them -> (o_BTNV, cache)."""
         k_BTKH, v_BTKV = kv
-        start_B = cache.lengths_B
-        t = q_BTNH.shape[1]
-        cache = cache.write(k_BTKH, v_BTKV)
-        dt = q_BTNH.dtype
-        o_BTNV = self._op(
-            q_BTNH,
-            cache.k_BCKH.astype(dt),
-            cache.v_BCKV.astype(dt),
-            ctx,
-            q_offset=start_B,
-            kv_lengths=start_B + t,
+        return cache.update_and_attend(
+            q_BTNH, k_BTKH, v_BTKV, num_new_B=num_new_B, **self._op_args(ctx)
         )
-        return o_BTNV, cache
 
     def out(self, o_BTNV: jax.Array, ctx: Context) -> jax.Array:
         """o projection [B, T, N, V] -> [B, T, D]."""
         return self.o(o_BTNV, ctx)
 
     def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16) -> KVCache:
-        """An empty :class:`KVCache` [B, C, K, H] for this layer."""
+        """An empty :class:`KVCache` [B, C, K, H] for this layer, of ``config.cache``'s policy
+        (a "sink_window" ring has C = sink + window slots whatever ``capacity`` is)."""
         c = self.config
         return KVCache.create(
             batch=batch,
@@ -269,5 +286,7 @@ class Attention(AttentionLayer):
             num_kv_heads=c.n_kv,
             head_dim=c.h,
             v_head_dim=c.v,
+            num_v_heads=c.n_v,
             dtype=dtype,
+            config=c.cache,
         )

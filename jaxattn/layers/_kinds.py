@@ -14,7 +14,9 @@ flow every kind shares, through named stages a kind overrides:
 
 ``project`` computes the kind's queries and keys/values from x (Linear projections);
 ``qk_transform`` applies norms, rotary embeddings, temperatures; ``attend`` is the op over the
-sequence itself, ``attend_cache`` writes the new keys/values into the cache and attends over it;
+sequence itself, ``attend_cache`` hands the new queries and keys/values to the cache, which
+attends over itself and stores them (``update_and_attend``, DESIGN.md Extension point 6: a layer
+never reads a cache's buffers, and the cache's policy decides what is kept);
 ``head_gate`` weights, masks or blends the per-head outputs [B, T, N, V] (identity by default);
 ``out`` projects back to the model width. ``register_kind(name, config_cls)`` makes a kind
 available to ``models.ModelConfig`` (``attention=`` and per-layer ``layer_specs``).
@@ -113,8 +115,9 @@ class AttentionLayer(nnx.Module):
         """Causal attention over the sequence itself -> per-head outputs o_BTNV."""
         return dot_product_attention(*self.attention_inputs(q, kv, ctx), **self.attention_args(ctx))
 
-    def attend_cache(self, q, kv, cache, ctx: Context):
-        """Write the new keys/values into ``cache`` and attend over it -> (o_BTNV, cache)."""
+    def attend_cache(self, q, kv, cache, ctx: Context, *, num_new_B=None):
+        """Attend over ``cache`` and the new keys/values, store and count the first
+        ``num_new_B`` of them (``cache.update_and_attend``) -> (o_BTNV, cache)."""
         raise NotImplementedError
 
     def head_gate(self, o_BTNV: jax.Array, ctx: Context) -> jax.Array:
@@ -126,7 +129,7 @@ class AttentionLayer(nnx.Module):
         raise NotImplementedError
 
     def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16):
-        """An empty cache for this layer."""
+        """An empty cache for this layer (its format and policy: ``config.cache``)."""
         raise NotImplementedError
 
     # -- the shared flow ----------------------------------------------------------------------
@@ -182,6 +185,10 @@ class AttentionLayer(nnx.Module):
 
         Returns:
           (out_BTD, cache advanced by num_new_B).
+
+        Raises:
+          ValueError: a batch mismatch, or a full cache that would overflow (see
+            ``jaxattn.cache``: under jit, checkify reports it and outputs are NaN).
         """
         x_BTD = self._check_input(x_BTD)
         b, t, _ = x_BTD.shape
@@ -189,7 +196,7 @@ class AttentionLayer(nnx.Module):
             raise ValueError(
                 f"cache holds {cache.lengths_B.shape[0]} sequences but the input has batch {b}"
             )
-        positions_BT = cache.lengths_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        positions_BT = cache.positions_BT(t)
         if ctx is None:
             ctx = Context.create(b, t, positions_BT=positions_BT)
         else:
@@ -197,9 +204,8 @@ class AttentionLayer(nnx.Module):
         q, kv = self.qk_transform(*self.project(x_BTD, ctx), ctx)
         if ctx.hooks:  # points q, k, v of the new tokens (capture only)
             ctx.hooks.decode_inputs(self, q, kv, ctx)
-        o_BTNV, cache = self.attend_cache(q, kv, cache, ctx)
+        o_BTNV, cache = self.attend_cache(q, kv, cache, ctx, num_new_B=num_new_B)
         o_BTNV = hook_point(self, ctx, "attn.z", self.head_gate(o_BTNV, ctx))
-        cache = cache.advance(t if num_new_B is None else num_new_B)
         return hook_point(self, ctx, "attn.out", self.out(o_BTNV, ctx)), cache
 
 

@@ -25,14 +25,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn.cache import LatentCache
+from jaxattn.cache import CacheConfig, LatentCache
 from jaxattn.layers import _validate as v
 from jaxattn.layers._context import Context
 from jaxattn.layers._kinds import AttentionLayer, dropout_args, register_kind
 from jaxattn.layers._linear import Linear
 from jaxattn.layers._norm import RMSNorm
 from jaxattn.masks import Causal
-from jaxattn.ops.attention import dot_product_attention
 from jaxattn.ops.rope import RopeConfig, apply_rope, mla_softmax_scale_factor
 
 __all__ = ["MLAConfig", "MultiHeadLatentAttention"]
@@ -61,6 +60,8 @@ class MLAConfig:
       softmax_scale: logit scale (default (nope + P)^-1/2 times the rope's YaRN mscale factor).
       dropout: attention-probability dropout rate in [0, 1) (training only: needs ctx.rng).
       implementation: ``dot_product_attention`` implementation name.
+      cache: the decoding cache (``jaxattn.cache.CacheConfig``: format "latent", policy "full"
+        or "sink_window"; None: full).
       dtype: compute dtype (None: the input's); param_dtype: parameter dtype.
     """
 
@@ -78,11 +79,13 @@ class MLAConfig:
     softmax_scale: float | None = None
     dropout: float = 0.0
     implementation: str = "auto"
+    cache: CacheConfig | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         o = type(self).__name__
+        v.check_cache(o, self.cache, formats=("latent",))
         for name in (
             "d_model",
             "num_heads",
@@ -147,6 +150,7 @@ class MLAConfig:
             latent_norm_eps=m.latent_norm_eps,
             dropout=m.attention_dropout,
             implementation=m.implementation,
+            cache=m.cache,
             dtype=m.dtype,
             param_dtype=m.param_dtype,
         )
@@ -253,28 +257,22 @@ class MultiHeadLatentAttention(AttentionLayer):
             **dropout_args(c.dropout, ctx, _DROPOUT_TAG),
         )
 
-    def attend_cache(self, q, kv, cache: LatentCache, ctx: Context):
-        """Absorbed MLA over the latent cache -> (o_BTNV, cache)."""
+    def attend_cache(self, q, kv, cache: LatentCache, ctx: Context, *, num_new_B=None):
+        """Absorbed MLA: the latent cache attends over itself and the new rows -> (o, cache)."""
         c = self.config
         (q_nope_BTNH, q_pe_BTNP), (c_BTL, k_pe_BT1P) = q, kv
         dt = q_nope_BTNH.dtype
-        start_B, t = cache.lengths_B, q_nope_BTNH.shape[1]
-        cache = cache.write(c_BTL, k_pe_BT1P[:, :, 0, :])
         # Key up-projection absorbed into the query: q_lat = q_nope · Wk_nᵀ  [B, T, N, L].
         q_lat_BTNL = jnp.einsum("btnh,lnh->btnl", q_nope_BTNH, self.k_b.effective_kernel(dt))
         q_BTNX = jnp.concatenate([q_lat_BTNL, q_pe_BTNP], axis=-1)
-        row_BC1X = cache.latent_BCR[:, :, None, :].astype(dt)
-        # The value is the whole row too (the very same array as the key), and the output's
-        # last P columns (the rope part) are dropped: passing the latent slice row[..., :L]
-        # instead would copy the whole cache every step.
-        o_row_BTNX = dot_product_attention(
+        # The output's last P columns (the rope part of each row used as the value) are dropped.
+        o_row_BTNX, cache = cache.update_and_attend(
             q_BTNX,
-            row_BC1X,
-            row_BC1X,
+            c_BTL,
+            k_pe_BT1P[:, :, 0, :],
+            num_new_B=num_new_B,
             mask=Causal(),
             scale=c.scale,
-            q_offset=start_B,
-            kv_lengths=start_B + t,
             implementation=c.implementation,
             **dropout_args(c.dropout, ctx, _DROPOUT_TAG),
         )
@@ -288,7 +286,8 @@ class MultiHeadLatentAttention(AttentionLayer):
         return self.o(o_BTNV, ctx)
 
     def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16) -> LatentCache:
-        """An empty :class:`LatentCache` [B, C, L + P] for this layer."""
+        """An empty :class:`LatentCache` [B, C, L + P] for this layer, of ``config.cache``'s
+        policy (a "sink_window" ring has C = sink + window slots whatever ``capacity`` is)."""
         c = self.config
         return LatentCache.create(
             batch=batch,
@@ -296,4 +295,5 @@ class MultiHeadLatentAttention(AttentionLayer):
             kv_lora_rank=c.kv_lora_rank,
             rope_dim=c.qk_rope_head_dim,
             dtype=dtype,
+            config=c.cache,
         )

@@ -19,6 +19,7 @@ __all__ = [
     "check_rate",
     "check_dtype",
     "check_implementation",
+    "check_cache",
 ]
 
 
@@ -78,3 +79,16 @@ def check_implementation(owner: str, name: str, value: Any) -> str:
     if value not in IMPLEMENTATIONS:
         raise ValueError(f"{owner}.{name}={value!r} must be one of {IMPLEMENTATIONS}")
     return value
+
+
+def check_cache(owner: str, cache, *, formats: tuple[str, ...], policies=("full", "sink_window")):
+    """Raise ValueError unless ``cache`` is None or a CacheConfig ``owner`` can serve."""
+    if cache is None:
+        return
+    from jaxattn.cache import CacheConfig
+
+    if not isinstance(cache, CacheConfig):
+        raise ValueError(
+            f"{owner}.cache must be a jaxattn.cache.CacheConfig or None, got {type(cache).__name__}"
+        )
+    cache.check_served(owner, formats=formats, policies=policies)

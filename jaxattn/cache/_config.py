@@ -1,0 +1,131 @@
+"""CacheConfig: one layer's cache as a storage format and a policy (DESIGN.md, Extension point 6).
+
+A cache config is frozen, hashable and JSON-able (``to_dict`` / ``from_dict``), so it can sit in
+a layer config, a ``models.LayerSpec`` override or ``models.ModelConfig.cache`` and travel in
+checkpoint metadata. The attention kind that builds the cache decides whether it can serve the
+config (``check_served``): a config it cannot serve raises ValueError naming the field.
+
+Formats: ``"dense"`` (per-head keys and values: ``KVCache``), ``"latent"`` (MLA latent rows:
+``LatentCache``); None is the kind's own format.
+
+Policies:
+
+* ``"full"``: keep every token; a sequence holds at most ``capacity`` positions (the
+  ``init_cache`` argument), and writing past it is an error (see ``jaxattn.cache``).
+* ``"sink_window"``: keep the first ``sink`` tokens and the last ``window`` (StreamingLLM /
+  LM-Infinite): a ring buffer of ``sink + window`` slots whatever ``capacity`` is. Constant
+  memory; decoding never overflows, and equals full attention under the mask
+  ``jaxattn.masks.SinkWindow(sinks=sink, window=window)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any
+
+import jax.numpy as jnp
+
+__all__ = ["CacheConfig", "FORMATS", "POLICIES"]
+
+FORMATS = ("dense", "latent")
+POLICIES = ("full", "sink_window")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """A layer's cache: storage format, policy and storage dtype.
+
+    Attributes:
+      format: one of ``FORMATS``, or None for the kind's own.
+      policy: one of ``POLICIES``.
+      sink: "sink_window": tokens kept from the start of each sequence (>= 0).
+      window: "sink_window": most recent tokens kept (>= 1); unset for "full".
+      dtype: storage dtype name (e.g. "bfloat16"), or None: the ``init_cache`` dtype.
+    """
+
+    format: str | None = None
+    policy: str = "full"
+    sink: int = 0
+    window: int | None = None
+    dtype: Any = None
+
+    def __post_init__(self):
+        o = "CacheConfig"
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"{o}.format={self.format!r} must be one of {FORMATS} or None")
+        if self.policy not in POLICIES:
+            raise ValueError(f"{o}.policy={self.policy!r} must be one of {POLICIES}")
+        for name in ("sink", "window"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            ):
+                raise ValueError(f"{o}.{name}={value!r} must be an int")
+        if self.policy == "full" and (self.sink or self.window is not None):
+            raise ValueError(
+                f"{o}.policy='full' keeps every token: sink={self.sink} and "
+                f"window={self.window} apply to policy='sink_window' only"
+            )
+        if self.policy == "sink_window":
+            if self.window is None or self.window < 1:
+                raise ValueError(
+                    f"{o}.window={self.window!r} must be an int >= 1 for 'sink_window'"
+                )
+            if self.sink < 0:
+                raise ValueError(f"{o}.sink={self.sink} must be >= 0")
+        if self.dtype is not None:
+            try:
+                dt = jnp.dtype(self.dtype)
+            except TypeError:
+                raise ValueError(
+                    f"{o}.dtype={self.dtype!r} is not a dtype (e.g. 'bfloat16')"
+                ) from None
+            if not jnp.issubdtype(dt, jnp.floating):
+                raise ValueError(f"{o}.dtype={self.dtype!r} must be a floating dtype")
+            object.__setattr__(self, "dtype", dt.name)  # a name: hashable and JSON-able
+        object.__setattr__(self, "sink", int(self.sink))
+
+    @property
+    def slots(self) -> int | None:
+        """Slots per sequence of a "sink_window" ring buffer (None: "full", the capacity)."""
+        return None if self.policy == "full" else self.sink + self.window
+
+    def storage_dtype(self, default):
+        """``dtype``, or ``default`` when it is unset."""
+        return default if self.dtype is None else jnp.dtype(self.dtype)
+
+    def check_served(self, owner: str, *, formats: tuple[str, ...], policies: tuple[str, ...]):
+        """Raise ValueError when ``owner`` (a kind config) cannot serve this cache.
+
+        Args:
+          owner: the kind's config name, for the message.
+          formats: the formats it stores; policies: the policies it serves.
+        """
+        if self.format is not None and self.format not in formats:
+            raise ValueError(
+                f"{owner} cannot serve cache.format={self.format!r}: it stores {formats}"
+            )
+        if self.policy not in policies:
+            raise ValueError(
+                f"{owner} cannot serve cache.policy={self.policy!r}: it serves {policies}"
+            )
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (``from_dict`` inverts it)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CacheConfig:
+        """The config of ``to_dict``'s output.
+
+        Raises:
+          ValueError: unknown keys (named) or invalid values.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"CacheConfig.from_dict needs a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"CacheConfig has no fields {unknown}; fields: {sorted(known)}")
+        return cls(**data)
