@@ -5,6 +5,9 @@ one token per sequence per loop step until ``max_new_tokens`` or every sequence 
 stop token. The whole loop is one jitted program; the cache is part of the loop carry.
 Works with any model offering ``init_cache(batch, capacity)`` and
 ``decode(tokens_BT, cache, *, num_new_B) -> (logits_BTV, cache)`` (``models.DecoderLM``).
+The caches are opaque here: before anything runs, each cache in the model's ``init_cache``
+pytree that offers ``check_room(n)`` (``jaxattn.cache``) is asked whether it can hold the
+prompt plus ``max_new_tokens`` (ring caches always can).
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def generate(
     stop_tokens: tuple[int, ...] = (),
     cache_dtype=None,
     sequence_ids_B=None,
+    capacity: int | None = None,
 ) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
@@ -88,10 +92,13 @@ def generate(
       cache_dtype: cache storage dtype (default the model's compute dtype).
       sequence_ids_B: int [B] per-sequence ids passed to every ``decode`` call (which adapter
         or task a row uses); None passes nothing.
+      capacity: the ``init_cache`` capacity (default T + max_new_tokens, which always fits;
+        "sink_window" layers ignore it).
 
     Raises:
-      ValueError: bad shapes, prompt lengths, sampling settings, or prompt ids outside the
-        model's vocabulary (``model.config.vocab_size``, when the model has one).
+      ValueError: bad shapes, prompt lengths, sampling settings, prompt ids outside the
+        model's vocabulary (``model.config.vocab_size``, when the model has one), or a cache
+        that cannot hold T + max_new_tokens positions (names its capacity), before any work.
 
     Returns:
       GenerateOutput(tokens_BS [B, T + max_new_tokens], lengths_B).
@@ -127,6 +134,17 @@ def generate(
         or (top_k is not None and top_k < 1)
     ):
         raise ValueError(f"bad sampling settings: {temperature=}, {top_k=}, {top_p=}")
+    b, t = prompt_BT.shape
+    capacity = t + max_new_tokens if capacity is None else int(capacity)
+    caches = jax.eval_shape(lambda: model.init_cache(b, capacity, cache_dtype))
+    for cache in jax.tree.leaves(caches, is_leaf=lambda x: hasattr(x, "check_room")):
+        if hasattr(cache, "check_room"):
+            try:
+                cache.check_room(t + max_new_tokens)
+            except ValueError as err:
+                raise ValueError(
+                    f"generate: prompt length {t} + max_new_tokens={max_new_tokens}: {err}"
+                ) from None
     graphdef, state = nnx.split(model)
     return _generate(
         graphdef,
@@ -140,6 +158,7 @@ def generate(
         top_p=top_p,
         stop_tokens=tuple(int(t) for t in stop_tokens),
         cache_dtype=cache_dtype,
+        capacity=capacity,
         extras={} if sequence_ids_B is None else {"sequence_ids_B": jnp.asarray(sequence_ids_B)},
     )
 
@@ -154,6 +173,7 @@ def generate(
         "top_p",
         "stop_tokens",
         "cache_dtype",
+        "capacity",
     ),
 )
 def _generate(
@@ -170,12 +190,12 @@ def _generate(
     top_p,
     stop_tokens,
     cache_dtype,
+    capacity,
 ):
     model = nnx.merge(graphdef, state)
     b, t = prompt_BT.shape
-    capacity = t + max_new_tokens
-    slots_S = jnp.arange(capacity, dtype=jnp.int32)
-    tokens_BS = jnp.zeros((b, capacity), jnp.int32).at[:, :t].set(prompt_BT)
+    slots_S = jnp.arange(t + max_new_tokens, dtype=jnp.int32)
+    tokens_BS = jnp.zeros((b, t + max_new_tokens), jnp.int32).at[:, :t].set(prompt_BT)
     tokens_BS = jnp.where(slots_S[None, :] < lengths_B[:, None], tokens_BS, 0)
     cache = model.init_cache(b, capacity, cache_dtype)
     logits_BTV, cache = model.decode(prompt_BT, cache, num_new_B=lengths_B, **extras)
