@@ -161,12 +161,14 @@ class DecoderLM(nnx.Module):
         return poison_after_invalid(self._logits(x_BTD, ctx), tokens_BT, self.config.vocab_size)
 
     def init_cache(self, batch: int, capacity: int | None = None, dtype=None) -> tuple:
-        """Empty per-layer caches (each layer's kind decides its cache), one per block.
+        """Empty per-layer caches, one per block: each layer's kind builds the cache its
+        resolved ``CacheConfig`` names (``config.cache`` or the layer spec's ``cache``).
 
         Args:
           batch: B.
-          capacity: slots per sequence (default ``config.max_seq_len``).
-          dtype: storage dtype (default the compute dtype).
+          capacity: positions per sequence of the "full" caches (default
+            ``config.max_seq_len``); "sink_window" rings hold sink + window slots regardless.
+          dtype: storage dtype (default the compute dtype; a ``CacheConfig.dtype`` wins).
 
         Returns:
           A tuple of caches (a pytree usable as a ``jax.lax.while_loop`` carry).
@@ -187,6 +189,7 @@ class DecoderLM(nnx.Module):
         """Run T new tokens per sequence against the caches (prefill or one decode step).
 
         Token t of sequence b takes position ``cache[i].lengths_B[b] + t`` in every layer.
+        Each layer's cache attends over itself (``update_and_attend``) under its policy.
 
         Args:
           tokens_BT: int tokens [B, T]; right padding allowed when ``num_new_B`` is given.
@@ -199,6 +202,11 @@ class DecoderLM(nnx.Module):
 
         Returns:
           (logits_BTV float32, caches advanced by num_new_B).
+
+        Raises:
+          ValueError: a "full" cache would overflow: T > capacity, or concrete lengths past it.
+            Under jit the check is a ``checkify.debug_check`` (reported inside
+            ``checkify.checkify``), and an overflowing sequence's logits are NaN.
         """
         if len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")

@@ -97,10 +97,10 @@ def test_decoding_past_a_full_cache_is_an_error_not_wrong_logits(name):
         model.decode(tokens[:, 8:9], cache)
     graphdef, state = nnx.split(model)
     step = jax.jit(lambda s, c, t: nnx.merge(graphdef, s).decode(t, c))
-    err, _ = checkify.checkify(step)(state, cache, tokens[:, 8:9])
+    err, (logits, after) = checkify.checkify(step)(state, cache, tokens[:, 8:9])
     with pytest.raises(checkify.JaxRuntimeError, match="cache overflow.*capacity=8"):
         err.throw()
-    logits, after = step(state, cache, tokens[:, 8:9])  # unchecked: NaN, never silently wrong
+    # what an unchecked program returns too: NaN logits, never silently wrong ones
     assert np.isnan(logits).all() and after[0].lengths_B.tolist() == [9]
 
 

@@ -164,3 +164,26 @@ def test_cache_config_round_trips_through_json():
     with pytest.raises(ValueError, match="cannot be stored in a dense cache"):
         KVCache.create(batch=1, capacity=2, num_kv_heads=1, head_dim=2,
                        config=CacheConfig(format="latent"))  # fmt: skip
+
+
+def test_auto_reaches_the_pallas_decode_kernel_through_full_caches_and_ring_steps(monkeypatch):
+    from jax.experimental.pallas import tpu as pltpu
+
+    from jaxattn.ops import _kernels
+
+    used, run = [], _kernels.run
+    monkeypatch.setattr(_kernels, "run", lambda impl, *a: used.append(impl) or run(impl, *a))
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # the kernel runs interpreted
+    q, k, v = _qkv(6, 11)
+    q, k, v = (jnp.tile(x, (1, 1, 1, 8)) for x in (q, k, v))  # H = 64
+    for cfg in (None, CacheConfig(policy="sink_window", sink=2, window=6)):
+        cache = KVCache.create(batch=B, capacity=16, num_kv_heads=K, head_dim=64,
+                               dtype=jnp.float32, config=cfg)  # fmt: skip
+        with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+            _, cache = cache.update_and_attend(q[:, :10], k[:, :10], v[:, :10], mask=Causal())
+            got, _ = cache.update_and_attend(q[:, 10:], k[:, 10:], v[:, 10:], mask=Causal())
+        mask = Causal() if cfg is None else SinkWindow(sinks=2, window=6)
+        want = dot_product_attention(q, k, v, mask=mask, implementation="xla")[:, 10:]
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    # full: prefill and step; ring: the step (its prefill's position mask is a dense array)
+    assert used == ["pallas_tpu_decode"] * 3
