@@ -6,7 +6,8 @@ layer's ``init_cache`` (or ``create``). The protocol layers and ``generate`` use
 
 * ``update_and_attend(q, new..., num_new_B=, mask=, **op_args) -> (o, cache)``: attend the new
   queries over the stored tokens and the new ones, store the new tokens, count them;
-* ``lengths_B``: tokens seen per sequence (the next token's absolute position);
+* ``lengths_B``: tokens seen per sequence (the next token's absolute position), and
+  ``positions_BT(t)``: the positions of the next t tokens (what a layer rotates them by);
 * ``key_positions_BC()``: the absolute position each slot holds (-1: empty), so ring buffers
   and eviction need no positional bookkeeping outside the cache;
 * ``bytes_per_token()``: exact storage bytes of one token; ``check_room(n)``: can a sequence of
