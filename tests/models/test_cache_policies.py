@@ -35,6 +35,7 @@ def _prefill_then_steps(layer, x_BTD, prefill):
     return jnp.concatenate([first, jnp.swapaxes(rest, 0, 1)], 1), cache
 
 
+@nnx.jit(static_argnums=2)
 def _reference(layer, x_BTD, mask):
     """The layer's own stages over the whole input with the op's mask replaced by ``mask``."""
     ctx = Context.create(*x_BTD.shape[:2])

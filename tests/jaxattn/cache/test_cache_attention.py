@@ -27,6 +27,13 @@ def _qkv(seed, length, kv=K, v_dim=H):
     )
 
 
+def _op(q, k, v, mask):
+    """The reference: the op on the whole sequence ("xla"), compiled once per call site."""
+    return jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=mask, implementation="xla"))(
+        q, k, v
+    )
+
+
 def _feed(cache, q, k, v, chunks, *, num_new=None):
     """update_and_attend over consecutive chunks of the sequence -> outputs [B, L, N, V]."""
     step = jax.jit(lambda c, q, k, v, n: c.update_and_attend(q, k, v, num_new_B=n, **OP))
@@ -45,7 +52,7 @@ def test_full_cache_update_and_attend_equals_the_op(kv_v=1):
         dtype=jnp.float32,
     )  # fmt: skip
     got, cache = _feed(cache, q, k, v, [6] + [1] * 6)
-    want = dot_product_attention(q, k, v, mask=Causal(), implementation="xla")
+    want = _op(q, k, v, Causal())
     np.testing.assert_allclose(got, want, atol=2e-5)
     assert cache.lengths_B.tolist() == [12, 12]
     assert cache.bytes_per_token() == (K * H + kv_v * 6) * 4
@@ -62,7 +69,7 @@ def test_sink_window_ring_equals_full_attention_under_the_sink_window_mask():
         config=CacheConfig(policy="sink_window", sink=sink, window=window),
     )  # fmt: skip
     got, ring2 = _feed(ring, q, k, v, chunks)
-    want = dot_product_attention(q, k, v, mask=SinkWindow(sinks=sink, window=window))
+    want = _op(q, k, v, SinkWindow(sinks=sink, window=window))
     np.testing.assert_allclose(got, want, atol=2e-5)
     # constant memory: the same 8 slots and bytes per token however long the sequence
     assert ring2.k_BCKH.shape == ring.k_BCKH.shape == (B, sink + window, K, H)
@@ -74,7 +81,7 @@ def test_ring_key_positions_and_ragged_padding_is_not_stored():
     cfg = CacheConfig(policy="sink_window", sink=2, window=3)
     ring = KVCache.create(batch=2, capacity=1, num_kv_heads=1, head_dim=1, config=cfg)
     k = jnp.arange(2 * 7, dtype=jnp.float32).reshape(2, 7, 1, 1)
-    ring = ring.write(k, k, num_new_B=jnp.array([7, 3])).advance(jnp.array([7, 3]))
+    ring = jax.jit(lambda r, n: r.write(k, k, num_new_B=n).advance(n))(ring, jnp.array([7, 3]))
     # row 0 holds positions 0, 1 (sinks) and 4, 5, 6 in ring slots 2 + (p - 2) % 3
     np.testing.assert_array_equal(ring.key_positions_BC(), [[0, 1, 5, 6, 4], [0, 1, 2, -1, -1]])
     np.testing.assert_array_equal(ring.k_BCKH[0, :, 0, 0], [0, 1, 5, 6, 4])
@@ -94,7 +101,7 @@ def test_attention_runs_in_the_storage_dtype_without_casting_the_cache():
     assert not casts, casts  # nothing of the cache's [B, C, ...] shape is converted
     o, cache = jax.jit(lambda c: c.update_and_attend(q, k, v, **OP))(cache)
     assert o.dtype == jnp.float32 and cache.k_BCKH.dtype == jnp.bfloat16
-    want = dot_product_attention(q, k, v, mask=Causal(), implementation="xla")
+    want = _op(q, k, v, Causal())
     np.testing.assert_allclose(o, want, atol=5e-2)
 
 
