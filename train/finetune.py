@@ -3,8 +3,9 @@
 Starts from ``init_from``: a jaxattn run directory (or its ``checkpoints/``; the newest step's
 parameters and stored model config are used) or a Hugging Face checkpoint directory
 (``config.json`` + ``*.safetensors``, read by ``models.from_hf``). Which parameters train is
-set by the ``trainable`` / ``frozen`` path regexes (see ``train.optim``); frozen ones keep
-their values exactly and carry no optimizer state. The run itself (data, checkpoints, resume,
+set by the ``optimizer`` path rules (``"frozen:^embed/"``, ..., ``"adamw:.*"``; see
+``train.optim``); frozen ones keep their values exactly, get no gradient and carry no
+optimizer state. The run itself (data, checkpoints, resume,
 logs) is the same loop as pretraining, writing to its own run directory.
 
 The starting checkpoint is verified like every read (``train.checkpoints.restore_params``): a

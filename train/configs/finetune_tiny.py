@@ -11,7 +11,7 @@ from train.config import TrainConfig
 CONFIG = TrainConfig(
     name="mla-tiny-finetune",
     init_from="runs/mla-tiny-default",
-    frozen=(r"^embed/", r"^layers/0/"),
+    optimizer=(r"frozen:^embed/", r"frozen:^layers/0/", "adamw:.*"),
     steps=60,
     warmup_steps=6,
     lr=5e-4,
