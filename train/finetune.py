@@ -8,6 +8,12 @@ set by the ``optimizer`` path rules (``"frozen:^embed/"``, ..., ``"adamw:.*"``; 
 optimizer state. The run itself (data, checkpoints, resume,
 logs) is the same loop as pretraining, writing to its own run directory.
 
+The model may hold leaves the base lacks (adapters, via ``run(config, extend=...)``): every
+base leaf must be in the model with its shape and dtype, the others start fresh. Checkpoints
+of a fine-tuning run hold every leaf but the frozen base ones, plus a reference to the base
+(``meta["base"]``: ``init_from`` and a digest of its leaves); resuming reloads ``init_from``
+and refuses a base whose digest differs, and ``train.sample`` follows the reference.
+
 The starting checkpoint is verified like every read (``train.checkpoints.restore_params``): a
 corrupted one stops with ``checkpoint error:`` naming the step directory and parameters, and a
 missing, empty or non-run ``init_from`` with ``config error:``, before anything is created.
@@ -69,8 +75,14 @@ def load_init(source: str):
     return model.config, jax.tree.map(np.asarray, params)
 
 
-def run(config: TrainConfig) -> RunResult:
+def run(config: TrainConfig, *, extend=None) -> RunResult:
     """Finetune under ``config`` from ``config.init_from`` (resuming its own run if present).
+
+    Args:
+      config: the training config (``init_from``, ``optimizer`` rules, ...).
+      extend: optional ``extend(model)`` that changes each freshly built model in place
+        before training, e.g. ``lambda m: jaxattn.lowrank.attach(m, "attn/q$", make)``; the
+        leaves it adds start fresh, every base leaf must still be there with its shape.
 
     Returns:
       The :class:`train.loop.RunResult`.
@@ -78,6 +90,14 @@ def run(config: TrainConfig) -> RunResult:
     setup_distributed(config)
     model_config, params = load_init(config.init_from)
     model_config, model_fn = build_model(config, model_config)
+    if extend is not None:
+        base_fn = model_fn
+
+        def model_fn():
+            model = base_fn()
+            extend(model)
+            return model
+
     result = train_loop(config, model_fn, model_config=model_config, init_params=params)
     finish(result, config)
     return result
