@@ -10,7 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from train_testlib import tiny_config
+from train_testlib import TINY_MODEL, tiny_config
 
 from train.loop import call_length, train_loop
 from train.pretrain import build_model
@@ -80,3 +80,27 @@ def test_multi_step_calls_resume_bit_identical_and_match_single_steps(tmp_path):
     )
     diff = jax.tree.map(lambda x, y: np.max(np.abs(x - y)), _params(straight), _params(single))
     assert max(jax.tree.leaves(diff)) < 1e-5
+
+
+def test_dropout_run_resumes_bit_identical(tmp_path):
+    """With attention and residual dropout each step's key comes from the saved state: a run
+    resumed from its checkpoint draws the same masks and ends with the same bits."""
+    from train.data import make_loaders
+
+    dropout = TINY_MODEL + ("attention_dropout=0.2", "residual_dropout=0.2")
+    config = tiny_config(tmp_path, steps=4, log_every=2, ckpt_every=2, steps_per_call=1,
+                         async_checkpoint=False, model_overrides=dropout)  # fmt: skip
+    model_config, model_fn = build_model(config)
+    straight = train_loop(config, model_fn, model_config=model_config)
+    final = _params(straight)
+    shutil.rmtree(os.path.join(config.out_dir, "checkpoints", "4"))
+    resumed = train_loop(config, model_fn, model_config=model_config)
+    assert resumed.start_step == 2
+    for x, y in zip(jax.tree.leaves(final), jax.tree.leaves(_params(resumed)), strict=True):
+        assert np.array_equal(x, y)
+    # dropout is on: the train loss of a batch differs from its deterministic eval loss
+    trainer, batch = straight.trainer, make_loaders(config)[0].batch(0)
+    state, rest = trainer.init()
+    nll, weight = trainer.eval_step(state["params"], rest, trainer.put_batch(batch))
+    _, metrics = trainer.train_step(state, rest, trainer.put_batch(batch))
+    assert abs(float(metrics["loss"]) - float(nll) / float(weight)) > 1e-4
