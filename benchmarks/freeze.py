@@ -11,8 +11,9 @@ first block saves less than training the last.
 
 Rows: median seconds per step over ``--rounds`` rounds (the variants alternate in each round,
 so a slow spell of a shared machine hits all alike), its ratio to full training and the
-range of the per-round ratios, and the compiled step's memory (``memory_analysis()``: the
-arguments, i.e. parameters + optimizer state + batch, and the temporaries).
+range of the per-round ratios, XLA's FLOP count of the compiled step (``cost_analysis()``)
+and its memory (``memory_analysis()``: the arguments, i.e. parameters + optimizer state +
+batch, and the temporaries).
 
 Usage: ``python -m benchmarks.freeze [--batch 16] [--seq 128] [--steps 10] [--rounds 5]``
 """
@@ -58,9 +59,12 @@ def runner(model_config, rules, batch, seq, tokens_N, steps_per_call):
 
     compiled = trainer.train_steps.lower(state, rest, batches(steps_per_call)).compile()
     stats = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
     memory = {
         "argument": stats.argument_size_in_bytes if stats else float("nan"),
         "temp": stats.temp_size_in_bytes if stats else float("nan"),
+        "flops": (cost or {}).get("flops", float("nan")) / steps_per_call,
     }
 
     def run(n: int) -> float:
@@ -114,15 +118,17 @@ def main(argv=None) -> None:
         f" steps per call; median of {args.rounds} rounds of {args.steps} steps, variants "
         f"alternating; XLA CPU tuning {'on' if tuned else 'off'}"
     )
-    print(f"| {'variant':26s} | {'trainable':>9s} | {'ms/step':>8s} | {'vs full':>7s} "
-          f"| {'per round':>11s} | {'args MB':>7s} | {'temp MB':>7s} |")  # fmt: skip
-    print(f"|{'-' * 28}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 13}|{'-' * 9}|{'-' * 9}|")
+    heads = [("variant", 26), ("trainable", 9), ("ms/step", 8), ("vs full", 7),
+             ("per round", 11), ("GFLOP/step", 10), ("args MB", 7), ("temp MB", 7)]  # fmt: skip
+    print("| " + " | ".join(f"{h:{'>' if i else '<'}{w}s}" for i, (h, w) in enumerate(heads)) + " |")
+    print("|" + "|".join("-" * (w + 2) for _, w in heads) + "|")
     for name, (_, memory, trainable) in runners.items():
         ratios = [t / f for t, f in zip(times[name], full, strict=True)]
         print(
             f"| {name:26s} | {trainable / 1e6:8.2f}M | {statistics.median(times[name]) * 1e3:8.1f}"
             f" | {statistics.median(times[name]) / statistics.median(full):7.2f} "
-            f"| {min(ratios):.2f}-{max(ratios):.2f}   | {memory['argument'] / 1e6:7.1f} "
+            f"| {min(ratios):.2f}-{max(ratios):.2f}   | {memory['flops'] / 1e9:10.2f} "
+            f"| {memory['argument'] / 1e6:7.1f} "
             f"| {memory['temp'] / 1e6:7.1f} |"
         )
 

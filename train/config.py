@@ -22,7 +22,6 @@ import typing
 __all__ = [
     "ConfigError",
     "TrainConfig",
-    "split_list",
     "load_config",
     "apply_overrides",
     "config_from_argv",
@@ -165,8 +164,6 @@ class TrainConfig:
             raise ConfigError(f"clip_norm={self.clip_norm} must be > 0 (global-norm clipping)")
         if not self.weight_decay >= 0:
             raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
-        if not self.optimizer:
-            raise ConfigError('optimizer=() has no rule; e.g. optimizer=("adamw:.*",)')
         from train.optim import parse_rule  # syntax and regexes; names are checked at build
 
         for rule in self.optimizer:
@@ -216,7 +213,7 @@ class TrainConfig:
         return shape
 
 
-def split_list(text: str) -> list[str]:
+def _split_list(text: str) -> list[str]:
     """``text`` split at the commas outside brackets: ``"galore(rank=4,scale=1):a{1,2},b"``
     gives ``["galore(rank=4,scale=1):a{1,2}", "b"]``."""
     parts, depth, start = [], 0, 0
@@ -239,7 +236,7 @@ def _parse_value(key: str, text: str, kind) -> object:
         if kind in (int, float, str):
             return kind(text)
         if typing.get_origin(kind) is tuple:
-            return tuple(part for part in split_list(text) if part)
+            return tuple(part for part in _split_list(text) if part)
     except ValueError as err:
         raise ConfigError(f"--set {key}={text!r}: {err}") from None
     raise ConfigError(f"--set {key}: fields of type {kind} cannot be set from the command line")
