@@ -120,7 +120,8 @@ def main(argv=None) -> None:
     )
     heads = [("variant", 26), ("trainable", 9), ("ms/step", 8), ("vs full", 7),
              ("per round", 11), ("GFLOP/step", 10), ("args MB", 7), ("temp MB", 7)]  # fmt: skip
-    print("| " + " | ".join(f"{h:{'>' if i else '<'}{w}s}" for i, (h, w) in enumerate(heads)) + " |")
+    cells = [f"{h:{'>' if i else '<'}{w}s}" for i, (h, w) in enumerate(heads)]
+    print("| " + " | ".join(cells) + " |")
     print("|" + "|".join("-" * (w + 2) for _, w in heads) + "|")
     for name, (_, memory, trainable) in runners.items():
         ratios = [t / f for t, f in zip(times[name], full, strict=True)]
