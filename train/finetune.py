@@ -8,8 +8,10 @@ set by the ``optimizer`` path rules (``"frozen:^embed/"``, ..., ``"adamw:.*"``; 
 optimizer state. The run itself (data, checkpoints, resume,
 logs) is the same loop as pretraining, writing to its own run directory.
 
-The model may hold leaves the base lacks (adapters, via ``run(config, extend=...)``): every
-base leaf must be in the model with its shape and dtype, the others start fresh. Checkpoints
+The model may hold adapter leaves (``jaxattn.layers.AdapterParam``) the base lacks, attached
+via ``run(config, extend=...)``: every base leaf must be in the model with its shape and dtype,
+the adapters start fresh, and any other leaf the base lacks is an error (a model override that
+adds a layer is a mistake, not a fine-tune). Checkpoints
 of a fine-tuning run hold every leaf but the frozen base ones, plus a reference to the base
 (``meta["base"]``: ``init_from`` and a digest of its leaves); resuming reloads ``init_from``
 and refuses a base whose digest differs, and ``train.sample`` follows the reference.
@@ -82,7 +84,7 @@ def run(config: TrainConfig, *, extend=None) -> RunResult:
       config: the training config (``init_from``, ``optimizer`` rules, ...).
       extend: optional ``extend(model)`` that changes each freshly built model in place
         before training, e.g. ``lambda m: jaxattn.lowrank.attach(m, "attn/q$", make)``; the
-        leaves it adds start fresh, every base leaf must still be there with its shape.
+        adapter leaves it adds start fresh, every base leaf must still be there with its shape.
 
     Returns:
       The :class:`train.loop.RunResult`.

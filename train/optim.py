@@ -73,12 +73,14 @@ class ParamInfo:
       axes: its logical axis names (None where unannotated), one per dim.
       fan_in_axes: how many leading dims are inputs (``Linear`` records it on its kernel;
         otherwise 1 for a leaf with >= 2 dims, 0 for a vector or scalar).
+      kind: the NNX variable type (``nnx.Param``, ``jaxattn.layers.AdapterParam``, ...).
     """
 
     path: str
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
     fan_in_axes: int
+    kind: type = object
 
     @property
     def fan_in(self) -> int:
@@ -203,7 +205,7 @@ def param_infos(abstract_params) -> dict[str, ParamInfo]:
         axes = tuple(meta.get("out_sharding") or (None,) * len(shape))
         fan_in_axes = meta.get("fan_in_axes", 1 if len(shape) >= 2 else 0)
         key = path_string(path)
-        infos[key] = ParamInfo(key, shape, axes, int(fan_in_axes))
+        infos[key] = ParamInfo(key, shape, axes, int(fan_in_axes), type(var))
     return infos
 
 

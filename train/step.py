@@ -118,6 +118,7 @@ class Trainer:
       batch_sharding: NamedSharding of ``[B, T]`` batch arrays.
       trainable: the paths of the trainable parameters (``config.optimizer``'s non-frozen
         rules); ``opt_state`` covers these only.
+      param_infos: every parameter's ``train.optim.ParamInfo`` by path.
     """
 
     graphdef: nnx.GraphDef
@@ -134,6 +135,7 @@ class Trainer:
     train_steps: Callable
     steps_sharding: NamedSharding
     trainable: frozenset = frozenset()
+    param_infos: dict = dataclasses.field(default_factory=dict)
 
     def put_batch(self, local_batch: dict) -> dict:
         """Global arrays from this host's rows of a batch (numpy, [B_local, T])."""
@@ -175,7 +177,8 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
     )
     replicated = NamedSharding(mesh, PartitionSpec())
     rest_sh = jax.tree.map(lambda _: replicated, _pure(abs_rest))
-    optimizer, trainable = make_optimizer(config, param_infos(abs_params))
+    infos = param_infos(abs_params)
+    optimizer, trainable = make_optimizer(config, infos)
     abs_params = _pure(abs_params)
     abs_opt = jax.eval_shape(optimizer.init, split_params(abs_params, trainable)[0])
     state_sh = {
@@ -308,4 +311,5 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
         ),
         steps_sharding=micro_sh,
         trainable=frozenset(trainable),
+        param_infos=infos,
     )
