@@ -19,7 +19,8 @@ gradients before the rules' transforms.
 Bad rules raise :class:`train.config.ConfigError` naming the ``optimizer`` field: a rule that
 does not parse, an unknown factory (the registered names, with close matches), factory
 arguments the factory does not take, a regex matching no parameter (close paths listed) or
-only parameters earlier rules took, a parameter no rule takes, or no trainable parameter.
+only parameters earlier rules took (a catch-all matching every parameter may take none), a
+parameter no rule takes, or no trainable parameter.
 """
 
 from __future__ import annotations
@@ -235,7 +236,8 @@ def assign_rules(rules, paths) -> dict[str, OptimizerRule]:
                 f"optimizer rule {i} {rule.text!r} matches no parameter; close matches: "
                 f"{close}; paths look like {paths[:4]}"
             )
-        if not any(taken.get(p) is rule for p in hits):
+        # a rule shadowed by earlier ones is a mistake, unless it is a catch-all
+        if not any(taken.get(p) is rule for p in hits) and len(hits) < len(paths):
             raise _error(
                 f"optimizer rule {i} {rule.text!r} matches only parameters that earlier rules "
                 f"take (e.g. {hits[0]!r} takes {taken[hits[0]].text!r}); reorder or drop it"
