@@ -4,6 +4,9 @@ Run the default pretraining first (it writes runs/mla-tiny-default), then:
     python -m train.finetune --config train/configs/finetune_tiny.py
 A Hugging Face checkpoint directory works too:
     python -m train.finetune --config train/configs/finetune_tiny.py --set init_from=/path/to/hf
+Other optimizers by path (first match wins; see train.optim, train.optimizers):
+    python -m train.finetune --config train/configs/finetune_tiny.py \
+        --set "optimizer=frozen:^embed/,galore(rank=16,update_proj_gap=50):/mlp/,adamw:.*"
 """
 
 from train.config import TrainConfig
