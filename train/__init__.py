@@ -8,7 +8,8 @@ Modules
   config        TrainConfig, config files under train/configs, --set overrides, --help keys
   data          byte tokenizer, built-in corpus, associative recall, resumable loaders
   step          sharded train state, jitted train/eval steps (non-finite skip inside)
-  optim         AdamW + warmup/cosine, clipping, trainable/frozen path patterns
+  optim         optimizers by ordered path rules over named factories; trainable split
+  optimizers    the built-in factories: adamw, lion, sgd, frozen, galore, fira
   checkpoints   Orbax CheckpointManager: verified restores, bad steps skipped in place
   integrity     per-leaf checksums, verification naming the bad leaves
   resume        what a start finds in run_dir: fresh, continue, refuse, overwrite

@@ -17,7 +17,6 @@ import difflib
 import importlib
 import importlib.util
 import os
-import re
 import typing
 
 __all__ = [
@@ -89,9 +88,9 @@ class TrainConfig:
     steps_per_call: int = 10
     # a step with a non-finite loss / gradient norm / update: "stop" the run or "skip" the step
     nonfinite: str = "stop"
-    # parameters trained / frozen by path regex (finetuning; see train.optim)
-    trainable: tuple[str, ...] = (".*",)
-    frozen: tuple[str, ...] = ()
+    # ordered "factory(args):path-regex" rules; the first match picks each parameter's
+    # optimizer, "frozen" ones do not train (see train.optim, train.optimizers)
+    optimizer: tuple[str, ...] = ("adamw:.*",)
     init_from: str = ""
     # mesh
     mesh_data: int = -1
@@ -165,12 +164,10 @@ class TrainConfig:
             raise ConfigError(f"clip_norm={self.clip_norm} must be > 0 (global-norm clipping)")
         if not self.weight_decay >= 0:
             raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
-        for key in ("trainable", "frozen"):
-            for pattern in getattr(self, key):
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise ConfigError(f"{key} pattern {pattern!r} is not a regex: {err}") from None
+        from train.optim import parse_rule  # syntax and regexes; names are checked at build
+
+        for rule in self.optimizer:
+            parse_rule(rule)
         if self.sample_tokens < 0:
             raise ConfigError(f"sample_tokens={self.sample_tokens} must be >= 0")
         if any(not p for p in self.sample_prompts):
@@ -216,6 +213,18 @@ class TrainConfig:
         return shape
 
 
+def _split_list(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets: ``"galore(rank=4,scale=1):a{1,2},b"``
+    gives ``["galore(rank=4,scale=1):a{1,2}", "b"]``."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += 1 if char in "([{" else -1 if char in ")]}" else 0
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]] if text else []
+
+
 def _parse_value(key: str, text: str, kind) -> object:
     """Parse ``text`` as a value of the type ``kind`` of field ``key``."""
     try:
@@ -227,7 +236,7 @@ def _parse_value(key: str, text: str, kind) -> object:
         if kind in (int, float, str):
             return kind(text)
         if typing.get_origin(kind) is tuple:
-            return tuple(part for part in text.split(",") if part) if text else ()
+            return tuple(part for part in _split_list(text) if part)
     except ValueError as err:
         raise ConfigError(f"--set {key}={text!r}: {err}") from None
     raise ConfigError(f"--set {key}: fields of type {kind} cannot be set from the command line")
@@ -311,7 +320,7 @@ def _type_name(kind) -> str:
 def fields_help() -> str:
     """Every ``--set`` key with its type, default and choices (generated from the dataclass)."""
     hints = typing.get_type_hints(TrainConfig)
-    lines = ["--set keys (KEY=VALUE; lists are comma-separated):"]
+    lines = ["--set keys (KEY=VALUE; lists are comma-separated, commas in brackets kept):"]
     for field in dataclasses.fields(TrainConfig):
         default = field.default
         if isinstance(default, tuple):

@@ -3,9 +3,18 @@
 Starts from ``init_from``: a jaxattn run directory (or its ``checkpoints/``; the newest step's
 parameters and stored model config are used) or a Hugging Face checkpoint directory
 (``config.json`` + ``*.safetensors``, read by ``models.from_hf``). Which parameters train is
-set by the ``trainable`` / ``frozen`` path regexes (see ``train.optim``); frozen ones keep
-their values exactly and carry no optimizer state. The run itself (data, checkpoints, resume,
+set by the ``optimizer`` path rules (``"frozen:^embed/"``, ..., ``"adamw:.*"``; see
+``train.optim``); frozen ones keep their values exactly, get no gradient and carry no
+optimizer state. The run itself (data, checkpoints, resume,
 logs) is the same loop as pretraining, writing to its own run directory.
+
+The model may hold adapter leaves (``jaxattn.layers.AdapterParam``) the base lacks, attached
+via ``run(config, extend=...)``: every base leaf must be in the model with its shape and dtype,
+the adapters start fresh, and any other leaf the base lacks is an error (a model override that
+adds a layer is a mistake, not a fine-tune). Checkpoints
+of a fine-tuning run hold every leaf but the frozen base ones, plus a reference to the base
+(``meta["base"]``: ``init_from`` and a digest of its leaves); resuming reloads ``init_from``
+and refuses a base whose digest differs, and ``train.sample`` follows the reference.
 
 The starting checkpoint is verified like every read (``train.checkpoints.restore_params``): a
 corrupted one stops with ``checkpoint error:`` naming the step directory and parameters, and a
@@ -68,8 +77,14 @@ def load_init(source: str):
     return model.config, jax.tree.map(np.asarray, params)
 
 
-def run(config: TrainConfig) -> RunResult:
+def run(config: TrainConfig, *, extend=None) -> RunResult:
     """Finetune under ``config`` from ``config.init_from`` (resuming its own run if present).
+
+    Args:
+      config: the training config (``init_from``, ``optimizer`` rules, ...).
+      extend: optional ``extend(model)`` that changes each freshly built model in place
+        before training, e.g. ``lambda m: jaxattn.lowrank.attach(m, "attn/q$", make)``; the
+        adapter leaves it adds start fresh, every base leaf must still be there with its shape.
 
     Returns:
       The :class:`train.loop.RunResult`.
@@ -77,6 +92,14 @@ def run(config: TrainConfig) -> RunResult:
     setup_distributed(config)
     model_config, params = load_init(config.init_from)
     model_config, model_fn = build_model(config, model_config)
+    if extend is not None:
+        base_fn = model_fn
+
+        def model_fn():
+            model = base_fn()
+            extend(model)
+            return model
+
     result = train_loop(config, model_fn, model_config=model_config, init_params=params)
     finish(result, config)
     return result

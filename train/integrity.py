@@ -38,6 +38,7 @@ __all__ = [
     "one_line",
     "tree_signature",
     "describe_mismatch",
+    "tree_digest",
 ]
 
 
@@ -256,3 +257,13 @@ def describe_mismatch(saved: dict, wanted: dict, limit: int = 6) -> str:
     if shapes:
         parts.append(f"different shape/dtype: {_some(shapes, limit)}")
     return "; ".join(parts)
+
+
+def tree_digest(tree) -> str:
+    """sha256 (hex) over every leaf's path and checksum: names one exact set of parameters
+    (a fine-tuning checkpoint's reference to its base)."""
+    import hashlib
+    import json
+
+    sums, _ = leaf_checksums(tree)
+    return hashlib.sha256(json.dumps(sorted(sums.items())).encode()).hexdigest()

@@ -31,8 +31,10 @@ import jax
 import numpy as np
 
 from train.checkpoints import Checkpointer, config_to_json, sync_processes
+from train.config import ConfigError
+from train.integrity import tree_digest
 from train.metrics import MetricsWriter, flops_per_token, peak_flops, progress_line
-from train.optim import lr_schedule
+from train.optim import lr_schedule, merge_params, path_string, split_params
 from train.resume import clear_run
 from train.setup import Setup, prepare, setup_distributed
 from train.step import Trainer
@@ -153,20 +155,67 @@ def _nonfinite_message(step: int, values: dict, ckpt: Checkpointer) -> str:
     )
 
 
-def _start(config, setup: Setup, ckpt: Checkpointer, init_params):
+@dataclasses.dataclass(frozen=True)
+class _Base:
+    """A fine-tuning run's base: its frozen leaves (``params``, host) are not saved again;
+    checkpoints hold the other leaves and ``reference`` (where the base came from and a
+    digest of every base leaf's checksum), verified against the base loaded at resume."""
+
+    params: dict
+    reference: dict
+    paths: frozenset  # of ``params``
+
+    @classmethod
+    def of(cls, config, init_params, trainer) -> _Base:
+        paths = set(_flat_keys(init_params))
+        reference = {"init_from": os.path.abspath(config.init_from or "."),
+                     "digest": tree_digest(init_params), "leaves": len(paths)}  # fmt: skip
+        frozen_base = paths - trainer.trainable
+        return cls(split_params(init_params, frozen_base)[0], reference, frozenset(frozen_base))
+
+    def saved(self, state: dict) -> dict:
+        """``state`` with the frozen base leaves left out (what a checkpoint holds)."""
+        return {**state, "params": split_params(state["params"], self.paths)[1]}
+
+
+def _flat_keys(tree) -> list[str]:
+    return [path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _start(config, setup: Setup, ckpt: Checkpointer, init_params, base: _Base | None):
     """The state to start from (restored, given, or fresh) and the step it is at."""
     trainer, plan = setup.trainer, setup.plan
     state, rest = trainer.init()
     restored = None
+    abstract, shardings = trainer.abstract_state, trainer.state_shardings
+    if base is not None:
+        abstract, shardings = base.saved(abstract), base.saved(shardings)
     if plan.kind == "continue":
-        restored = ckpt.restore(trainer.abstract_state, trainer.state_shardings)
+        restored = ckpt.restore(abstract, shardings)
         if restored is None and plan.saved_step is not None:
             say(f"no usable checkpoint in {ckpt.directory}; training again from step 0")
     if restored is not None:
         state, meta = restored
+        if base is not None:
+            saved_ref = meta.get("base", {})
+            if saved_ref.get("digest") != base.reference["digest"]:
+                raise ConfigError(
+                    f"init_from={config.init_from!r} is not the base this fine-tuning run "
+                    f"started from (checkpoint step {meta['step']} references "
+                    f"{saved_ref.get('init_from')!r} with digest {saved_ref.get('digest')}, "
+                    f"init_from now has digest {base.reference['digest']}); restore that base "
+                    "or start a new run_dir"
+                )
+            frozen_sh = split_params(trainer.state_shardings["params"], base.paths)[0]
+            state["params"] = merge_params(state["params"], _place(base.params, frozen_sh))
         say(f"resumed at step {meta['step']} from {ckpt.directory}")
     elif init_params is not None:
-        state["params"] = _place(init_params, trainer.state_shardings["params"])
+        paths = set(_flat_keys(init_params))
+        fresh, _ = split_params(state["params"], set(_flat_keys(state["params"])) - paths)
+        if fresh:
+            say(f"parameters not in init_from start fresh: {', '.join(_flat_keys(fresh))}")
+        given_sh = split_params(trainer.state_shardings["params"], paths)[0]
+        state["params"] = merge_params(fresh, _place(init_params, given_sh))
     return state, rest, int(state["step"])
 
 
@@ -208,7 +257,8 @@ def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunR
     )
     writer = None
     try:
-        state, rest, start = _start(config, setup, ckpt, init_params)
+        base = None if init_params is None else _Base.of(config, init_params, trainer)
+        state, rest, start = _start(config, setup, ckpt, init_params, base)
         resumed = plan.kind == "continue"
         writer = MetricsWriter(
             run_dir, tensorboard=config.tensorboard, purge_step=start if resumed else None
@@ -220,7 +270,9 @@ def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunR
         if jax.process_index() == 0 and not os.path.exists(config_path):
             with open(config_path, "w") as f:  # the run's first config; never rewritten
                 json.dump(dataclasses.asdict(config), f, indent=1)
-        state, eval_loss = _train(config, setup, ckpt, writer, state, rest, start, model_config)
+        state, eval_loss = _train(
+            config, setup, ckpt, writer, state, rest, start, model_config, base
+        )
     finally:
         ckpt.close()
         if writer is not None:
@@ -236,7 +288,7 @@ def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunR
     )
 
 
-def _train(config, setup, ckpt, writer, state, rest, start, model_config):
+def _train(config, setup, ckpt, writer, state, rest, start, model_config, base):
     """The loop proper: steps, checks, logs, evals, saves. Returns the final state and loss."""
     trainer, eval_data, train_data = setup.trainer, setup.eval_data, setup.train_data
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
@@ -258,6 +310,8 @@ def _train(config, setup, ckpt, writer, state, rest, start, model_config):
         "config": dataclasses.asdict(config),
         "model_config": config_to_json(model_config),
     }
+    if base is not None:
+        meta["base"] = base.reference
     tokens_per_step = config.batch_size * config.seq_len
     unchecked, interval, skipped = [], [], 0
     timed_tokens, t_last, eval_loss = 0, time.time(), math.nan
@@ -319,7 +373,8 @@ def _train(config, setup, ckpt, writer, state, rest, start, model_config):
             writer.write(done, "eval", {"loss": eval_loss, "perplexity": math.exp(eval_loss)})
             say(f"eval step {done}: loss {eval_loss:.4f}  perplexity {math.exp(eval_loss):.2f}")
             timed_tokens, t_last = 0, time.time()
-        if ckpt.save(done, state, {**meta, "data_step": done}, force=done == config.steps):
+        saved = state if base is None else base.saved(state)
+        if ckpt.save(done, saved, {**meta, "data_step": done}, force=done == config.steps):
             timed_tokens, t_last = 0, time.time()  # the save's host copy is not training time
     if start >= config.steps:
         eval_loss = evaluate(trainer, state["params"], rest, eval_data, config.eval_batches)

@@ -20,6 +20,7 @@ from flax import nnx
 
 from train.cli import guarded
 from train.data import ByteTokenizer
+from train.optim import path_string
 from train.platform import configure_cpu
 
 __all__ = ["sample_texts", "load_model", "resolve_checkpoint", "main"]
@@ -133,7 +134,11 @@ def load_model(checkpoint: str, step: int | None = None):
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: DecoderLM(model_config, rngs=nnx.Rngs(0)))
     graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
-    params, meta = restore_params(checkpoint, nnx.to_pure_dict(abs_params), step=meta["step"])
+    abs_params = nnx.to_pure_dict(abs_params)
+    if "base" in meta:  # a fine-tuning checkpoint: its trainable leaves + a reference
+        params, meta = _restore_finetuned(checkpoint, abs_params, meta)
+    else:
+        params, meta = restore_params(checkpoint, abs_params, step=meta["step"])
 
     @jax.jit
     def fresh_rest():  # non-parameter state (rng streams, tables); params are dead code here
@@ -142,6 +147,40 @@ def load_model(checkpoint: str, step: int | None = None):
         return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
 
     return nnx.merge(graphdef, params, fresh_rest()), meta
+
+
+def _restore_finetuned(checkpoint: str, abs_params: dict, meta: dict):
+    """A fine-tuning checkpoint's leaves merged over its base (``meta["base"]``), verified.
+
+    Raises:
+      CheckpointError: the base is missing or is not the one the run started from.
+      ValueError: the checkpoint holds leaves the model config does not build (adapters
+        attached in code), named.
+    """
+    from train.checkpoints import CheckpointError, restore_params
+    from train.finetune import load_init
+    from train.integrity import tree_digest
+    from train.optim import merge_params, split_params
+
+    ref, stored = meta["base"], set(meta["leaf_checksums"]["params"])
+    where = f"{checkpoint} step {meta['step']}"
+    known = set(path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(abs_params))
+    if stored - known:
+        raise ValueError(f"{where} holds parameters its model config does not build (adapters "
+                         f"attached in code?): {sorted(stored - known)[:6]}")  # fmt: skip
+    try:
+        _, base = load_init(ref["init_from"])
+    except Exception as err:  # noqa: BLE001 - the reference cannot be followed
+        msg = f"{where}: its base {ref['init_from']!r} cannot be read ({err})"
+        raise CheckpointError(msg) from None
+    if tree_digest(base) != ref["digest"]:
+        raise CheckpointError(
+            f"{where}: its base {ref['init_from']!r} changed since the run started (digest "
+            f"{tree_digest(base)} != {ref['digest']})"
+        )
+    own, meta = restore_params(checkpoint, split_params(abs_params, stored)[0], step=meta["step"])
+    base = jax.device_put(split_params(base, known - stored)[0], jax.devices()[0])
+    return merge_params(own, base), meta
 
 
 def _check_args(args) -> None:

@@ -4,7 +4,9 @@
 the model (built, and its forward pass traced on one batch, so errors a model raises only
 when called surface before anything exists), the optimizer's path patterns, the data
 (exists, is integer token ids inside the vocabulary, holds one batch and one held-out
-window), ``init_params`` against the model, and the run directory
+window), ``init_params`` against the model (each of its leaves must be in the model with its
+shape and dtype; the model's adapter leaves, ``AdapterParam``, it lacks start fresh, any
+other leaf it lacks is an error), and the run directory
 (:func:`train.resume.plan_run`). Each failure is a :class:`train.config.ConfigError` naming
 the config field and what was expected.
 """
@@ -122,9 +124,15 @@ def prepare(config, model_fn, *, model_config=None, init_params=None) -> Setup:
     train_data, eval_data = make_loaders(config, jax.process_index(), jax.process_count())
     _check_vocab(config, model_config, train_data, eval_data)
     if init_params is not None:
-        mismatch = describe_mismatch(
-            tree_signature(init_params), tree_signature(trainer.abstract_state["params"])
-        )
+        from jaxattn.layers import AdapterParam
+
+        base = tree_signature(init_params)
+        model = tree_signature(trainer.abstract_state["params"])
+        # strict on the base: each of its leaves is in the model with its shape and dtype;
+        # the model's adapter leaves it lacks keep their fresh initialisation
+        adapters = {p for p, i in trainer.param_infos.items() if issubclass(i.kind, AdapterParam)}
+        wanted = {k: v for k, v in model.items() if k in base or k not in adapters}
+        mismatch = describe_mismatch(base, wanted)
         if mismatch:
             raise ConfigError(
                 f"init_from={config.init_from!r} holds other parameters than the model "

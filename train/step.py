@@ -10,6 +10,8 @@ plain pytree::
 
 ``params`` is a pure dict (``nnx.to_pure_dict``); each leaf is placed by the logical-axis rules
 of ``jaxattn.sharding``, and optimizer moments are placed like the parameter they track.
+``opt_state`` covers only the trainable parameters (``config.optimizer``, see ``train.optim``):
+the step differentiates the loss w.r.t. those alone, frozen ones enter as constants.
 Non-parameter model state (``rest``: rng streams, constant tables) is replicated and untrained.
 
 Every step reports ``finite``: whether its loss, gradient norm and updated parameters are all
@@ -34,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxattn.sharding import logical_sharding, logical_to_spec
 from train.integrity import all_finite
-from train.optim import make_optimizer, path_string
+from train.optim import make_optimizer, merge_params, param_infos, path_string, split_params
 
 __all__ = ["Trainer", "auto_mesh", "make_trainer", "token_loss_sums"]
 
@@ -59,18 +61,21 @@ def _names_tree(abstract_params) -> dict:
     return tree
 
 
-def _like_params(tree, param_shardings: dict, mesh) -> object:
+def _like_params(tree, param_shardings: dict, abstract_params: dict, mesh) -> object:
     """Shardings for an optimizer-state-like ``tree``: a leaf whose path ends with a parameter's
-    path and has its shape gets that parameter's sharding; everything else is replicated."""
-    by_path = {path_string(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
+    path and has that parameter's shape gets its sharding (Adam moments); everything else
+    (counts, GaLore's projected moments and projectors, of other shapes) is replicated."""
+    leaves = jax.tree_util.tree_leaves_with_path
+    shapes = {path_string(p): tuple(x.shape) for p, x in leaves(abstract_params)}
+    by_path = {path_string(p): s for p, s in leaves(param_shardings)}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def pick(path, leaf):
         parts = path_string(path).split("/")
         for i in range(len(parts)):
-            sharding = by_path.get("/".join(parts[i:]))
-            if sharding is not None and len(sharding.spec) == leaf.ndim:
-                return sharding
+            key = "/".join(parts[i:])
+            if key in by_path and shapes[key] == tuple(leaf.shape):
+                return by_path[key]
         return replicated
 
     return jax.tree_util.tree_map_with_path(pick, tree)
@@ -111,6 +116,9 @@ class Trainer:
         one call per step spends ~55K page faults per step on it; n steps share them.
       eval_step: ``(params, rest, batch) -> (nll_sum, weight_sum)``.
       batch_sharding: NamedSharding of ``[B, T]`` batch arrays.
+      trainable: the paths of the trainable parameters (``config.optimizer``'s non-frozen
+        rules); ``opt_state`` covers these only.
+      param_infos: every parameter's ``train.optim.ParamInfo`` by path.
     """
 
     graphdef: nnx.GraphDef
@@ -126,6 +134,8 @@ class Trainer:
     eval_step: Callable
     train_steps: Callable
     steps_sharding: NamedSharding
+    trainable: frozenset = frozenset()
+    param_infos: dict = dataclasses.field(default_factory=dict)
 
     def put_batch(self, local_batch: dict) -> dict:
         """Global arrays from this host's rows of a batch (numpy, [B_local, T])."""
@@ -167,12 +177,13 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
     )
     replicated = NamedSharding(mesh, PartitionSpec())
     rest_sh = jax.tree.map(lambda _: replicated, _pure(abs_rest))
+    infos = param_infos(abs_params)
+    optimizer, trainable = make_optimizer(config, infos)
     abs_params = _pure(abs_params)
-    optimizer = make_optimizer(config, abs_params)
-    abs_opt = jax.eval_shape(optimizer.init, abs_params)
+    abs_opt = jax.eval_shape(optimizer.init, split_params(abs_params, trainable)[0])
     state_sh = {
         "params": param_sh,
-        "opt_state": _like_params(abs_opt, param_sh, mesh),
+        "opt_state": _like_params(abs_opt, param_sh, abs_params, mesh),
         "step": replicated,
         "rng": replicated,
     }
@@ -190,13 +201,15 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
         key = jax.random.key_data(jax.random.key(config.seed))
         state = {
             "params": params,
-            "opt_state": optimizer.init(params),
+            "opt_state": optimizer.init(split_params(params, trainable)[0]),
             "step": jnp.zeros((), jnp.int32),
             "rng": key,
         }
         return state, _pure(rest)
 
-    def loss_sums(params, rest, batch, rng=None):
+    def loss_sums(params, rest, batch, rng=None, frozen=None):
+        if frozen:  # differentiated w.r.t. the trainable part only
+            params = merge_params(params, frozen)
         if compute_dtype != jnp.float32:  # bf16 compute, fp32 master weights
             params = jax.tree.map(
                 lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
@@ -212,11 +225,13 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
     def train_step(state, rest, batch):
-        params = state["params"]
+        # gradients, their norm and the optimizer see only the trainable leaves: frozen
+        # weights enter as constants, so XLA computes no weight gradient for them
+        params, frozen = split_params(state["params"], trainable)
         # a fresh key per step for the model's stochastic layers; [0] is carried to the next step
         step_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))[1]
         if accum == 1:
-            (nll, weight), grads = grad_fn(params, rest, batch, step_key)
+            (nll, weight), grads = grad_fn(params, rest, batch, step_key, frozen)
         else:
 
             def split(x_BT):  # row r = b * accum + a goes to micro-batch a
@@ -227,7 +242,7 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
             def body(carry, micro_index):
                 micro, a = micro_index
                 key = jax.random.fold_in(step_key, a)
-                (nll, weight), grads = grad_fn(params, rest, micro, key)
+                (nll, weight), grads = grad_fn(params, rest, micro, key, frozen)
                 return jax.tree.map(jnp.add, carry, (nll, weight, grads)), None
 
             zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
@@ -244,7 +259,7 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
             new_params = jax.tree.map(keep, new_params, params)
             opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
         new_state = {
-            "params": new_params,
+            "params": merge_params(new_params, frozen),
             "opt_state": opt_state,
             "step": state["step"] + 1,
             "rng": jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0]),
@@ -295,4 +310,6 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
             donate_argnums=0,
         ),
         steps_sharding=micro_sh,
+        trainable=frozenset(trainable),
+        param_infos=infos,
     )

@@ -47,9 +47,11 @@ def test_bad_overrides_name_the_key(overrides, message):
 def test_overrides_parse_by_field_type():
     c = apply_overrides(
         TrainConfig(),
-        ["steps=7", "lr=0.5", "tensorboard=false", "frozen=^embed/,^layers/0/", "warmup_steps=1"],
-    )
-    assert (c.steps, c.lr, c.tensorboard, c.frozen) == (7, 0.5, False, ("^embed/", "^layers/0/"))
+        ["steps=7", "lr=0.5", "tensorboard=false", "warmup_steps=1",
+         "optimizer=frozen:^(embed|layers/0)/,galore(rank=4,scale=1.0):a{1,2},adamw:.*"],
+    )  # fmt: skip
+    rules = ("frozen:^(embed|layers/0)/", "galore(rank=4,scale=1.0):a{1,2}", "adamw:.*")
+    assert (c.steps, c.lr, c.tensorboard, c.optimizer) == (7, 0.5, False, rules)
 
 
 def test_mesh_shape_fills_and_checks():

@@ -1,5 +1,6 @@
-"""Finetuning from a jaxattn checkpoint with regex-frozen parameters, from a Hugging Face
-directory, and sampling a checkpoint with ``python -m train.sample``."""
+"""Finetuning from a jaxattn checkpoint with parameters frozen by optimizer rules, from a
+Hugging Face directory into a model with extra leaves, and sampling a checkpoint with
+``python -m train.sample``."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import os
 import jax
 import numpy as np
 import pytest
-from train_testlib import tiny_config
+from flax import nnx
+from train_testlib import RULES, extend, tiny_config
 
 from train import finetune, pretrain, sample
+from train.checkpoints import read_meta
 from train.optim import path_string
 
-FROZEN = (r"^embed/", r"^layers/0/")
+FROZEN = (r"frozen:^embed/", r"frozen:^layers/0/", "adamw:.*")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def test_finetune_freezes_by_pattern_and_trains_the_rest(pretrained, tmp_path):
     model_config, start = finetune.load_init(str(pretrained))
     assert model_config.num_layers == 2
     config = tiny_config(
-        tmp_path, steps=2, warmup_steps=1, init_from=str(pretrained), frozen=FROZEN
+        tmp_path, steps=2, warmup_steps=1, init_from=str(pretrained), optimizer=FROZEN
     )
     result = finetune.run(config)
     before, after = _flat(start), _flat(jax.tree.map(np.asarray, result.state["params"]))
@@ -43,6 +46,12 @@ def test_finetune_freezes_by_pattern_and_trains_the_rest(pretrained, tmp_path):
     for key in before:
         same = np.array_equal(before[key], after[key])
         assert same == (key in frozen), key
+    # its checkpoint holds the trained leaves only; sampling follows the base reference
+    saved = read_meta(os.path.join(config.out_dir, "checkpoints"))["leaf_checksums"]["params"]
+    assert sorted(saved) == sorted(set(before) - set(frozen))
+    model, _ = sample.load_model(config.out_dir)
+    for key, x in _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items():
+        assert np.array_equal(x, after[key]), key
 
 
 def test_finetune_starts_from_a_hugging_face_directory(pretrained, tmp_path):
@@ -57,10 +66,18 @@ def test_finetune_starts_from_a_hugging_face_directory(pretrained, tmp_path):
     assert got.keys() == expected.keys()
     for key in got:
         np.testing.assert_allclose(got[key], expected[key], atol=1e-6, err_msg=key)
-    config = tiny_config(tmp_path / "ft", steps=2, warmup_steps=1, init_from=str(tmp_path / "hf"))
+    config = tiny_config(tmp_path / "ft", steps=2, warmup_steps=1, init_from=str(tmp_path / "hf"),
+                         optimizer=RULES)  # fmt: skip
     config = dataclasses.replace(config, model_overrides=())  # the HF config defines the model
-    result = finetune.run(config)
+    result = finetune.run(config, extend=extend)  # into a model with adapters on attn/q
     assert np.isfinite(result.eval_loss)
+    after = _flat(jax.tree.map(np.asarray, result.state["params"]))
+    assert sorted(after.keys() - got.keys()) == [
+        f"layers/{i}/attn/q/adapter/{n}" for i in (0, 1) for n in "ab"
+    ]
+    for key in got:  # base leaves strict, from the HF files
+        assert np.array_equal(after[key], got[key]), key
+    assert not np.array_equal(after["layers/0/attn/q/adapter/b"], 0)
 
 
 def model_from_dir(run_dir):

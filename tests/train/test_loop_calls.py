@@ -10,7 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from train_testlib import tiny_config
+from train_testlib import TINY_MODEL, tiny_config
 
 from train.loop import call_length, train_loop
 from train.pretrain import build_model
@@ -80,3 +80,43 @@ def test_multi_step_calls_resume_bit_identical_and_match_single_steps(tmp_path):
     )
     diff = jax.tree.map(lambda x, y: np.max(np.abs(x - y)), _params(straight), _params(single))
     assert max(jax.tree.leaves(diff)) < 1e-5
+
+
+def test_dropout_run_resumes_bit_identical(tmp_path):
+    """With attention and residual dropout each step's key comes from the saved state: steps
+    continued from a checkpoint (``Checkpointer`` save + restore, as a resumed run does) draw
+    the same masks and end with the same bits as the uninterrupted steps."""
+    from jaxattn.sharding import make_mesh
+    from train.checkpoints import Checkpointer
+    from train.data import make_loaders
+    from train.step import make_trainer
+
+    dropout = TINY_MODEL + ("attention_dropout=0.2", "residual_dropout=0.2")
+    config = tiny_config(tmp_path, model_overrides=dropout)
+    _, model_fn = build_model(config)
+    trainer = make_trainer(model_fn, config, make_mesh({"data": 1}, jax.devices()[:1]))
+    loader, _ = make_loaders(config)
+    batch = lambda step: trainer.put_batch(loader.batch(step))  # noqa: E731
+
+    def steps(state, rest, start, stop):
+        for step in range(start, stop):
+            state, metrics = trainer.train_step(state, rest, batch(step))
+        return state, metrics
+
+    state, rest = trainer.init()
+    nll, weight = trainer.eval_step(state["params"], rest, batch(0))
+    straight, _ = steps(state, rest, 0, 4)
+    final = jax.tree.map(np.asarray, straight["params"])
+
+    state, rest = trainer.init()
+    state, _ = steps(state, rest, 0, 2)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), every=2, async_save=False)
+    ckpt.save(2, state, {"step": 2})
+    restored, _ = ckpt.restore(trainer.abstract_state, trainer.state_shardings)
+    ckpt.close()
+    resumed, _ = steps(restored, trainer.init()[1], 2, 4)
+    for x, y in zip(jax.tree.leaves(final), jax.tree.leaves(resumed["params"]), strict=True):
+        assert np.array_equal(x, np.asarray(y))
+    # dropout is on: the first step's train loss differs from the deterministic eval loss
+    _, metrics = trainer.train_step(trainer.init()[0], rest, batch(0))
+    assert abs(float(metrics["loss"]) - float(nll) / float(weight)) > 1e-4

@@ -9,8 +9,11 @@ import sys
 import tempfile
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn import lowrank
+from jaxattn.layers import AdapterParam
 from train.config import TrainConfig
 
 # the persistent compilation cache, for the training subprocesses only: a restarted run, or a
@@ -242,3 +245,26 @@ class Bigram(nnx.Module):
 def bigram() -> Bigram:
     """A fresh :class:`Bigram` (a ``model_fn`` for ``train_loop``)."""
     return Bigram(nnx.Rngs(0))
+
+
+# fine-tuning into extra leaves: a low-rank adapter on every query projection, trained alone
+RULES = ("adamw:/adapter/", "frozen:.*")  # train the adapters only
+
+
+class LowRank(nnx.Module):
+    """A test-local adapter ``W -> W + a·b`` with b = 0 at birth (an exact no-op)."""
+
+    def __init__(self, linear, rank: int = 2):
+        self.a = AdapterParam(jax.random.normal(jax.random.key(1), (linear.fan_in, rank)) * 0.3)
+        self.b = AdapterParam(jnp.zeros((rank, linear.fan_out)))
+
+    def delta(self, x, ctx, *, base):  # a projection with one input dim: x [..., D]
+        return (x @ self.a[...] @ self.b[...]).reshape(*x.shape[:-1], *base.shape[1:])
+
+    def delta_kernel(self, base):
+        return (self.a[...] @ self.b[...]).reshape(base.shape)
+
+
+def extend(model):
+    """Attach a :class:`LowRank` to every ``attn/q`` of ``model`` (``finetune.run(extend=)``)."""
+    lowrank.attach(model, r"attn/q$", lambda path, linear: LowRank(linear))

@@ -1,0 +1,139 @@
+"""Step time and memory of fine-tuning with all but one layer frozen vs full training.
+
+The real train step (``train.step``, fp32, one device, ``steps_per_call`` steps per call as
+``train.loop`` runs them) of the default model (``mla-tiny-default`` at the
+``train.pretrain`` defaults: batch 16 x 128 tokens, AdamW) under three ``optimizer`` rule
+sets: every parameter trains (``adamw:.*``); only the last block trains; only the first
+block trains (``frozen:^(?!layers/i/)``, ``adamw:.*``). Frozen parameters get no weight
+gradient, no gradient norm and no optimizer state (``train.optim``); the backward pass still
+runs through every block above the trained one (activation gradients), so training the
+first block saves less than training the last.
+
+Rows: median seconds per step over ``--rounds`` rounds (the variants alternate in each round,
+so a slow spell of a shared machine hits all alike), its ratio to full training and the
+range of the per-round ratios, XLA's FLOP count of the compiled step (``cost_analysis()``)
+and its memory (``memory_analysis()``: the arguments, i.e. parameters + optimizer state +
+batch, and the temporaries).
+
+Usage: ``python -m benchmarks.freeze [--batch 16] [--seq 128] [--steps 10] [--rounds 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from jaxattn.sharding import make_mesh
+from models import DecoderLM, get_config
+from train.config import TrainConfig
+from train.data import WindowLoader, load_tokens
+from train.optim import path_string
+from train.platform import configure_cpu
+from train.step import make_trainer
+
+
+def runner(model_config, rules, batch, seq, tokens_N, steps_per_call):
+    """``(run(n) -> seconds for n steps, memory dict, trainable parameter count)``, compiled
+    and warmed up."""
+    from flax import nnx
+
+    config = TrainConfig(seq_len=seq, batch_size=batch, steps=10**6, warmup_steps=1,
+                         steps_per_call=steps_per_call, optimizer=rules)  # fmt: skip
+    trainer = make_trainer(
+        lambda: DecoderLM(model_config, rngs=nnx.Rngs(0)),
+        config,
+        make_mesh({"data": 1}, jax.devices()[:1]),
+    )
+    loader = WindowLoader(tokens_N, seq_len=seq, global_batch=batch)
+    state, rest = trainer.init()
+    box = {"state": state, "step": 0}
+
+    def batches(k):
+        items = [loader.batch(box["step"] + i) for i in range(k)]
+        return trainer.put_batches({key: np.stack([b[key] for b in items]) for key in items[0]})
+
+    compiled = trainer.train_steps.lower(state, rest, batches(steps_per_call)).compile()
+    stats = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = {
+        "argument": stats.argument_size_in_bytes if stats else float("nan"),
+        "temp": stats.temp_size_in_bytes if stats else float("nan"),
+        # XLA counts a loop body once: this is one step's count
+        "flops": (cost or {}).get("flops", float("nan")),
+    }
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n // steps_per_call):
+            box["state"], m = trainer.train_steps(box["state"], rest, batches(steps_per_call))
+            box["step"] += steps_per_call
+        jax.block_until_ready(m)
+        return time.perf_counter() - t0
+
+    run(steps_per_call)  # compile and warm up
+    trainable = sum(
+        x.size
+        for p, x in jax.tree_util.tree_leaves_with_path(state["params"])
+        if path_string(p) in trainer.trainable
+    )
+    return run, memory, trainable
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--seq", type=int, default=TrainConfig.seq_len)
+    parser.add_argument("--steps", type=int, default=10, help="steps timed per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (median reported)")
+    parser.add_argument("--steps-per-call", type=int, default=TrainConfig.steps_per_call)
+    args = parser.parse_args(argv)
+    if args.steps % args.steps_per_call:
+        parser.error(f"--steps {args.steps} must be a multiple of --steps-per-call")
+    tuned = configure_cpu()
+    tokens_N = load_tokens("builtin")
+    model_config = get_config(TrainConfig.model)
+    last = model_config.num_layers - 1
+    variants = {
+        "full training (adamw:.*)": ("adamw:.*",),
+        f"only layers/{last} trains": (f"frozen:^(?!layers/{last}/)", "adamw:.*"),
+        "only layers/0 trains": ("frozen:^(?!layers/0/)", "adamw:.*"),
+    }
+    runners = {
+        name: runner(model_config, rules, args.batch, args.seq, tokens_N, args.steps_per_call)
+        for name, rules in variants.items()
+    }
+    times = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, (run, _, _) in runners.items():
+            times[name].append(run(args.steps) / args.steps)
+    full = times[next(iter(times))]
+    print(
+        f"\nfrozen vs full training, {TrainConfig.model}, {jax.devices()[0].device_kind} "
+        f"({os.cpu_count()} cores), batch {args.batch} x {args.seq}, fp32, {args.steps_per_call}"
+        f" steps per call; median of {args.rounds} rounds of {args.steps} steps, variants "
+        f"alternating; XLA CPU tuning {'on' if tuned else 'off'}"
+    )
+    heads = [("variant", 26), ("trainable", 9), ("ms/step", 8), ("vs full", 7),
+             ("per round", 11), ("GFLOP/step", 10), ("args MB", 7), ("temp MB", 7)]  # fmt: skip
+    cells = [f"{h:{'>' if i else '<'}{w}s}" for i, (h, w) in enumerate(heads)]
+    print("| " + " | ".join(cells) + " |")
+    print("|" + "|".join("-" * (w + 2) for _, w in heads) + "|")
+    for name, (_, memory, trainable) in runners.items():
+        ratios = [t / f for t, f in zip(times[name], full, strict=True)]
+        print(
+            f"| {name:26s} | {trainable / 1e6:8.2f}M | {statistics.median(times[name]) * 1e3:8.1f}"
+            f" | {statistics.median(times[name]) / statistics.median(full):7.2f} "
+            f"| {min(ratios):.2f}-{max(ratios):.2f}   | {memory['flops'] / 1e9:10.2f} "
+            f"| {memory['argument'] / 1e6:7.1f} "
+            f"| {memory['temp'] / 1e6:7.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The built-in optimizer factories of ``TrainConfig.optimizer`` rules (see ``train.optim``).
+
+Each is ``factory(params: dict[str, ParamInfo], config, **kwargs)`` returning an optax
+transform over the parameters its rule took; unset hyperparameters come from the train config
+(``lr`` with its warmup + cosine schedule, ``b1``, ``b2``, ``weight_decay``). Weight decay
+applies to matrices only (parameters with >= 2 dims), never to norms' scales or biases.
+
+  adamw(lr, b1, b2, eps, weight_decay)          optax.adamw
+  lion(lr, b1, b2, weight_decay)                optax.lion (b1/b2 default 0.9/0.99)
+  sgd(lr, momentum, nesterov)                   optax.sgd
+  frozen                                        no gradient, no state (trains=False)
+  galore(rank, update_proj_gap, scale, proj_type, projector, moment_bits, lr, b1, b2,
+         weight_decay)                          jaxattn.optim.galore around galore-torch's Adam
+  fira(..., gamma)                              jaxattn.optim.fira, same arguments + gamma
+
+GaLore and Fira view each parameter as the matrix ``[fan_in, fan_out]`` from its
+:class:`train.optim.ParamInfo` (``Linear`` kernels record their fan-in axes), project the ones
+with >= 2 dims at ``min(rank, fan_in, fan_out)`` and update the others with plain Adam.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import optax
+
+from train.optim import ParamInfo, lr_schedule, path_string, register_optimizer
+
+__all__ = ["adamw", "lion", "sgd", "frozen", "galore", "fira"]
+
+
+def _decay_mask(params: dict[str, ParamInfo]):
+    """``params_tree -> bool tree``: True on matrices (decayed), False on vectors/scalars."""
+    return lambda tree: jax.tree_util.tree_map_with_path(
+        lambda path, _: params[path_string(path)].ndim >= 2, tree
+    )
+
+
+def adamw(params, config, *, lr=None, b1=None, b2=None, eps=1e-8, weight_decay=None):
+    """AdamW (optax) with the config's schedule, betas and decay unless given."""
+    return optax.adamw(
+        lr_schedule(config, lr),
+        b1=config.b1 if b1 is None else b1,
+        b2=config.b2 if b2 is None else b2,
+        eps=eps,
+        weight_decay=config.weight_decay if weight_decay is None else weight_decay,
+        mask=_decay_mask(params),
+    )
+
+
+def lion(params, config, *, lr=None, b1=0.9, b2=0.99, weight_decay=None):
+    """Lion (optax); its lr is usually 3-10x smaller than AdamW's."""
+    return optax.lion(
+        lr_schedule(config, lr),
+        b1=b1,
+        b2=b2,
+        weight_decay=config.weight_decay if weight_decay is None else weight_decay,
+        mask=_decay_mask(params),
+    )
+
+
+def sgd(params, config, *, lr=None, momentum=0.0, nesterov=False):
+    """SGD (optax) with optional (Nesterov) momentum; no weight decay."""
+    return optax.sgd(lr_schedule(config, lr), momentum=momentum or None, nesterov=nesterov)
+
+
+def frozen(params, config):
+    """Parameters that do not train (never called: registered with ``trains=False``)."""
+    raise AssertionError("frozen parameters get no optimizer")  # pragma: no cover
+
+
+def _projected(which, params, config, rank, lr, b1, b2, weight_decay, **kwargs):
+    from jaxattn.optim import scale_by_adam_galore_torch
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank={rank!r} must be a positive int")
+
+    def leaf_rank(path, shape):
+        info = params[path]
+        if info.ndim < 2:
+            return None
+        m, n = info.fan_in, math.prod(info.shape[info.fan_in_axes :])
+        return min(rank, m, n)
+
+    inner = scale_by_adam_galore_torch(
+        config.b1 if b1 is None else b1, config.b2 if b2 is None else b2
+    )
+    return optax.chain(
+        which(inner, rank=leaf_rank, fan_in_axes=lambda p, s: params[p].fan_in_axes, **kwargs),
+        optax.add_decayed_weights(
+            config.weight_decay if weight_decay is None else weight_decay, _decay_mask(params)
+        ),
+        optax.scale_by_learning_rate(lr_schedule(config, lr)),
+    )
+
+
+def galore(
+    params, config, *, rank, update_proj_gap=200, scale=0.25, proj_type="std",
+    projector="svd", moment_bits=32, lr=None, b1=None, b2=None, weight_decay=None,
+):  # fmt: skip
+    """GaLore (``jaxattn.optim.galore``) around galore-torch's Adam, then decay and lr."""
+    from jaxattn.optim import galore as galore_tx
+
+    return _projected(
+        galore_tx, params, config, rank, lr, b1, b2, weight_decay,
+        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+        projector=projector, moment_bits=moment_bits,
+    )  # fmt: skip
+
+
+def fira(
+    params, config, *, rank, update_proj_gap=200, scale=0.25, gamma=1.01, proj_type="std",
+    projector="svd", moment_bits=32, lr=None, b1=None, b2=None, weight_decay=None,
+):  # fmt: skip
+    """Fira (``jaxattn.optim.fira``): GaLore plus the scaled, limited residual."""
+    from jaxattn.optim import fira as fira_tx
+
+    return _projected(
+        fira_tx, params, config, rank, lr, b1, b2, weight_decay,
+        update_proj_gap=update_proj_gap, scale=scale, gamma=gamma, proj_type=proj_type,
+        projector=projector, moment_bits=moment_bits,
+    )  # fmt: skip
+
+
+for _name, _fn in (("adamw", adamw), ("lion", lion), ("sgd", sgd), ("galore", galore),
+                   ("fira", fira)):  # fmt: skip
+    register_optimizer(_name, _fn)
+register_optimizer("frozen", frozen, trains=False)
