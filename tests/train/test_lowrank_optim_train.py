@@ -124,6 +124,10 @@ def test_galore_state_restores_exactly_and_onto_another_mesh(tmp_path):
         restored, meta = ckpt.restore(trainer.abstract_state, trainer.state_shardings)
         assert meta["step"] == 3
         _assert_equal(saved, restored)
+        lowrank = jax.tree.leaves(_galore_states(restored["opt_state"]))
+        # on the 2x2x2 mesh projectors and projected moments keep their parameter's sharding
+        sharded = any(not x.sharding.is_fully_replicated for x in lowrank)
+        assert sharded == (trainer.mesh.size > 1)
         for step in range(3, 5):
             batch = trainer.put_batch(loader.batch(step))
             restored, metrics = trainer.train_step(restored, rest, batch)
