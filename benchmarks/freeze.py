@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxattn.sharding import make_mesh
 from models import DecoderLM, get_config
-from train.config import TrainConfig
+from train.config import TrainConfig, _split_list
 from train.data import WindowLoader, load_tokens
 from train.optim import path_string
 from train.platform import configure_cpu
@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     tokens_N = load_tokens("builtin")
     model_config = get_config(TrainConfig.model)
     rule_sets = variants(args.variants, model_config)
-    rule_sets |= {rules: tuple(rules.split(",")) for rules in args.rules}
+    rule_sets |= {rules: tuple(_split_list(rules)) for rules in args.rules}  # as --set parses
     runners = {
         name: runner(
             model_config,
