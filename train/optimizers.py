@@ -15,7 +15,9 @@ applies to matrices only (parameters with >= 2 dims), never to norms' scales or 
 
 GaLore and Fira view each parameter as the matrix ``[fan_in, fan_out]`` from its
 :class:`train.optim.ParamInfo` (``Linear`` kernels record their fan-in axes), project the ones
-with >= 2 dims at ``min(rank, fan_in, fan_out)`` and update the others with plain Adam.
+with >= 2 dims at ``rank`` and update the others with plain Adam. A rank larger than the
+smaller side of a matrix the rule takes is refused (a ``config error`` naming the rule and the
+parameter), as are ``update_proj_gap <= 0`` and an unknown ``proj_type`` or ``projector``.
 """
 
 from __future__ import annotations
@@ -76,12 +78,21 @@ def _projected(which, params, config, rank, lr, b1, b2, weight_decay, **kwargs):
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank={rank!r} must be a positive int")
 
+    sides = {p: (i.fan_in, math.prod(i.shape[i.fan_in_axes :])) for p, i in params.items()
+             if i.ndim >= 2}  # fmt: skip
+    # refused, not clipped: at rank == min(m, n) the projector is square, so a clipped leaf
+    # would silently train as full-rank Adam scaled by `scale`
+    too_big = {p: mn for p, mn in sides.items() if rank > min(mn)}
+    if too_big:
+        path, (m, n) = next(iter(too_big.items()))
+        raise ValueError(
+            f"rank={rank} is larger than the smaller side of {len(too_big)} matrices it takes, "
+            f"e.g. {path!r} viewed as [{m}, {n}] (rank <= {min(m, n)}); lower the rank or "
+            "narrow the rule's regex"
+        )
+
     def leaf_rank(path, shape):
-        info = params[path]
-        if info.ndim < 2:
-            return None
-        m, n = info.fan_in, math.prod(info.shape[info.fan_in_axes :])
-        return min(rank, m, n)
+        return rank if path in sides else None
 
     inner = scale_by_adam_galore_torch(
         config.b1 if b1 is None else b1, config.b2 if b2 is None else b2

@@ -9,7 +9,8 @@ plain pytree::
     {"params": fp32 master weights, "opt_state": optax state, "step": int32[], "rng": uint32[2]}
 
 ``params`` is a pure dict (``nnx.to_pure_dict``); each leaf is placed by the logical-axis rules
-of ``jaxattn.sharding``, and optimizer moments are placed like the parameter they track.
+of ``jaxattn.sharding``, and optimizer moments are placed like the parameter they track
+(low-rank states, such as GaLore's, by ``jaxattn.optim.state_spec``: see ``_like_params``).
 ``opt_state`` covers only the trainable parameters (``config.optimizer``, see ``train.optim``):
 the step differentiates the loss w.r.t. those alone, frozen ones enter as constants.
 Non-parameter model state (``rest``: rng streams, constant tables) is replicated and untrained.
@@ -34,6 +35,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxattn.optim.specs import state_spec
 from jaxattn.sharding import logical_sharding, logical_to_spec
 from train.integrity import all_finite
 from train.optim import make_optimizer, merge_params, param_infos, path_string, split_params
@@ -61,21 +63,24 @@ def _names_tree(abstract_params) -> dict:
     return tree
 
 
-def _like_params(tree, param_shardings: dict, abstract_params: dict, mesh) -> object:
-    """Shardings for an optimizer-state-like ``tree``: a leaf whose path ends with a parameter's
-    path and has that parameter's shape gets its sharding (Adam moments); everything else
-    (counts, GaLore's projected moments and projectors, of other shapes) is replicated."""
-    leaves = jax.tree_util.tree_leaves_with_path
-    shapes = {path_string(p): tuple(x.shape) for p, x in leaves(abstract_params)}
-    by_path = {path_string(p): s for p, s in leaves(param_shardings)}
+def _like_params(tree, param_shardings: dict, infos: dict, mesh) -> object:
+    """Shardings for an optimizer-state-like ``tree``. A leaf whose path ends with a
+    parameter's path is placed by ``jaxattn.optim.state_spec`` from that parameter's spec:
+    its own sharding at its shape (Adam moments), the parameter's row / column sharding on a
+    dim of the parameter's matrix view ``[m, n]`` (GaLore's projectors ``P_mr`` / ``Q_rn`` and
+    projected moments ``R_rn`` / ``R_mr``; the rank dim replicated). Everything else (counts,
+    Fira's norms, DCT indices, quantised codes and scales) is replicated."""
+    by_path = {path_string(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def pick(path, leaf):
         parts = path_string(path).split("/")
         for i in range(len(parts)):
             key = "/".join(parts[i:])
-            if key in by_path and shapes[key] == tuple(leaf.shape):
-                return by_path[key]
+            if key in by_path:
+                info = infos[key]
+                spec = state_spec(by_path[key].spec, info.shape, leaf.shape, info.fan_in_axes)
+                return NamedSharding(mesh, spec)
         return replicated
 
     return jax.tree_util.tree_map_with_path(pick, tree)
@@ -183,7 +188,7 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
     abs_opt = jax.eval_shape(optimizer.init, split_params(abs_params, trainable)[0])
     state_sh = {
         "params": param_sh,
-        "opt_state": _like_params(abs_opt, param_sh, abs_params, mesh),
+        "opt_state": _like_params(abs_opt, param_sh, infos, mesh),
         "step": replicated,
         "rng": replicated,
     }

@@ -63,9 +63,10 @@ def test_factories_receive_shape_logical_axes_and_fan_in(tmp_path):
     assert trainer.trainable == set(seen)
 
 
-def test_state_is_placed_by_shape_not_rank(tmp_path):
-    """GaLore's projected moments [r, n] sit under the path of a [m, n] kernel: same rank,
-    other shape, so they are replicated; Adam moments take their parameter's sharding."""
+def test_state_is_placed_like_its_parameter(tmp_path):
+    """Adam moments take their parameter's sharding; GaLore's projectors and projected
+    moments ([m, r], [r, n] under the path of a [m, n] kernel) keep the parameter's sharding
+    of the dim they share with it (``jaxattn.optim.state_spec``), the rank dim replicated."""
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rules = ["galore(rank=4,update_proj_gap=2):mlp/up/", "adamw:.*"]
     _, trainer = _trainer(tmp_path, rules, mesh=mesh)
@@ -82,16 +83,20 @@ def test_state_is_placed_by_shape_not_rank(tmp_path):
         path = path_string(path)
         owner = next((k for k in params if path.endswith("/" + k)), None)
         if owner is None:
+            assert sharding.spec == PartitionSpec(), path  # counts
             continue
         param, param_sharding = params[owner]
         if leaf.shape == param.shape:
             assert sharding == param_sharding, path
             kinds.add("like")
-        else:
-            assert leaf.ndim == param.ndim and sharding.spec == PartitionSpec(), path
+        else:  # [m, 4] or [4, n] of the [m, n] = [64, 128] kernel sharded (fsdp, tensor)
+            assert param_sharding.spec == PartitionSpec("fsdp", "tensor"), param_sharding
+            m, n = param.shape
+            want = PartitionSpec("fsdp" if leaf.shape[0] == m else None,
+                                 "tensor" if leaf.shape[1] == n else None)  # fmt: skip
+            assert 4 in leaf.shape and sharding.spec == want, (path, leaf.shape, sharding)
             kinds.add("other shape")
     assert kinds == {"like", "other shape"}
-    assert any(s.spec != PartitionSpec() for s in jax.tree.leaves(trainer.state_shardings))
 
 
 def _dots(trainer, state, rest, batch) -> int:

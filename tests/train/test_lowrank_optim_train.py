@@ -1,0 +1,171 @@
+"""GaLore and Fira in training (``train.optimizers``): a run killed with SIGKILL and restarted
+ends bit-identical to an uninterrupted one, projector refreshes included; the checkpoint holds
+their whole state (projectors, counts, moments, Fira's norms) and restores it exactly, also
+onto another mesh; bad hyper-parameters on the command line are one-line config errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+from train_testlib import set_args, tiny_config
+
+from jaxattn.optim import GaLoreState
+from jaxattn.sharding import make_mesh
+from train import pretrain
+from train.checkpoints import Checkpointer
+from train.data import make_loaders
+from train.optim import path_string
+from train.pretrain import build_model
+from train.step import make_trainer
+
+# projector refreshes at steps 0, 3, 6: one between the checkpoints at 2 and 4, one after
+# the restart; GaLore on attention, Fira on the MLPs, AdamW elsewhere
+RULES = ("galore(rank=4,update_proj_gap=3,scale=0.25):/attn/",
+         "fira(rank=4,update_proj_gap=3,scale=0.25):/mlp/", "adamw:.*")  # fmt: skip
+STEPS = 8
+RUN = dict(steps=STEPS, warmup_steps=1, ckpt_every=2, log_every=1, steps_per_call=1,
+           keep_checkpoints=10, optimizer=RULES)  # fmt: skip
+
+
+def _trainer(run_dir, mesh, **changes):
+    config = tiny_config(run_dir, **(RUN | changes))
+    _, model_fn = build_model(config)
+    return config, make_trainer(model_fn, config, mesh)
+
+
+def _one_device():
+    return make_mesh({"data": 1}, jax.devices()[:1])
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def _galore_states(opt_state) -> list[GaLoreState]:
+    is_state = lambda x: isinstance(x, GaLoreState)
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
+
+
+def _assert_equal(a, b, atol=0.0):
+    paths = [path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(a)]
+    leaves_b = jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for path, x, y in zip(paths, jax.tree.leaves(a), leaves_b, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape, path
+        if atol:
+            np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=path)
+        else:
+            assert np.array_equal(x, y), path
+
+
+def _restored(run_dir, step=STEPS):
+    _, trainer = _trainer(run_dir, _one_device())
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    state, meta = ckpt.restore(trainer.abstract_state, trainer.state_shardings)
+    ckpt.close()
+    assert meta["step"] == step
+    return _host(state)
+
+
+def test_galore_fira_run_killed_and_restarted_is_bit_identical(zygote, tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    code, out = zygote.run(set_args(RUN | {"run_dir": str(ref)}), tmp_path / "ref.log")
+    assert code == 0, out[-3000:]
+    log = tmp_path / "run.log"
+    pid = zygote.start(set_args(RUN | {"run_dir": str(run)}), log)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # killed after step 5: checkpoint 4 holds refresh 3's P
+        text = log.read_text() if log.exists() else ""
+        assert "done in" not in text, text[-2000:]
+        if f"step {5:>6}/" in text:
+            break
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)
+    assert zygote.wait(pid) == -signal.SIGKILL, log.read_text()[-3000:]
+    code, out = zygote.run(set_args(RUN | {"run_dir": str(run)}), tmp_path / "run2.log")
+    assert code == 0, out[-3000:]
+    resumed_at = int(out.split("resumed at step")[1].split()[0])
+    assert resumed_at in (2, 4), out[-3000:]  # before the refresh at 6
+    a, b = _restored(ref), _restored(run)
+    _assert_equal(a, b)  # parameters and the whole optimizer state
+    galore_fira = _galore_states(a["opt_state"])
+    assert len(galore_fira) == 2 and all(int(s.count) == STEPS for s in galore_fira)
+
+
+def test_galore_state_restores_exactly_and_onto_another_mesh(tmp_path):
+    """Train 3 steps on one device, save, restore on the same mesh (exactly the saved state)
+    and on a 2x2x2 mesh; 2 more steps (a refresh at 3) on each agree within 1e-5."""
+    config, one = _trainer(tmp_path, _one_device())
+    loader, _ = make_loaders(config)
+    state, rest = one.init()
+    first = _host(_galore_states(state["opt_state"])[0][1:3])  # left, right projectors
+    for step in range(3):
+        state, _ = one.train_step(state, rest, one.put_batch(loader.batch(step)))
+    saved = _host(state)
+    galore, fira = _galore_states(saved["opt_state"])
+    now = jax.tree.leaves(galore[1:3])
+    refreshed = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(first), now, strict=True)]
+    assert len(refreshed) >= 4 and all(refreshed)  # every projected leaf has a projector
+    assert int(galore.count) == 3 and galore.count.dtype == np.int32
+    assert len(jax.tree.leaves(fira.fira_norm)) >= 4
+    assert all(float(x) > 0 for x in jax.tree.leaves(fira.fira_norm))
+    assert any(np.any(x != 0) for x in jax.tree.leaves(galore.inner))  # the moments
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), every=1, async_save=False)
+    ckpt.save(3, state, {}, force=True)
+    ckpt.wait()
+
+    def continued(trainer, rest):
+        restored, meta = ckpt.restore(trainer.abstract_state, trainer.state_shardings)
+        assert meta["step"] == 3
+        _assert_equal(saved, restored)
+        lowrank = jax.tree.leaves(_galore_states(restored["opt_state"]))
+        # on the 2x2x2 mesh projectors and projected moments keep their parameter's sharding
+        sharded = any(not x.sharding.is_fully_replicated for x in lowrank)
+        assert sharded == (trainer.mesh.size > 1)
+        for step in range(3, 5):
+            batch = trainer.put_batch(loader.batch(step))
+            restored, metrics = trainer.train_step(restored, rest, batch)
+            assert bool(metrics["finite"])
+        return _host(restored)
+
+    same = continued(one, rest)
+    _, eight = _trainer(tmp_path, make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    other = continued(eight, jax.device_put(_host(rest), eight.rest_shardings))
+    ckpt.close()
+    moved = [not np.array_equal(x, y) for x, y in
+             zip(jax.tree.leaves(same["params"]), jax.tree.leaves(saved["params"]))]  # fmt: skip
+    assert all(moved)
+    _assert_equal(same, other, atol=1e-5)
+
+
+def _usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        pretrain.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("config error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        ("galore(rank=40):/attn/", "rank=40 is larger than the smaller side of"),
+        ("galore(rank=4,update_proj_gap=0):/attn/", "update_proj_gap=0 must be a positive int"),
+        ("fira(rank=4,proj_type='sideways'):/mlp/", "proj_type='sideways' is not one of"),
+    ],
+    ids=["rank", "gap", "proj_type"],
+)
+def test_bad_lowrank_hyperparameters_are_config_errors(rule, message, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = set_args({"run_dir": str(run), "optimizer": f"{rule},adamw:.*"})
+    err = _usage_error(argv, capsys)
+    assert f"optimizer rule {rule!r}" in err and message in err, err
+    if "rank" in message:
+        assert "layers/0/attn/" in err and "(rank <= 32)" in err, err
+    assert not run.exists()
