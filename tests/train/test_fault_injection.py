@@ -56,22 +56,53 @@ def _check_nothing_lost(before: dict, after: dict, metrics_before: bytes, run_di
     assert metrics.startswith(metrics_before), "metrics.jsonl lost or rewrote lines"
 
 
+def _raw_item(item_dir):
+    """A checkpoint item read by orbax alone (no jaxattn check): a tree of numpy arrays, or
+    the error it raised."""
+    import orbax.checkpoint as ocp
+
+    try:
+        tree = ocp.PyTreeCheckpointer().restore(str(item_dir))
+        return [np.asarray(x) for x in jax.tree.leaves(tree)]
+    except Exception as err:  # noqa: BLE001 - an unreadable item is a material corruption
+        return err
+
+
+def _material(before, after) -> bool:
+    """Whether a corruption changed what a reader of the item gets."""
+    if isinstance(before, Exception) or isinstance(after, Exception):
+        return True
+    return len(before) != len(after) or any(
+        x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes()
+        for x, y in zip(before, after, strict=False)
+    )
+
+
 def _corrupt(step_dir, rng) -> str:
     """Flip a run of bytes in, or truncate, a random file of a step that restoring reads: its
-    metadata or a data file (the small per-process index files orbax merges away are not)."""
+    metadata or a data file. Some bytes of the data files are never read (a superseded
+    per-process index, trailing padding): a corruption that leaves what orbax itself reads
+    unchanged is undone and another one drawn, so every corruption made must be detected."""
     files = sorted(
         f for f in step_dir.rglob("*") if f.parent.name == "d" and f.stat().st_size >= 2000
     )
     files.append(step_dir / "meta" / "metadata")
-    victim = files[int(rng.integers(len(files)))]
-    data = np.frombuffer(victim.read_bytes(), np.uint8).copy()
-    if rng.random() < 0.5:
-        start = int(rng.integers(len(data)))
-        data[start : start + int(rng.integers(1, 2000))] ^= 0xFF
-    else:
-        data = data[: int(rng.integers(len(data)))]
-    victim.write_bytes(data.tobytes())
-    return str(victim.relative_to(step_dir))
+    for _ in range(50):
+        victim = files[int(rng.integers(len(files)))]
+        item_dir = step_dir / victim.relative_to(step_dir).parts[0]
+        pristine = victim.read_bytes()
+        before = None if item_dir.name == "meta" else _raw_item(item_dir)
+        data = np.frombuffer(pristine, np.uint8).copy()
+        if rng.random() < 0.5:
+            start = int(rng.integers(len(data)))
+            data[start : start + int(rng.integers(1, 2000))] ^= 0xFF
+        else:
+            data = data[: int(rng.integers(len(data)))]
+        victim.write_bytes(data.tobytes())
+        if before is None or _material(before, _raw_item(item_dir)):
+            return str(victim.relative_to(step_dir))
+        victim.write_bytes(pristine)  # nothing a reader gets changed: draw again
+    raise AssertionError(f"no material corruption of {step_dir} in 50 draws")
 
 
 def _kill_when(pid, log, ckpt_dir, kind: str, rng) -> None:
@@ -140,7 +171,9 @@ def test_killed_and_corrupted_runs_resume_bit_identical(tmp_path):
             text = log.read_text()
             if corrupted and corrupted[-1][1] == attempt - 1:  # the step corrupted just before
                 step = corrupted[-1][0]
-                assert f"checkpoint step {step} in {ckpt_dir} is unusable" in text, text[-3000:]
+                assert f"checkpoint step {step} in {ckpt_dir} is unusable" in text, (
+                    f"corrupted {corrupted[-1]} was not detected:\n{text[-3000:]}"
+                )
                 skipped_seen.append(step)
             after = _steps_on_disk(ckpt_dir)
             _check_nothing_lost(before, after, metrics_before, run_dir)
@@ -149,8 +182,8 @@ def test_killed_and_corrupted_runs_resume_bit_identical(tmp_path):
             good = [int(n) for n in after if n.isdigit()]
             corrupt = attempt < KILLS and (kinds[attempt] == "saved" or rng.random() < 0.3)
             if corrupt and good:
-                _corrupt(ckpt_dir / str(max(good)), rng)
-                corrupted.append((max(good), attempt))
+                victim = _corrupt(ckpt_dir / str(max(good)), rng)
+                corrupted.append((max(good), attempt, victim))
             before = _steps_on_disk(ckpt_dir)
             metrics_before = (run_dir / "metrics.jsonl").read_bytes()
         assert zygote.wait(ref) == 0, (tmp_path / "ref.log").read_text()[-3000:]
