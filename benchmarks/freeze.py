@@ -36,13 +36,12 @@ import time
 import jax
 import numpy as np
 
-from jaxattn.sharding import make_mesh
-from models import DecoderLM, get_config
+from benchmarks.train_throughput import build_trainer
+from models import get_config
 from train.config import TrainConfig, _split_list
-from train.data import WindowLoader, load_tokens
+from train.data import load_tokens
 from train.optim import path_string
 from train.platform import configure_cpu
-from train.step import make_trainer
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
@@ -50,17 +49,9 @@ CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 def runner(model_config, rules, batch, seq, tokens_N, steps_per_call, clock=time.perf_counter):
     """``(run(n) -> seconds for n steps, memory dict, trainable parameter count)``, compiled
     and warmed up."""
-    from flax import nnx
-
-    config = TrainConfig(seq_len=seq, batch_size=batch, steps=10**6, warmup_steps=1,
-                         steps_per_call=steps_per_call, optimizer=rules)  # fmt: skip
-    trainer = make_trainer(
-        lambda: DecoderLM(model_config, rngs=nnx.Rngs(0)),
-        config,
-        make_mesh({"data": 1}, jax.devices()[:1]),
+    trainer, loader, state, rest = build_trainer(
+        model_config, batch, seq, tokens_N, steps_per_call, optimizer=rules
     )
-    loader = WindowLoader(tokens_N, seq_len=seq, global_batch=batch)
-    state, rest = trainer.init()
     box = {"state": state, "step": 0}
 
     def batches(k):

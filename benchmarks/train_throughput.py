@@ -43,17 +43,14 @@ from train.platform import configure_cpu
 from train.step import make_trainer
 
 
-def jax_runner(
-    model_config, batch, seq, tokens_N, steps_per_call
-) -> tuple[Callable[[int], float], int]:
-    """A function timing ``n`` train steps of the jaxattn model (compiled and warmed up), and
-    the parameter count. Steps go in calls of ``steps_per_call`` (``Trainer.train_steps``)
-    and single steps for a remainder, as ``train.loop`` runs them."""
+def build_trainer(model_config, batch, seq, tokens_N, steps_per_call, optimizer=None):
+    """``(trainer, loader, state, rest)``: the real train step of ``model_config`` on one device
+    (``optimizer`` rules, default ``TrainConfig``'s), its data loader and a fresh state."""
     from flax import nnx
 
-    config = TrainConfig(
-        seq_len=seq, batch_size=batch, steps=10**6, warmup_steps=1, steps_per_call=steps_per_call
-    )
+    extra = {} if optimizer is None else {"optimizer": optimizer}
+    config = TrainConfig(seq_len=seq, batch_size=batch, steps=10**6, warmup_steps=1,
+                         steps_per_call=steps_per_call, **extra)  # fmt: skip
     trainer = make_trainer(
         lambda: DecoderLM(model_config, rngs=nnx.Rngs(0)),
         config,
@@ -61,6 +58,16 @@ def jax_runner(
     )
     loader = WindowLoader(tokens_N, seq_len=seq, global_batch=batch)
     state, rest = trainer.init()
+    return trainer, loader, state, rest
+
+
+def jax_runner(
+    model_config, batch, seq, tokens_N, steps_per_call
+) -> tuple[Callable[[int], float], int]:
+    """A function timing ``n`` train steps of the jaxattn model (compiled and warmed up), and
+    the parameter count. Steps go in calls of ``steps_per_call`` (``Trainer.train_steps``)
+    and single steps for a remainder, as ``train.loop`` runs them."""
+    trainer, loader, state, rest = build_trainer(model_config, batch, seq, tokens_N, steps_per_call)
     params = sum(x.size for x in jax.tree.leaves(state["params"]))
     box = {"state": state, "step": 0}
 
