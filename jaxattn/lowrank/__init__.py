@@ -4,10 +4,30 @@ Surgery
   linear_paths        every Linear of a model by module path (``layers/0/attn/q``, ``lm_head``)
   attach, detach      fill / empty the adapter slot of the projections a regex selects
 
+Methods
+  register_method, registered_methods, get_method, make_method, MethodConfig
+                      adapter kinds by name (one module each in ``jaxattn.lowrank.methods``)
+
 The adapter methods themselves (LoRA and its family) build on this; ``jaxattn.layers.Adapter``
 is the protocol an adapter follows and ``jaxattn.layers.AdapterParam`` its parameter type.
 """
 
+from jaxattn.lowrank._registry import (
+    MethodConfig,
+    get_method,
+    make_method,
+    register_method,
+    registered_methods,
+)
 from jaxattn.lowrank._surgery import attach, detach, linear_paths
 
-__all__ = ["linear_paths", "attach", "detach"]
+__all__ = [
+    "linear_paths",
+    "attach",
+    "detach",
+    "MethodConfig",
+    "register_method",
+    "registered_methods",
+    "get_method",
+    "make_method",
+]
