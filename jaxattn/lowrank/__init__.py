@@ -8,10 +8,29 @@ Methods
   register_method, registered_methods, get_method, make_method, MethodConfig
                       adapter kinds by name (one module each in ``jaxattn.lowrank.methods``)
 
+Applying (``_apply``)
+  AdapterConfig, apply  a named adapter of a registered method on the projections targets select
+  set_active, disabled  choose / weight the active adapters, or run the base model
+  merge, unmerge        fold the active adapters into the kernels and back
+  remove, trainable_count, AdapterSet
+  save, load            ``adapter.safetensors`` + ``adapter_config.json``
+
 The adapter methods themselves (LoRA and its family) build on this; ``jaxattn.layers.Adapter``
 is the protocol an adapter follows and ``jaxattn.layers.AdapterParam`` its parameter type.
 """
 
+from jaxattn.lowrank._apply import (
+    AdapterConfig,
+    AdapterSet,
+    apply,
+    disabled,
+    merge,
+    remove,
+    set_active,
+    trainable_count,
+    unmerge,
+)
+from jaxattn.lowrank._io import load, save
 from jaxattn.lowrank._registry import (
     MethodConfig,
     get_method,
@@ -30,4 +49,15 @@ __all__ = [
     "registered_methods",
     "get_method",
     "make_method",
+    "AdapterConfig",
+    "AdapterSet",
+    "apply",
+    "set_active",
+    "disabled",
+    "merge",
+    "unmerge",
+    "remove",
+    "trainable_count",
+    "save",
+    "load",
 ]
