@@ -161,7 +161,7 @@ def test_dora_init_is_base_and_merge_round_trip():
     )
     np.testing.assert_allclose(np.asarray(_fwd(m, TOK)), y0, atol=1e-5)
     _randomize_b(m)
-    for p, l2 in L.linear_paths(m).items():
+    for l2 in L.linear_paths(m).values():
         if l2.adapter is not None:
             mag = l2.adapter.adapters["default"].magnitude
             mag[...] = mag[...] * (1 + 0.1 * jax.random.normal(jax.random.key(9), mag.shape))
