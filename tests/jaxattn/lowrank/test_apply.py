@@ -1,0 +1,133 @@
+"""apply / set_active / disabled / merge / remove: named adapters on the projections of a model."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxattn.lowrank as L
+from models import DecoderLM, get_config
+
+TOK = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
+
+
+@nnx.jit
+def _fwd(model, tokens):
+    return model(tokens)
+
+
+def _model(name="llama-tiny"):
+    return DecoderLM(get_config(name), rngs=nnx.Rngs(0))
+
+
+def _add(model, name, seed, targets=r"attn/(q|v)$|mlp/gate", **opts):
+    cfg = L.AdapterConfig(options=dict(rank=2) | opts, targets=targets, name=name)
+    paths = L.apply(model, cfg, rngs=nnx.Rngs(seed))
+    key = jax.random.key(seed)
+    for p in paths:
+        ad = L.linear_paths(model)[p].adapter.adapters[name]
+        key, k = jax.random.split(key)
+        ad.b[...] = 0.05 * jax.random.normal(k, ad.b.shape)
+    return paths
+
+
+def test_targets_exclude_all_linear_and_patterns():
+    """targets list / all-linear (no lm_head, as PEFT) / exclude; rank_pattern, alpha_pattern and
+    overrides change the per-path fields."""
+    m = _model()
+    cfg = L.AdapterConfig(
+        options=dict(rank=2),
+        exclude=r"layers/1",
+        rank_pattern={r"mlp/": 4},
+        alpha_pattern={r"attn/o$": 32.0},
+        overrides={r"mlp/down$": {"rank": 6}},
+    )
+    paths = L.apply(m, cfg, rngs=nnx.Rngs(0))
+    assert "lm_head" not in paths and paths and all(p.startswith("layers/0/") for p in paths)
+    lp = L.linear_paths(m)
+    assert lp["layers/0/attn/q"].adapter.adapters["default"].a.shape[-1] == 2
+    assert lp["layers/0/mlp/up"].adapter.adapters["default"].a.shape[-1] == 4
+    assert lp["layers/0/mlp/down"].adapter.adapters["default"].a.shape[-1] == 6
+    assert lp["layers/0/attn/o"].adapter.adapters["default"].scaling == 16.0
+    m2 = _model()
+    got = L.apply(m2, L.AdapterConfig(targets=[r"attn/k$", r"^lm_head$"]), rngs=nnx.Rngs(0))
+    assert got == ["layers/0/attn/k", "layers/1/attn/k", "lm_head"]
+
+
+def test_weighted_combination_is_sum_of_weighted_deltas_and_merges():
+    """set_active({x: 0.7, y: -0.4}) gives W + 0.7 d_x + (-0.4) d_y (logit deltas add linearly at
+    the first projection's output, checked on the effective kernels); merge == unmerged forward;
+    unmerge restores the base kernels."""
+    m = _model()
+    w0 = {p: np.asarray(lin.kernel[...]) for p, lin in L.linear_paths(m).items()}
+    _add(m, "x", 1)
+    _add(m, "y", 2, targets=r"attn/q$")  # y only on q
+    lin = L.linear_paths(m)["layers/0/attn/q"]
+    w = lin.base_kernel()
+    dx = lin.adapter.adapters["x"].delta_kernel(w)
+    dy = lin.adapter.adapters["y"].delta_kernel(w)
+    L.set_active(m, {"x": 0.7, "y": -0.4})
+    np.testing.assert_allclose(lin.effective_kernel(), w + 0.7 * dx - 0.4 * dy, atol=1e-6)
+    x = jax.random.normal(jax.random.key(4), (3, 64))
+    want = x @ w.reshape(64, -1) + (x @ (0.7 * dx - 0.4 * dy).reshape(64, -1))
+    np.testing.assert_allclose(lin(x).reshape(3, -1), want, atol=1e-5)
+    assert L.linear_paths(m)["layers/0/attn/v"].adapter.active == (("x", 0.7),)
+    y = np.asarray(_fwd(m, TOK))
+    L.merge(m)
+    np.testing.assert_allclose(np.asarray(_fwd(m, TOK)), y, atol=2e-5)
+    with pytest.raises(ValueError, match="unmerge first"):
+        L.set_active(m, "x")
+    L.unmerge(m)
+    for p, lin2 in L.linear_paths(m).items():
+        np.testing.assert_allclose(np.asarray(lin2.kernel[...]), w0[p], atol=1e-6)
+
+
+def test_disabled_runs_the_base_and_remove_empties_slots():
+    """disabled() gives the base logits and restores the adapters on exit; remove deletes one
+    adapter (the slot is None when none is left)."""
+    m = _model()
+    y0 = np.asarray(_fwd(m, TOK))
+    _add(m, "x", 1)
+    ya = np.asarray(_fwd(m, TOK))
+    assert np.abs(ya - y0).max() > 1e-3
+    with L.disabled(m):
+        np.testing.assert_allclose(np.asarray(_fwd(m, TOK)), y0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(_fwd(m, TOK)), ya, atol=1e-6)
+    _add(m, "y", 2, targets=r"attn/q$")
+    L.remove(m, "x")
+    lp = L.linear_paths(m)
+    assert lp["layers/0/attn/v"].adapter is None
+    assert list(lp["layers/0/attn/q"].adapter.adapters) == ["y"]
+    with pytest.raises(ValueError, match="no projection holds an adapter named 'x'"):
+        L.remove(m, "x")
+
+
+def test_errors():
+    """unknown method (close matches), targets matching nothing, same name twice, bad targets,
+    unknown active name."""
+    m = _model()
+    with pytest.raises(ValueError, match=r"unknown adapter method 'lroa'.*did you mean.*lora"):
+        L.apply(m, L.AdapterConfig(method="lroa"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"matches no projection.*close matches"):
+        L.apply(m, L.AdapterConfig(targets=r"attn/query"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="targets must be"):
+        L.apply(m, L.AdapterConfig(targets=3), rngs=nnx.Rngs(0))
+    L.apply(m, L.AdapterConfig(targets=r"attn/q$"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+        L.apply(m, L.AdapterConfig(targets=r"attn/(q|k)$"), rngs=nnx.Rngs(0))
+    assert L.linear_paths(m)["layers/0/attn/k"].adapter is None  # nothing half-applied
+    with pytest.raises(ValueError, match=r"no adapter named \['z'\]"):
+        L.set_active(m, ["z"])
+
+
+def test_tied_head_refuses_base_rewrite_and_merge():
+    """A tied LM head shares the embedding: PiSSA (base rewrite) and merge raise."""
+    m = DecoderLM(get_config("qwen2-tiny"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="tied"):
+        L.apply(
+            m, L.AdapterConfig(targets="^lm_head$", options=dict(init="pissa")), rngs=nnx.Rngs(0)
+        )
+    m = DecoderLM(get_config("qwen2-tiny"), rngs=nnx.Rngs(0))
+    L.apply(m, L.AdapterConfig(targets="^lm_head$"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="tied head"):
+        L.merge(m)
