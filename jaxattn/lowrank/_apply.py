@@ -6,8 +6,9 @@ weighted sum ``Σ_i w_i · delta_i(x)`` of the active, unmerged adapters; ``merg
 ``W ← W + Σ_i w_i · delta_kernel_i(W)`` into the kernel and ``unmerge`` inverts it. The
 inversion uses the affine form ``delta_kernel_i(W) = W ⊙ c_i + d_i`` (``adapter.affine``,
 with the state ``adapter.merge_state(W)`` kept at merge, e.g. DoRA's weight norm):
-``W = (W' - Σ w_i d_i) / (1 + Σ w_i c_i)``. An adapter without ``affine`` is taken to have a
-base-independent ``delta_kernel`` (c = 0).
+``W = (W' - Σ w_i d_i) / (1 + Σ w_i c_i)``. An adapter without ``affine`` has its
+``delta_kernel(W)`` kept at merge (c = 0, d = that kernel-sized array),
+so unmerge is exact for any adapter.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class AdapterSet(nnx.Module):
 
     Attributes:
       adapters: ``nnx.Dict`` name -> adapter.
-      active: tuple of (name, weight) (static).
+      active: tuple of (name, weight) (static: changing a weight retraces a jitted forward).
       enabled: False inside ``disabled``.
       merged: the (name, weight) pairs folded into the kernel (static; empty when unmerged).
     """
