@@ -21,6 +21,16 @@ from jaxattn.lowrank._surgery import linear_paths
 
 __all__ = ["save", "load"]
 
+
+def _st():
+    try:
+        import safetensors.numpy as st
+    except ImportError as err:  # an optional dependency (the ``hf`` extra)
+        msg = "lowrank.save / load need safetensors: pip install 'jaxattn[hf]'"
+        raise ImportError(msg) from err
+    return st
+
+
 TENSORS, CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
@@ -41,8 +51,6 @@ def save(model: nnx.Module, directory: str, name: str = "default", *, config=Non
     Raises:
       ValueError: no projection holds ``name``, or it is merged (unmerge first).
     """
-    from safetensors.numpy import save_file
-
     tensors, fields, shapes = {}, {}, {}
     for path, linear in linear_paths(model).items():
         s = linear.adapter
@@ -59,7 +67,7 @@ def save(model: nnx.Module, directory: str, name: str = "default", *, config=Non
     if not fields:
         raise ValueError(f"save: no projection holds an adapter named {name!r}")
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, TENSORS))
+    _st().save_file(tensors, os.path.join(directory, TENSORS))
     meta = {"config": cfg.to_json(), "methods": fields, "base_shapes": shapes}
     with open(os.path.join(directory, CONFIG), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
@@ -75,11 +83,9 @@ def load(model: nnx.Module, directory: str, *, name: str | None = None) -> list[
       ValueError: the saved projections or shapes do not match ``model`` (every mismatch
         listed), or a tensor is missing / of the wrong shape.
     """
-    from safetensors.numpy import load_file
-
     with open(os.path.join(directory, CONFIG)) as f:
         meta = json.load(f)
-    tensors = load_file(os.path.join(directory, TENSORS))
+    tensors = _st().load_file(os.path.join(directory, TENSORS))
     found = linear_paths(model)
     bad = []
     for path, (ins, outs) in meta["base_shapes"].items():

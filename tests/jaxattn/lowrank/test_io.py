@@ -60,3 +60,15 @@ def test_save_errors(tmp_path):
     L.merge(m)
     with pytest.raises(ValueError, match="unmerge first"):
         L.save(m, str(tmp_path / "x"))
+
+
+def test_load_under_another_name_next_to_the_first(tmp_path):
+    """load(name=...) adds the saved adapter beside an existing one; loading twice under one
+    name raises."""
+    m, _ = _adapted(tmp_path)
+    L.load(m, str(tmp_path), name="copy")
+    q = m.layers[0].attn.q.adapter
+    assert sorted(q.adapters) == ["copy", "default"]
+    np.testing.assert_array_equal(q.adapters["copy"].b[...], q.adapters["default"].b[...])
+    with pytest.raises(ValueError, match="already has an adapter named 'copy'"):
+        L.load(m, str(tmp_path), name="copy")
