@@ -83,7 +83,7 @@ def effective_rank(adapter: SoRAAdapter) -> int:
     return int(jnp.count_nonzero(adapter.gate[...]))
 
 
-def _leaf_name(path) -> str | None:
+def _leaf_path(path) -> str:
     names = []
     for k in path:
         if isinstance(k, jax.tree_util.DictKey):
@@ -94,22 +94,23 @@ def _leaf_name(path) -> str | None:
             names.append(str(k.idx))
     while names and names[-1] in ("value", "raw_value"):  # an nnx Variable's own field
         names.pop()
-    return names[-1] if names else None
+    return "/".join(names)
 
 
 def sora_proximal(
-    lam: float, lr: float, *, suffix: str = "gate", sticky: bool = True
+    lam: float, lr: float, *, suffix: str = "adapter/gate", sticky: bool = True
 ) -> optax.GradientTransformation:
     """The SoRA proximal step on the gate leaves, to chain after the inner optimizer.
 
-    ``optax.chain(optax.sgd(lr), sora_proximal(lam, lr))``: every leaf whose path ends in
-    ``suffix`` gets ``g ← sign(g + u)·max(|g + u| − lam·lr, 0)`` (u its inner update); other
+    ``optax.chain(optax.sgd(lr), sora_proximal(lam, lr))``: every leaf whose ``/``-joined path
+    ends in ``suffix`` (default ``adapter/gate``: SoRA gates only, not e.g. a router named
+    ``gate``) gets ``g ← sign(g + u)·max(|g + u| − lam·lr, 0)`` (u its inner update); other
     leaves pass through. Needs ``params`` in ``update``.
 
     Args:
       lam: the L1 strength λ >= 0 (0: the identity).
       lr: the learning rate η of the inner update (the threshold is λ·η).
-      suffix: the last path name of the gate leaves.
+      suffix: the ``/``-joined path suffix of the gate leaves (whole names).
       sticky: keep a gate that is exactly 0 at 0 (effective rank non-increasing).
 
     Raises:
@@ -130,7 +131,8 @@ def sora_proximal(
             raise ValueError("sora_proximal needs params in update(updates, state, params)")
 
         def one(path, u, p):
-            if _leaf_name(path) != suffix:
+            name = _leaf_path(path)
+            if name != suffix and not name.endswith("/" + suffix):
                 return u
             new = p + u
             new = jnp.sign(new) * jnp.maximum(jnp.abs(new) - thresh, 0.0)

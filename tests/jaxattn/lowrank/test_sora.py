@@ -111,14 +111,18 @@ def test_lam_zero_is_lora():
 
 def test_proximal_only_touches_gates_and_soft_thresholds():
     tx = sora_proximal(1.0, 0.5)
-    params = {"layer": {"gate": jnp.array([0.2, -0.9, 0.0, 3.0]), "b": jnp.ones(4)}}
-    updates = {"layer": {"gate": jnp.array([0.1, 0.0, 0.7, -1.0]), "b": jnp.full(4, 0.3)}}
+    g0, u0 = jnp.array([0.2, -0.9, 0.0, 3.0]), jnp.array([0.1, 0.0, 0.7, -1.0])
+    params = {"q": {"adapter": {"gate": g0, "b": jnp.ones(4)}}, "router": {"gate": g0}}
+    updates = {"q": {"adapter": {"gate": u0, "b": jnp.full(4, 0.3)}}, "router": {"gate": u0}}
     upd, _ = tx.update(updates, tx.init(params), params)
     new = optax.apply_updates(params, upd)
-    np.testing.assert_allclose(np.asarray(new["layer"]["gate"]), [0.0, -0.4, 0.0, 1.5], atol=1e-6)
-    np.testing.assert_allclose(np.asarray(new["layer"]["b"]), np.full(4, 1.3))
+    np.testing.assert_allclose(np.asarray(new["q"]["adapter"]["gate"]), [0.0, -0.4, 0.0, 1.5],
+                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(new["q"]["adapter"]["b"]), np.full(4, 1.3))
+    np.testing.assert_allclose(np.asarray(new["router"]["gate"]), np.asarray(g0 + u0))
     loose, _ = sora_proximal(1.0, 0.5, sticky=False).update(updates, None, params)
-    assert float(optax.apply_updates(params, loose)["layer"]["gate"][2]) == pytest.approx(0.2)
+    revived = optax.apply_updates(params, loose)["q"]["adapter"]["gate"][2]
+    assert float(revived) == pytest.approx(0.2)
 
 
 def test_validation():
@@ -128,4 +132,4 @@ def test_validation():
     with pytest.raises(ValueError, match="lam"):
         sora_proximal(-1.0, 0.1)
     with pytest.raises(ValueError, match="params"):
-        sora_proximal(1.0, 0.1).update({"gate": jnp.ones(2)}, None)
+        sora_proximal(1.0, 0.1).update({"adapter": {"gate": jnp.ones(2)}}, None)
