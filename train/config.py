@@ -92,6 +92,8 @@ class TrainConfig:
     # optimizer, "frozen" ones do not train (see train.optim, train.optimizers)
     optimizer: tuple[str, ...] = ("adamw:.*",)
     init_from: str = ""
+    adapter: str = ""  # a jaxattn.lowrank method ("lora", ...) attached by train.finetune
+    adapter_options: tuple[str, ...] = ()  # its FIELD=VALUE options (--set adapter.FIELD=VALUE)
     # mesh
     mesh_data: int = -1
     mesh_fsdp: int = 1
@@ -255,6 +257,10 @@ def apply_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...])
             raise ConfigError(f"override {item!r} must look like key=value")
         key, text = item.split("=", 1)
         key = key.strip()
+        if key.startswith("adapter."):  # one option of the adapter method (train.adapters)
+            options = changes.get("adapter_options", config.adapter_options)
+            changes["adapter_options"] = (*options, f"{key[len('adapter.') :]}={text}")
+            continue
         if key not in hints:
             close = difflib.get_close_matches(key, hints, n=3)
             hint = f"; did you mean {close}?" if close else f"; known keys: {sorted(hints)}"
@@ -354,8 +360,16 @@ def config_from_argv(argv=None, description: str = "", prog: str | None = None) 
         metavar="KEY=VALUE",
         help="override one config field; repeatable",
     )
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="METHOD",
+        help="attach a jaxattn.lowrank adapter (lora, dylora, ...); its fields: "
+        "--set adapter.FIELD=VALUE (train.adapters)",
+    )
     args = parser.parse_args(argv)
-    return load_config(args.config, args.set)
+    sets = args.set if args.adapter is None else [f"adapter={args.adapter}", *args.set]
+    return load_config(args.config, sets)
 
 
 # dataclasses a checkpoint's JSON may name (nothing else is imported from metadata)

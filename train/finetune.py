@@ -23,6 +23,7 @@ missing, empty or non-run ``init_from`` with ``config error:``, before anything 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -31,7 +32,7 @@ from flax import nnx
 
 from train.cli import guarded
 from train.config import ConfigError, TrainConfig, config_from_argv
-from train.loop import RunResult, setup_distributed, train_loop
+from train.loop import RunResult, host_params, say, setup_distributed, train_loop
 from train.platform import configure_cpu
 from train.pretrain import build_model, finish
 
@@ -89,20 +90,46 @@ def run(config: TrainConfig, *, extend=None) -> RunResult:
     Returns:
       The :class:`train.loop.RunResult`.
     """
+    from train.adapters import adapter_config, adapter_rules
+
+    if adapter_config(config) is not None:  # validated before anything is loaded
+        config = dataclasses.replace(config, optimizer=adapter_rules(config))
     setup_distributed(config)
     model_config, params = load_init(config.init_from)
     model_config, model_fn = build_model(config, model_config)
-    if extend is not None:
+    extensions = [e for e in (extend, config.adapter and _adapter_extension(config)) if e]
+    if extensions:
         base_fn = model_fn
 
         def model_fn():
             model = base_fn()
-            extend(model)
+            for ext in extensions:
+                ext(model)
             return model
 
     result = train_loop(config, model_fn, model_config=model_config, init_params=params)
     finish(result, config)
+    if config.adapter and jax.process_index() == 0:
+        _save_adapter(result, config)
     return result
+
+
+def _adapter_extension(config: TrainConfig):
+    from train.adapters import attach_adapter
+
+    return lambda model: attach_adapter(model, config)
+
+
+def _save_adapter(result: RunResult, config: TrainConfig) -> str:
+    """Write the trained adapter alone (``lowrank.save``) to ``<run_dir>/adapter``."""
+    from jaxattn import lowrank
+    from train.adapters import adapter_config
+
+    model = result.trainer.model(host_params(result.state["params"]), result.rest)
+    out = os.path.join(result.run_dir, "adapter")
+    lowrank.save(model, out, adapter_config(config).name)
+    say(f"  {'adapter':12s} {os.path.abspath(out)}")
+    return out
 
 
 def main(argv=None) -> None:

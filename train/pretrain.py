@@ -183,6 +183,11 @@ def run(config: TrainConfig, *, model_fn=None, model_config=None) -> RunResult:
             f"init_from={config.init_from!r} is read by train.finetune; train.pretrain starts "
             "from a fresh initialisation (drop init_from, or run python -m train.finetune)"
         )
+    if config.adapter:
+        raise ConfigError(
+            f"adapter={config.adapter!r} is attached by train.finetune to a trained base; "
+            "train.pretrain trains every parameter from scratch"
+        )
     setup_distributed(config)
     if model_fn is None:
         model_config, model_fn = build_model(config, model_config)

@@ -87,6 +87,18 @@ def _model_config(meta: dict):
     return build_model(TrainConfig(**fields))[0]
 
 
+def _train_config(meta: dict):
+    """The stored train config of a run that attached an adapter (else None)."""
+    saved = meta.get("config") or {}
+    if not saved.get("adapter"):
+        return None
+    from train.config import TrainConfig
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known}
+    return TrainConfig(**fields)
+
+
 def resolve_checkpoint(path: str, *, flag: str = "--checkpoint") -> str:
     """The checkpoint root of a run directory (its ``checkpoints/``) or of ``path`` itself.
 
@@ -131,8 +143,18 @@ def load_model(checkpoint: str, step: int | None = None):
         checkpoint = os.path.join(checkpoint, "checkpoints")
     meta = read_meta(checkpoint, step)
     model_config = _model_config(meta)
+    adapter_run = _train_config(meta)
+
+    def build():  # the model the checkpoint was trained as: with its run's adapter, if any
+        model = DecoderLM(model_config, rngs=nnx.Rngs(0))
+        if adapter_run is not None:
+            from train.adapters import attach_adapter
+
+            attach_adapter(model, adapter_run)
+        return model
+
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: DecoderLM(model_config, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(build)
     graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
     abs_params = nnx.to_pure_dict(abs_params)
     if "base" in meta:  # a fine-tuning checkpoint: its trainable leaves + a reference
@@ -143,7 +165,7 @@ def load_model(checkpoint: str, step: int | None = None):
     @jax.jit
     def fresh_rest():  # non-parameter state (rng streams, tables); params are dead code here
         with nnx.use_eager_sharding(False):
-            model = DecoderLM(model_config, rngs=nnx.Rngs(0))
+            model = build()
         return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
 
     return nnx.merge(graphdef, params, fresh_rest()), meta
@@ -183,6 +205,19 @@ def _restore_finetuned(checkpoint: str, abs_params: dict, meta: dict):
     return merge_params(own, base), meta
 
 
+def _load_adapter(model, directory: str) -> None:
+    """Attach the adapter saved in ``directory`` (``--adapter``) to ``model``."""
+    from jaxattn import lowrank
+    from train.config import ConfigError
+
+    if not os.path.isfile(os.path.join(directory, "adapter_config.json")):
+        raise ConfigError(f"--adapter {directory!r} holds no adapter_config.json (lowrank.save)")
+    try:
+        lowrank.load(model, directory)
+    except ValueError as err:
+        raise ConfigError(f"--adapter {directory!r}: {err}") from None
+
+
 def _check_args(args) -> None:
     """Sampling flags that cannot work, as a ConfigError naming the flag."""
     from train.config import ConfigError
@@ -212,6 +247,12 @@ def main(argv=None) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, default=None, help="default: the newest")
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="attach an adapter saved by jaxattn.lowrank.save (a fine-tuning run's adapter/)",
+    )
     args = parser.parse_args(argv)
     configure_cpu()  # before any JAX computation: XLA reads its flags once
     guarded(lambda: _sample(args))
@@ -227,6 +268,8 @@ def _sample(args) -> None:
     if args.step is not None and args.step not in steps:
         raise ConfigError(f"--step {args.step}: {args.checkpoint!r} holds steps {steps}")
     model, meta = load_model(root, args.step)
+    if args.adapter is not None:
+        _load_adapter(model, args.adapter)
     texts = sample_texts(
         model,
         args.prompt,

@@ -1,0 +1,124 @@
+"""Adapters in the training scripts: ``--adapter METHOD`` and ``--set adapter.FIELD=VALUE``.
+
+``python -m train.finetune --config finetune_lora --adapter lora --set adapter.rank=8
+--set "adapter.targets=attn/(q|k|v|o)$|mlp/"`` attaches a ``jaxattn.lowrank`` adapter of the
+registered method to the projections ``targets`` selects (default ``all-linear``) before
+training. ``TrainConfig.adapter`` holds the method and ``TrainConfig.adapter_options`` the
+``FIELD=VALUE`` strings; ``targets``, ``exclude`` and ``name`` go to the
+``lowrank.AdapterConfig``, every other field to the method (typed by the method's dataclass).
+With the default optimizer rules an adapter run trains the adapter leaves only
+(``adamw:/adapter/``, ``frozen:.*``); given rules are used as they are.
+
+The adapter is part of the run's config, so a fine-tuning checkpoint (its trainable leaves and
+a reference to the base) is rebuilt with it on resume and by ``train.sample``; at the end the
+adapter is also written alone with ``lowrank.save`` to ``<run_dir>/adapter`` (safetensors +
+JSON), which ``train.sample --adapter DIR`` and ``lowrank.load`` read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from flax import nnx
+
+from train.config import ConfigError
+
+__all__ = ["ADAPTER_RULES", "adapter_config", "attach_adapter", "adapter_rules"]
+
+ADAPTER_RULES = ("adamw:/adapter/", "frozen:.*")
+_CONFIG_KEYS = ("targets", "exclude", "name")
+
+
+def _parse(method: str, key: str, text: str, kind, default):
+    """``text`` as a value of the method field ``key`` (typed by its annotation/default)."""
+    kind = kind if kind in (bool, int, float, str) else type(default)
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"expected true/false, got {text!r}")
+            return low in ("true", "1", "yes")
+        if kind in (int, float):
+            return kind(text)
+        if default is None or kind is str:
+            return text
+    except ValueError as err:
+        raise ConfigError(f"--set adapter.{key}={text!r} ({method}): {err}") from None
+    raise ConfigError(f"--set adapter.{key}: field of {method} cannot be set from the command line")
+
+
+def adapter_config(config):
+    """The ``lowrank.AdapterConfig`` of a ``TrainConfig`` (None when ``adapter`` is empty).
+
+    Raises:
+      ConfigError: an unknown method or field (the method's fields listed), a malformed or
+        repeated option, or a value of the wrong type, naming the option.
+    """
+    if not config.adapter:
+        if config.adapter_options:
+            raise ConfigError(
+                f"adapter options {list(config.adapter_options)} given without --adapter METHOD"
+            )
+        return None
+    from jaxattn import lowrank
+
+    try:
+        cls = lowrank.get_method(config.adapter)
+    except ValueError as err:
+        raise ConfigError(f"adapter: {err}") from None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    options, top = {}, {}
+    for item in config.adapter_options:
+        if "=" not in item:
+            raise ConfigError(f"adapter option {item!r} must look like FIELD=VALUE")
+        key, text = (s.strip() for s in item.split("=", 1))
+        if key in options or key in top:
+            raise ConfigError(f"adapter option {key!r} is given twice")
+        if key in _CONFIG_KEYS:
+            top[key] = text
+        elif key in fields:
+            default = fields[key].default
+            options[key] = _parse(config.adapter, key, text, hints.get(key), default)
+        else:
+            known = sorted(set(fields) | set(_CONFIG_KEYS))
+            raise ConfigError(f"adapter {config.adapter!r} has no option {key!r}; known: {known}")
+    return lowrank.AdapterConfig(method=config.adapter, options=options, **top)
+
+
+def attach_adapter(model: nnx.Module, config) -> list[str]:
+    """Attach the adapter of ``config`` (a ``TrainConfig``) to ``model``; returns the paths.
+
+    The adapter's random initialisation derives from ``config.seed``, so the same config
+    rebuilds the same fresh adapter. Methods that rewrite the base at initialisation (PiSSA,
+    OLoRA) need the trained base loaded first, which the fine-tuning loop does not do yet:
+    they are refused here.
+
+    Raises:
+      ConfigError: see :func:`adapter_config`; targets matching nothing or a bad field value.
+    """
+    cfg = adapter_config(config)
+    if cfg is None:
+        return []
+    if cfg.options.get("init") in ("pissa", "olora"):
+        raise ConfigError(
+            f"adapter.init={cfg.options['init']!r} rewrites the base kernel from its trained "
+            "value at initialisation; train.finetune builds adapters before loading the base, "
+            "so it is not supported here (apply it with jaxattn.lowrank.apply on a loaded model)"
+        )
+    from jaxattn import lowrank
+
+    try:
+        return lowrank.apply(model, cfg, rngs=nnx.Rngs(config.seed + 7919))
+    except ValueError as err:
+        raise ConfigError(f"adapter {config.adapter!r}: {err}") from None
+
+
+def adapter_rules(config) -> tuple[str, ...]:
+    """The optimizer rules of an adapter run: the given ones, or :data:`ADAPTER_RULES` when
+    the config keeps the default (train every parameter) rules."""
+    from train.config import TrainConfig
+
+    default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "optimizer")
+    return ADAPTER_RULES if config.optimizer == default else config.optimizer
