@@ -8,10 +8,17 @@ Methods
   register_method, registered_methods, get_method, make_method, MethodConfig
                       adapter kinds by name (one module each in ``jaxattn.lowrank.methods``)
 
+Mixed-adapter batches
+  LoRABank            n LoRA adapters of one projection; row b uses ``sequence_ids_B[b]``
+                      (method ``lora_bank``; S-LoRA / Punica gather, -1: no adapter)
+  stack_adapters, unstack
+                      n single (a, b, scale) LoRA adapters <-> one LoRABank
+
 The adapter methods themselves (LoRA and its family) build on this; ``jaxattn.layers.Adapter``
 is the protocol an adapter follows and ``jaxattn.layers.AdapterParam`` its parameter type.
 """
 
+from jaxattn.lowrank._mixed import stack_adapters, unstack
 from jaxattn.lowrank._registry import (
     MethodConfig,
     get_method,
@@ -20,6 +27,7 @@ from jaxattn.lowrank._registry import (
     registered_methods,
 )
 from jaxattn.lowrank._surgery import attach, detach, linear_paths
+from jaxattn.lowrank.methods.lora_bank import LoRABank
 
 __all__ = [
     "linear_paths",
@@ -30,4 +38,7 @@ __all__ = [
     "registered_methods",
     "get_method",
     "make_method",
+    "LoRABank",
+    "stack_adapters",
+    "unstack",
 ]
