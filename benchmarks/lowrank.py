@@ -12,13 +12,15 @@ attention and MLP projection (``--pattern``) of a ``models.DecoderLM`` (``--conf
   bank n=1       a ``lora_bank`` of one adapter, ids all 0 (the gather path, one adapter);
   bank n=8 mixed a ``lora_bank`` of 8 adapters, ids 0..7 (every row its own adapter).
 
-Times: median seconds (``benchmarks._timing.median_seconds``) of the jitted forward (logits)
+Times: median seconds (``benchmarks._timing.median_seconds``; the variants alternate in each
+of ``--rounds`` rounds, median over rounds) of the jitted forward (logits)
 and of forward+backward (the gradient of a next-token cross-entropy with respect to the
 adapter parameters, as LoRA training takes it; none for the base model), and their ratios to
 ``single`` and to ``bank n=1``.
 
 Usage: ``python -m benchmarks.lowrank [--config llama-tiny] [--layers N] [--batch 8]
-[--seq 128] [--rank 8] [--adapters 8] [--repeats 5] [--min-run-ms 200] [--dtype float32]``
+[--seq 128] [--rank 8] [--adapters 8] [--repeats 5] [--rounds 3] [--min-run-ms 200]
+[--dtype float32]``
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 import sys
 import zlib
 
@@ -129,14 +132,29 @@ def _fwd_bwd(model, tokens, ids):
 
 
 def measure(args) -> list[dict]:
-    """One row per variant: fwd / fwd+bwd median seconds (None where not applicable)."""
+    """One row per variant: fwd / fwd+bwd median seconds (None where not applicable).
+
+    The variants alternate within each of ``--rounds`` rounds (so a slow spell of a shared
+    machine hits all alike); a variant's time is the median over rounds of each round's
+    ``median_seconds`` (``--repeats`` runs)."""
     tokens = jax.random.randint(jax.random.key(3), (args.batch, args.seq), 0, 256, jnp.int32)
-    rows = []
-    for name, (model, ids) in build_models(args).items():
-        t = lambda f: median_seconds(f, (model, tokens, ids), args.repeats, args.min_run_ms / 1e3)
-        bwd = None if name == "no adapter" else t(_fwd_bwd)  # no adapter parameters
-        rows.append({"variant": name, "fwd_s": t(_forward), "fwd_bwd_s": bwd})
-    return rows
+    models = build_models(args)
+    times = {name: {"fwd_s": [], "fwd_bwd_s": []} for name in models}
+    for _ in range(args.rounds):
+        for name, (model, ids) in models.items():
+            run = (model, tokens, ids)
+            times[name]["fwd_s"].append(
+                median_seconds(_forward, run, args.repeats, args.min_run_ms / 1e3)
+            )
+            if name != "no adapter":  # no adapter parameters to differentiate
+                times[name]["fwd_bwd_s"].append(
+                    median_seconds(_fwd_bwd, run, args.repeats, args.min_run_ms / 1e3)
+                )
+    med = lambda v: statistics.median(v) if v else None
+    return [
+        {"variant": n, "fwd_s": med(t["fwd_s"]), "fwd_bwd_s": med(t["fwd_bwd_s"])}
+        for n, t in times.items()
+    ]
 
 
 def table(rows, adapters: int) -> list[str]:
@@ -176,6 +194,7 @@ def _parser():
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of alternating variants")
     p.add_argument("--min-run-ms", type=float, default=200.0)
     p.add_argument("--json", default="")
     return p

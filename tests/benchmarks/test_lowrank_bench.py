@@ -38,7 +38,8 @@ def test_inline_single_lora_equals_one_adapter_bank():
 def test_tiny_run_prints_table(capsys, tmp_path):
     path = tmp_path / "l.json"
     argv = ["--layers", "1", "--batch", "4", "--adapters", "4", "--seq", "8", "--rank", "2",
-            "--repeats", "1", "--min-run-ms", "0", "--json", str(path)]  # fmt: skip
+            "--repeats", "1", "--rounds", "2", "--min-run-ms", "0",
+            "--json", str(path)]  # fmt: skip
     assert bench.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("Device: ") and f"jax {jax.__version__}" in lines[0]
