@@ -18,7 +18,9 @@ their in / out side, replicated on the adapter and rank axes); buffers (not trai
 ``rank_mask`` [n, r] (1 on each adapter's first r_i rank slots).
 
 A mixed bank has no single weight change: ``delta_kernel`` raises unless n == 1; merge one
-adapter with ``delta_kernel_of(i, base)``.
+adapter with ``delta_kernel_of(i, base)``. So the MLA absorbed decode, which reads
+``k_b`` / ``v_b`` through ``effective_kernel``, cannot take a mixed bank on those two
+projections (it raises that error); banks on MLA's q, kv_a, o and the MLP decode fine.
 """
 
 from __future__ import annotations
