@@ -15,6 +15,13 @@ Applying (``_apply``)
   remove, trainable_count, AdapterSet
   save, load            ``adapter.safetensors`` + ``adapter_config.json``
 
+Mixed-adapter batches
+  LoRABank            n LoRA adapters of one projection; row b uses ``sequence_ids_B[b]``
+                      (method ``lora_bank``; S-LoRA / Punica gather, -1: no adapter)
+  stack_adapters, unstack
+                      n single (a, b, scale) LoRA adapters <-> one LoRABank
+  mix                 the named LoRA adapters of a model as one bank per projection
+
 The adapter methods themselves (LoRA and its family) build on this; ``jaxattn.layers.Adapter``
 is the protocol an adapter follows and ``jaxattn.layers.AdapterParam`` its parameter type.
 """
@@ -31,6 +38,7 @@ from jaxattn.lowrank._apply import (
     unmerge,
 )
 from jaxattn.lowrank._io import load, save
+from jaxattn.lowrank._mixed import mix, stack_adapters, unstack
 from jaxattn.lowrank._registry import (
     MethodConfig,
     get_method,
@@ -39,6 +47,7 @@ from jaxattn.lowrank._registry import (
     registered_methods,
 )
 from jaxattn.lowrank._surgery import attach, detach, linear_paths
+from jaxattn.lowrank.methods.lora_bank import LoRABank
 
 __all__ = [
     "linear_paths",
@@ -60,4 +69,8 @@ __all__ = [
     "trainable_count",
     "save",
     "load",
+    "LoRABank",
+    "stack_adapters",
+    "mix",
+    "unstack",
 ]
