@@ -18,11 +18,12 @@ JSON), which ``train.sample --adapter DIR`` and ``lowrank.load`` read.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 
 from flax import nnx
 
-from train.config import ConfigError
+from train.config import ConfigError, _parse_value
 
 __all__ = ["ADAPTER_RULES", "adapter_config", "attach_adapter", "adapter_rules"]
 
@@ -30,22 +31,11 @@ ADAPTER_RULES = ("adamw:/adapter/", "frozen:.*")
 _CONFIG_KEYS = ("targets", "exclude", "name")
 
 
-def _parse(method: str, key: str, text: str, kind, default):
-    """``text`` as a value of the method field ``key`` (typed by its annotation/default)."""
-    kind = kind if kind in (bool, int, float, str) else type(default)
-    try:
-        if kind is bool:
-            low = text.strip().lower()
-            if low not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"expected true/false, got {text!r}")
-            return low in ("true", "1", "yes")
-        if kind in (int, float):
-            return kind(text)
-        if default is None or kind is str:
-            return text
-    except ValueError as err:
-        raise ConfigError(f"--set adapter.{key}={text!r} ({method}): {err}") from None
-    raise ConfigError(f"--set adapter.{key}: field of {method} cannot be set from the command line")
+def _field_kind(kind, default):
+    """The scalar type of a method field (``int | None`` -> int; else its default's type)."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        kind = next((k for k in typing.get_args(kind) if k is not type(None)), str)
+    return kind if kind in (bool, int, float, str) else type(default)
 
 
 def adapter_config(config):
@@ -80,7 +70,8 @@ def adapter_config(config):
             top[key] = text
         elif key in fields:
             default = fields[key].default
-            options[key] = _parse(config.adapter, key, text, hints.get(key), default)
+            kind = _field_kind(hints.get(key), default)
+            options[key] = _parse_value(f"adapter.{key}", text, kind)
         else:
             known = sorted(set(fields) | set(_CONFIG_KEYS))
             raise ConfigError(f"adapter {config.adapter!r} has no option {key!r}; known: {known}")

@@ -312,22 +312,35 @@ def remove(model: nnx.Module, name: str) -> list[str]:
     Raises:
       ValueError: no projection holds ``name``, or it is merged there (unmerge first).
     """
-    done = []
-    for path, linear in linear_paths(model).items():
+    held = holding(model, name, op="remove")
+    for linear in held.values():
         s = linear.adapter
-        if not isinstance(s, AdapterSet) or name not in s.adapters:
-            continue
-        if any(n == name for n, _ in s.merged):
-            raise ValueError(f"remove: {name!r} is merged into {path!r}; unmerge first")
         del s.adapters[name]
         s.active = tuple((n, w) for n, w in s.active if n != name)
         s.records = tuple(r for r in s.records if r[0] != name)
         if not len(s.adapters):
             linear.adapter = None
-        done.append(path)
-    if not done:
-        raise ValueError(f"remove: no projection holds an adapter named {name!r}")
-    return done
+    return list(held)
+
+
+def holding(model: nnx.Module, name: str, *, op: str) -> dict:
+    """The projections (path -> ``Linear``) whose ``AdapterSet`` holds adapter ``name``.
+
+    Raises:
+      ValueError (prefixed ``op``): no projection holds ``name``, or it is merged into one
+        (unmerge first).
+    """
+    held = {}
+    for path, linear in linear_paths(model).items():
+        s = linear.adapter
+        if not isinstance(s, AdapterSet) or name not in s.adapters:
+            continue
+        if any(n == name for n, _ in s.merged):
+            raise ValueError(f"{op}: {name!r} is merged into {path!r}; unmerge first")
+        held[path] = linear
+    if not held:
+        raise ValueError(f"{op}: no projection holds an adapter named {name!r}")
+    return held
 
 
 def trainable_count(model: nnx.Module) -> int:

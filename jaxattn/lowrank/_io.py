@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jaxattn.layers import AdapterParam
-from jaxattn.lowrank._apply import AdapterConfig, AdapterSet, apply
+from jaxattn.lowrank._apply import AdapterConfig, apply, holding
 from jaxattn.lowrank._surgery import linear_paths
 
 __all__ = ["save", "load"]
@@ -52,20 +52,14 @@ def save(model: nnx.Module, directory: str, name: str = "default", *, config=Non
       ValueError: no projection holds ``name``, or it is merged (unmerge first).
     """
     tensors, fields, shapes = {}, {}, {}
-    for path, linear in linear_paths(model).items():
+    for path, linear in holding(model, name, op="save").items():
         s = linear.adapter
-        if not isinstance(s, AdapterSet) or name not in s.adapters:
-            continue
-        if any(n == name for n, _ in s.merged):
-            raise ValueError(f"save: {name!r} is merged into {path!r}; unmerge first")
         for key, var in _flat(s.adapters[name]).items():
             tensors[f"{path}/{key}"] = np.asarray(var[...])
         saved_cfg, method = s.record(name)
         fields[path] = method.to_json()
         shapes[path] = [list(linear.in_shape), list(linear.out_shape)]
         cfg = config or saved_cfg
-    if not fields:
-        raise ValueError(f"save: no projection holds an adapter named {name!r}")
     os.makedirs(directory, exist_ok=True)
     _st().save_file(tensors, os.path.join(directory, TENSORS))
     meta = {"config": cfg.to_json(), "methods": fields, "base_shapes": shapes}

@@ -33,15 +33,11 @@ from flax import nnx
 from jaxattn.layers._context import dropout as _dropout
 from jaxattn.lowrank._factors import RANK_AXIS, factor, kernel_axes
 from jaxattn.lowrank._registry import MethodConfig, register_method
+from jaxattn.lowrank.methods._seeds_common import contract, down_init
 
 __all__ = ["LoRAConfig", "LoRAAdapter"]
 
 INITS = ("kaiming", "gaussian", "pissa", "olora", "zero")
-
-
-def _contract(x, w, n):
-    """x [..., *k] · w [*k, *rest] over the last n axes of x."""
-    return jnp.tensordot(x, w, axes=(tuple(range(x.ndim - n, x.ndim)), tuple(range(n))))
 
 
 class LoRAAdapter(nnx.Module):
@@ -69,7 +65,7 @@ class LoRAAdapter(nnx.Module):
     def lowrank_kernel(self, dtype=jnp.float32) -> jax.Array:
         """s · a·b as [*in, *out] in ``dtype``."""
         a, b = self.a[...].astype(dtype), self.b[...].astype(dtype)
-        return (self.scaling * _contract(a, b, 1)).astype(dtype)
+        return (self.scaling * contract(a, b, 1)).astype(dtype)
 
     def weight_norm(self, base: jax.Array) -> jax.Array:
         """||W + s·a·b|| per output feature [*out] (fp32, norm over the input dims)."""
@@ -81,13 +77,13 @@ class LoRAAdapter(nnx.Module):
         key = None if ctx is None else ctx.key(self.tag)
         xd = _dropout(x, self.rate, key) if self.rate > 0.0 else x
         dt = x.dtype
-        h = _contract(xd, self.a[...].astype(dt), self.n_in)
-        y = _contract(h, self.b[...].astype(dt), 1) * jnp.asarray(self.scaling, dt)
+        h = contract(xd, self.a[...].astype(dt), self.n_in)
+        y = contract(h, self.b[...].astype(dt), 1) * jnp.asarray(self.scaling, dt)
         if not self.use_dora:
             return y
         scale = self.magnitude[...] / jax.lax.stop_gradient(self.weight_norm(base))
         scale = scale.astype(dt)
-        return (scale - 1) * _contract(xd, base.astype(dt), self.n_in) + scale * y
+        return (scale - 1) * contract(xd, base.astype(dt), self.n_in) + scale * y
 
     def affine(self, norm=None):
         """(c, d) with ``delta_kernel(W) = W ⊙ c + d`` (c [*out] or 0); DoRA needs ``norm``,
@@ -167,8 +163,7 @@ class LoRAConfig(MethodConfig):
         else:
             b = jnp.zeros((r, fo), jnp.float32)
             if self.init == "kaiming":
-                bound = 1.0 / math.sqrt(fi)
-                a = jax.random.uniform(rngs.params(), (fi, r), jnp.float32, -bound, bound)
+                a = down_init(rngs.params(), (fi,), r)
             elif self.init == "gaussian":
                 a = jax.random.normal(rngs.params(), (fi, r), jnp.float32) / r
             else:
