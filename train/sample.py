@@ -78,25 +78,26 @@ def _model_config(meta: dict):
 
     if meta.get("model_config"):
         return config_from_json(meta["model_config"])
-    from train.config import TrainConfig
     from train.pretrain import build_model
 
-    saved = meta["config"]
+    return build_model(_saved_train_config(meta))[0]
+
+
+def _saved_train_config(meta: dict):
+    """The ``TrainConfig`` stored in checkpoint metadata (fields it no longer has dropped)."""
+    from train.config import TrainConfig
+
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known}
-    return build_model(TrainConfig(**fields))[0]
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()
+              if k in known}  # fmt: skip
+    return TrainConfig(**fields)
 
 
 def _train_config(meta: dict):
     """The stored train config of a run that attached an adapter (else None)."""
-    saved = meta.get("config") or {}
-    if not saved.get("adapter"):
+    if not (meta.get("config") or {}).get("adapter"):
         return None
-    from train.config import TrainConfig
-
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known}
-    return TrainConfig(**fields)
+    return _saved_train_config(meta)
 
 
 def resolve_checkpoint(path: str, *, flag: str = "--checkpoint") -> str:
