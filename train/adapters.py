@@ -23,11 +23,10 @@ import typing
 
 from flax import nnx
 
+from jaxattn.lowrank._registry import TRAINING_RULES as ADAPTER_RULES
 from train.config import ConfigError, _parse_value
 
 __all__ = ["ADAPTER_RULES", "adapter_config", "attach_adapter", "adapter_rules"]
-
-ADAPTER_RULES = ("adamw:/adapter/", "frozen:.*")
 _CONFIG_KEYS = ("targets", "exclude", "name")
 
 
@@ -107,9 +106,22 @@ def attach_adapter(model: nnx.Module, config) -> list[str]:
 
 
 def adapter_rules(config) -> tuple[str, ...]:
-    """The optimizer rules of an adapter run: the given ones, or :data:`ADAPTER_RULES` when
-    the config keeps the default (train every parameter) rules."""
+    """The optimizer rules of an adapter run: the given ones, or, when the config keeps the
+    default (train every parameter) rules, the method's own ``training_rules()`` (AdamW on the
+    adapter leaves, the rest frozen: :data:`ADAPTER_RULES`; SoRA adds its proximal step).
+
+    Raises:
+      ConfigError: see :func:`adapter_config`; a method field value the method refuses.
+    """
+    from jaxattn import lowrank
     from train.config import TrainConfig
 
     default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "optimizer")
-    return ADAPTER_RULES if config.optimizer == default else config.optimizer
+    if config.optimizer != default:
+        return config.optimizer
+    cfg = adapter_config(config)
+    try:
+        method = lowrank.make_method(cfg.method, **cfg.options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"adapter {config.adapter!r}: {err}") from None
+    return tuple(method.training_rules())

@@ -138,3 +138,5 @@ for _name, _fn in (("adamw", adamw), ("lion", lion), ("sgd", sgd), ("galore", ga
                    ("fira", fira)):  # fmt: skip
     register_optimizer(_name, _fn)
 register_optimizer("frozen", frozen, trains=False)
+
+import train.adapter_procedures  # noqa: E402,F401 - registers the adapter procedures

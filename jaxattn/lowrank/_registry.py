@@ -18,6 +18,13 @@ The adapter it returns is an ``nnx.Module`` with ``delta(x, ctx, *, base)`` and
 regenerated from a key, are not Params). ``lowrank.apply`` finds the method by name, applies
 per-path overrides with ``dataclasses.replace`` and calls ``validate`` then ``build`` on every
 selected ``Linear``. The method's fields are what the adapter's JSON config records.
+
+Where the training procedure is part of the method (SoRA's proximal gate step, a rank schedule,
+a pruning schedule), the method names it in :meth:`MethodConfig.training_rules`: the optimizer
+rules (``train.optim`` syntax) that ``train.finetune`` uses for the method when the run keeps
+its default rules. The procedures are optimizer factories registered in
+``train/adapter_procedures.py``; a procedure that changes what the forward reads (a rank mask,
+a pruning mask) keeps that state in adapter leaves it writes through its updates.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ from typing import Any, ClassVar
 from flax import nnx
 
 __all__ = ["MethodConfig", "register_method", "get_method", "registered_methods", "make_method"]
+
+
+TRAINING_RULES = ("adamw:/adapter/", "frozen:.*")  # MethodConfig.training_rules' default
 
 
 class MethodConfig:
@@ -43,6 +53,13 @@ class MethodConfig:
     def build(self, path: str, linear, *, rngs: nnx.Rngs) -> Any:
         """The adapter module of ``linear`` (at module path ``path``)."""
         raise NotImplementedError(f"{type(self).__name__}.build")
+
+    def training_rules(self) -> tuple[str, ...]:
+        """The optimizer rules that train this method (``train.optim`` syntax): by default
+        AdamW on the adapter leaves and everything else frozen. A method whose training
+        procedure is part of it returns a rule naming its procedure (e.g. SoRA's
+        ``"sora(lam=0.1):/adapter/"``), registered in ``train/adapter_procedures.py``."""
+        return TRAINING_RULES
 
     def to_json(self) -> dict:
         """The fields as plain JSON values, plus ``"method"``."""

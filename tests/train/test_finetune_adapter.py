@@ -17,7 +17,7 @@ from train_testlib import tiny_config
 
 from jaxattn import lowrank
 from train import finetune, sample
-from train.adapters import ADAPTER_RULES, adapter_config
+from train.adapters import ADAPTER_RULES, adapter_config, adapter_rules
 from train.checkpoints import read_meta
 from train.config import ConfigError, TrainConfig, config_from_argv
 from train.optim import path_string
@@ -110,3 +110,24 @@ def test_sample_cli_attaches_an_adapter_dir(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--checkpoint", str(tiny_run), "--prompt", "ab", "--adapter", str(tmp_path)])
     assert "holds no adapter_config.json" in capsys.readouterr().err
+
+
+def test_sora_finetune_runs_its_proximal_gate_step_by_name(tiny_run, tmp_path):
+    # SoRA's training procedure comes with the method: --adapter sora trains with the rule
+    # of SoRAConfig.training_rules (AdamW + the proximal L1 step on the gates, threshold
+    # λ·η(t)). With λ·η ≥ 1 per step the gates (init 1) are driven to exactly 0.
+    options = ("rank=2", "lam=200", "targets=attn/q$")
+    config = tiny_config(
+        tmp_path / "sora", init_from=str(tiny_run), adapter="sora", adapter_options=options,
+        steps=3, warmup_steps=1, ckpt_every=3, async_checkpoint=False, lr=1e-2,
+    )  # fmt: skip
+    assert adapter_rules(config) == ("sora(lam=200.0):/adapter/", "frozen:.*")
+    result = finetune.run(config)
+    after = _flat(result.state["params"])
+    gates = {k: v for k, v in after.items() if k.endswith("/adapter/adapters/default/gate")}
+    assert sorted(gates) == [f"layers/{i}/attn/q/adapter/adapters/default/gate" for i in (0, 1)]
+    for key, gate in gates.items():
+        assert np.array_equal(gate, np.zeros(2)), (key, gate)
+    assert all(np.any(after[k.replace("/gate", "/a")] != 0) for k in gates)
+    meta = read_meta(os.path.join(config.out_dir, "checkpoints"), 3)
+    assert tuple(meta["config"]["optimizer"])[0] == "sora(lam=200.0):/adapter/"

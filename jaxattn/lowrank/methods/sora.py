@@ -21,6 +21,7 @@ that reached 0 at 0, so the effective rank never increases; the bare proximal st
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +44,18 @@ class SoRAConfig(MethodConfig):
     Attributes:
       rank: the initial (maximum) rank r, 1 <= r <= min(d_in, d_out).
       alpha: scale numerator (scale alpha / rank).
+      lam: the L1 strength λ of the gate's proximal step (the official code's
+        ``sparse_lambda``) that ``train.finetune`` runs (:meth:`training_rules`).
     """
 
     rank: int = 8
     alpha: float = 8.0
+    lam: float = 0.1
+
+    def training_rules(self) -> tuple[str, ...]:
+        """AdamW on the adapter, then the proximal gate step (``train.adapter_procedures``):
+        the official code's SparseAdamW, an AdamW step followed by the L1 proximal map."""
+        return (f"sora(lam={float(self.lam)!r}):/adapter/", "frozen:.*")
 
     def validate(self, path: str, linear: Linear) -> None:
         check_rank(path, linear, self.rank, min(linear.fan_in, linear.fan_out))
@@ -97,20 +106,25 @@ def _leaf_path(path) -> str:
     return "/".join(names)
 
 
+_GATE_PATH = re.compile(r"(^|/)adapter/(adapters/[^/]+/)?gate$")
+
+
 def sora_proximal(
-    lam: float, lr: float, *, suffix: str = "adapter/gate", sticky: bool = True
+    lam: float, lr: float | optax.Schedule, *, sticky: bool = True
 ) -> optax.GradientTransformation:
     """The SoRA proximal step on the gate leaves, to chain after the inner optimizer.
 
-    ``optax.chain(optax.sgd(lr), sora_proximal(lam, lr))``: every leaf whose ``/``-joined path
-    ends in ``suffix`` (default ``adapter/gate``: SoRA gates only, not e.g. a router named
-    ``gate``) gets ``g ← sign(g + u)·max(|g + u| − lam·lr, 0)`` (u its inner update); other
+    ``optax.chain(optax.sgd(lr), sora_proximal(lam, lr))``: every SoRA gate leaf, whose
+    ``/``-joined path ends in ``adapter/gate`` (an adapter in a ``Linear``'s slot) or
+    ``adapter/adapters/NAME/gate`` (a named adapter of ``lowrank.apply``), and no other leaf
+    (not e.g. a router named ``gate``), gets ``g ← sign(g + u)·max(|g + u| − lam·lr, 0)`` (u its inner update); other
     leaves pass through. Needs ``params`` in ``update``.
 
     Args:
       lam: the L1 strength λ >= 0 (0: the identity).
-      lr: the learning rate η of the inner update (the threshold is λ·η).
-      suffix: the ``/``-joined path suffix of the gate leaves (whole names).
+      lr: the learning rate η of the inner update (the threshold is λ·η), or the inner
+        update's schedule ``η(t)`` (then the state counts steps as ``scale_by_schedule``
+        does, so the threshold at step t is λ·η(t), the rate the inner update used).
       sticky: keep a gate that is exactly 0 at 0 (effective rank non-increasing).
 
     Raises:
@@ -118,21 +132,28 @@ def sora_proximal(
     """
     if not lam >= 0:
         raise ValueError(f"lam={lam!r} must be >= 0")
-    if not lr > 0:
-        raise ValueError(f"lr={lr!r} must be > 0")
-    thresh = float(lam) * float(lr)
+    scheduled = callable(lr)
+    if not scheduled and not lr > 0:
+        raise ValueError(f"lr={lr!r} must be > 0 (or a schedule)")
 
     def init(params):
         del params
+        if scheduled:
+            return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
         return optax.EmptyState()
 
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("sora_proximal needs params in update(updates, state, params)")
+        if scheduled:
+            thresh = float(lam) * lr(state.count)
+            state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+        else:
+            thresh = float(lam) * float(lr)
 
         def one(path, u, p):
             name = _leaf_path(path)
-            if name != suffix and not name.endswith("/" + suffix):
+            if not _GATE_PATH.search(name):
                 return u
             new = p + u
             new = jnp.sign(new) * jnp.maximum(jnp.abs(new) - thresh, 0.0)

@@ -133,3 +133,20 @@ def test_validation():
         sora_proximal(-1.0, 0.1)
     with pytest.raises(ValueError, match="params"):
         sora_proximal(1.0, 0.1).update({"adapter": {"gate": jnp.ones(2)}}, None)
+
+
+def test_proximal_finds_named_adapter_gates_and_follows_a_schedule():
+    # lowrank.apply puts adapters at .../adapter/adapters/NAME/...; with a schedule η(t) the
+    # threshold at step t is λ·η(t), t counted by the transform's own state.
+    g0 = jnp.array([1.0, 0.3])
+    params = {"q": {"adapter": {"adapters": {"default": {"gate": g0}}}}, "mlp": {"gate": g0}}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    tx = sora_proximal(1.0, lambda t: 0.1 * (t + 1))
+    state = tx.init(params)
+    for step in range(2):
+        updates, state = tx.update(zero, state, params)
+        params = optax.apply_updates(params, updates)
+    # step 0 thresholds by 0.1, step 1 by 0.2: 1.0 -> 0.7, 0.3 -> 0.0
+    np.testing.assert_allclose(np.asarray(params["q"]["adapter"]["adapters"]["default"]["gate"]),
+                               [0.7, 0.0], atol=1e-6)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(params["mlp"]["gate"]), np.asarray(g0))
