@@ -117,8 +117,8 @@ def sora_proximal(
     ``optax.chain(optax.sgd(lr), sora_proximal(lam, lr))``: every SoRA gate leaf, whose
     ``/``-joined path ends in ``adapter/gate`` (an adapter in a ``Linear``'s slot) or
     ``adapter/adapters/NAME/gate`` (a named adapter of ``lowrank.apply``), and no other leaf
-    (not e.g. a router named ``gate``), gets ``g ← sign(g + u)·max(|g + u| − lam·lr, 0)`` (u its inner update); other
-    leaves pass through. Needs ``params`` in ``update``.
+    (not e.g. a router named ``gate``), gets ``g ← sign(g + u)·max(|g + u| − lam·lr, 0)``
+    (u its inner update); other leaves pass through. Needs ``params`` in ``update``.
 
     Args:
       lam: the L1 strength λ >= 0 (0: the identity).

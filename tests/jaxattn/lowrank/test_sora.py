@@ -143,7 +143,7 @@ def test_proximal_finds_named_adapter_gates_and_follows_a_schedule():
     zero = jax.tree.map(jnp.zeros_like, params)
     tx = sora_proximal(1.0, lambda t: 0.1 * (t + 1))
     state = tx.init(params)
-    for step in range(2):
+    for _ in range(2):
         updates, state = tx.update(zero, state, params)
         params = optax.apply_updates(params, updates)
     # step 0 thresholds by 0.1, step 1 by 0.2: 1.0 -> 0.7, 0.3 -> 0.0
