@@ -43,10 +43,11 @@ class Adapter(Protocol):
 
     ``delta(x, ctx, base=W)`` must equal ``x @ delta_kernel(W)`` for every x (up to rounding)
     when the adapter is mergeable; ``x`` is [..., *in] in the compute dtype and ``base`` is the
-    kernel [*in, *out] in that dtype.
+    kernel [*in, *out] in that dtype. ``delta`` may return None for "no change at all" (every
+    adapter merged, disabled or inactive): the projection is then the base's own program.
     """
 
-    def delta(self, x: jax.Array, ctx: Any, *, base: jax.Array) -> jax.Array: ...
+    def delta(self, x: jax.Array, ctx: Any, *, base: jax.Array) -> jax.Array | None: ...
 
     def delta_kernel(self, base: jax.Array) -> jax.Array: ...
 
@@ -157,5 +158,7 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + cast(self.bias[...], y.dtype)
         if self.adapter is not None:
-            y = y + self.adapter.delta(x, ctx, base=w).astype(y.dtype)
+            delta = self.adapter.delta(x, ctx, base=w)
+            if delta is not None:  # None: no change (merged, disabled or inactive adapters)
+                y = y + delta.astype(y.dtype)
         return y

@@ -131,3 +131,22 @@ def test_tied_head_refuses_base_rewrite_and_merge():
     L.apply(m, L.AdapterConfig(targets="^lm_head$"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="tied head"):
         L.merge(m)
+
+
+def test_merged_or_disabled_model_runs_the_base_program():
+    """With every adapter merged (or disabled) the forward is the base model's program: the
+    same primitives in the same order (no ``y + 0`` left per projection)."""
+
+    def prims(model):
+        graph, state = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graph, s)(t))(state, TOK)
+        return [e.primitive.name for e in jaxpr.jaxpr.eqns]
+
+    base = prims(_model())
+    m = _model()
+    _add(m, "default", 3)
+    assert prims(m) != base
+    with L.disabled(m):
+        assert prims(m) == base
+    L.merge(m)
+    assert prims(m) == base
