@@ -19,7 +19,7 @@ import functools
 
 import jax
 
-__all__ = ["tapped"]
+__all__ = ["tapped", "TAP_SCALE", "leaf_path", "modules_with"]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -42,3 +42,43 @@ def _bwd(fn, stat, res, dy):
 
 
 tapped.defvjp(_fwd, _bwd)
+
+
+# The score cotangent is emitted times TAP_SCALE so that it adds nothing measurable to the
+# global gradient norm (clipping, the grad_norm metric); the procedures divide it back out.
+TAP_SCALE = 2.0**-40
+
+
+def leaf_path(path) -> str:
+    """The ``/``-joined names of a pytree key path (an nnx Variable's own field dropped)."""
+    names = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                names.append(str(getattr(k, attr)))
+                break
+    while names and names[-1] in ("value", "raw_value"):
+        names.pop()
+    return "/".join(names)
+
+
+def modules_with(tree, leaf: str) -> dict[str, dict[str, int]]:
+    """``{prefix: {name: flat index}}`` of the adapters in ``tree`` (a params/updates pytree)
+    holding a leaf named ``leaf`` directly under ``.../adapter/`` or
+    ``.../adapter/adapters/NAME/``: every leaf of that adapter by its last name."""
+    import re
+
+    flat = jax.tree_util.tree_leaves_with_path(tree)
+    paths = [leaf_path(p) for p, _ in flat]
+    pat = re.compile(rf"^(.*(?:^|/)adapter/(?:adapters/[^/]+/)?){re.escape(leaf)}$")
+    out: dict[str, dict[str, int]] = {}
+    for p in paths:
+        m = pat.match(p)
+        if m:
+            out[m.group(1)] = {}
+    for i, p in enumerate(paths):
+        for prefix in out:
+            rest = p[len(prefix):] if p.startswith(prefix) else None
+            if rest and "/" not in rest:
+                out[prefix][rest] = i
+    return out
