@@ -172,7 +172,7 @@ def lora_sb_init(model: nnx.Module, loss_fn, batches, *, name: str = "default") 
     def loss(ks, batch):
         return loss_fn(nnx.merge(graphdef, ks, rest), batch)
 
-    grad_fn = jax.grad(loss)
+    grad_fn = jax.jit(jax.grad(loss))  # one compile for every calibration batch
     batches = list(batches) if isinstance(batches, (list, tuple)) else [batches]
     total = None
     for batch in batches:
