@@ -87,9 +87,7 @@ def test_masks_remove_whole_heads_and_channels_and_merge_exactly(lm):
     model = lm
     tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, 256)
     fwd = nnx.jit(lambda m, t: m(t))
-    base = fwd(model, tokens)  # b = 0, mask = 1: the base model's logits
-    with lr.disabled(model):
-        np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(base))
+    base = fwd(model, tokens)  # b = 0, mask = 1: the base model (test_seed_methods_model)
     assert sorted(masks(model)) == ["layers/0/attn/v/adapter/adapters/default",
                                     "layers/0/mlp/up/adapter/adapters/default"]  # fmt: skip
     lins = lr.linear_paths(model)
