@@ -22,12 +22,12 @@ def _flat(params) -> dict:
 
 def test_increlora_finetune_grows_rank_to_the_budget_by_name(tiny_run, tmp_path):
     # 2 modules (attn/q of both layers) start at rank 1 of max 3; budget 2 x target_rank 2 = 4;
-    # one component per growth, one module per growth, every step: 2 growths fill the budget.
+    # one component per growth, one module per growth, every step: 2 steps fill the budget.
     options = ("rank=1", "max_rank=3", "target_rank=2", "add_rank=1", "interval=1",
                "top_h=1", "targets=attn/q$")  # fmt: skip
     config = tiny_config(
         tmp_path / "incre", init_from=str(tiny_run), adapter="increlora", adapter_options=options,
-        steps=3, warmup_steps=1, ckpt_every=3, async_checkpoint=False, lr=1e-2,
+        steps=2, warmup_steps=1, ckpt_every=2, async_checkpoint=False, lr=1e-2,
     )  # fmt: skip
     rules = adapter_rules(config)
     assert rules[0].startswith("increlora(target_rank=2, add_rank=1, interval=1, warmup=0, top_h=1")
@@ -45,5 +45,5 @@ def test_increlora_finetune_grows_rank_to_the_budget_by_name(tiny_run, tmp_path)
         n = int(v.sum())
         np.testing.assert_array_equal(v, np.arange(3) < n)
     assert os.path.isfile(os.path.join(config.out_dir, "adapter", "adapter.safetensors"))
-    meta = read_meta(os.path.join(config.out_dir, "checkpoints"), 3)
+    meta = read_meta(os.path.join(config.out_dir, "checkpoints"), 2)
     assert tuple(meta["config"]["optimizer"])[0] == rules[0]

@@ -78,7 +78,7 @@ def modules_with(tree, leaf: str) -> dict[str, dict[str, int]]:
             out[m.group(1)] = {}
     for i, p in enumerate(paths):
         for prefix in out:
-            rest = p[len(prefix):] if p.startswith(prefix) else None
+            rest = p[len(prefix) :] if p.startswith(prefix) else None
             if rest and "/" not in rest:
                 out[prefix][rest] = i
     return out

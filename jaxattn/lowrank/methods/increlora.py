@@ -268,7 +268,8 @@ def increlora_procedure(
             on = act[j] > 0
             out[i["a"]] = jnp.where(on, u_leaves[i["a"]], 0.0).astype(u_leaves[i["a"]].dtype)
             ub = u_leaves[i["b"]]
-            out[i["b"]] = jnp.where(on.reshape((-1,) + (1,) * (ub.ndim - 1)), ub, 0.0).astype(ub.dtype)
+            on_b = on.reshape((-1,) + (1,) * (ub.ndim - 1))
+            out[i["b"]] = jnp.where(on_b, ub, 0.0).astype(ub.dtype)
             out[i["e"]] = jnp.where(on, u_leaves[i["e"]], 0.0).astype(u_leaves[i["e"]].dtype)
             new_mask = (jnp.arange(act[j].shape[0]) < n_new[j]).astype(act[j].dtype)
             out[i["active"]] = (new_mask - act[j]).astype(u_leaves[i["active"]].dtype)
@@ -276,4 +277,3 @@ def increlora_procedure(
         return jax.tree.unflatten(treedef, out), (inner_state, t, ema_ipt, ema_unc)
 
     return optax.GradientTransformation(init, update)
-

@@ -96,7 +96,8 @@ class LoRAPruneConfig(MethodConfig):
         try:
             re.compile(self.prune)
         except (re.error, TypeError) as err:
-            raise ValueError(f"loraprune at {path!r}: prune={self.prune!r} is not a regex: {err}") from None
+            msg = f"loraprune at {path!r}: prune={self.prune!r} is not a regex: {err}"
+            raise ValueError(msg) from None
         _check_procedure(self, f"loraprune at {path!r}")
 
     def build(self, path: str, linear: Linear, *, rngs: nnx.Rngs) -> LoRAPruneAdapter:

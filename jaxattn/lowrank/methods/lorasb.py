@@ -70,7 +70,9 @@ class LoRASBConfig(MethodConfig):
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lorasb at {path!r}: lr must be a number > 0, got {self.lr!r}")
         if self.update not in UPDATES:
-            raise ValueError(f"lorasb at {path!r}: update must be one of {UPDATES}, got {self.update!r}")
+            raise ValueError(
+                f"lorasb at {path!r}: update must be one of {UPDATES}, got {self.update!r}"
+            )
 
     def build(self, path: str, linear: Linear, *, rngs: nnx.Rngs) -> LoRASBAdapter:
         self.validate(path, linear)
@@ -189,5 +191,3 @@ def lora_sb_init(model: nnx.Module, loss_fn, batches, *, name: str = "default") 
         ads[p].set_from_update(upd)
         out[p] = upd
     return out
-
-

@@ -55,7 +55,7 @@ def test_importance_is_the_papers_equation_without_weight_gradient():
     def loss(p):  # nonlinear in the output
         return jnp.sum(jnp.tanh(nnx.merge(graphdef, p, rest)[0](x)) * c)
 
-    g = jax.grad(loss)(params)[0]["adapter"]["adapters"]["default"]
+    g = jax.jit(jax.grad(loss))(params)[0]["adapter"]["adapters"]["default"]
     w = np.asarray(model[0].kernel[...]).reshape(8, 12)
     a, b = np.asarray(ad.a[...]), np.asarray(ad.b[...]).reshape(RANK, 12)
     ga, gb = np.asarray(g["a"][...]), np.asarray(g["b"][...]).reshape(RANK, 12)
@@ -77,16 +77,16 @@ def test_importance_is_the_papers_equation_without_weight_gradient():
 @pytest.fixture(scope="module")
 def lm():
     model = DecoderLM(get_config("llama-tiny", num_layers=1), rngs=nnx.Rngs(0))
-    opts = {"rank": RANK}
-    lr.apply(model, lr.AdapterConfig(method="loraprune", options=opts,
-                                     targets=r"attn/(q|v)$|mlp/(up|down)$"), rngs=nnx.Rngs(1))  # fmt: skip
+    cfg = lr.AdapterConfig(method="loraprune", options={"rank": RANK},
+                           targets=r"attn/(q|v)$|mlp/(up|down)$")  # fmt: skip
+    lr.apply(model, cfg, rngs=nnx.Rngs(1))
     return model
 
 
 def test_masks_remove_whole_heads_and_channels_and_merge_exactly(lm):
     model = lm
     tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, 256)
-    fwd = nnx.jit(lambda m, t: m(t))
+    fwd = nnx.jit(lambda m, t: m(t))  # one compile unmerged (any kernel values), one merged
     base = fwd(model, tokens)  # b = 0, mask = 1: the base model (test_seed_methods_model)
     assert sorted(masks(model)) == ["layers/0/attn/v/adapter/adapters/default",
                                     "layers/0/mlp/up/adapter/adapters/default"]  # fmt: skip
@@ -134,8 +134,8 @@ def _official_schedule(step, total, w0, w1, init, final):  # prune.py's cubic sc
 def test_procedure_schedule_lowest_groups_pruned_and_masks_shrink():
     total = 20
     for t in range(total + 1):
-        np.testing.assert_allclose(float(sparsity_schedule(t, total, 0.1, 0.2, 0.0, 0.5)),
-                                   _official_schedule(t, total, 0.1, 0.2, 0.0, 0.5), atol=1e-6)  # fmt: skip
+        got = float(sparsity_schedule(t, total, 0.1, 0.2, 0.0, 0.5))
+        np.testing.assert_allclose(got, _official_schedule(t, total, 0.1, 0.2, 0.0, 0.5), atol=1e-6)
     model, ad = _one()
     x = jax.random.normal(jax.random.key(5), (N_TOK, 8))
     y = jax.random.normal(jax.random.key(6), (N_TOK, 4, 3))

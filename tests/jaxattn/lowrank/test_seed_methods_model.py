@@ -1,7 +1,7 @@
-"""Hydra, NOLA, RandLoRA, DyLoRA, SoRA, LoRA-SB, IncreLoRA and LoRAPrune on a tiny DecoderLM (Hydra under jit, the rest
-eagerly, to keep compiles few; DyLoRA has its own jit train step): a no-op at attach,
-and after their zero-initialized factor is set, the merged model (effective kernels, adapters
-detached) gives the unmerged model's logits."""
+"""Hydra, NOLA, RandLoRA, DyLoRA, SoRA, LoRA-SB, IncreLoRA and LoRAPrune on a tiny DecoderLM
+(Hydra under jit, the rest eagerly, to keep compiles few; DyLoRA has its own jit train step):
+a no-op at attach, and after their zero-initialized factor is set, the merged model
+(effective kernels, adapters detached) gives the unmerged model's logits."""
 
 import jax
 import jax.numpy as jnp
