@@ -7,13 +7,19 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import nnx
 from train_testlib import tiny_config
 
+from jaxattn import lowrank
+from jaxattn.layers import Linear
 from train import finetune
 from train.adapters import adapter_rules
 from train.checkpoints import read_meta
-from train.optim import path_string
+from train.config import TrainConfig
+from train.optim import make_optimizer, param_infos, path_string, split_params
 
 
 def _flat(params) -> dict:
@@ -47,3 +53,30 @@ def test_increlora_finetune_grows_rank_to_the_budget_by_name(tiny_run, tmp_path)
     assert os.path.isfile(os.path.join(config.out_dir, "adapter", "adapter.safetensors"))
     meta = read_meta(os.path.join(config.out_dir, "checkpoints"), 2)
     assert tuple(meta["config"]["optimizer"])[0] == rules[0]
+
+
+@pytest.mark.parametrize("method", ["lorasb", "increlora", "loraprune"])
+def test_each_method_names_a_procedure_the_optimizer_builds(method):
+    # the rules of MethodConfig.training_rules parse, their factory takes the arguments, the
+    # optimizer runs a step; LoRA-SB trains r alone (k² per matrix), the others every leaf
+    model = nnx.List([Linear((8,), (4, 2), axes=("embed", None, None), rngs=nnx.Rngs(0))])
+    options = {"rank": 2} | ({"max_rank": 4, "target_rank": 3, "add_rank": 1}
+                             if method == "increlora" else {})  # fmt: skip
+    if method == "loraprune":
+        options["prune"] = ".*"
+    lowrank.apply(model, lowrank.AdapterConfig(method=method, options=options, targets=".*"),
+                  rngs=nnx.Rngs(1))  # fmt: skip
+    rules = lowrank.make_method(method, **options).training_rules()
+    params = nnx.state(model, nnx.Param)
+    tx, trainable = make_optimizer(
+        TrainConfig(optimizer=rules, steps=10, warmup_steps=1), param_infos(params)
+    )
+    prefix = "0/adapter/adapters/default/"
+    if method == "lorasb":
+        assert trainable == {prefix + "r"}
+    else:
+        assert trainable == {p for p in param_infos(params) if p.startswith(prefix)}
+    mine, _ = split_params(nnx.to_pure_dict(params), trainable)
+    grads = jax.tree.map(jnp.ones_like, mine)
+    updates, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(mine), mine)
+    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
