@@ -10,7 +10,10 @@ So ``jax.grad`` w.r.t. the adapter leaves alone delivers the statistic as the sc
 inside the same backward, under ``jit``, with no weight gradient.
 
 The statistic is taken on the gradients of the loss the backward differentiates (in
-``train.step`` the token-summed loss, later divided by the token count like every gradient).
+``train.step`` the token-summed loss, later divided by the token count like every gradient),
+per backward pass: with gradient accumulation the score's cotangent is the sum of the
+microbatches' statistics (not the statistic of the summed gradient), and it is scaled by
+global-norm clipping like every gradient when clipping engages.
 """
 
 from __future__ import annotations

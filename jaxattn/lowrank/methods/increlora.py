@@ -26,6 +26,10 @@ optax transform ``train.finetune --adapter increlora`` runs. A new component has
 and b keep their N(0, 0.02²) init and were never updated while inactive (the procedure masks
 the inner optimizer's updates, weight decay included, to the active components).
 
+Cost: the score needs ∂L/∂ΔK, one dense [fan_in, fan_out] contraction per adapted module per
+step (as the official backward hook), also after the budget is reached (the official code
+removes its hook then; a jitted step keeps one program).
+
 Deviations from the official code: s = alpha / rank is fixed (the official alpha / ranknum
 changes with the rank, so growth would change the function); "advance learning" (reserve
 components trained before activation) and the orthogonality regulariser are not implemented;
