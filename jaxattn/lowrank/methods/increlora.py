@@ -228,7 +228,7 @@ def increlora_procedure(
 
     def modules(tree):
         mods = modules_with(tree, "ipt")
-        if not mods or any(set(ix) < {"a", "e", "b", "active", "ipt"} for ix in mods.values()):
+        if not mods or any(not {"a", "e", "b", "active", "ipt"} <= set(ix) for ix in mods.values()):
             raise ValueError("increlora_procedure: no IncreLoRA adapter (a, e, b, active, ipt)")
         return mods
 

@@ -70,6 +70,17 @@ def test_noop_before_init_then_truncated_svd_of_first_update(setup):
         np.testing.assert_allclose(resid, np.sum(s[K:] ** 2), rtol=1e-4)
         q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(g.shape[0], K)))
         assert np.linalg.norm(upd - q @ (q.T @ upd)) ** 2 > resid * 1.01
+    # the SGD variant: the truncated SVD of −η·ΣG itself
+    sgd = nnx.clone(model)
+    for lin in lr.linear_paths(sgd).values():
+        lin.adapter.adapters["default"].update = "sgd"
+    for path, upd in lora_sb_init(sgd, _mse, batches).items():
+        lin = lr.linear_paths(sgd)[path]
+        g = -1e-3 * grads[path].reshape(lin.fan_in, lin.fan_out)
+        np.testing.assert_allclose(np.asarray(upd).reshape(g.shape), g, rtol=1e-6, atol=1e-12)
+        u, s, vh = np.linalg.svd(g, full_matrices=False)
+        dk = np.asarray(lin.adapter.adapters["default"].delta_kernel(None)).reshape(g.shape)
+        np.testing.assert_allclose(dk, (u[:, :K] * s[:K]) @ vh[:K], rtol=1e-4, atol=1e-9)
     # the adapted model starts at W + [ΔW₁]_k: the merged kernels give its logits
     adapted = model(x0)
     assert float(jnp.max(jnp.abs(adapted - base))) > 1e-6
