@@ -134,9 +134,10 @@ class IncreLoRAAdapter(nnx.Module):
         in_ax, out_ax = kernel_axes(linear)
         self.n_in = len(linear.in_shape)
         self.scale = float(scale)
-        ka, kb = jax.random.split(rngs.params())
-        a = 0.02 * jax.random.normal(ka, linear.in_shape + (max_rank,), jnp.float32)
-        b = 0.02 * jax.random.normal(kb, (max_rank,) + linear.out_shape, jnp.float32)
+        fi = linear.fan_in
+        z = 0.02 * jax.random.normal(rngs.params(), (max_rank, fi + linear.fan_out), jnp.float32)
+        a = z[:, :fi].T.reshape(linear.in_shape + (max_rank,))
+        b = z[:, fi:].reshape((max_rank,) + linear.out_shape)
         self.a = factor(a, in_ax + (RANK_AXIS,))
         self.e = factor(jnp.zeros((max_rank,)), (RANK_AXIS,))
         self.b = factor(b, (RANK_AXIS,) + out_ax)

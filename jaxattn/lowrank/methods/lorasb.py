@@ -32,6 +32,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxattn.layers import Linear
@@ -77,9 +78,10 @@ class LoRASBConfig(MethodConfig):
     def build(self, path: str, linear: Linear, *, rngs: nnx.Rngs) -> LoRASBAdapter:
         self.validate(path, linear)
         k = self.rank
-        ka, kb = jax.random.split(fold_key(self.seed, path))
-        qa, _ = jnp.linalg.qr(jax.random.normal(ka, (linear.fan_in, k), jnp.float32))
-        qb, _ = jnp.linalg.qr(jax.random.normal(kb, (linear.fan_out, k), jnp.float32))
+        fi, fo = linear.fan_in, linear.fan_out
+        z = np.asarray(jax.random.normal(fold_key(self.seed, path), (fi + fo, k), jnp.float32))
+        qa, _ = np.linalg.qr(z[:fi])  # on the host: an init-time op, no compile per shape
+        qb, _ = np.linalg.qr(z[fi:])
         return LoRASBAdapter(linear, qa, jnp.zeros((k, k)), qb.T, lr=self.lr, update=self.update)
 
 
