@@ -31,9 +31,11 @@ normalisation removes every common factor of the first-order terms). :func:`lora
 (pruned groups first, so masks only shrink), with the official cubic schedule ρ(t) from
 ``init_ratio`` to ``ratio`` between the ``warmup`` and ``cooldown`` fractions of the run.
 
-Deviations: each mask's importance is its own module's (the official code sums q, k, v, o into
-one per-layer head score and gate, up, down into one channel score); the official code prunes
-only while ρ(t) < ratio, so it never reaches ``ratio``; here pruning also runs at ρ = ratio.
+As the official code, a mask's importance is summed over its block: q, k, o (o grouped along
+its input heads, q's heads summed onto their kv head under GQA) add to v's head score, gate
+and down (down along its input channels) to up's channel score (``score_out``, ``score_in``),
+each module's vector normalised first. Deviation: the official code prunes only while
+ρ(t) < ratio, so it never reaches ``ratio``; here pruning also runs at ρ = ratio.
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ class LoRAPruneConfig(MethodConfig):
       rank: LoRA rank r, 1 <= r <= min(fan_in, fan_out).
       alpha: scale numerator (s = alpha / r).
       prune: regex over projection paths that carry a pruning mask (default the v heads and
-        the up channels); other targets get a plain LoRA.
+        the up channels).
+      score_out, score_in: regexes of the other projections whose importance, grouped along
+        their leading output (q, k, gate) or input (o, down) axis, adds to the masks of their
+        block (the official code's per-layer sums); targets matching none get a plain LoRA.
       ratio: final fraction of groups pruned per masked module, in (0, 1).
       init_ratio: the schedule's start fraction, in [0, ratio).
       warmup, cooldown: fractions of the run before the schedule starts / after it reaches
@@ -79,6 +84,8 @@ class LoRAPruneConfig(MethodConfig):
     rank: int = 8
     alpha: float = 16.0
     prune: str = r"attn/v$|mlp/up$"
+    score_out: str = r"attn/(q|k)$|mlp/gate$"
+    score_in: str = r"attn/o$|mlp/down$"
     ratio: float = 0.5
     init_ratio: float = 0.0
     warmup: float = 0.1
@@ -93,17 +100,23 @@ class LoRAPruneConfig(MethodConfig):
 
     def validate(self, path: str, linear: Linear) -> None:
         check_rank(path, linear, self.rank, min(linear.fan_in, linear.fan_out))
-        try:
-            re.compile(self.prune)
-        except (re.error, TypeError) as err:
-            msg = f"loraprune at {path!r}: prune={self.prune!r} is not a regex: {err}"
-            raise ValueError(msg) from None
+        for field in ("prune", "score_out", "score_in"):
+            value = getattr(self, field)
+            try:
+                re.compile(value)
+            except (re.error, TypeError) as err:
+                msg = f"loraprune at {path!r}: {field}={value!r} is not a regex: {err}"
+                raise ValueError(msg) from None
         _check_procedure(self, f"loraprune at {path!r}")
 
     def build(self, path: str, linear: Linear, *, rngs: nnx.Rngs) -> LoRAPruneAdapter:
         self.validate(path, linear)
-        masked = re.search(self.prune, path) is not None
-        return LoRAPruneAdapter(linear, self.rank, self.alpha / self.rank, masked, rngs=rngs)
+        role = next(
+            (r for r, pat in (("mask", self.prune), ("out", self.score_out),
+                              ("in", self.score_in)) if re.search(pat, path)),
+            None,
+        )  # fmt: skip
+        return LoRAPruneAdapter(linear, self.rank, self.alpha / self.rank, role, rngs=rngs)
 
 
 def _check_procedure(cfg, where: str) -> None:
@@ -126,22 +139,30 @@ def _check_procedure(cfg, where: str) -> None:
         bad("beta", "in [0, 1)")
 
 
-class LoRAPruneAdapter(nnx.Module):
-    """The LoRAPrune adapter of one ``Linear``: ``a`` [*in, r], ``b`` [r, *out] and, when masked,
-    ``mask`` [G] (0/1) and ``sens`` [G] (the importance average; the tap), all fp32
-    ``AdapterParam`` (see the module docstring)."""
+ROLES = ("mask", "out", "in", None)
 
-    def __init__(self, linear: Linear, rank: int, scale: float, masked: bool, *, rngs):
+
+class LoRAPruneAdapter(nnx.Module):
+    """The LoRAPrune adapter of one ``Linear``: ``a`` [*in, r], ``b`` [r, *out]; with role
+    ``"mask"`` also ``mask`` [G] (0/1) and ``sens`` [G] (the importance average; the tap), with
+    role ``"out"`` / ``"in"`` a ``sens`` tap [out_shape[0]] / [in_shape[0]] whose importance adds
+    to its block's masks; all fp32 ``AdapterParam`` (see the module docstring)."""
+
+    def __init__(self, linear: Linear, rank: int, scale: float, role, *, rngs):
+        if role not in ROLES:
+            raise ValueError(f"role={role!r} must be one of {ROLES}")
         in_ax, out_ax = kernel_axes(linear)
         self.n_in = len(linear.in_shape)
         self.scale = float(scale)
-        self.masked = bool(masked)
+        self.role = role
+        self.masked = role == "mask"
         self.a = factor(down_init(rngs.params(), linear.in_shape, rank), in_ax + (RANK_AXIS,))
         self.b = factor(jnp.zeros((rank,) + linear.out_shape), (RANK_AXIS,) + out_ax)
         if self.masked:
-            g = linear.out_shape[0]
-            self.mask = factor(jnp.ones((g,)), out_ax[:1])
-            self.sens = factor(jnp.zeros((g,)), out_ax[:1])
+            self.mask = factor(jnp.ones((linear.out_shape[0],)), out_ax[:1])
+        if role is not None:
+            side, ax = (linear.in_shape, in_ax) if role == "in" else (linear.out_shape, out_ax)
+            self.sens = factor(jnp.zeros((side[0],)), ax[:1])
 
     def _m(self, mask, like):
         return jax.lax.stop_gradient(mask).reshape(mask.shape + (1,) * (like.ndim - 1 - self.n_in))
@@ -152,6 +173,8 @@ class LoRAPruneAdapter(nnx.Module):
     def _delta(self, extra, x, a, b):
         base, mask = extra
         y = self._lora(x, a, b)
+        if mask is None:
+            return y
         m = self._m(mask, b).astype(x.dtype)
         return (m - 1) * contract(x, base, self.n_in) + m * y
 
@@ -159,13 +182,14 @@ class LoRAPruneAdapter(nnx.Module):
         base, _ = extra
         _, a, b = args
         _, ga, gb = cts
-        return TAP_SCALE * lora_guided_importance(base, a, b, ga, gb, self.scale)
+        side = "in" if self.role == "in" else "out"
+        return TAP_SCALE * lora_guided_importance(base, a, b, ga, gb, self.scale, side=side)
 
     def delta(self, x: jax.Array, ctx=None, *, base: jax.Array) -> jax.Array:
         """``Δy`` [..., *out] of ``x`` [..., *in] (see the module docstring)."""
-        if not self.masked:
+        if self.role is None:
             return self._lora(x, self.a[...], self.b[...])
-        extra = (base, self.mask[...])
+        extra = (base, self.mask[...] if self.masked else None)
         return tapped(self._delta, self._stat, self.sens[...], extra, x, self.a[...], self.b[...])
 
     def delta_kernel(self, base: jax.Array) -> jax.Array:
@@ -177,21 +201,25 @@ class LoRAPruneAdapter(nnx.Module):
         return (m - 1) * base.astype(jnp.float32) + m * lk
 
 
-def lora_guided_importance(w, a, b, ga, gb, scale) -> jax.Array:
-    """The per-group LoRA-guided importance [G] (raw, before normalisation).
+def lora_guided_importance(w, a, b, ga, gb, scale, *, side: str = "out") -> jax.Array:
+    """The per-group LoRA-guided importance (raw, before normalisation).
 
     Args:
       w: the frozen kernel [*in, *out]; a [*in, r], b [r, *out] the factors; ga, gb their
         gradients (same shapes); scale: s.
+      side: ``"out"``: groups along the leading output axis ([out_shape[0]]); ``"in"``: along
+        the leading input axis ([in_shape[0]]; the official code's transposed o / down).
 
     Returns:
-      I_g = Σ_{i, j∈g} |Ĝ ⊙ (W + s·a·b)| with Ĝ = a·∇b + ∇a·b − ∇a·∇b, g the leading out axis.
+      I_g = Σ_{(i, j) ∈ g} |Ĝ ⊙ (W + s·a·b)|_ij with Ĝ = a·∇b + ∇a·b − ∇a·∇b.
     """
     f32 = jnp.float32
     a, b, ga, gb = (t.astype(f32) for t in (a, b, ga, gb))
     g_hat = outer(a, gb) + outer(ga, b) - outer(ga, gb)
     s = jnp.abs(g_hat * (w.astype(f32) + scale * outer(a, b)))
     n_in = a.ndim - 1
+    if side == "in":
+        return jnp.sum(s, axis=tuple(range(1, s.ndim)))
     return jnp.sum(s, axis=tuple(range(n_in)) + tuple(range(n_in + 1, s.ndim)))
 
 
@@ -229,16 +257,21 @@ def loraprune_procedure(
 ) -> optax.GradientTransformation:
     """LoRAPrune's iterative structured pruning around ``inner`` (e.g. AdamW), one transform.
 
-    Every masked LoRAPrune adapter (a prefix ``.../adapter/[adapters/NAME/]`` holding ``mask``
-    and ``sens``) is a module. Per step t (1-based): I = the ``sens`` gradient (the tap)
-    normalised to unit norm (a non-finite I leaves S unchanged, as the official code);
-    S ← β·S + (1−β)·I is written to ``sens``; when t % every == 0 and ρ(t) > init_ratio, each
-    module whose pruned fraction is below ``ratio`` keeps all but its ⌊G·ρ(t)⌋ groups of
-    lowest S (pruned groups counted first), written to ``mask``. ``mask`` and ``sens`` never
-    take the inner updates; other leaves get them.
+    Every LoRAPrune adapter with a ``sens`` tap (a prefix ``.../adapter/[adapters/NAME/]``) is
+    a module; those with a ``mask`` are pruned, and a block is the adapters (of one name)
+    under one parent path (``layers/0/attn/``, ``layers/0/mlp/``). Per step t (1-based): each
+    module's ``sens`` gradient (the tap) normalised to unit norm; the importance of a mask of G
+    groups is the sum over its block of those vectors, each summed down to G groups
+    (consecutive runs: q's heads onto their kv head, as the official per-layer sums; a
+    non-finite sum leaves S unchanged, as the official code); S ← β·S + (1−β)·I is written
+    to the mask's ``sens`` (contributing taps stay 0); when t % every == 0 and
+    ρ(t) > init_ratio, each module whose pruned fraction is below ``ratio`` keeps all but its
+    ⌊G·ρ(t)⌋ groups of lowest S (pruned groups counted first), written to ``mask``. ``mask``
+    and ``sens`` never take the inner updates; other leaves get them.
 
     Raises:
-      ValueError: bad hyper-parameters (named); at init, no masked LoRAPrune adapter.
+      ValueError: bad hyper-parameters (named); at init, no masked LoRAPrune adapter, or a
+        block member whose group count is not a multiple of a mask's (both paths named).
     """
     cfg = dataclasses.make_dataclass("P", PROCEDURE_FIELDS)(
         ratio, init_ratio, warmup, cooldown, every, beta
@@ -248,10 +281,20 @@ def loraprune_procedure(
         raise ValueError(f"loraprune_procedure: total_steps={total_steps!r} must be an int >= 1")
 
     def modules(tree):
-        mods = {p: ix for p, ix in modules_with(tree, "sens").items() if "mask" in ix}
-        if not mods:
+        taps = modules_with(tree, "sens")
+        masked = {p: ix for p, ix in taps.items() if "mask" in ix}
+        if not masked:
             raise ValueError("loraprune_procedure: no masked LoRAPrune adapter (mask, sens)")
-        return mods
+        shapes = {p: jax.tree.leaves(tree)[ix["sens"]].shape[0] for p, ix in taps.items()}
+        blocks = {p: [q for q in taps if _block(q) == _block(p)] for p in masked}
+        for p, members in blocks.items():
+            for q in members:
+                if shapes[q] % shapes[p]:
+                    raise ValueError(
+                        f"loraprune_procedure: {q!r} has {shapes[q]} groups, not a multiple of "
+                        f"the {shapes[p]} groups of the mask of {p!r} in the same block"
+                    )
+        return taps, masked, blocks
 
     def init(params):
         modules(params)
@@ -261,7 +304,7 @@ def loraprune_procedure(
         if params is None:
             raise ValueError("loraprune_procedure needs params in update(updates, state, params)")
         inner_state, count = state
-        mods = modules(params)
+        taps, mods, blocks = modules(params)
         g_leaves, treedef = jax.tree.flatten(updates)
         p_leaves = jax.tree.leaves(params)
         u, inner_state = inner.update(updates, inner_state, params)
@@ -269,12 +312,17 @@ def loraprune_procedure(
         t = count + 1
         rho = sparsity_schedule(t, total_steps, warmup, cooldown, init_ratio, ratio)
         rnd = (t % every == 0) & (rho > init_ratio)
-        for ix in mods.values():
-            mask, sens = p_leaves[ix["mask"]], p_leaves[ix["sens"]]
+        unit = {}
+        for p, ix in taps.items():
             raw = g_leaves[ix["sens"]].astype(jnp.float32) / TAP_SCALE
-            imp = raw / (jnp.linalg.norm(raw) + 1e-8)
-            new_s = jnp.where(jnp.all(jnp.isfinite(imp)), beta * sens + (1 - beta) * imp, sens)
+            unit[p] = raw / (jnp.linalg.norm(raw) + 1e-8)
+            if p not in mods:  # a contributing tap: its leaf stays 0
+                out[ix["sens"]] = jnp.zeros_like(out[ix["sens"]])
+        for p, ix in mods.items():
+            mask, sens = p_leaves[ix["mask"]], p_leaves[ix["sens"]]
             groups = mask.shape[0]
+            imp = sum(unit[q].reshape(groups, -1).sum(axis=1) for q in blocks[p])
+            new_s = jnp.where(jnp.all(jnp.isfinite(imp)), beta * sens + (1 - beta) * imp, sens)
             need = jnp.floor(groups * rho).astype(jnp.int32)
             key = jnp.where(mask > 0, new_s, -1.0)  # pruned groups sort first
             order = jnp.argsort(key, stable=True)
@@ -287,3 +335,10 @@ def loraprune_procedure(
         return jax.tree.unflatten(treedef, out), (inner_state, t)
 
     return optax.GradientTransformation(init, update)
+
+
+def _block(prefix: str) -> tuple[str, str]:
+    """(parent path, adapter name) of an adapter prefix: ``layers/0/attn/v/adapter/adapters/
+    default/`` -> (``layers/0/attn/``, ``default``); the adapters of one block share masks."""
+    m = re.match(r"^(.*?)[^/]+/adapter/(?:adapters/([^/]+)/)?$", prefix)
+    return (m.group(1), m.group(2) or "") if m else (prefix, "")

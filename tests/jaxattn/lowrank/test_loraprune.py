@@ -74,6 +74,57 @@ def test_importance_is_the_papers_equation_without_weight_gradient():
         assert not (N_TOK in sizes and eqn.outvars[0].aval.size == w.size), eqn
 
 
+def _np_importance(ad, w, g, side):
+    """The official compute_sensitivity (before normalisation) in numpy, PyTorch layout."""
+    fi = w.shape[0]
+    a, b = np.asarray(ad.a[...]).reshape(fi, -1), np.asarray(ad.b[...]).reshape(RANK, -1)
+    ga, gb = np.asarray(g["a"][...]).reshape(fi, -1), np.asarray(g["b"][...]).reshape(RANK, -1)
+    B, A, gB, gA = b.T, a.T, gb.T, ga.T
+    s = np.abs((gB @ A + B @ gA - gB @ gA) * (B @ A * ad.scale + w.T))  # [out, in]
+    if side == "in":  # transposed: rows are the input features
+        s = s.T
+    return s.reshape(ad.sens.shape[0], -1).sum(axis=1)
+
+
+def test_block_sums_q_k_o_into_the_v_head_score():
+    # official update_sensitivity_dict: each module's vector normalised, summed per layer
+    # block (o along its input heads, q's 4 heads onto the 2 kv heads), then the EMA
+    lin = lambda i, o, ax: Linear(i, o, axes=ax, rngs=nnx.Rngs(len(i) + len(o) + sum(o)))
+    model = nnx.Dict(attn=nnx.Dict(q=lin((8,), (4, 2), ("embed", None, None)),
+                                   v=lin((8,), (2, 2), ("embed", None, None)),
+                                   o=lin((4, 2), (8,), (None, None, "embed"))))  # fmt: skip
+    lr.apply(model, lr.AdapterConfig(method="loraprune", options={"rank": RANK}, targets=".*"),
+             rngs=nnx.Rngs(1))  # fmt: skip
+    lins = lr.linear_paths(model)
+    ads = {p.split("/")[-1]: lins[p].adapter.adapters["default"] for p in lins}
+    assert (ads["q"].role, ads["v"].role, ads["o"].role) == ("out", "mask", "in")
+    for k, ad in ads.items():
+        ad.b[...] = 0.3 * jax.random.normal(jax.random.key(ord(k)), ad.b.shape)
+    x = jax.random.normal(jax.random.key(3), (N_TOK, 8))
+    graphdef, params, rest = nnx.split(model, AdapterParam, ...)
+
+    def loss(p):
+        m = nnx.merge(graphdef, p, rest)
+        h = jnp.tanh(m["attn"]["q"](x)) * jnp.repeat(m["attn"]["v"](x), 2, axis=1)
+        return jnp.sum(jnp.sin(m["attn"]["o"](h)))
+
+    g = jax.jit(jax.grad(loss))(params)
+    tx = loraprune_procedure(optax.sgd(0.0), total_steps=10, every=10)
+    upd, _ = jax.jit(tx.update)(g, tx.init(params), params)
+    unit = {}
+    for k, side in (("q", "out"), ("v", "out"), ("o", "in")):
+        w = np.asarray(lins[f"attn/{k}"].kernel[...]).reshape(lins[f"attn/{k}"].fan_in, -1)
+        raw = _np_importance(ads[k], w, g["attn"][k]["adapter"]["adapters"]["default"], side)
+        gs = np.asarray(g["attn"][k]["adapter"]["adapters"]["default"]["sens"][...])
+        np.testing.assert_allclose(gs / TAP_SCALE, raw, rtol=1e-5)  # each tap's equation
+        unit[k] = raw / (np.linalg.norm(raw) + 1e-8)
+    want = 0.1 * (unit["v"] + unit["q"].reshape(2, 2).sum(1) + unit["o"].reshape(2, 2).sum(1))
+    got = upd["attn"]["v"]["adapter"]["adapters"]["default"]
+    np.testing.assert_allclose(np.asarray(got["sens"][...]), want, rtol=1e-5)
+    for k in ("q", "o"):  # contributing taps stay 0
+        assert not np.any(np.asarray(upd["attn"][k]["adapter"]["adapters"]["default"]["sens"][...]))
+
+
 @pytest.fixture(scope="module")
 def lm():
     model = DecoderLM(get_config("llama-tiny", num_layers=1), rngs=nnx.Rngs(0))
