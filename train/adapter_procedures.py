@@ -33,3 +33,39 @@ def sora(params, config, *, lam, lr=None, b1=None, b2=None, weight_decay=None, s
 
 
 register_optimizer("sora", sora)
+
+
+# --- IncreLoRA and LoRAPrune (jaxattn.lowrank.methods.increlora / .loraprune) ---------------
+#   increlora(target_rank, add_rank, interval, warmup, top_h, beta1, beta2, lr, b1, b2,
+#             weight_decay)   AdamW on the adapter inside the importance-driven rank growth
+#   loraprune(ratio, init_ratio, warmup, cooldown, every, beta, lr, b1, b2, weight_decay)
+#             AdamW on the adapter inside the iterative head/channel pruning over the
+#             config's ``steps``
+
+
+def increlora(params, config, *, target_rank, add_rank, interval, warmup=0, top_h=1,
+              beta1=0.85, beta2=0.85, lr=None, b1=None, b2=None, weight_decay=None):  # fmt: skip
+    """IncreLoRA: ``increlora_procedure`` around AdamW on every adapter leaf the rule took."""
+    from jaxattn.lowrank.methods.increlora import increlora_procedure
+
+    inner = adamw(params, config, lr=lr, b1=b1, b2=b2, weight_decay=weight_decay)
+    return increlora_procedure(
+        inner, target_rank=target_rank, add_rank=add_rank, interval=interval, warmup=warmup,
+        top_h=top_h, beta1=beta1, beta2=beta2,
+    )  # fmt: skip
+
+
+def loraprune(params, config, *, ratio=0.5, init_ratio=0.0, warmup=0.1, cooldown=0.1,
+              every=10, beta=0.9, lr=None, b1=None, b2=None, weight_decay=None):  # fmt: skip
+    """LoRAPrune: ``loraprune_procedure`` around AdamW, its schedule over ``config.steps``."""
+    from jaxattn.lowrank.methods.loraprune import loraprune_procedure
+
+    inner = adamw(params, config, lr=lr, b1=b1, b2=b2, weight_decay=weight_decay)
+    return loraprune_procedure(
+        inner, total_steps=int(config.steps), ratio=ratio, init_ratio=init_ratio,
+        warmup=warmup, cooldown=cooldown, every=every, beta=beta,
+    )  # fmt: skip
+
+
+register_optimizer("increlora", increlora)
+register_optimizer("loraprune", loraprune)

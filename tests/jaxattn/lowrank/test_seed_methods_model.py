@@ -1,7 +1,7 @@
-"""Hydra, NOLA, RandLoRA, DyLoRA and SoRA on a tiny DecoderLM (Hydra under jit, the rest
-eagerly, to keep compiles few; DyLoRA has its own jit train step): a no-op at attach,
-and after their zero-initialized factor is set, the merged model (effective kernels, adapters
-detached) gives the unmerged model's logits."""
+"""Hydra, NOLA, RandLoRA, DyLoRA, SoRA, LoRA-SB, IncreLoRA and LoRAPrune on a tiny DecoderLM
+(Hydra under jit, the rest eagerly, to keep compiles few; DyLoRA has its own jit train step):
+a no-op at attach, and after their zero-initialized factor is set, the merged model
+(effective kernels, adapters detached) gives the unmerged model's logits."""
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,9 @@ CASES = {
     "randlora": dict(rank=16, alpha=32.0),
     "dylora": dict(rank=4),
     "sora": dict(rank=4),
+    "lorasb": dict(rank=2),
+    "increlora": dict(rank=1, max_rank=3, target_rank=2, add_rank=1),
+    "loraprune": dict(rank=2, prune="attn/(q|o)$|mlp/down$"),
 }
 
 
