@@ -32,7 +32,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxattn.layers import Linear
@@ -79,9 +78,10 @@ class LoRASBConfig(MethodConfig):
         self.validate(path, linear)
         k = self.rank
         fi, fo = linear.fan_in, linear.fan_out
-        z = np.asarray(jax.random.normal(fold_key(self.seed, path), (fi + fo, k), jnp.float32))
-        qa, _ = np.linalg.qr(z[:fi])  # on the host: an init-time op, no compile per shape
-        qb, _ = np.linalg.qr(z[fi:])
+        z = jax.random.normal(fold_key(self.seed, path), (fi + fo, k), jnp.float32)
+        # jnp, not numpy: train.step builds the model under jit (abstract values)
+        qa, _ = jnp.linalg.qr(z[:fi])
+        qb, _ = jnp.linalg.qr(z[fi:])
         return LoRASBAdapter(linear, qa, jnp.zeros((k, k)), qb.T, lr=self.lr, update=self.update)
 
 
