@@ -68,10 +68,13 @@ def llama_at_default_dims():
 
 
 def _method(name: str, rank: int):
-    """The method with rank ``rank`` and alpha 2·rank where it has those fields."""
+    """The method with rank ``rank`` and alpha 2·rank where it has those fields (IncreLoRA:
+    its budget, growing from rank/4)."""
     cls = lowrank.get_method(name)
     fields = {f.name for f in dataclasses.fields(cls)}
     options = {k: v for k, v in (("rank", rank), ("alpha", 2.0 * rank)) if k in fields}
+    if name == "increlora":  # grows from rank/4 to an average of rank, padded to 2·rank
+        options.update(rank=max(1, rank // 4), target_rank=rank, max_rank=2 * rank)
     return lowrank.make_method(name, **options), options
 
 
