@@ -1,4 +1,4 @@
-"""Hydra, NOLA, RandLoRA, DyLoRA and SoRA on a tiny DecoderLM (Hydra under jit, the rest
+"""Hydra, NOLA, RandLoRA, DyLoRA, SoRA and MoLoRA (one LoRA) on a tiny DecoderLM (Hydra under jit, the rest
 eagerly, to keep compiles few; DyLoRA has its own jit train step): a no-op at attach,
 and after their zero-initialized factor is set, the merged model (effective kernels, adapters
 detached) gives the unmerged model's logits."""
@@ -19,6 +19,7 @@ CASES = {
     "randlora": dict(rank=16, alpha=32.0),
     "dylora": dict(rank=4),
     "sora": dict(rank=4),
+    "molora": dict(num_adapters=1, rank=2),
 }
 
 
