@@ -27,13 +27,14 @@ pruning mask is the same at training and inference). QLoRAM's 4-bit base is not 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxattn.lowrank._factors import RANK_AXIS, factor, kernel_axes
-from jaxattn.lowrank._surgery import attach, linear_paths
+from jaxattn.lowrank._apply import AdapterConfig, apply
+from jaxattn.lowrank._surgery import linear_paths
 from jaxattn.lowrank.methods.lora import LoRAAdapter
 
 __all__ = ["PruningPlan", "l2_plan", "prune_model", "recover", "zero_pruned"]
@@ -145,26 +146,38 @@ def _scatter(value, axes, kept, full_shape):
     return jnp.asarray(out)
 
 
-def _lora_of(linear, name):
-    ad = linear.adapter
-    if hasattr(ad, "adapters"):  # an AdapterSet from lowrank.apply
-        ad = ad.adapters[name]
+def _lora_of(linear, name, path):
+    """(LoRAAdapter, its LoRAConfig) of ``linear``'s adapter ``name`` (an ``AdapterSet``)."""
+    ad_set = linear.adapter
+    if not hasattr(ad_set, "adapters") or name not in ad_set.adapters:
+        raise ValueError(f"recover: {path!r} has no lowrank.apply adapter named {name!r}")
+    ad = ad_set.adapters[name]
+    _, cfg = ad_set.record(name)
     if not isinstance(ad, LoRAAdapter) or ad.use_dora:
-        raise ValueError(f"recover needs plain LoRA adapters (no DoRA), got {type(ad).__name__}")
-    return ad
+        raise ValueError(
+            f"recover needs plain LoRA adapters (method 'lora', no DoRA) at {path!r}, "
+            f"got {type(ad).__name__}"
+        )
+    return ad, cfg
 
 
 def recover(small, full, plan: PruningPlan, *, name: str = "default") -> list[str]:
-    """Attach to ``full`` the LoRA of every adapted projection of ``small`` (the model
-    :func:`prune_model` made with ``plan``), scattered to full shapes with zeros at the pruned
-    indices (module docstring). Returns the adapted paths of ``full``."""
+    """Apply to ``full`` (``lowrank.apply``, adapter ``name``, method ``lora``) the LoRA of
+    every adapted projection of ``small`` (the model :func:`prune_model` made with ``plan``),
+    its factors scattered to full shapes with zeros at the pruned indices (module docstring).
+    The recovered adapters merge, save and load like any ``lora`` adapter.
+
+    Returns:
+      The adapted paths of ``full``.
+    """
     plan.check(full.config)
     lins_full = linear_paths(full)
-    made = {}
+    groups: dict[str, list[str]] = {}  # method config json -> paths (one apply per config)
+    factors = {}
     for path, lin in linear_paths(small).items():
         if lin.adapter is None:
             continue
-        ad = _lora_of(lin, name)
+        ad, cfg = _lora_of(lin, name, path)
         target = lins_full[path]
         layer = int(path.split("/")[1]) if path.startswith("layers/") else None
         kept = {} if layer is None else plan.kept(full.config, layer)
@@ -173,19 +186,23 @@ def recover(small, full, plan: PruningPlan, *, name: str = "default") -> list[st
         r = ad.a.shape[-1]
         a = _scatter(ad.a[...], k_axes[:n_in] + (None,), kept, target.in_shape + (r,))
         b = _scatter(ad.b[...], (None,) + k_axes[n_in:], kept, (r,) + target.out_shape)
-        in_ax, out_ax = kernel_axes(target)
-        made[path] = LoRAAdapter(
-            factor(a, in_ax + (RANK_AXIS,)),
-            factor(b, (RANK_AXIS,) + out_ax),
-            n_in=n_in,
-            scaling=ad.scaling,
-            rate=ad.rate,
-            tag=ad.tag,
+        factors[path] = (a, b)
+        fields = dataclasses.replace(cfg, init="zero").to_json()
+        groups.setdefault(json.dumps(fields, sort_keys=True), []).append(path)
+    if not factors:
+        raise ValueError(f"recover: the pruned model has no adapters named {name!r}")
+    done = []
+    for fields_json, paths in groups.items():
+        fields = json.loads(fields_json)
+        fields.pop("method")
+        pattern = "^(" + "|".join(paths) + ")$"
+        done += apply(
+            full, AdapterConfig("lora", fields, targets=pattern, name=name), rngs=nnx.Rngs(0)
         )
-    if not made:
-        raise ValueError("recover: the pruned model has no adapters")
-    pattern = "^(" + "|".join(made) + ")$"
-    return attach(full, pattern, lambda p, lin: made[p])
+    for path in done:
+        ad = lins_full[path].adapter.adapters[name]
+        ad.a[...], ad.b[...] = factors[path]
+    return done
 
 
 def zero_pruned(model, plan: PruningPlan) -> None:
