@@ -107,7 +107,8 @@ class MoLoRAAdapter(nnx.Module):
         return jnp.where(keep, jax.nn.softmax(z, axis=-1), 0.0)
 
     def delta(self, x: jax.Array, ctx, *, base=None) -> jax.Array:
-        """The output change [..., *out] for x [B, ..., *in], in x's dtype."""
+        """The output change [..., *out] for x [B, ..., *in], in x's dtype (tag routing under
+        jit, where ids cannot be checked: a row with an id outside [-1, n) is NaN)."""
         n_in = len(self.in_shape)
         if x.ndim < n_in + 1 or x.shape[x.ndim - n_in :] != self.in_shape:
             raise ValueError(f"molora input {x.shape} must be [B, ..., *{self.in_shape}]")
@@ -129,6 +130,8 @@ class MoLoRAAdapter(nnx.Module):
                 h = jnp.einsum("bmi,bir->bmr", x_bmi, a[idx])
                 y = jnp.einsum("bmr,bro->bmo", h, b[idx]) * s
                 y = jnp.where((ids >= 0)[:, None, None], y, jnp.zeros((), dt))  # -1: exact 0
+                bad = (ids < -1) | (ids >= self.num_adapters)  # only reachable under jit
+                y = jnp.where(bad[:, None, None], jnp.asarray(jnp.nan, dt), y)
         return y.reshape(*lead, *self.out_shape)
 
     def delta_kernel_of(self, i: int) -> jax.Array:

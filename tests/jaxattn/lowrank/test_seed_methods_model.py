@@ -1,5 +1,5 @@
-"""Hydra, NOLA, RandLoRA, DyLoRA, SoRA and MoLoRA (one LoRA) on a tiny DecoderLM (Hydra under jit, the rest
-eagerly, to keep compiles few; DyLoRA has its own jit train step): a no-op at attach,
+"""Hydra, NOLA, RandLoRA, DyLoRA, SoRA and MoLoRA (one LoRA) on a tiny DecoderLM (Hydra under
+jit, the rest eagerly, to keep compiles few; DyLoRA has its own jit train step): a no-op at attach,
 and after their zero-initialized factor is set, the merged model (effective kernels, adapters
 detached) gives the unmerged model's logits."""
 
