@@ -108,5 +108,10 @@ def test_config_validation():
     _, ad = _lin_and_adapter("tag")
     with pytest.raises(ValueError, match="sequence_ids_B"):
         ad.delta(jnp.ones((2, 6)), None)
+    ctx = Context.create(2, 1, sequence_ids_B=jnp.array([0, 4], jnp.int32))
+    with pytest.raises(ValueError, match="sequence_ids_B must lie"):
+        ad.delta(jnp.ones((2, 6)), ctx)
+    y = np.asarray(jax.jit(lambda c: ad.delta(jnp.ones((2, 6)), c))(ctx))  # unchecked: NaN row
+    assert np.isfinite(y[0]).all() and np.isnan(y[1]).all()
     with pytest.raises(ValueError, match="delta_kernel_of"):
         ad.delta_kernel(jnp.zeros((6, 5)))
