@@ -1,6 +1,6 @@
-"""Hydra, NOLA, RandLoRA, DyLoRA, SoRA, LoRA-SB, IncreLoRA and LoRAPrune on a tiny DecoderLM
-(Hydra under jit, the rest eagerly, to keep compiles few; DyLoRA has its own jit train step):
-a no-op at attach, and after their zero-initialized factor is set, the merged model
+"""Hydra, NOLA, RandLoRA, DyLoRA, SoRA, LoRA-SB, IncreLoRA, LoRAPrune and MoLoRA (one LoRA) on a
+tiny DecoderLM (Hydra under jit, the rest eagerly, to keep compiles few; DyLoRA has its own jit
+train step): a no-op at attach, and after their zero-initialized factor is set, the merged model
 (effective kernels, adapters detached) gives the unmerged model's logits."""
 
 import jax
@@ -22,6 +22,7 @@ CASES = {
     "lorasb": dict(rank=2),
     "increlora": dict(rank=1, max_rank=3, target_rank=2, add_rank=1),
     "loraprune": dict(rank=2, prune="attn/(q|o)$|mlp/down$"),
+    "molora": dict(num_adapters=1, rank=2),
 }
 
 
