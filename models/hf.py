@@ -181,6 +181,8 @@ def _export_values(model: DecoderLM, covered: set) -> dict:
             continue
         try:
             values[(*path, "kernel")] = linear.effective_kernel()
+            if linear.bias is not None:
+                values[(*path, "bias")] = linear.effective_bias()
         except NotImplementedError as err:
             problems.append(f"{name}: its adapter cannot be merged ({err})")
     uncovered = sorted("/".join(map(str, p)) for p in (set(values) - covered) | adapter_leaves)

@@ -4,7 +4,7 @@
 --set "adapter.targets=attn/(q|k|v|o)$|mlp/"`` attaches a ``jaxattn.lowrank`` adapter of the
 registered method to the projections ``targets`` selects (default ``all-linear``) before
 training. ``TrainConfig.adapter`` holds the method and ``TrainConfig.adapter_options`` the
-``FIELD=VALUE`` strings; ``targets``, ``exclude`` and ``name`` go to the
+``FIELD=VALUE`` strings; ``targets``, ``exclude``, ``name`` and ``bias`` go to the
 ``lowrank.AdapterConfig``, every other field to the method (typed by the method's dataclass).
 With the default optimizer rules an adapter run trains the adapter leaves only
 (``adamw:/adapter/``, ``frozen:.*``); given rules are used as they are.
@@ -27,7 +27,7 @@ from jaxattn.lowrank._registry import TRAINING_RULES as ADAPTER_RULES
 from train.config import ConfigError, _parse_value
 
 __all__ = ["ADAPTER_RULES", "adapter_config", "attach_adapter", "adapter_rules"]
-_CONFIG_KEYS = ("targets", "exclude", "name")
+_CONFIG_KEYS = ("targets", "exclude", "name", "bias")
 
 
 def _field_kind(kind, default):

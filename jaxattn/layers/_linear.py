@@ -44,7 +44,9 @@ class Adapter(Protocol):
     ``delta(x, ctx, base=W)`` must equal ``x @ delta_kernel(W)`` for every x (up to rounding)
     when the adapter is mergeable; ``x`` is [..., *in] in the compute dtype and ``base`` is the
     kernel [*in, *out] in that dtype. ``delta`` may return None for "no change at all" (every
-    adapter merged, disabled or inactive): the projection is then the base's own program.
+    adapter merged, disabled or inactive): the projection is then the base's own program. An
+    adapter that also trains the bias (PEFT's ``bias="lora_only"``) has ``delta_bias()``
+    ([*out]; included in ``delta``), which ``Linear.effective_bias`` folds in.
     """
 
     def delta(self, x: jax.Array, ctx: Any, *, base: jax.Array) -> jax.Array | None: ...
@@ -135,6 +137,15 @@ class Linear(nnx.Module):
         if self.adapter is not None:
             w = w + self.adapter.delta_kernel(w).astype(w.dtype)
         return w
+
+    def effective_bias(self) -> jax.Array | None:
+        """The bias [*out] with the adapter's bias change (if any) folded in (None: no bias)."""
+        if self.bias is None:
+            return None
+        b = self.bias[...]
+        change = getattr(self.adapter, "delta_bias", None)
+        d = change() if change is not None else None
+        return b if d is None else b + d.astype(b.dtype)
 
     def as_matrix(self, dtype: DTypeLike | None = None) -> jax.Array:
         """``effective_kernel`` viewed as a matrix [fan_in, fan_out]."""

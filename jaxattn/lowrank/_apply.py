@@ -9,6 +9,12 @@ with the state ``adapter.merge_state(W)`` kept at merge, e.g. DoRA's weight norm
 ``W = (W' - Σ w_i d_i) / (1 + Σ w_i c_i)``. An adapter without ``affine`` has its
 ``delta_kernel(W)`` kept at merge (c = 0, d = that kernel-sized array),
 so unmerge is exact for any adapter.
+
+Biases: ``AdapterConfig(bias="lora_only")`` (PEFT's name) also trains the bias of every adapted
+projection that has one, as a change ``db`` [*out] (zero at start, fp32, axes of the bias) that
+belongs to the named adapter: ``y = x·W + b + Σ_i w_i (delta_i(x) + db_i)``. The base bias
+stays intact, so ``disabled`` gives the base exactly (PEFT, which trains the bias in place,
+cannot); ``merge`` folds ``Σ w_i db_i`` into the bias, ``save``/``load`` and ``to_peft`` carry it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.layers import AdapterParam
+from jaxattn.lowrank._factors import factor, kernel_axes
 from jaxattn.lowrank._registry import get_method, make_method
 from jaxattn.lowrank._surgery import _select, linear_paths
 
@@ -53,6 +60,9 @@ class AdapterConfig:
       overrides: ``{regex: {field: value}}`` per-path field changes (later entries win).
       rank_pattern, alpha_pattern: PEFT's ``{regex: rank}`` / ``{regex: alpha}`` shorthands.
       name: the adapter name on each projection.
+      bias: ``"none"`` (biases frozen) or ``"lora_only"`` (the bias of every adapted
+        projection that has one trains too, as PEFT's option; see the module docstring).
+        PEFT's ``"all"`` (biases of projections the adapter does not target) is refused.
     """
 
     method: str = "lora"
@@ -63,6 +73,7 @@ class AdapterConfig:
     rank_pattern: dict = dataclasses.field(default_factory=dict)
     alpha_pattern: dict = dataclasses.field(default_factory=dict)
     name: str = "default"
+    bias: str = "none"
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,6 +120,7 @@ class AdapterSet(nnx.Module):
         self.enabled = True
         self.merged = ()
         self.merge_states = nnx.data({})
+        self.bias_deltas = nnx.Dict()  # name -> AdapterParam [*out] (bias="lora_only")
         self.records = ()  # (name, AdapterConfig json, method fields json), static
 
     def record(self, name):
@@ -122,20 +134,32 @@ class AdapterSet(nnx.Module):
     def _live(self):
         if not self.enabled or self.merged:
             return []
-        return [(self.adapters[n], w) for n, w in self.active]
+        return [(n, w) for n, w in self.active]
 
     def delta(self, x, ctx, *, base):
-        live = self._live()
         out = None
-        for ad, w in live:
-            d = ad.delta(x, ctx, base=base)
+        for n, w in self._live():
+            d = self.adapters[n].delta(x, ctx, base=base)
+            if n in self.bias_deltas:
+                d = d + self.bias_deltas[n][...].astype(d.dtype)
             d = d if w == 1.0 else d * jnp.asarray(w, d.dtype)
             out = d if out is None else out + d
         return out  # None with no live adapter: the base's own program
 
+    def delta_bias(self, pairs=None):
+        """``Σ w_i db_i`` [*out] over the live (or given) adapters with a bias change, fp32;
+        None when there is none."""
+        out = None
+        for n, w in self._live() if pairs is None else pairs:
+            if n in self.bias_deltas:
+                d = w * self.bias_deltas[n][...].astype(jnp.float32)
+                out = d if out is None else out + d
+        return out
+
     def delta_kernel(self, base):
         out = jnp.zeros_like(base)
-        for ad, w in self._live():
+        for n, w in self._live():
+            ad = self.adapters[n]
             out = out + (w * ad.delta_kernel(base).astype(jnp.float32)).astype(base.dtype)
         return out
 
@@ -174,6 +198,11 @@ def apply(model: nnx.Module, config: AdapterConfig, *, rngs: nnx.Rngs) -> list[s
         already has an adapter named ``config.name``, or a merged projection.
     """
     get_method(config.method)
+    if config.bias not in BIAS_MODES:
+        hint = " (PEFT's 'all' trains biases outside the targets: not supported)" * (
+            config.bias == "all"
+        )
+        raise ValueError(f"bias={config.bias!r} must be one of {BIAS_MODES}{hint}")
     chosen = _select(model, config.pattern())
     if config.exclude:
         chosen = {p: m for p, m in chosen.items() if not re.search(config.exclude, p)}
@@ -202,11 +231,23 @@ def apply(model: nnx.Module, config: AdapterConfig, *, rngs: nnx.Rngs) -> list[s
         if linear.adapter is None:
             linear.adapter = AdapterSet()
         linear.adapter.adapters[config.name] = ad
+        if config.bias == "lora_only" and linear.bias is not None:
+            _, out_ax = kernel_axes(linear)
+            linear.adapter.bias_deltas[config.name] = factor(jnp.zeros(linear.out_shape), out_ax)
         linear.adapter.active = ((config.name, 1.0),)
         linear.adapter.records = linear.adapter.records + (
             (config.name, json.dumps(config.to_json()), json.dumps(cfg.to_json())),
         )
     return list(plan)
+
+
+BIAS_MODES = ("none", "lora_only")
+
+
+def _add_bias(linear, change, sign):
+    if change is not None:
+        b = linear.bias[...]
+        linear.bias[...] = (b.astype(jnp.float32) + sign * change).astype(b.dtype)
 
 
 def _write_kernel(linear, w, path):
@@ -282,6 +323,7 @@ def merge(model: nnx.Module) -> list[str]:
             states[n] = ad.merge_state(w) if hasattr(ad, "affine") else ad.delta_kernel(w)
         c, d = s._affine(s.active, states)
         _write_kernel(linear, w * (1 + c) + d, path)
+        _add_bias(linear, s.delta_bias(s.active), 1.0)
         s.merge_states = nnx.data(states)
         s.merged = s.active
         done.append(path)
@@ -298,6 +340,7 @@ def unmerge(model: nnx.Module) -> list[str]:
         c, d = s._affine(s.merged, s.merge_states)
         w = linear.base_kernel(jnp.float32)
         _write_kernel(linear, (w - d) / (1 + c), path)
+        _add_bias(linear, s.delta_bias(s.merged), -1.0)
         s.merged = ()
         s.merge_states = nnx.data({})
         done.append(path)
@@ -314,6 +357,8 @@ def remove(model: nnx.Module, name: str) -> list[str]:
     for linear in held.values():
         s = linear.adapter
         del s.adapters[name]
+        if name in s.bias_deltas:
+            del s.bias_deltas[name]
         s.active = tuple((n, w) for n, w in s.active if n != name)
         s.records = tuple(r for r in s.records if r[0] != name)
         if not len(s.adapters):

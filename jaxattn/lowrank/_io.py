@@ -1,7 +1,8 @@
 """Saving and loading one named adapter: ``adapter.safetensors`` + ``adapter_config.json``.
 
 The tensors file holds every parameter of adapter ``name`` under flat keys
-``<projection path>/<param path>`` (``layers/0/attn/q/a``), fp32 as stored. The JSON holds the
+``<projection path>/<param path>`` (``layers/0/attn/q/a``), fp32 as stored, and a trained bias
+change (``bias="lora_only"``) under ``<projection path>/:bias``. The JSON holds the
 ``AdapterConfig``, the method fields each path was built with, and a fingerprint of the base
 model: ``{path: [in_shape, out_shape]}`` of every adapted projection.
 """
@@ -32,6 +33,7 @@ def _st():
 
 
 TENSORS, CONFIG = "adapter.safetensors", "adapter_config.json"
+BIAS_KEY = ":bias"  # not a parameter name (no module attribute starts with ':')
 
 
 def _flat(adapter) -> dict[str, AdapterParam]:
@@ -56,6 +58,8 @@ def save(model: nnx.Module, directory: str, name: str = "default", *, config=Non
         s = linear.adapter
         for key, var in _flat(s.adapters[name]).items():
             tensors[f"{path}/{key}"] = np.asarray(var[...])
+        if name in s.bias_deltas:
+            tensors[f"{path}/{BIAS_KEY}"] = np.asarray(s.bias_deltas[name][...])
         saved_cfg, method = s.record(name)
         fields[path] = method.to_json()
         shapes[path] = [list(linear.in_shape), list(linear.out_shape)]
@@ -112,6 +116,7 @@ def load(model: nnx.Module, directory: str, *, name: str | None = None) -> list[
         targets=[f"^{_esc(p)}$" for p in paths],
         overrides=overrides,
         name=c["name"],
+        bias=c.get("bias", "none"),
     )
     done = apply(model, cfg, rngs=nnx.Rngs(0))
     errs = []
@@ -122,7 +127,10 @@ def load(model: nnx.Module, directory: str, *, name: str | None = None) -> list[
             (n, json.dumps(c), json.dumps(saved)) if n == cfg.name else (n, cj, mj)
             for n, cj, mj in s.records
         )
-        for key, var in _flat(s.adapters[cfg.name]).items():
+        params = dict(_flat(s.adapters[cfg.name]))
+        if cfg.name in s.bias_deltas:
+            params[BIAS_KEY] = s.bias_deltas[cfg.name]
+        for key, var in params.items():
             arr = tensors.get(f"{path}/{key}")
             if arr is None:
                 errs.append(f"{path}/{key}: missing")

@@ -135,6 +135,8 @@ def mix(model, names, *, name: str = "mixed") -> list[str]:
             raise ValueError(f"mix: {path!r} already has an adapter named {name!r}")
         if s.merged:
             raise ValueError(f"mix: {path!r} has merged adapters; unmerge first")
+        if any(n in s.bias_deltas for n in names):
+            raise ValueError(f"mix: {path!r} has adapters with a trained bias (bias='lora_only')")
         s.adapters[name] = stack_adapters([s.adapters[n] for n in names], linear=linear)
         s.active = ((name, 1.0),)
         done.append(path)
