@@ -51,6 +51,8 @@ __all__ = ["from_peft", "to_peft"]
 TENSORS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
+BASE_SUFFIX = ".base_layer.weight"  # a full base weight PEFT saves beside an adapted head
+EMBEDDING_LAYERS = ("embed_tokens", "lm_head")  # peft's EMBEDDING_LAYER_NAMES
 
 # LoraConfig fields peft 0.21.2 writes, at their defaults. Those in _HANDLED are read; the rest
 # must equal these defaults (anything else is a feature this library does not implement).
@@ -154,6 +156,19 @@ def _targeted(target, module: str) -> bool:
     return any(module == t or module.endswith("." + t) for t in target)
 
 
+def _check_base_copy(key, mod, saved, modules) -> list[str]:
+    """PEFT saves the whole base weight of an adapted ``lm_head`` / ``embed_tokens``
+    (``save_embedding_layers``); accept it only if it is our base weight."""
+    if mod.rsplit(".", 1)[-1] not in EMBEDDING_LAYERS or mod not in modules:
+        return [f"{key}: unexpected tensor"]
+    lin = modules[mod][1]
+    ours = np.asarray(lin.base_kernel(jnp.float32)).reshape(lin.fan_in, lin.fan_out).T
+    tol = 4 * float(jnp.finfo(lin.kernel[...].dtype).eps)
+    if saved.shape != ours.shape or not np.allclose(saved, ours, rtol=tol, atol=tol):
+        return [f"{key}: the saved base weight differs from this model's (a different base)"]
+    return []
+
+
 def _check_fields(meta: dict, file: str) -> None:
     unknown = sorted(set(meta) - set(LORA_DEFAULTS))
     if unknown:
@@ -161,7 +176,8 @@ def _check_fields(meta: dict, file: str) -> None:
     for field, default in LORA_DEFAULTS.items():
         if field in _HANDLED or field in _INFO or field not in meta:
             continue
-        if meta[field] != default and not (default in ({}, None) and meta[field] in ({}, None)):
+        empty = ({}, None, [])  # peft writes an unset field as any of these
+        if meta[field] != default and not (default in empty and meta[field] in empty):
             raise ValueError(
                 f"{file}: {field}={meta[field]!r} is not supported by jaxattn.lowrank.from_peft "
                 f"(only the default {default!r})"
@@ -205,7 +221,10 @@ def from_peft(model: nnx.Module, directory: str, *, name: str = "default") -> li
     for key in sorted(tensors):
         mod, _, suffix = key.removeprefix(PREFIX).partition(".lora_")
         suffix = "lora_" + suffix
-        if not key.startswith(PREFIX) or suffix not in suffixes:
+        if key.removeprefix(PREFIX).endswith(BASE_SUFFIX):
+            mod = key.removeprefix(PREFIX)[: -len(BASE_SUFFIX)]
+            bad += _check_base_copy(key, mod, tensors[key], modules)
+        elif not key.startswith(PREFIX) or suffix not in suffixes:
             bad.append(f"{key}: unexpected tensor")
         elif mod in refused:
             bad.append(f"{key}: module {mod} cannot be adapted here: {refused[mod]}")
@@ -232,9 +251,10 @@ def from_peft(model: nnx.Module, directory: str, *, name: str = "default") -> li
         alpha = float(alpha_pat[k]) if k is not None else float(alpha0)
         want = {"lora_A.weight": (r, lin.fan_in), "lora_B.weight": (lin.fan_out, r)}
         want["lora_magnitude_vector"] = (lin.fan_out,)
-        for s in suffixes:
-            if tuple(t[s].shape) != want[s]:
-                bad.append(f"{PREFIX}{mod}.{s}: saved {tuple(t[s].shape)}, expected {want[s]}")
+        wrong = [s for s in suffixes if tuple(t[s].shape) != want[s]]
+        bad += [f"{PREFIX}{mod}.{s}: saved {tuple(t[s].shape)}, expected {want[s]}" for s in wrong]
+        if wrong:
+            continue
         overrides[f"^{_esc(path)}$"] = {
             "rank": r,
             "alpha": alpha,
@@ -312,6 +332,9 @@ def to_peft(model: nnx.Module, directory: str, *, name: str = "default") -> list
         tensors[key + ".lora_B.weight"] = np.asarray(ad.b[...]).reshape(r, lin.fan_out).T
         if ad.use_dora:
             tensors[key + ".lora_magnitude_vector"] = np.asarray(ad.magnitude[...]).reshape(-1)
+        if mod in EMBEDDING_LAYERS:  # peft's save_embedding_layers="auto" writes its base too
+            w = np.asarray(lin.base_kernel(jnp.float32)).reshape(lin.fan_in, lin.fan_out).T
+            tensors[key + BASE_SUFFIX] = w
     if bad:
         raise ValueError("to_peft: cannot write:\n  " + "\n  ".join(bad))
     r, rank_pattern = _common({m: f.rank for m, f in fields.items()})
