@@ -42,8 +42,8 @@ from jaxattn.lowrank._apply import (
     unmerge,
 )
 from jaxattn.lowrank._io import load, save
-from jaxattn.lowrank._peft import from_peft, to_peft
 from jaxattn.lowrank._mixed import mix, stack_adapters, unstack
+from jaxattn.lowrank._peft import from_peft, to_peft
 from jaxattn.lowrank._registry import (
     MethodConfig,
     get_method,

@@ -15,7 +15,6 @@ import os
 import shutil
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,8 +25,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import jaxattn.lowrank as lr  # noqa: E402
-from jaxattn.layers import AdapterParam  # noqa: E402
 import models  # noqa: E402
+from jaxattn.layers import AdapterParam  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "models"))
 from test_hf_parity import _hf_config  # noqa: E402
@@ -159,7 +158,7 @@ def test_merge_equals_merge_and_unload(cid, loaded):
     assert lr.merge(ours)
     try:
         n = 0
-        for mod, (path, lin) in modules.items():
+        for mod, (_path, lin) in modules.items():
             if lin.adapter is None:
                 continue
             k = np.asarray(lin.kernel[...]).reshape(lin.fan_in, lin.fan_out)
