@@ -17,6 +17,10 @@ update is ``ΔW = s·B·A`` with ``s = lora_alpha / r`` (``use_rslora``: ``lora_
 per module ``r`` / ``lora_alpha`` from ``rank_pattern`` / ``alpha_pattern`` (PEFT's
 ``get_pattern_key``: a key ``k`` matches module ``M`` when ``re.match(rf"(.*\\.)?({k})$", M)``).
 
+An adapted ``lm_head`` / ``embed_tokens`` also gets its whole base weight saved as
+``M.base_layer.weight`` (peft's ``save_embedding_layers="auto"``): ``to_peft`` writes it and
+``from_peft`` accepts it only if it equals this model's base weight.
+
 Which HF module is which projection comes from ``models._hf_maps.rules(config)`` (the table
 ``from_hf`` reads checkpoints with): a rule with one HF ``.weight`` and one ``kernel`` is a
 projection, and it is accepted only if its conversion is exactly ``Wᵀ.reshape(*in, *out)``
@@ -27,6 +31,11 @@ Every other ``LoraConfig`` field must hold its peft default (``bias="none"``, no
 ``modules_to_save``, no ``layers_to_transform``, ...): a non-default one raises ``ValueError``
 naming it, never dropped. ``init_lora_weights`` may be ``true``/``false``/``"gaussian"``
 (it only chose the saved values); base-rewriting inits (PiSSA, OLoRA, ...) are refused.
+
+Not supported (refused with a ValueError): other ``peft_type`` values, RandLoRA and VeRA among
+them (their bases are shared across modules and stored in the file, while
+``methods.randlora`` regenerates per-projection bases from a key), and adapters on DeepSeek's
+``kv_b_proj``.
 """
 
 from __future__ import annotations

@@ -37,9 +37,9 @@ TOKENS = np.random.RandomState(0).randint(0, 97, (2, 9))
 # (case id, arch, LoraConfig fields)
 CASES = [
     (
-        "llama_qkvo_r4",
+        "llama_qkvo_regex_r4",
         "llama",
-        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        dict(r=4, lora_alpha=8, target_modules=r".*\.(q|k|v|o)_proj"),
     ),
     (
         "qwen2_mlp_patterns_rslora",
@@ -219,7 +219,7 @@ def _edit(src, dst, **fields):
     ],
 )
 def test_unsupported_fields_are_named(field, value, loaded, tmp_path):
-    _, d, _, base_dir = loaded["llama_qkvo_r4"]
+    _, d, _, base_dir = loaded["llama_qkvo_regex_r4"]
     bad = _edit(d, str(tmp_path / "bad"), **{field: value})
     with pytest.raises(ValueError, match=field):
         lr.from_peft(models.from_hf(base_dir), bad)
@@ -236,7 +236,7 @@ def test_kv_b_proj_refused_and_shape_mismatch(bases, loaded, tmp_path):
     with pytest.raises(ValueError, match=r"layers/0/attn/k_b: no Hugging Face module"):
         lr.to_peft(ours, str(tmp_path / "out"))
     # a llama adapter on the mistral model: every misshaped tensor is listed
-    _, d, _, _ = loaded["llama_qkvo_r4"]
+    _, d, _, _ = loaded["llama_qkvo_regex_r4"]
     _, mistral_dir = bases("mistral")
     with pytest.raises(
         ValueError, match=r"(?s)q_proj.lora_B.weight: saved \(60, 4\), expected \(56, 4\).*layers.1"
@@ -247,3 +247,30 @@ def test_kv_b_proj_refused_and_shape_mismatch(bases, loaded, tmp_path):
     _, llama_dir = bases("llama")
     with pytest.raises(ValueError, match=r"lora_A.weight: saved \(4, 48\), expected \(5, 48\)"):
         lr.from_peft(models.from_hf(llama_dir), wrong_r)
+
+
+def test_unsupported_adapters_refused(bases, tmp_path):
+    hf, llama_dir = bases("llama")
+    rand = peft.get_peft_model(
+        copy.deepcopy(hf), peft.RandLoraConfig(r=4, target_modules=["q_proj"])
+    )
+    rand.save_pretrained(str(tmp_path / "rand"))
+    with pytest.raises(ValueError, match=r"peft_type='RANDLORA'"):
+        lr.from_peft(models.from_hf(llama_dir), str(tmp_path / "rand"))
+    ours = models.from_hf(llama_dir)
+    lr.apply(
+        ours,
+        lr.AdapterConfig(targets=r"0/attn/q$", options={"rank": 2, "init": "pissa"}),
+        rngs=nnx.Rngs(0),
+    )
+    with pytest.raises(ValueError, match=r"layers/0/attn/q: init='pissa' rewrote the base"):
+        lr.to_peft(ours, str(tmp_path / "pissa"))
+    mixed = models.from_hf(llama_dir)
+    cfg = lr.AdapterConfig(
+        targets=r"attn/(q|v)$", options={"rank": 2}, overrides={r"attn/v$": {"use_rslora": True}}
+    )
+    lr.apply(mixed, cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"one use_rslora per adapter"):
+        lr.to_peft(mixed, str(tmp_path / "mixed"))
+    with pytest.raises(ValueError, match=r"no projection holds an adapter named 'other'"):
+        lr.to_peft(mixed, str(tmp_path / "none"), name="other")
