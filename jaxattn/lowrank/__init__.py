@@ -17,7 +17,7 @@ Applying (``_apply``)
 
 PEFT interchange (``_peft``; peft 0.21.2's format, models from ``models.from_hf``)
   from_peft, to_peft  ``adapter_model.safetensors`` + ``adapter_config.json`` (LoRA, rsLoRA,
-                      DoRA; per-module rank/alpha patterns)
+                      DoRA; per-module rank/alpha patterns; RandLoRA)
 
 Mixed-adapter batches
   LoRABank            n LoRA adapters of one projection; row b uses ``sequence_ids_B[b]``

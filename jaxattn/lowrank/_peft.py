@@ -32,10 +32,10 @@ Every other ``LoraConfig`` field must hold its peft default (``bias="none"``, no
 naming it, never dropped. ``init_lora_weights`` may be ``true``/``false``/``"gaussian"``
 (it only chose the saved values); base-rewriting inits (PiSSA, OLoRA, ...) are refused.
 
-Not supported (refused with a ValueError): other ``peft_type`` values, RandLoRA and VeRA among
-them (their bases are shared across modules and stored in the file, while
-``methods.randlora`` regenerates per-projection bases from a key), and adapters on DeepSeek's
-``kv_b_proj``.
+``peft_type: "RANDLORA"`` (shared bases in the file, per-module ``randlora_lambda`` /
+``randlora_gamma``) is read and written by ``_peft_randlora`` (its docstring has the keys).
+Not supported (refused with a ValueError): other ``peft_type`` values (VeRA, ...), and
+adapters on DeepSeek's ``kv_b_proj``.
 """
 
 from __future__ import annotations
@@ -178,12 +178,16 @@ def _check_base_copy(key, mod, saved, modules) -> list[str]:
     return []
 
 
-def _check_fields(meta: dict, file: str) -> None:
-    unknown = sorted(set(meta) - set(LORA_DEFAULTS))
+def _check_fields(meta: dict, file: str, defaults=None, handled=None, info=None) -> None:
+    defaults = LORA_DEFAULTS if defaults is None else defaults
+    handled = _HANDLED if handled is None else handled
+    info = _INFO if info is None else info
+    unknown = sorted(set(meta) - set(defaults))
     if unknown:
-        raise ValueError(f"{file}: LoraConfig field(s) {unknown} are not known to peft 0.21.2")
-    for field, default in LORA_DEFAULTS.items():
-        if field in _HANDLED or field in _INFO or field not in meta:
+        kind = meta.get("peft_type")
+        raise ValueError(f"{file}: {kind} config field(s) {unknown} are not known to peft 0.21.2")
+    for field, default in defaults.items():
+        if field in handled or field in info or field not in meta:
             continue
         empty = ({}, None, [])  # peft writes an unset field as any of these
         if meta[field] != default and not (default in empty and meta[field] in empty):
@@ -191,7 +195,7 @@ def _check_fields(meta: dict, file: str) -> None:
                 f"{file}: {field}={meta[field]!r} is not supported by jaxattn.lowrank.from_peft "
                 f"(only the default {default!r})"
             )
-    if meta.get("init_lora_weights", True) not in _INITS:
+    if meta.get("peft_type") == "LORA" and meta.get("init_lora_weights", True) not in _INITS:
         raise ValueError(
             f"{file}: init_lora_weights={meta['init_lora_weights']!r} rewrites the base weight; "
             f"from_peft reads adapters whose init is one of {list(_INITS)}"
@@ -219,8 +223,14 @@ def from_peft(model: nnx.Module, directory: str, *, name: str = "default") -> li
     file = os.path.join(directory, CONFIG)
     with open(file) as f:
         meta = json.load(f)
+    if meta.get("peft_type") == "RANDLORA":
+        from jaxattn.lowrank._peft_randlora import from_peft_randlora
+
+        return from_peft_randlora(model, directory, meta, name=name)
     if meta.get("peft_type") != "LORA":
-        raise ValueError(f"{file}: peft_type={meta.get('peft_type')!r}; from_peft reads 'LORA'")
+        raise ValueError(
+            f"{file}: peft_type={meta.get('peft_type')!r}; from_peft reads 'LORA' and 'RANDLORA'"
+        )
     _check_fields(meta, file)
     tensors = _st().load_file(os.path.join(directory, TENSORS))
     modules, refused = _module_map(model)
@@ -321,11 +331,18 @@ def to_peft(model: nnx.Module, directory: str, *, name: str = "default") -> list
     modules, _ = _module_map(model)
     of_path = {p: m for m, (p, _) in modules.items()}
     held = holding(model, name, op="to_peft")
+    from jaxattn.lowrank._peft_randlora import PeftRandLoRAAdapter, to_peft_randlora
+
+    if all(isinstance(lin.adapter.adapters[name], PeftRandLoRAAdapter) for lin in held.values()):
+        return to_peft_randlora(held, of_path, directory, name=name)
     tensors, fields, bad = {}, {}, []
     for path, lin in held.items():
         ad = lin.adapter.adapters[name]
         if not isinstance(ad, LoRAAdapter):
-            bad.append(f"{path}: a {type(ad).__name__}; to_peft writes LoRA / DoRA adapters")
+            bad.append(
+                f"{path}: a {type(ad).__name__}; to_peft writes LoRA / DoRA adapters and "
+                "RandLoRA adapters read by from_peft (bases shared by every module)"
+            )
             continue
         if path not in of_path:
             bad.append(f"{path}: no Hugging Face module is exactly this projection")

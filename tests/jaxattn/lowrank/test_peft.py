@@ -251,12 +251,10 @@ def test_kv_b_proj_refused_and_shape_mismatch(bases, loaded, tmp_path):
 
 def test_unsupported_adapters_refused(bases, tmp_path):
     hf, llama_dir = bases("llama")
-    rand = peft.get_peft_model(
-        copy.deepcopy(hf), peft.RandLoraConfig(r=4, target_modules=["q_proj"])
-    )
-    rand.save_pretrained(str(tmp_path / "rand"))
-    with pytest.raises(ValueError, match=r"peft_type='RANDLORA'"):
-        lr.from_peft(models.from_hf(llama_dir), str(tmp_path / "rand"))
+    vera = peft.get_peft_model(copy.deepcopy(hf), peft.VeraConfig(r=4, target_modules=["q_proj"]))
+    vera.save_pretrained(str(tmp_path / "vera"))
+    with pytest.raises(ValueError, match=r"peft_type='VERA'"):
+        lr.from_peft(models.from_hf(llama_dir), str(tmp_path / "vera"))
     ours = models.from_hf(llama_dir)
     lr.apply(
         ours,
@@ -274,3 +272,54 @@ def test_unsupported_adapters_refused(bases, tmp_path):
         lr.to_peft(mixed, str(tmp_path / "mixed"))
     with pytest.raises(ValueError, match=r"no projection holds an adapter named 'other'"):
         lr.to_peft(mixed, str(tmp_path / "none"), name="other")
+
+
+def test_randlora_both_ways(bases, tmp_path):
+    """peft RandLoRA (shared bases in the file, random λ and γ) -> from_peft: logits, counts,
+    merge; then changed here -> to_peft -> peft loads every key and gives our logits."""
+    hf, base_dir = bases("qwen2")
+    cfg = peft.RandLoraConfig(
+        r=8, randlora_alpha=24, target_modules=["q_proj", "v_proj", "down_proj"]
+    )
+    pm = peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "randlora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(str(tmp_path / "in"))
+    ours = models.from_hf(base_dir)
+    assert len(lr.from_peft(ours, str(tmp_path / "in"))) == 6
+    want = _logits_hf(pm)
+    with pm.disable_adapter():
+        assert np.abs(_logits_hf(pm) - want).max() > 100 * TOL
+    np.testing.assert_allclose(np.asarray(_logits(ours, jnp.asarray(TOKENS))), want, atol=TOL)
+    assert lr.trainable_count(ours) == pm.get_nb_trainable_parameters()[0]
+    sd = copy.deepcopy(pm).merge_and_unload().state_dict()
+    modules, _ = lr._peft._module_map(ours)
+    lr.merge(ours)
+    for mod, (_path, lin) in modules.items():
+        if lin.adapter is not None:
+            k = np.asarray(lin.kernel[...]).reshape(lin.fan_in, lin.fan_out)
+            np.testing.assert_allclose(k.T, sd[mod + ".weight"].numpy(), rtol=1e-5, atol=1e-5)
+    lr.unmerge(ours)
+    with pytest.raises(ValueError, match="to_peft"):
+        lr.save(ours, str(tmp_path / "native"))
+    rng = np.random.RandomState(4)
+    for _, var in nnx.to_flat_state(nnx.state(ours, AdapterParam)):
+        var[...] = np.asarray(var[...]) + 0.1 * rng.randn(*var.shape).astype(np.float32)
+    mine = np.asarray(_logits(ours, jnp.asarray(TOKENS)))
+    lr.to_peft(ours, str(tmp_path / "out"))
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "out")).eval()
+    from safetensors.numpy import load_file
+
+    saved = set(load_file(str(tmp_path / "out" / "adapter_model.safetensors")))
+    assert saved == set(peft.get_peft_model_state_dict(back))
+    np.testing.assert_allclose(_logits_hf(back), mine, atol=TOL)
+    # a native RandLoRA (per-path bases from a key) has no PEFT form
+    native = models.from_hf(base_dir)
+    lr.apply(
+        native, lr.AdapterConfig("randlora", {"rank": 4}, targets=r"attn/q$"), rngs=nnx.Rngs(0)
+    )
+    with pytest.raises(ValueError, match="RandLoRA adapters read by from_peft"):
+        lr.to_peft(native, str(tmp_path / "native2"))
