@@ -116,9 +116,19 @@ def from_peft_randlora(model, directory: str, meta: dict, *, name: str) -> list[
         if (
             a is not None
             and b is not None
-            and (a.shape[2] < d_min or b.shape[:2] < (max(lin.fan_in, lin.fan_out), n))
+            and (
+                a.ndim != 3
+                or b.ndim != 3
+                or a.shape[0] != r
+                or b.shape[2] != r
+                or a.shape[2] < d_min
+                or b.shape[0] < max(lin.fan_in, lin.fan_out)
+                or b.shape[1] < n
+            )
         ):
-            bad.append(f"{SHARED}randlora_A/B {a.shape}/{b.shape} too small for {mod}")
+            bad.append(
+                f"{SHARED}randlora_A/B {a.shape}/{b.shape} do not cover {mod} (r={r}, n={n})"
+            )
     if bad:
         raise ValueError(f"from_peft {directory}: the adapter does not fit:\n  " + "\n  ".join(bad))
     paths = {modules[m][0]: m for m in per}
