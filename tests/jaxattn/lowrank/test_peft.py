@@ -316,6 +316,13 @@ def test_randlora_both_ways(bases, tmp_path):
     saved = set(load_file(str(tmp_path / "out" / "adapter_model.safetensors")))
     assert saved == set(peft.get_peft_model_state_dict(back))
     np.testing.assert_allclose(_logits_hf(back), mine, atol=TOL)
+    # a config r that disagrees with the saved λ, and an unsupported field, are named
+    wrong = _edit(str(tmp_path / "in"), str(tmp_path / "wrong"), r=4)
+    with pytest.raises(ValueError, match=r"randlora_lambda: saved \(8, 5\), expected \(4, 10\)"):
+        lr.from_peft(models.from_hf(base_dir), wrong)
+    drop = _edit(str(tmp_path / "in"), str(tmp_path / "drop"), randlora_dropout=0.1)
+    with pytest.raises(ValueError, match="randlora_dropout"):
+        lr.from_peft(models.from_hf(base_dir), drop)
     # a native RandLoRA (per-path bases from a key) has no PEFT form
     native = models.from_hf(base_dir)
     lr.apply(
