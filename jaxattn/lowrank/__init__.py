@@ -15,6 +15,10 @@ Applying (``_apply``)
   remove, trainable_count, AdapterSet
   save, load            ``adapter.safetensors`` + ``adapter_config.json``
 
+PEFT interchange (``_peft``; peft 0.21.2's format, models from ``models.from_hf``)
+  from_peft, to_peft  ``adapter_model.safetensors`` + ``adapter_config.json`` (LoRA, rsLoRA,
+                      DoRA; per-module rank/alpha patterns; RandLoRA)
+
 Mixed-adapter batches
   LoRABank            n LoRA adapters of one projection; row b uses ``sequence_ids_B[b]``
                       (method ``lora_bank``; S-LoRA / Punica gather, -1: no adapter)
@@ -39,6 +43,7 @@ from jaxattn.lowrank._apply import (
 )
 from jaxattn.lowrank._io import load, save
 from jaxattn.lowrank._mixed import mix, stack_adapters, unstack
+from jaxattn.lowrank._peft import from_peft, to_peft
 from jaxattn.lowrank._registry import (
     MethodConfig,
     get_method,
@@ -69,6 +74,8 @@ __all__ = [
     "trainable_count",
     "save",
     "load",
+    "from_peft",
+    "to_peft",
     "LoRABank",
     "stack_adapters",
     "mix",

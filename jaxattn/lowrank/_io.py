@@ -56,6 +56,12 @@ def save(model: nnx.Module, directory: str, name: str = "default", *, config=Non
     tensors, fields, shapes = {}, {}, {}
     for path, linear in holding(model, name, op="save").items():
         s = linear.adapter
+        if getattr(s.adapters[name], "shared_a", None) is not None:  # _peft_randlora
+            raise ValueError(
+                f"save: {name!r} at {path!r} holds PEFT's RandLoRA bases, which this format "
+                "does not store (it regenerates bases from a key); write it with "
+                "lowrank.to_peft"
+            )
         for key, var in _flat(s.adapters[name]).items():
             tensors[f"{path}/{key}"] = np.asarray(var[...])
         if name in s.bias_deltas:
