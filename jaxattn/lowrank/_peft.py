@@ -331,6 +331,12 @@ def to_peft(model: nnx.Module, directory: str, *, name: str = "default") -> list
     modules, _ = _module_map(model)
     of_path = {p: m for m, (p, _) in modules.items()}
     held = holding(model, name, op="to_peft")
+    trained_bias = sorted(p for p, lin in held.items() if name in lin.adapter.bias_deltas)
+    if trained_bias:  # peft's bias="lora_only" form is not written yet: never drop it silently
+        raise ValueError(
+            f"to_peft: adapter {name!r} trains biases (bias='lora_only') at "
+            f"{trained_bias}; writing them in peft's format is not supported"
+        )
     from jaxattn.lowrank._peft_randlora import PeftRandLoRAAdapter, to_peft_randlora
 
     if all(isinstance(lin.adapter.adapters[name], PeftRandLoRAAdapter) for lin in held.values()):

@@ -101,3 +101,9 @@ def test_save_load_and_hf_export_carry_the_bias(tmp_path):
 def test_bad_bias_mode(bias, match):
     with pytest.raises(ValueError, match=match):
         L.apply(_model(), L.AdapterConfig(options=dict(rank=2), bias=bias), rngs=nnx.Rngs(0))
+
+
+def test_to_peft_refuses_a_trained_bias(tmp_path):
+    m, _ = _adapted()
+    with pytest.raises(ValueError, match="trains biases"):
+        L.to_peft(m, str(tmp_path / "p"))
