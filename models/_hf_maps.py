@@ -15,7 +15,7 @@ import numpy as np
 from jaxattn.layers import AttentionConfig, MLAConfig
 from models.config import ModelConfig
 
-__all__ = ["Rule", "rules", "ATTENTION_RULES", "HF_IGNORED_SUFFIXES"]
+__all__ = ["Rule", "rules", "projections", "ATTENTION_RULES", "HF_IGNORED_SUFFIXES"]
 
 HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some exports keep
 
@@ -183,3 +183,31 @@ def rules(c: ModelConfig) -> list[Rule]:
             ]
         out += _attention_rules(c, i)
     return out
+
+
+def projections(c: ModelConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """``({HF module: our Linear path}, {HF module: reason refused})`` for config ``c``.
+
+    A rule with one HF ``.weight`` and one ``kernel`` is a projection, accepted only if its
+    conversion is exactly ``Wᵀ.reshape(*in, *out)`` (checked on an index array); a HF module
+    holding several of our projections (DeepSeek's ``kv_b_proj``) is refused.
+    """
+    ok, refused = {}, {}
+    for rule in rules(c):
+        kernels = [p for p in rule.paths if p[-1] == "kernel"]
+        if not kernels or not rule.hf[0].endswith(".weight"):
+            continue  # norms, embeddings, biases
+        module = rule.hf[0][: -len(".weight")]
+        if len(rule.hf) != 1 or len(rule.paths) != 1:
+            ours = ["/".join(map(str, p[:-1])) for p in kernels]
+            refused[module] = f"one HF module holds several projections here ({ours})"
+            continue
+        shape = rule.hf_shapes[0]
+        probe = np.arange(int(np.prod(shape))).reshape(shape)
+        (conv,) = rule.to_ours(probe)
+        conv = np.asarray(conv)
+        if conv.size != probe.size or not np.array_equal(conv, probe.T.reshape(conv.shape)):
+            refused[module] = "its HF <-> jaxattn conversion is not a plain reshape"
+            continue
+        ok[module] = "/".join(map(str, rule.paths[0][:-1]))
+    return ok, refused

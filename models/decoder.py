@@ -225,6 +225,22 @@ class DecoderLM(nnx.Module):
         )
         return logits_BTV, tuple(new_cache)
 
+    def hf_projections(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The Hugging Face module of each projection, for adapter interchange (PEFT).
+
+        Returns:
+          ``({HF module: our Linear path}, {HF module: why it has no one-to-one Linear})``,
+          e.g. ``"model.layers.0.self_attn.q_proj" -> "layers/0/attn/q"``. A module is named
+          only when its checkpoint conversion is exactly ``Wᵀ.reshape(*in, *out)`` (checked
+          on an index array), so adapter factors convert by reshapes alone.
+
+        Raises:
+          ValueError: a layer whose kind has no HF equivalent (named).
+        """
+        from models._hf_maps import projections  # the HF tables import this module
+
+        return projections(self.config)
+
     def cache_bytes_per_token(self, dtype=None) -> int:
         """Cache bytes one token costs across all layers, for storage ``dtype``."""
         dtype = self.config.dtype if dtype is None else dtype

@@ -21,10 +21,10 @@ An adapted ``lm_head`` / ``embed_tokens`` also gets its whole base weight saved 
 ``M.base_layer.weight`` (peft's ``save_embedding_layers="auto"``): ``to_peft`` writes it and
 ``from_peft`` accepts it only if it equals this model's base weight.
 
-Which HF module is which projection comes from ``models._hf_maps.rules(config)`` (the table
-``from_hf`` reads checkpoints with): a rule with one HF ``.weight`` and one ``kernel`` is a
-projection, and it is accepted only if its conversion is exactly ``Wᵀ.reshape(*in, *out)``
-(checked on an index array), which makes the factor reshapes above exact. DeepSeek's
+Which HF module is which projection comes from the model, ``model.hf_projections()``
+(``models.DecoderLM`` derives it from the table ``from_hf`` reads checkpoints with, and
+names only modules whose conversion is exactly ``Wᵀ.reshape(*in, *out)``), which makes the
+factor reshapes above exact. DeepSeek's
 ``kv_b_proj`` (one HF module, our ``k_b`` + ``v_b``) has no one-to-one image: it is refused.
 
 Every other ``LoraConfig`` field must hold its peft default (``bias="none"``, no
@@ -41,7 +41,6 @@ adapters on DeepSeek's ``kv_b_proj``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections import Counter
@@ -117,35 +116,24 @@ _INITS = (True, False, "gaussian")  # inits that leave the base weight as it is
 
 
 def _module_map(model) -> tuple[dict, dict]:
-    """(HF module name -> (our path, Linear), refused HF module name -> reason), from
-    ``models._hf_maps.rules(model.config)``."""
-    from models._hf_maps import rules  # models builds on jaxattn; imported only when used
+    """(HF module name -> (our path, Linear), refused HF module name -> reason).
 
-    config = getattr(model, "config", None)
-    if config is None:
+    The names come from the model itself: ``model.hf_projections()`` (``models.DecoderLM``
+    derives them from the table ``from_hf`` reads checkpoints with); jaxattn knows no model
+    family.
+    """
+    table = getattr(model, "hf_projections", None)
+    if table is None:
         raise ValueError(
-            f"model must be a models.DecoderLM (from models.from_hf), got {type(model).__name__}"
+            "model must name its Hugging Face projections (hf_projections(), as "
+            f"models.DecoderLM does), got {type(model).__name__}"
         )
+    paths, refused = table()
     found = linear_paths(model)
-    ok, refused = {}, {}
-    for rule in rules(config):
-        kernels = [p for p in rule.paths if p[-1] == "kernel"]
-        if not kernels or not rule.hf[0].endswith(".weight"):
-            continue  # norms, embeddings, biases
-        module = rule.hf[0][: -len(".weight")]
-        if len(rule.hf) != 1 or len(rule.paths) != 1:
-            ours = ["/".join(map(str, p[:-1])) for p in kernels]
-            refused[module] = f"one HF module holds several projections here ({ours})"
-            continue
-        path = "/".join(map(str, rule.paths[0][:-1]))
-        lin = found[path]
-        probe = np.arange(math.prod(rule.hf_shapes[0])).reshape(rule.hf_shapes[0])
-        (conv,) = rule.to_ours(probe)
-        if not np.array_equal(np.asarray(conv), probe.T.reshape(lin.in_shape + lin.out_shape)):
-            refused[module] = "its HF <-> jaxattn conversion is not a plain reshape"
-            continue
-        ok[module] = (path, lin)
-    return ok, refused
+    missing = sorted(p for p in paths.values() if p not in found)
+    if missing:
+        raise ValueError(f"model.hf_projections() names paths that are not Linears: {missing}")
+    return {m: (p, found[p]) for m, p in paths.items()}, dict(refused)
 
 
 def _pattern_key(patterns: dict, module: str):

@@ -272,6 +272,10 @@ def test_unsupported_adapters_refused(bases, tmp_path):
         lr.to_peft(mixed, str(tmp_path / "mixed"))
     with pytest.raises(ValueError, match=r"no projection holds an adapter named 'other'"):
         lr.to_peft(mixed, str(tmp_path / "none"), name="other")
+    # a module that does not name its HF projections (jaxattn knows no model family)
+    plain = nnx.Dict(q=mixed.layers[0].attn.q)
+    with pytest.raises(ValueError, match=r"model must name its Hugging Face projections"):
+        lr.to_peft(plain, str(tmp_path / "plain"))
 
 
 def test_randlora_both_ways(bases, tmp_path):
