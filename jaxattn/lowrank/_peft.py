@@ -166,6 +166,44 @@ def _check_base_copy(key, mod, saved, modules) -> list[str]:
     return []
 
 
+def _split(rest: str) -> tuple[str, str]:
+    """``M.lora_A.weight`` -> (``M``, ``lora_A.weight``)."""
+    mod, _, suffix = rest.partition(".lora_")
+    return mod, "lora_" + suffix
+
+
+def _group(tensors: dict, modules: dict, refused: dict, target, leaves, split, skip=()):
+    """The saved per-module tensors as ``{HF module: {leaf: array}}``, and every problem.
+
+    Each key must be ``PREFIX + M + "." + leaf`` for a projection ``M`` of this model and a
+    ``leaf`` in ``leaves`` (``split`` cuts the name after the prefix into the two), or an
+    adapted embedding layer's base copy (checked against ours); ``skip`` names tensors the
+    caller reads itself (RandLoRA's shared bases). Every module ``target`` selects must be
+    saved. Problems are returned, one line each, never raised one at a time.
+    """
+    by_module, bad = {}, []
+    for key in sorted(tensors):
+        if key in skip:
+            continue
+        rest = key.removeprefix(PREFIX)
+        if key.startswith(PREFIX) and rest.endswith(BASE_SUFFIX):
+            bad += _check_base_copy(key, rest[: -len(BASE_SUFFIX)], tensors[key], modules)
+            continue
+        mod, leaf = split(rest)
+        if not key.startswith(PREFIX) or leaf not in leaves:
+            bad.append(f"{key}: unexpected tensor")
+        elif mod in refused:
+            bad.append(f"{key}: module {mod} cannot be adapted here: {refused[mod]}")
+        elif mod not in modules:
+            bad.append(f"{key}: {mod} is not a projection of this model")
+        else:
+            by_module.setdefault(mod, {})[leaf] = tensors[key]
+    for mod in modules:
+        if _targeted(target, mod) and mod not in by_module:
+            bad.append(f"{PREFIX}{mod}: targeted by target_modules={target!r} but not saved")
+    return by_module, bad
+
+
 def _check_fields(meta: dict, file: str, defaults=None, handled=None, info=None) -> None:
     defaults = LORA_DEFAULTS if defaults is None else defaults
     handled = _HANDLED if handled is None else handled
@@ -224,25 +262,7 @@ def from_peft(model: nnx.Module, directory: str, *, name: str = "default") -> li
     modules, refused = _module_map(model)
     dora = bool(meta.get("use_dora", False))
     suffixes = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if dora else ())
-    by_module, bad = {}, []
-    for key in sorted(tensors):
-        mod, _, suffix = key.removeprefix(PREFIX).partition(".lora_")
-        suffix = "lora_" + suffix
-        if key.removeprefix(PREFIX).endswith(BASE_SUFFIX):
-            mod = key.removeprefix(PREFIX)[: -len(BASE_SUFFIX)]
-            bad += _check_base_copy(key, mod, tensors[key], modules)
-        elif not key.startswith(PREFIX) or suffix not in suffixes:
-            bad.append(f"{key}: unexpected tensor")
-        elif mod in refused:
-            bad.append(f"{key}: module {mod} cannot be adapted here: {refused[mod]}")
-        elif mod not in modules:
-            bad.append(f"{key}: {mod} is not a projection of this model")
-        else:
-            by_module.setdefault(mod, {})[suffix] = tensors[key]
-    target = meta["target_modules"]
-    for mod in modules:
-        if _targeted(target, mod) and mod not in by_module:
-            bad.append(f"{PREFIX}{mod}: targeted by target_modules={target!r} but not saved")
+    by_module, bad = _group(tensors, modules, refused, meta["target_modules"], suffixes, _split)
     r0, alpha0 = int(meta.get("r", 8)), meta.get("lora_alpha", 8)
     rank_pat, alpha_pat = meta.get("rank_pattern") or {}, meta.get("alpha_pattern") or {}
     overrides, values = {}, {}

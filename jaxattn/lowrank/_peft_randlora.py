@@ -76,6 +76,12 @@ class PeftRandLoRAAdapter(RandLoRAAdapter):
         return a, self.shared_b[...][: self.d_max, : self.num_bases, :]
 
 
+def _split(rest: str) -> tuple[str, str]:
+    """``M.randlora_lambda`` -> (``M``, ``randlora_lambda``)."""
+    mod, _, leaf = rest.rpartition(".")
+    return mod, leaf
+
+
 def from_peft_randlora(model, directory: str, meta: dict, *, name: str) -> list[str]:
     file = os.path.join(directory, P.CONFIG)
     P._check_fields(meta, file, RANDLORA_DEFAULTS, _HANDLED, _INFO)
@@ -86,22 +92,12 @@ def from_peft_randlora(model, directory: str, meta: dict, *, name: str) -> list[
     r, alpha = int(meta.get("r", 32)), float(meta.get("randlora_alpha", 640))
     shared = {k: tensors.get(SHARED + "randlora_" + k) for k in ("A", "B")}
     bad = [f"{SHARED}randlora_{k}: missing" for k, v in shared.items() if v is None]
-    per, names = {}, ("randlora_A", "randlora_B", "randlora_lambda", "randlora_gamma")
-    for key in sorted(tensors):
-        if key in (SHARED + "randlora_A", SHARED + "randlora_B"):
-            continue
-        mod, _, leaf = key.removeprefix(P.PREFIX).rpartition(".")
-        if not key.startswith(P.PREFIX) or leaf not in names:
-            bad.append(f"{key}: unexpected tensor")
-        elif mod in refused:
-            bad.append(f"{key}: module {mod} cannot be adapted here: {refused[mod]}")
-        elif mod not in modules:
-            bad.append(f"{key}: {mod} is not a projection of this model")
-        else:
-            per.setdefault(mod, {})[leaf] = tensors[key]
-    for mod in modules:
-        if P._targeted(meta["target_modules"], mod) and mod not in per:
-            bad.append(f"{P.PREFIX}{mod}: targeted by target_modules but not saved")
+    names = ("randlora_A", "randlora_B", "randlora_lambda", "randlora_gamma")
+    skip = (SHARED + "randlora_A", SHARED + "randlora_B")
+    per, grouped = P._group(
+        tensors, modules, refused, meta["target_modules"], names, _split, skip=skip
+    )
+    bad += grouped
     for mod, t in per.items():
         lin = modules[mod][1]
         d_min = min(lin.fan_in, lin.fan_out)
