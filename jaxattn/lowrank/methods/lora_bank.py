@@ -39,6 +39,56 @@ from jaxattn.lowrank._registry import MethodConfig, register_method
 __all__ = ["LoRABankConfig", "LoRABank", "AdapterBuffer", "bank_scale"]
 
 
+def row_ids(ctx, x: jax.Array, num_adapters: int, what: str) -> jax.Array | None:
+    """Each row's adapter id, int32 [B], from ``ctx.sequence_ids_B`` (-1: no adapter).
+
+    None when there are no ids and one adapter (every row uses adapter 0). Concrete ids are
+    range-checked here; under jit they cannot be, and ``gathered_delta`` makes such rows NaN.
+    """
+    ids = None if ctx is None else getattr(ctx, "sequence_ids_B", None)
+    if ids is None:
+        if num_adapters == 1:
+            return None
+        raise ValueError(
+            f"{what} of {num_adapters} adapters needs ctx.sequence_ids_B (int [B]: which "
+            "adapter each row uses, -1 for none); pass sequence_ids_B to the model"
+        )
+    ids = jnp.asarray(ids)
+    if ids.shape != x.shape[:1] or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(
+            f"sequence_ids_B must be int [{x.shape[0]}] (one id per row of the batch), "
+            f"got {ids.dtype} {ids.shape}"
+        )
+    if not isinstance(ids, jax.core.Tracer):
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < -1 or hi >= num_adapters:
+            raise ValueError(
+                f"sequence_ids_B must lie in [-1, {num_adapters - 1}] (-1: no adapter) "
+                f"for {what} of {num_adapters} adapters, got {lo}..{hi}"
+            )
+    return ids.astype(jnp.int32)
+
+
+def gathered_delta(x_bmi, a_nir, b_nro, gain_nr, ids_B) -> jax.Array:
+    """Per-row LoRA ``((x[b] @ A[i_b]) * gain[i_b]) @ B[i_b]`` as [B, M, o] in x's dtype.
+
+    The S-LoRA / Punica gather: row b reads adapter ``ids_B[b]`` (None: adapter 0 for every
+    row); id -1 gives exactly 0, an id outside [-1, n) (only reachable under jit) gives NaN.
+    """
+    dt = x_bmi.dtype
+    if ids_B is None:
+        h = jnp.einsum("bmi,ir->bmr", x_bmi, a_nir[0].astype(dt)) * gain_nr[0].astype(dt)
+        return jnp.einsum("bmr,ro->bmo", h, b_nro[0].astype(dt))
+    n = a_nir.shape[0]
+    idx = jnp.clip(ids_B, 0, n - 1)
+    bad = (ids_B < -1) | (ids_B >= n)
+    row_gain = jnp.where((ids_B >= 0)[:, None], gain_nr[idx], 0.0)  # [B, r]
+    row_gain = jnp.where(bad[:, None], jnp.nan, row_gain)
+    a_g, b_g = a_nir[idx].astype(dt), b_nro[idx].astype(dt)  # gather: [B, i, r], [B, r, o]
+    h = jnp.einsum("bmi,bir->bmr", x_bmi, a_g) * row_gain[:, None, :].astype(dt)
+    return jnp.einsum("bmr,bro->bmo", h, b_g)
+
+
 class AdapterBuffer(nnx.Variable):
     """A fixed (non-trained) array of an adapter: not an ``nnx.Param``."""
 
@@ -86,30 +136,6 @@ class LoRABank(nnx.Module):
             jnp.asarray(np.arange(r)[None, :] < ranks[:, None], jnp.float32)
         )
 
-    def _ids(self, x, ctx):
-        ids = None if ctx is None else getattr(ctx, "sequence_ids_B", None)
-        if ids is None:
-            if self.num_adapters == 1:
-                return None
-            raise ValueError(
-                f"a lora_bank of {self.num_adapters} adapters needs ctx.sequence_ids_B (int [B]: "
-                "which adapter each row uses, -1 for none); pass sequence_ids_B to the model"
-            )
-        ids = jnp.asarray(ids)
-        if ids.shape != x.shape[:1] or not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise ValueError(
-                f"sequence_ids_B must be int [{x.shape[0]}] (one id per row of the batch), "
-                f"got {ids.dtype} {ids.shape}"
-            )
-        if not isinstance(ids, jax.core.Tracer):
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < -1 or hi >= self.num_adapters:
-                raise ValueError(
-                    f"sequence_ids_B must lie in [-1, {self.num_adapters - 1}] (-1: no adapter) "
-                    f"for a bank of {self.num_adapters} adapters, got {lo}..{hi}"
-                )
-        return ids.astype(jnp.int32)
-
     def delta(self, x: jax.Array, ctx, *, base: jax.Array | None = None) -> jax.Array:
         """``scale[i_b] * (x[b] @ A[i_b]) @ B[i_b]`` per row b, as [B, ..., *out] in x's dtype.
 
@@ -118,26 +144,13 @@ class LoRABank(nnx.Module):
         n_in = len(self.in_shape)
         if x.shape[x.ndim - n_in :] != self.in_shape or x.ndim < n_in + 1:
             raise ValueError(f"lora_bank input {x.shape} must be [B, ..., *{self.in_shape}]")
-        ids = self._ids(x, ctx)
-        dt = x.dtype
+        ids = row_ids(ctx, x, self.num_adapters, "a lora_bank")
         lead = x.shape[: x.ndim - n_in]
         fan_in, fan_out = math.prod(self.in_shape), math.prod(self.out_shape)
         a = self.a[...].reshape(self.num_adapters, fan_in, self.max_rank)
         b = self.b[...].reshape(self.num_adapters, self.max_rank, fan_out)
         gain = self.scale[...][:, None] * self.rank_mask[...]  # [n, r]
-        x_bmi = x.reshape(lead[0], -1, fan_in)
-        if ids is None:  # n == 1, no ids: every row uses adapter 0
-            h = jnp.einsum("bmi,ir->bmr", x_bmi, a[0].astype(dt))
-            h = h * gain[0].astype(dt)
-            y = jnp.einsum("bmr,ro->bmo", h, b[0].astype(dt))
-        else:
-            idx = jnp.clip(ids, 0, self.num_adapters - 1)
-            bad = (ids < -1) | (ids >= self.num_adapters)
-            row_gain = jnp.where((ids >= 0)[:, None], gain[idx], 0.0)  # [B, r]
-            row_gain = jnp.where(bad[:, None], jnp.nan, row_gain)
-            a_g, b_g = a[idx].astype(dt), b[idx].astype(dt)  # gather: [B, fan_in, r], [B, r, o]
-            h = jnp.einsum("bmi,bir->bmr", x_bmi, a_g) * row_gain[:, None, :].astype(dt)
-            y = jnp.einsum("bmr,bro->bmo", h, b_g)
+        y = gathered_delta(x.reshape(lead[0], -1, fan_in), a, b, gain, ids)
         return y.reshape(*lead, *self.out_shape)
 
     def delta_kernel_of(self, i: int, base: jax.Array | None = None) -> jax.Array:

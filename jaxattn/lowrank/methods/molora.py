@@ -40,6 +40,7 @@ from jaxattn.layers import Linear
 from jaxattn.lowrank._factors import RANK_AXIS, factor, kernel_axes
 from jaxattn.lowrank._registry import MethodConfig, register_method
 from jaxattn.lowrank.methods._seeds_common import check_rank, down_init
+from jaxattn.lowrank.methods.lora_bank import gathered_delta, row_ids
 
 __all__ = ["MoLoRAConfig", "MoLoRAAdapter", "ROUTINGS"]
 
@@ -71,30 +72,6 @@ class MoLoRAAdapter(nnx.Module):
         b = self.b[...].reshape(self.num_adapters, self.rank, fo).astype(dt)
         return a, b
 
-    def tag_ids(self, x, ctx) -> jax.Array | None:
-        """The per-row adapter ids int32 [B] from ``ctx.sequence_ids_B`` (None: n == 1 and no
-        ids, every row uses adapter 0)."""
-        ids = None if ctx is None else getattr(ctx, "sequence_ids_B", None)
-        if ids is None:
-            if self.num_adapters == 1:
-                return None
-            raise ValueError(
-                f"molora with routing='tag' and {self.num_adapters} adapters needs "
-                "ctx.sequence_ids_B (int [B]: each row's adapter, -1 for none)"
-            )
-        ids = jnp.asarray(ids)
-        if ids.shape != x.shape[:1] or not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise ValueError(
-                f"sequence_ids_B must be int [{x.shape[0]}], got {ids.dtype}{ids.shape}"
-            )
-        if not isinstance(ids, jax.core.Tracer):
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < -1 or hi >= self.num_adapters:
-                raise ValueError(
-                    f"sequence_ids_B must lie in [-1, {self.num_adapters - 1}], got {lo}..{hi}"
-                )
-        return ids.astype(jnp.int32)
-
     def gates(self, x: jax.Array) -> jax.Array:
         """Router gates g [..., n] for x [..., *in] (top-k softmax, 0 off the top k), fp32."""
         if self.router is None:
@@ -122,16 +99,9 @@ class MoLoRAAdapter(nnx.Module):
             h = jnp.einsum("bmi,nir->bmnr", x_bmi, a) * g[..., None]
             y = jnp.einsum("bmnr,nro->bmo", h, b) * s
         else:
-            ids = self.tag_ids(x, ctx)
-            if ids is None:
-                y = jnp.einsum("bmr,ro->bmo", jnp.einsum("bmi,ir->bmr", x_bmi, a[0]), b[0]) * s
-            else:
-                idx = jnp.clip(ids, 0, self.num_adapters - 1)
-                h = jnp.einsum("bmi,bir->bmr", x_bmi, a[idx])
-                y = jnp.einsum("bmr,bro->bmo", h, b[idx]) * s
-                y = jnp.where((ids >= 0)[:, None, None], y, jnp.zeros((), dt))  # -1: exact 0
-                bad = (ids < -1) | (ids >= self.num_adapters)  # only reachable under jit
-                y = jnp.where(bad[:, None, None], jnp.asarray(jnp.nan, dt), y)
+            ids = row_ids(ctx, x, self.num_adapters, "molora with routing='tag'")
+            gain = jnp.full((self.num_adapters, self.rank), self.scaling, jnp.float32)
+            y = gathered_delta(x_bmi, a, b, gain, ids)
         return y.reshape(*lead, *self.out_shape)
 
     def delta_kernel_of(self, i: int) -> jax.Array:
