@@ -14,7 +14,16 @@ import jax.numpy as jnp
 from jaxattn.layers import Linear
 from jaxattn.layers._base import dense
 
-__all__ = ["down_init", "check_rank", "contract", "outer", "fold_key"]
+__all__ = [
+    "down_init",
+    "check_rank",
+    "check_field",
+    "is_int",
+    "is_number",
+    "contract",
+    "outer",
+    "fold_key",
+]
 
 
 def down_init(key: jax.Array, in_shape: tuple, rank: int) -> jax.Array:
@@ -31,6 +40,23 @@ def check_rank(path: str, linear: Linear, rank: int, limit: int, *, name: str = 
             f"{name}={rank!r} for {path!r} (in {linear.in_shape}, out {linear.out_shape}) "
             f"must be an int in [1, {limit}]"
         )
+
+
+def is_int(v) -> bool:
+    """An int that is not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_field(where: str, cfg, field: str, ok: bool, want: str) -> None:
+    """``ValueError`` "where: field=value must be want" unless ``ok``: the one form of a
+    method's hyper-parameter error."""
+    if not ok:
+        raise ValueError(f"{where}: {field}={getattr(cfg, field)!r} must be {want}")
 
 
 def contract(x: jax.Array, w: jax.Array, n: int) -> jax.Array:

@@ -50,7 +50,14 @@ from flax import nnx
 from jaxattn.layers import Linear
 from jaxattn.lowrank._factors import RANK_AXIS, factor, kernel_axes
 from jaxattn.lowrank._registry import MethodConfig, register_method
-from jaxattn.lowrank.methods._seeds_common import check_rank, contract, outer
+from jaxattn.lowrank.methods._seeds_common import (
+    check_field,
+    check_rank,
+    contract,
+    is_int,
+    is_number,
+    outer,
+)
 from jaxattn.lowrank.methods._taps import TAP_SCALE, modules_with, tapped
 
 __all__ = ["IncreLoRAConfig", "IncreLoRAAdapter", "increlora_procedure", "active_ranks",
@@ -104,25 +111,21 @@ class IncreLoRAConfig(MethodConfig):
 PROCEDURE_FIELDS = ("target_rank", "add_rank", "interval", "warmup", "top_h", "beta1", "beta2")
 
 
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_procedure(cfg, where: str) -> None:
-    def bad(field, want):
-        raise ValueError(f"increlora at {where!r}: {field}={getattr(cfg, field)!r} must be {want}")
+    def check(field, ok, want):
+        check_field(f"increlora at {where!r}", cfg, field, ok, want)
 
     rank, top = getattr(cfg, "rank", 1), getattr(cfg, "max_rank", None)
-    if not _int(cfg.target_rank) or cfg.target_rank < rank or (top and cfg.target_rank > top):
-        bad("target_rank", f"an int in [rank={rank}, max_rank={top}]")
-    if not _int(cfg.add_rank) or cfg.add_rank < 1 or (top and cfg.add_rank > max(top - rank, 1)):
-        bad("add_rank", f"an int in [1, max_rank - rank = {top and top - rank}]")
+    t, add = cfg.target_rank, cfg.add_rank
+    ok = is_int(t) and t >= rank and not (top and t > top)
+    check("target_rank", ok, f"an int in [rank={rank}, max_rank={top}]")
+    ok = is_int(add) and add >= 1 and not (top and add > max(top - rank, 1))
+    check("add_rank", ok, f"an int in [1, max_rank - rank = {top and top - rank}]")
     for f, lo in (("interval", 1), ("warmup", 0), ("top_h", 1)):
-        if not _int(getattr(cfg, f)) or getattr(cfg, f) < lo:
-            bad(f, f"an int >= {lo}")
+        check(f, is_int(getattr(cfg, f)) and getattr(cfg, f) >= lo, f"an int >= {lo}")
     for f in ("beta1", "beta2"):
-        if not 0.0 < getattr(cfg, f) < 1.0:
-            bad(f, "in (0, 1)")
+        v = getattr(cfg, f)
+        check(f, is_number(v) and 0.0 < v < 1.0, "in (0, 1)")
 
 
 class IncreLoRAAdapter(nnx.Module):

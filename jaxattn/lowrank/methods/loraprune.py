@@ -51,7 +51,15 @@ from flax import nnx
 from jaxattn.layers import Linear
 from jaxattn.lowrank._factors import RANK_AXIS, factor, kernel_axes
 from jaxattn.lowrank._registry import MethodConfig, register_method
-from jaxattn.lowrank.methods._seeds_common import check_rank, contract, down_init, outer
+from jaxattn.lowrank.methods._seeds_common import (
+    check_field,
+    check_rank,
+    contract,
+    down_init,
+    is_int,
+    is_number,
+    outer,
+)
 from jaxattn.lowrank.methods._taps import TAP_SCALE, modules_with, tapped
 
 __all__ = ["LoRAPruneConfig", "LoRAPruneAdapter", "lora_guided_importance", "sparsity_schedule",
@@ -120,23 +128,18 @@ class LoRAPruneConfig(MethodConfig):
 
 
 def _check_procedure(cfg, where: str) -> None:
-    def bad(field, want):
-        raise ValueError(f"{where}: {field}={getattr(cfg, field)!r} must be {want}")
+    def check(field, ok, want):
+        check_field(where, cfg, field, ok, want)
 
-    num = (int, float)
-    if not isinstance(cfg.ratio, num) or not 0.0 < cfg.ratio < 1.0:
-        bad("ratio", "in (0, 1)")
-    if not isinstance(cfg.init_ratio, num) or not 0.0 <= cfg.init_ratio < cfg.ratio:
-        bad("init_ratio", f"in [0, ratio={cfg.ratio})")
+    check("ratio", is_number(cfg.ratio) and 0.0 < cfg.ratio < 1.0, "in (0, 1)")
+    ok = is_number(cfg.init_ratio) and 0.0 <= cfg.init_ratio < cfg.ratio
+    check("init_ratio", ok, f"in [0, ratio={cfg.ratio})")
     for f in ("warmup", "cooldown"):
-        if not isinstance(getattr(cfg, f), num) or getattr(cfg, f) < 0:
-            bad(f, "a fraction of the run >= 0")
-    if cfg.warmup + cfg.cooldown >= 1.0:
-        bad("cooldown", f"< 1 - warmup = {1.0 - cfg.warmup}")
-    if not isinstance(cfg.every, int) or isinstance(cfg.every, bool) or cfg.every < 1:
-        bad("every", "an int >= 1")
-    if not isinstance(cfg.beta, num) or not 0.0 <= cfg.beta < 1.0:
-        bad("beta", "in [0, 1)")
+        v = getattr(cfg, f)
+        check(f, is_number(v) and v >= 0, "a fraction of the run >= 0")
+    check("cooldown", cfg.warmup + cfg.cooldown < 1.0, f"< 1 - warmup = {1.0 - cfg.warmup}")
+    check("every", is_int(cfg.every) and cfg.every >= 1, "an int >= 1")
+    check("beta", is_number(cfg.beta) and 0.0 <= cfg.beta < 1.0, "in [0, 1)")
 
 
 ROLES = ("mask", "out", "in", None)
