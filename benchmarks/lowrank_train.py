@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks._timing import median_seconds
+from benchmarks.train_throughput import hf_llama, torch_train_runner
 from jaxattn import lowrank
 from jaxattn.sharding import make_mesh
 from models import DecoderLM, get_config
@@ -132,41 +133,14 @@ def jax_lora_runner(model_config, args, tokens_N):
 
 def peft_lora_runner(model_config, args, tokens_N):
     """The same for ``peft`` LoRA on HF ``LlamaForCausalLM`` (torch CPU)."""
-    import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
-    hf_config = LlamaConfig(
-        vocab_size=model_config.vocab_size, hidden_size=model_config.d_model,
-        intermediate_size=model_config.mlp_dim, num_hidden_layers=model_config.num_layers,
-        num_attention_heads=model_config.num_heads, num_key_value_heads=model_config.num_kv_heads,
-        max_position_embeddings=model_config.max_seq_len, tie_word_embeddings=False,
-        attn_implementation="eager",
-    )  # fmt: skip
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
                       target_modules=list(HF_TARGETS))  # fmt: skip
-    model = get_peft_model(LlamaForCausalLM(hf_config), lora)
+    model = get_peft_model(hf_llama(model_config, model_config.num_kv_heads), lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     loader = WindowLoader(tokens_N, seq_len=args.seq, global_batch=args.batch)
-    box = {"step": 0}
-
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            box["step"] += 1
-            ids = torch.from_numpy(loader.batch(box["step"])["inputs_BT"]).long()
-            out = model(input_ids=ids, labels=ids)  # HF shifts the labels itself
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
-    run(2)  # warm up
-    return run, sum(p.numel() for p in trainable)
+    return torch_train_runner(model, trainable, loader), sum(p.numel() for p in trainable)
 
 
 def throughput(args, tokens_N) -> list[str]:

@@ -96,8 +96,9 @@ def jax_runner(
     return run, params
 
 
-def torch_runner(model_config, batch, seq, tokens_N) -> tuple[Callable[[int], float], int]:
-    """The same for HF LlamaForCausalLM (torch, CPU) at the same dims."""
+def hf_llama(model_config, num_kv_heads: int | None = None):
+    """HF ``LlamaForCausalLM`` (torch, fp32, eager attention, untied head) at the dims of
+    ``model_config``, seeded (torch.manual_seed(0)) and using every core."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -109,14 +110,20 @@ def torch_runner(model_config, batch, seq, tokens_N) -> tuple[Callable[[int], fl
         intermediate_size=model_config.mlp_dim,
         num_hidden_layers=model_config.num_layers,
         num_attention_heads=model_config.num_heads,
-        num_key_value_heads=model_config.num_heads,
+        num_key_value_heads=num_kv_heads or model_config.num_heads,
         max_position_embeddings=model_config.max_seq_len,
         tie_word_embeddings=False,
         attn_implementation="eager",
     )
-    model = LlamaForCausalLM(hf_config)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    loader = WindowLoader(tokens_N, seq_len=seq, global_batch=batch)
+    return LlamaForCausalLM(hf_config)
+
+
+def torch_train_runner(model, params: list, loader) -> Callable[[int], float]:
+    """``run(n)``: n torch training steps (AdamW over ``params`` with the jaxattn trainer's
+    hyper-parameters, grad-norm clip 1.0) on ``loader``'s batches, timed; warmed up by 2."""
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     box = {"step": 0}
 
     def run(n: int) -> float:
@@ -126,13 +133,21 @@ def torch_runner(model_config, batch, seq, tokens_N) -> tuple[Callable[[int], fl
             ids = torch.from_numpy(loader.batch(box["step"])["inputs_BT"]).long()
             out = model(input_ids=ids, labels=ids)  # HF shifts the labels itself
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
     run(2)  # warm up
-    return run, sum(p.numel() for p in model.parameters())
+    return run
+
+
+def torch_runner(model_config, batch, seq, tokens_N) -> tuple[Callable[[int], float], int]:
+    """The same for HF LlamaForCausalLM (torch, CPU) at the same dims."""
+    model = hf_llama(model_config)
+    params = list(model.parameters())
+    loader = WindowLoader(tokens_N, seq_len=seq, global_batch=batch)
+    return torch_train_runner(model, params, loader), sum(p.numel() for p in params)
 
 
 def main(argv=None) -> None:
