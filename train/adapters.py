@@ -81,9 +81,8 @@ def attach_adapter(model: nnx.Module, config) -> list[str]:
     """Attach the adapter of ``config`` (a ``TrainConfig``) to ``model``; returns the paths.
 
     The adapter's random initialisation derives from ``config.seed``, so the same config
-    rebuilds the same fresh adapter. Methods that rewrite the base at initialisation (PiSSA,
-    OLoRA) need the trained base loaded first, which the fine-tuning loop does not do yet:
-    they are refused here.
+    rebuilds the same fresh adapter. Methods initialised from the trained base (PiSSA, OLoRA,
+    LoRA-SB, LoKU) are initialised again once it is loaded (``train.finetune.start_params``).
 
     Raises:
       ConfigError: see :func:`adapter_config`; targets matching nothing or a bad field value.
@@ -91,12 +90,6 @@ def attach_adapter(model: nnx.Module, config) -> list[str]:
     cfg = adapter_config(config)
     if cfg is None:
         return []
-    if cfg.options.get("init") in ("pissa", "olora"):
-        raise ConfigError(
-            f"adapter.init={cfg.options['init']!r} rewrites the base kernel from its trained "
-            "value at initialisation; train.finetune builds adapters before loading the base, "
-            "so it is not supported here (apply it with jaxattn.lowrank.apply on a loaded model)"
-        )
     from jaxattn import lowrank
 
     try:

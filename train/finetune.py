@@ -27,6 +27,7 @@ import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -36,7 +37,7 @@ from train.loop import RunResult, host_params, say, setup_distributed, train_loo
 from train.platform import configure_cpu
 from train.pretrain import build_model, finish
 
-__all__ = ["is_hf_dir", "load_init", "run", "main"]
+__all__ = ["is_hf_dir", "load_init", "start_params", "Start", "run", "main"]
 
 
 def is_hf_dir(path: str) -> bool:
@@ -87,6 +88,10 @@ def run(config: TrainConfig, *, extend=None) -> RunResult:
         before training, e.g. ``lambda m: jaxattn.lowrank.attach(m, "attn/q$", make)``; the
         adapter leaves it adds start fresh, every base leaf must still be there with its shape.
 
+    An ``--adapter`` method with train-loop callbacks (``train.adapter_procedures``: LoRA-SB,
+    LoKU, LoRAM, PiSSA / OLoRA inits) has them run here: see :func:`start_params`, the
+    method's training loss in every step, and its ``finish`` before the adapter is saved.
+
     Returns:
       The :class:`train.loop.RunResult`.
     """
@@ -95,37 +100,107 @@ def run(config: TrainConfig, *, extend=None) -> RunResult:
     if adapter_config(config) is not None:  # validated before anything is loaded
         config = dataclasses.replace(config, optimizer=adapter_rules(config))
     setup_distributed(config)
-    model_config, params = load_init(config.init_from)
-    model_config, model_fn = build_model(config, model_config)
-    extensions = [e for e in (extend, config.adapter and _adapter_extension(config)) if e]
-    if extensions:
-        base_fn = model_fn
-
-        def model_fn():
-            model = base_fn()
-            for ext in extensions:
-                ext(model)
-            return model
-
-    result = train_loop(config, model_fn, model_config=model_config, init_params=params)
+    start = start_params(config)
+    model_fn = _model_fn(config, start.model_config, extend)
+    result = train_loop(
+        config,
+        model_fn,
+        model_config=start.model_config,
+        init_params=start.params,
+        train_loss=start.callbacks.train_loss,
+    )
     finish(result, config)
     if config.adapter and jax.process_index() == 0:
-        _save_adapter(result, config)
+        _save_adapter(result, config, start)
     return result
 
 
-def _adapter_extension(config: TrainConfig):
+@dataclasses.dataclass
+class Start:
+    """Where a fine-tuning run starts: the model config it trains, its host parameters (base
+    leaves, and the adapter leaves a ``prepare`` callback initialised), the method's
+    callbacks and what ``shrink`` handed on to ``finish``."""
+
+    model_config: object
+    params: dict
+    callbacks: object
+    method: object = None
+    token: object = None
+
+
+def _model_fn(config, model_config, extend=None):
+    """The run's model constructor: ``model_config`` with the config's overrides, then
+    ``extend`` and the ``--adapter`` attached."""
     from train.adapters import attach_adapter
 
-    return lambda model: attach_adapter(model, config)
+    _, base_fn = build_model(config, model_config)
+    if extend is None and not config.adapter:
+        return base_fn
+
+    def model_fn():
+        model = base_fn()
+        if extend is not None:
+            extend(model)
+        if config.adapter:
+            attach_adapter(model, config)
+        return model
+
+    return model_fn
 
 
-def _save_adapter(result: RunResult, config: TrainConfig) -> str:
-    """Write the trained adapter alone (``lowrank.save``) to ``<run_dir>/adapter``."""
+def _host(model) -> dict:
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def start_params(config: TrainConfig) -> Start:
+    """Load ``init_from`` and run the ``--adapter`` method's start callbacks, deterministically
+    (a resumed run and ``train.sample`` call this again and compare the base digest):
+
+    1. ``shrink`` (LoRAM): the model to train is made from the loaded one (its config and
+       parameters replace the loaded ones);
+    2. ``prepare`` (LoRA-SB, LoKU, PiSSA / OLoRA): the model with the base and a fresh adapter,
+       initialised from the base and the run's first training batches; its parameters
+       (adapter leaves, and base leaves it rewrote) are where the run starts.
+
+    Raises:
+      ConfigError: see :func:`load_init` and the callbacks.
+    """
+    from jaxattn import lowrank
+    from train.adapter_procedures import LoopCallbacks, callbacks_for
+    from train.adapters import adapter_config
+    from train.data import make_loaders
+
+    model_config, params = load_init(config.init_from)
+    cfg = adapter_config(config)
+    method = None if cfg is None else lowrank.make_method(cfg.method, **cfg.options)
+    callbacks = LoopCallbacks() if method is None else callbacks_for(method)
+    token = None
+    if callbacks.shrink is not None:
+        from models import DecoderLM
+
+        full = DecoderLM(model_config, rngs=nnx.Rngs(0))
+        nnx.update(full, jax.tree.map(jnp.asarray, params))
+        small, token = callbacks.shrink(full, method, config)
+        model_config, params = small.config, _host(small)
+    if callbacks.prepare is not None:
+        model = _model_fn(config, model_config)()
+        nnx.update(model, jax.tree.map(jnp.asarray, params))
+        loader = make_loaders(config, jax.process_index(), jax.process_count())[0]
+        batches = [loader.batch(i) for i in range(callbacks.batches(method))]
+        callbacks.prepare(model, batches, method, config)
+        params = _host(model)
+    return Start(model_config, params, callbacks, method, token)
+
+
+def _save_adapter(result: RunResult, config: TrainConfig, start: Start | None = None) -> str:
+    """Write the trained adapter alone (``lowrank.save``) to ``<run_dir>/adapter`` (after the
+    method's ``finish`` callback, e.g. LoRAM's recovery onto the original model)."""
     from jaxattn import lowrank
     from train.adapters import adapter_config
 
     model = result.trainer.model(host_params(result.state["params"]), result.rest)
+    if start is not None and start.callbacks.finish is not None:
+        model = start.callbacks.finish(model, start.token, start.method, config)
     out = os.path.join(result.run_dir, "adapter")
     lowrank.save(model, out, adapter_config(config).name)
     say(f"  {'adapter':12s} {os.path.abspath(out)}")

@@ -219,7 +219,9 @@ def _start(config, setup: Setup, ckpt: Checkpointer, init_params, base: _Base | 
     return state, rest, int(state["step"])
 
 
-def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunResult:
+def train_loop(
+    config, model_fn, *, model_config=None, init_params=None, train_loss=None
+) -> RunResult:
     """Train ``model_fn()`` under ``config``; resume if the run directory holds a run.
 
     Everything that depends on the input is validated first (:func:`prepare`); only then is
@@ -233,6 +235,8 @@ def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunR
       model_config: the model's config, for the FLOP estimate and the resume check (optional).
       init_params: host parameters (pure dict) to start from instead of a fresh init, used
         when no checkpoint exists yet (finetuning).
+      train_loss: the loss the train step minimises instead of the next-token NLL
+        (:func:`train.step.make_trainer`); evaluation still reports the NLL.
 
     Returns:
       A :class:`RunResult`.
@@ -242,7 +246,9 @@ def train_loop(config, model_fn, *, model_config=None, init_params=None) -> RunR
       NonFiniteError: a non-finite step under ``nonfinite="stop"``.
     """
     t_start = time.time()
-    setup = prepare(config, model_fn, model_config=model_config, init_params=init_params)
+    setup = prepare(
+        config, model_fn, model_config=model_config, init_params=init_params, train_loss=train_loss
+    )
     # every process has read the run directory before any of them writes to it
     sync_processes("train_loop_planned")
     trainer, run_dir, plan = setup.trainer, setup.plan.run_dir, setup.plan

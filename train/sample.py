@@ -181,7 +181,7 @@ def _restore_finetuned(checkpoint: str, abs_params: dict, meta: dict):
         attached in code), named.
     """
     from train.checkpoints import CheckpointError, restore_params
-    from train.finetune import load_init
+    from train.finetune import load_init, start_params
     from train.integrity import tree_digest
     from train.optim import merge_params, split_params
 
@@ -191,8 +191,12 @@ def _restore_finetuned(checkpoint: str, abs_params: dict, meta: dict):
     if stored - known:
         raise ValueError(f"{where} holds parameters its model config does not build (adapters "
                          f"attached in code?): {sorted(stored - known)[:6]}")  # fmt: skip
-    try:
-        _, base = load_init(ref["init_from"])
+    run_config = _train_config(meta)
+    try:  # an adapter method's start callbacks (train.finetune.start_params) are repeated
+        if run_config is None:
+            _, base = load_init(ref["init_from"])
+        else:
+            base = start_params(run_config).params
     except Exception as err:  # noqa: BLE001 - the reference cannot be followed
         msg = f"{where}: its base {ref['init_from']!r} cannot be read ({err})"
         raise CheckpointError(msg) from None

@@ -92,11 +92,12 @@ class Setup:
     plan: RunPlan
 
 
-def prepare(config, model_fn, *, model_config=None, init_params=None) -> Setup:
+def prepare(config, model_fn, *, model_config=None, init_params=None, train_loss=None) -> Setup:
     """Validate everything a run depends on, creating nothing on disk: the mesh against the
     devices, the batch against the mesh, the model (built and traced on one batch), the
     optimizer's path patterns, the data, ``init_params`` against the model, and the run
-    directory (:func:`train.resume.plan_run`).
+    directory (:func:`train.resume.plan_run`). ``train_loss``: see
+    :func:`train.step.make_trainer`.
 
     Raises:
       ConfigError: the first problem found, naming the config field.
@@ -104,7 +105,7 @@ def prepare(config, model_fn, *, model_config=None, init_params=None) -> Setup:
     mesh = make_mesh(config.mesh_shape(jax.device_count()))
     _check_batch(config, mesh)
     try:
-        trainer = make_trainer(model_fn, config, mesh)
+        trainer = make_trainer(model_fn, config, mesh, train_loss=train_loss)
         abstract_batch = {
             "inputs_BT": jax.ShapeDtypeStruct((config.batch_size, config.seq_len), np.int32),
             "targets_BT": jax.ShapeDtypeStruct((config.batch_size, config.seq_len), np.int32),

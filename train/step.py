@@ -161,13 +161,19 @@ class Trainer:
         return nnx.merge(self.graphdef, params, rest)
 
 
-def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
+def make_trainer(
+    model_fn: Callable[[], nnx.Module], config, mesh, *, train_loss: Callable | None = None
+) -> Trainer:
     """Build the sharded init, train and eval steps.
 
     Args:
       model_fn: zero-argument constructor of the model (called abstractly and under jit).
       config: a :class:`train.config.TrainConfig` (optimizer, dtype, grad_accum, remat, seed).
       mesh: a mesh with axes among data/fsdp/tensor.
+      train_loss: the loss the train step minimises, ``(logits_BTV, targets_BT, weights_BT)
+        -> (sum, weight)`` like :func:`token_loss_sums` (default), whose ratio is the reported
+        ``loss``; e.g. LoKU's inverted hinge loss (``train.adapter_procedures``). Evaluation
+        always reports the next-token NLL.
 
     Returns:
       A :class:`Trainer`.
@@ -212,22 +218,29 @@ def make_trainer(model_fn: Callable[[], nnx.Module], config, mesh) -> Trainer:
         }
         return state, _pure(rest)
 
-    def loss_sums(params, rest, batch, rng=None, frozen=None):
-        if frozen:  # differentiated w.r.t. the trainable part only
-            params = merge_params(params, frozen)
-        if compute_dtype != jnp.float32:  # bf16 compute, fp32 master weights
-            params = jax.tree.map(
-                lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
-                params,
-            )
-        model = nnx.merge(graphdef, params, rest)
-        extras = {k: v for k, v in batch.items() if k not in _LOSS_KEYS}  # context fields
-        logits_BTV = model(batch["inputs_BT"], rng=rng, **extras)
-        return token_loss_sums(logits_BTV, batch["targets_BT"], batch["weights_BT"])
+    def sums_of(loss):
+        def sums(params, rest, batch, rng=None, frozen=None):
+            if frozen:  # differentiated w.r.t. the trainable part only
+                params = merge_params(params, frozen)
+            if compute_dtype != jnp.float32:  # bf16 compute, fp32 master weights
+                params = jax.tree.map(
+                    lambda p: (
+                        p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
+                    ),
+                    params,
+                )
+            model = nnx.merge(graphdef, params, rest)
+            extras = {k: v for k, v in batch.items() if k not in _LOSS_KEYS}  # context fields
+            logits_BTV = model(batch["inputs_BT"], rng=rng, **extras)
+            return loss(logits_BTV, batch["targets_BT"], batch["weights_BT"])
 
-    if config.remat == "full":
-        loss_sums = jax.checkpoint(loss_sums, policy=jax.checkpoint_policies.nothing_saveable)
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+        if config.remat == "full":
+            return jax.checkpoint(sums, policy=jax.checkpoint_policies.nothing_saveable)
+        return sums
+
+    loss_sums = sums_of(token_loss_sums)  # evaluation: the next-token NLL
+    train_sums = loss_sums if train_loss is None else sums_of(train_loss)
+    grad_fn = jax.value_and_grad(train_sums, has_aux=True)
 
     def train_step(state, rest, batch):
         # gradients, their norm and the optimizer see only the trainable leaves: frozen

@@ -31,8 +31,8 @@ truncated SVD (PiSSA's principal part); at full rank s·a·b = W.
 
 :func:`fila_apply` does this on a model's projections (LoRA adapters via ``lowrank.apply``,
 then factors and residual base written). LoKU trains the adapter with IHL on the forget set
-(plus the retain-set loss when one is used); that is a loss, not an optimizer rule, so no
-``train.finetune`` procedure is registered for it.
+(plus the retain-set loss when one is used). As an adapter method, ``loku``
+(``methods/loku.py``) runs both in ``train.finetune`` by name.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ __all__ = [
     "fila_factors",
     "weighted_error",
     "fila_apply",
+    "fila_init",
 ]
 
 
@@ -148,7 +149,7 @@ def fila_apply(model, importance: dict, *, rank: int, alpha: float | None = None
     Returns the adapted paths. The adapters are plain ``lora`` ones (saved and merged as such);
     their base is W_res, so reloading them needs this model's rewritten kernels.
     """
-    from jaxattn.lowrank._apply import AdapterConfig, _write_kernel
+    from jaxattn.lowrank._apply import AdapterConfig
     from jaxattn.lowrank._apply import apply as lr_apply
     from jaxattn.lowrank._surgery import linear_paths
 
@@ -159,16 +160,35 @@ def fila_apply(model, importance: dict, *, rank: int, alpha: float | None = None
     alpha = float(rank) if alpha is None else float(alpha)
     opts = {"rank": rank, "alpha": alpha, "init": "zero"}
     pattern = "^(" + "|".join(sorted(importance)) + ")$"
-    paths = lr_apply(
-        model, AdapterConfig("lora", opts, targets=pattern, name=name), rngs=nnx.Rngs(0)
-    )
-    for p in paths:
-        lin = lins[p]
+    lr_apply(model, AdapterConfig("lora", opts, targets=pattern, name=name), rngs=nnx.Rngs(0))
+    return fila_init(model, importance, name=name)
+
+
+def fila_init(model, importance: dict, *, name: str = "default") -> list[str]:
+    """Write FILA's factors into the LoRA adapters ``name`` already on the projections in
+    ``importance`` ({path: F̂ [*in, *out]}), and each residual base W_res = W − s·a·b (s the
+    adapter's own scaling, rsLoRA included), so the model's output is unchanged.
+
+    Returns the written paths. Raises ``ValueError``: a path with no plain LoRA ``name``.
+    """
+    from jaxattn.lowrank._apply import _write_kernel
+    from jaxattn.lowrank._surgery import linear_paths
+    from jaxattn.lowrank.methods.lora import LoRAAdapter
+
+    lins = linear_paths(model)
+    done = []
+    for p in sorted(importance):
+        lin = lins.get(p)
+        ads = getattr(getattr(lin, "adapter", None), "adapters", {})
+        ad = ads.get(name) if hasattr(ads, "get") else None
+        if not isinstance(ad, LoRAAdapter) or ad.use_dora:
+            raise ValueError(f"fila_init: {p!r} holds no plain LoRA adapter named {name!r}")
+        r = ad.a.shape[-1]
         w = lin.base_kernel(jnp.float32).reshape(lin.fan_in, lin.fan_out)
         imp = jnp.asarray(importance[p]).reshape(lin.fan_in, lin.fan_out)
-        a, b, w_res = fila_factors(w, imp, rank, alpha=alpha)
-        ad = lin.adapter.adapters[name]
+        a, b, w_res = fila_factors(w, imp, r, alpha=ad.scaling * r)
         ad.a[...] = a.reshape(ad.a.shape)
         ad.b[...] = b.reshape(ad.b.shape)
         _write_kernel(lin, w_res, p)
-    return paths
+        done.append(p)
+    return done

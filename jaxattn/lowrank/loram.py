@@ -35,9 +35,14 @@ from flax import nnx
 
 from jaxattn.lowrank._apply import AdapterConfig, apply
 from jaxattn.lowrank._surgery import linear_paths
-from jaxattn.lowrank.methods.lora import LoRAAdapter
+from jaxattn.lowrank.methods.lora import LoRAAdapter, LoRAConfig
 
 __all__ = ["PruningPlan", "l2_plan", "prune_model", "recover", "zero_pruned"]
+
+
+def _check_mha(config) -> None:
+    if config.attention != "mha" or config.layer_specs is not None:
+        raise ValueError(f"LoRAM pruning needs attention='mha' layers, got {config.attention!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +55,7 @@ class PruningPlan:
 
     def check(self, config) -> None:
         """``ValueError`` naming the field unless the plan fits ``config`` (a GQA ``mha``)."""
-        if config.attention != "mha" or config.layer_specs is not None:
-            raise ValueError(
-                f"LoRAM pruning needs attention='mha' layers, got {config.attention!r}"
-            )
+        _check_mha(config)
         for name, top in (
             ("kv_heads", config.num_kv_heads or config.num_heads),
             ("mlp", config.mlp_dim),
@@ -80,6 +82,13 @@ def l2_plan(model, *, kv_keep: int, mlp_keep: int) -> PruningPlan:
     """Keep, per layer, the ``kv_keep`` GQA groups and ``mlp_keep`` MLP channels of largest
     squared L2 norm (q, k, v, o weights of the group; gate, up, down weights of the channel)."""
     c = model.config
+    _check_mha(c)
+    for name, value, top in (
+        ("kv_keep", kv_keep, c.num_kv_heads or c.num_heads),
+        ("mlp_keep", mlp_keep, c.mlp_dim),
+    ):
+        if not isinstance(value, int) or not 1 <= value <= top:
+            raise ValueError(f"{name}={value!r} must be an int in [1, {top}]")
     lins = linear_paths(model)
     kv, mlp = [], []
     for i in range(c.num_layers):
@@ -187,7 +196,9 @@ def recover(small, full, plan: PruningPlan, *, name: str = "default") -> list[st
         a = _scatter(ad.a[...], k_axes[:n_in] + (None,), kept, target.in_shape + (r,))
         b = _scatter(ad.b[...], (None,) + k_axes[n_in:], kept, (r,) + target.out_shape)
         factors[path] = (a, b)
-        fields = dataclasses.replace(cfg, init="zero").to_json()
+        # the LoRA fields alone: a LoRA subclass (``loram``) recovers as plain ``lora``
+        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LoRAConfig)}
+        fields = LoRAConfig(**(fields | {"init": "zero"})).to_json()
         groups.setdefault(json.dumps(fields, sort_keys=True), []).append(path)
     if not factors:
         raise ValueError(f"recover: the pruned model has no adapters named {name!r}")
