@@ -13,7 +13,8 @@ over the leading output axis (G groups: the kv heads of ``attn/v`` [H_kv, Dh], t
 so a pruned v head makes that head's attention output exactly 0 (its q/k heads and o's input
 columns are dead) and a pruned up channel makes down's input 0 (its gate channel and down's
 row are dead): whole heads / channels go, and the merged kernel W' = m ⊙ (W + s·a·b) gives
-the masked model's output exactly.
+the masked model's output exactly. :func:`slice_pruned` then removes them from the weights: a
+physically smaller model (fewer kv/query heads, fewer MLP channels) with the same output.
 
 LoRA-guided importance (Eq. 10-11 of the paper; ``compute_sensitivity`` of the official code),
 in this [in, out] layout (PyTorch's B = bᵀ, A = aᵀ):
@@ -45,6 +46,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -245,6 +247,42 @@ def masks(model: nnx.Module) -> dict[str, jax.Array]:
         for p, ix in modules_with(state, "sens").items()
         if "mask" in ix
     }
+
+
+def slice_pruned(model: nnx.Module):
+    """The physically smaller model of a merged LoRAPrune model: every pruned kv head (with
+    its query heads) and MLP channel removed from the weights (``lowrank.loram.prune_model``
+    with the plan the masks make), computing exactly what the masked model computes.
+
+    ``model`` must hold its LoRAPrune adapters merged (``lowrank.merge``: the kernels are then
+    ``m ⊙ (W + s·a·b)``); the result holds no adapter. A layer without masks keeps everything;
+    the masks must keep the same count in every layer (the pruned model has one config).
+
+    Raises:
+      ValueError: no masked adapter, an unmerged one, or different kept counts per layer.
+    """
+    from jaxattn.lowrank._surgery import linear_paths
+    from jaxattn.lowrank.loram import PruningPlan, prune_model
+
+    found = masks(model)
+    if not found:
+        raise ValueError("slice_pruned: the model has no masked LoRAPrune adapter")
+    lins = linear_paths(model)
+    c = model.config
+    kept = {"attn/v": [], "mlp/up": []}
+    for i in range(c.num_layers):
+        for proj, top in (("attn/v", c.num_kv_heads or c.num_heads), ("mlp/up", c.mlp_dim)):
+            path = f"layers/{i}/{proj}"
+            prefix = next((k for k in found if k.startswith(path + "/adapter/")), None)
+            if prefix is not None and not lins[path].adapter.merged:
+                raise ValueError(f"slice_pruned: {path!r} is not merged (lowrank.merge first)")
+            mask = np.ones(top) if prefix is None else np.asarray(found[prefix])
+            kept[proj].append(tuple(int(j) for j in np.flatnonzero(mask)))
+    for proj, per_layer in kept.items():
+        if len({len(k) for k in per_layer}) != 1:
+            counts = [len(k) for k in per_layer]
+            raise ValueError(f"slice_pruned: {proj} keeps {counts} per layer; one count needed")
+    return prune_model(model, PruningPlan(tuple(kept["attn/v"]), tuple(kept["mlp/up"])))
 
 
 def loraprune_procedure(

@@ -18,6 +18,7 @@ from jaxattn.lowrank.methods.loraprune import (
     LoRAPruneConfig,
     loraprune_procedure,
     masks,
+    slice_pruned,
     sparsity_schedule,
 )
 from models import DecoderLM, get_config
@@ -168,7 +169,19 @@ def test_masks_remove_whole_heads_and_channels_and_merge_exactly(lm):
                                atol=1e-5)  # fmt: skip
     assert not np.any(np.asarray(lins["layers/0/attn/v"].kernel[...])[:, 1])
     assert not np.any(np.asarray(lins["layers/0/mlp/up"].kernel[...])[:, dead])
+    # physically sliced: 1 kv head (2 query heads) and 128 - 43 channels left, same logits
+    small = slice_pruned(model)
+    c = small.config
+    assert (c.num_kv_heads, c.num_heads, c.mlp_dim) == (1, 2, 128 - len(dead))
+    assert (
+        small.layers[0].attn.o.kernel.shape[0] == 2
+        and small.layers[0].mlp.down.kernel.shape[0] == 85
+    )
+    np.testing.assert_allclose(np.asarray(small(tokens)), np.asarray(masked), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
     lr.unmerge(model)
+    with pytest.raises(ValueError, match=r"'layers/0/attn/v' is not merged"):
+        slice_pruned(model)
     np.testing.assert_allclose(np.asarray(fwd(model, tokens)), np.asarray(masked), rtol=1e-5,
                                atol=1e-5)  # fmt: skip
 
