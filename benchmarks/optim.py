@@ -19,13 +19,21 @@
    alone: a training step adds the forward and backward pass (BENCHMARKS.md: ~340 ms for the
    default model at batch 16 x 128 on the 2-core VM), which the "+ms" column is added to.
 
-Usage: ``python -m benchmarks.optim [--steps 200] [--repeats 3] [--no-torch] [--bytes-only]``
+3. **Pretraining comparison** (``--pretrain-steps``, default 300; 0 skips it): AdamW, GaLore,
+   Fira, GaLore-DCT, SLTrain, SST and low-rank + refactorisation at rank d/4 train the same
+   tiny model on the built-in corpus with the same steps and tokens; final eval loss table and
+   train-loss curves written under ``--out`` (``pretrain.md``, ``pretrain_loss.png``). See
+   ``benchmarks/_optim_pretrain.py``.
+
+Usage: ``python -m benchmarks.optim [--steps 200] [--repeats 3] [--no-torch] [--bytes-only]
+[--pretrain-steps 300] [--out runs/bench_optim]``
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -314,10 +322,16 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--bytes-only", action="store_true")
+    ap.add_argument("--pretrain-steps", type=int, default=300, help="0: no pretraining runs")
+    ap.add_argument("--out", default=os.path.join("runs", "bench_optim"))
     args = ap.parse_args(argv)
     print_memory(list(LLAMA))
     if not args.bytes_only:
         print_step_time(args.steps, args.repeats, not args.no_torch)
+        if args.pretrain_steps > 0:
+            from benchmarks import _optim_pretrain
+
+            _optim_pretrain.run(args.pretrain_steps, args.out)
 
 
 if __name__ == "__main__":
