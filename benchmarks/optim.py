@@ -8,7 +8,9 @@
    moments) = 100%, AdamW 8-bit, GaLore (fp32; and with bf16 projectors), GaLore 8-bit, Fira,
    GaLore-DCT, GradNormLoRP (``g``/``V`` pairs), LoRA at the same rank (frozen base, adapters
    B [in, r], A [r, out] + embeddings/head/norms trained with AdamW) and low-rank W = BA with
-   refactorisation (the same states as LoRA, plus a step count). The column "matrices" is the
+   refactorisation (the same states as LoRA, plus a step count), SLTrain (AdamW on B, A and
+   S's values at density 0.03) and SST (full-spectrum U, s, Vᵀ; AdamW moments for the r
+   sampled vectors and all of s, plus the sampled indices). The column "matrices" is the
    same ratio over the projected matrices only (embeddings excluded).
 2. **Step time** on the default model's parameter shapes (``mla-tiny-default``: d_model 256,
    4 layers, mlp 768, MLA L = 64; shapes written out here, not imported), T = 200: the
@@ -148,6 +150,24 @@ def wn_params(shapes) -> dict:
     return jax.tree_util.tree_map_with_path(one, shapes, is_leaf=lambda s: isinstance(s, tuple))
 
 
+def form_params(shapes, form: str, rank: int, density: float = 0.03) -> dict:
+    """The leaves of the weight forms (``jaxattn.layers.factorize``): each projected matrix
+    ``[m, n]`` becomes SLTrain's ``{b: [m, r], a: [r, n], s: [int(density m n)]}`` or SST's
+    full spectrum ``{u: [m, k], s: [k], vt: [k, n]}`` (k = min(m, n))."""
+
+    def one(path, sh):
+        p = jax.tree_util.keystr(path, simple=True, separator="/")
+        if not (_projected(p) and len(sh) == 2):
+            return sh
+        m, n = sh
+        if form == "sltrain":
+            return {"b": (m, rank), "a": (rank, n), "s": (int(density * m * n),)}
+        k = min(m, n)
+        return {"u": (m, k), "s": (k,), "vt": (k, n)}
+
+    return jax.tree_util.tree_map_with_path(one, shapes, is_leaf=lambda s: isinstance(s, tuple))
+
+
 def memory_rows(name: str):
     """``(method, bytes, bytes of the projected matrices' states)`` rows for one config."""
     d, f, layers, r = LLAMA[name]
@@ -176,6 +196,11 @@ def memory_rows(name: str):
         f"low-rank BA r{r} + refactor": (
             optim.lowrank_refactor(adam, every=1000),
             _structs(lora_params(shapes, r)),
+        ),
+        f"SLTrain r{r}, density 0.03": (adam, _structs(form_params(shapes, "sltrain", r))),
+        f"SST, {r} sampled of full k": (
+            optim.sst(adam, rank=r, every=200),
+            _structs(form_params(shapes, "sst", r)),
         ),
     }
     return [(k, state_bytes(tx, p), state_bytes(tx, p, mats)) for k, (tx, p) in txs.items()]

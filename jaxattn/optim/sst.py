@@ -9,9 +9,9 @@ Networks" (2024). A weight in spectral form ``W = U_mk diag(s_k) Vᵀ_kn`` (the 
   chosen by multinomial sampling without replacement with probabilities ``|s_i| / Σ|s|``
   (Gumbel top-r), re-drawn every ``every`` steps inside the compiled step;
 * the inner optimizer sees the sampled vectors only: its moments of ``U`` and ``Vᵀ`` are
-  ``[m, r]`` and ``[r, n]`` (the memory saving), and they restart from ``inner.init`` when a
-  new set is drawn (they belonged to the previous vectors). ``s`` and every other leaf keep
-  their state.
+  ``[m, r]`` and ``[r, n]`` (the memory saving), and they restart from ``inner.init`` of the
+  new set when one is drawn (they belonged to the previous vectors). ``s``, every other leaf
+  and the inner state's shared entries (Adam's step count, a schedule's count) carry on.
 
 † The paper also re-orthogonalises ``U`` and ``V`` by a periodic SVD of ``U diag(s) Vᵀ``;
 that step is not implemented here.

@@ -46,6 +46,15 @@ def test_state_bytes_match_the_closed_forms():
         bench.state_bytes(optax.scale_by_adam(), lora)
         == 8 * (rest + sum(r * (m + n) for m, n in mats)) + 4
     )
+    # SLTrain: Adam on B, A and S's values; SST: moments of the r sampled vectors (u [m, r],
+    # vt [r, n]) and all of s [k], + Adam's count, SST's count, key and r indices per matrix
+    sl = bench._structs(bench.form_params(shapes, "sltrain", r))
+    sl_n = sum(r * (m + n) + int(0.03 * m * n) for m, n in mats)
+    assert bench.state_bytes(optax.scale_by_adam(), sl) == 8 * (rest + sl_n) + 4
+    sst = optim.sst(optax.scale_by_adam(), rank=r, every=200)
+    sst_n = sum(r * (m + n) + min(m, n) for m, n in mats)
+    sst_bytes = 8 * (rest + sst_n) + 4 + 4 + 8 + 4 * r * len(mats)
+    assert bench.state_bytes(sst, bench._structs(bench.form_params(shapes, "sst", r))) == sst_bytes
     rows = {k: (b, bm) for k, b, bm in bench.memory_rows("60M")}
     assert (
         rows["GaLore 8-bit"][0]
