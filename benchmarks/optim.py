@@ -8,7 +8,9 @@
    moments) = 100%, AdamW 8-bit, GaLore (fp32; and with bf16 projectors), GaLore 8-bit, Fira,
    GaLore-DCT, GradNormLoRP (``g``/``V`` pairs), LoRA at the same rank (frozen base, adapters
    B [in, r], A [r, out] + embeddings/head/norms trained with AdamW) and low-rank W = BA with
-   refactorisation (the same states as LoRA, plus a step count). The column "matrices" is the
+   refactorisation (the same states as LoRA, plus a step count), SLTrain (AdamW on B, A and
+   S's values at density 0.03) and SST (full-spectrum U, s, Vᵀ; AdamW moments for the r
+   sampled vectors and all of s, plus the sampled indices). The column "matrices" is the
    same ratio over the projected matrices only (embeddings excluded).
 2. **Step time** on the default model's parameter shapes (``mla-tiny-default``: d_model 256,
    4 layers, mlp 768, MLA L = 64; shapes written out here, not imported), T = 200: the
@@ -19,13 +21,21 @@
    alone: a training step adds the forward and backward pass (BENCHMARKS.md: ~340 ms for the
    default model at batch 16 x 128 on the 2-core VM), which the "+ms" column is added to.
 
-Usage: ``python -m benchmarks.optim [--steps 200] [--repeats 3] [--no-torch] [--bytes-only]``
+3. **Pretraining comparison** (``--pretrain-steps``, default 300; 0 skips it): AdamW, GaLore,
+   Fira, GaLore-DCT, SLTrain, SST and low-rank + refactorisation at rank d/4 train the same
+   tiny model on the built-in corpus with the same steps and tokens; final eval loss table and
+   train-loss curves written under ``--out`` (``pretrain.md``, ``pretrain_loss.png``). See
+   ``benchmarks/_optim_pretrain.py``.
+
+Usage: ``python -m benchmarks.optim [--steps 200] [--repeats 3] [--no-torch] [--bytes-only]
+[--pretrain-steps 300] [--out runs/bench_optim]``
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -140,6 +150,24 @@ def wn_params(shapes) -> dict:
     return jax.tree_util.tree_map_with_path(one, shapes, is_leaf=lambda s: isinstance(s, tuple))
 
 
+def form_params(shapes, form: str, rank: int, density: float = 0.03) -> dict:
+    """The leaves of the weight forms (``jaxattn.layers.factorize``): each projected matrix
+    ``[m, n]`` becomes SLTrain's ``{b: [m, r], a: [r, n], s: [int(density m n)]}`` or SST's
+    full spectrum ``{u: [m, k], s: [k], vt: [k, n]}`` (k = min(m, n))."""
+
+    def one(path, sh):
+        p = jax.tree_util.keystr(path, simple=True, separator="/")
+        if not (_projected(p) and len(sh) == 2):
+            return sh
+        m, n = sh
+        if form == "sltrain":
+            return {"b": (m, rank), "a": (rank, n), "s": (int(density * m * n),)}
+        k = min(m, n)
+        return {"u": (m, k), "s": (k,), "vt": (k, n)}
+
+    return jax.tree_util.tree_map_with_path(one, shapes, is_leaf=lambda s: isinstance(s, tuple))
+
+
 def memory_rows(name: str):
     """``(method, bytes, bytes of the projected matrices' states)`` rows for one config."""
     d, f, layers, r = LLAMA[name]
@@ -168,6 +196,11 @@ def memory_rows(name: str):
         f"low-rank BA r{r} + refactor": (
             optim.lowrank_refactor(adam, every=1000),
             _structs(lora_params(shapes, r)),
+        ),
+        f"SLTrain r{r}, density 0.03": (adam, _structs(form_params(shapes, "sltrain", r))),
+        f"SST, {r} sampled of full k": (
+            optim.sst(adam, rank=r, every=200),
+            _structs(form_params(shapes, "sst", r)),
         ),
     }
     return [(k, state_bytes(tx, p), state_bytes(tx, p, mats)) for k, (tx, p) in txs.items()]
@@ -314,10 +347,16 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--bytes-only", action="store_true")
+    ap.add_argument("--pretrain-steps", type=int, default=300, help="0: no pretraining runs")
+    ap.add_argument("--out", default=os.path.join("runs", "bench_optim"))
     args = ap.parse_args(argv)
     print_memory(list(LLAMA))
     if not args.bytes_only:
         print_step_time(args.steps, args.repeats, not args.no_torch)
+        if args.pretrain_steps > 0:
+            from benchmarks import _optim_pretrain
+
+            _optim_pretrain.run(args.pretrain_steps, args.out)
 
 
 if __name__ == "__main__":

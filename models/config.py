@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from jaxattn.cache import CacheConfig
 from jaxattn.layers import _validate as v
 from jaxattn.layers import kind_config
 from jaxattn.ops.rope import RopeConfig
+from jaxattn.optim.parameterize import DEFAULT_PATHS
 
 __all__ = ["ModelConfig", "LayerSpec", "ARCHS", "RENAMED_FIELDS"]
 
@@ -91,6 +93,15 @@ class ModelConfig:
         as "sink_window", storage dtype); None: each kind's own format, keeping every token.
         A layer spec's ``cache`` override wins; a config a layer's kind cannot serve raises.
       dtype: compute dtype; param_dtype: parameter dtype; implementation: the attention op's.
+      parameterization: how the projections matched by ``parameterization_paths`` store their
+        weight for pretraining from scratch (``jaxattn.optim.parameterize``): "dense" (a
+        kernel), "lowrank" (B·A), "sltrain" (B·A + a sparse S on a fixed random support) or
+        "sst" (U·diag(s)·Vᵀ; train it with the ``sst`` optimizer rule).
+      parameterization_rank: r of lowrank / sltrain (None: d_model // 4), the kept spectrum
+        of sst (None: full, min(fan_in, fan_out)); at most each matched matrix's smaller side.
+      parameterization_paths: regex over the projections' module paths (default: attention
+        and MLP projections, not the embedding or the LM head).
+      sltrain_density: the fraction of S's entries that are non-zero, in (0, 1).
     """
 
     arch: str = "llama"
@@ -128,9 +139,14 @@ class ModelConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     implementation: str = "auto"
+    parameterization: str = "dense"
+    parameterization_rank: int | None = None
+    parameterization_paths: str = DEFAULT_PATHS
+    sltrain_density: float = 0.03
 
     def __post_init__(self):
         o = "ModelConfig"
+        self._check_parameterization()
         if self.arch not in ARCHS:
             raise ValueError(f"arch={self.arch!r} must be one of {ARCHS}")
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_seq_len"):
@@ -168,6 +184,33 @@ class ModelConfig:
         self._check_specs()
         for layer in range(self.num_layers):  # every layer's config validates its own fields
             self.layer_attention_config(layer)
+
+    def _check_parameterization(self):
+        from jaxattn.layers import registered_forms
+
+        forms = ("dense", *registered_forms())
+        if self.parameterization not in forms:
+            close = difflib.get_close_matches(str(self.parameterization), forms, n=2)
+            raise ValueError(
+                f"parameterization={self.parameterization!r} is not one of {forms}"
+                + (f"; did you mean {close}?" if close else "")
+            )
+        v.check_optional_int("ModelConfig", "parameterization_rank", self.parameterization_rank)
+        try:
+            re.compile(self.parameterization_paths)
+        except (re.error, TypeError) as err:
+            raise ValueError(
+                f"parameterization_paths={self.parameterization_paths!r} is not a regex: {err}"
+            ) from None
+        if not (isinstance(self.sltrain_density, float) and 0.0 < self.sltrain_density < 1.0):
+            raise ValueError(f"sltrain_density={self.sltrain_density!r} must be a float in (0, 1)")
+
+    @property
+    def resolved_parameterization_rank(self) -> int | None:
+        """``parameterization_rank``, or its default (d_model // 4; sst: None, full)."""
+        if self.parameterization_rank is not None or self.parameterization == "sst":
+            return self.parameterization_rank
+        return max(1, self.d_model // 4)
 
     def _check_specs(self):
         if self.layer_specs is not None and self.layer_pattern is not None:

@@ -21,6 +21,7 @@ from jaxattn import heads, sharding
 from jaxattn.layers import Context, Embed, Linear, RMSNorm, SwiGLU, dropout
 from jaxattn.layers._embed import check_tokens, poison_after_invalid
 from jaxattn.layers._kinds import hook_point
+from jaxattn.optim.parameterize import parameterize
 from models.config import ModelConfig
 
 __all__ = ["DecoderLM", "Block"]
@@ -81,7 +82,8 @@ class DecoderLM(nnx.Module):
     Parameter paths: ``embed/table``, ``layers/<i>/attn_norm/scale``, ``layers/<i>/attn/...``
     (the kind's projections, e.g. ``attn/q/kernel``), ``layers/<i>/mlp/{gate,up,down}/kernel``,
     ``final_norm/scale`` and ``lm_head/kernel`` (absent when tied: the head reads
-    ``embed/table``).
+    ``embed/table``). With ``config.parameterization`` other than "dense", each matched
+    projection holds ``<path>/form/...`` factors instead of ``<path>/kernel``.
 
     Args:
       config: a :class:`ModelConfig`.
@@ -106,6 +108,15 @@ class DecoderLM(nnx.Module):
                 (c.vocab_size,),
                 axes=("embed", "vocab"),
                 param_dtype=c.param_dtype,
+                rngs=rngs,
+            )
+        if c.parameterization != "dense":  # factorised kernels for pretraining from scratch
+            parameterize(
+                self,
+                c.parameterization,
+                rank=c.resolved_parameterization_rank,
+                paths=c.parameterization_paths,
+                density=c.sltrain_density,
                 rngs=rngs,
             )
 

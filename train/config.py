@@ -4,7 +4,9 @@ An experiment config is a Python file under ``train/configs/`` that defines ``CO
 :class:`TrainConfig` (its docstring holds the exact command line that runs it). On the command
 line, ``--set key=value`` replaces single fields; values are parsed by the field's type, and an
 unknown key or a bad value raises :class:`ConfigError` that names the key and the choices
-(``--help`` lists every key with its type and default). ``--config`` takes a path (relative to
+(``--help`` lists every key with its type and default); ``--set model.FIELD=VALUE`` appends
+``FIELD=VALUE`` to ``model_overrides`` (a field of the model config, e.g.
+``model.parameterization=sltrain``). ``--config`` takes a path (relative to
 the current directory, else to the repository / installed package, so
 ``--config train/configs/recall.py`` works from anywhere) or the bare name of a file in
 ``train/configs`` (``--config recall``).
@@ -257,6 +259,10 @@ def apply_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...])
             raise ConfigError(f"override {item!r} must look like key=value")
         key, text = item.split("=", 1)
         key = key.strip()
+        if key.startswith("model."):  # one field of the model config (model_overrides)
+            overrides_ = changes.get("model_overrides", config.model_overrides)
+            changes["model_overrides"] = (*overrides_, f"{key[len('model.') :]}={text}")
+            continue
         if key.startswith("adapter."):  # one option of the adapter method (train.adapters)
             options = changes.get("adapter_options", config.adapter_options)
             changes["adapter_options"] = (*options, f"{key[len('adapter.') :]}={text}")

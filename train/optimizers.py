@@ -12,6 +12,16 @@ applies to matrices only (parameters with >= 2 dims), never to norms' scales or 
   galore(rank, update_proj_gap, scale, proj_type, projector, moment_bits, lr, b1, b2,
          weight_decay)                          jaxattn.optim.galore around galore-torch's Adam
   fira(..., gamma)                              jaxattn.optim.fira, same arguments + gamma
+  sst(rank, every, lr, b1, b2, eps, weight_decay)   AdamW with Sparse Spectral Training's
+                                                sampled singular vectors (jaxattn.optim.sst) on
+                                                the ``u``/``s``/``vt`` leaves of sst kernels
+  refactor(every, lr, b1, b2, eps, weight_decay)    AdamW with weight refactorisation +
+                                                momentum reset every ``every`` steps
+                                                (jaxattn.optim.lowrank_refactor) on ``b``/``a``
+
+``sst`` and ``refactor`` train the factorised kernels of ``--set model.parameterization=sst``
+/ ``lowrank`` (or ``sltrain``): the sampling and the refactorisation run inside the compiled
+step. A rule of theirs that takes no spectral triple / factor pair is refused.
 
 GaLore and Fira view each parameter as the matrix ``[fan_in, fan_out]`` from its
 :class:`train.optim.ParamInfo` (``Linear`` kernels record their fan-in axes), project the ones
@@ -29,7 +39,7 @@ import optax
 
 from train.optim import ParamInfo, lr_schedule, path_string, register_optimizer
 
-__all__ = ["adamw", "lion", "sgd", "frozen", "galore", "fira"]
+__all__ = ["adamw", "lion", "sgd", "frozen", "galore", "fira", "sst", "refactor"]
 
 
 def _decay_mask(params: dict[str, ParamInfo]):
@@ -134,8 +144,62 @@ def fira(
     )  # fmt: skip
 
 
+def _siblings(params: dict[str, ParamInfo], names: tuple[str, ...]) -> dict[str, tuple]:
+    """Parent path -> the shapes of its leaves ``names`` (parents that have all of them)."""
+    leaves = {p.rpartition("/")[::2]: i.shape for p, i in params.items()}
+    parents = {parent for parent, name in leaves if name == names[0]}
+    return {
+        p: tuple(leaves[(p, n)] for n in names)
+        for p in sorted(parents)
+        if all((p, n) in leaves for n in names)
+    }
+
+
+def _positive(**values):
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key}={value!r} must be a positive int")
+
+
+def sst(params, config, *, rank, every=100, lr=None, b1=None, b2=None, eps=1e-8,
+        weight_decay=None):  # fmt: skip
+    """AdamW whose spectral kernels train by Sparse Spectral Training (``jaxattn.optim.sst``):
+    every ``every`` steps ``rank`` singular-vector pairs are drawn per kernel."""
+    from jaxattn.optim import sst as sst_tx
+
+    _positive(rank=rank, every=every)
+    triples = _siblings(params, ("u", "s", "vt"))
+    if not triples:
+        raise ValueError(
+            "takes no sst kernel (u/s/vt leaves); set model.parameterization=sst or narrow "
+            "the rule to the parameterised projections"
+        )
+    too_big = {p: shapes[1][0] for p, shapes in triples.items() if rank > shapes[1][0]}
+    if too_big:
+        path, k = next(iter(too_big.items()))
+        raise ValueError(f"rank={rank} is larger than the spectrum k={k} of {path!r}")
+    inner = adamw(params, config, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    return sst_tx(inner, rank=rank, every=every, seed=config.seed)
+
+
+def refactor(params, config, *, every=100, lr=None, b1=None, b2=None, eps=1e-8,
+             weight_decay=None):  # fmt: skip
+    """AdamW with weight refactorisation + momentum reset of the ``b``/``a`` factor pairs every
+    ``every`` steps (``jaxattn.optim.lowrank_refactor``; the lr schedule carries on)."""
+    from jaxattn.optim import lowrank_refactor
+
+    _positive(every=every)
+    if not _siblings(params, ("b", "a")):
+        raise ValueError(
+            "takes no factor pair (b/a leaves); set model.parameterization=lowrank (or "
+            "sltrain) or narrow the rule to the parameterised projections"
+        )
+    inner = adamw(params, config, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    return lowrank_refactor(inner, every=every)
+
+
 for _name, _fn in (("adamw", adamw), ("lion", lion), ("sgd", sgd), ("galore", galore),
-                   ("fira", fira)):  # fmt: skip
+                   ("fira", fira), ("sst", sst), ("refactor", refactor)):  # fmt: skip
     register_optimizer(_name, _fn)
 register_optimizer("frozen", frozen, trains=False)
 

@@ -2,6 +2,8 @@
 
 Seams (DESIGN.md "Extension points")
   Linear, AdapterParam, Adapter                   every projection; the adapter slot
+  KernelForm, factorize, register_form,           factorised kernels in Linear's form slot:
+  registered_forms                                ``lowrank``, ``sltrain``, ``sst`` (below)
   Context, dropout                                the call context every layer receives
   AttentionLayer, register_kind, kind_config,     the attention-kind protocol and registry
   registered_kinds
@@ -11,6 +13,8 @@ Attention kinds
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
+Factorised kernels (pretraining from scratch; by path: jaxattn.optim.parameterize)
+  LowRankKernel, SparseLowRankKernel, SpectralKernel, FixedSupport
 Embeddings
   Embed                                           token table; ``as_head()`` is the tied unembedding
 """
@@ -18,6 +22,16 @@ Embeddings
 from jaxattn.layers._attention import Attention, AttentionConfig
 from jaxattn.layers._context import Context, dropout
 from jaxattn.layers._embed import Embed
+from jaxattn.layers._factorized import (
+    FixedSupport,
+    KernelForm,
+    LowRankKernel,
+    SparseLowRankKernel,
+    SpectralKernel,
+    factorize,
+    register_form,
+    registered_forms,
+)
 from jaxattn.layers._kinds import AttentionLayer, kind_config, register_kind, registered_kinds
 from jaxattn.layers._linear import Adapter, AdapterParam, Linear
 from jaxattn.layers._mla import MLAConfig, MultiHeadLatentAttention
@@ -28,6 +42,14 @@ __all__ = [
     "Linear",
     "AdapterParam",
     "Adapter",
+    "KernelForm",
+    "factorize",
+    "register_form",
+    "registered_forms",
+    "LowRankKernel",
+    "SparseLowRankKernel",
+    "SpectralKernel",
+    "FixedSupport",
     "Context",
     "dropout",
     "AttentionLayer",

@@ -14,6 +14,14 @@ Adapters: ``Linear.adapter`` is a slot (None by default) for an object with
 ``nnx.state(model, AdapterParam)`` selects them. ``jaxattn.lowrank.attach`` fills the slot
 by parameter path; no layer code changes for an adapter.
 
+Factorised kernels: ``Linear.form`` is a second slot (None by default) for a
+:class:`jaxattn.layers.KernelForm` (``lowrank`` B·A, ``sltrain`` B·A + sparse S, ``sst``
+U·diag(s)·Vᵀ; see ``jaxattn.layers._factorized``). When it is set the dense ``kernel`` is None,
+the forward pass runs through the factors (``form.project``) and ``base_kernel`` /
+``effective_kernel`` / ``as_matrix`` return the product, so every reader of the weight sees
+the same matrix. ``jaxattn.layers.factorize`` (one layer) and ``jaxattn.optim.parameterize``
+(by path) fill it.
+
 A tied LM head is a ``Linear`` over the embedding table's own parameter, stored [V, D] and read
 transposed (``transposed=True``): the model has one parameter at ``embed/table``. An adapter on
 a tied head changes the unembedding only, not the embedding lookup.
@@ -112,6 +120,7 @@ class Linear(nnx.Module):
             else None
         )
         self.adapter = nnx.data(None)  # the adapter slot (a data attribute: it holds params)
+        self.form = nnx.data(None)  # a factorised kernel replacing ``kernel`` (KernelForm)
 
     @property
     def fan_in(self) -> int:
@@ -124,7 +133,10 @@ class Linear(nnx.Module):
         return math.prod(self.out_shape)
 
     def base_kernel(self, dtype: DTypeLike | None = None) -> jax.Array:
-        """The kernel without any adapter, as [*in, *out] (in ``dtype`` when given)."""
+        """The kernel without any adapter, as [*in, *out] (in ``dtype`` when given); for a
+        factorised kernel (``form``), the product of its factors."""
+        if self.form is not None:
+            return self.form.matrix(dtype).reshape(self.in_shape + self.out_shape)
         w = self.kernel[...]
         if self.transposed:
             n_out = len(self.out_shape)
@@ -164,8 +176,15 @@ class Linear(nnx.Module):
             raise ValueError(f"Linear input {x.shape} must end with in_shape {self.in_shape}")
         dt = self.dtype or x.dtype
         x = x.astype(dt)
-        w = self.base_kernel(dt)
-        y = dense(x, w, n_in, preferred_element_type=preferred_element_type)
+        if self.form is not None and self.adapter is None:  # through the factors, no W formed
+            lead = x.shape[: x.ndim - n_in]
+            x_NM = x.reshape(math.prod(lead), self.fan_in)
+            y_NN = self.form.project(x_NM, preferred_element_type=preferred_element_type)
+            y = y_NN.reshape(*lead, *self.out_shape)
+            w = None
+        else:
+            w = self.base_kernel(dt)
+            y = dense(x, w, n_in, preferred_element_type=preferred_element_type)
         if self.bias is not None:
             y = y + cast(self.bias[...], y.dtype)
         if self.adapter is not None:

@@ -10,6 +10,9 @@ Projectors (jaxattn.optim.projectors)
 Weight-normalised and factorised weights
   gradnormlorp, weight_norm_split, weight_norm_merge     GradNormLoRP (jaxattn.optim.weightnorm)
   lowrank_refactor, balance_factors, RefactorState       W = BA refactorisation + momentum reset
+Low-rank weight parameterisations (pretraining from scratch)
+  parameterize, form_param_count  lowrank / sltrain / sst kernels by path (optim.parameterize)
+  sst, SSTState, sample_vectors   Sparse Spectral Training's sampled updates (jaxattn.optim.sst)
 Sharding (jaxattn.optim.specs)
   state_partition_specs, state_spec   optimizer-state PartitionSpecs from the parameters'
 8-bit states (jaxattn.optim.quantized)
@@ -18,6 +21,7 @@ Sharding (jaxattn.optim.specs)
 """
 
 from jaxattn.optim.galore import GaLoreState, fira, galore, scale_by_adam_galore_torch
+from jaxattn.optim.parameterize import DEFAULT_PATHS, form_param_count, parameterize
 from jaxattn.optim.projectors import DCT, SVD, Randomized, dct_basis, sign_convention
 from jaxattn.optim.quantized import (
     QuantizedArray,
@@ -28,6 +32,7 @@ from jaxattn.optim.quantized import (
 )
 from jaxattn.optim.refactor import RefactorState, balance_factors, lowrank_refactor
 from jaxattn.optim.specs import state_partition_specs, state_spec
+from jaxattn.optim.sst import SSTState, sample_vectors, sst
 from jaxattn.optim.weightnorm import gradnormlorp, weight_norm_merge, weight_norm_split
 
 __all__ = [
@@ -46,6 +51,12 @@ __all__ = [
     "lowrank_refactor",
     "balance_factors",
     "RefactorState",
+    "parameterize",
+    "form_param_count",
+    "DEFAULT_PATHS",
+    "sst",
+    "SSTState",
+    "sample_vectors",
     "state_partition_specs",
     "state_spec",
     "quantize_state",

@@ -9,7 +9,9 @@ Algorithmic Advances and Benchmarking" (2025). A low-rank weight is trained as t
   formed), ``B' = Q_B U S^½`` and ``A' = S^½ Vᵀ Q_Aᵀ``; then ``B'A' = BA`` (to fp32 rounding)
   and ``B'ᵀB' = A'A'ᵀ = S`` (both factors carry the same spectrum);
 * **momentum reset** restarts the inner optimizer: its state becomes ``inner.init`` of the new
-  weights (zero moments, zero step count), as the authors' code re-creates its AdamW.
+  weights (zero moments, zero step count), as the authors' code re-creates its AdamW; only a
+  learning-rate schedule's own count (``optax.ScaleByScheduleState``) carries on, so the
+  schedule does not restart its warmup.
 
 † The exact refactorisation (balanced SVD factors) follows the method's description; the paper
 text was not available to check the choice of ``S^½`` on both sides.
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxattn.optim._plan import flatten
+from jaxattn.optim._plan import flatten, is_masked
 from jaxattn.optim.projectors import sign_convention
 
 __all__ = ["balance_factors", "RefactorState", "lowrank_refactor"]
@@ -47,6 +49,12 @@ def balance_factors(b_mr: jax.Array, a_rn: jax.Array) -> tuple[jax.Array, jax.Ar
     b_new = q_b @ (flipped * root)
     a_new = ((vh * sign[:, None]) * root[:, None]) @ q_a.T
     return b_new.astype(b_mr.dtype), a_new.astype(a_rn.dtype)
+
+
+def _keep_schedule(fresh, old):
+    """``fresh`` with every ``optax.ScaleByScheduleState`` taken from ``old``."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    return jax.tree.map(lambda f, o: o if is_schedule(f) else f, fresh, old, is_leaf=is_schedule)
 
 
 class RefactorState(NamedTuple):
@@ -115,15 +123,16 @@ def lowrank_refactor(
         count = optax.safe_increment(state.count)
 
         def refactor(updates, inner_state):
-            del inner_state
             _, us, treedef = flatten(updates)
             _, ps, _ = flatten(params)
             us = list(us)
-            new = [p + u for p, u in zip(ps, us)]
+            new = [p if is_masked(p) else p + u for p, u in zip(ps, us)]  # masked: not ours
             for i_b, i_a in pairs:
                 new[i_b], new[i_a] = balance_factors(new[i_b], new[i_a])
                 us[i_b], us[i_a] = new[i_b] - ps[i_b], new[i_a] - ps[i_a]
-            return treedef.unflatten(us), inner.init(treedef.unflatten(new))
+            return treedef.unflatten(us), _keep_schedule(
+                inner.init(treedef.unflatten(new)), inner_state
+            )
 
         updates, inner_state = jax.lax.cond(
             count % every == 0, refactor, lambda u, s: (u, s), updates, inner_state

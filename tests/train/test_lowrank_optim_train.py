@@ -12,9 +12,9 @@ import time
 import jax
 import numpy as np
 import pytest
-from train_testlib import set_args, tiny_config
+from train_testlib import TINY_MODEL, set_args, tiny_config
 
-from jaxattn.optim import GaLoreState
+from jaxattn.optim import GaLoreState, SSTState
 from jaxattn.sharding import make_mesh
 from train import pretrain
 from train.checkpoints import Checkpointer
@@ -23,13 +23,16 @@ from train.optim import path_string
 from train.pretrain import build_model
 from train.step import make_trainer
 
-# projector refreshes at steps 0, 3, 6: one between the checkpoints at 2 and 4, one after
-# the restart; GaLore on attention, Fira on the MLPs, AdamW elsewhere
-RULES = ("galore(rank=4,update_proj_gap=3,scale=0.25):/attn/",
+# projector refreshes and SST redraws at steps 0, 3, 6: one between the checkpoints at 2 and
+# 4, one after the restart. The attention projections are spectral kernels
+# (model.parameterization=sst) trained by SST, GaLore takes the MLPs' down projections, Fira
+# their gate/up, AdamW the rest: one run covers the three methods' states.
+RULES = ("sst(rank=4,every=3):/attn/", "galore(rank=4,update_proj_gap=3,scale=0.25):/mlp/down/",
          "fira(rank=4,update_proj_gap=3,scale=0.25):/mlp/", "adamw:.*")  # fmt: skip
+SST_MODEL = TINY_MODEL + ("parameterization=sst", r"parameterization_paths=^layers/\d+/attn/")
 STEPS = 8
 RUN = dict(steps=STEPS, warmup_steps=1, ckpt_every=2, log_every=1, steps_per_call=1,
-           keep_checkpoints=10, optimizer=RULES)  # fmt: skip
+           keep_checkpoints=10, optimizer=RULES, model_overrides=SST_MODEL)  # fmt: skip
 
 
 def _trainer(run_dir, mesh, **changes):
@@ -73,7 +76,12 @@ def _restored(run_dir, step=STEPS):
     return _host(state)
 
 
-def test_galore_fira_run_killed_and_restarted_is_bit_identical(zygote, tmp_path):
+def _sst_states(opt_state):
+    is_state = lambda x: isinstance(x, SSTState)  # noqa: E731
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
+
+
+def test_galore_fira_sst_run_killed_and_restarted_is_bit_identical(zygote, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     code, out = zygote.run(set_args(RUN | {"run_dir": str(ref)}), tmp_path / "ref.log")
     assert code == 0, out[-3000:]
@@ -96,6 +104,9 @@ def test_galore_fira_run_killed_and_restarted_is_bit_identical(zygote, tmp_path)
     _assert_equal(a, b)  # parameters and the whole optimizer state
     galore_fira = _galore_states(a["opt_state"])
     assert len(galore_fira) == 2 and all(int(s.count) == STEPS for s in galore_fira)
+    (sst,) = _sst_states(a["opt_state"])  # sampled indices, key and moments matched too
+    assert int(sst.count) == STEPS and len(sst.index) == 10  # 5 spectral kernels x 2 layers
+    assert "form" in a["params"]["layers"][0]["attn"]["q"]
 
 
 def test_galore_state_restores_exactly_and_onto_another_mesh(tmp_path):
@@ -111,7 +122,7 @@ def test_galore_state_restores_exactly_and_onto_another_mesh(tmp_path):
     galore, fira = _galore_states(saved["opt_state"])
     now = jax.tree.leaves(galore[1:3])
     refreshed = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(first), now, strict=True)]
-    assert len(refreshed) >= 4 and all(refreshed)  # every projected leaf has a projector
+    assert len(refreshed) >= 2 and all(refreshed)  # every projected leaf has a projector
     assert int(galore.count) == 3 and galore.count.dtype == np.int32
     assert len(jax.tree.leaves(fira.fira_norm)) >= 4
     assert all(float(x) > 0 for x in jax.tree.leaves(fira.fira_norm))
@@ -168,4 +179,53 @@ def test_bad_lowrank_hyperparameters_are_config_errors(rule, message, tmp_path, 
     assert f"optimizer rule {rule!r}" in err and message in err, err
     if "rank" in message:
         assert "layers/0/attn/" in err and "(rank <= 32)" in err, err
+    assert not run.exists()
+
+
+def test_sltrain_refactor_state_restores_exactly_and_continues_bit_identical(tmp_path):
+    """SLTrain kernels with the ``refactor`` rule (refactor + momentum reset every 2 steps,
+    inside the compiled step): 3 steps, an Orbax save and restore; a fresh init rebuilds the
+    same sparse supports from the seed; 2 more steps from the restored state are
+    bit-identical to going on."""
+    overrides = TINY_MODEL + ("parameterization=sltrain", "parameterization_rank=8")
+    config, one = _trainer(tmp_path, _one_device(), model_overrides=overrides,
+                           optimizer=("refactor(every=2):.*",))  # fmt: skip
+    loader, _ = make_loaders(config)
+    state, rest = one.init()
+    supports = [p for p, _ in jax.tree_util.tree_leaves_with_path(rest)
+                if path_string(p).endswith("form/support")]  # fmt: skip
+    assert len(supports) == 16  # attention (5) + MLP (3) x 2 layers; not the embed, head
+    for step in range(3):
+        state, _ = one.train_step(state, rest, one.put_batch(loader.batch(step)))
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), every=1, async_save=False)
+    ckpt.save(3, state, {}, force=True)
+    ckpt.wait()
+    saved = _host(state)
+    _, rest2 = one.init()
+    _assert_equal(_host(rest), _host(rest2))  # the supports, rebuilt from the seed
+    restored, _ = ckpt.restore(one.abstract_state, one.state_shardings)
+    ckpt.close()
+    _assert_equal(saved, _host(restored))
+    for step in range(3, 5):
+        batch = loader.batch(step)
+        state, _ = one.train_step(state, rest, one.put_batch(batch))
+        restored, _ = one.train_step(restored, rest2, one.put_batch(batch))
+    _assert_equal(_host(state), _host(restored))
+    counts = sorted(int(x) for p, x in jax.tree_util.tree_leaves_with_path(_host(state))
+                    if path_string(p).endswith("count"))  # fmt: skip
+    assert counts == [1, 5, 5]  # Adam restarted at step 4; the refactor's, the schedule's go on
+
+
+def test_model_set_prefix_and_bad_parameterization_are_config_errors(tmp_path, capsys):
+    from train.config import TrainConfig, apply_overrides
+
+    config = apply_overrides(TrainConfig(), ["model.parameterization=sltrain",
+                                             "model.sltrain_density=0.05"])  # fmt: skip
+    assert config.model_overrides == ("parameterization=sltrain", "sltrain_density=0.05")
+    run = tmp_path / "run"
+    err = _usage_error(set_args({"run_dir": str(run), "model.parameterization": "sltrian"}), capsys)
+    assert "parameterization='sltrian' is not one of" in err and "did you mean" in err, err
+    argv = set_args({"run_dir": str(run), "optimizer": "sst(rank=4):.*"})
+    err = _usage_error(argv, capsys)
+    assert "optimizer rule 'sst(rank=4):.*'" in err and "takes no sst kernel" in err, err
     assert not run.exists()

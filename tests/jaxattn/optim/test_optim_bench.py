@@ -46,6 +46,15 @@ def test_state_bytes_match_the_closed_forms():
         bench.state_bytes(optax.scale_by_adam(), lora)
         == 8 * (rest + sum(r * (m + n) for m, n in mats)) + 4
     )
+    # SLTrain: Adam on B, A and S's values; SST: moments of the r sampled vectors (u [m, r],
+    # vt [r, n]) and all of s [k], + Adam's count, SST's count, key and r indices per matrix
+    sl = bench._structs(bench.form_params(shapes, "sltrain", r))
+    sl_n = sum(r * (m + n) + int(0.03 * m * n) for m, n in mats)
+    assert bench.state_bytes(optax.scale_by_adam(), sl) == 8 * (rest + sl_n) + 4
+    sst = optim.sst(optax.scale_by_adam(), rank=r, every=200)
+    sst_n = sum(r * (m + n) + min(m, n) for m, n in mats)
+    sst_bytes = 8 * (rest + sst_n) + 4 + 4 + 8 + 4 * r * len(mats)
+    assert bench.state_bytes(sst, bench._structs(bench.form_params(shapes, "sst", r))) == sst_bytes
     rows = {k: (b, bm) for k, b, bm in bench.memory_rows("60M")}
     assert (
         rows["GaLore 8-bit"][0]
@@ -53,3 +62,38 @@ def test_state_bytes_match_the_closed_forms():
         < rows["GaLore"][0]
         < rows["AdamW"][0]
     )
+
+
+def test_pretraining_comparison_configs_build_every_method(tmp_path):
+    """Every method of the pretraining comparison builds its trainer (abstractly: nothing is
+    compiled) on the same data, steps and schedule; the factorised models hold their forms
+    and SLTrain's parameter count is the formula's."""
+    import jax
+
+    from benchmarks import _optim_pretrain as pre
+    from jaxattn.sharding import make_mesh
+    from train.pretrain import build_model
+    from train.step import make_trainer
+
+    configs = pre.configs(4, str(tmp_path))
+    assert list(configs) == list(pre.METHODS) and len(configs) == 7
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    counts, trainers = {}, {}
+    for name, config in configs.items():
+        model_config, model_fn = build_model(config)
+        trainer = trainers[name] = make_trainer(model_fn, config, mesh)
+        leaves = jax.tree_util.tree_leaves_with_path(trainer.abstract_state["params"])
+        paths = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in leaves]
+        counts[name] = sum(x.size for _, x in leaves)
+        assert any("/form/" in p for p in paths) == (model_config.parameterization != "dense")
+        assert (config.steps, config.batch_size, config.seed) == (4, 16, 0)
+    # SLTrain replaces each attention / MLP kernel [m, n] by r (m + n) + int(0.03 m n)
+    infos = trainers["AdamW"].param_infos
+    saved = 0
+    for path, info in infos.items():
+        if path.startswith("layers/") and path.endswith("/kernel"):
+            m = info.fan_in
+            n = math.prod(info.shape) // m
+            saved += m * n - optim.form_param_count("sltrain", m, n, rank=pre.RANK, density=0.03)
+    assert counts["AdamW"] - counts["SLTrain"] == saved
+    assert counts["SST"] > counts["AdamW"] > counts["low-rank + refactor"]

@@ -1,0 +1,285 @@
+"""Factorised kernels: low-rank weight parameterisations of ``Linear`` for pretraining.
+
+A ``Linear`` normally owns a dense kernel ``W [*in, *out]``. Its ``form`` slot can hold one of
+these instead (``factorize(linear, name, ...)``, or by path with
+``jaxattn.optim.parameterize``); the kernel parameter is then dropped and ``W`` exists only
+as the product of the factors, viewed as the matrix ``W_mn`` (m = fan_in, n = fan_out):
+
+* ``lowrank``  ``W = B_mr A_rn`` (pairs with ``jaxattn.optim.lowrank_refactor``);
+  ``r (m + n)`` parameters.
+* ``sltrain``  ``W = B_mr A_rn + S``, S sparse with ``nnz = int(density m n)`` entries on a
+  support drawn uniformly at random from a PRNG key and then fixed (SLTrain, Han et al.
+  2024); only the values ``s [nnz]`` are parameters, the flat indices are a
+  :class:`FixedSupport` variable rebuilt from the key. ``r (m + n) + nnz`` parameters.
+* ``sst``  ``W = U_mk diag(s_k) Vᵀ_kn``, initialised from the SVD of the layer's dense
+  initial kernel (Sparse Spectral Training, Zhao et al. 2024); ``k (m + n + 1)`` parameters.
+  Which singular vectors train each step is the optimizer's part (``jaxattn.optim.sst``).
+
+Every form offers ``matrix(dtype) -> W_mn`` (what ``Linear.effective_kernel`` /
+``as_matrix`` return, so export, SVD and MLA absorption see the same weight) and
+``project(x_NM) -> y_NN``, the forward pass through the factors: ``(x B) A`` costs
+``N r (m + n)`` instead of forming ``W``; the sparse term is a gather + scatter-add over the
+support when that is cheaper than a dense ``x S`` (``N nnz <= m n``, e.g. decoding), else
+``S`` is scattered into a dense matrix.
+
+Factor leaves are 2-D (``b [m, r]``, ``a [r, n]``, ``u [m, k]``, ``vt [k, n]``) whatever the
+layer's ``in_shape`` / ``out_shape``; a flattened dim takes the logical axis of its first
+input / output dim (row-major flattening keeps that axis' shards contiguous), the rank dim
+``lora_rank``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxattn.layers._base import DTypeLike, cast, param, zeros_init
+
+__all__ = [
+    "KernelForm",
+    "LowRankKernel",
+    "SparseLowRankKernel",
+    "SpectralKernel",
+    "FixedSupport",
+    "register_form",
+    "registered_forms",
+    "factorize",
+]
+
+
+class FixedSupport(nnx.Variable):
+    """The fixed flat indices of a sparse component (not a parameter: never trained)."""
+
+
+class KernelForm(nnx.Module):
+    """Base of the factorised kernels: a weight ``W_mn`` given by factors (module docstring)."""
+
+    name = ""
+    fan_in: int
+    fan_out: int
+
+    def matrix(self, dtype: DTypeLike | None = None) -> jax.Array:
+        """``W`` as [fan_in, fan_out] (in ``dtype`` when given)."""
+        raise NotImplementedError
+
+    def project(self, x_NM: jax.Array, *, preferred_element_type=None) -> jax.Array:
+        """``x_NM · W`` -> [N, fan_out] through the factors (in ``x``'s dtype)."""
+        raise NotImplementedError
+
+    def num_params(self) -> int:
+        """Trainable parameter count (the formula of the module docstring)."""
+        return sum(v.size for v in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+
+def _dot(x, w, pet):
+    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=pet)
+
+
+def _uniform(bound: float):
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class LowRankKernel(KernelForm):
+    """``W = B A``: ``b [m, r]`` and ``a [r, n]`` with i.i.d. normal entries of std
+    ``(std / sqrt(r)) ** 0.5`` each, so that ``W`` has the dense init's entry std ``std``."""
+
+    name = "lowrank"
+
+    def __init__(self, fan_in, fan_out, rank, *, axes, rngs, std=0.02, param_dtype=jnp.float32):
+        self.fan_in, self.fan_out, self.rank = fan_in, fan_out, rank
+        init = nnx.initializers.normal(stddev=(std / math.sqrt(rank)) ** 0.5)
+        self.b = param(rngs, (fan_in, rank), (axes[0], "lora_rank"), init=init, dtype=param_dtype)
+        self.a = param(rngs, (rank, fan_out), ("lora_rank", axes[1]), init=init, dtype=param_dtype)
+
+    def matrix(self, dtype=None):
+        return cast(self.b[...] @ self.a[...], dtype)
+
+    def project(self, x_NM, *, preferred_element_type=None):
+        h_NR = _dot(x_NM, self.b[...], None)
+        return _dot(h_NR, self.a[...], preferred_element_type)
+
+
+class SparseLowRankKernel(KernelForm):
+    """SLTrain's ``W = B A + S``. As the authors' layer: the input-side factor ``b [m, r]`` and
+    the sparse values are uniform in ``±1/sqrt(m)``, the output-side factor ``a [r, n]`` is
+    zero (so ``W = S`` at birth); the support is ``nnz`` distinct flat indices of ``[m, n]``,
+    the first ``nnz`` of a random permutation under ``support_key``, sorted."""
+
+    name = "sltrain"
+
+    def __init__(
+        self, fan_in, fan_out, rank, *, density, axes, rngs, support_key=None,
+        param_dtype=jnp.float32,
+    ):  # fmt: skip
+        self.fan_in, self.fan_out, self.rank = fan_in, fan_out, rank
+        self.density = float(density)
+        nnz = int(self.density * fan_in * fan_out)
+        self.nnz = nnz
+        bound = 1.0 / math.sqrt(fan_in)
+        b_axes, a_axes = (axes[0], "lora_rank"), ("lora_rank", axes[1])
+        self.b = param(rngs, (fan_in, rank), b_axes, init=_uniform(bound), dtype=param_dtype)
+        self.a = param(rngs, (rank, fan_out), a_axes, init=zeros_init, dtype=param_dtype)
+        self.s = param(rngs, (nnz,), (None,), init=_uniform(bound), dtype=param_dtype)
+        key = rngs.params() if support_key is None else support_key
+        self.support = FixedSupport(sparse_support(key, fan_in, fan_out, nnz))
+
+    def sparse_matrix(self, dtype=None) -> jax.Array:
+        """``S`` as a dense [m, n] matrix (zero off the support)."""
+        s = self.s[...]
+        flat = jnp.zeros((self.fan_in * self.fan_out,), s.dtype).at[self.support[...]].set(s)
+        return cast(flat.reshape(self.fan_in, self.fan_out), dtype)
+
+    def matrix(self, dtype=None):
+        return cast(self.b[...] @ self.a[...] + self.sparse_matrix(), dtype)
+
+    def project(self, x_NM, *, preferred_element_type=None):
+        h_NR = _dot(x_NM, self.b[...], None)
+        y = _dot(h_NR, self.a[...], preferred_element_type)
+        if x_NM.shape[0] * self.nnz <= self.fan_in * self.fan_out:  # gather: N nnz work
+            idx = self.support[...]
+            rows, cols = idx // self.fan_out, idx % self.fan_out
+            terms_NZ = x_NM[:, rows] * self.s[...].astype(x_NM.dtype)
+            sparse = jnp.zeros((x_NM.shape[0], self.fan_out), y.dtype)
+            return y + sparse.at[:, cols].add(terms_NZ.astype(y.dtype))
+        return y + _dot(x_NM, self.sparse_matrix(), preferred_element_type).astype(y.dtype)
+
+
+def sparse_support(key: jax.Array, m: int, n: int, nnz: int) -> jax.Array:
+    """``nnz`` distinct flat indices into ``[m, n]``, uniform at random under ``key``, sorted
+    (int32 [nnz]). The same key always gives the same support."""
+    return jnp.sort(jax.random.permutation(key, m * n)[:nnz]).astype(jnp.int32)
+
+
+class SpectralKernel(KernelForm):
+    """SST's ``W = U diag(s) Vᵀ``: the top-``rank`` SVD triplets of ``kernel_mn`` (the layer's
+    dense initial kernel), so that at ``rank = min(m, n)`` the form reproduces it."""
+
+    name = "sst"
+
+    def __init__(self, kernel_mn, rank, *, axes, param_dtype=jnp.float32):
+        self.fan_in, self.fan_out = kernel_mn.shape
+        self.rank = rank
+        u, s, vt = jnp.linalg.svd(kernel_mn.astype(jnp.float32), full_matrices=False)
+
+        def named(x, names):  # the metadata jaxattn.layers.param gives (logical axis names)
+            return nnx.Param(x.astype(param_dtype), out_sharding=names, eager_sharding=False)
+
+        self.u = named(u[:, :rank], (axes[0], "lora_rank"))
+        self.s = named(s[:rank], ("lora_rank",))
+        self.vt = named(vt[:rank], ("lora_rank", axes[1]))
+
+    def matrix(self, dtype=None):
+        return cast((self.u[...] * self.s[...]) @ self.vt[...], dtype)
+
+    def project(self, x_NM, *, preferred_element_type=None):
+        h_NK = _dot(x_NM, self.u[...], None) * self.s[...].astype(x_NM.dtype)
+        return _dot(h_NK, self.vt[...], preferred_element_type)
+
+
+# name -> builder(linear, *, rank, density, rngs, path) -> KernelForm
+_FORMS: dict[str, Callable] = {}
+
+
+def register_form(name: str, build: Callable) -> None:
+    """Register ``build(linear, *, rank, density, rngs, path) -> KernelForm`` as ``name``."""
+    _FORMS[name] = build
+
+
+def registered_forms() -> list[str]:
+    """The names :func:`factorize` accepts."""
+    return sorted(_FORMS)
+
+
+def _axes(linear) -> tuple:
+    names = tuple(linear.kernel.get_metadata().get("out_sharding") or ())
+    if not names:
+        return (None, None)
+    n_in = len(linear.in_shape)
+    return (names[0], names[n_in])
+
+
+register_form(
+    "lowrank",
+    lambda lin, *, rank, density, rngs, path: LowRankKernel(
+        lin.fan_in, lin.fan_out, rank, axes=_axes(lin), rngs=rngs, param_dtype=lin.kernel.dtype
+    ),
+)
+register_form(
+    "sltrain",
+    lambda lin, *, rank, density, rngs, path: SparseLowRankKernel(
+        lin.fan_in,
+        lin.fan_out,
+        rank,
+        density=density,
+        axes=_axes(lin),
+        rngs=rngs,
+        param_dtype=lin.kernel.dtype,
+    ),  # fmt: skip
+)
+register_form(
+    "sst",
+    lambda lin, *, rank, density, rngs, path: SpectralKernel(
+        lin.kernel[...].reshape(lin.fan_in, lin.fan_out),
+        rank,
+        axes=_axes(lin),
+        param_dtype=lin.kernel.dtype,
+    ),  # fmt: skip
+)
+
+
+def factorize(
+    linear, form: str, *, rank: int | None, density: float = 0.0, rngs=None, path: str = ""
+):
+    """Replace ``linear``'s dense kernel by the factorised ``form`` (in place; returns it).
+
+    Args:
+      linear: a ``jaxattn.layers.Linear`` with its own (untied) dense kernel and no adapter.
+      form: a registered name (``lowrank``, ``sltrain``, ``sst``).
+      rank: r (``lowrank``, ``sltrain``) or the kept spectrum k (``sst``), in
+        ``[1, min(fan_in, fan_out)]``; None: ``min(fan_in, fan_out)`` for ``sst``.
+      density: ``sltrain``'s fraction of non-zero entries of S, in (0, 1).
+      rngs: ``nnx.Rngs`` for the new factors (``sst`` reads the dense kernel instead).
+      path: the layer's module path, for error messages.
+
+    Raises:
+      ValueError: an unknown form, a rank outside its range, a density giving no entry, a
+        tied / shared kernel or an attached adapter (naming the field and the layer).
+    """
+    where = f"the projection at {path!r}" if path else "the projection"
+    if form not in _FORMS:
+        raise ValueError(f"parameterization={form!r} is not one of {registered_forms()}")
+    if linear.form is not None:
+        raise ValueError(f"{where} is already factorised ({linear.form.name!r})")
+    if linear.transposed or linear.kernel is None:
+        raise ValueError(
+            f"parameterization={form!r} cannot serve {where}: its kernel is shared (a tied "
+            "head over the embedding table); exclude it from the parameterised paths"
+        )
+    if linear.adapter is not None:
+        raise ValueError(f"parameterization={form!r}: {where} has an adapter; factorise first")
+    m, n = linear.fan_in, linear.fan_out
+    if rank is None and form == "sst":
+        rank = min(m, n)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+        raise ValueError(
+            f"parameterization={form!r}: rank={rank!r} for {where} (matrix [{m}, {n}]) must be "
+            f"an int in [1, min(m, n) = {min(m, n)}]"
+        )
+    if form == "sltrain":
+        if not (isinstance(density, float | int) and 0.0 < density < 1.0):
+            raise ValueError(f"parameterization='sltrain': density={density!r} must be in (0, 1)")
+        if int(density * m * n) < 1:
+            raise ValueError(
+                f"parameterization='sltrain': density={density} gives no sparse entry for "
+                f"{where} ([{m}, {n}] has {m * n} entries); raise the density"
+            )
+    if form != "sst" and rngs is None:
+        raise ValueError(f"parameterization={form!r} needs rngs for the new factors of {where}")
+    built = _FORMS[form](linear, rank=rank, density=density, rngs=rngs, path=path)
+    linear.form = built
+    linear.kernel = None
+    return built

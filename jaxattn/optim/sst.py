@@ -1,0 +1,178 @@
+"""Sparse Spectral Training: train a sampled subset of singular vectors, all singular values.
+
+Zhao et al., "Sparse Spectral Training and Inference on Euclidean and Hyperbolic Neural
+Networks" (2024). A weight in spectral form ``W = U_mk diag(s_k) Vᵀ_kn`` (the ``sst`` kernel of
+``jaxattn.layers``: sibling leaves ``u``, ``s``, ``vt``) is trained so that
+
+* every step updates **all** of ``s``;
+* only ``r`` of the ``k`` singular-vector pairs (columns of ``U``, rows of ``Vᵀ``) are updated,
+  chosen by multinomial sampling without replacement with probabilities ``|s_i| / Σ|s|``
+  (Gumbel top-r), re-drawn every ``every`` steps inside the compiled step;
+* the inner optimizer sees the sampled vectors only: its moments of ``U`` and ``Vᵀ`` are
+  ``[m, r]`` and ``[r, n]`` (the memory saving), and they restart from ``inner.init`` of the
+  new set when one is drawn (they belonged to the previous vectors). ``s``, every other leaf
+  and the inner state's shared entries (Adam's step count, a schedule's count) carry on.
+
+† The paper also re-orthogonalises ``U`` and ``V`` by a periodic SVD of ``U diag(s) Vᵀ``;
+that step is not implemented here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxattn.optim._plan import flatten
+
+__all__ = ["sst", "SSTState", "sample_vectors"]
+
+
+class SSTState(NamedTuple):
+    """State of :func:`sst`: step ``count``, the sampling ``key`` (key data), the sampled
+    ``index`` [r] of each spectral triple (in tree order) and the inner state."""
+
+    count: jax.Array
+    key: jax.Array
+    index: tuple
+    inner: optax.OptState
+
+
+def sample_vectors(key: jax.Array, s_k: jax.Array, rank: int) -> jax.Array:
+    """``rank`` distinct indices into ``s_k`` drawn without replacement with probabilities
+    proportional to ``|s_k|`` (sorted int32 [rank])."""
+    weights = jnp.abs(s_k.astype(jnp.float32))
+    # Gumbel top-r: the first draw has P(i) = w_i / Σ w, later ones follow without replacement;
+    # an all-zero spectrum samples uniformly rather than producing NaN
+    logits = jnp.where(jnp.sum(weights) > 0, jnp.log(weights), 0.0)
+    gumbel = jax.random.gumbel(key, weights.shape)
+    _, idx = jax.lax.top_k(logits + gumbel, rank)
+    return jnp.sort(idx).astype(jnp.int32)
+
+
+def _triples(params, names) -> list[tuple[int, int, int]]:
+    paths, xs, _ = flatten(params)
+    index = {p: i for i, p in enumerate(paths)}
+    u_name, s_name, vt_name = names
+    out = []
+    for path, i in index.items():
+        parent, _, name = path.rpartition("/")
+        sib = lambda n: f"{parent}/{n}" if parent else n  # noqa: E731
+        if name == u_name and sib(s_name) in index and sib(vt_name) in index:
+            out.append((i, index[sib(s_name)], index[sib(vt_name)]))
+    if not out:
+        raise ValueError(
+            f"sst: no spectral triple of sibling leaves named {names!r}; paths look like "
+            f"{paths[:4]}"
+        )
+    return out
+
+
+def sst(
+    inner: optax.GradientTransformation,
+    *,
+    rank: int,
+    every: int,
+    seed: int = 0,
+    names: tuple[str, str, str] = ("u", "s", "vt"),
+) -> optax.GradientTransformation:
+    """``inner`` with SST's sampled singular-vector updates (module docstring).
+
+    Args:
+      inner: the optimizer of the sampled vectors, of ``s`` and of every other leaf (e.g.
+        ``optax.adamw(lr)``); it sees ``U`` / ``Vᵀ`` leaves as ``[m, r]`` / ``[r, n]``.
+      rank: r, the singular-vector pairs updated per step (``1 <= r <= k`` of every triple).
+      every: steps between two draws (> 0); the first draw is at ``init``.
+      seed: the sampling key's seed.
+      names: leaf names of ``U`` [m, k], ``s`` [k] and ``Vᵀ`` [k, n] under one parent.
+
+    Raises:
+      ValueError: a bad ``rank`` / ``every`` (naming the triple), no triple found, or
+        ``update`` without ``params``.
+    """
+    for field, value in (("rank", rank), ("every", every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"sst: {field}={value!r} must be a positive int")
+
+    def check(params):
+        paths, xs, _ = flatten(params)
+        triples = _triples(params, names)
+        for i_u, i_s, i_v in triples:
+            u, s, vt = xs[i_u], xs[i_s], xs[i_v]
+            k = s.shape[0] if s.ndim == 1 else -1
+            if u.ndim != 2 or vt.ndim != 2 or u.shape[1] != k or vt.shape[0] != k:
+                raise ValueError(
+                    f"sst: {paths[i_u]!r} {u.shape}, s {s.shape}, vt {vt.shape} are not "
+                    "U [m, k], s [k], Vᵀ [k, n]"
+                )
+            if rank > k:
+                raise ValueError(
+                    f"sst: rank={rank} is larger than the spectrum k={k} of {paths[i_u]!r}"
+                )
+        return triples
+
+    def draw(key, params, triples):
+        _, xs, _ = flatten(params)
+        keys = jax.random.split(key, len(triples))
+        return tuple(sample_vectors(k, xs[i_s], rank) for k, (_, i_s, _) in zip(keys, triples))
+
+    def reduce(tree, index, triples):
+        """``tree`` (params or grads) with each U / Vᵀ cut to its sampled vectors."""
+        _, xs, treedef = flatten(tree)
+        xs = list(xs)
+        for idx, (i_u, _, i_v) in zip(index, triples):
+            xs[i_u], xs[i_v] = xs[i_u][:, idx], xs[i_v][idx, :]
+        return treedef.unflatten(xs)
+
+    def init_fn(params):
+        triples = check(params)
+        key = jax.random.key(seed)
+        key, sub = jax.random.split(key)
+        index = draw(sub, params, triples)
+        state = inner.init(reduce(params, index, triples))
+        return SSTState(jnp.zeros([], jnp.int32), jax.random.key_data(key), index, state)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("sst needs params in update (it samples from the singular values)")
+        triples = _triples(params, names)
+        paths, _, _ = flatten(params)
+        vector_paths = tuple(paths[i] for t in triples for i in (t[0], t[2]))
+
+        def redraw(key, index, inner_state):
+            key, sub = jax.random.split(jax.random.wrap_key_data(key))
+            index = draw(sub, params, triples)
+            fresh = inner.init(reduce(params, index, triples))
+            return jax.random.key_data(key), index, _reset(inner_state, fresh, vector_paths)
+
+        due = (state.count > 0) & (state.count % every == 0)
+        key, index, inner_state = jax.lax.cond(
+            due, redraw, lambda *a: a, state.key, state.index, state.inner
+        )
+        low, inner_state = inner.update(
+            reduce(updates, index, triples), inner_state, reduce(params, index, triples)
+        )
+        _, us, treedef = flatten(updates)
+        _, lows, _ = flatten(low)
+        out = list(lows)
+        for idx, (i_u, _, i_v) in zip(index, triples):  # unsampled vectors: exactly no update
+            out[i_u] = jnp.zeros_like(us[i_u]).at[:, idx].set(lows[i_u].astype(us[i_u].dtype))
+            out[i_v] = jnp.zeros_like(us[i_v]).at[idx, :].set(lows[i_v].astype(us[i_v].dtype))
+        count = optax.safe_increment(state.count)
+        return treedef.unflatten(out), SSTState(count, key, index, inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _reset(old, fresh, paths: tuple[str, ...]):
+    """``old`` with the leaves that track one of ``paths`` (their path ends with it: Adam's
+    ``mu`` / ``nu`` of that parameter) taken from ``fresh``."""
+    old_paths, olds, treedef = flatten(old)
+    _, freshes, _ = flatten(fresh)
+    out = [
+        f if any(p == q or p.endswith("/" + q) for q in paths) else o
+        for p, o, f in zip(old_paths, olds, freshes)
+    ]
+    return treedef.unflatten(out)

@@ -1,0 +1,235 @@
+"""Factorised kernels (lowrank, sltrain, sst) in Linear's form slot: PAPERS.md §8's faithful
+tests for SLTrain, SST and W = BA refactorisation, forward and gradients against the dense
+reference W = matrix(factors), parameter counts from the formulas, and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxattn import optim
+from jaxattn.layers import FixedSupport, Linear, factorize
+from models import DecoderLM, get_config
+
+M, N, H = 12, 2, 5  # Linear (12,) -> (2, 5): the matrix view [12, 10]
+X = jax.random.normal(jax.random.key(0), (3, 4, M))
+AXES = ("embed", "heads", "head_dim")
+
+
+def _linear(form, rank=4, density=0.2, seed=1):
+    lin = Linear((M,), (N, H), axes=AXES, use_bias=True, rngs=nnx.Rngs(0))
+    lin.bias[...] = jnp.arange(N * H, dtype=jnp.float32).reshape(N, H) / 10
+    factorize(lin, form, rank=rank, density=density, rngs=nnx.Rngs(seed))
+    if form == "sltrain":  # a non-zero output factor, so B·A enters the checks
+        lin.form.a[...] = jax.random.normal(jax.random.key(7), lin.form.a.shape) * 0.3
+    return lin
+
+
+def _dense_out(lin, x):
+    """The reference: x · W + b with W the dense matrix of the factors."""
+    w = lin.as_matrix().reshape(M, N, H)
+    return jnp.einsum("btm,mnh->btnh", x, w) + lin.bias[...]
+
+
+@pytest.mark.parametrize("form", ["lowrank", "sltrain", "sst"])
+def test_forward_and_gradients_match_the_dense_reference(form):
+    lin = _linear(form)
+    assert lin.kernel is None and lin.form.name == form
+    np.testing.assert_allclose(lin(X), _dense_out(lin, X), rtol=1e-5, atol=1e-5)
+    assert lin.effective_kernel().shape == (M, N, H)
+    graphdef, params, rest = nnx.split(lin, nnx.Param, ...)
+
+    def loss(params, dense, x):
+        model = nnx.merge(graphdef, params, rest)
+        y = _dense_out(model, x) if dense else model(x)
+        return jnp.sum(jnp.sin(y))
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    for x in (X, jnp.tile(X, (8, 8, 1))):  # sltrain: the gather path, then the dense one
+        for a, b in zip(
+            jax.tree.leaves(grad(params, False, x)), jax.tree.leaves(grad(params, True, x))
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # parameter counts: r(m+n), r(m+n) + int(density m n), k(m+n+1); plus the bias
+    expected = optim.form_param_count(form, M, N * H, rank=4, density=0.2) + N * H
+    assert sum(v.size for v in jax.tree.leaves(params)) == expected
+    assert lin.form.num_params() == expected - N * H
+
+
+def test_sltrain_support_is_fixed_reproducible_and_gets_the_only_gradients():
+    """SLTrain: support reproducible from the key, fixed across steps; the forward equals
+    (BA + scatter(S)) x; d loss / d s is the dense gradient x^T g at the support entries."""
+    a, b = _linear("sltrain", seed=3), _linear("sltrain", seed=3)
+    assert isinstance(a.form.support, FixedSupport)  # not an nnx.Param: never trained
+    idx = np.asarray(a.form.support[...])
+    nnz = int(0.2 * M * N * H)
+    assert idx.shape == (nnz,) and len(np.unique(idx)) == nnz and idx.max() < M * N * H
+    np.testing.assert_array_equal(idx, np.asarray(b.form.support[...]))  # same key, same S
+    c = _linear("sltrain", seed=4)
+    assert not np.array_equal(idx, np.asarray(c.form.support[...]))  # another key, another
+    # the forward is the dense (BA + scatter(S)) x
+    dense_s = np.zeros(M * N * H, np.float32)
+    dense_s[idx] = np.asarray(a.form.s[...])
+    w = np.asarray(a.form.b[...] @ a.form.a[...]) + dense_s.reshape(M, N * H)
+    ref = np.einsum("btm,mo->bto", np.asarray(X), w).reshape(3, 4, N, H) + np.asarray(a.bias[...])
+    np.testing.assert_allclose(a(X), ref, rtol=1e-5, atol=1e-5)
+    graphdef, params, rest = nnx.split(a, nnx.Param, ...)
+    loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(X)))  # noqa: E731
+    grads = jax.grad(loss)(params)
+    # gradients only on the support: d s = (x^T g)[support] with g = d loss / d y
+    g = jnp.cos(nnx.merge(graphdef, params, rest)(X)).reshape(-1, N * H)
+    dense_grad = np.asarray(X.reshape(-1, M).T @ g).reshape(-1)
+    np.testing.assert_allclose(grads["form"]["s"][...], dense_grad[idx], rtol=1e-4, atol=1e-5)
+    # one optimizer step on the parameters: the support does not move
+    tx = optax.adam(0.1)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    nnx.update(a, optax.apply_updates(params, updates))
+    np.testing.assert_array_equal(np.asarray(a.form.support[...]), idx)
+
+
+def test_sst_reproduces_w_updates_sampled_vectors_only_and_samples_by_s():
+    lin = Linear((M,), (N, H), axes=AXES, rngs=nnx.Rngs(0))
+    w0 = lin.as_matrix()
+    factorize(lin, "sst", rank=None)  # full spectrum k = min(m, n) = 10
+    np.testing.assert_allclose(lin.as_matrix(), w0, atol=1e-6)  # U diag(s) Vᵀ reproduces W
+    params = nnx.to_pure_dict(nnx.state(lin, nnx.Param))
+    tx = optim.sst(optax.adam(1e-2), rank=3, every=2)
+    state = tx.init(params)
+    assert state.inner[0].mu["form"]["u"].shape == (M, 3)  # moments of the sampled vectors
+    assert state.inner[0].mu["form"]["vt"].shape == (3, N * H)
+    grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
+    update = jax.jit(tx.update)
+    updates, state1 = update(grads, state, params)
+    chosen = np.asarray(state.index[0])
+    changed_u = np.flatnonzero(np.any(np.asarray(updates["form"]["u"]) != 0, axis=0))
+    changed_v = np.flatnonzero(np.any(np.asarray(updates["form"]["vt"]) != 0, axis=1))
+    np.testing.assert_array_equal(changed_u, chosen)  # only the sampled vectors change
+    np.testing.assert_array_equal(changed_v, chosen)
+    assert np.all(np.asarray(updates["form"]["s"]) != 0)  # every singular value changes
+    # redrawn at step 2 (inside the update), with the vectors' moments restarted
+    _, state2 = update(grads, state1, params)
+    _, state3 = update(grads, state2, params)
+    assert np.array_equal(np.asarray(state2.index[0]), chosen)
+    mu2, mu3 = state2.inner[0].mu, state3.inner[0].mu
+    redrawn = not np.array_equal(np.asarray(state3.index[0]), chosen)
+    assert redrawn and int(state3.count) == 3
+    np.testing.assert_allclose(np.asarray(mu3["form"]["u"]), 0.1 * np.ones((M, 3)), rtol=1e-6)
+    assert float(mu3["form"]["s"][0]) > float(mu2["form"]["s"][0])  # s keeps its moments
+    # sampling probabilities are proportional to the singular values (20000 draws of 1)
+    s = params["form"]["s"]
+    keys = jax.random.split(jax.random.key(0), 20000)
+    draws = jax.vmap(lambda k: optim.sample_vectors(k, s, 1))(keys)[:, 0]
+    freq = np.bincount(np.asarray(draws), minlength=s.shape[0]) / 20000
+    p = np.asarray(s / jnp.sum(s))
+    np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(p * (1 - p) / 20000).max())
+    # with every vector sampled (rank = k), SST is its inner optimizer
+    full = optim.sst(optax.adam(1e-2), rank=10, every=2)
+    a, _ = full.update(grads, full.init(params), params)
+    b, _ = optax.adam(1e-2).update(grads, optax.adam(1e-2).init(params), params)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_lowrank_refactor_keeps_the_function_resets_moments_not_the_schedule():
+    """W = BA refactorisation at the scheduled step leaves the layer's output unchanged (to
+    fp32 rounding) and zeroes the moments exactly then; the lr schedule goes on."""
+    lin = _linear("lowrank", rank=3)
+    graphdef, params, rest = nnx.split(lin, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    adam = optax.adam(optax.linear_schedule(1e-2, 0.0, 10))
+    tx = optim.lowrank_refactor(adam, every=2)
+    state, s_plain = tx.init(params), adam.init(params)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+    out = lambda p: nnx.merge(graphdef, nnx.State(p), rest)(X)  # noqa: E731
+    for step in range(2):
+        updates, state = tx.update(grads, state, params)
+        plain, s_plain = adam.update(grads, s_plain, params)
+        if step == 0:  # an ordinary step: the inner optimizer's update, moments kept
+            for x, y in zip(jax.tree.leaves(updates), jax.tree.leaves(plain)):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+            assert float(jnp.abs(state.inner[0].mu["form"]["b"]).max()) > 0
+        else:  # step 2 refactors: the same function as the plain update, new factors
+            want = optax.apply_updates(params, plain)
+            got = optax.apply_updates(params, updates)
+            np.testing.assert_allclose(out(got), out(want), rtol=1e-5, atol=1e-6)
+            assert not np.allclose(got["form"]["b"], want["form"]["b"])
+        params = optax.apply_updates(params, updates)
+    adam_state, schedule_state = state.inner
+    assert all(float(jnp.abs(m).max()) == 0 for m in jax.tree.leaves(adam_state.mu))
+    assert int(adam_state.count) == 0 and int(schedule_state.count) == 2
+    b, a = params["form"]["b"], params["form"]["a"]
+    np.testing.assert_allclose(b.T @ b, a @ a.T, atol=1e-6)  # balanced: both carry S
+
+
+def test_model_parameterization_by_path_counts_and_decodes_with_the_same_weight():
+    """mla-tiny with sltrain on attention + MLP: embeddings and head stay dense, the count
+    is the formulas' sum, and absorbed-latent decoding (MLA reads k_b / v_b through
+    effective_kernel) gives the full forward's logits."""
+    base = get_config("mla-tiny-default", d_model=32, num_layers=1, num_heads=2, mlp_dim=48,
+                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                      vocab_size=64, implementation="xla")  # fmt: skip
+    dense = nnx.eval_shape(lambda: DecoderLM(base, rngs=nnx.Rngs(0)))
+    config = base.replace(parameterization="sltrain", parameterization_rank=4)
+    make = lambda: DecoderLM(config, rngs=nnx.Rngs(0))  # noqa: E731
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())  # built in one program
+    flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert "embed/table" in flat and "lm_head/kernel" in flat
+    assert "layers/0/mlp/down/form/s" in flat and "layers/0/attn/kv_a/form/b" in flat
+    assert not any(p.startswith("layers/") and p.endswith("/kernel") for p in flat)
+    from jaxattn.lowrank import linear_paths
+
+    expected = 0
+    for path, lin in linear_paths(dense).items():
+        size = lin.kernel.size if lin.kernel is not None else 0
+        if path.startswith("layers/"):
+            size = optim.form_param_count("sltrain", lin.fan_in, lin.fan_out, rank=4,
+                                          density=0.03)  # fmt: skip
+        expected += size
+    others = sum(v.size for p, v in flat.items() if "/form/" not in p and not p.endswith("kernel"))
+    total = sum(v.size for v in flat.values())
+    assert total == expected + others
+    tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 64)
+    logits = nnx.jit(lambda m, t: m(t))(model, tokens)
+    prefill, _ = nnx.jit(lambda m, t: m.decode(t, m.init_cache(2, 8)))(model, tokens)
+    np.testing.assert_allclose(prefill, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_names_the_field_and_the_layer():
+    def lin():
+        return Linear((M,), (N, H), axes=AXES, rngs=nnx.Rngs(0))
+
+    with pytest.raises(ValueError, match=r"rank=11 for the projection at 'layers/0/attn/q'"):
+        factorize(lin(), "lowrank", rank=11, rngs=nnx.Rngs(0), path="layers/0/attn/q")
+    with pytest.raises(ValueError, match=r"parameterization='svd' is not one of"):
+        factorize(lin(), "svd", rank=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"density=0.001 gives no sparse entry"):
+        factorize(lin(), "sltrain", rank=2, density=0.001, rngs=nnx.Rngs(0))
+    table = nnx.Param(jnp.zeros((7, M)))
+    tied = Linear((M,), (7,), axes=("embed", "vocab"), kernel=table, transposed=True)
+    with pytest.raises(ValueError, match=r"cannot serve the projection at 'lm_head'"):
+        factorize(tied, "sst", rank=None, path="lm_head")
+    tiny = dict(d_model=32, num_layers=1, num_heads=2, mlp_dim=48, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, vocab_size=64)  # fmt: skip
+    with pytest.raises(ValueError, match=r"parameterization='sltrian' .* did you mean"):
+        get_config("mla-tiny-default", parameterization="sltrian", **tiny)
+    with pytest.raises(ValueError, match=r"sltrain_density=1.5 must be"):
+        get_config("mla-tiny-default", sltrain_density=1.5, **tiny)
+    with pytest.raises(ValueError, match=r"parameterization_paths='\(' is not a regex"):
+        get_config("mla-tiny-default", parameterization_paths="(", **tiny)
+    config = get_config("mla-tiny-default", parameterization="lowrank", **tiny)
+    with pytest.raises(ValueError, match=r"rank=40 for the projection at 'layers/0/attn/"):
+        nnx.eval_shape(
+            lambda: DecoderLM(config.replace(parameterization_rank=40), rngs=nnx.Rngs(0))
+        )
+    with pytest.raises(ValueError, match=r"parameterization_paths='\^nothing/' matches no"):
+        nnx.eval_shape(
+            lambda: DecoderLM(config.replace(parameterization_paths="^nothing/"), rngs=nnx.Rngs(0))
+        )
+    params = {"l": {"u": jnp.ones((4, 3)), "s": jnp.ones(3), "vt": jnp.ones((3, 5))}}
+    with pytest.raises(ValueError, match=r"sst: rank=4 is larger than the spectrum k=3 of 'l/u'"):
+        optim.sst(optax.adam(1e-3), rank=4, every=2).init(params)
+    with pytest.raises(ValueError, match=r"sst: every=0 must be a positive int"):
+        optim.sst(optax.adam(1e-3), rank=1, every=0)
