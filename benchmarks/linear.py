@@ -7,9 +7,11 @@ the compiled program's temporary memory (``memory_analysis().temp_size_in_bytes`
 the ratio softmax time / linear time.
 
 Table 2: decode tokens/s of one token per step after a context of C tokens: the linear
-layer's fixed-size state (``jaxattn.cache.LinearStateCache``, filled by a chunked prefill of C
-tokens) against a dense KV cache (``jaxattn.cache.KVCache`` holding C tokens, the "auto"
-decode attention), and each one's tokens/s at C relative to its tokens/s at the first C.
+layer's fixed-size state (``jaxattn.cache.LinearStateCache.update_and_attend``: attend and
+fold the token in; ``--decode-steps`` tokens in one jitted ``lax.scan``, as ``generate``
+loops; the state filled by a chunked prefill of C tokens; contexts timed interleaved)
+against softmax attention of one query over C cached keys (the attention alone, no cache
+write), and each one's tokens/s at C relative to its tokens/s at the first C.
 
   python -m benchmarks.linear                                   # T = 1K..16K, C = 1K, 32K, 128K
   python -m benchmarks.linear --lengths 4096 --contexts 1024 8192 --repeats 3
@@ -18,14 +20,18 @@ decode attention), and each one's tokens/s at C relative to its tokens/s at the 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks._timing import median_seconds
 from jaxattn import dot_product_attention, masks
-from jaxattn.cache import KVCache, LinearStateCache
+from jaxattn.cache import LinearStateCache
 from jaxattn.ops import linear_attention
+
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
 def _gates(variant, b, t, k, h, key):
@@ -84,45 +90,77 @@ def train_table(args):
               + " | ".join(ratio(c) for c in args.variants) + " |", flush=True)  # fmt: skip
 
 
-def _linear_decode(variant, ctx, b, n, k, h, chunk, repeats):
-    key = jax.random.key(ctx)
-    kq, kk, kv, kg = jax.random.split(key, 4)
-    mk = lambda kk, t, heads: jax.random.normal(kk, (b, t, heads, h)) / h**0.5  # noqa: E731
+def _linear_states(variant, contexts, b, n, k, h, chunk):
+    """A LinearStateCache per context C, filled by a chunked prefill of C random tokens."""
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
 
-    def step(cache, q, k_, v, gates):
-        return cache.update_and_attend(q, k_, v, variant=variant, chunk_size=chunk, **gates)
+    def prefill(cache, key, ctx):
+        kq, kk, kv, kg = jax.random.split(key, 4)
+        q = jax.random.normal(kq, (b, ctx, n, h)) / h**0.5
+        k_ = unit(jax.random.normal(kk, (b, ctx, k, h)))
+        v = jax.random.normal(kv, (b, ctx, k, h))
+        gates = _gates(variant, b, ctx, k, h, kg)
+        return cache.update_and_attend(q, k_, v, variant=variant, chunk_size=chunk, **gates)[1]
 
-    cache = LinearStateCache.create(batch=b, num_kv_heads=k, head_dim=h, state_dim=h)
-    prefill = jax.jit(step)
-    _, cache = prefill(cache, mk(kq, ctx, n), unit(mk(kk, ctx, k)), mk(kv, ctx, k),
-                       _gates(variant, b, ctx, k, h, kg))  # fmt: skip
-    one = (mk(kq, 1, n), unit(mk(kk, 1, k)), mk(kv, 1, k), _gates(variant, b, 1, k, h, kg))
-    fn = jax.jit(step)
-    return 1.0 / median_seconds(fn, (cache, *one), repeats, min_run_s=0.2)
+    empty = LinearStateCache.create(batch=b, num_kv_heads=k, head_dim=h, state_dim=h)
+    fill = jax.jit(prefill, static_argnums=2)
+    return {ctx: fill(empty, jax.random.key(ctx), ctx) for ctx in contexts}
 
 
-def _softmax_decode(ctx, b, n, k, h, dtype, repeats):
+def _linear_decode_steps(variant, b, n, k, h, steps):
+    """jit(cache -> cache after ``steps`` one-token decode steps in a lax.scan), and its
+    inputs: the per-token decode loop of ``generate``, without the sampling."""
+    kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(kq, (steps, b, 1, n, h)) / h**0.5
+    k_ = jax.random.normal(kk, (steps, b, 1, k, h))
+    k_ = k_ / jnp.linalg.norm(k_, axis=-1, keepdims=True)
+    v = jax.random.normal(kv, (steps, b, 1, k, h))
+    gates = jax.tree.map(
+        lambda x: x.swapaxes(0, 1)[:, :, None], _gates(variant, b, steps, k, h, kg)
+    )
+
+    def run(cache, xs):
+        def step(cache, x):
+            o, cache = cache.update_and_attend(*x[:3], variant=variant, **x[3])
+            return cache, o[:, 0, 0, 0]
+
+        return jax.lax.scan(step, cache, xs)
+
+    return jax.jit(run), (q, k_, v, gates)
+
+
+def _softmax_decode(ctx, b, n, k, h, dtype, repeats, clock):
+    """One query over C cached keys: the attention alone ("auto": the "decode" implementation
+    on CPU), without the cache write (which, undonated, would copy the whole cache)."""
     kk, kv, kq = jax.random.split(jax.random.key(ctx), 3)
-    cache = KVCache.create(batch=b, capacity=ctx + 1, num_kv_heads=k, head_dim=h, dtype=dtype)
-    cache = cache.replace(
-        k_BCKH=jax.random.normal(kk, cache.k_BCKH.shape, dtype),
-        v_BCKV=jax.random.normal(kv, cache.v_BCKV.shape, dtype),
-    ).with_lengths(ctx)
+    keys = jax.random.normal(kk, (b, ctx, k, h), dtype)
+    values = jax.random.normal(kv, (b, ctx, k, h), dtype)
     q = jax.random.normal(kq, (b, 1, n, h), dtype)
-    fn = jax.jit(lambda c, q, k_, v: c.update_and_attend(q, k_, v, mask=masks.Causal()))
-    return 1.0 / median_seconds(fn, (cache, q, q[:, :, :k], q[:, :, :k]), repeats, min_run_s=0.2)
+    fn = jax.jit(
+        lambda q, k_, v: dot_product_attention(
+            q, k_, v, mask=masks.Causal(), q_offset=ctx - 1, implementation="auto"
+        )
+    )
+    return 1.0 / median_seconds(fn, (q, keys, values), repeats, min_run_s=0.2, clock=clock)
 
 
 def decode_table(args):
     b, n, k, h = args.batch, args.heads, args.kv_heads, args.head_dim
-    variant = args.variants[0]
-    print(f"| context | {variant} state tok/s | vs first | softmax KV-cache tok/s | vs first |")
+    variant, steps, clock = args.variants[0], args.decode_steps, CLOCKS[args.clock]
+    states = _linear_states(variant, args.contexts, b, n, k, h, args.chunk)
+    run, xs = _linear_decode_steps(variant, b, n, k, h, steps)
+    # contexts interleaved, one timed run of each per round: drift of a shared machine's load
+    # hits every context alike
+    times = {ctx: [] for ctx in args.contexts}
+    for _ in range(args.repeats):
+        for ctx in args.contexts:
+            times[ctx].append(median_seconds(run, (states[ctx], xs), 1, clock=clock))
+    print(f"| context | {variant} state tok/s | vs first | softmax attention tok/s | vs first |")
     print("|---|---|---|---|---|")
     first = {}
     for ctx in args.contexts:
-        lin = _linear_decode(variant, ctx, b, n, k, h, args.chunk, args.repeats)
-        soft = _softmax_decode(ctx, b, n, k, h, args.dtype, args.repeats)
+        lin = steps / statistics.median(times[ctx])
+        soft = _softmax_decode(ctx, b, n, k, h, args.dtype, args.repeats, clock)
         first.setdefault("lin", lin)
         first.setdefault("soft", soft)
         print(f"| {ctx} | {lin:.0f} | {lin / first['lin']:.3f} | {soft:.0f} | "
@@ -143,12 +181,19 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-softmax-len", type=int, default=16384)
     p.add_argument("--tables", nargs="+", default=["train", "decode"])
+    p.add_argument("--decode-steps", type=int, default=256, help="tokens per timed decode run")
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or process CPU time (steadier on a shared machine)",
+    )
     args = p.parse_args(argv)
     args.dtype = jnp.dtype(args.dtype)
     dev = jax.devices()[0]
     print(f"# device: {dev.platform} {dev.device_kind}, jax {jax.__version__}, {args.dtype}; "
           f"B={args.batch} N={args.heads} K={args.kv_heads} H={args.head_dim} "
-          f"chunk={args.chunk}; median of {args.repeats}")  # fmt: skip
+          f"chunk={args.chunk}; median of {args.repeats}; {args.clock} clock")  # fmt: skip
     if "train" in args.tables:
         train_table(args)
     if "decode" in args.tables:

@@ -12,7 +12,9 @@ so a step costs the same at any context length. Stages (``jaxattn.layers.Attenti
   and k, which keeps the delta rule's state update a contraction.
 * the op (chunked form over the sequence, the state cache when decoding); out: o [N, H, D].
 
-Packed sequences (``segment_ids``) are refused: a state would carry across segments.
+No rotary embedding: order enters through the causal state and its decays (the model config's
+``rope`` is not used by these layers). Packed sequences (``segment_ids``) are refused: a state
+would carry across segments.
 """
 
 from __future__ import annotations

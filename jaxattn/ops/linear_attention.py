@@ -30,6 +30,7 @@ All compute in float32 whatever the input dtype.
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -133,8 +134,10 @@ def _check(q, k, v, variant, log_decay, beta, scale, normalize, initial_state, i
         raise ValueError(f"beta must be {(b, t, kh)} (k_BTKH {k.shape}), got {beta.shape}")
     if normalize and variant in _DELTA:
         raise ValueError(f"normalize=True is not defined for variant={variant!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale={scale!r} must be a positive Python number")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0
+    ):
+        raise ValueError(f"scale={scale!r} must be a positive real number")
     vv = v.shape[3] + (1 if normalize else 0)
     if initial_state is not None and initial_state.shape != (b, kh, h, vv):
         raise ValueError(
@@ -170,7 +173,7 @@ def linear_attention(
         gla [B, T, K, H]; None for linear_attn and delta_rule.
       beta: delta-rule write strengths [B, T, K] (usually in (0, 1)); delta variants only.
       feature_map: φ applied to q and k: a callable or one of FEATURE_MAPS (None: identity).
-      scale: output scale (default 1/sqrt(H)), a positive Python number.
+      scale: output scale (default 1/sqrt(H)), a positive concrete real number.
       normalize: divide by scale·φ(q_t)·z_t + 1e-10 (not for the delta variants).
       initial_state: [B, K, H, V (+1 with normalize)] state before step 0 (default zeros).
       return_state: also return the state after the last step.
