@@ -8,7 +8,7 @@ Hugging Face ``config.json`` of each model (DeepSeek-V2-Lite with its MoE layers
 from __future__ import annotations
 
 from jaxattn.ops.rope import Llama3Scaling, RopeConfig, YarnScaling
-from models.config import RENAMED_FIELDS, ModelConfig
+from models.config import RENAMED_FIELDS, LayerSpec, ModelConfig
 
 __all__ = ["get_config", "list_configs"]
 
@@ -102,6 +102,17 @@ def _mla_tiny_default() -> dict:
     )
 
 
+def _linear_hybrid_tiny() -> dict:
+    # a hybrid: gated-delta-rule linear attention in layers 0 and 2, GQA softmax in 1 and 3
+    return _llama_tiny() | dict(
+        num_layers=4,
+        layer_pattern=(
+            LayerSpec.of("linear", variant="gated_delta_rule", chunk_size=32),
+            LayerSpec(),
+        ),
+    )
+
+
 def _llama3_8b() -> dict:
     scaling = Llama3Scaling(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
@@ -191,6 +202,7 @@ _CONFIGS = {
     "mistral-tiny": _mistral_tiny,
     "deepseek-tiny": _deepseek_tiny,
     "mla-tiny-default": _mla_tiny_default,
+    "linear-hybrid-tiny": _linear_hybrid_tiny,
     "llama3-8b": _llama3_8b,
     "qwen2-7b": _qwen2_7b,
     "mistral-7b": _mistral_7b,

@@ -10,6 +10,7 @@ Seams (DESIGN.md "Extension points")
 Attention kinds
   AttentionConfig, Attention                "mha": MHA / GQA / MQA / SQA, RoPE, qk-norm, window
   MLAConfig, MultiHeadLatentAttention       "mla": DeepSeek MLA, absorbed latent-cache decoding
+  LinearAttentionConfig, LinearAttention    "linear": gated / delta-rule linear attn, state cache
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
@@ -34,6 +35,7 @@ from jaxattn.layers._factorized import (
 )
 from jaxattn.layers._kinds import AttentionLayer, kind_config, register_kind, registered_kinds
 from jaxattn.layers._linear import Adapter, AdapterParam, Linear
+from jaxattn.layers._linear_attention import LinearAttention, LinearAttentionConfig
 from jaxattn.layers._mla import MLAConfig, MultiHeadLatentAttention
 from jaxattn.layers._mlp import SwiGLU, swiglu
 from jaxattn.layers._norm import RMSNorm, rms_norm
@@ -60,6 +62,8 @@ __all__ = [
     "Attention",
     "MLAConfig",
     "MultiHeadLatentAttention",
+    "LinearAttentionConfig",
+    "LinearAttention",
     "SwiGLU",
     "swiglu",
     "RMSNorm",

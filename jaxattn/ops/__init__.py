@@ -4,6 +4,9 @@ Attention
   dot_product_attention, IMPLEMENTATIONS      the op (xla / chunked / decode / pallas / cudnn)
   ChunkedBlockSizes                           tuning of the "chunked" implementation
   DecodeBlockSizes                            tuning of the "decode" implementation
+Linear attention (jaxattn.ops.linear_attention)
+  linear_attention, LINEAR_VARIANTS           causal linear attention: gates, decays, delta rule
+  retention_log_decay                         RetNet's fixed per-head decays
 Rotary embeddings (jaxattn.ops.rope)
   RopeConfig, apply_rope, rope_frequencies, rope_cos_sin, rope_config_from_hf, rope_config_to_hf
   LinearScaling, DynamicNTKScaling, NTKScaling, Llama3Scaling, YarnScaling, LongRopeScaling
@@ -14,6 +17,7 @@ Sharding (jaxattn.ops.sharded)
 from jaxattn.ops.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxattn.ops.attention_chunked import ChunkedBlockSizes
 from jaxattn.ops.attention_decode import DecodeBlockSizes
+from jaxattn.ops.linear_attention import LINEAR_VARIANTS, linear_attention, retention_log_decay
 from jaxattn.ops.rope import (
     DynamicNTKScaling,
     LinearScaling,
@@ -35,6 +39,9 @@ __all__ = [
     "dot_product_attention",
     "ChunkedBlockSizes",
     "DecodeBlockSizes",
+    "linear_attention",
+    "LINEAR_VARIANTS",
+    "retention_log_decay",
     "RopeConfig",
     "apply_rope",
     "rope_frequencies",

@@ -1,0 +1,141 @@
+"""The "linear" attention kind: its recurrent state as a cache, in layers, DecoderLM and generate.
+
+* every variant: the layer's chunked forward == chunked prefill + recurrent decode steps over
+  its ``LinearStateCache``;
+* a hybrid DecoderLM (``linear-hybrid-tiny``: linear and softmax layers from one config):
+  prefill + N decode steps == the full forward, with ragged right-padded prompts;
+  greedy ``generate`` == argmax over full forwards; the state's size is independent of the
+  context;
+* config and input errors name the field.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxattn.cache import CacheConfig, LinearStateCache
+from jaxattn.generate import generate
+from jaxattn.layers import LinearAttentionConfig, registered_kinds
+from jaxattn.layers._context import Context
+from models import DecoderLM, LayerSpec, get_config
+
+TOL = dict(atol=2e-5, rtol=2e-5)
+VARIANTS = ("linear_attn", "retention", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    """Two of linear-hybrid-tiny's four layers: one "linear", one "mha"."""
+    return DecoderLM(get_config("linear-hybrid-tiny", num_layers=2), rngs=nnx.Rngs(0))
+
+
+def _tokens(b, t, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (b, t)), jnp.int32)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_layer_prefill_and_decode_steps_equal_forward(variant):
+    config = LinearAttentionConfig(
+        d_model=32, num_heads=4, num_kv_heads=2, variant=variant, chunk_size=4,
+        normalize=variant == "linear_attn", feature_map="elu+1" if variant == "linear_attn"
+        else "identity",
+    )  # fmt: skip
+    layer = config.build(rngs=nnx.Rngs(1))
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 9, 32)), jnp.float32)
+    full = nnx.jit(lambda m, x: m(x))(layer, x)
+    cache = layer.init_cache(2, 0)
+    step = nnx.jit(lambda m, x, c: m.decode(x, c))
+    assert isinstance(cache, LinearStateCache) and cache.state_BKHV.shape == (2, 2, 8, 8 + (
+        variant == "linear_attn"))  # fmt: skip
+    o, cache = step(layer, x[:, :6], cache)
+    outs = [o]
+    for i in range(6, 9):
+        o, cache = step(layer, x[:, i : i + 1], cache)
+        outs.append(o)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, **TOL)
+    np.testing.assert_array_equal(cache.lengths_B, [9, 9])
+
+
+def test_hybrid_model_is_linear_and_softmax_from_one_config(hybrid):
+    c = get_config("linear-hybrid-tiny")
+    assert "linear" in registered_kinds()
+    assert [c.layer_kind(i) for i in range(c.num_layers)] == ["linear", "mha", "linear", "mha"]
+    assert c.layer_attention_config(2).variant == "gated_delta_rule"
+    assert type(hybrid.layers[0].attn).__name__ == "LinearAttention"
+    assert type(hybrid.layers[1].attn).__name__ == "Attention"
+
+
+@nnx.jit
+def _forward(model, tokens):
+    return model(tokens)
+
+
+@nnx.jit
+def _decode(model, tokens, cache, num_new_B):
+    return model.decode(tokens, cache, num_new_B=num_new_B)
+
+
+def test_hybrid_prefill_plus_decode_steps_equal_full_forward(hybrid):
+    """Ragged prompts (lengths 30 and 21, right-padded to 30), then 7 decode steps each; the
+    reference is one causal forward over 37 tokens (row b's first n_b logits are its own)."""
+    tokens = _tokens(2, 37)
+    lengths = np.array([30, 21])
+    cache = hybrid.init_cache(2, 64)
+    logits, cache = _decode(hybrid, tokens[:, :30], cache, jnp.asarray(lengths))
+    steps = [[logits[b, : lengths[b]]] for b in range(2)]
+    for i in range(7):
+        step = jnp.stack([tokens[b, lengths[b] + i] for b in range(2)])[:, None]
+        logits, cache = _decode(hybrid, step, cache, jnp.ones(2, jnp.int32))
+        for b in range(2):
+            steps[b].append(logits[b])
+    full = _forward(hybrid, tokens)
+    for b in range(2):
+        n = lengths[b] + 7
+        np.testing.assert_allclose(jnp.concatenate(steps[b], axis=0), full[b, :n], **TOL)
+    np.testing.assert_array_equal(cache[0].lengths_B, lengths + 7)
+
+
+def test_greedy_generate_equals_argmax_of_full_forwards(hybrid):
+    prompt = _tokens(2, 6, seed=3)
+    lengths = [6, 4]
+    out = generate(hybrid, prompt, jnp.asarray(lengths), max_new_tokens=4, rng=jax.random.key(0))
+    for b, n in enumerate(lengths):
+        seq = jnp.zeros((1, 10), jnp.int32).at[0, :n].set(prompt[b, :n])  # causal: pad is unseen
+        for i in range(n, n + 4):
+            seq = seq.at[0, i].set(jnp.argmax(_forward(hybrid, seq)[0, i - 1]).astype(jnp.int32))
+        np.testing.assert_array_equal(out.tokens_BS[b, : n + 4], seq[0, : n + 4])
+
+
+def test_state_size_is_independent_of_context(hybrid):
+    small, large = hybrid.init_cache(1, 16), hybrid.init_cache(1, 4096)
+    assert small[0].state_bytes() == large[0].state_bytes() == 2 * 16 * 16 * 4  # K·H·H f32
+    assert small[0].bytes_per_token() == 0
+    assert hybrid.cache_bytes_per_token() == small[1].bytes_per_token()  # the mha layer's only
+
+
+def test_bad_config_and_input_name_the_field():
+    base = dict(d_model=32, num_heads=4)
+    bad = [
+        (dict(variant="mamba"), "variant"),
+        (dict(variant="delta_rule", normalize=True), "normalize"),
+        (dict(num_kv_heads=3), "num_kv_heads"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(feature_map="tanh"), "feature_map"),
+        (dict(implementation="flash"), "implementation"),
+        (dict(gate_normalizer=0.0), "gate_normalizer"),
+        (dict(cache=CacheConfig(format="dense")), "cache.format"),
+        (dict(cache=CacheConfig(policy="sink_window", window=4)), "cache.policy"),
+    ]
+    for kwargs, name in bad:
+        with pytest.raises(ValueError, match=name):
+            LinearAttentionConfig(**base, **kwargs)
+    with pytest.raises(ValueError, match=r"layer 0 \('linear'\).*chunk"):
+        get_config(
+            "linear-hybrid-tiny", layer_pattern=(LayerSpec.of("linear", chunk=4), LayerSpec())
+        )
+    layer = LinearAttentionConfig(**base).build(rngs=nnx.Rngs(0))
+    x = jnp.zeros((1, 4, 32))
+    with pytest.raises(NotImplementedError, match="segment_ids"):
+        layer(x, Context.create(1, 4, segment_ids_BT=jnp.zeros((1, 4), jnp.int32)))
