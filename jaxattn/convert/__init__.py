@@ -9,7 +9,7 @@ Calibration statistics
   Moments, input_moments, covariance          Σ x xᵀ, Σ x, count of a layer input; E[yᵀy] of x W + b
   LatentNormStats, latent_norm_stats          sums that fit a latent RMSNorm scale
 Parameters
-  layer_params                                a layer's arrays, adapters folded in
+  layer_params, load_layer_params             a layer's arrays (adapters folded in); write them
 TransMLA (GQA -> MLA), ``jaxattn.convert.transmla``
   gqa_to_mla                                  exact: P = K·H rope key in blocks, L = K·V
   decouple_rope                               RoRoPE + FreqFold: RoPE on a P'-dim key only
@@ -17,7 +17,7 @@ TransMLA (GQA -> MLA), ``jaxattn.convert.transmla``
   fit_latent_norm                             DeepSeek's latent RMSNorm, scale fitted
 """
 
-from jaxattn.convert._params import layer_params
+from jaxattn.convert._params import layer_params, load_layer_params
 from jaxattn.convert._stats import (
     LatentNormStats,
     Moments,
@@ -34,6 +34,7 @@ __all__ = [
     "LatentNormStats",
     "latent_norm_stats",
     "layer_params",
+    "load_layer_params",
     "gqa_to_mla",
     "decouple_rope",
     "compress_latent",

@@ -7,12 +7,13 @@ by the module's parameter paths: ``{"q": {"kernel": [D, N, H], "bias": [N, H]}, 
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxattn.layers import Linear, RMSNorm
 
-__all__ = ["layer_params"]
+__all__ = ["layer_params", "load_layer_params"]
 
 
 def layer_params(module: nnx.Module) -> dict:
@@ -31,6 +32,29 @@ def layer_params(module: nnx.Module) -> dict:
         elif isinstance(m, RMSNorm):
             out[name] = {"scale": np.asarray(m.scale[...], np.float64)}
     return out
+
+
+def load_layer_params(module: nnx.Module, params: dict) -> None:
+    """Write ``params`` (as :func:`layer_params` gives them) into ``module``'s parameters, in
+    place, cast to each parameter's dtype; every parameter must be given, with its shape.
+
+    Raises:
+      ValueError: a missing, unexpected or mis-shaped entry (all listed).
+    """
+    flat = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    given = {(*name.split("/"), key): v for name, e in params.items() for key, v in e.items()}
+    ours = {tuple(map(str, p)): p for p in flat}
+    problems = sorted(set(map("/".join, given)) ^ set(map("/".join, ours)))
+    problems += [
+        f"{'/'.join(k)}: {np.shape(v)} != {flat[ours[k]].shape}"
+        for k, v in given.items()
+        if k in ours and tuple(np.shape(v)) != tuple(flat[ours[k]].shape)
+    ]
+    if problems:
+        raise ValueError(f"params do not match the module's parameters: {problems}")
+    for k, v in given.items():
+        var = flat[ours[k]]
+        var.set_value(jnp.asarray(v, var.dtype))
 
 
 def augmented(entry: dict, out_shape: tuple[int, ...]) -> np.ndarray:
