@@ -38,7 +38,9 @@ from models.decoder import DecoderLM
 __all__ = [
     "calibrate",
     "rebuild",
+    "with_layers",
     "transmla",
+    "kv_heads",
     "perplexity",
     "Method",
     "register_method",
@@ -121,6 +123,24 @@ def _check_no_adapters(model: DecoderLM) -> None:
         )
 
 
+def with_layers(cfg: ModelConfig, layers: list) -> ModelConfig:
+    """``cfg`` whose layer i is the attention config ``layers[i]``: per-layer specs hold the
+    fields where a layer differs from what its kind's ``from_model`` gives (none: no specs)."""
+    cfg = cfg.replace(layer_specs=None, layer_pattern=None)
+    specs = []
+    for i, a in enumerate(layers):
+        default = type(a).from_model(cfg, i)
+        diff = {
+            f.name: getattr(a, f.name)
+            for f in dataclasses.fields(a)
+            if getattr(a, f.name) != getattr(default, f.name)
+        }
+        specs.append(LayerSpec.of(a.kind, **diff))
+    if any(s.overrides for s in specs) or any(a.kind != cfg.attention for a in layers):
+        cfg = cfg.replace(layer_specs=tuple(specs))
+    return cfg
+
+
 def _mla_model_config(base: ModelConfig, layers: list[MLAConfig]) -> ModelConfig:
     """``base`` with MLA layers ``layers``: model-level fields from layer 0, the rest as specs."""
     a0 = layers[0]
@@ -147,28 +167,17 @@ def _mla_model_config(base: ModelConfig, layers: list[MLAConfig]) -> ModelConfig
         rope=a0.rope,
         latent_norm_eps=a0.latent_norm_eps,
     )
-    specs = []
-    for i, a in enumerate(layers):
-        default = MLAConfig.from_model(cfg, i)
-        diff = {
-            f.name: getattr(a, f.name)
-            for f in dataclasses.fields(a)
-            if getattr(a, f.name) != getattr(default, f.name)
-        }
-        specs.append(LayerSpec.of("mla", **diff))
-    if any(s.overrides for s in specs):
-        cfg = cfg.replace(layer_specs=tuple(specs))
-    return cfg
+    return with_layers(cfg, layers)
 
 
-def rebuild(model: DecoderLM, layer_configs: list, layer_params: list[dict]) -> DecoderLM:
-    """A DecoderLM like ``model`` whose attention layers are ``layer_configs`` / params.
+def rebuild(model: DecoderLM, config: ModelConfig, layer_params: list[dict]) -> DecoderLM:
+    """A DecoderLM of ``config`` with ``model``'s weights and new attention layers.
 
-    Embeddings, norms, MLPs and the head are copied; layer i's attention takes
+    Embeddings, norms, MLPs and the head are copied from ``model``; layer i's attention takes
     ``layer_params[i]`` (nested dicts as ``jaxattn.convert.layer_params`` gives them).
     """
     _check_no_adapters(model)
-    cfg = _mla_model_config(model.config, layer_configs)
+    cfg = config
     abstract = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     old = {
@@ -193,7 +202,7 @@ def rebuild(model: DecoderLM, layer_configs: list, layer_params: list[dict]) -> 
 TRANSMLA_STEPS = ("exact", "rope", "compress", "norm")
 
 
-def _check_transmla(model, tokens_NT, steps, rope_dim, kv_lora_rank, batch_size) -> None:
+def _check_transmla(model, tokens_NT, steps, rope_dim, freqfold, kv_lora_rank, batch_size):
     bad = [s for s in steps if s not in TRANSMLA_STEPS]
     if (
         bad
@@ -212,6 +221,18 @@ def _check_transmla(model, tokens_NT, steps, rope_dim, kv_lora_rank, batch_size)
             why[i] = reasons
     if why:
         raise ValueError(f"TransMLA cannot convert {c.arch!r} model layers: {why}")
+    if "rope" in steps:  # decouple_rope's option checks, before any work
+        h = c.layer_attention_config(0).h
+        p = h if rope_dim is None else rope_dim
+        collapse = h // p if isinstance(p, int) and p > 0 and p % 2 == 0 and h % p == 0 else None
+        if collapse is None:
+            raise ValueError(f"rope_dim={rope_dim} must be even and divide the head dim {h}")
+        ff = collapse if freqfold is None else freqfold
+        if not isinstance(ff, int) or ff <= 0 or ff % collapse or (h // 2) % ff:
+            raise ValueError(
+                f"freqfold={freqfold} must be a multiple of collapse={collapse} and divide "
+                f"head_dim / 2 = {h // 2}"
+            )
     if "compress" in steps and kv_lora_rank is None:
         raise ValueError("step 'compress' needs kv_lora_rank")
     calibrated = [s for s in steps if s != "exact"]
@@ -269,7 +290,7 @@ def transmla(
       the probe, ``cache_bytes_per_token``, and the layers' mean of each step info number).
     """
     steps = tuple(s for s in steps if s != "compress" or kv_lora_rank is not None)
-    _check_transmla(model, tokens_NT, steps, rope_dim, kv_lora_rank, batch_size)
+    _check_transmla(model, tokens_NT, steps, rope_dim, freqfold, kv_lora_rank, batch_size)
     if probe_NT is None and tokens_NT is not None:
         probe_NT = np.asarray(tokens_NT)[:batch_size]
     ref = None if probe_NT is None else np.asarray(model(jnp.asarray(probe_NT)))
@@ -278,7 +299,7 @@ def transmla(
         cfg, p, _ = C.gqa_to_mla(blk.attn.config, C.layer_params(blk.attn))
         configs.append(cfg)
         params.append(p)
-    current = rebuild(model, configs, params)
+    current = rebuild(model, _mla_model_config(model.config, configs), params)
     reports = [_report(current, "exact", [{"exact": 1.0}], probe_NT, ref)]
     for step in steps[1:]:
         if step == "norm":
@@ -296,7 +317,7 @@ def transmla(
                 out = C.fit_latent_norm(*args)
             configs[i], params[i], info = out
             infos.append(info)
-        current = rebuild(current, configs, params)
+        current = rebuild(current, _mla_model_config(model.config, configs), params)
         reports.append(_report(current, step, infos, probe_NT, ref))
     return current, reports
 
@@ -310,6 +331,51 @@ def _report(model, step, infos, probe_NT, ref) -> dict:
             np.abs(np.asarray(model(jnp.asarray(probe_NT))) - ref).max()
         )
     return out
+
+
+# -- KV-head compression -----------------------------------------------------------------------
+def kv_heads(
+    model: DecoderLM, tokens_NT, *, num_kv_heads: int, batch_size: int = 8, probe_NT=None
+) -> tuple[DecoderLM, list[dict]]:
+    """MHA -> GQA by PCA-merged kv heads (``jaxattn.convert.merge_kv_heads``), every layer.
+
+    Args:
+      model: a DecoderLM whose layers are all "mha" (Llama / Qwen2 / Mistral).
+      tokens_NT: calibration tokens [N, T].
+      num_kv_heads: K' (dividing every layer's kv heads).
+      batch_size: calibration rows per step.
+      probe_NT: tokens for the logit comparison (default the first calibration batch).
+
+    Returns:
+      (the GQA model, [report]: the layers' mean errors, cache bytes, ``max_abs_logit_diff``).
+    """
+    c = model.config
+    kinds = {i: c.layer_kind(i) for i in range(c.num_layers) if c.layer_kind(i) != "mha"}
+    if kinds:
+        raise ValueError(f"kv_heads merges 'mha' layers only; layers {kinds} are not")
+    _check_transmla_tokens(tokens_NT, batch_size)
+    stats = _moments(model, tokens_NT, batch_size)
+    configs, params, infos = [], [], []
+    for i, blk in enumerate(model.layers):
+        cfg, p, info = C.merge_kv_heads(
+            blk.attn.config, C.layer_params(blk.attn), stats[i], num_kv_heads=num_kv_heads
+        )
+        configs.append(cfg)
+        params.append(p)
+        infos.append(info)
+    new = rebuild(model, with_layers(c.replace(num_kv_heads=num_kv_heads), configs), params)
+    probe_NT = np.asarray(tokens_NT)[:batch_size] if probe_NT is None else probe_NT
+    ref = np.asarray(model(jnp.asarray(probe_NT)))
+    return new, [_report(new, "kv_heads", infos, probe_NT, ref)]
+
+
+def _check_transmla_tokens(tokens_NT, batch_size):
+    t = None if tokens_NT is None else np.asarray(tokens_NT)
+    if t is None or t.ndim != 2 or t.shape[0] < batch_size:
+        shape = None if t is None else t.shape
+        raise ValueError(
+            f"calibration tokens must be [rows >= batch_size={batch_size}, T], got {shape}"
+        )
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -369,6 +435,7 @@ def registered_methods() -> tuple[str, ...]:
     return tuple(sorted(_METHODS))
 
 
+register_method(Method("kv_heads", kv_heads, ("num_kv_heads", "batch_size")))
 register_method(
     Method(
         "transmla",

@@ -15,6 +15,8 @@ TransMLA (GQA -> MLA), ``jaxattn.convert.transmla``
   decouple_rope                               RoRoPE + FreqFold: RoPE on a P'-dim key only
   compress_latent                             PCA of the latent to kv_lora_rank (KV balanced)
   fit_latent_norm                             DeepSeek's latent RMSNorm, scale fitted
+KV-head compression (MHA -> GQA), ``jaxattn.convert.kv_heads``
+  merge_kv_heads                              PCA-merged kv heads, RoPE pairs mixed per frequency
 """
 
 from jaxattn.convert._params import layer_params, load_layer_params
@@ -25,6 +27,7 @@ from jaxattn.convert._stats import (
     input_moments,
     latent_norm_stats,
 )
+from jaxattn.convert.kv_heads import merge_kv_heads
 from jaxattn.convert.transmla import compress_latent, decouple_rope, fit_latent_norm, gqa_to_mla
 
 __all__ = [
@@ -39,4 +42,5 @@ __all__ = [
     "decouple_rope",
     "compress_latent",
     "fit_latent_norm",
+    "merge_kv_heads",
 ]

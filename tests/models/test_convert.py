@@ -69,12 +69,14 @@ def _logits(model, tokens=PROBE):
 
 
 def _decode_matches_forward(model):
+    from flax import nnx
+
     x = jnp.asarray(CALIB[:2, :12])
-    cache = model.init_cache(2, 16, jnp.float32)
-    logits, cache = model.decode(x[:, :5], cache)  # prefill, then one token at a time
+    decode = nnx.jit(lambda m, tok, cache: m.decode(tok, cache))
+    logits, cache = decode(model, x[:, :5], model.init_cache(2, 16, jnp.float32))  # prefill
     steps = [np.asarray(logits)]
-    for t in range(5, 12):
-        logits, cache = model.decode(x[:, t : t + 1], cache)
+    for t in range(5, 12):  # then one token at a time
+        logits, cache = decode(model, x[:, t : t + 1], cache)
         steps.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), _logits(model, x), atol=TOL)
 
@@ -161,7 +163,10 @@ def _model(**kw):
     from flax import nnx
 
     cfg = dict(vocab_size=VOCAB, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=48)
-    return models.DecoderLM(models.ModelConfig(**(cfg | kw)), rngs=nnx.Rngs(0))
+    # abstract: the checks run on the config before any array is touched
+    return nnx.eval_shape(
+        lambda: models.DecoderLM(models.ModelConfig(**(cfg | kw)), rngs=nnx.Rngs(0))
+    )
 
 
 @pytest.mark.parametrize(
@@ -221,3 +226,24 @@ def test_cli_prints_the_before_after_table(hf_dirs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         mc.main(args[:5] + ["bogus", "--set", "kv_lora_rank=24"])
     assert "unknown method 'bogus'" in capsys.readouterr().err
+
+
+def test_kv_heads_merges_to_standard_gqa_that_hf_loads(hf_dirs, tmp_path):
+    path, ref = hf_dirs["llama"]
+    gqa = models.from_hf(path)
+    same, (report,) = mc.convert(gqa, "kv_heads", CALIB, num_kv_heads=2, batch_size=4)
+    np.testing.assert_allclose(_logits(same), ref, atol=TOL)  # group size 1: exact
+    mqa, (report,) = mc.convert(gqa, "kv_heads", CALIB, num_kv_heads=1, batch_size=4)
+    assert mqa.config.num_kv_heads == 1 and mqa.config.arch == "llama"
+    assert report["cache_bytes_per_token"] == gqa.cache_bytes_per_token() // 2
+    assert 0 < report["key_error"] <= report["key_error_meanpool"]
+    assert 0 < report["value_error"] <= report["value_error_meanpool"]
+    models.to_hf(mqa, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), attn_implementation="eager"
+    )
+    assert hf.config.num_key_value_heads == 1
+    with torch.no_grad():
+        np.testing.assert_allclose(_logits(mqa), hf(torch.tensor(PROBE)).logits.numpy(), atol=TOL)
+    with pytest.raises(ValueError, match="num_kv_heads=3 must divide"):
+        mc.kv_heads(gqa, CALIB, num_kv_heads=3)
