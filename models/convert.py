@@ -531,12 +531,8 @@ def main(argv=None) -> None:
         print(f"{name:26}" + fmt.format(b) + fmt.format(a))
     print(f"{'time (s)':26}{'':>14}{seconds:>14.2f}")
     for r in reports:
-        print(
-            "step "
-            + ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-            )
-        )
+        numbers = ", ".join(f"{k}={v:.4g}" for k, v in r.items() if k != "step")
+        print(f"step {r['step']}: {numbers}")
     print(f"wrote {args.dst}")
 
 
