@@ -410,13 +410,11 @@ class Method:
       name: the name ``--method`` takes.
       fn: the conversion.
       options: the keyword options ``fn`` accepts (``--set`` is checked against them).
-      needs_tokens: whether it calibrates.
     """
 
     name: str
     fn: Callable
     options: tuple[str, ...]
-    needs_tokens: bool = True
 
 
 _METHODS: dict[str, Method] = {}

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import models  # noqa: E402
@@ -157,6 +158,24 @@ def test_converted_model_decodes_absorbed_and_exports_to_deepseek_v3(llama_conve
     with torch.no_grad():
         ref = hf(torch.tensor(PROBE)).logits.numpy()
     np.testing.assert_allclose(_logits(mla), ref, atol=TOL)
+
+
+def test_converted_latent_up_projections_train_and_the_cache_stays(llama_converted):
+    from flax import nnx
+
+    _, mla, _ = llama_converted
+    x = jnp.asarray(CALIB[:2, :16])
+
+    def loss(m):
+        logp = jax.nn.log_softmax(m(x[:, :-1]), axis=-1)
+        return -jnp.take_along_axis(logp, x[:, 1:, None], axis=-1).mean()
+
+    grads = nnx.jit(nnx.grad(loss))(mla)
+    for name in ("k_b", "v_b", "kv_a", "kv_norm"):
+        g = getattr(grads.layers[0].attn, name)
+        leaf = g.kernel if name != "kv_norm" else g.scale
+        assert np.isfinite(leaf[...]).all() and np.abs(leaf[...]).max() > 0, name
+    assert mla.cache_bytes_per_token() == 256
 
 
 def _model(**kw):
