@@ -6,6 +6,8 @@ Field names follow transformers 5 (``rope_parameters``; 4.x ``rope_scaling`` is 
 
 from __future__ import annotations
 
+import dataclasses
+
 from jaxattn.layers import AttentionConfig, MLAConfig
 from jaxattn.ops.rope import rope_config_from_hf, rope_config_to_hf
 from models.config import ModelConfig
@@ -162,6 +164,7 @@ def config_to_hf(c: ModelConfig, torch_dtype: str = "float32") -> dict:
 def _mla_to_hf(c: ModelConfig, a: MLAConfig) -> dict:
     if c.arch not in ("deepseek_v2", "deepseek_v3"):
         raise ValueError(f"arch={c.arch!r} cannot hold MLA layers; use deepseek_v2/v3")
+    _check_mla_exportable(c)
     hf = dict(
         num_key_value_heads=a.num_heads,
         q_lora_rank=a.q_lora_rank or None,
@@ -184,6 +187,35 @@ def _mla_to_hf(c: ModelConfig, a: MLAConfig) -> dict:
             "rope layout as arch='deepseek_v3' (rope_interleave=False)"
         )
     return hf
+
+
+# MLA fields HF DeepSeek cannot hold: (field, its HF-compatible value, why)
+_MLA_NOT_IN_HF = (
+    ("kv_norm", True, "DeepSeek always RMS-normalises the kv latent (kv_a_layernorm)"),
+    ("rope_block_dim", None, "DeepSeek rotates the whole rope key as one head"),
+    ("q_bias", False, "DeepSeek's attention_bias has no query-projection bias"),
+    ("kv_bias", False, "attention_bias=True is not exported (it also biases q_a and o)"),
+    ("softmax_scale", None, "DeepSeek derives the softmax scale from the head dims"),
+)
+
+
+def _check_mla_exportable(c: ModelConfig) -> None:
+    """Refuse MLA layers with fields HF DeepSeek cannot hold, or that differ per layer."""
+    a = c.layer_attention_config(0)
+    for i in range(c.num_layers):
+        b = c.layer_attention_config(i)
+        bad = [
+            f"{f}={getattr(b, f)!r} ({why})" for f, ok, why in _MLA_NOT_IN_HF if getattr(b, f) != ok
+        ]
+        if b.qk_nope_head_dim == 0:
+            bad.append("qk_nope_head_dim=0 (DeepSeek's kv_b_proj needs a key part)")
+        if bad:
+            raise ValueError(f"layer {i} cannot be exported to {c.arch}: " + "; ".join(bad))
+        differ = [f.name for f in dataclasses.fields(b) if getattr(b, f.name) != getattr(a, f.name)]
+        if differ:
+            raise ValueError(
+                f"layer {i} differs from layer 0 in {differ}; HF configs are per model"
+            )
 
 
 def _mha_to_hf(c: ModelConfig, layers: list) -> dict:

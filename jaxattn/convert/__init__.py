@@ -1,1 +1,46 @@
-"""jaxattn.convert (see DESIGN.md)."""
+"""jaxattn.convert: architecture conversions on layer parameters (DESIGN.md Extension point 8).
+
+Pure functions ``(layer_config, layer_params, stats) -> (config, params, info)`` on one layer:
+``layer_params`` is a nested dict of float64 arrays read through ``Linear.effective_kernel``,
+``stats`` calibration statistics of the layer input, ``info`` the step's measured error.
+``models.convert`` rebuilds whole models from them and runs the calibration passes.
+
+Calibration statistics
+  Moments, input_moments, covariance          Σ x xᵀ, Σ x, count of a layer input; E[yᵀy] of x W + b
+  LatentNormStats, latent_norm_stats          sums that fit a latent RMSNorm scale
+Parameters
+  layer_params, load_layer_params             a layer's arrays (adapters folded in); write them
+TransMLA (GQA -> MLA), ``jaxattn.convert.transmla``
+  gqa_to_mla                                  exact: P = K·H rope key in blocks, L = K·V
+  decouple_rope                               RoRoPE + FreqFold: RoPE on a P'-dim key only
+  compress_latent                             PCA of the latent to kv_lora_rank (KV balanced)
+  fit_latent_norm                             DeepSeek's latent RMSNorm, scale fitted
+KV-head compression (MHA -> GQA), ``jaxattn.convert.kv_heads``
+  merge_kv_heads                              PCA-merged kv heads, RoPE pairs mixed per frequency
+"""
+
+from jaxattn.convert._params import layer_params, load_layer_params
+from jaxattn.convert._stats import (
+    LatentNormStats,
+    Moments,
+    covariance,
+    input_moments,
+    latent_norm_stats,
+)
+from jaxattn.convert.kv_heads import merge_kv_heads
+from jaxattn.convert.transmla import compress_latent, decouple_rope, fit_latent_norm, gqa_to_mla
+
+__all__ = [
+    "Moments",
+    "input_moments",
+    "covariance",
+    "LatentNormStats",
+    "latent_norm_stats",
+    "layer_params",
+    "load_layer_params",
+    "gqa_to_mla",
+    "decouple_rope",
+    "compress_latent",
+    "fit_latent_norm",
+    "merge_kv_heads",
+]

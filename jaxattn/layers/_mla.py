@@ -13,6 +13,13 @@ that packed L + P axis) and absorbs the up-projections:
 so attention runs as MQA with one key ``[c | k_pe]`` of width L + P and one value ``c`` of
 width L; no per-head K/V is ever materialised. The absorbed weights are the projections'
 ``effective_kernel()``, so an adapter on k_b / v_b is honoured by decoding too.
+
+Fields for converted models (``jaxattn.convert.transmla``; HF DeepSeek holds none of them):
+``kv_norm=False`` caches the latent as projected (no RMSNorm); ``rope_block_dim`` rotates the rope
+key in blocks of that width, each like one head of that width (the K keys of a GQA layer side by
+side, so GQA is exactly an MLA with P = K·H); ``qk_nope_head_dim=0`` has no latent key part (no
+k_b); ``q_bias`` / ``kv_bias`` add biases to the query and kv down-projections (Qwen2's q/k/v
+biases).
 """
 
 from __future__ import annotations
@@ -52,10 +59,15 @@ class MLAConfig:
       num_heads: N.
       q_lora_rank: query bottleneck rank (0: a full-rank query projection).
       kv_lora_rank: L, the cached latent width.
-      qk_nope_head_dim: per-head key/query width without RoPE.
+      qk_nope_head_dim: per-head key/query width without RoPE (0: no latent key part).
       qk_rope_head_dim: P, the decoupled RoPE width (one key shared by all heads).
       v_head_dim: V.
-      rope: RoPE on the P dims (rotary_dim must equal P).
+      rope: RoPE on the P dims (rotary_dim must equal P, or rope_block_dim when set).
+      rope_block_dim: RoPE rotates q_pe and k_pe in consecutive blocks of this width, each
+        block like one head of that width (None: one block of P). Divides P; even.
+      kv_norm: RMS-normalise the kv latent (DeepSeek; False: cache the latent as projected).
+      q_bias: a bias on the query projection (q, or q_b with a query bottleneck).
+      kv_bias: a bias on the kv down-projection kv_a (latent and rope key).
       latent_norm_eps: epsilon of the q and kv latent RMSNorms (HF: 1e-6).
       softmax_scale: logit scale (default (nope + P)^-1/2 times the rope's YaRN mscale factor).
       dropout: attention-probability dropout rate in [0, 1) (training only: needs ctx.rng).
@@ -75,6 +87,10 @@ class MLAConfig:
     qk_rope_head_dim: int
     v_head_dim: int
     rope: RopeConfig | None = None
+    rope_block_dim: int | None = None
+    kv_norm: bool = True
+    q_bias: bool = False
+    kv_bias: bool = False
     latent_norm_eps: float = 1e-6
     softmax_scale: float | None = None
     dropout: float = 0.0
@@ -90,12 +106,22 @@ class MLAConfig:
             "d_model",
             "num_heads",
             "kv_lora_rank",
-            "qk_nope_head_dim",
             "qk_rope_head_dim",
             "v_head_dim",
         ):
             v.check_int(o, name, getattr(self, name))
         v.check_int(o, "q_lora_rank", self.q_lora_rank, minimum=0)
+        v.check_int(o, "qk_nope_head_dim", self.qk_nope_head_dim, minimum=0)
+        v.check_optional_int(o, "rope_block_dim", self.rope_block_dim)
+        for name in ("kv_norm", "q_bias", "kv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{o}: {name} must be a bool, got {getattr(self, name)!r}")
+        block = self.rope_width
+        if block % 2 or self.qk_rope_head_dim % block:
+            raise ValueError(
+                f"{o}: rope_block_dim={self.rope_block_dim} must be even and divide "
+                f"qk_rope_head_dim={self.qk_rope_head_dim}"
+            )
         v.check_float(o, "latent_norm_eps", self.latent_norm_eps)
         v.check_float(o, "softmax_scale", self.softmax_scale, optional=True)
         v.check_rate(o, "dropout", self.dropout)
@@ -106,11 +132,9 @@ class MLAConfig:
             raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
         if self.rope is not None and not isinstance(self.rope, RopeConfig):
             raise ValueError(f"rope must be a RopeConfig or None, got {type(self.rope).__name__}")
-        if self.rope is not None and self.rope.rotary_dim not in (None, self.qk_rope_head_dim):
-            raise ValueError(
-                f"rope.rotary_dim={self.rope.rotary_dim} must equal "
-                f"qk_rope_head_dim={self.qk_rope_head_dim}"
-            )
+        if self.rope is not None and self.rope.rotary_dim not in (None, block):
+            what = "rope_block_dim" if self.rope_block_dim else "qk_rope_head_dim"
+            raise ValueError(f"rope.rotary_dim={self.rope.rotary_dim} must equal {what}={block}")
 
     @classmethod
     def from_model(cls, m, layer: int) -> MLAConfig:
@@ -128,10 +152,11 @@ class MLAConfig:
                 f"layer {layer} is 'mla', which does not support the model fields "
                 f"{set_fields} (set them for the 'mha' layers in layer_specs)"
             )
-        if not 0 < m.kv_lora_rank <= m.d_model:
+        widest = m.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+        if not 0 < m.kv_lora_rank <= max(m.d_model, widest):
             raise ValueError(
-                f"kv_lora_rank={m.kv_lora_rank} must be in [1, d_model={m.d_model}] "
-                "(the latent compresses the model width)"
+                f"kv_lora_rank={m.kv_lora_rank} must be in [1, max(d_model={m.d_model}, "
+                f"num_heads·(nope + rope + v_head_dim)={widest})] (a wider latent saves nothing)"
             )
         if not 0 <= m.q_lora_rank <= m.d_model:
             raise ValueError(
@@ -160,6 +185,11 @@ class MLAConfig:
         return MultiHeadLatentAttention(self, rngs=rngs)
 
     @property
+    def rope_width(self) -> int:
+        """The width RoPE rotates at a time: rope_block_dim, or P."""
+        return self.rope_block_dim or self.qk_rope_head_dim
+
+    @property
     def qk_head_dim(self) -> int:
         """nope + P, the per-head query/key width of the naive path."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -180,8 +210,9 @@ class MultiHeadLatentAttention(AttentionLayer):
     """Causal MLA self-attention; ``__call__`` is the naive path, ``decode`` the absorbed one.
 
     Projections (``Linear``; kernel logical axes): q [D, N, nope+P] or q_a [D, Q] + q_b
-    [Q, N, nope+P]; kv_a [D, L+P] (embed, kv_lora); k_b [L, N, nope] and v_b [L, N, V]
-    (kv_lora, heads, head_dim); o [N, V, D]. Norms q_norm [Q] and kv_norm [L].
+    [Q, N, nope+P]; kv_a [D, L+P] (embed, kv_lora); k_b [L, N, nope] (absent when nope is 0)
+    and v_b [L, N, V] (kv_lora, heads, head_dim); o [N, V, D]. Norms q_norm [Q] and kv_norm
+    [L] (absent when ``kv_norm`` is False).
 
     Args:
       config: an :class:`MLAConfig`.
@@ -200,14 +231,23 @@ class MultiHeadLatentAttention(AttentionLayer):
             self.q_norm = RMSNorm(
                 q, eps=c.latent_norm_eps, axis_name="q_lora", param_dtype=pd, rngs=rngs
             )
-            self.q_b = Linear((q,), (n, c.qk_head_dim), axes=("q_lora", *heads), **common)
+            self.q_b = Linear(
+                (q,), (n, c.qk_head_dim), axes=("q_lora", *heads), use_bias=c.q_bias, **common
+            )
         else:
-            self.q = Linear((d,), (n, c.qk_head_dim), axes=("embed", *heads), **common)
-        self.kv_a = Linear((d,), (l + p,), axes=("embed", "kv_lora"), **common)
-        self.kv_norm = RMSNorm(
-            l, eps=c.latent_norm_eps, axis_name="kv_lora", param_dtype=pd, rngs=rngs
+            self.q = Linear(
+                (d,), (n, c.qk_head_dim), axes=("embed", *heads), use_bias=c.q_bias, **common
+            )
+        self.kv_a = Linear((d,), (l + p,), axes=("embed", "kv_lora"), use_bias=c.kv_bias, **common)
+        if c.kv_norm:
+            self.kv_norm = RMSNorm(
+                l, eps=c.latent_norm_eps, axis_name="kv_lora", param_dtype=pd, rngs=rngs
+            )
+        self.k_b = (
+            Linear((l,), (n, c.qk_nope_head_dim), axes=("kv_lora", *heads), **common)
+            if c.qk_nope_head_dim
+            else None
         )
-        self.k_b = Linear((l,), (n, c.qk_nope_head_dim), axes=("kv_lora", *heads), **common)
         self.v_b = Linear((l,), (n, c.v_head_dim), axes=("kv_lora", *heads), **common)
         self.o = Linear((n, c.v_head_dim), (d,), axes=(*heads, "embed"), **common)
 
@@ -220,18 +260,19 @@ class MultiHeadLatentAttention(AttentionLayer):
             q_BTNH = self.q(x_BTD, ctx)
         q_nope_BTNH, q_pe_BTNP = jnp.split(q_BTNH, [c.qk_nope_head_dim], axis=-1)
         kv_BTX = self.kv_a(x_BTD, ctx)
-        c_BTL = self.kv_norm(kv_BTX[..., : c.kv_lora_rank])
+        c_BTL = kv_BTX[..., : c.kv_lora_rank]
+        if c.kv_norm:
+            c_BTL = self.kv_norm(c_BTL)
         k_pe_BT1P = kv_BTX[:, :, None, c.kv_lora_rank :]
         return (q_nope_BTNH, q_pe_BTNP), (c_BTL, k_pe_BT1P)
 
     def qk_transform(self, q, kv, ctx: Context):
-        """RoPE on the decoupled q_pe and k_pe at ``ctx.positions_BT``."""
-        rope = self.config.rope
+        """RoPE on the decoupled q_pe and k_pe at ``ctx.positions_BT`` (per rope block)."""
+        c = self.config
         (q_nope_BTNH, q_pe_BTNP), (c_BTL, k_pe_BT1P) = q, kv
-        if rope is not None:
-            dt = q_pe_BTNP.dtype
-            q_pe_BTNP = apply_rope(q_pe_BTNP, ctx.positions_BT, rope).astype(dt)
-            k_pe_BT1P = apply_rope(k_pe_BT1P, ctx.positions_BT, rope).astype(dt)
+        if c.rope is not None:
+            q_pe_BTNP = _blockwise_rope(q_pe_BTNP, ctx.positions_BT, c.rope, c.rope_width)
+            k_pe_BT1P = _blockwise_rope(k_pe_BT1P, ctx.positions_BT, c.rope, c.rope_width)
         return (q_nope_BTNH, q_pe_BTNP), (c_BTL, k_pe_BT1P)
 
     def attention_inputs(self, q, kv, ctx: Context):
@@ -239,8 +280,11 @@ class MultiHeadLatentAttention(AttentionLayer):
         k_BTNH = [c·Wk_n | k_pe] (k_pe shared by every head), v_BTNV = c·Wv_n (H = nope + P)."""
         c = self.config
         (q_nope_BTNH, q_pe_BTNP), (c_BTL, k_pe_BT1P) = q, kv
-        k_nope_BTNH = self.k_b(c_BTL, ctx)
         v_BTNV = self.v_b(c_BTL, ctx)
+        if self.k_b is None:  # no latent key part: the rope key is the whole key
+            k_nope_BTNH = jnp.zeros((*v_BTNV.shape[:3], 0), v_BTNV.dtype)
+        else:
+            k_nope_BTNH = self.k_b(c_BTL, ctx)
         k_pe_BTNP = jnp.broadcast_to(k_pe_BT1P, (*k_nope_BTNH.shape[:3], c.qk_rope_head_dim))
         q_BTNH = jnp.concatenate([q_nope_BTNH, q_pe_BTNP], axis=-1)
         k_BTNH = jnp.concatenate([k_nope_BTNH, k_pe_BTNP], axis=-1)
@@ -263,7 +307,11 @@ class MultiHeadLatentAttention(AttentionLayer):
         (q_nope_BTNH, q_pe_BTNP), (c_BTL, k_pe_BT1P) = q, kv
         dt = q_nope_BTNH.dtype
         # Key up-projection absorbed into the query: q_lat = q_nope · Wk_nᵀ  [B, T, N, L].
-        q_lat_BTNL = jnp.einsum("btnh,lnh->btnl", q_nope_BTNH, self.k_b.effective_kernel(dt))
+        if self.k_b is None:  # no latent key part: the latent is only the value
+            q_lat_BTNL = jnp.zeros((*q_nope_BTNH.shape[:3], c.kv_lora_rank), dt)
+        else:
+            k_b_LNH = self.k_b.effective_kernel(dt)
+            q_lat_BTNL = jnp.einsum("btnh,lnh->btnl", q_nope_BTNH, k_b_LNH)
         q_BTNX = jnp.concatenate([q_lat_BTNL, q_pe_BTNP], axis=-1)
         # The output's last P columns (the rope part of each row used as the value) are dropped.
         o_row_BTNX, cache = cache.update_and_attend(
@@ -297,3 +345,10 @@ class MultiHeadLatentAttention(AttentionLayer):
             dtype=dtype,
             config=c.cache,
         )
+
+
+def _blockwise_rope(x_BTNP: jax.Array, positions_BT: jax.Array, rope: RopeConfig, width: int):
+    """RoPE on each consecutive ``width``-dim block of x's last axis, as on heads of ``width``."""
+    b, t, n, p = x_BTNP.shape
+    x_BTMW = x_BTNP.reshape(b, t, n * (p // width), width)
+    return apply_rope(x_BTMW, positions_BT, rope).astype(x_BTNP.dtype).reshape(b, t, n, p)

@@ -1,0 +1,538 @@
+"""Whole-model conversions: calibration passes, rebuilt models, a method registry and a CLI.
+
+``jaxattn.convert`` holds the per-layer steps (pure functions on a layer's arrays); this module
+reads a ``DecoderLM``'s layers (``layer_params``: adapters folded in), gathers calibration
+statistics in one compiled pass per step (the blocks' inputs captured through the
+``jaxattn.heads`` hooks at ``blocks.<i>.resid_pre``, normed by the block's own ``attn_norm``,
+reduced to per-layer sums inside ``jax.lax.scan``), and rebuilds the model with the new layer
+configs as per-layer specs. Methods are registered by name (:func:`register_method`), so the CLI
+and :func:`convert` reach every one the same way:
+
+    python -m models.convert --from HF_DIR --to OUT_DIR --method transmla \\
+        --set kv_lora_rank=32 --set rope_dim=16
+
+prints a before/after table (parameters, cache bytes per token, perplexity on the built-in
+corpus, time) and writes the result as a Hugging Face checkpoint (``models.to_hf``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxattn import convert as C
+from jaxattn import heads
+from jaxattn.convert.transmla import gqa_unsupported
+from jaxattn.layers import AdapterParam, Linear, MLAConfig
+from models.config import LayerSpec, ModelConfig
+from models.decoder import DecoderLM
+
+__all__ = [
+    "calibrate",
+    "rebuild",
+    "with_layers",
+    "transmla",
+    "kv_heads",
+    "perplexity",
+    "Method",
+    "register_method",
+    "registered_methods",
+    "convert",
+    "main",
+]
+
+
+# -- calibration --------------------------------------------------------------------------------
+def calibrate(model: DecoderLM, tokens_NT, stat_fn: Callable, *, batch_size: int = 8) -> list:
+    """Per-layer sums of ``stat_fn(attn_layer, x_BTD)`` over calibration rows, in one jit.
+
+    Args:
+      model: the DecoderLM.
+      tokens_NT: int tokens [N, T] (N rows of T tokens); rows past a multiple of batch_size
+        are not used.
+      stat_fn: ``(attention layer, its input x [B, T, D]) -> pytree of sums`` (e.g.
+        ``lambda attn, x: jaxattn.convert.input_moments(x)``); summed over batches with ``+``.
+      batch_size: rows per step of the scan.
+
+    Returns:
+      [stats of layer i], host values.
+    """
+    tokens_NT = np.asarray(tokens_NT)
+    if tokens_NT.ndim != 2 or tokens_NT.shape[0] < batch_size:
+        raise ValueError(
+            f"calibration tokens must be [rows >= batch_size={batch_size}, T], "
+            f"got shape {tokens_NT.shape}"
+        )
+    nb = tokens_NT.shape[0] // batch_size
+    batches = jnp.asarray(tokens_NT[: nb * batch_size].reshape(nb, batch_size, -1))
+    graphdef, state = nnx.split(model)
+    names = [f"blocks.{i}.resid_pre" for i in range(len(model.layers))]
+
+    def one(m, tok_BT):
+        _, caps = heads.run_with_hooks(m, tok_BT, [heads.Capture(n) for n in names])
+        return [
+            stat_fn(blk.attn, blk.attn_norm(caps[n]))
+            for blk, n in zip(m.layers, names, strict=True)
+        ]
+
+    @jax.jit
+    def run(state, batches):
+        m = nnx.merge(graphdef, state)
+        first = one(m, batches[0])
+
+        def body(acc, tok_BT):
+            return [a + b for a, b in zip(acc, one(m, tok_BT), strict=True)], None
+
+        total, _ = jax.lax.scan(body, first, batches[1:])
+        return total
+
+    return jax.device_get(run(state, batches))
+
+
+def _moments(model, tokens_NT, batch_size):
+    return calibrate(model, tokens_NT, lambda attn, x: C.input_moments(x), batch_size=batch_size)
+
+
+def _norm_stats(model, tokens_NT, batch_size):
+    def fn(attn, x):
+        c = attn.config
+        return C.latent_norm_stats(attn.kv_a(x)[..., : c.kv_lora_rank], c.latent_norm_eps)
+
+    return calibrate(model, tokens_NT, fn, batch_size=batch_size)
+
+
+# -- rebuilding ---------------------------------------------------------------------------------
+def _check_no_adapters(model: DecoderLM) -> None:
+    adapted = [
+        "/".join(map(str, p))
+        for p, m in nnx.iter_modules(model)
+        if isinstance(m, Linear) and m.adapter is not None
+    ]
+    if adapted:
+        raise ValueError(
+            f"merge the adapters on {adapted} first (jaxattn.lowrank.merge): a conversion "
+            "rewrites the base weights"
+        )
+
+
+def with_layers(cfg: ModelConfig, layers: list) -> ModelConfig:
+    """``cfg`` whose layer i is the attention config ``layers[i]``: per-layer specs hold the
+    fields where a layer differs from what its kind's ``from_model`` gives (none: no specs)."""
+    cfg = cfg.replace(layer_specs=None, layer_pattern=None)
+    specs = []
+    for i, a in enumerate(layers):
+        default = type(a).from_model(cfg, i)
+        diff = {
+            f.name: getattr(a, f.name)
+            for f in dataclasses.fields(a)
+            if getattr(a, f.name) != getattr(default, f.name)
+        }
+        specs.append(LayerSpec.of(a.kind, **diff))
+    if any(s.overrides for s in specs) or any(a.kind != cfg.attention for a in layers):
+        cfg = cfg.replace(layer_specs=tuple(specs))
+    return cfg
+
+
+def _mla_model_config(base: ModelConfig, layers: list[MLAConfig]) -> ModelConfig:
+    """``base`` with MLA layers ``layers``: model-level fields from layer 0, the rest as specs."""
+    a0 = layers[0]
+    cfg = base.replace(
+        arch="deepseek_v3",
+        attention="mla",
+        num_kv_heads=None,
+        head_dim=None,
+        num_query_heads=None,
+        qkv_bias=False,
+        o_bias=False,
+        qk_norm=False,
+        logits_soft_cap=None,
+        sliding_window=None,
+        sliding_window_layers=None,
+        layer_specs=None,
+        layer_pattern=None,
+        cache=None,
+        q_lora_rank=a0.q_lora_rank,
+        kv_lora_rank=a0.kv_lora_rank,
+        qk_nope_head_dim=a0.qk_nope_head_dim,
+        qk_rope_head_dim=a0.qk_rope_head_dim,
+        v_head_dim=a0.v_head_dim,
+        rope=a0.rope,
+        latent_norm_eps=a0.latent_norm_eps,
+    )
+    return with_layers(cfg, layers)
+
+
+def rebuild(model: DecoderLM, config: ModelConfig, layer_params: list[dict]) -> DecoderLM:
+    """A DecoderLM of ``config`` with ``model``'s weights and new attention layers.
+
+    Embeddings, norms, MLPs and the head are copied from ``model``; layer i's attention takes
+    ``layer_params[i]`` (nested dicts as ``jaxattn.convert.layer_params`` gives them).
+    """
+    _check_no_adapters(model)
+    cfg = config
+    abstract = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    old = {
+        p: v
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        if not isinstance(v, AdapterParam)
+    }
+    values = []
+    for path, var in nnx.to_flat_state(state):
+        if path[0] == "layers" and path[2] == "attn":
+            entry = layer_params[path[1]]["/".join(map(str, path[3:-1]))][path[-1]]
+            value = np.asarray(entry)
+        else:
+            value = old[path][...]
+        if tuple(value.shape) != tuple(var.shape):
+            raise ValueError(f"{path}: converted shape {value.shape}, expected {var.shape}")
+        values.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(values))
+
+
+# -- TransMLA -----------------------------------------------------------------------------------
+TRANSMLA_STEPS = ("exact", "rope", "compress", "norm")
+
+
+def _check_transmla(model, tokens_NT, steps, rope_dim, freqfold, kv_lora_rank, batch_size):
+    bad = [s for s in steps if s not in TRANSMLA_STEPS]
+    if (
+        bad
+        or not steps
+        or steps[0] != "exact"
+        or list(steps) != sorted(steps, key=TRANSMLA_STEPS.index)
+    ):
+        raise ValueError(
+            f"steps={steps} must be an ordered subset of {TRANSMLA_STEPS} from 'exact'"
+        )
+    c = model.config
+    why = {}
+    for i in range(c.num_layers):
+        reasons = gqa_unsupported(c.layer_attention_config(i))
+        if reasons:
+            why[i] = reasons
+    if why:
+        raise ValueError(f"TransMLA cannot convert {c.arch!r} model layers: {why}")
+    if "rope" in steps:  # decouple_rope's option checks, before any work
+        h = c.layer_attention_config(0).h
+        p = h if rope_dim is None else rope_dim
+        collapse = h // p if isinstance(p, int) and p > 0 and p % 2 == 0 and h % p == 0 else None
+        if collapse is None:
+            raise ValueError(f"rope_dim={rope_dim} must be even and divide the head dim {h}")
+        ff = collapse if freqfold is None else freqfold
+        if not isinstance(ff, int) or ff <= 0 or ff % collapse or (h // 2) % ff:
+            raise ValueError(
+                f"freqfold={freqfold} must be a multiple of collapse={collapse} and divide "
+                f"head_dim / 2 = {h // 2}"
+            )
+    if "compress" in steps and kv_lora_rank is None:
+        raise ValueError("step 'compress' needs kv_lora_rank")
+    calibrated = [s for s in steps if s != "exact"]
+    if calibrated and tokens_NT is None:
+        raise ValueError(f"steps {calibrated} need calibration tokens")
+    if "compress" in steps:
+        a = c.layer_attention_config(0)
+        p = a.h if rope_dim is None else rope_dim
+        top = a.n_kv * (a.h + a.v) - (p if "rope" in steps else 0)
+        if not isinstance(kv_lora_rank, int) or not 1 <= kv_lora_rank <= top:
+            raise ValueError(
+                f"kv_lora_rank={kv_lora_rank} must be an int in [1, {top}] (the GQA-equivalent "
+                f"latent: K·(H+V) - rope_dim = {a.n_kv}·({a.h}+{a.v}) - {p})"
+            )
+    if tokens_NT is not None:
+        t = np.asarray(tokens_NT)
+        used = (t.shape[0] // batch_size) * batch_size * (t.shape[1] if t.ndim == 2 else 0)
+        if t.ndim != 2 or used == 0:
+            raise ValueError(
+                f"calibration tokens must be [rows >= batch_size={batch_size}, T], got {t.shape}"
+            )
+        if "compress" in steps and used < kv_lora_rank:
+            raise ValueError(
+                f"calibration has {used} tokens, fewer than kv_lora_rank={kv_lora_rank}"
+            )
+
+
+def transmla(
+    model: DecoderLM,
+    tokens_NT=None,
+    *,
+    steps=TRANSMLA_STEPS,
+    rope_dim: int | None = None,
+    freqfold: int | None = None,
+    kv_lora_rank: int | None = None,
+    balance_kv: bool = True,
+    batch_size: int = 8,
+    probe_NT=None,
+) -> tuple[DecoderLM, list[dict]]:
+    """TransMLA on every layer of a Llama / Qwen2 / Mistral DecoderLM (``jaxattn.convert``).
+
+    Args:
+      model: the GQA model (e.g. from ``models.from_hf``).
+      tokens_NT: calibration tokens [N, T] (needed by every step after "exact").
+      steps: an ordered subset of ("exact", "rope", "compress", "norm"); "compress" is
+        skipped when ``kv_lora_rank`` is None.
+      rope_dim, freqfold: :func:`jaxattn.convert.decouple_rope`'s options.
+      kv_lora_rank, balance_kv: :func:`jaxattn.convert.compress_latent`'s options.
+      batch_size: calibration rows per step.
+      probe_NT: tokens on which each step's logits are compared with the original's (default
+        the first batch of ``tokens_NT``, or none).
+
+    Returns:
+      (the MLA model, one report per step: ``step``, ``max_abs_logit_diff`` vs the original on
+      the probe, ``cache_bytes_per_token``, and the layers' mean of each step info number).
+    """
+    steps = tuple(s for s in steps if s != "compress" or kv_lora_rank is not None)
+    _check_transmla(model, tokens_NT, steps, rope_dim, freqfold, kv_lora_rank, batch_size)
+    if probe_NT is None and tokens_NT is not None:
+        probe_NT = np.asarray(tokens_NT)[:batch_size]
+    ref = None if probe_NT is None else np.asarray(model(jnp.asarray(probe_NT)))
+    configs, params = [], []
+    for blk in model.layers:
+        cfg, p, _ = C.gqa_to_mla(blk.attn.config, C.layer_params(blk.attn))
+        configs.append(cfg)
+        params.append(p)
+    current = rebuild(model, _mla_model_config(model.config, configs), params)
+    reports = [_report(current, "exact", [{"exact": 1.0}], probe_NT, ref)]
+    for step in steps[1:]:
+        if step == "norm":
+            stats = _norm_stats(current, tokens_NT, batch_size)
+        else:
+            stats = _moments(current, tokens_NT, batch_size)
+        infos = []
+        for i, blk in enumerate(current.layers):
+            args = (blk.attn.config, C.layer_params(blk.attn), stats[i])
+            if step == "rope":
+                out = C.decouple_rope(*args, rope_dim=rope_dim, freqfold=freqfold)
+            elif step == "compress":
+                out = C.compress_latent(*args, kv_lora_rank=kv_lora_rank, balance_kv=balance_kv)
+            else:
+                out = C.fit_latent_norm(*args)
+            configs[i], params[i], info = out
+            infos.append(info)
+        current = rebuild(current, _mla_model_config(model.config, configs), params)
+        reports.append(_report(current, step, infos, probe_NT, ref))
+    return current, reports
+
+
+def _report(model, step, infos, probe_NT, ref) -> dict:
+    out = {"step": step, "cache_bytes_per_token": model.cache_bytes_per_token()}
+    for key in infos[0]:
+        out[key] = float(np.mean([info[key] for info in infos]))
+    if ref is not None:
+        out["max_abs_logit_diff"] = float(
+            np.abs(np.asarray(model(jnp.asarray(probe_NT))) - ref).max()
+        )
+    return out
+
+
+# -- KV-head compression -----------------------------------------------------------------------
+def kv_heads(
+    model: DecoderLM, tokens_NT, *, num_kv_heads: int, batch_size: int = 8, probe_NT=None
+) -> tuple[DecoderLM, list[dict]]:
+    """MHA -> GQA by PCA-merged kv heads (``jaxattn.convert.merge_kv_heads``), every layer.
+
+    Args:
+      model: a DecoderLM whose layers are all "mha" (Llama / Qwen2 / Mistral).
+      tokens_NT: calibration tokens [N, T].
+      num_kv_heads: K' (dividing every layer's kv heads).
+      batch_size: calibration rows per step.
+      probe_NT: tokens for the logit comparison (default the first calibration batch).
+
+    Returns:
+      (the GQA model, [report]: the layers' mean errors, cache bytes, ``max_abs_logit_diff``).
+    """
+    c = model.config
+    kinds = {i: c.layer_kind(i) for i in range(c.num_layers) if c.layer_kind(i) != "mha"}
+    if kinds:
+        raise ValueError(f"kv_heads merges 'mha' layers only; layers {kinds} are not")
+    _check_transmla_tokens(tokens_NT, batch_size)
+    stats = _moments(model, tokens_NT, batch_size)
+    configs, params, infos = [], [], []
+    for i, blk in enumerate(model.layers):
+        cfg, p, info = C.merge_kv_heads(
+            blk.attn.config, C.layer_params(blk.attn), stats[i], num_kv_heads=num_kv_heads
+        )
+        configs.append(cfg)
+        params.append(p)
+        infos.append(info)
+    new = rebuild(model, with_layers(c.replace(num_kv_heads=num_kv_heads), configs), params)
+    probe_NT = np.asarray(tokens_NT)[:batch_size] if probe_NT is None else probe_NT
+    ref = np.asarray(model(jnp.asarray(probe_NT)))
+    return new, [_report(new, "kv_heads", infos, probe_NT, ref)]
+
+
+def _check_transmla_tokens(tokens_NT, batch_size):
+    t = None if tokens_NT is None else np.asarray(tokens_NT)
+    if t is None or t.ndim != 2 or t.shape[0] < batch_size:
+        shape = None if t is None else t.shape
+        raise ValueError(
+            f"calibration tokens must be [rows >= batch_size={batch_size}, T], got {shape}"
+        )
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def perplexity(model: DecoderLM, tokens_N, *, seq_len: int = 128, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) over consecutive windows of ``seq_len + 1`` tokens."""
+    tokens_N = np.asarray(tokens_N).reshape(-1)
+    n = (len(tokens_N) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"{len(tokens_N)} eval tokens: fewer than seq_len + 1 = {seq_len + 1}")
+    rows = tokens_N[: n * seq_len + 1]
+    x_NT = np.stack([rows[i * seq_len : (i + 1) * seq_len + 1] for i in range(n)])
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def nll(state, w_BT):
+        logits = nnx.merge(graphdef, state)(w_BT[:, :-1])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # fp32 log-softmax
+        return -jnp.take_along_axis(logp, w_BT[:, 1:, None], axis=-1).sum()
+
+    total = 0.0
+    for i in range(0, n, batch_size):
+        total += float(nll(state, jnp.asarray(x_NT[i : i + batch_size])))
+    return float(np.exp(total / (n * seq_len)))
+
+
+# -- registry -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A named model conversion: ``fn(model, tokens_NT, **options) -> (model, reports)``.
+
+    Attributes:
+      name: the name ``--method`` takes.
+      fn: the conversion.
+      options: the keyword options ``fn`` accepts (``--set`` is checked against them).
+    """
+
+    name: str
+    fn: Callable
+    options: tuple[str, ...]
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Make ``method`` available to :func:`convert` and the CLI by its name."""
+    if method.name in _METHODS and not replace:
+        raise ValueError(f"conversion method {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def registered_methods() -> tuple[str, ...]:
+    """The registered method names."""
+    return tuple(sorted(_METHODS))
+
+
+register_method(Method("kv_heads", kv_heads, ("num_kv_heads", "batch_size")))
+register_method(
+    Method(
+        "transmla",
+        transmla,
+        ("steps", "rope_dim", "freqfold", "kv_lora_rank", "balance_kv", "batch_size"),
+    )
+)
+
+
+def convert(model: DecoderLM, method: str, tokens_NT=None, **options):
+    """Run the registered ``method`` on ``model`` -> (new model, per-step reports).
+
+    Raises:
+      ValueError: an unknown method or option (the valid ones listed).
+    """
+    if method not in _METHODS:
+        raise ValueError(
+            f"unknown conversion method {method!r}; registered: {registered_methods()}"
+        )
+    m = _METHODS[method]
+    unknown = sorted(set(options) - set(m.options))
+    if unknown:
+        raise ValueError(f"method {method!r} has no options {unknown}; options: {list(m.options)}")
+    return m.fn(model, tokens_NT, **options)
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        if text.lower() in ("true", "false"):
+            out[key] = text.lower() == "true"
+        elif "," in text:
+            out[key] = tuple(t for t in text.split(",") if t)
+        else:
+            try:
+                out[key] = int(text)
+            except ValueError:
+                out[key] = text
+    return out
+
+
+def _count(model) -> int:
+    return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+def main(argv=None) -> None:
+    """``python -m models.convert --from DIR --to DIR --method NAME [--set key=value ...]``."""
+    ap = argparse.ArgumentParser(
+        prog="python -m models.convert", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--from", dest="src", required=True, help="Hugging Face model directory")
+    ap.add_argument("--to", dest="dst", required=True, help="output Hugging Face directory")
+    ap.add_argument("--method", required=True, help=f"one of {registered_methods()}")
+    ap.add_argument("--set", action="append", default=[], help="method option key=value")
+    ap.add_argument("--data", default="builtin", help="calibration / eval tokens (train.data)")
+    ap.add_argument("--calib-rows", type=int, default=64, help="calibration rows of --seq-len")
+    ap.add_argument("--eval-rows", type=int, default=32, help="eval windows of --seq-len")
+    ap.add_argument("--seq-len", type=int, default=128)
+    args = ap.parse_args(argv)
+    from models.hf import from_hf, to_hf
+
+    # the token sources live in train.data (the CLI's only use of train; the API takes arrays)
+    from train.data import load_tokens
+
+    try:
+        options = _parse_set(args.set)
+        if args.method not in _METHODS:
+            raise ValueError(f"unknown method {args.method!r}; registered: {registered_methods()}")
+        model = from_hf(args.src)
+        tokens = np.asarray(load_tokens(args.data)) % model.config.vocab_size
+        t = args.seq_len
+        need = (args.calib_rows + args.eval_rows) * t + 1
+        if len(tokens) < need:
+            raise ValueError(f"--data has {len(tokens)} tokens, fewer than the {need} asked for")
+        calib = tokens[: args.calib_rows * t].reshape(args.calib_rows, t)
+        held = tokens[args.calib_rows * t : need]
+        before = (_count(model), model.cache_bytes_per_token(), perplexity(model, held, seq_len=t))
+        start = time.perf_counter()
+        new, reports = convert(model, args.method, calib, **options)
+        seconds = time.perf_counter() - start
+        after = (_count(new), new.cache_bytes_per_token(), perplexity(new, held, seq_len=t))
+        to_hf(new, args.dst)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"{'':26}{'before':>14}{'after':>14}")
+    for name, b, a in zip(("parameters", "cache bytes / token", "eval perplexity"), before, after):
+        fmt = "{:>14.4f}" if isinstance(b, float) else "{:>14d}"
+        print(f"{name:26}" + fmt.format(b) + fmt.format(a))
+    print(f"{'time (s)':26}{'':>14}{seconds:>14.2f}")
+    for r in reports:
+        numbers = ", ".join(f"{k}={v:.4g}" for k, v in r.items() if k != "step")
+        print(f"step {r['step']}: {numbers}")
+    print(f"wrote {args.dst}")
+
+
+if __name__ == "__main__":
+    main()
