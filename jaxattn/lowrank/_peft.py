@@ -27,8 +27,11 @@ names only modules whose conversion is exactly ``Wᵀ.reshape(*in, *out)``), whi
 factor reshapes above exact. DeepSeek's
 ``kv_b_proj`` (one HF module, our ``k_b`` + ``v_b``) has no one-to-one image: it is refused.
 
-Every other ``LoraConfig`` field must hold its peft default (``bias="none"``, no
-``modules_to_save``, no ``layers_to_transform``, ...): a non-default one raises ``ValueError``
+``bias="lora_only"`` (the trained bias of each adapted module saved as
+``M.base_layer.bias``) is read as this library's per-adapter bias change (saved − base, so
+``disabled`` still gives the base) and written from it; ``"all"`` is refused. Every other
+``LoraConfig`` field must hold its peft default (no ``modules_to_save``, no
+``layers_to_transform``, ...): a non-default one raises ``ValueError``
 naming it, never dropped. ``init_lora_weights`` may be ``true``/``false``/``"gaussian"``
 (it only chose the saved values); base-rewriting inits (PiSSA, OLoRA, ...) are refused.
 
@@ -60,6 +63,8 @@ TENSORS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
 BASE_SUFFIX = ".base_layer.weight"  # a full base weight PEFT saves beside an adapted head
+BIAS_SUFFIX = ".base_layer.bias"  # bias="lora_only": the trained bias of an adapted module
+BIAS_MODES = ("none", "lora_only")  # peft's "all" trains biases outside the targets
 EMBEDDING_LAYERS = ("embed_tokens", "lm_head")  # peft's EMBEDDING_LAYER_NAMES
 
 # LoraConfig fields peft 0.21.2 writes, at their defaults. Those in _HANDLED are read; the rest
@@ -108,7 +113,7 @@ LORA_DEFAULTS = {
     "velora_config": None,
 }
 _HANDLED = {"r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "rank_pattern"}
-_HANDLED |= {"alpha_pattern", "target_modules", "init_lora_weights"}
+_HANDLED |= {"alpha_pattern", "target_modules", "init_lora_weights", "bias"}
 # informational: any value is fine (they do not change what the adapter computes)
 _INFO = {"auto_mapping", "base_model_name_or_path", "revision", "task_type", "peft_version"}
 _INFO |= {"inference_mode", "megatron_core", "qalora_group_size"}
@@ -189,7 +194,10 @@ def _group(tensors: dict, modules: dict, refused: dict, target, leaves, split, s
         if key.startswith(PREFIX) and rest.endswith(BASE_SUFFIX):
             bad += _check_base_copy(key, rest[: -len(BASE_SUFFIX)], tensors[key], modules)
             continue
-        mod, leaf = split(rest)
+        if key.startswith(PREFIX) and rest.endswith(BIAS_SUFFIX) and "bias" in leaves:
+            mod, leaf = rest[: -len(BIAS_SUFFIX)], "bias"
+        else:
+            mod, leaf = split(rest)
         if not key.startswith(PREFIX) or leaf not in leaves:
             bad.append(f"{key}: unexpected tensor")
         elif mod in refused:
@@ -226,6 +234,11 @@ def _check_fields(meta: dict, file: str, defaults=None, handled=None, info=None)
             f"{file}: init_lora_weights={meta['init_lora_weights']!r} rewrites the base weight; "
             f"from_peft reads adapters whose init is one of {list(_INITS)}"
         )
+    if meta.get("peft_type") == "LORA" and meta.get("bias", "none") not in BIAS_MODES:
+        raise ValueError(
+            f"{file}: bias={meta['bias']!r} is not supported by jaxattn.lowrank.from_peft "
+            f"(one of {list(BIAS_MODES)}; 'all' trains biases of modules it does not adapt)"
+        )
     if meta.get("target_modules") is None:
         raise ValueError(f"{file}: target_modules is missing")
 
@@ -261,8 +274,10 @@ def from_peft(model: nnx.Module, directory: str, *, name: str = "default") -> li
     tensors = _st().load_file(os.path.join(directory, TENSORS))
     modules, refused = _module_map(model)
     dora = bool(meta.get("use_dora", False))
+    bias = meta.get("bias", "none") == "lora_only"
     suffixes = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if dora else ())
-    by_module, bad = _group(tensors, modules, refused, meta["target_modules"], suffixes, _split)
+    leaves = suffixes + (("bias",) if bias else ())
+    by_module, bad = _group(tensors, modules, refused, meta["target_modules"], leaves, _split)
     r0, alpha0 = int(meta.get("r", 8)), meta.get("lora_alpha", 8)
     rank_pat, alpha_pat = meta.get("rank_pattern") or {}, meta.get("alpha_pattern") or {}
     overrides, values = {}, {}
@@ -296,16 +311,37 @@ def from_peft(model: nnx.Module, directory: str, *, name: str = "default") -> li
         }
         if dora:
             values[path]["magnitude"] = t["lora_magnitude_vector"].reshape(lin.out_shape)
+        if bias and (lin.bias is None) != ("bias" not in t):
+            what = "a bias this projection lacks" if lin.bias is None else "no trained bias"
+            bad.append(f"{PREFIX}{mod}{BIAS_SUFFIX}: bias='lora_only' but the file holds {what}")
+        elif bias and lin.bias is not None:
+            trained = np.asarray(t["bias"], np.float32)
+            if trained.shape != (lin.fan_out,):
+                bad.append(f"{PREFIX}{mod}{BIAS_SUFFIX}: saved {trained.shape}, expected "
+                           f"{(lin.fan_out,)}")  # fmt: skip
+                continue
+            base_b = np.asarray(lin.bias[...], np.float32).reshape(-1)
+            values[path]["bias"] = (trained - base_b).reshape(lin.out_shape)
     if bad:
         raise ValueError(f"from_peft {directory}: the adapter does not fit:\n  " + "\n  ".join(bad))
     if not values:
         raise ValueError(f"from_peft {directory}: {TENSORS} holds no LoRA tensor")
-    cfg = AdapterConfig(method="lora", targets=list(overrides), overrides=overrides, name=name)
+    cfg = AdapterConfig(
+        method="lora",
+        targets=list(overrides),
+        overrides=overrides,
+        name=name,
+        bias="lora_only" if bias else "none",
+    )
     done = apply(model, cfg, rngs=nnx.Rngs(0))
     found = linear_paths(model)
     for path in done:
-        for key, var in _flat(found[path].adapter.adapters[name]).items():
+        slot = found[path].adapter
+        for key, var in _flat(slot.adapters[name]).items():
             var[...] = jnp.asarray(values[path][key], var.dtype)
+        if name in slot.bias_deltas:  # the trained bias, as the change from ours
+            var = slot.bias_deltas[name]
+            var[...] = jnp.asarray(values[path]["bias"], var.dtype)
     return done
 
 
@@ -314,6 +350,18 @@ def _uniform(field: str, per_path: dict):
     if len(vals) > 1:
         raise ValueError(f"to_peft: PEFT has one {field} per adapter; here it varies: {per_path}")
     return vals.pop()
+
+
+def _bias_mode(held: dict, trained: set) -> str:
+    """peft's ``bias`` of an adapter: ``"lora_only"`` when every adapted projection with a
+    bias trains it, ``"none"`` when none does; a mixture has no peft form (refused)."""
+    with_bias = {p for p, lin in held.items() if lin.bias is not None}
+    if trained and trained != with_bias:
+        raise ValueError(
+            f"to_peft: peft's bias='lora_only' trains the bias of every adapted module; here only "
+            f"{sorted(trained)} of {sorted(with_bias)} train it"
+        )
+    return "lora_only" if trained else "none"
 
 
 def _common(per_module: dict):
@@ -339,15 +387,15 @@ def to_peft(model: nnx.Module, directory: str, *, name: str = "default") -> list
     modules, _ = _module_map(model)
     of_path = {p: m for m, (p, _) in modules.items()}
     held = holding(model, name, op="to_peft")
-    trained_bias = sorted(p for p, lin in held.items() if name in lin.adapter.bias_deltas)
-    if trained_bias:  # peft's bias="lora_only" form is not written yet: never drop it silently
-        raise ValueError(
-            f"to_peft: adapter {name!r} trains biases (bias='lora_only') at "
-            f"{trained_bias}; writing them in peft's format is not supported"
-        )
+    trained_bias = {p for p, lin in held.items() if name in lin.adapter.bias_deltas}
     from jaxattn.lowrank._peft_randlora import PeftRandLoRAAdapter, to_peft_randlora
 
     if all(isinstance(lin.adapter.adapters[name], PeftRandLoRAAdapter) for lin in held.values()):
+        if trained_bias:  # peft's RandLoRA has its own bias mode: never drop it silently
+            raise ValueError(
+                f"to_peft: RandLoRA adapter {name!r} trains biases at {sorted(trained_bias)}; "
+                "writing them in peft's RandLoRA format is not supported"
+            )
         return to_peft_randlora(held, of_path, directory, name=name)
     tensors, fields, bad = {}, {}, []
     for path, lin in held.items():
@@ -372,6 +420,11 @@ def to_peft(model: nnx.Module, directory: str, *, name: str = "default") -> list
         tensors[key + ".lora_B.weight"] = np.asarray(ad.b[...]).reshape(r, lin.fan_out).T
         if ad.use_dora:
             tensors[key + ".lora_magnitude_vector"] = np.asarray(ad.magnitude[...]).reshape(-1)
+        if path in trained_bias:  # bias="lora_only": peft saves the trained bias itself
+            b = np.asarray(lin.bias[...], np.float32) + np.asarray(
+                lin.adapter.bias_deltas[name][...], np.float32
+            )
+            tensors[key + BIAS_SUFFIX] = b.reshape(-1)
         if mod in EMBEDDING_LAYERS:  # peft's save_embedding_layers="auto" writes its base too
             w = np.asarray(lin.base_kernel(jnp.float32)).reshape(lin.fan_in, lin.fan_out).T
             tensors[key + BASE_SUFFIX] = w
@@ -388,6 +441,7 @@ def to_peft(model: nnx.Module, directory: str, *, name: str = "default") -> list
         use_rslora=_uniform("use_rslora", {m: f.use_rslora for m, f in fields.items()}),
         use_dora=_uniform("use_dora", {m: f.use_dora for m, f in fields.items()}),
         lora_dropout=_uniform("lora_dropout", {m: f.dropout for m, f in fields.items()}),
+        bias=_bias_mode(held, trained_bias),
         target_modules=sorted(fields),
         auto_mapping=None,
     )

@@ -2,7 +2,8 @@
 db that belongs to the adapter (y = x·W + b + delta(x) + db): the forward equals the base with
 bias b + db plus the same adapter without bias; ``disabled`` gives the base exactly; ``merge``
 folds db into the bias and ``unmerge`` takes it out; ``save``/``load`` and ``to_hf`` carry it;
-``trainable_count`` counts it (as PEFT's ``get_nb_trainable_parameters`` counts the biases)."""
+``trainable_count`` counts it (as PEFT's ``get_nb_trainable_parameters`` counts the biases);
+``to_peft`` writes it as peft's ``bias="lora_only"``."""
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +104,25 @@ def test_bad_bias_mode(bias, match):
         L.apply(_model(), L.AdapterConfig(options=dict(rank=2), bias=bias), rngs=nnx.Rngs(0))
 
 
-def test_to_peft_refuses_a_trained_bias(tmp_path):
+def test_to_peft_writes_the_trained_bias_and_refuses_a_partial_one(tmp_path):
+    # peft's bias="lora_only" saves the trained bias b + db of each adapted module with a bias
+    # (tests/jaxattn/lowrank/test_peft.py loads it in peft); a bias trained on only some of the
+    # adapted projections has no peft form
+    import json
+
+    from safetensors.numpy import load_file
+
     m, _ = _adapted()
-    with pytest.raises(ValueError, match="trains biases"):
-        L.to_peft(m, str(tmp_path / "p"))
+    written = L.to_peft(m, str(tmp_path / "p"))
+    assert "model.layers.0.self_attn.q_proj" in written
+    with open(tmp_path / "p" / "adapter_config.json") as f:
+        assert json.load(f)["bias"] == "lora_only"
+    saved = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
+    q = L.linear_paths(m)["layers/0/attn/q"]
+    key = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias"
+    want = np.asarray(q.bias[...]) + np.asarray(q.adapter.bias_deltas["default"][...])
+    np.testing.assert_allclose(saved[key], want.reshape(-1), rtol=1e-6)
+    assert not any(k.endswith("o_proj.base_layer.bias") for k in saved)  # o has no bias
+    del L.linear_paths(m)["layers/0/attn/v"].adapter.bias_deltas["default"]
+    with pytest.raises(ValueError, match="only .* of .* train it"):
+        L.to_peft(m, str(tmp_path / "partial"))

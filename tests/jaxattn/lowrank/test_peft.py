@@ -54,6 +54,11 @@ CASES = [
         ),
     ),
     (
+        "qwen2_bias_lora_only",
+        "qwen2",
+        dict(r=2, lora_alpha=4, bias="lora_only", target_modules=["q_proj", "v_proj", "o_proj"]),
+    ),
+    (
         "mistral_dora_head",
         "mistral",
         dict(
@@ -97,14 +102,15 @@ def bases(tmp_path_factory):
 
 
 def _peft_model(hf, fields, seed=1):
-    """A PeftModel over a copy of ``hf`` with every LoRA factor (and magnitude) random."""
+    """A PeftModel over a copy of ``hf`` with every LoRA factor (and magnitude) random, and
+    (bias="lora_only") every trained bias moved."""
     pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**fields)).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in pm.named_parameters():
-            if "lora_" in n:
+            if "lora_" in n or (p.requires_grad and n.endswith("base_layer.bias")):
                 noise = torch.randn(p.shape, generator=g) * 0.2
-                p.copy_(p + noise if "magnitude" in n else noise)
+                p.copy_(p + noise if "magnitude" in n or n.endswith("bias") else noise)
     return pm
 
 
@@ -163,6 +169,9 @@ def test_merge_equals_merge_and_unload(cid, loaded):
                 continue
             k = np.asarray(lin.kernel[...]).reshape(lin.fan_in, lin.fan_out)
             np.testing.assert_allclose(k.T, sd[mod + ".weight"], rtol=1e-5, atol=1e-5)
+            if lin.bias is not None:  # bias="lora_only": the trained bias folded in
+                b = np.asarray(lin.bias[...]).reshape(-1)
+                np.testing.assert_allclose(b, sd[mod + ".bias"], rtol=1e-6, atol=1e-6)
             n += 1
         assert n > 0
     finally:
