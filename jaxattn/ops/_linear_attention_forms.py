@@ -9,10 +9,12 @@ compute in float32 whatever the input dtype. With G_t = Σ_{s≤t} g_s (per key 
   delta:  S'_t = exp(g_t) S_{t-1};  u_t = β_t (v_t - S'_tᵀ k_t);  S_t = S'_t + k_t u_tᵀ
   output: o_t = scale · S_tᵀ q_t
 
-* ``naive_form``: the O(T²) masked form o = (scale·(Q Kᵀ ⊙ D ⊙ causal)) U with
-  D_ts = exp(G_t - G_s), U = V (plain) or, for the delta rule, the solution of
-  (I + strict_tril(diag(β) (K Kᵀ ⊙ D))) U = diag(β) V (Yang et al. 2024, "Parallelizing
-  linear transformers with the delta rule over sequence length", eq. 6-8, with gates).
+* ``naive_form``: the O(T²) masked form, one block of all T steps:
+  o = (scale·(Q Kᵀ ⊙ D ⊙ causal)) U with D_ts = exp(G_t - G_s), U = V (plain) or, for the
+  delta rule, the solution of
+  (I + strict_tril(diag(β) (K Kᵀ ⊙ D))) U = diag(β) V (the UT-transform form of Yang et al.
+  2024, "Parallelizing linear transformers with the delta rule over sequence length", with
+  gates), the inverse taken by block doubling (``_unit_lower_inverse``).
 * ``chunked_form``: chunks of C steps: the naive form inside a chunk plus the state carried
   from the chunks before it by ``lax.scan``; its custom VJP saves only the state entering
   each chunk and recomputes each chunk in a reverse scan.

@@ -58,6 +58,28 @@ def test_layer_prefill_and_decode_steps_equal_forward(variant):
     np.testing.assert_array_equal(cache.lengths_B, [9, 9])
 
 
+def test_ragged_prefill_leaves_padding_out_of_the_state():
+    """Rows of 9 and 5 valid tokens right-padded to 9, then one step: each row equals the
+    forward over its own tokens (retention's fixed decays and the normaliser column, the
+    cases the cache rewrites; the hybrid test covers gates and β)."""
+    config = LinearAttentionConfig(
+        d_model=32, num_heads=2, variant="retention", chunk_size=4, normalize=True,
+        feature_map="elu+1",
+    )  # fmt: skip
+    layer = config.build(rngs=nnx.Rngs(3))
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 10, 32)), jnp.float32)
+    step = nnx.jit(lambda m, x, c, n: m.decode(x, c, num_new_B=n))
+    o, cache = step(layer, x[:, :9], layer.init_cache(2, 0), jnp.array([9, 5]))
+    last = jnp.stack([x[0, 9], x[1, 5]])[:, None]
+    o_next, cache = step(layer, last, cache, jnp.array([1, 1]))
+    for b, n in enumerate([9, 5]):
+        seq = jnp.concatenate([x[b : b + 1, :n], last[b : b + 1]], axis=1)
+        full = layer(seq)[0]
+        np.testing.assert_allclose(o[b, :n], full[:n], **TOL)
+        np.testing.assert_allclose(o_next[b, 0], full[n], **TOL)
+    np.testing.assert_array_equal(cache.lengths_B, [10, 6])
+
+
 def test_hybrid_model_is_linear_and_softmax_from_one_config(hybrid):
     c = get_config("linear-hybrid-tiny")
     assert "linear" in registered_kinds()
@@ -139,3 +161,25 @@ def test_bad_config_and_input_name_the_field():
     x = jnp.zeros((1, 4, 32))
     with pytest.raises(NotImplementedError, match="segment_ids"):
         layer(x, Context.create(1, 4, segment_ids_BT=jnp.zeros((1, 4), jnp.int32)))
+
+
+def test_sharded_forward_over_a_mesh_matches_single_device(hybrid):
+    """Parameters placed by the rules table on a data × fsdp × tensor mesh, jitted forward."""
+    from jaxattn import sharding
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    tokens = _tokens(4, 40, seed=9)
+    want = _forward(hybrid, tokens)
+    explicit = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    auto = (jax.sharding.AxisType.Auto,) * 3  # XLA propagates shardings (as train/ does)
+    mesh = jax.sharding.Mesh(explicit.devices, explicit.axis_names, axis_types=auto)
+    graphdef, state = nnx.split(hybrid)
+    placed = []
+    for path, var in nnx.to_flat_state(state):
+        spec = sharding.logical_sharding(var.get_metadata()["out_sharding"], mesh)
+        placed.append((path, var.replace(jax.device_put(var[...], spec))))
+    assert any(len(v[...].sharding.device_set) > 1 for p, v in placed if "g" in p or "beta" in p)
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(nnx.from_flat_state(placed), tokens)
+    np.testing.assert_allclose(got, want, atol=2e-5)
