@@ -160,7 +160,9 @@ def _mla_model_config(base: ModelConfig, layers: list[MLAConfig]) -> ModelConfig
         layer_pattern=None,
         cache=None,
         q_lora_rank=a0.q_lora_rank,
-        kv_lora_rank=a0.kv_lora_rank,
+        # the model-level latent is bounded by d_model (MLAConfig.from_model); a wider one (the
+        # rope step of an MHA source: K·(H+V) - P > D) is every layer's own spec override
+        kv_lora_rank=min(a0.kv_lora_rank, base.d_model),
         qk_nope_head_dim=a0.qk_nope_head_dim,
         qk_rope_head_dim=a0.qk_rope_head_dim,
         v_head_dim=a0.v_head_dim,
