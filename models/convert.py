@@ -229,7 +229,7 @@ def _check_transmla(model, tokens_NT, steps, rope_dim, freqfold, kv_lora_rank, b
         collapse = h // p if isinstance(p, int) and p > 0 and p % 2 == 0 and h % p == 0 else None
         if collapse is None:
             raise ValueError(f"rope_dim={rope_dim} must be even and divide the head dim {h}")
-        ff = collapse if freqfold is None else freqfold
+        ff = collapse if freqfold in (None, "auto") else freqfold
         if not isinstance(ff, int) or ff <= 0 or ff % collapse or (h // 2) % ff:
             raise ValueError(
                 f"freqfold={freqfold} must be a multiple of collapse={collapse} and divide "
@@ -281,7 +281,9 @@ def transmla(
       tokens_NT: calibration tokens [N, T] (needed by every step after "exact").
       steps: an ordered subset of ("exact", "rope", "compress", "norm"); "compress" is
         skipped when ``kv_lora_rank`` is None.
-      rope_dim, freqfold: :func:`jaxattn.convert.decouple_rope`'s options.
+      rope_dim, freqfold: :func:`jaxattn.convert.decouple_rope`'s options; ``freqfold="auto"``
+        searches collapse, 2·collapse, ... while the calibration NLL (first batch) falls, as
+        the paper's converter does.
       kv_lora_rank, balance_kv: :func:`jaxattn.convert.compress_latent`'s options.
       batch_size: calibration rows per step.
       probe_NT: tokens on which each step's logits are compared with the original's (default
@@ -303,25 +305,54 @@ def transmla(
         params.append(p)
     current = rebuild(model, _mla_model_config(model.config, configs), params)
     reports = [_report(current, "exact", [{"exact": 1.0}], probe_NT, ref)]
+    tokens_NT = None if tokens_NT is None else np.asarray(tokens_NT)
     for step in steps[1:]:
         if step == "norm":
             stats = _norm_stats(current, tokens_NT, batch_size)
         else:
             stats = _moments(current, tokens_NT, batch_size)
-        infos = []
-        for i, blk in enumerate(current.layers):
-            args = (blk.attn.config, C.layer_params(blk.attn), stats[i])
-            if step == "rope":
-                out = C.decouple_rope(*args, rope_dim=rope_dim, freqfold=freqfold)
-            elif step == "compress":
-                out = C.compress_latent(*args, kv_lora_rank=kv_lora_rank, balance_kv=balance_kv)
-            else:
-                out = C.fit_latent_norm(*args)
-            configs[i], params[i], info = out
-            infos.append(info)
-        current = rebuild(current, _mla_model_config(model.config, configs), params)
-        reports.append(_report(current, step, infos, probe_NT, ref))
+        layers = [
+            (blk.attn.config, C.layer_params(blk.attn), stats[i])
+            for i, blk in enumerate(current.layers)
+        ]
+
+        def run(fn, **kw):
+            outs = [fn(*args, **kw) for args in layers]
+            new_cfg = _mla_model_config(model.config, [o[0] for o in outs])
+            return rebuild(current, new_cfg, [o[1] for o in outs]), outs
+
+        if step == "rope" and freqfold == "auto":
+            current, outs = _best_freqfold(run, rope_dim, tokens_NT[:batch_size], configs[0])
+        elif step == "rope":
+            current, outs = run(C.decouple_rope, rope_dim=rope_dim, freqfold=freqfold)
+        elif step == "compress":
+            current, outs = run(C.compress_latent, kv_lora_rank=kv_lora_rank, balance_kv=balance_kv)
+        else:
+            current, outs = run(C.fit_latent_norm)
+        configs, params = [o[0] for o in outs], [o[1] for o in outs]
+        reports.append(_report(current, step, [o[2] for o in outs], probe_NT, ref))
     return current, reports
+
+
+def _nll(model, tokens_NT) -> float:
+    """Mean next-token NLL of ``model`` within the rows of ``tokens_NT``."""
+    x = jnp.asarray(tokens_NT)
+    logp = jax.nn.log_softmax(model(x[:, :-1]), axis=-1)
+    return float(-jnp.take_along_axis(logp, x[:, 1:, None], axis=-1).mean())
+
+
+def _best_freqfold(run, rope_dim, tokens_NT, exact: MLAConfig):
+    """TransMLA's freqfold search: collapse, 2·collapse, ... while the calibration NLL falls."""
+    h = exact.rope_block_dim
+    ff = h // (h if rope_dim is None else rope_dim)
+    best, best_nll = None, float("inf")
+    while ff <= h // 2 and (h // 2) % ff == 0:
+        model, outs = run(C.decouple_rope, rope_dim=rope_dim, freqfold=ff)
+        nll = _nll(model, tokens_NT)
+        if nll >= best_nll:
+            break
+        best, best_nll, ff = (model, outs), nll, ff * 2
+    return best
 
 
 def _report(model, step, infos, probe_NT, ref) -> dict:
