@@ -1,12 +1,10 @@
-"""Whole-model conversions: calibration passes, rebuilt models, a method registry and a CLI.
+"""Whole-model conversions: TransMLA and KV-head compression, a method registry and a CLI.
 
 ``jaxattn.convert`` holds the per-layer steps (pure functions on a layer's arrays); this module
 reads a ``DecoderLM``'s layers (``layer_params``: adapters folded in), gathers calibration
-statistics in one compiled pass per step (the blocks' inputs captured through the
-``jaxattn.heads`` hooks at ``blocks.<i>.resid_pre``, normed by the block's own ``attn_norm``,
-reduced to per-layer sums inside ``jax.lax.scan``), and rebuilds the model with the new layer
-configs as per-layer specs. Methods are registered by name (:func:`register_method`), so the CLI
-and :func:`convert` reach every one the same way:
+statistics in one compiled pass per step and rebuilds the model with the new layer configs as
+per-layer specs (that machinery: ``models._convert_base``). Methods are registered by name
+(:func:`register_method`), so the CLI and :func:`convert` reach every one the same way:
 
     python -m models.convert --from HF_DIR --to OUT_DIR --method transmla \\
         --set kv_lora_rank=32 --set rope_dim=16
@@ -29,10 +27,17 @@ import numpy as np
 from flax import nnx
 
 from jaxattn import convert as C
-from jaxattn import heads
 from jaxattn.convert.transmla import gqa_unsupported
-from jaxattn.layers import AdapterParam, Linear, MLAConfig
-from models.config import LayerSpec, ModelConfig
+from jaxattn.layers import MLAConfig
+from models._convert_base import (
+    _mla_model_config,
+    _moments,
+    _norm_stats,
+    calibrate,
+    perplexity,
+    rebuild,
+    with_layers,
+)
 from models.decoder import DecoderLM
 
 __all__ = [
@@ -48,154 +53,6 @@ __all__ = [
     "convert",
     "main",
 ]
-
-
-# -- calibration --------------------------------------------------------------------------------
-def calibrate(model: DecoderLM, tokens_NT, stat_fn: Callable, *, batch_size: int = 8) -> list:
-    """Per-layer sums of ``stat_fn(attn_layer, x_BTD)`` over calibration rows, in one jit.
-
-    Args:
-      model: the DecoderLM.
-      tokens_NT: int tokens [N, T] (N rows of T tokens); rows past a multiple of batch_size
-        are not used.
-      stat_fn: ``(attention layer, its input x [B, T, D]) -> pytree of sums`` (e.g.
-        ``lambda attn, x: jaxattn.convert.input_moments(x)``); summed over batches with ``+``.
-      batch_size: rows per step of the scan.
-
-    Returns:
-      [stats of layer i], host values.
-    """
-    tokens_NT = np.asarray(tokens_NT)
-    if tokens_NT.ndim != 2 or tokens_NT.shape[0] < batch_size:
-        raise ValueError(
-            f"calibration tokens must be [rows >= batch_size={batch_size}, T], "
-            f"got shape {tokens_NT.shape}"
-        )
-    nb = tokens_NT.shape[0] // batch_size
-    batches = jnp.asarray(tokens_NT[: nb * batch_size].reshape(nb, batch_size, -1))
-    graphdef, state = nnx.split(model)
-    names = [f"blocks.{i}.resid_pre" for i in range(len(model.layers))]
-
-    def one(m, tok_BT):
-        _, caps = heads.run_with_hooks(m, tok_BT, [heads.Capture(n) for n in names])
-        return [
-            stat_fn(blk.attn, blk.attn_norm(caps[n]))
-            for blk, n in zip(m.layers, names, strict=True)
-        ]
-
-    @jax.jit
-    def run(state, batches):
-        m = nnx.merge(graphdef, state)
-        first = one(m, batches[0])
-
-        def body(acc, tok_BT):
-            return [a + b for a, b in zip(acc, one(m, tok_BT), strict=True)], None
-
-        total, _ = jax.lax.scan(body, first, batches[1:])
-        return total
-
-    return jax.device_get(run(state, batches))
-
-
-def _moments(model, tokens_NT, batch_size):
-    return calibrate(model, tokens_NT, lambda attn, x: C.input_moments(x), batch_size=batch_size)
-
-
-def _norm_stats(model, tokens_NT, batch_size):
-    def fn(attn, x):
-        c = attn.config
-        return C.latent_norm_stats(attn.kv_a(x)[..., : c.kv_lora_rank], c.latent_norm_eps)
-
-    return calibrate(model, tokens_NT, fn, batch_size=batch_size)
-
-
-# -- rebuilding ---------------------------------------------------------------------------------
-def _check_no_adapters(model: DecoderLM) -> None:
-    adapted = [
-        "/".join(map(str, p))
-        for p, m in nnx.iter_modules(model)
-        if isinstance(m, Linear) and m.adapter is not None
-    ]
-    if adapted:
-        raise ValueError(
-            f"merge the adapters on {adapted} first (jaxattn.lowrank.merge): a conversion "
-            "rewrites the base weights"
-        )
-
-
-def with_layers(cfg: ModelConfig, layers: list) -> ModelConfig:
-    """``cfg`` whose layer i is the attention config ``layers[i]``: per-layer specs hold the
-    fields where a layer differs from what its kind's ``from_model`` gives (none: no specs)."""
-    cfg = cfg.replace(layer_specs=None, layer_pattern=None)
-    specs = []
-    for i, a in enumerate(layers):
-        default = type(a).from_model(cfg, i)
-        diff = {
-            f.name: getattr(a, f.name)
-            for f in dataclasses.fields(a)
-            if getattr(a, f.name) != getattr(default, f.name)
-        }
-        specs.append(LayerSpec.of(a.kind, **diff))
-    if any(s.overrides for s in specs) or any(a.kind != cfg.attention for a in layers):
-        cfg = cfg.replace(layer_specs=tuple(specs))
-    return cfg
-
-
-def _mla_model_config(base: ModelConfig, layers: list[MLAConfig]) -> ModelConfig:
-    """``base`` with MLA layers ``layers``: model-level fields from layer 0, the rest as specs."""
-    a0 = layers[0]
-    cfg = base.replace(
-        arch="deepseek_v3",
-        attention="mla",
-        num_kv_heads=None,
-        head_dim=None,
-        num_query_heads=None,
-        qkv_bias=False,
-        o_bias=False,
-        qk_norm=False,
-        logits_soft_cap=None,
-        sliding_window=None,
-        sliding_window_layers=None,
-        layer_specs=None,
-        layer_pattern=None,
-        cache=None,
-        q_lora_rank=a0.q_lora_rank,
-        kv_lora_rank=a0.kv_lora_rank,
-        qk_nope_head_dim=a0.qk_nope_head_dim,
-        qk_rope_head_dim=a0.qk_rope_head_dim,
-        v_head_dim=a0.v_head_dim,
-        rope=a0.rope,
-        latent_norm_eps=a0.latent_norm_eps,
-    )
-    return with_layers(cfg, layers)
-
-
-def rebuild(model: DecoderLM, config: ModelConfig, layer_params: list[dict]) -> DecoderLM:
-    """A DecoderLM of ``config`` with ``model``'s weights and new attention layers.
-
-    Embeddings, norms, MLPs and the head are copied from ``model``; layer i's attention takes
-    ``layer_params[i]`` (nested dicts as ``jaxattn.convert.layer_params`` gives them).
-    """
-    _check_no_adapters(model)
-    cfg = config
-    abstract = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    old = {
-        p: v
-        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-        if not isinstance(v, AdapterParam)
-    }
-    values = []
-    for path, var in nnx.to_flat_state(state):
-        if path[0] == "layers" and path[2] == "attn":
-            entry = layer_params[path[1]]["/".join(map(str, path[3:-1]))][path[-1]]
-            value = np.asarray(entry)
-        else:
-            value = old[path][...]
-        if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"{path}: converted shape {value.shape}, expected {var.shape}")
-        values.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(values))
 
 
 # -- TransMLA -----------------------------------------------------------------------------------
@@ -227,7 +84,7 @@ def _check_transmla(model, tokens_NT, steps, rope_dim, freqfold, kv_lora_rank, b
         collapse = h // p if isinstance(p, int) and p > 0 and p % 2 == 0 and h % p == 0 else None
         if collapse is None:
             raise ValueError(f"rope_dim={rope_dim} must be even and divide the head dim {h}")
-        ff = collapse if freqfold is None else freqfold
+        ff = collapse if freqfold in (None, "auto") else freqfold
         if not isinstance(ff, int) or ff <= 0 or ff % collapse or (h // 2) % ff:
             raise ValueError(
                 f"freqfold={freqfold} must be a multiple of collapse={collapse} and divide "
@@ -279,7 +136,9 @@ def transmla(
       tokens_NT: calibration tokens [N, T] (needed by every step after "exact").
       steps: an ordered subset of ("exact", "rope", "compress", "norm"); "compress" is
         skipped when ``kv_lora_rank`` is None.
-      rope_dim, freqfold: :func:`jaxattn.convert.decouple_rope`'s options.
+      rope_dim, freqfold: :func:`jaxattn.convert.decouple_rope`'s options; ``freqfold="auto"``
+        searches collapse, 2·collapse, ... while the calibration NLL (first batch) falls, as
+        the paper's converter does.
       kv_lora_rank, balance_kv: :func:`jaxattn.convert.compress_latent`'s options.
       batch_size: calibration rows per step.
       probe_NT: tokens on which each step's logits are compared with the original's (default
@@ -301,25 +160,54 @@ def transmla(
         params.append(p)
     current = rebuild(model, _mla_model_config(model.config, configs), params)
     reports = [_report(current, "exact", [{"exact": 1.0}], probe_NT, ref)]
+    tokens_NT = None if tokens_NT is None else np.asarray(tokens_NT)
     for step in steps[1:]:
         if step == "norm":
             stats = _norm_stats(current, tokens_NT, batch_size)
         else:
             stats = _moments(current, tokens_NT, batch_size)
-        infos = []
-        for i, blk in enumerate(current.layers):
-            args = (blk.attn.config, C.layer_params(blk.attn), stats[i])
-            if step == "rope":
-                out = C.decouple_rope(*args, rope_dim=rope_dim, freqfold=freqfold)
-            elif step == "compress":
-                out = C.compress_latent(*args, kv_lora_rank=kv_lora_rank, balance_kv=balance_kv)
-            else:
-                out = C.fit_latent_norm(*args)
-            configs[i], params[i], info = out
-            infos.append(info)
-        current = rebuild(current, _mla_model_config(model.config, configs), params)
-        reports.append(_report(current, step, infos, probe_NT, ref))
+        layers = [
+            (blk.attn.config, C.layer_params(blk.attn), stats[i])
+            for i, blk in enumerate(current.layers)
+        ]
+
+        def run(fn, **kw):
+            outs = [fn(*args, **kw) for args in layers]
+            new_cfg = _mla_model_config(model.config, [o[0] for o in outs])
+            return rebuild(current, new_cfg, [o[1] for o in outs]), outs
+
+        if step == "rope" and freqfold == "auto":
+            current, outs = _best_freqfold(run, rope_dim, tokens_NT[:batch_size], configs[0])
+        elif step == "rope":
+            current, outs = run(C.decouple_rope, rope_dim=rope_dim, freqfold=freqfold)
+        elif step == "compress":
+            current, outs = run(C.compress_latent, kv_lora_rank=kv_lora_rank, balance_kv=balance_kv)
+        else:
+            current, outs = run(C.fit_latent_norm)
+        configs, params = [o[0] for o in outs], [o[1] for o in outs]
+        reports.append(_report(current, step, [o[2] for o in outs], probe_NT, ref))
     return current, reports
+
+
+def _nll(model, tokens_NT) -> float:
+    """Mean next-token NLL of ``model`` within the rows of ``tokens_NT``."""
+    x = jnp.asarray(tokens_NT)
+    logp = jax.nn.log_softmax(model(x[:, :-1]), axis=-1)
+    return float(-jnp.take_along_axis(logp, x[:, 1:, None], axis=-1).mean())
+
+
+def _best_freqfold(run, rope_dim, tokens_NT, exact: MLAConfig):
+    """TransMLA's freqfold search: collapse, 2·collapse, ... while the calibration NLL falls."""
+    h = exact.rope_block_dim
+    ff = h // (h if rope_dim is None else rope_dim)
+    best, best_nll = None, float("inf")
+    while ff <= h // 2 and (h // 2) % ff == 0:
+        model, outs = run(C.decouple_rope, rope_dim=rope_dim, freqfold=ff)
+        nll = _nll(model, tokens_NT)
+        if nll >= best_nll:
+            break
+        best, best_nll, ff = (model, outs), nll, ff * 2
+    return best
 
 
 def _report(model, step, infos, probe_NT, ref) -> dict:
@@ -376,29 +264,6 @@ def _check_transmla_tokens(tokens_NT, batch_size):
         raise ValueError(
             f"calibration tokens must be [rows >= batch_size={batch_size}, T], got {shape}"
         )
-
-
-# -- evaluation ---------------------------------------------------------------------------------
-def perplexity(model: DecoderLM, tokens_N, *, seq_len: int = 128, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over consecutive windows of ``seq_len + 1`` tokens."""
-    tokens_N = np.asarray(tokens_N).reshape(-1)
-    n = (len(tokens_N) - 1) // seq_len
-    if n < 1:
-        raise ValueError(f"{len(tokens_N)} eval tokens: fewer than seq_len + 1 = {seq_len + 1}")
-    rows = tokens_N[: n * seq_len + 1]
-    x_NT = np.stack([rows[i * seq_len : (i + 1) * seq_len + 1] for i in range(n)])
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def nll(state, w_BT):
-        logits = nnx.merge(graphdef, state)(w_BT[:, :-1])
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # fp32 log-softmax
-        return -jnp.take_along_axis(logp, w_BT[:, 1:, None], axis=-1).sum()
-
-    total = 0.0
-    for i in range(0, n, batch_size):
-        total += float(nll(state, jnp.asarray(x_NT[i : i + batch_size])))
-    return float(np.exp(total / (n * seq_len)))
 
 
 # -- registry -----------------------------------------------------------------------------------

@@ -152,11 +152,10 @@ class MLAConfig:
                 f"layer {layer} is 'mla', which does not support the model fields "
                 f"{set_fields} (set them for the 'mha' layers in layer_specs)"
             )
-        widest = m.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
-        if not 0 < m.kv_lora_rank <= max(m.d_model, widest):
+        if not 0 < m.kv_lora_rank <= m.d_model:
             raise ValueError(
-                f"kv_lora_rank={m.kv_lora_rank} must be in [1, max(d_model={m.d_model}, "
-                f"num_heads·(nope + rope + v_head_dim)={widest})] (a wider latent saves nothing)"
+                f"kv_lora_rank={m.kv_lora_rank} must be in [1, d_model={m.d_model}] "
+                "(the latent compresses the model width)"
             )
         if not 0 <= m.q_lora_rank <= m.d_model:
             raise ValueError(

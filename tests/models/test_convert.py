@@ -266,3 +266,11 @@ def test_kv_heads_merges_to_standard_gqa_that_hf_loads(hf_dirs, tmp_path):
         np.testing.assert_allclose(_logits(mqa), hf(torch.tensor(PROBE)).logits.numpy(), atol=TOL)
     with pytest.raises(ValueError, match="num_kv_heads=3 must divide"):
         mc.kv_heads(gqa, CALIB, num_kv_heads=3)
+
+
+def test_auto_freqfold_keeps_the_search_best(hf_dirs):
+    gqa = models.from_hf(hf_dirs["llama"][0])
+    auto, reports = mc.transmla(gqa, CALIB, steps=("exact", "rope"), freqfold="auto", batch_size=4)
+    fixed, _ = mc.transmla(gqa, CALIB, steps=("exact", "rope"), freqfold=1, batch_size=4)
+    assert reports[1]["freqfold"] in (1, 2, 4, 8)
+    assert mc._nll(auto, CALIB[:4]) <= mc._nll(fixed, CALIB[:4]) + 1e-6  # 1 is tried first
