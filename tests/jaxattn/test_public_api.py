@@ -5,7 +5,19 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("package", ["jaxattn", "jaxattn.ops", "jaxattn.layers", "jaxattn.cache"])
+@pytest.mark.parametrize(
+    "package",
+    [
+        "jaxattn",
+        "jaxattn.ops",
+        "jaxattn.layers",
+        "jaxattn.cache",
+        "jaxattn.convert",
+        "jaxattn.heads",
+        "jaxattn.lowrank",
+        "jaxattn.optim",
+    ],
+)
 def test_all_names_exist(package):
     module = importlib.import_module(package)
     missing = [name for name in module.__all__ if not hasattr(module, name)]
