@@ -279,11 +279,12 @@ class MultiHeadLatentAttention(AttentionLayer):
         k_BTNH = [c·Wk_n | k_pe] (k_pe shared by every head), v_BTNV = c·Wv_n (H = nope + P)."""
         c = self.config
         (q_nope_BTNH, q_pe_BTNP), (c_BTL, k_pe_BT1P) = q, kv
-        v_BTNV = self.v_b(c_BTL, ctx)
         if self.k_b is None:  # no latent key part: the rope key is the whole key
+            v_BTNV = self.v_b(c_BTL, ctx)
             k_nope_BTNH = jnp.zeros((*v_BTNV.shape[:3], 0), v_BTNV.dtype)
-        else:
+        else:  # k before v: the same program as before the k_b-free form existed
             k_nope_BTNH = self.k_b(c_BTL, ctx)
+            v_BTNV = self.v_b(c_BTL, ctx)
         k_pe_BTNP = jnp.broadcast_to(k_pe_BT1P, (*k_nope_BTNH.shape[:3], c.qk_rope_head_dim))
         q_BTNH = jnp.concatenate([q_nope_BTNH, q_pe_BTNP], axis=-1)
         k_BTNH = jnp.concatenate([k_nope_BTNH, k_pe_BTNP], axis=-1)
