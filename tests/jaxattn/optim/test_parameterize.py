@@ -196,6 +196,16 @@ def test_model_parameterization_by_path_counts_and_decodes_with_the_same_weight(
     logits = nnx.jit(lambda m, t: m(t))(model, tokens)
     prefill, _ = nnx.jit(lambda m, t: m.decode(t, m.init_cache(2, 8)))(model, tokens)
     np.testing.assert_allclose(prefill, logits, rtol=1e-4, atol=1e-4)
+
+    # each support is sparse_support(support_key(sltrain_seed, path)): a function of the
+    # config and the path alone, not of the parameter seed
+    from jaxattn.layers._factorized import sparse_support, support_key
+
+    lins = linear_paths(model)
+    for path, seed in (("layers/0/attn/q", 0), ("layers/0/mlp/up", 0), ("layers/0/mlp/up", 1)):
+        lin = lins[path]
+        want = sparse_support(support_key(seed, path), lin.fan_in, lin.fan_out, lin.form.nnz)
+        assert np.array_equal(lin.form.support[...], want) == (seed == 0)
     import models
 
     models.to_hf(model, str(tmp_path / "hf"))
