@@ -182,12 +182,13 @@ class SpectralKernel(KernelForm):
         return _dot(h_NK, self.vt[...], preferred_element_type)
 
 
-# name -> builder(linear, *, rank, density, rngs, path[, seed]) -> KernelForm
+# name -> builder(linear, *, rank, density, rngs, path, seed) -> KernelForm
 _FORMS: dict[str, Callable] = {}
 
 
 def register_form(name: str, build: Callable) -> None:
-    """Register ``build(linear, *, rank, density, rngs, path) -> KernelForm`` as ``name``."""
+    """Register ``build(linear, *, rank, density, rngs, path, seed) -> KernelForm`` as ``name``
+    (``seed``: an int or None, for a form's own fixed random structure)."""
     _FORMS[name] = build
 
 
@@ -206,7 +207,7 @@ def _axes(linear) -> tuple:
 
 register_form(
     "lowrank",
-    lambda lin, *, rank, density, rngs, path: LowRankKernel(
+    lambda lin, *, rank, density, rngs, path, seed: LowRankKernel(
         lin.fan_in, lin.fan_out, rank, axes=_axes(lin), rngs=rngs, param_dtype=lin.kernel.dtype
     ),
 )
@@ -219,7 +220,7 @@ def support_key(seed: int, path: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def _sltrain(lin, *, rank, density, rngs, path, seed=None):
+def _sltrain(lin, *, rank, density, rngs, path, seed):
     key = None if seed is None else support_key(seed, path)
     return SparseLowRankKernel(
         lin.fan_in, lin.fan_out, rank, density=density, axes=_axes(lin), rngs=rngs,
@@ -230,7 +231,7 @@ def _sltrain(lin, *, rank, density, rngs, path, seed=None):
 register_form("sltrain", _sltrain)
 register_form(
     "sst",
-    lambda lin, *, rank, density, rngs, path: SpectralKernel(
+    lambda lin, *, rank, density, rngs, path, seed: SpectralKernel(
         lin.kernel[...].reshape(lin.fan_in, lin.fan_out),
         rank,
         axes=_axes(lin),
@@ -290,8 +291,9 @@ def factorize(
             )
     if form != "sst" and rngs is None:
         raise ValueError(f"parameterization={form!r} needs rngs for the new factors of {where}")
-    extra = {} if support_seed is None else {"seed": support_seed}
-    built = _FORMS[form](linear, rank=rank, density=density, rngs=rngs, path=path, **extra)
+    built = _FORMS[form](
+        linear, rank=rank, density=density, rngs=rngs, path=path, seed=support_seed
+    )
     linear.form = built
     linear.kernel = None
     return built
