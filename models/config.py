@@ -102,6 +102,9 @@ class ModelConfig:
       parameterization_paths: regex over the projections' module paths (default: attention
         and MLP projections, not the embedding or the LM head).
       sltrain_density: the fraction of S's entries that are non-zero, in (0, 1).
+      sltrain_seed: the seed of S's fixed supports (with each layer's path): part of the
+        model config, so a model rebuilt from a checkpoint's config has the same supports
+        whatever its parameter seed.
     """
 
     arch: str = "llama"
@@ -143,6 +146,7 @@ class ModelConfig:
     parameterization_rank: int | None = None
     parameterization_paths: str = DEFAULT_PATHS
     sltrain_density: float = 0.03
+    sltrain_seed: int = 0
 
     def __post_init__(self):
         o = "ModelConfig"
@@ -202,6 +206,7 @@ class ModelConfig:
             raise ValueError(
                 f"parameterization_paths={self.parameterization_paths!r} is not a regex: {err}"
             ) from None
+        v.check_int("ModelConfig", "sltrain_seed", self.sltrain_seed, minimum=0)
         if not (isinstance(self.sltrain_density, float) and 0.0 < self.sltrain_density < 1.0):
             raise ValueError(f"sltrain_density={self.sltrain_density!r} must be a float in (0, 1)")
 

@@ -118,6 +118,7 @@ class DecoderLM(nnx.Module):
                 paths=c.parameterization_paths,
                 density=c.sltrain_density,
                 rngs=rngs,
+                support_seed=c.sltrain_seed,
             )
 
     def _logits(self, x_BTD: jax.Array, ctx: Context) -> jax.Array:

@@ -160,7 +160,8 @@ def from_hf(path: str, **config_overrides) -> DecoderLM:
 
 
 def _export_values(model: DecoderLM, covered: set) -> dict:
-    """Parameter path -> value to export, adapters merged into their kernels.
+    """Parameter path -> value to export, adapters merged into their kernels and factorised
+    kernels (``Linear.form``: lowrank, sltrain, sst) exported as their dense product.
 
     Raises:
       ValueError: naming every parameter that cannot be exported: adapters that cannot be
@@ -172,6 +173,9 @@ def _export_values(model: DecoderLM, covered: set) -> dict:
     adapter_leaves = {p for p, v in flat.items() if isinstance(v, AdapterParam)}
     problems = []
     for path, linear in nnx.iter_modules(model):
+        if isinstance(linear, Linear) and linear.form is not None:  # a factorised kernel
+            values = {p: v for p, v in values.items() if p[: len(path) + 1] != (*path, "form")}
+            values[(*path, "kernel")] = linear.effective_kernel()
         if not isinstance(linear, Linear) or linear.adapter is None:
             continue
         name = "/".join(map(str, path))

@@ -10,7 +10,8 @@ as the product of the factors, viewed as the matrix ``W_mn`` (m = fan_in, n = fa
 * ``sltrain``  ``W = B_mr A_rn + S``, S sparse with ``nnz = int(density m n)`` entries on a
   support drawn uniformly at random from a PRNG key and then fixed (SLTrain, Han et al.
   2024); only the values ``s [nnz]`` are parameters, the flat indices are a
-  :class:`FixedSupport` variable rebuilt from the key. ``r (m + n) + nnz`` parameters.
+  :class:`FixedSupport` variable rebuilt from the key (:func:`support_key`: a seed and the
+  layer's path). ``r (m + n) + nnz`` parameters.
 * ``sst``  ``W = U_mk diag(s_k) Vᵀ_kn``, initialised from the SVD of the layer's dense
   initial kernel (Sparse Spectral Training, Zhao et al. 2024); ``k (m + n + 1)`` parameters.
   Which singular vectors train each step is the optimizer's part (``jaxattn.optim.sst``).
@@ -31,6 +32,7 @@ input / output dim (row-major flattening keeps that axis' shards contiguous), th
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 
 import jax
@@ -180,12 +182,13 @@ class SpectralKernel(KernelForm):
         return _dot(h_NK, self.vt[...], preferred_element_type)
 
 
-# name -> builder(linear, *, rank, density, rngs, path) -> KernelForm
+# name -> builder(linear, *, rank, density, rngs, path, seed) -> KernelForm
 _FORMS: dict[str, Callable] = {}
 
 
 def register_form(name: str, build: Callable) -> None:
-    """Register ``build(linear, *, rank, density, rngs, path) -> KernelForm`` as ``name``."""
+    """Register ``build(linear, *, rank, density, rngs, path, seed) -> KernelForm`` as ``name``
+    (``seed``: an int or None, for a form's own fixed random structure)."""
     _FORMS[name] = build
 
 
@@ -204,25 +207,31 @@ def _axes(linear) -> tuple:
 
 register_form(
     "lowrank",
-    lambda lin, *, rank, density, rngs, path: LowRankKernel(
+    lambda lin, *, rank, density, rngs, path, seed: LowRankKernel(
         lin.fan_in, lin.fan_out, rank, axes=_axes(lin), rngs=rngs, param_dtype=lin.kernel.dtype
     ),
 )
-register_form(
-    "sltrain",
-    lambda lin, *, rank, density, rngs, path: SparseLowRankKernel(
-        lin.fan_in,
-        lin.fan_out,
-        rank,
-        density=density,
-        axes=_axes(lin),
-        rngs=rngs,
-        param_dtype=lin.kernel.dtype,
-    ),  # fmt: skip
-)
+
+
+def support_key(seed: int, path: str) -> jax.Array:
+    """The key of the sparse support of the projection at ``path``: ``seed`` folded with a
+    hash of the path, so the support is a function of the model config alone (not of the
+    run's parameter RNG: a model rebuilt to sample or fine-tune gets the same supports)."""
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _sltrain(lin, *, rank, density, rngs, path, seed):
+    key = None if seed is None else support_key(seed, path)
+    return SparseLowRankKernel(
+        lin.fan_in, lin.fan_out, rank, density=density, axes=_axes(lin), rngs=rngs,
+        support_key=key, param_dtype=lin.kernel.dtype,
+    )  # fmt: skip
+
+
+register_form("sltrain", _sltrain)
 register_form(
     "sst",
-    lambda lin, *, rank, density, rngs, path: SpectralKernel(
+    lambda lin, *, rank, density, rngs, path, seed: SpectralKernel(
         lin.kernel[...].reshape(lin.fan_in, lin.fan_out),
         rank,
         axes=_axes(lin),
@@ -232,8 +241,9 @@ register_form(
 
 
 def factorize(
-    linear, form: str, *, rank: int | None, density: float = 0.0, rngs=None, path: str = ""
-):
+    linear, form: str, *, rank: int | None, density: float = 0.0, rngs=None, path: str = "",
+    support_seed: int | None = None,
+):  # fmt: skip
     """Replace ``linear``'s dense kernel by the factorised ``form`` (in place; returns it).
 
     Args:
@@ -243,7 +253,9 @@ def factorize(
         ``[1, min(fan_in, fan_out)]``; None: ``min(fan_in, fan_out)`` for ``sst``.
       density: ``sltrain``'s fraction of non-zero entries of S, in (0, 1).
       rngs: ``nnx.Rngs`` for the new factors (``sst`` reads the dense kernel instead).
-      path: the layer's module path, for error messages.
+      path: the layer's module path, for error messages (and ``sltrain``'s support key).
+      support_seed: ``sltrain``: the support's key is :func:`support_key` (seed, path); None:
+        drawn from ``rngs``.
 
     Raises:
       ValueError: an unknown form, a rank outside its range, a density giving no entry, a
@@ -279,7 +291,9 @@ def factorize(
             )
     if form != "sst" and rngs is None:
         raise ValueError(f"parameterization={form!r} needs rngs for the new factors of {where}")
-    built = _FORMS[form](linear, rank=rank, density=density, rngs=rngs, path=path)
+    built = _FORMS[form](
+        linear, rank=rank, density=density, rngs=rngs, path=path, seed=support_seed
+    )
     linear.form = built
     linear.kernel = None
     return built

@@ -48,6 +48,7 @@ def parameterize(
     paths: str = DEFAULT_PATHS,
     density: float = 0.03,
     rngs: nnx.Rngs | None = None,
+    support_seed: int | None = None,
 ) -> list[str]:
     """Factorise every ``Linear`` of ``model`` whose module path matches ``paths`` (in place).
 
@@ -57,7 +58,9 @@ def parameterize(
       rank: r of ``lowrank`` / ``sltrain``, the kept spectrum k of ``sst`` (None: full).
       paths: regex searched in each projection's module path.
       density: ``sltrain``'s non-zero fraction of S.
-      rngs: RNGs of the new factors and of the sparse support.
+      rngs: RNGs of the new factors (and of the sparse supports, without ``support_seed``).
+      support_seed: ``sltrain``: each support's key from this seed and the layer's path
+        (``jaxattn.layers._factorized.support_key``), independent of ``rngs``.
 
     Returns:
       The factorised paths, in model order.
@@ -86,5 +89,6 @@ def parameterize(
             f"projections look like {list(found)[:6]}"
         )
     for path in chosen:
-        factorize(found[path], form, rank=rank, density=density, rngs=rngs, path=path)
+        factorize(found[path], form, rank=rank, density=density, rngs=rngs, path=path,
+                  support_seed=support_seed)  # fmt: skip
     return chosen

@@ -163,10 +163,11 @@ def test_lowrank_refactor_keeps_the_function_resets_moments_not_the_schedule():
     np.testing.assert_allclose(b.T @ b, a @ a.T, atol=1e-6)  # balanced: both carry S
 
 
-def test_model_parameterization_by_path_counts_and_decodes_with_the_same_weight():
+def test_model_parameterization_by_path_counts_and_decodes_with_the_same_weight(tmp_path):
     """mla-tiny with sltrain on attention + MLP: embeddings and head stay dense, the count
-    is the formulas' sum, and absorbed-latent decoding (MLA reads k_b / v_b through
-    effective_kernel) gives the full forward's logits."""
+    is the formulas' sum, absorbed-latent decoding (MLA reads k_b / v_b through
+    effective_kernel) gives the full forward's logits, and ``to_hf`` exports the products as
+    dense kernels."""
     base = get_config("mla-tiny-default", d_model=32, num_layers=1, num_heads=2, mlp_dim=48,
                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
                       vocab_size=64, implementation="xla")  # fmt: skip
@@ -195,6 +196,25 @@ def test_model_parameterization_by_path_counts_and_decodes_with_the_same_weight(
     logits = nnx.jit(lambda m, t: m(t))(model, tokens)
     prefill, _ = nnx.jit(lambda m, t: m.decode(t, m.init_cache(2, 8)))(model, tokens)
     np.testing.assert_allclose(prefill, logits, rtol=1e-4, atol=1e-4)
+
+    # each support is sparse_support(support_key(sltrain_seed, path)): a function of the
+    # config and the path alone, not of the parameter seed
+    from jaxattn.layers._factorized import sparse_support, support_key
+
+    lins = linear_paths(model)
+    for path, seed in (("layers/0/attn/q", 0), ("layers/0/mlp/up", 0), ("layers/0/mlp/up", 1)):
+        lin = lins[path]
+        want = sparse_support(support_key(seed, path), lin.fan_in, lin.fan_out, lin.form.nnz)
+        assert np.array_equal(lin.form.support[...], want) == (seed == 0)
+    import models
+
+    load_file = pytest.importorskip("safetensors.numpy").load_file  # the export's extra
+
+    models.to_hf(model, str(tmp_path / "hf"))  # the products, as dense HF [out, in] weights
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for ours, hf in (("mlp/down", "mlp.down_proj"), ("mlp/up", "mlp.up_proj")):
+        w = np.asarray(lins[f"layers/0/{ours}"].as_matrix()).T
+        np.testing.assert_array_equal(tensors[f"model.layers.0.{hf}.weight"], w)
 
 
 def test_bad_input_names_the_field_and_the_layer():
