@@ -122,6 +122,11 @@ def _moh_tiny() -> dict:
     )
 
 
+def _ssa_tiny() -> dict:
+    # selective self-attention: query/position/value temperatures on llama-tiny's GQA layers
+    return _llama_tiny() | dict(attention="ssa")
+
+
 def _llama3_8b() -> dict:
     scaling = Llama3Scaling(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
@@ -213,6 +218,7 @@ _CONFIGS = {
     "mla-tiny-default": _mla_tiny_default,
     "linear-hybrid-tiny": _linear_hybrid_tiny,
     "moh-tiny": _moh_tiny,
+    "ssa-tiny": _ssa_tiny,
     "llama3-8b": _llama3_8b,
     "qwen2-7b": _qwen2_7b,
     "mistral-7b": _mistral_7b,

@@ -12,6 +12,7 @@ Attention kinds
   MLAConfig, MultiHeadLatentAttention       "mla": DeepSeek MLA, absorbed latent-cache decoding
   LinearAttentionConfig, LinearAttention    "linear": gated / delta-rule linear attn, state cache
   MoHConfig, MoHAttention                   "moh": mixture-of-head attention (routed heads)
+  SSAConfig, SelectiveAttention             "ssa": selective attention (query/value temperatures)
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
@@ -41,6 +42,7 @@ from jaxattn.layers._mla import MLAConfig, MultiHeadLatentAttention
 from jaxattn.layers._mlp import SwiGLU, swiglu
 from jaxattn.layers._moh import MoHAttention, MoHConfig
 from jaxattn.layers._norm import RMSNorm, rms_norm
+from jaxattn.layers._ssa import SelectiveAttention, SSAConfig
 
 __all__ = [
     "Linear",
@@ -68,6 +70,8 @@ __all__ = [
     "LinearAttention",
     "MoHConfig",
     "MoHAttention",
+    "SSAConfig",
+    "SelectiveAttention",
     "SwiGLU",
     "swiglu",
     "RMSNorm",
