@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxattn.generate import generate
 from jaxattn.layers import AttentionConfig, MoHConfig
 from jaxattn.layers._aux import pop_aux_loss
 from jaxattn.layers._context import Context
@@ -114,6 +115,18 @@ def test_decoder_prefill_and_steps_equal_forward(model):
 
     np.testing.assert_allclose(decode_all(model, tokens), full, atol=2e-5, rtol=2e-5)
     assert model.config.layer_attention_config(0).active_head_fraction == 5 / 8
+
+
+def test_greedy_generate_equals_argmax_of_full_forwards(model):
+    # cache steps sow no load-balance loss (ctx.decoding): generate's while_loop runs MoH
+    prompt = jnp.asarray(np.random.default_rng(5).integers(0, 256, (1, 5)), jnp.int32)
+    out = generate(model, prompt, jnp.asarray([5]), max_new_tokens=3, rng=jax.random.key(0))
+    seq = jnp.zeros((1, 8), jnp.int32).at[0, :5].set(prompt[0])
+    forward = nnx.jit(lambda m, t: m(t))
+    for i in range(5, 8):
+        seq = seq.at[0, i].set(jnp.argmax(forward(model, seq)[0, i - 1]).astype(jnp.int32))
+    np.testing.assert_array_equal(out.tokens_BS[0, :8], seq[0])
+    assert pop_aux_loss(model) is not None  # the full forwards sowed theirs
 
 
 def test_hf_export_refuses(model, tmp_path):
