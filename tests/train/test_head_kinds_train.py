@@ -31,34 +31,3 @@ def test_head_kind_config_trains(zygote, tmp_path, kind):
         assert 0.0 < train[-1]["aux_loss"] < 6 * 6, train
     else:
         assert "aux_loss" not in train[-1], train
-
-
-def test_train_step_reports_sown_aux_losses(tmp_path):
-    """The seam: the step's ``aux_loss`` is the layers' sown load-balance loss at the step's
-    parameters, and its ``loss`` stays the next-token NLL (the objective adds
-    ``aux_loss_weight`` · aux; the CLI runs above train with it)."""
-    import jax
-    import numpy as np
-    from train_testlib import tiny_config
-
-    from jaxattn.layers._aux import pop_aux_loss
-    from jaxattn.sharding import make_mesh
-    from train.data import make_loaders
-    from train.pretrain import build_model
-    from train.step import make_trainer, token_loss_sums
-
-    config = tiny_config(
-        tmp_path, model="moh-tiny", model_overrides=("num_layers=1",), aux_loss_weight=1.0
-    )
-    _, model_fn = build_model(config)
-    trainer = make_trainer(model_fn, config, make_mesh({"data": 1}, jax.devices()[:1]))
-    state, rest = trainer.init()
-    batch = trainer.put_batch(make_loaders(config)[0].batch(0))
-    model = trainer.model(jax.tree.map(np.asarray, state["params"]), rest)
-    nll, weight = token_loss_sums(
-        model(batch["inputs_BT"]), batch["targets_BT"], batch["weights_BT"]
-    )
-    lb = float(pop_aux_loss(model))
-    _, metrics = trainer.train_step(state, rest, batch)
-    np.testing.assert_allclose(float(metrics["aux_loss"]), lb, rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["loss"]), float(nll / weight), rtol=1e-5)
