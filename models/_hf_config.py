@@ -154,7 +154,7 @@ def config_to_hf(c: ModelConfig, torch_dtype: str = "float32") -> dict:
     )
     if isinstance(layers[0], MLAConfig):
         return hf | _mla_to_hf(c, layers[0])
-    if isinstance(layers[0], AttentionConfig):
+    if type(layers[0]) is AttentionConfig:  # subclassing kinds (moh, ssa) have no HF form
         return hf | _mha_to_hf(c, layers)
     raise ValueError(
         f"attention kind {kinds[0]!r} ({type(layers[0]).__name__}) has no Hugging Face equivalent"

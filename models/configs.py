@@ -113,6 +113,20 @@ def _linear_hybrid_tiny() -> dict:
     )
 
 
+def _moh_tiny() -> dict:
+    # mixture-of-head attention: 8 query heads, 2 shared + top-3 of 6 routed (5/8 active)
+    return _llama_tiny() | dict(
+        num_heads=8,
+        num_kv_heads=4,
+        layer_pattern=(LayerSpec.of("moh", num_shared_heads=2, top_k=3),),
+    )
+
+
+def _ssa_tiny() -> dict:
+    # selective self-attention: query/position/value temperatures on llama-tiny's GQA layers
+    return _llama_tiny() | dict(attention="ssa")
+
+
 def _llama3_8b() -> dict:
     scaling = Llama3Scaling(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
@@ -203,6 +217,8 @@ _CONFIGS = {
     "deepseek-tiny": _deepseek_tiny,
     "mla-tiny-default": _mla_tiny_default,
     "linear-hybrid-tiny": _linear_hybrid_tiny,
+    "moh-tiny": _moh_tiny,
+    "ssa-tiny": _ssa_tiny,
     "llama3-8b": _llama3_8b,
     "qwen2-7b": _qwen2_7b,
     "mistral-7b": _mistral_7b,

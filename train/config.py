@@ -83,6 +83,8 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.95
     clip_norm: float = 1.0
+    # weight of the layers' auxiliary losses (MoH load balance) in the objective; see train.step
+    aux_loss_weight: float = 0.01
     compute_dtype: str = "float32"
     remat: str = "none"
     seed: int = 0
@@ -143,6 +145,8 @@ class TrainConfig:
             raise ConfigError(
                 f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}"
             )
+        if not self.aux_loss_weight >= 0.0:
+            raise ConfigError(f"aux_loss_weight={self.aux_loss_weight} must be >= 0")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction={self.eval_fraction} must be in (0, 1)")
         if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:

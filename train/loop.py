@@ -365,6 +365,9 @@ def _train(config, setup, ckpt, writer, state, rest, start, model_config, base):
                 float(schedule(done - 1)),
             )
             row = {"loss": loss, "grad_norm": interval[-1]["grad_norm"][-1], "lr": lr}
+            aux = np.concatenate([m["aux_loss"] for m in interval])[finite]
+            if aux.size and aux.any():  # only models whose layers sow auxiliary losses
+                row["aux_loss"] = float(np.mean(aux))
             if timed_tokens:
                 row |= {"tokens_per_s": tok_s, "mfu": tok_s * fpt / peak}
             if not finite.all():

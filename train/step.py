@@ -35,6 +35,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxattn.layers._aux import pop_aux_loss
 from jaxattn.optim.specs import state_spec
 from jaxattn.sharding import logical_sharding, logical_to_spec
 from train.integrity import all_finite
@@ -113,7 +114,9 @@ class Trainer:
     Attributes:
       init: ``() -> (state, rest)``, sharded fresh state.
       train_step: ``(state, rest, batch) -> (state, metrics)``; the state is donated;
-        metrics: ``loss``, ``grad_norm``, ``tokens``, ``finite`` (see the module docstring).
+        metrics: ``loss``, ``grad_norm``, ``aux_loss`` (the layers' sown auxiliary losses,
+        ``jaxattn.layers._aux``; 0 when none; added to the objective times
+        ``config.aux_loss_weight``), ``tokens``, ``finite`` (see the module docstring).
       train_steps: ``(state, rest, batches) -> (state, metrics)``: ``train_step`` over the
         leading axis of ``batches`` ([n, B, T] each) in one call (a ``lax.scan``), metrics
         stacked to [n]. The same steps in one executable: XLA:CPU maps the step's temporary
@@ -232,7 +235,8 @@ def make_trainer(
             model = nnx.merge(graphdef, params, rest)
             extras = {k: v for k, v in batch.items() if k not in _LOSS_KEYS}  # context fields
             logits_BTV = model(batch["inputs_BT"], rng=rng, **extras)
-            return loss(logits_BTV, batch["targets_BT"], batch["weights_BT"])
+            total, weight = loss(logits_BTV, batch["targets_BT"], batch["weights_BT"])
+            return total, weight, pop_aux_loss(model)  # aux: None when no layer sows one
 
         if config.remat == "full":
             return jax.checkpoint(sums, policy=jax.checkpoint_policies.nothing_saveable)
@@ -240,7 +244,16 @@ def make_trainer(
 
     loss_sums = sums_of(token_loss_sums)  # evaluation: the next-token NLL
     train_sums = loss_sums if train_loss is None else sums_of(train_loss)
-    grad_fn = jax.value_and_grad(train_sums, has_aux=True)
+    aux_weight = config.aux_loss_weight
+
+    def objective(*args):
+        # layers' auxiliary losses (e.g. MoH load balance) enter per unit of token weight, so
+        # after the division by the summed weight the objective is loss + w · aux
+        total, weight, aux = train_sums(*args)
+        aux = jnp.zeros((), jnp.float32) if aux is None else aux
+        return total + aux_weight * aux * weight, (total, weight, aux * weight)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def train_step(state, rest, batch):
         # gradients, their norm and the optimizer see only the trainable leaves: frozen
@@ -249,7 +262,7 @@ def make_trainer(
         # a fresh key per step for the model's stochastic layers; [0] is carried to the next step
         step_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))[1]
         if accum == 1:
-            (nll, weight), grads = grad_fn(params, rest, batch, step_key, frozen)
+            (_, (nll, weight, aux)), grads = grad_fn(params, rest, batch, step_key, frozen)
         else:
 
             def split(x_BT):  # row r = b * accum + a goes to micro-batch a
@@ -260,12 +273,13 @@ def make_trainer(
             def body(carry, micro_index):
                 micro, a = micro_index
                 key = jax.random.fold_in(step_key, a)
-                (nll, weight), grads = grad_fn(params, rest, micro, key, frozen)
-                return jax.tree.map(jnp.add, carry, (nll, weight, grads)), None
+                (_, (nll, weight, aux)), grads = grad_fn(params, rest, micro, key, frozen)
+                return jax.tree.map(jnp.add, carry, (nll, weight, aux, grads)), None
 
-            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+            zeros += (jax.tree.map(jnp.zeros_like, params),)
             xs = (jax.tree.map(split, batch), jnp.arange(accum))
-            (nll, weight, grads), _ = jax.lax.scan(body, zeros, xs)
+            (nll, weight, aux, grads), _ = jax.lax.scan(body, zeros, xs)
         weight = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
@@ -285,13 +299,14 @@ def make_trainer(
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
+            "aux_loss": aux / weight,  # token-weighted mean of the layers' auxiliary losses
             "tokens": jnp.float32(batch["inputs_BT"].size),
             "finite": finite,
         }
         return new_state, metrics
 
     def eval_step(params, rest, batch):
-        return loss_sums(params, rest, batch)
+        return loss_sums(params, rest, batch)[:2]
 
     def train_steps(state, rest, batches):
         return jax.lax.scan(lambda s, batch: train_step(s, rest, batch), state, batches)

@@ -11,6 +11,8 @@ Attention kinds
   AttentionConfig, Attention                "mha": MHA / GQA / MQA / SQA, RoPE, qk-norm, window
   MLAConfig, MultiHeadLatentAttention       "mla": DeepSeek MLA, absorbed latent-cache decoding
   LinearAttentionConfig, LinearAttention    "linear": gated / delta-rule linear attn, state cache
+  MoHConfig, MoHAttention                   "moh": mixture-of-head attention (routed heads)
+  SSAConfig, SelectiveAttention             "ssa": selective attention (query/value temperatures)
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
@@ -38,7 +40,9 @@ from jaxattn.layers._linear import Adapter, AdapterParam, Linear
 from jaxattn.layers._linear_attention import LinearAttention, LinearAttentionConfig
 from jaxattn.layers._mla import MLAConfig, MultiHeadLatentAttention
 from jaxattn.layers._mlp import SwiGLU, swiglu
+from jaxattn.layers._moh import MoHAttention, MoHConfig
 from jaxattn.layers._norm import RMSNorm, rms_norm
+from jaxattn.layers._ssa import SelectiveAttention, SSAConfig
 
 __all__ = [
     "Linear",
@@ -64,6 +68,10 @@ __all__ = [
     "MultiHeadLatentAttention",
     "LinearAttentionConfig",
     "LinearAttention",
+    "MoHConfig",
+    "MoHAttention",
+    "SSAConfig",
+    "SelectiveAttention",
     "SwiGLU",
     "swiglu",
     "RMSNorm",

@@ -34,6 +34,8 @@ class Context:
       rng: a typed PRNG key for stochastic layers (dropout), or None (deterministic).
       hooks: the active hooks (static; empty: the forward is the plain program).
       layer: index of the block being run (static; None outside the blocks).
+      decoding: True inside ``AttentionLayer.decode`` (static): a cache step, where a layer
+        sows no training-only values (auxiliary losses).
     """
 
     positions_BT: jax.Array
@@ -42,6 +44,7 @@ class Context:
     rng: jax.Array | None = None
     hooks: Any = struct.field(pytree_node=False, default=())
     layer: int | None = struct.field(pytree_node=False, default=None)
+    decoding: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def create(

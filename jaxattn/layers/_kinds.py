@@ -120,8 +120,9 @@ class AttentionLayer(nnx.Module):
         ``num_new_B`` of them (``cache.update_and_attend``) -> (o_BTNV, cache)."""
         raise NotImplementedError
 
-    def head_gate(self, o_BTNV: jax.Array, ctx: Context) -> jax.Array:
-        """Per-head weights, masks or blends of o_BTNV (identity here)."""
+    def head_gate(self, o_BTNV: jax.Array, ctx: Context, x_BTD: jax.Array | None = None):
+        """Per-head weights, masks or blends of o_BTNV (identity here); ``x_BTD`` is the
+        layer's input, for gates computed from the tokens (a router)."""
         return o_BTNV
 
     def out(self, o_BTNV: jax.Array, ctx: Context) -> jax.Array:
@@ -161,7 +162,7 @@ class AttentionLayer(nnx.Module):
             o_BTNV = ctx.hooks.attend(self, q, kv, ctx)
         else:
             o_BTNV = self.attend(q, kv, ctx)
-        o_BTNV = hook_point(self, ctx, "attn.z", self.head_gate(o_BTNV, ctx))
+        o_BTNV = hook_point(self, ctx, "attn.z", self.head_gate(o_BTNV, ctx, x_BTD))
         return hook_point(self, ctx, "attn.out", self.out(o_BTNV, ctx))
 
     def decode(
@@ -199,13 +200,12 @@ class AttentionLayer(nnx.Module):
         positions_BT = cache.positions_BT(t)
         if ctx is None:
             ctx = Context.create(b, t, positions_BT=positions_BT)
-        else:
-            ctx = ctx.replace(positions_BT=positions_BT)
+        ctx = ctx.replace(positions_BT=positions_BT, decoding=True)
         q, kv = self.qk_transform(*self.project(x_BTD, ctx), ctx)
         if ctx.hooks:  # points q, k, v of the new tokens (capture only)
             ctx.hooks.decode_inputs(self, q, kv, ctx)
         o_BTNV, cache = self.attend_cache(q, kv, cache, ctx, num_new_B=num_new_B)
-        o_BTNV = hook_point(self, ctx, "attn.z", self.head_gate(o_BTNV, ctx))
+        o_BTNV = hook_point(self, ctx, "attn.z", self.head_gate(o_BTNV, ctx, x_BTD))
         return hook_point(self, ctx, "attn.out", self.out(o_BTNV, ctx)), cache
 
 

@@ -22,7 +22,7 @@ class HalvedHeadsConfig(AttentionConfig):
 
 
 class HalvedHeads(Attention):
-    def head_gate(self, o_BTNV, ctx):
+    def head_gate(self, o_BTNV, ctx, x_BTD=None):
         return o_BTNV * 0.5
 
 
