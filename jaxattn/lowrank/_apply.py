@@ -251,6 +251,11 @@ def _add_bias(linear, change, sign):
 
 
 def _write_kernel(linear, w, path):
+    if linear.form is not None:  # a factorised kernel (optim.parameterize) has no W to write
+        raise ValueError(
+            f"{path!r} holds a factorised {type(linear.form).__name__} kernel: merging or a "
+            "base-rewriting init would need a dense W (adapters run unmerged on it)"
+        )
     if linear.transposed:
         raise ValueError(
             f"{path!r} is a tied (transposed) head: changing its kernel would change the "
@@ -316,6 +321,11 @@ def merge(model: nnx.Module) -> list[str]:
             raise ValueError(f"merge: {path!r} is already merged")
         if linear.transposed:
             raise ValueError(f"merge: {path!r} is a tied head (would change the embedding)")
+        if linear.form is not None:
+            raise ValueError(
+                f"merge: {path!r} holds a factorised {type(linear.form).__name__} kernel; "
+                "an adapter on it runs unmerged"
+            )
         w = linear.base_kernel(jnp.float32)
         states = {}
         for n, _ in s.active:

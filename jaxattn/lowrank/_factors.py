@@ -21,8 +21,10 @@ RANK_AXIS = None  # the rank axis of every factor is replicated
 
 def kernel_axes(linear: Linear) -> tuple[tuple, tuple]:
     """The logical axes of ``linear``'s kernel as (in axes, out axes), in [*in, *out] order
-    (a tied, transposed head stores [*out, *in]; its axes are reordered here)."""
-    axes = tuple(linear.kernel.get_metadata().get("out_sharding") or ())
+    (a tied, transposed head stores [*out, *in]; its axes are reordered here). A factorised
+    projection (``Linear.form``, no dense kernel) has none here: its factors are replicated."""
+    kernel = linear.kernel
+    axes = () if kernel is None else tuple(kernel.get_metadata().get("out_sharding") or ())
     n_in, n_out = len(linear.in_shape), len(linear.out_shape)
     if len(axes) != n_in + n_out:
         axes = (None,) * (n_in + n_out)

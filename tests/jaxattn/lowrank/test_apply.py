@@ -1,6 +1,7 @@
 """apply / set_active / disabled / merge / remove: named adapters on the projections of a model."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -150,3 +151,23 @@ def test_merged_or_disabled_model_runs_the_base_program():
         assert prims(m) == base
     L.merge(m)
     assert prims(m) == base
+
+
+def test_adapter_on_a_factorised_kernel_runs_unmerged_and_merge_is_refused():
+    # a LoRA on a projection stored as B·A (jaxattn.optim.parameterize) adds its delta to the
+    # factorised forward; merging (or a base-rewriting init) would need a dense W: refused
+    from jaxattn.layers import Linear
+    from jaxattn.optim import parameterize
+
+    lin = Linear((8,), (6,), axes=("embed", "mlp"), rngs=nnx.Rngs(0))
+    model = nnx.Dict(up=lin)
+    parameterize(model, "lowrank", rank=2, paths="up", rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(0), (3, 8))
+    base = np.asarray(lin(x))
+    L.apply(model, L.AdapterConfig(options={"rank": 2}, targets="up"), rngs=nnx.Rngs(2))
+    ad = lin.adapter.adapters["default"]
+    ad.b[...] = jnp.ones_like(ad.b[...])
+    want = base + np.asarray(x @ ad.a[...] @ ad.b[...]) * ad.scaling
+    np.testing.assert_allclose(np.asarray(lin(x)), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"merge: 'up' holds a factorised"):
+        L.merge(model)
