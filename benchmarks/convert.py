@@ -15,12 +15,14 @@ split, as ``train.data`` cuts it):
 - ``kv_heads K'=1``: the kv heads PCA-merged into one (MQA), half the cache.
 
 The table gives parameters, cache bytes per token and eval perplexity before → after, and the
-conversion time; the decode table gives greedy ``jaxattn.generate`` tokens/s (batch
-``--decode-batch``, ``--decode-tokens`` new tokens after a 16-token prompt; median of
-``--repeats`` runs after a compile) for the original and the TransMLA models.
+conversion time (``--plot``: perplexity increase against the cache kept); the decode table
+gives greedy ``jaxattn.generate`` tokens/s (batch ``--decode-batch``, ``--decode-tokens`` new
+tokens after a 16-token prompt; median of ``--repeats`` runs after a compile) for the original
+and the TransMLA models.
 
 Usage: ``python -m benchmarks.convert [--from HF_DIR] [--train-steps 200]
-[--methods exact,rope48,rope16,kv1]``
+[--methods exact,rope48,rope16,kv1]
+[--plot convert.png]``
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def splits(model, calib_rows: int, eval_rows: int, seq_len: int):
 
 
 def conversions(model, calib, held, labels, seq_len: int):
-    """The method table (markdown lines) and {label: converted model}."""
+    """(the method table as markdown lines, {label: converted model}, [(name, cache after /
+    before, perplexity increase %)] for the plot)."""
     before = (
         _params(model),
         model.cache_bytes_per_token(),
@@ -116,7 +119,7 @@ def conversions(model, calib, held, labels, seq_len: int):
         "| method | parameters | cache B/token | eval perplexity | Δ ppl | convert s |",
         "|---|---|---|---|---|---|",
     ]
-    out = {}
+    out, points = {}, []
     for label in labels:
         name, method, options = METHODS[label]
         start = time.perf_counter()
@@ -133,7 +136,25 @@ def conversions(model, calib, held, labels, seq_len: int):
             f"{before[2]:.3f} → {after[2]:.3f} | {rise:+.2f}% | {seconds:.1f} |"
         )
         out[label] = new
-    return lines, out
+        points.append((name, after[1] / before[1], rise))
+    return lines, out, points
+
+
+def plot(points, path: str) -> None:
+    """Perplexity increase against the cache kept, one labelled point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, ratio, rise in points:
+        ax.scatter(ratio, rise)
+        ax.annotate(name, (ratio, rise), fontsize=7)
+    ax.set_xlabel("cache bytes / token, after / before")
+    ax.set_ylabel("eval perplexity increase (%)")
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def decode_speed(models_by_name, *, batch: int, new_tokens: int, repeats: int):
@@ -165,6 +186,7 @@ def main(argv=None) -> None:
     ap.add_argument("--decode-batch", type=int, default=8)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--plot", default="", help="write the perplexity vs cache plot (PNG) here")
     args = ap.parse_args(argv)
     labels = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(labels) - set(METHODS))
@@ -177,8 +199,11 @@ def main(argv=None) -> None:
     else:
         model = trained_model(args.train_steps, args.seq_len)
     calib, held = splits(model, args.calib_rows, args.eval_rows, args.seq_len)
-    lines, converted = conversions(model, calib, held, labels, args.seq_len)
+    lines, converted, points = conversions(model, calib, held, labels, args.seq_len)
     print("\n".join(lines))
+    if args.plot:
+        plot(points, args.plot)
+        print(f"saved {args.plot}")
     decoders = {"original (GQA)": model}
     decoders |= {METHODS[k][0]: v for k, v in converted.items() if METHODS[k][1] == "transmla"}
     if args.decode_tokens > 0:
