@@ -16,6 +16,12 @@ long contexts. u = w = σ = 0 at birth, so a fresh SSA layer is exactly the "mha
 the same q/k/v/o parameters (fine-tuning an existing model starts from it unchanged).
 τ_q >= tanh's lower bound stays positive: 1 + tanh(·) > 0 and the position term is >= 0.
 
+Not checked against the paper's equations: the form of τ above (a tanh token term on the
+shared projection plus a log-position term) follows the paper's description (PAPERS.md §1,
+its abstract and §3 headings); the paper's text and code were not readable here, so the exact
+parameterisation (e.g. where σ enters, whether τ multiplies q or the logits after scaling)
+may differ. The exact-reduction properties (τ = 1 == mha; entropy falls as τ rises) hold.
+
 Stages: ``qk_transform`` computes τ_q from the raw query (before qk-norm and RoPE, which it
 then applies) and scales q by it, which is exactly a per-query logit scale, so every
 backend of the op (xla, chunked, the Pallas kernels) and the decode caches serve SSA

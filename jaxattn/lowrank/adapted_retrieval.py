@@ -22,6 +22,10 @@ contrastive loss with global negatives: for query i with relevant corpus item j_
 
 Only the adapters train; the embedding model is never differentiated (it is not even called
 here: inputs are its embeddings).
+
+Not checked against the paper's text: the key-value form of Tr is written from the paper's
+description (a rank-limited residual on the embedding, PAPERS.md §7); what is tested is what
+PAPERS.md asks (zero init == identity, residual rank <= h, only the adapter trains).
 """
 
 from __future__ import annotations
