@@ -39,6 +39,16 @@ def _model(start: finetune.Start, config):
     return model
 
 
+def _run_capturing_start(config, monkeypatch):
+    """``finetune.run(config)`` and the ``Start`` it computed (no second start computed)."""
+    starts = []
+    real = finetune.start_params
+    monkeypatch.setattr(finetune, "start_params", lambda c: starts.append(real(c)) or starts[-1])
+    result = finetune.run(config)
+    monkeypatch.setattr(finetune, "start_params", real)
+    return result, starts[0]
+
+
 def _base_model(run):
     model, _ = sample.load_model(str(run))
     return model
@@ -97,13 +107,15 @@ def test_pissa_by_name_rewrites_the_loaded_base_not_a_random_one(tiny_run, tmp_p
     np.testing.assert_allclose(np.asarray(model(TOKENS)), np.asarray(base(TOKENS)), atol=1e-4)
 
 
-def test_loku_trains_with_the_inverted_hinge_loss_from_fila_and_resumes(tiny_run, tmp_path):
+def test_loku_trains_with_the_inverted_hinge_loss_from_fila_and_resumes(
+    tiny_run, tmp_path, monkeypatch
+):
     options = ("rank=2", "fisher_batches=1", "retain_data=builtin", "targets=attn/(q|o)$")
     config = tiny_config(
         tmp_path / "loku", init_from=str(tiny_run), adapter="loku", adapter_options=options,
         steps=2, warmup_steps=1, async_checkpoint=False, lr=1e-2,
     )  # fmt: skip
-    start = finetune.start_params(config)
+    result, start = _run_capturing_start(config, monkeypatch)
     model, base = _model(start, config), _base_model(tiny_run)
     # FILA (LoKU eq. for ΔW*): the model is unchanged at init, the factors are not zero
     np.testing.assert_allclose(np.asarray(model(TOKENS)), np.asarray(base(TOKENS)), atol=1e-4)
@@ -114,7 +126,6 @@ def test_loku_trains_with_the_inverted_hinge_loss_from_fila_and_resumes(tiny_run
     logits = model(jnp.asarray(batch["inputs_BT"]))
     ihl = float(inverted_hinge_loss(logits, jnp.asarray(batch["targets_BT"]),
                                     jnp.asarray(batch["weights_BT"])))  # fmt: skip
-    result = finetune.run(config)
     rows = latest_rows(read_metrics(os.path.join(config.out_dir, "metrics.jsonl")), "train")
     assert rows[0]["step"] == 1 and 0.0 <= rows[0]["loss"] <= 2.0
     np.testing.assert_allclose(rows[0]["loss"], ihl, rtol=1e-5)
@@ -140,13 +151,13 @@ def gqa_base(tmp_path_factory):
     return path
 
 
-def test_loram_trains_on_the_pruned_copy_and_saves_it_recovered(gqa_base, tmp_path):
+def test_loram_trains_on_the_pruned_copy_and_saves_it_recovered(gqa_base, tmp_path, monkeypatch):
     options = ("rank=2", "kv_keep=1", "mlp_keep=32", "targets=attn/(q|v)$|mlp/down$")
     config = tiny_config(
         tmp_path / "loram", init_from=gqa_base, adapter="loram", adapter_options=options,
         model_overrides=(), steps=2, warmup_steps=1, async_checkpoint=False, lr=1e-2,
     )  # fmt: skip
-    result = finetune.run(config)
+    result, start = _run_capturing_start(config, monkeypatch)
     c = result.trainer.model(jax.tree.map(np.asarray, result.state["params"]), result.rest).config
     assert (c.num_kv_heads, c.num_heads, c.mlp_dim) == (1, 2, 32)  # trained small
     small = result.trainer.model(jax.tree.map(np.asarray, result.state["params"]), result.rest)
@@ -155,7 +166,6 @@ def test_loram_trains_on_the_pruned_copy_and_saves_it_recovered(gqa_base, tmp_pa
     # the pruned structures zeroed computes what the trained small model does
     full = models.from_hf(gqa_base)
     lowrank.load(full, os.path.join(config.out_dir, "adapter"))
-    start = finetune.start_params(config)
     _, plan = start.token
     zero_pruned(full, plan)
     np.testing.assert_allclose(np.asarray(full(TOKENS)), np.asarray(small(TOKENS)),
