@@ -4,9 +4,9 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from decode_testlib import decode_all  # tests/: prefill then one token per step
 from flax import nnx
 
 from jaxattn.layers import Attention, AttentionConfig, register_kind, registered_kinds
@@ -34,20 +34,6 @@ def _forward(model, tokens):
     return model(tokens)
 
 
-@nnx.jit
-def _decode_all(model, tokens):
-    """Prefill 4 tokens, then one token per step: logits [B, T, V]."""
-    cache = model.init_cache(tokens.shape[0], 16, jnp.float32)
-    first, cache = model.decode(tokens[:, :4], cache)
-
-    def step(cache, tok_B):
-        logits, cache = model.decode(tok_B[:, None], cache)
-        return cache, logits[:, 0]
-
-    _, rest = jax.lax.scan(step, cache, tokens[:, 4:].T)
-    return jnp.concatenate([first, jnp.swapaxes(rest, 0, 1)], 1)
-
-
 def _mixed(**kw):
     return get_config(
         "deepseek-tiny",
@@ -71,7 +57,7 @@ def test_mixed_kinds_decode_equals_forward():
     assert config.layer_attention_config(1).sliding_window == 3
     model = DecoderLM(config, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 256)
-    np.testing.assert_allclose(_decode_all(model, tokens), _forward(model, tokens), atol=2e-5)
+    np.testing.assert_allclose(decode_all(model, tokens), _forward(model, tokens), atol=2e-5)
 
 
 def test_registered_kind_changes_only_its_stage():

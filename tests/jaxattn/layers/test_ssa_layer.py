@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decode_testlib import decode_all  # tests/: prefill then one token per step
 from flax import nnx
 
 from jaxattn.layers import AttentionConfig, SSAConfig
@@ -132,18 +133,6 @@ def model():
 def test_decoder_prefill_and_steps_equal_forward(model):
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 9)), jnp.int32)
     full = nnx.jit(lambda m, t: m(t))(model, tokens)
-
-    @nnx.jit
-    def decode_all(m, tokens):
-        cache = m.init_cache(2, 16, jnp.float32)
-        first, cache = m.decode(tokens[:, :4], cache)
-
-        def step(cache, tok_B):
-            logits, cache = m.decode(tok_B[:, None], cache)
-            return cache, logits[:, 0]
-
-        _, rest = jax.lax.scan(step, cache, tokens[:, 4:].T)
-        return jnp.concatenate([first, jnp.swapaxes(rest, 0, 1)], 1)
 
     np.testing.assert_allclose(decode_all(model, tokens), full, atol=2e-5, rtol=2e-5)
 
