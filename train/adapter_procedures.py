@@ -182,28 +182,15 @@ def _rows(batches):
 
 def _fisher(model, paths, batches) -> dict:
     """Empirical Fisher of the mean NLL w.r.t. the base kernels at ``paths`` ([*in, *out])."""
-    from jaxattn.lowrank import linear_paths
+    from jaxattn.lowrank._surgery import per_kernel, split_kernels
     from jaxattn.lowrank.loku import empirical_fisher
 
-    want = {f"{p}/kernel" for p in paths}
-    graphdef, kernels, rest = nnx.split(
-        model, lambda path, _: "/".join(str(k) for k in path) in want, ...
-    )
+    graphdef, kernels, rest = split_kernels(model, paths)
 
     def loss(ks, batch):
         return _mean_nll(nnx.merge(graphdef, ks, rest), batch)
 
-    fisher = empirical_fisher(loss, kernels, _rows(batches))
-    flat = {"/".join(str(k) for k in p): v[...] for p, v in nnx.to_flat_state(fisher)}
-    lins = linear_paths(model)
-    out = {}
-    for p in paths:
-        f = flat[f"{p}/kernel"]
-        if lins[p].transposed:  # a tied head stores [*out, *in]
-            n_out = len(lins[p].out_shape)
-            f = jnp.transpose(f, tuple(range(n_out, f.ndim)) + tuple(range(n_out)))
-        out[p] = f
-    return out
+    return per_kernel(model, empirical_fisher(loss, kernels, _rows(batches)), paths)
 
 
 def _loku_prepare(model, batches, method, config) -> None:

@@ -75,8 +75,7 @@ def load_init(source: str):
             raise ConfigError(f"init_from={source!r} (Hugging Face directory): {err}") from None
     else:
         model, _ = load_model(resolve_checkpoint(source, flag="init_from"))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return model.config, jax.tree.map(np.asarray, params)
+    return model.config, _host(model)
 
 
 def run(config: TrainConfig, *, extend=None) -> RunResult:
@@ -149,6 +148,7 @@ def _model_fn(config, model_config, extend=None):
 
 
 def _host(model) -> dict:
+    """The model's parameters as a pure dict of host (numpy) arrays."""
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
@@ -192,14 +192,14 @@ def start_params(config: TrainConfig) -> Start:
     return Start(model_config, params, callbacks, method, token)
 
 
-def _save_adapter(result: RunResult, config: TrainConfig, start: Start | None = None) -> str:
+def _save_adapter(result: RunResult, config: TrainConfig, start: Start) -> str:
     """Write the trained adapter alone (``lowrank.save``) to ``<run_dir>/adapter`` (after the
     method's ``finish`` callback, e.g. LoRAM's recovery onto the original model)."""
     from jaxattn import lowrank
     from train.adapters import adapter_config
 
     model = result.trainer.model(host_params(result.state["params"]), result.rest)
-    if start is not None and start.callbacks.finish is not None:
+    if start.callbacks.finish is not None:
         model = start.callbacks.finish(model, start.token, start.method, config)
     out = os.path.join(result.run_dir, "adapter")
     lowrank.save(model, out, adapter_config(config).name)

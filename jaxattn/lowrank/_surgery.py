@@ -12,11 +12,12 @@ import difflib
 import re
 from collections.abc import Callable
 
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.layers import Linear
 
-__all__ = ["linear_paths", "attach", "detach"]
+__all__ = ["linear_paths", "attach", "detach", "split_kernels", "per_kernel"]
 
 
 def _path(parts) -> str:
@@ -26,6 +27,28 @@ def _path(parts) -> str:
 def linear_paths(model: nnx.Module) -> dict[str, Linear]:
     """Every ``Linear`` of ``model`` by its module path, in traversal order."""
     return {_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Linear)}
+
+
+def split_kernels(model: nnx.Module, paths) -> tuple:
+    """``nnx.split`` of ``model`` into (graphdef, the base kernels of the projections at
+    ``paths``, everything else), for a function of those kernels alone (e.g. their gradient)."""
+    want = {f"{p}/kernel" for p in paths}
+    return nnx.split(model, lambda path, _: _path(path) in want, ...)
+
+
+def per_kernel(model: nnx.Module, tree, paths) -> dict:
+    """``{path: array [*in, *out]}`` from ``tree``, a state shaped like the kernels of
+    :func:`split_kernels` (gradients, Fisher, ...); a tied head's [*out, *in] is reordered."""
+    flat = {_path(p): v[...] for p, v in nnx.to_flat_state(tree)}
+    lins = linear_paths(model)
+    out = {}
+    for p in paths:
+        x = flat[f"{p}/kernel"]
+        if lins[p].transposed:  # a tied head stores [*out, *in]
+            n_out = len(lins[p].out_shape)
+            x = jnp.transpose(x, tuple(range(n_out, x.ndim)) + tuple(range(n_out)))
+        out[p] = x
+    return out
 
 
 def _select(model: nnx.Module, pattern: str) -> dict[str, Linear]:

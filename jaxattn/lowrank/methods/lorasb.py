@@ -157,6 +157,7 @@ def lora_sb_init(model: nnx.Module, loss_fn, batches, *, name: str = "default") 
       ValueError: no projection holds a LoRA-SB adapter named ``name`` (or it is merged).
     """
     from jaxattn.lowrank._apply import holding
+    from jaxattn.lowrank._surgery import per_kernel, split_kernels
 
     held = {
         p: lin
@@ -168,10 +169,7 @@ def lora_sb_init(model: nnx.Module, loss_fn, batches, *, name: str = "default") 
     ads = {p: lin.adapter.adapters[name] for p, lin in held.items()}
     for ad in ads.values():
         ad.r[...] = jnp.zeros_like(ad.r[...])
-    want = {f"{p}/kernel" for p in held}
-    graphdef, kernels, rest = nnx.split(
-        model, lambda path, _: "/".join(str(k) for k in path) in want, ...
-    )
+    graphdef, kernels, rest = split_kernels(model, held)
 
     def loss(ks, batch):
         return loss_fn(nnx.merge(graphdef, ks, rest), batch)
@@ -182,13 +180,10 @@ def lora_sb_init(model: nnx.Module, loss_fn, batches, *, name: str = "default") 
     for batch in batches:
         g = grad_fn(kernels, batch)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
-    flat = {"/".join(str(k) for k in path): v for path, v in nnx.to_flat_state(total)}
+    grads = per_kernel(model, total, held)
     out = {}
-    for p, lin in held.items():
-        g = flat[f"{p}/kernel"][...]
-        if lin.transposed:  # stored [*out, *in]
-            n_out = len(lin.out_shape)
-            g = jnp.transpose(g, tuple(range(n_out, g.ndim)) + tuple(range(n_out)))
+    for p in held:
+        g = grads[p]
         upd = first_update(g, ads[p].lr, ads[p].update)
         ads[p].set_from_update(upd)
         out[p] = upd
