@@ -166,16 +166,22 @@ def decode_table(context: int, steps: int, repeats: int, names=None) -> list[str
     return rows
 
 
-def train_recall_model(seq_len: int, steps: int, out_dir: str):
-    """Pretrain the recall config (train/configs/recall.py) at ``seq_len``; the model."""
+RECALL_MODEL = ("num_layers=2", "d_model=128", "mlp_dim=384")  # mla-tiny-default, smaller
+
+
+def train_recall_model(seq_len: int, steps: int, out_dir: str, batch: int = 16, small=True):
+    """Pretrain train/configs/recall.py's setup at ``seq_len`` on a 2-layer, 128-wide
+    mla-tiny-default (``RECALL_MODEL``); returns (model, train config)."""
     from train.config import load_config
     from train.pretrain import run
     from train.sample import load_model
 
-    config = load_config("recall", [f"seq_len={seq_len}", f"steps={steps}",
-                                    f"warmup_steps={max(1, steps // 10)}", f"run_dir={out_dir}",
-                                    "tensorboard=false", "plot=false", f"eval_every={steps}",
-                                    f"ckpt_every={steps}", "async_checkpoint=false"])  # fmt: skip
+    overrides = [f"seq_len={seq_len}", f"steps={steps}", f"batch_size={batch}",
+                 f"warmup_steps={max(1, steps // 10)}", f"run_dir={out_dir}",
+                 "tensorboard=false", "plot=false", f"eval_every={steps}",
+                 f"ckpt_every={steps}", "async_checkpoint=false",
+                 *(f"model.{o}" for o in (RECALL_MODEL if small else ()))]  # fmt: skip
+    config = load_config("recall", overrides)
     run(config)
     return load_model(out_dir)[0], config
 

@@ -16,6 +16,11 @@ full-precision window of recent tokens (``QuantizedKVCache`` / ``QuantizedLatent
   precision, scales and zeros in ``scale_dtype`` (default "float16"). A latent row (key and
   value at once) is quantized per channel like a key. Any policy: a "sink_window" ring needs
   ``sink`` and ``window`` multiples of ``group_size`` (groups of tokens are evicted whole).
+* ``"rotatekv"`` (RotateKV's rotation, dense layout only): KIVI's storage of keys and values
+  rotated by the normalised Walsh–Hadamard transform of each head (power-of-two head dims);
+  queries are rotated alike and outputs rotated back, so without quantization the attention
+  is unchanged, and outlier channels are spread before quantization. Not implemented here:
+  RotateKV's calibrated channel reordering, pre-RoPE grouped-head rotation and sink tokens.
 
 Policies:
 
@@ -37,12 +42,14 @@ import jax.numpy as jnp
 
 __all__ = ["CacheConfig", "FORMATS", "LAYOUT_FORMATS", "POLICIES", "QUANTIZED_FORMATS"]
 
-QUANTIZED_FORMATS = ("kivi",)
+QUANTIZED_FORMATS = ("kivi", "rotatekv")
 FORMATS = ("dense", "latent", *QUANTIZED_FORMATS)
 POLICIES = ("full", "sink_window")
-# the formats each cache layout can be stored in (a kind serves its layout's formats)
-LAYOUT_FORMATS = {"dense": ("dense", *QUANTIZED_FORMATS), "latent": ("latent", *QUANTIZED_FORMATS)}
-_QUANT_DEFAULTS = {"kivi": dict(bits=2, group_size=32, residual=128, scale_dtype="float16")}
+# the formats each cache layout can be stored in (a kind serves its layout's formats); the
+# Hadamard rotation of "rotatekv" acts on per-head rows, which MLA's latent row is not
+LAYOUT_FORMATS = {"dense": ("dense", *QUANTIZED_FORMATS), "latent": ("latent", "kivi")}
+_KIVI = dict(bits=2, group_size=32, residual=128, scale_dtype="float16")
+_QUANT_DEFAULTS = {"kivi": _KIVI, "rotatekv": _KIVI}
 _BITS = (2, 3, 4, 8)
 
 

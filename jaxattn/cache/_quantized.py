@@ -27,12 +27,14 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxattn.cache._base import _num_new, _SlotsMixin, check_room, key_positions, positions_BT
+from jaxattn.cache._config import LAYOUT_FORMATS
 from jaxattn.cache._dense import KVCache, _policy
 from jaxattn.cache._latent import LatentCache
 from jaxattn.cache._packed import PackedRows
 from jaxattn.masks import SinkWindow
 from jaxattn.ops.attention import dot_product_attention
 from jaxattn.ops.attention_decode import DecodeBlockSizes, decode_over_blocks
+from jaxattn.ops.kv_quant import hadamard
 
 __all__ = ["QuantizedKVCache", "QuantizedLatentCache", "dense_cache", "latent_cache"]
 
@@ -163,13 +165,15 @@ def _merge(o1_BTNV, lse1_BNT, o2_BTNV, lse2_BNT):
 
 @struct.dataclass
 class QuantizedKVCache(_QuantizedMixin):
-    """A dense K/V cache stored quantized (``CacheConfig.format`` "kivi").
+    """A dense K/V cache stored quantized (``CacheConfig.format`` "kivi" or "rotatekv").
 
     Attributes:
       k: keys [B, C, K, H] as ``PackedRows`` (per channel, groups of ``group_size`` tokens).
       v: values [B, C, K_v, V] as ``PackedRows`` (per token, groups of ``group_size`` channels).
       lengths_B: int32 [B] tokens seen per sequence.
       sink, window: the policy (static), as in ``KVCache``.
+      rotate: "rotatekv" (static): keys and values are stored Hadamard-rotated per head; the
+        queries are rotated alike and the outputs rotated back (``jaxattn.ops.kv_quant.hadamard``).
     """
 
     k: PackedRows
@@ -177,6 +181,7 @@ class QuantizedKVCache(_QuantizedMixin):
     lengths_B: jax.Array
     sink: int = struct.field(pytree_node=False, default=0)
     window: int = struct.field(pytree_node=False, default=0)
+    rotate: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def create(
@@ -186,10 +191,17 @@ class QuantizedKVCache(_QuantizedMixin):
         """An empty cache (arguments as ``KVCache.create``; ``config`` of a quantized format).
 
         Raises:
-          ValueError: ``config.group_size`` does not divide the value head dim, or a
-            non-positive size (named).
+          ValueError: ``config.group_size`` does not divide the value head dim, "rotatekv" with
+            a head dim that is not a power of two, or a non-positive size (named).
         """
         _check_sizes(batch=batch, capacity=capacity, num_kv_heads=num_kv_heads, head_dim=head_dim)
+        rotate = config.format == "rotatekv"
+        for name, dim in (("head_dim", head_dim), ("v_head_dim", v_head_dim or head_dim)):
+            if rotate and dim & (dim - 1):
+                raise ValueError(
+                    f"cache.format='rotatekv' rotates each head by a Hadamard transform: "
+                    f"{name}={dim} must be a power of two"
+                )
         sink, window, dtype = _policy(config, config.format, dtype)
         common = dict(batch=batch, capacity=capacity, dtype=dtype, sink=sink, window=window)
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
@@ -202,10 +214,14 @@ class QuantizedKVCache(_QuantizedMixin):
             lengths_B=jnp.zeros((batch,), jnp.int32),
             sink=sink,
             window=window,
+            rotate=rotate,
         )  # fmt: skip
 
     def _rows(self):
         return self.k, self.v
+
+    def _rot(self, x):
+        return hadamard(x) if self.rotate else x
 
     def _check_new(self, k_BTKH, v_BTKV):
         want_k = (self.k.codes_BCKW.shape[2], self.k.dim)
@@ -223,8 +239,8 @@ class QuantizedKVCache(_QuantizedMixin):
         num_B = _num_new(num_new_B, k_BTKH.shape[1], k_BTKH.shape[0])
         kw = dict(sink=self.sink, window=self.window)
         return self.replace(
-            k=self.k.store(self.lengths_B, k_BTKH, num_B, **kw),
-            v=self.v.store(self.lengths_B, v_BTKV, num_B, **kw),
+            k=self.k.store(self.lengths_B, self._rot(k_BTKH), num_B, **kw),
+            v=self.v.store(self.lengths_B, self._rot(v_BTKV), num_B, **kw),
         )
 
     def update_and_attend(
@@ -232,9 +248,11 @@ class QuantizedKVCache(_QuantizedMixin):
     ) -> tuple[jax.Array, QuantizedKVCache]:
         """As ``KVCache.update_and_attend``, over the quantized cache (see the module)."""
         self._check_new(k_BTKH, v_BTKV)
+        rot = self._rot
         o, (k, v) = self._attend_and_store(
-            q_BTNH, (k_BTKH, v_BTKV), num_new_B, mask=mask, **op_kwargs
+            rot(q_BTNH), (rot(k_BTKH), rot(v_BTKV)), num_new_B, mask=mask, **op_kwargs
         )
+        o = rot(o)  # H is its own inverse
         t = q_BTNH.shape[1]
         return o, self.replace(k=k, v=v).advance(t if num_new_B is None else num_new_B)
 
@@ -258,7 +276,16 @@ class QuantizedLatentCache(_QuantizedMixin):
     def create(
         cls, *, batch, capacity, kv_lora_rank, rope_dim, dtype=jnp.bfloat16, config
     ) -> QuantizedLatentCache:
-        """An empty quantized latent cache (arguments as ``LatentCache.create``)."""
+        """An empty quantized latent cache (arguments as ``LatentCache.create``).
+
+        Raises:
+          ValueError: a format the latent layout cannot store ("rotatekv"), or a bad size.
+        """
+        if config.format not in LAYOUT_FORMATS["latent"]:
+            raise ValueError(
+                f"cache.format={config.format!r} cannot be stored in a latent cache "
+                f"(it stores {LAYOUT_FORMATS['latent']})"
+            )
         _check_sizes(batch=batch, capacity=capacity, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
         sink, window, dtype = _policy(config, config.format, dtype)
         row = _rows(

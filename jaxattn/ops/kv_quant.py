@@ -33,6 +33,7 @@ __all__ = [
     "unpack_codes",
     "quantize",
     "dequantize",
+    "hadamard",
 ]
 
 BITS = (2, 3, 4, 8)
@@ -118,3 +119,27 @@ def dequantize(codes, scale, zero, dtype=jnp.float32) -> jax.Array:
     return (
         codes.astype(jnp.float32) * scale.astype(jnp.float32) + zero.astype(jnp.float32)
     ).astype(dtype)
+
+
+def hadamard(x: jax.Array) -> jax.Array:
+    """The normalised Walsh–Hadamard transform of the last axis (a power of two, n), by the
+    fast butterfly (FWHT, O(n log n)): x·H_n / sqrt(n) with Sylvester's H_n. The matrix is
+    symmetric and orthogonal, so ``hadamard`` is its own inverse and (x·H)(y·H)ᵀ = x·yᵀ
+    (RotateKV: rotated queries and keys give the unrotated scores). Computed in fp32, returned
+    in x's dtype.
+
+    Raises:
+      ValueError: the last axis is not a power of two.
+    """
+    n = x.shape[-1]
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"the Hadamard transform needs a power-of-two last axis, got {n}")
+    lead = x.shape[:-1]
+    y = x.astype(jnp.float32)
+    h = 1
+    while h < n:
+        y = y.reshape(*lead, n // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = jnp.stack([a + b, a - b], axis=-2)
+        h *= 2
+    return (y.reshape(x.shape) / jnp.sqrt(jnp.float32(n))).astype(x.dtype)
