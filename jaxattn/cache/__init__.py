@@ -30,7 +30,8 @@ Formats
   LinearStateCache  a linear-attention layer's fixed-size recurrent state (kind "linear")
 Quantized formats (CacheConfig.format, any policy; PAPERS.md §5)
   QuantizedKVCache      "kivi" on the dense layout: packed 2/3/4/8-bit keys (per channel) and
-                        values (per token) with fp16 scales / zeros and a full-precision window
+                        values (per token) with fp16 scales / zeros and a full-precision window;
+                        "rotatekv": the same, of Hadamard-rotated keys and values
   QuantizedLatentCache  "kivi" on MLA's latent rows (per channel)
   PackedRows            one quantized tensor: codes, scales, zeros, window (its ``store``)
   dense_cache, latent_cache   the cache a CacheConfig names, for a dense / latent layout
