@@ -263,7 +263,6 @@ def main(argv=None) -> None:
         "kivi-2 G8 R8": kivi(2, 8, 8),
         "kivi-3 G8 R8": kivi(3, 8, 8),
         "kivi-4 G8 R8": kivi(4, 8, 8),
-        "rotatekv-2 G8 R8": dict(kivi(2, 8, 8), format="rotatekv"),
     }
     if args.quick:
         settings = {"fp32 dense": None, "kivi-2 G8 R8": kivi(2, 8, 8)}
