@@ -32,7 +32,7 @@ from jaxattn.ops._attention_math import precision
 
 __all__ = ["unsupported", "kv_major_attention", "chunk_tables"]
 
-_ROWS_PER_CHUNK = 64  # query rows per chunk (C · block_q): fills the matmul's rows with G = 1
+_ROWS_PER_CHUNK = 128  # query rows per chunk (C · block_q): fills the matmul's rows with G = 1
 _GROUP_FLOATS = 1 << 22  # score floats per scan step (16 MiB fp32), over every (b, k)
 
 
@@ -59,7 +59,8 @@ def _positions(a: AttentionArgs):
 
 
 def chunk_tables(a: AttentionArgs, C: int, off_B, lens_B):
-    """(rows [B, K, NC, C] query-block ids (-1: empty slot), blk [B, K, NC] kv block per chunk).
+    """(rows [B, K, NC, C] query-block ids (-1: empty slot), blk [B, K, NC] kv block per chunk,
+    pos [B, K, Q, L]: the chunk slot (chunk · C + slot) holding each list entry, NC · C if none).
 
     Pairs are deduplicated, unused and out-of-range slots dropped, and pairs whose block the
     spec's ``block_visible`` or the kv length rule out are dropped before chunking.
@@ -96,32 +97,29 @@ def chunk_tables(a: AttentionArgs, C: int, off_B, lens_B):
         chunk = jnp.where(ok_s, ch_start[cc] + rank // C, NC)  # NC: dropped
         rows = jnp.full((NC, C), -1, jnp.int32).at[chunk, rank % C].set(r_s, mode="drop")
         blk = jnp.zeros((NC,), jnp.int32).at[chunk].set(cc, mode="drop")
-        return rows, blk
+        # where each list slot's partial result lands (chunk · C + slot; NC · C: none)
+        pos_s = jnp.where(ok_s, chunk * C + rank % C, NC * C)
+        pos = jnp.zeros((Q * L,), jnp.int32).at[order].set(pos_s).reshape(Q, L)
+        return rows, blk, pos
 
     off = jnp.zeros((a.B,), jnp.int32) if off_B is None else off_B
     per_b = jax.vmap(one, in_axes=(0, 0, None, None))
     return jax.vmap(per_b, in_axes=(0, 0, 0, 0))(idx, cnt, off, lens_B)
 
 
-def _chunk_scores(a, bq, bk, scale, q_GTH, k_SH, rows_cC, blk_c, off, length, qseg_T, kseg_S):
-    """One (b, k)'s chunk scores: (s masked [G, c, R, bk], s unmasked, q rows [c, R] clipped,
-    scatter rows [c, R] (T_pad: dropped), k_c [c, bk] key indices)."""
+def _chunk_scores(a, bq, bk, scale, q_TGH, k_SH, rows_cC, blk_c, off, length, qseg_T, kseg_S):
+    """One (b, k)'s chunk scores [c, R, G, bk] (R = C·block_q rows, G heads folded into the
+    matmul's rows): (masked, unmasked, q rows [c, R, G, H], rows [c, R] clipped, k_c [c, bk])."""
     c, C = rows_cC.shape
-    Tp = q_GTH.shape[1]
-    qrow = (rows_cC[:, :, None] * bq + jnp.arange(bq, dtype=jnp.int32)).reshape(c, C * bq)
+    Tp, G, H = q_TGH.shape
+    R = C * bq
+    qrow = (rows_cC[:, :, None] * bq + jnp.arange(bq, dtype=jnp.int32)).reshape(c, R)
     ok_row = jnp.repeat(rows_cC >= 0, bq, axis=1) & (qrow < a.T)
     qr = jnp.clip(qrow, 0, Tp - 1)
     k_c = blk_c[:, None] * bk + jnp.arange(bk, dtype=jnp.int32)  # [c, bk]
-    q_c = q_GTH[:, qr]  # [G, c, R, H]
-    k_blk = k_SH[k_c]  # [c, bk, H]
-    s = jnp.einsum(
-        "gcrh,csh->gcrs",
-        q_c,
-        k_blk,
-        preferred_element_type=jnp.float32,
-        precision=precision(q_GTH.dtype),
-    )
-    s = s * scale
+    q_c = q_TGH[qr]  # [c, R, G, H]
+    s = _dot("cxh,csh->cxs", q_c.reshape(c, R * G, H), k_SH[k_c], q_TGH.dtype)
+    s = s.reshape(c, R, G, bk) * scale
     if a.logits_soft_cap is not None:
         s = a.logits_soft_cap * jnp.tanh(s / a.logits_soft_cap)
     kp = k_c[:, None, :]
@@ -131,8 +129,8 @@ def _chunk_scores(a, bq, bk, scale, q_GTH, k_SH, rows_cC, blk_c, off, length, qs
         vis &= a.spec(qp, kp)
     if qseg_T is not None:
         vis &= qseg_T[qr][:, :, None] == kseg_S[jnp.clip(k_c, 0, kseg_S.shape[0] - 1)][:, None]
-    sm = jnp.where(vis[None], s, -jnp.inf)
-    return sm, s, q_c, jnp.where(ok_row, qrow, Tp), k_c
+    sm = jnp.where(vis[:, :, None, :], s, -jnp.inf)
+    return sm, s, q_c, qr, k_c
 
 
 def _dot(spec, x, y, dtype):
@@ -165,130 +163,118 @@ def _per_b(arrays, B):
     return arrays["off"], arrays["lens"], arrays.get("qseg"), arrays.get("kseg")
 
 
+def _bcast(x, B, K):
+    return None if x is None else jnp.broadcast_to(x[:, None], (B, K, *x.shape[1:]))
+
+
+def _merge(parts, pos, fill):
+    """Gather the chunk-slot partials [B, K, NC·C, ...] of every list entry pos [B, K, Q, L]
+    -> [B, K, Q, L, ...] (``fill`` where an entry has none)."""
+    take = lambda x, i: jnp.take(x, i, axis=0, mode="fill", fill_value=fill)
+    return jax.vmap(jax.vmap(take))(parts, pos)
+
+
+def _rows(x_BKQ_bq, Tp):
+    """[B, K, Q, bq, ...] -> [B, K, Tp, ...]."""
+    B, K, Q, bq = x_BKQ_bq.shape[:4]
+    return x_BKQ_bq.reshape(B, K, Q * bq, *x_BKQ_bq.shape[4:])[:, :, :Tp]
+
+
+def _flat(x):
+    """Scan outputs [NG, B, K, cg·C, ...] -> [B, K, NC·C, ...] (chunk-slot order)."""
+    return jnp.moveaxis(x, 0, 2).reshape(x.shape[1], x.shape[2], -1, *x.shape[4:])
+
+
 def _forward(a, bq, bk, q, k, v, arrays):
-    """q [B, K, G, Tp, H], k [B, K, Sp, H], v [B, K, Sp, V] -> (o [B, K, G, Tp, V], lse)."""
-    B, K, G, Tp, _ = q.shape
+    """q [B, K, Tp, G, H], k [B, K, Sp, H], v [B, K, Sp, V] -> (o [B, K, Tp, G, V], lse).
+
+    Each chunk's rows yield a partial (lse_p, o_p) normalised over the chunk's kv block; a
+    list entry's partial is gathered back by ``pos`` and the L partials of a query block are
+    merged by a log-sum-exp (gathers only: XLA:CPU scatters are slow).
+    """
+    B, K, Tp, G, _ = q.shape
     V = v.shape[-1]
     off, lens, qseg, kseg = _per_b(arrays, B)
-    rows_g, blk_g = arrays["rows"], arrays["blk"]
+    scale = arrays["scale"]
 
-    def one(q, k, v, rows, blk, off, length, qs, ks, carry):
-        M, l, acc = carry
-        sm, _, _, scat, k_c = _chunk_scores(
-            a, bq, bk, arrays["scale"], q, k, rows, blk, off, length, qs, ks
-        )
-        m = sm.max(-1)  # [G, c, R]
+    def one(q, k, v, rows, blk, off, length, qs, ks):
+        sm, _, _, _, k_c = _chunk_scores(a, bq, bk, scale, q, k, rows, blk, off, length, qs, ks)
+        c, R = sm.shape[:2]
+        m = sm.max(-1)  # [c, R, G]
         m_safe = jnp.where(m == -jnp.inf, 0.0, m)
         p = jnp.exp(sm - m_safe[..., None])
-        pv = _dot("gcrs,csv->gcrv", p.astype(v.dtype), v[k_c], v.dtype)
-        idx = scat.reshape(-1)
-        m_g = jnp.full((G, Tp), -jnp.inf).at[:, idx].max(m.reshape(G, -1), mode="drop")
-        M_new = jnp.maximum(M, m_g)
-        Ms = jnp.where(M_new == -jnp.inf, 0.0, M_new)
-        alpha = jnp.exp(M - Ms)
-        w = jnp.exp(m_safe.reshape(G, -1) - Ms[:, jnp.clip(idx, 0, Tp - 1)])
-        l = (l * alpha).at[:, idx].add(w * p.sum(-1).reshape(G, -1), mode="drop")
-        acc = (
-            (acc * alpha[..., None])
-            .at[:, idx]
-            .add(w[..., None] * pv.reshape(G, -1, V), mode="drop")
-        )
-        return M_new, l, acc
+        l = p.sum(-1)
+        pv = _dot("cxs,csv->cxv", p.astype(v.dtype).reshape(c, R * G, bk), v[k_c], v.dtype)
+        o_p = pv.reshape(c, R, G, V) / jnp.where(l == 0, 1.0, l)[..., None]
+        lse_p = jnp.where(l == 0, -jnp.inf, m_safe + jnp.log(jnp.where(l == 0, 1.0, l)))
+        # [c, C·bq, G, ...] -> [c·C, bq, G, ...]: one entry per chunk slot
+        return lse_p.reshape(-1, bq, G), o_p.reshape(-1, bq, G, V)
 
-    axes = (
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0 if qseg is not None else None,
-        0 if kseg is not None else None,
-        0,
-    )
+    axes = (0, 0, 0, 0, 0, 0, 0, 0 if qseg is not None else None, 0 if kseg is not None else None)
     step_bk = _vmap2(one, axes)
     off_B = jnp.zeros((B,), jnp.int32) if off is None else off
-    bcast = lambda x: None if x is None else jnp.broadcast_to(x[:, None], (B, K, *x.shape[1:]))
+    per_b = [_bcast(x, B, K) for x in (off_B, lens, qseg, kseg)]
 
-    def step(carry, grp):
+    def step(_, grp):
         rows, blk = grp
-        return step_bk(
-            q, k, v, rows, blk, bcast(off_B), bcast(lens), bcast(qseg), bcast(kseg), carry
-        ), None
+        return None, step_bk(q, k, v, rows, blk, *per_b)
 
-    init = (
-        jnp.full((B, K, G, Tp), -jnp.inf, jnp.float32),
-        jnp.zeros((B, K, G, Tp), jnp.float32),
-        jnp.zeros((B, K, G, Tp, V), jnp.float32),
-    )
-    (M, l, acc), _ = jax.lax.scan(step, init, (rows_g, blk_g))
-    o = (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(q.dtype)
-    lse = jnp.where(l == 0, -jnp.inf, M + jnp.log(jnp.where(l == 0, 1.0, l)))
+    _, (lse_p, o_p) = jax.lax.scan(step, None, (arrays["rows"], arrays["blk"]))
+    lse_e = _merge(_flat(lse_p), arrays["pos"], -jnp.inf)  # [B, K, Q, L, bq, G]
+    o_e = _merge(_flat(o_p), arrays["pos"], 0.0)  # [B, K, Q, L, bq, G, V]
+    mx = lse_e.max(3, keepdims=True)
+    mx = jnp.where(jnp.isneginf(mx), 0.0, mx)
+    w = jnp.exp(lse_e - mx)
+    tot = w.sum(3)
+    lse = jnp.where(tot == 0, -jnp.inf, mx[:, :, :, 0] + jnp.log(jnp.where(tot == 0, 1.0, tot)))
+    o = jnp.einsum("bkqlrg,bkqlrgv->bkqrgv", w, o_e) / jnp.where(tot == 0, 1.0, tot)[..., None]
+    o, lse = _rows(o, Tp).astype(q.dtype), _rows(lse, Tp)
     return (o, lse), (q, k, v, o, lse, arrays)
 
 
 def _backward(a, bq, bk, res, cts):
     q, k, v, o, lse, arrays = res
     do, dlse = cts
-    B, K, G, Tp, H = q.shape
+    B, K, Tp, G, H = q.shape
     off, lens, qseg, kseg = _per_b(arrays, B)
-    d = jnp.einsum("bkgtv,bkgtv->bkgt", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
+    scale = arrays["scale"]
+    d = jnp.einsum("bktgv,bktgv->bktg", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
     lse0 = jnp.where(jnp.isinf(lse), 0.0, lse)
     cap = a.logits_soft_cap
 
     def one(q, k, v, do, lse, d, rows, blk, off, length, qs, ks, carry):
-        dq, dk, dv = carry
-        sm, s, q_c, scat, k_c = _chunk_scores(
-            a, bq, bk, arrays["scale"], q, k, rows, blk, off, length, qs, ks
-        )
-        qr = jnp.clip(scat, 0, Tp - 1)
-        p = jnp.exp(sm - lse[:, qr][..., None])  # [G, c, R, bk]
-        do_c = do[:, qr]  # [G, c, R, V]
-        dv_c = _dot("gcrs,gcrv->csv", p.astype(do.dtype), do_c, do.dtype)
-        dp = _dot("gcrv,csv->gcrs", do_c, v[k_c], do.dtype)
+        dk, dv = carry
+        sm, s, q_c, qr, k_c = _chunk_scores(a, bq, bk, scale, q, k, rows, blk, off, length, qs, ks)
+        c, R = sm.shape[:2]
+        x = R * G
+        p = jnp.exp(sm - lse[qr][..., None])  # [c, R, G, bk]
+        do_c = do[qr].reshape(c, x, -1)  # [c, R·G, V]
+        p2 = p.reshape(c, x, bk)
+        dv_c = _dot("cxs,cxv->csv", p2.astype(do.dtype), do_c, do.dtype)
+        dp = _dot("cxv,csv->cxs", do_c, v[k_c], do.dtype).reshape(c, R, G, bk)
         # masked entries: exactly 0 (an unlisted block read by an empty chunk may hold NaN)
-        ds = jnp.where(jnp.isneginf(sm), 0.0, p * (dp - d[:, qr][..., None]))
+        ds = jnp.where(jnp.isneginf(sm), 0.0, p * (dp - d[qr][..., None]))
         if cap is not None:  # d/dx cap·tanh(x/cap) = 1 − tanh², from the unmasked logits
             ds = ds * (1.0 - jnp.square(s / cap))
-        ds = (ds * arrays["scale"]).astype(q.dtype)
-        dq_c = _dot("gcrs,csh->gcrh", ds, k[k_c], q.dtype)
-        dk_c = _dot("gcrs,gcrh->csh", ds, q_c, q.dtype)
-        idx = scat.reshape(-1)
-        dq = dq.at[:, idx].add(dq_c.reshape(G, -1, H), mode="drop")
+        ds = (ds * scale).astype(q.dtype).reshape(c, x, bk)
+        dq_c = _dot("cxs,csh->cxh", ds, k[k_c], q.dtype)
+        dk_c = _dot("cxs,cxh->csh", ds, q_c.reshape(c, x, H), q.dtype)
         dk = dk.at[k_c.reshape(-1)].add(dk_c.reshape(-1, H))
         dv = dv.at[k_c.reshape(-1)].add(dv_c.reshape(-1, dv.shape[-1]))
-        return dq, dk, dv
+        return (dk, dv), dq_c.reshape(-1, bq, G, H)
 
     axes = (0,) * 10 + (0 if qseg is not None else None, 0 if kseg is not None else None, 0)
     step_bk = _vmap2(one, axes)
     off_B = jnp.zeros((B,), jnp.int32) if off is None else off
-    bcast = lambda x: None if x is None else jnp.broadcast_to(x[:, None], (B, K, *x.shape[1:]))
+    per_b = [_bcast(x, B, K) for x in (off_B, lens, qseg, kseg)]
 
     def step(carry, grp):
         rows, blk = grp
-        args = (
-            q,
-            k,
-            v,
-            do,
-            lse0,
-            d,
-            rows,
-            blk,
-            bcast(off_B),
-            bcast(lens),
-            bcast(qseg),
-            bcast(kseg),
-        )
-        return step_bk(*args, carry), None
+        return step_bk(q, k, v, do, lse0, d, rows, blk, *per_b, carry)
 
-    init = (
-        jnp.zeros(q.shape, jnp.float32),
-        jnp.zeros(k.shape, jnp.float32),
-        jnp.zeros(v.shape, jnp.float32),
-    )
-    (dq, dk, dv), _ = jax.lax.scan(step, init, (arrays["rows"], arrays["blk"]))
+    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    (dk, dv), dq_p = jax.lax.scan(step, init, (arrays["rows"], arrays["blk"]))
+    dq = _rows(_merge(_flat(dq_p), arrays["pos"], 0.0).sum(3), Tp)
     none = jax.tree.map(lambda _: None, arrays)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), none
 
@@ -313,7 +299,7 @@ def kv_major_attention(a: AttentionArgs, q_BTNH, k_BSKH, v_BSKV, return_lse: boo
     Tp, Sp = -(-a.T // bq) * bq, -(-a.S // bk) * bk
     C = max(1, _ROWS_PER_CHUNK // bq)
     off, lens = _positions(a)
-    rows, blk = chunk_tables(a, C, off, lens)
+    rows, blk, pos = chunk_tables(a, C, off, lens)
     cg = max(1, _GROUP_FLOATS // (B * K * G * C * bq * bk))
     arrays = {
         "scale": jnp.asarray(a.scale, jnp.float32),
@@ -321,18 +307,20 @@ def kv_major_attention(a: AttentionArgs, q_BTNH, k_BSKH, v_BSKV, return_lse: boo
         "lens": lens,
         "rows": _groups(rows, cg),
         "blk": _groups(blk, cg),
+        "pos": pos,
     }
     if a.q_segment_ids is not None:
         arrays["qseg"] = jnp.pad(a.q_segment_ids, ((0, 0), (0, Tp - a.T)))
         arrays["kseg"] = a.kv_segment_ids
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
-    q = pad(q_BTNH, Tp).reshape(B, Tp, K, G, a.H).transpose(0, 2, 3, 1, 4)
+    q = pad(q_BTNH, Tp).reshape(B, Tp, K, G, a.H).transpose(0, 2, 1, 3, 4)  # [B, K, Tp, G, H]
     k = pad(k_BSKH, Sp).transpose(0, 2, 1, 3)
     v = pad(v_BSKV, Sp).transpose(0, 2, 1, 3)
     static = _static(a)
     o, lse = _attention(static, bq, bk, q, k, v, arrays)
-    o = o[:, :, :, : a.T].transpose(0, 3, 1, 2, 4).reshape(B, a.T, a.N, a.V)
-    return (o, lse[..., : a.T].reshape(B, a.N, a.T)) if return_lse else o
+    o = o[:, :, : a.T].transpose(0, 2, 1, 3, 4).reshape(B, a.T, a.N, a.V)
+    lse = lse[:, :, : a.T].transpose(0, 1, 3, 2).reshape(B, a.N, a.T)
+    return (o, lse) if return_lse else o
 
 
 def _static(a: AttentionArgs) -> AttentionArgs:
