@@ -13,6 +13,7 @@ Attention kinds
   LinearAttentionConfig, LinearAttention    "linear": gated / delta-rule linear attn, state cache
   MoHConfig, MoHAttention                   "moh": mixture-of-head attention (routed heads)
   SSAConfig, SelectiveAttention             "ssa": selective attention (query/value temperatures)
+  NSAConfig, NativeSparseAttention          "nsa": native sparse attention (3 gated branches)
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
@@ -42,6 +43,7 @@ from jaxattn.layers._mla import MLAConfig, MultiHeadLatentAttention
 from jaxattn.layers._mlp import SwiGLU, swiglu
 from jaxattn.layers._moh import MoHAttention, MoHConfig
 from jaxattn.layers._norm import RMSNorm, rms_norm
+from jaxattn.layers._nsa import NativeSparseAttention, NSAConfig
 from jaxattn.layers._ssa import SelectiveAttention, SSAConfig
 
 __all__ = [
@@ -72,6 +74,8 @@ __all__ = [
     "MoHAttention",
     "SSAConfig",
     "SelectiveAttention",
+    "NSAConfig",
+    "NativeSparseAttention",
     "SwiGLU",
     "swiglu",
     "RMSNorm",
