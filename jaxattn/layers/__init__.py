@@ -13,6 +13,8 @@ Attention kinds
   LinearAttentionConfig, LinearAttention    "linear": gated / delta-rule linear attn, state cache
   MoHConfig, MoHAttention                   "moh": mixture-of-head attention (routed heads)
   SSAConfig, SelectiveAttention             "ssa": selective attention (query/value temperatures)
+  NSAConfig, NativeSparseAttention          "nsa": native sparse attention (3 gated branches)
+  LMInfiniteConfig, LMInfiniteAttention     "lm_infinite": Λ mask + RoPE distance cap
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
@@ -38,10 +40,12 @@ from jaxattn.layers._factorized import (
 from jaxattn.layers._kinds import AttentionLayer, kind_config, register_kind, registered_kinds
 from jaxattn.layers._linear import Adapter, AdapterParam, Linear
 from jaxattn.layers._linear_attention import LinearAttention, LinearAttentionConfig
+from jaxattn.layers._lm_infinite import LMInfiniteAttention, LMInfiniteConfig
 from jaxattn.layers._mla import MLAConfig, MultiHeadLatentAttention
 from jaxattn.layers._mlp import SwiGLU, swiglu
 from jaxattn.layers._moh import MoHAttention, MoHConfig
 from jaxattn.layers._norm import RMSNorm, rms_norm
+from jaxattn.layers._nsa import NativeSparseAttention, NSAConfig
 from jaxattn.layers._ssa import SelectiveAttention, SSAConfig
 
 __all__ = [
@@ -72,6 +76,10 @@ __all__ = [
     "MoHAttention",
     "SSAConfig",
     "SelectiveAttention",
+    "NSAConfig",
+    "NativeSparseAttention",
+    "LMInfiniteConfig",
+    "LMInfiniteAttention",
     "SwiGLU",
     "swiglu",
     "RMSNorm",
