@@ -5,7 +5,10 @@ one token per sequence per loop step until ``max_new_tokens`` or every sequence 
 stop token. The whole loop is one jitted program; the cache is part of the loop carry.
 Works with any model offering ``init_cache(batch, capacity)`` and
 ``decode(tokens_BT, cache, *, num_new_B) -> (logits_BTV, cache)`` (``models.DecoderLM``).
-The caches are opaque here: before anything runs, each cache in the model's ``init_cache``
+``cache`` names a storage format (and any other ``CacheConfig`` fields) for this call, set over
+every layer's own cache config: ``cache={"format": "kivi", "bits": 2}`` decodes with 2-bit KIVI
+caches (the model's ``init_cache(..., cache=)`` builds them). The caches are opaque here: before
+anything runs, each cache in the model's ``init_cache``
 pytree that offers ``check_room(n)`` (``jaxattn.cache``) is asked whether it can hold the
 prompt plus ``max_new_tokens`` (ring caches always can).
 """
@@ -78,6 +81,7 @@ def generate(
     cache_dtype=None,
     sequence_ids_B=None,
     capacity: int | None = None,
+    cache: dict | None = None,
 ) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
@@ -94,6 +98,9 @@ def generate(
         or task a row uses); None passes nothing.
       capacity: the ``init_cache`` capacity (default T + max_new_tokens, which always fits;
         "sink_window" layers ignore it).
+      cache: ``jaxattn.cache.CacheConfig`` fields (a dict) set over every layer's cache config
+        for this call (e.g. ``{"format": "kivi", "bits": 2, "group_size": 32}``), or None:
+        the model's own. Passed to ``model.init_cache(..., cache=)``.
 
     Raises:
       ValueError: bad shapes, prompt lengths, sampling settings, prompt ids outside the
@@ -136,7 +143,8 @@ def generate(
         raise ValueError(f"bad sampling settings: {temperature=}, {top_k=}, {top_p=}")
     b, t = prompt_BT.shape
     capacity = t + max_new_tokens if capacity is None else int(capacity)
-    caches = jax.eval_shape(lambda: model.init_cache(b, capacity, cache_dtype))
+    cache_fields = None if cache is None else tuple(sorted(dict(cache).items()))  # hashable
+    caches = jax.eval_shape(lambda: model.init_cache(b, capacity, cache_dtype, **_kw(cache_fields)))
     for cache in jax.tree.leaves(caches, is_leaf=lambda x: hasattr(x, "check_room")):
         if hasattr(cache, "check_room"):
             try:
@@ -159,8 +167,14 @@ def generate(
         stop_tokens=tuple(int(t) for t in stop_tokens),
         cache_dtype=cache_dtype,
         capacity=capacity,
+        cache_fields=cache_fields,
         extras={} if sequence_ids_B is None else {"sequence_ids_B": jnp.asarray(sequence_ids_B)},
     )
+
+
+def _kw(cache_fields):
+    """``init_cache``'s keyword arguments for the (static, hashable) ``cache`` fields."""
+    return {} if cache_fields is None else {"cache": dict(cache_fields)}
 
 
 @functools.partial(
@@ -174,6 +188,7 @@ def generate(
         "stop_tokens",
         "cache_dtype",
         "capacity",
+        "cache_fields",
     ),
 )
 def _generate(
@@ -191,13 +206,14 @@ def _generate(
     stop_tokens,
     cache_dtype,
     capacity,
+    cache_fields,
 ):
     model = nnx.merge(graphdef, state)
     b, t = prompt_BT.shape
     slots_S = jnp.arange(t + max_new_tokens, dtype=jnp.int32)
     tokens_BS = jnp.zeros((b, t + max_new_tokens), jnp.int32).at[:, :t].set(prompt_BT)
     tokens_BS = jnp.where(slots_S[None, :] < lengths_B[:, None], tokens_BS, 0)
-    cache = model.init_cache(b, capacity, cache_dtype)
+    cache = model.init_cache(b, capacity, cache_dtype, **_kw(cache_fields))
     logits_BTV, cache = model.decode(prompt_BT, cache, num_new_B=lengths_B, **extras)
     last_BV = jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)

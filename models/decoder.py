@@ -172,7 +172,7 @@ class DecoderLM(nnx.Module):
             x_BTD = sharding.constrain(block(x_BTD, ctx), _ACT)
         return poison_after_invalid(self._logits(x_BTD, ctx), tokens_BT, self.config.vocab_size)
 
-    def init_cache(self, batch: int, capacity: int | None = None, dtype=None) -> tuple:
+    def init_cache(self, batch: int, capacity: int | None = None, dtype=None, cache=None) -> tuple:
         """Empty per-layer caches, one per block: each layer's kind builds the cache its
         resolved ``CacheConfig`` names (``config.cache`` or the layer spec's ``cache``).
 
@@ -181,13 +181,26 @@ class DecoderLM(nnx.Module):
           capacity: positions per sequence of the "full" caches (default
             ``config.max_seq_len``); "sink_window" rings hold sink + window slots regardless.
           dtype: storage dtype (default the compute dtype; a ``CacheConfig.dtype`` wins).
+          cache: CacheConfig fields set over every layer's own (a dict, e.g. ``{"format":
+            "kivi", "bits": 2}``: a storage format on each layer's policy), or None.
 
         Returns:
           A tuple of caches (a pytree usable as a ``jax.lax.while_loop`` carry).
+
+        Raises:
+          ValueError: a layer cannot serve ``cache`` (the layer and the field named).
         """
         capacity = self.config.max_seq_len if capacity is None else capacity
         dtype = self.config.dtype if dtype is None else dtype
-        return tuple(blk.attn.init_cache(batch, capacity, dtype) for blk in self.layers)
+        if cache is None:
+            return tuple(blk.attn.init_cache(batch, capacity, dtype) for blk in self.layers)
+        caches = []
+        for i, blk in enumerate(self.layers):
+            try:
+                caches.append(blk.attn.init_cache(batch, capacity, dtype, cache=cache))
+            except ValueError as err:
+                raise ValueError(f"layer {i} cache {dict(cache)}: {err}") from None
+        return tuple(caches)
 
     def decode(
         self,

@@ -6,6 +6,11 @@ it, and generates with the KV cache through ``jaxattn.generate.generate``. Text 
 (vocab 256). The parameters are verified against their stored checksums before use: a
 corrupted checkpoint stops with ``checkpoint error:`` naming the step directory and the
 parameters (exit code 1); bad flags stop with ``config error:`` (exit code 2).
+
+``--set cache.FIELD=VALUE`` (repeatable) sets ``jaxattn.cache.CacheConfig`` fields over every
+layer's cache config for this run, e.g. 2-bit KIVI caches:
+``python -m train.sample --checkpoint RUN --prompt "..." --set cache.format=kivi
+--set cache.bits=2 --set cache.group_size=32 --set cache.residual=128``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from train.data import ByteTokenizer
 from train.optim import path_string
 from train.platform import configure_cpu
 
-__all__ = ["sample_texts", "load_model", "resolve_checkpoint", "main"]
+__all__ = ["sample_texts", "load_model", "resolve_checkpoint", "cache_fields", "main"]
 
 
 def sample_texts(
@@ -35,6 +40,7 @@ def sample_texts(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    cache: dict | None = None,
 ) -> list[str]:
     """Continue each prompt by ``max_new_tokens`` byte tokens.
 
@@ -43,6 +49,7 @@ def sample_texts(
       prompts: non-empty prompt strings (right-padded into one batch).
       max_new_tokens: tokens to generate per prompt.
       seed: sampling seed; temperature 0 is greedy.
+      cache: CacheConfig fields set over every layer's cache (``generate(cache=)``).
 
     Returns:
       The generated continuations (without their prompts).
@@ -66,6 +73,7 @@ def sample_texts(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        cache=cache,
     )
     tokens_BS, end_B = np.asarray(out.tokens_BS), np.asarray(out.lengths_B)
     return [tok.decode(tokens_BS[b, lengths_B[b] : end_B[b]]) for b in range(len(ids))]
@@ -239,6 +247,47 @@ def _check_args(args) -> None:
         raise ConfigError(f"--top-p {args.top_p} must be in (0, 1]")
 
 
+def cache_fields(items) -> dict | None:
+    """``["cache.format=kivi", "cache.bits=2"]`` -> ``{"format": "kivi", "bits": 2}`` (None
+    when empty), checked by building the ``CacheConfig``.
+
+    Raises:
+      ConfigError: an item that is not ``cache.FIELD=VALUE``, an unknown field, a bad value.
+    """
+    import dataclasses as dc
+
+    from jaxattn.cache import CacheConfig
+    from train.config import ConfigError
+
+    names = {f.name: f for f in dc.fields(CacheConfig)}
+    ints = ("sink", "window", "bits", "group_size", "residual")
+    fields = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.startswith("cache."):
+            raise ConfigError(f"--set {item!r} must look like cache.FIELD=VALUE")
+        name = key[len("cache.") :]
+        if name not in names:
+            raise ConfigError(f"--set {key}: CacheConfig has no field {name!r}; {sorted(names)}")
+        if text.strip().lower() in ("none", "null"):
+            fields[name] = None
+        elif name in ints:
+            try:
+                fields[name] = int(text)
+            except ValueError:
+                raise ConfigError(f"--set {key}={text!r} must be an int") from None
+        else:
+            fields[name] = text.strip()
+    if not fields:
+        return None
+    try:
+        CacheConfig(**fields)
+    except ValueError as err:
+        raise ConfigError(f"--set cache.*: {err}") from None
+    return fields
+
+
 def main(argv=None) -> None:
     """Command-line entry point (errors: see ``train.cli``)."""
     parser = argparse.ArgumentParser(
@@ -258,6 +307,13 @@ def main(argv=None) -> None:
         metavar="DIR",
         help="attach an adapter saved by jaxattn.lowrank.save (a fine-tuning run's adapter/)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="cache.FIELD=VALUE",
+        help="a CacheConfig field for every layer's cache (repeatable): cache.format=kivi",
+    )
     args = parser.parse_args(argv)
     configure_cpu()  # before any JAX computation: XLA reads its flags once
     guarded(lambda: _sample(args))
@@ -268,6 +324,7 @@ def _sample(args) -> None:
     from train.config import ConfigError
 
     _check_args(args)
+    cache = cache_fields(args.set)
     root = resolve_checkpoint(args.checkpoint)
     steps = list_steps(root)
     if args.step is not None and args.step not in steps:
@@ -275,6 +332,11 @@ def _sample(args) -> None:
     model, meta = load_model(root, args.step)
     if args.adapter is not None:
         _load_adapter(model, args.adapter)
+    if cache is not None:
+        try:  # every layer can serve the fields (checked before any compile)
+            jax.eval_shape(lambda: model.init_cache(1, 1, cache=cache))
+        except ValueError as err:
+            raise ConfigError(f"--set cache.*: {err}") from None
     texts = sample_texts(
         model,
         args.prompt,
@@ -283,6 +345,7 @@ def _sample(args) -> None:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        cache=cache,
     )
     print(f"checkpoint step {meta['step']}")
     for prompt, text in zip(args.prompt, texts, strict=True):

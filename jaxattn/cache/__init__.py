@@ -28,6 +28,13 @@ Formats
   KVCache       "dense": keys and values, K·H + K_v·V numbers per token (MHA / GQA / MQA / SQA)
   LatentCache   "latent": normalised latent and decoupled rope key, L + P numbers per token (MLA)
   LinearStateCache  a linear-attention layer's fixed-size recurrent state (kind "linear")
+Quantized formats (CacheConfig.format, any policy; PAPERS.md §5)
+  QuantizedKVCache      "kivi" on the dense layout: packed 2/3/4/8-bit keys (per channel) and
+                        values (per token) with fp16 scales / zeros and a full-precision window;
+                        "rotatekv": the same, of Hadamard-rotated keys and values
+  QuantizedLatentCache  "kivi" on MLA's latent rows (per channel)
+  PackedRows            one quantized tensor: codes, scales, zeros, window (its ``store``)
+  dense_cache, latent_cache   the cache a CacheConfig names, for a dense / latent layout
 Policies (CacheConfig.policy)
   "full"          every token, up to the capacity
   "sink_window"   the first ``sink`` and last ``window`` tokens in a ring of sink + window
@@ -39,6 +46,23 @@ Config
 from jaxattn.cache._config import CacheConfig
 from jaxattn.cache._dense import KVCache
 from jaxattn.cache._latent import LatentCache
+from jaxattn.cache._packed import PackedRows
+from jaxattn.cache._quantized import (
+    QuantizedKVCache,
+    QuantizedLatentCache,
+    dense_cache,
+    latent_cache,
+)
 from jaxattn.cache._state import LinearStateCache
 
-__all__ = ["CacheConfig", "KVCache", "LatentCache", "LinearStateCache"]
+__all__ = [
+    "CacheConfig",
+    "KVCache",
+    "LatentCache",
+    "LinearStateCache",
+    "PackedRows",
+    "QuantizedKVCache",
+    "QuantizedLatentCache",
+    "dense_cache",
+    "latent_cache",
+]

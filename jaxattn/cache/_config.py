@@ -6,7 +6,21 @@ checkpoint metadata. The attention kind that builds the cache decides whether it
 config (``check_served``): a config it cannot serve raises ValueError naming the field.
 
 Formats: ``"dense"`` (per-head keys and values: ``KVCache``), ``"latent"`` (MLA latent rows:
-``LatentCache``); None is the kind's own format.
+``LatentCache``); None is the kind's own format. Quantized formats store the kind's own layout
+(dense or latent) as packed integers with per-group scales and zero points and a
+full-precision window of recent tokens (``QuantizedKVCache`` / ``QuantizedLatentCache``):
+
+* ``"kivi"`` (KIVI): ``bits`` (2, 3, 4, 8; default 2), keys quantized per channel over groups of
+  ``group_size`` tokens, values per token over groups of ``group_size`` channels (default 32),
+  the last ``residual`` tokens (default 128; a multiple of ``group_size``) kept in full
+  precision, scales and zeros in ``scale_dtype`` (default "float16"). A latent row (key and
+  value at once) is quantized per channel like a key. Any policy: a "sink_window" ring needs
+  ``sink`` and ``window`` multiples of ``group_size`` (groups of tokens are evicted whole).
+* ``"rotatekv"`` (RotateKV's rotation, dense layout only): KIVI's storage of keys and values
+  rotated by the normalised Walsh–Hadamard transform of each head (power-of-two head dims);
+  queries are rotated alike and outputs rotated back, so without quantization the attention
+  is unchanged, and outlier channels are spread before quantization. Not implemented here:
+  RotateKV's calibrated channel reordering, pre-RoPE grouped-head rotation and sink tokens.
 
 Policies:
 
@@ -26,10 +40,17 @@ from typing import Any
 
 import jax.numpy as jnp
 
-__all__ = ["CacheConfig", "FORMATS", "POLICIES"]
+__all__ = ["CacheConfig", "FORMATS", "LAYOUT_FORMATS", "POLICIES", "QUANTIZED_FORMATS"]
 
-FORMATS = ("dense", "latent")
+QUANTIZED_FORMATS = ("kivi", "rotatekv")
+FORMATS = ("dense", "latent", *QUANTIZED_FORMATS)
 POLICIES = ("full", "sink_window")
+# the formats each cache layout can be stored in (a kind serves its layout's formats); the
+# Hadamard rotation of "rotatekv" acts on per-head rows, which MLA's latent row is not
+LAYOUT_FORMATS = {"dense": ("dense", *QUANTIZED_FORMATS), "latent": ("latent", "kivi")}
+_KIVI = dict(bits=2, group_size=32, residual=128, scale_dtype="float16")
+_QUANT_DEFAULTS = {"kivi": _KIVI, "rotatekv": _KIVI}
+_BITS = (2, 3, 4, 8)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,7 +62,13 @@ class CacheConfig:
       policy: one of ``POLICIES``.
       sink: "sink_window": tokens kept from the start of each sequence (>= 0).
       window: "sink_window": most recent tokens kept (>= 1); unset for "full".
-      dtype: storage dtype name (e.g. "bfloat16"), or None: the ``init_cache`` dtype.
+      dtype: storage dtype name (e.g. "bfloat16"), or None: the ``init_cache`` dtype (a
+        quantized format keeps its full-precision window in it).
+      bits: quantized formats: code width, one of (2, 3, 4, 8).
+      group_size: quantized formats: numbers per scale / zero point.
+      residual: quantized formats: recent tokens kept in full precision (a multiple of
+        ``group_size``).
+      scale_dtype: quantized formats: storage dtype of scales and zero points.
     """
 
     format: str | None = None
@@ -49,6 +76,10 @@ class CacheConfig:
     sink: int = 0
     window: int | None = None
     dtype: Any = None
+    bits: int | None = None
+    group_size: int | None = None
+    residual: int | None = None
+    scale_dtype: Any = None
 
     def __post_init__(self):
         o = "CacheConfig"
@@ -56,7 +87,7 @@ class CacheConfig:
             raise ValueError(f"{o}.format={self.format!r} must be one of {FORMATS} or None")
         if self.policy not in POLICIES:
             raise ValueError(f"{o}.policy={self.policy!r} must be one of {POLICIES}")
-        for name in ("sink", "window"):
+        for name in ("sink", "window", "bits", "group_size", "residual"):
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, numbers.Integral)
@@ -85,6 +116,50 @@ class CacheConfig:
                 raise ValueError(f"{o}.dtype={self.dtype!r} must be a floating dtype")
             object.__setattr__(self, "dtype", dt.name)  # a name: hashable and JSON-able
         object.__setattr__(self, "sink", int(self.sink))
+        self._check_quantized()
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the format stores packed integers (one of ``QUANTIZED_FORMATS``)."""
+        return self.format in QUANTIZED_FORMATS
+
+    def _check_quantized(self):
+        o = "CacheConfig"
+        names = ("bits", "group_size", "residual", "scale_dtype")
+        if not self.quantized:
+            for name in names:
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{o}.{name}={getattr(self, name)!r} applies to the quantized formats "
+                        f"{QUANTIZED_FORMATS} only, not format={self.format!r}"
+                    )
+            return
+        for name, default in _QUANT_DEFAULTS[self.format].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        if self.bits not in _BITS:
+            raise ValueError(f"{o}.bits={self.bits} must be one of {_BITS}")
+        for name in ("group_size", "residual"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{o}.{name}={getattr(self, name)} must be >= 1")
+        g = self.group_size
+        if self.residual % g:
+            raise ValueError(
+                f"{o}.group_size={g} must divide {o}.residual={self.residual} (keys are "
+                "quantized per channel in groups of group_size tokens as the window fills)"
+            )
+        if self.policy == "sink_window" and (self.sink % g or self.window % g):
+            raise ValueError(
+                f"{o}.group_size={g} must divide {o}.sink={self.sink} and {o}.window="
+                f"{self.window} (a ring evicts whole groups of quantized tokens)"
+            )
+        try:
+            dt = jnp.dtype(self.scale_dtype)
+        except TypeError:
+            raise ValueError(f"{o}.scale_dtype={self.scale_dtype!r} is not a dtype") from None
+        if not jnp.issubdtype(dt, jnp.floating):
+            raise ValueError(f"{o}.scale_dtype={self.scale_dtype!r} must be a floating dtype")
+        object.__setattr__(self, "scale_dtype", dt.name)
 
     @property
     def slots(self) -> int | None:

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn.cache import CacheConfig, KVCache
+from jaxattn.cache import CacheConfig, KVCache, dense_cache
+from jaxattn.cache._config import LAYOUT_FORMATS
 from jaxattn.layers import _validate as v
 from jaxattn.layers._context import Context
 from jaxattn.layers._kinds import AttentionLayer, dropout_args, register_kind
@@ -58,8 +59,9 @@ class AttentionConfig:
       norm_eps: epsilon of the qk-norm (> 0).
       dropout: attention-probability dropout rate in [0, 1) (training only: needs ctx.rng).
       implementation: ``dot_product_attention`` implementation name.
-      cache: the decoding cache (``jaxattn.cache.CacheConfig``: format "dense", policy "full"
-        or "sink_window"; None: full). "sink_window" needs ``sliding_window`` unset.
+      cache: the decoding cache (``jaxattn.cache.CacheConfig``: format "dense" or a quantized
+        one such as "kivi", policy "full" or "sink_window"; None: full). "sink_window"
+        needs ``sliding_window`` unset.
       dtype: compute dtype (None: the input's dtype); param_dtype: parameter dtype.
     """
 
@@ -118,7 +120,7 @@ class AttentionConfig:
             raise ValueError(f"num_kv_heads={k} must divide the query heads ({nq})")
         if nq % self.n_v:
             raise ValueError(f"num_v_heads={self.n_v} must divide the query heads ({nq})")
-        v.check_cache(o, self.cache, formats=("dense",))
+        v.check_cache(o, self.cache, formats=LAYOUT_FORMATS["dense"])
         if self.cache is not None and self.cache.policy != "full" and self.sliding_window:
             raise ValueError(
                 f"{o}: cache.policy={self.cache.policy!r} with sliding_window="
@@ -276,11 +278,13 @@ class Attention(AttentionLayer):
         """o projection [B, T, N, V] -> [B, T, D]."""
         return self.o(o_BTNV, ctx)
 
-    def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16) -> KVCache:
-        """An empty :class:`KVCache` [B, C, K, H] for this layer, of ``config.cache``'s policy
-        (a "sink_window" ring has C = sink + window slots whatever ``capacity`` is)."""
+    def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16, cache=None) -> KVCache:
+        """An empty :class:`KVCache` [B, C, K, H] for this layer, of ``config.cache``'s format
+        and policy (``cache``: fields set over it, see ``cache_config``); a "sink_window" ring
+        has C = sink + window slots whatever ``capacity`` is; a quantized format gives a
+        ``QuantizedKVCache``."""
         c = self.config
-        return KVCache.create(
+        return dense_cache(
             batch=batch,
             capacity=capacity,
             num_kv_heads=c.n_kv,
@@ -288,5 +292,5 @@ class Attention(AttentionLayer):
             v_head_dim=c.v,
             num_v_heads=c.n_v,
             dtype=dtype,
-            config=c.cache,
+            config=self.cache_config(cache),
         )

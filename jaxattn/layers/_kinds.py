@@ -31,6 +31,7 @@ if the hook lines were absent.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -129,9 +130,29 @@ class AttentionLayer(nnx.Module):
         """Per-head outputs -> [B, T, D]."""
         raise NotImplementedError
 
-    def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16):
-        """An empty cache for this layer (its format and policy: ``config.cache``)."""
+    def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16, cache=None):
+        """An empty cache for this layer (its format and policy: ``cache_config(cache)``)."""
         raise NotImplementedError
+
+    def cache_config(self, cache=None):
+        """The ``CacheConfig`` this layer's cache is built from: ``config.cache``, or with the
+        fields of ``cache`` set (a dict such as ``{"format": "kivi", "bits": 2}``, applied over
+        the layer's own config so a policy and a format combine), or ``cache`` itself (a
+        ``CacheConfig``).
+
+        Raises:
+          ValueError: the merged config is invalid or the kind cannot serve it (the field named).
+        """
+        c = self.config
+        if cache is None:
+            return c.cache
+        from jaxattn.cache import CacheConfig
+
+        if not isinstance(cache, CacheConfig):
+            fields = {**(c.cache or CacheConfig()).to_dict(), **dict(cache)}
+            cache = CacheConfig.from_dict(fields)
+        dataclasses.replace(c, cache=cache)  # the kind's own checks: formats, policies
+        return cache
 
     # -- the shared flow ----------------------------------------------------------------------
     def _check_input(self, x_BTD) -> jax.Array:

@@ -241,13 +241,15 @@ class LinearAttention(AttentionLayer):
         """o projection [B, T, N, H] -> [B, T, D]."""
         return self.o(o_BTNH, ctx)
 
-    def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16) -> LinearStateCache:
+    def init_cache(
+        self, batch: int, capacity: int, dtype=jnp.bfloat16, cache=None
+    ) -> LinearStateCache:
         """A zero :class:`LinearStateCache` [B, K, H, H (+1)]. ``capacity`` and ``dtype`` are
         not used: the state has a fixed size and is stored in float32 (a running sum) unless
         ``config.cache.dtype`` says otherwise."""
         del capacity, dtype
-        c = self.config
-        store = None if c.cache is None or c.cache.dtype is None else jnp.dtype(c.cache.dtype)
+        c, cfg = self.config, self.cache_config(cache)
+        store = None if cfg is None or cfg.dtype is None else jnp.dtype(cfg.dtype)
         return LinearStateCache.create(
             batch=batch,
             num_kv_heads=c.n_kv,

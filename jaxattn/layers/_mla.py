@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn.cache import CacheConfig, LatentCache
+from jaxattn.cache import CacheConfig, LatentCache, latent_cache
+from jaxattn.cache._config import LAYOUT_FORMATS
 from jaxattn.layers import _validate as v
 from jaxattn.layers._context import Context
 from jaxattn.layers._kinds import AttentionLayer, dropout_args, register_kind
@@ -72,8 +73,8 @@ class MLAConfig:
       softmax_scale: logit scale (default (nope + P)^-1/2 times the rope's YaRN mscale factor).
       dropout: attention-probability dropout rate in [0, 1) (training only: needs ctx.rng).
       implementation: ``dot_product_attention`` implementation name.
-      cache: the decoding cache (``jaxattn.cache.CacheConfig``: format "latent", policy "full"
-        or "sink_window"; None: full).
+      cache: the decoding cache (``jaxattn.cache.CacheConfig``: format "latent" or a
+        quantized one such as "kivi", policy "full" or "sink_window"; None: full).
       dtype: compute dtype (None: the input's); param_dtype: parameter dtype.
     """
 
@@ -101,7 +102,7 @@ class MLAConfig:
 
     def __post_init__(self):
         o = type(self).__name__
-        v.check_cache(o, self.cache, formats=("latent",))
+        v.check_cache(o, self.cache, formats=LAYOUT_FORMATS["latent"])
         for name in (
             "d_model",
             "num_heads",
@@ -333,17 +334,19 @@ class MultiHeadLatentAttention(AttentionLayer):
         """o projection [B, T, N, V] -> [B, T, D]."""
         return self.o(o_BTNV, ctx)
 
-    def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16) -> LatentCache:
+    def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16, cache=None) -> LatentCache:
         """An empty :class:`LatentCache` [B, C, L + P] for this layer, of ``config.cache``'s
-        policy (a "sink_window" ring has C = sink + window slots whatever ``capacity`` is)."""
+        format and policy (``cache``: fields set over it, see ``cache_config``); a "sink_window"
+        ring has C = sink + window slots whatever ``capacity`` is; a quantized format gives a
+        ``QuantizedLatentCache``."""
         c = self.config
-        return LatentCache.create(
+        return latent_cache(
             batch=batch,
             capacity=capacity,
             kv_lora_rank=c.kv_lora_rank,
             rope_dim=c.qk_rope_head_dim,
             dtype=dtype,
-            config=c.cache,
+            config=self.cache_config(cache),
         )
 
 

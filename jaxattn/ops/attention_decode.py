@@ -45,7 +45,15 @@ from jaxattn.ops._attention_math import (
 from jaxattn.ops.attention_xla import xla_attention
 from pallas_kernels import block_tables
 
-__all__ = ["DecodeBlockSizes", "decode_attention", "decode_unsupported"]
+__all__ = [
+    "DecodeBlockSizes",
+    "decode_attention",
+    "decode_over_blocks",
+    "decode_unsupported",
+    "online_finish",
+    "online_init",
+    "online_step",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -149,6 +157,63 @@ def _read(bk, k_BSKH, v_BSKV, k_BSX, v_BSX, tables, i, valid):
     return lo[..., None], k_blk, v_blk, k_idx
 
 
+def online_init(B: int, K: int, G: int, T: int, Kv: int, V: int):
+    """The empty online-softmax carry (m_BKGT = -inf, l_BKGT = 0, acc_BkgTV = 0), fp32."""
+    N = K * G
+    return (
+        jnp.full((B, K, G, T), -jnp.inf, jnp.float32),
+        jnp.zeros((B, K, G, T), jnp.float32),
+        jnp.zeros((B, Kv, N // Kv, T, V), jnp.float32),
+    )
+
+
+def online_step(carry, s_BKsGT, v_BsKV, Kv: int, dtype):
+    """Fold one key block into the carry (the split-S update of the module docstring).
+
+    Args:
+      carry: (m_BKGT, l_BKGT, acc_BkgTV) of ``online_init``.
+      s_BKsGT: the block's fp32 logits, key-major, -inf where masked.
+      v_BsKV: the block's values [B, s, K_v, V] (the matmul runs in ``dtype``, fp32 accumulation).
+    """
+    m_BKGT, l_BKGT, acc_BkgTV = carry
+    B, K, bk, G, T = s_BKsGT.shape
+    m_new = jnp.maximum(m_BKGT, s_BKsGT.max(2))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all masked so far: exp(-inf) = 0
+    alpha = jnp.exp(m_BKGT - m_safe)
+    p_BKsGT = jnp.exp(s_BKsGT - m_safe[:, :, None])
+    l_BKGT = l_BKGT * alpha + p_BKsGT.sum(2)
+    if Kv == K:
+        pv_BkgTV = jnp.einsum(
+            "bksgt,bskv->bkgtv",
+            p_BKsGT.astype(dtype),
+            v_BsKV,
+            preferred_element_type=jnp.float32,
+            precision=precision(dtype),
+        )
+    else:  # value grouping: the block's probabilities key-major per value head
+        p_BskgT = p_BKsGT.transpose(0, 2, 1, 3, 4).reshape(B, bk, Kv, K * G // Kv, T)
+        pv_BkgTV = jnp.einsum(
+            "bskgt,bskv->bkgtv",
+            p_BskgT.astype(dtype),
+            v_BsKV,
+            preferred_element_type=jnp.float32,
+            precision=precision(dtype),
+        )
+    return m_new, l_BKGT, acc_BkgTV * regroup(alpha, Kv)[..., None] + pv_BkgTV
+
+
+def online_finish(carry, Kv: int, out_dtype):
+    """(o_BTNV in ``out_dtype``, lse_BNT) of a carry; rows that saw no key: zeros, lse -inf."""
+    m_BKGT, l_BKGT, acc_BkgTV = carry
+    B, K, G, T = m_BKGT.shape
+    V = acc_BkgTV.shape[-1]
+    l_safe = jnp.where(l_BKGT == 0, 1.0, l_BKGT)
+    o_BkgTV = acc_BkgTV / regroup(l_safe, Kv)[..., None]
+    o_BTNV = o_BkgTV.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, V).astype(out_dtype)
+    lse_BKGT = jnp.where(l_BKGT == 0, -jnp.inf, m_BKGT + jnp.log(l_safe))
+    return o_BTNV, lse_BKGT.reshape(B, K * G, T)
+
+
 def _forward(a, bk, q_BTNH, k_BSKH, v_BSKV, arrays, tables):
     """(o_BTNV, lse_BNT); ``v_BSKV`` None: the values are the keys (one array, read once)."""
     a = dataclasses.replace(a, **arrays)
@@ -167,7 +232,6 @@ def _forward(a, bk, q_BTNH, k_BSKH, v_BSKV, arrays, tables):
     valid_of = lambda i: None if tables.shape[:2] == (1, 1) else (i < cnt)
 
     def body(i, carry):
-        m_BKGT, l_BKGT, acc_BkgTV = carry
         valid = valid_of(i)
         lo, k_BsKH, v_BsKV, k_idx = _read(bk, k_BSKH, v_BSKV, k_BSX, v_BSX, tables, i, valid)
         v_BsKV = k_BsKH if v_BSKV is None else v_BsKV
@@ -183,41 +247,11 @@ def _forward(a, bk, q_BTNH, k_BSKH, v_BSKV, arrays, tables):
             extra = extra & valid[:, :, None, None, None]
         vis = visible(a, q_idx, k_idx, dense_blk, extra)
         s_BKsGT = jnp.where(vis.transpose(0, 1, 4, 2, 3), s_BKsGT, -jnp.inf)
-        m_new = jnp.maximum(m_BKGT, s_BKsGT.max(2))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all masked so far: exp(-inf) = 0
-        alpha = jnp.exp(m_BKGT - m_safe)
-        p_BKsGT = jnp.exp(s_BKsGT - m_safe[:, :, None])
-        l_BKGT = l_BKGT * alpha + p_BKsGT.sum(2)
-        if Kv == K:
-            pv_BkgTV = jnp.einsum(
-                "bksgt,bskv->bkgtv",
-                p_BKsGT.astype(dtype),
-                v_BsKV,
-                preferred_element_type=jnp.float32,
-                precision=precision(dtype),
-            )
-        else:  # value grouping: the block's probabilities key-major per value head
-            p_BskgT = p_BKsGT.transpose(0, 2, 1, 3, 4).reshape(B, bk, Kv, N // Kv, T)
-            pv_BkgTV = jnp.einsum(
-                "bskgt,bskv->bkgtv",
-                p_BskgT.astype(dtype),
-                v_BsKV,
-                preferred_element_type=jnp.float32,
-                precision=precision(dtype),
-            )
-        return m_new, l_BKGT, acc_BkgTV * regroup(alpha, Kv)[..., None] + pv_BkgTV
+        return online_step(carry, s_BKsGT, v_BsKV, Kv, dtype)
 
-    init = (
-        jnp.full((B, K, G, T), -jnp.inf, jnp.float32),
-        jnp.zeros((B, K, G, T), jnp.float32),
-        jnp.zeros((B, Kv, N // Kv, T, V), jnp.float32),
-    )
-    m_BKGT, l_BKGT, acc_BkgTV = jax.lax.fori_loop(0, jnp.max(cnt), body, init)
-    l_safe = jnp.where(l_BKGT == 0, 1.0, l_BKGT)  # rows that saw no key: zeros, lse = -inf
-    o_BkgTV = acc_BkgTV / regroup(l_safe, Kv)[..., None]
-    o_BTNV = o_BkgTV.transpose(0, 3, 1, 2, 4).reshape(B, T, N, V).astype(q_BTNH.dtype)
-    lse_BKGT = jnp.where(l_BKGT == 0, -jnp.inf, m_BKGT + jnp.log(l_safe))
-    return o_BTNV, lse_BKGT.reshape(B, N, T)
+    init = online_init(B, K, G, T, Kv, V)
+    carry = jax.lax.fori_loop(0, jnp.max(cnt), body, init)
+    return online_finish(carry, Kv, q_BTNH.dtype)
 
 
 def _fwd(a, bk, q, k, v, arrays, tables):
@@ -277,3 +311,70 @@ def decode_attention(
     v_or_none = None if v_BSKV is k_BSKH else v_BSKV
     o, lse = _attention(static, bk, q_BTNH, k_BSKH, v_or_none, arrays, tables)
     return (o, lse) if return_lse else o
+
+
+def decode_over_blocks(
+    q_BTNH,
+    q_pos_BT,
+    read,
+    num_blocks,
+    *,
+    tail=(),
+    num_kv_heads: int,
+    num_v_heads: int | None = None,
+    dtype=None,
+    scale=None,
+    logits_soft_cap=None,
+    mask=None,
+):
+    """The decode implementation over keys that a cache produces block by block (dequantised
+    packed blocks): the same split-S online softmax (``online_step``), with explicit key
+    positions instead of a kv axis, so any storage layout and eviction policy can feed it.
+
+    Args:
+      q_BTNH: queries [B, T, N, H] (cast to ``dtype``).
+      q_pos_BT: int32 [B, T] absolute positions of the queries.
+      read: ``read(i) -> (kpos_Bs, k_BsKH, v_BsKV)``, block i's key positions (-1: no key),
+        keys and values (v None: the keys are the values), each block the same static size.
+      num_blocks: int or int32 scalar: blocks ``0 .. num_blocks - 1`` are read (a fori_loop).
+      tail: further (kpos_Bs, k_BsKH, v_BsKV or None) blocks folded in after the loop.
+      num_kv_heads: K; num_v_heads: K_v (default K).
+      dtype: the dtype the blocks arrive in (the matmuls run in it; fp32 accumulation).
+      scale: logit scale (default 1/sqrt(H)); logits_soft_cap: as ``dot_product_attention``.
+      mask: a ``jaxattn.masks`` spec on (query position, key position), or None; keys at
+        position -1 are never visible.
+
+    Returns:
+      (o_BTNV in q's dtype, lse_BNT float32; rows that see no key: zeros, -inf).
+    """
+    B, T, N, H = q_BTNH.shape
+    K = num_kv_heads
+    Kv = K if num_v_heads is None else num_v_heads
+    G = N // K
+    dtype = q_BTNH.dtype if dtype is None else jnp.dtype(dtype)
+    args = AttentionArgs(
+        B=B, T=T, S=0, N=N, K=K, H=H, V=0, Kv=Kv,
+        scale=1.0 / math.sqrt(H) if scale is None else scale,
+        logits_soft_cap=logits_soft_cap, spec=None, dense=None, q_segment_ids=None,
+        kv_segment_ids=None, q_offset=None, kv_lengths=None,
+    )  # fmt: skip
+    q_BKHGT = q_BTNH.astype(dtype).reshape(B, T, K, G, H).transpose(0, 2, 4, 3, 1)
+    qpos_B1T = q_pos_BT[:, None, :]
+
+    def fold(carry, kpos_Bs, k_BsKH, v_BsKV):
+        v_BsKV = k_BsKH if v_BsKV is None else v_BsKV
+        s_BKsGT = scores_fp32(args, q_BKHGT, k_BsKH.astype(dtype), "bkhgt,bskh->bksgt")
+        kpos_Bs1 = kpos_Bs[:, :, None]
+        vis_BsT = kpos_Bs1 >= 0
+        if mask is not None:
+            vis_BsT = vis_BsT & mask(qpos_B1T, kpos_Bs1)
+        s_BKsGT = jnp.where(vis_BsT[:, None, :, None, :], s_BKsGT, -jnp.inf)
+        return online_step(carry, s_BKsGT, v_BsKV.astype(dtype), Kv, dtype)
+
+    _, k0, v0 = jax.eval_shape(read, 0)
+    V = (k0 if v0 is None else v0).shape[-1]
+    carry = online_init(B, K, G, T, Kv, V)
+    carry = jax.lax.fori_loop(0, num_blocks, lambda i, c: fold(c, *read(i)), carry)
+    for block in tail:
+        carry = fold(carry, *block)
+    return online_finish(carry, Kv, q_BTNH.dtype)

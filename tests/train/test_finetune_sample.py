@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import jax
 import numpy as np
@@ -108,3 +109,21 @@ def test_sample_cli_generates_text(pretrained, capsys):
     assert out[0] == "checkpoint step 3"
     assert out[1].startswith("def ") and out[2].startswith("The")
     assert os.path.exists(os.path.join(pretrained, "metrics.jsonl"))
+
+
+def test_sample_cli_takes_a_cache_format_by_name(pretrained, capsys):
+    argv = ["--checkpoint", str(pretrained), "--prompt", "The", "--max-new-tokens", "4"]
+    kivi = ["--set", "cache.format=kivi", "--set", "cache.bits=4", "--set", "cache.group_size=4",
+            "--set", "cache.residual=8"]  # fmt: skip
+    sample.main(argv + kivi)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "checkpoint step 3" and out[1].startswith("The")
+    for bad, match in (
+        (["--set", "cache.bits=5"], r"config error: --set cache.\*: CacheConfig.bits=5"),
+        (["--set", "cache.bitz=2"], r"config error: --set cache.bitz: CacheConfig has no field"),
+        (["--set", "format=kivi"], r"config error: --set 'format=kivi' must look like cache"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            sample.main(argv + kivi[:2] + bad)
+        assert exit_info.value.code == 2
+        assert re.search(match, capsys.readouterr().err)

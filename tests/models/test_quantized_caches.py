@@ -1,0 +1,62 @@
+"""Quantized cache formats in models (issue 19): a format named per call reaches every layer
+(mha and mla, on its own policy), generate takes it by name and stays opaque to it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxattn.cache import CacheConfig, QuantizedKVCache, QuantizedLatentCache
+from jaxattn.generate import generate
+from models import DecoderLM, LayerSpec, get_config
+
+KIVI8 = {"format": "kivi", "bits": 8, "group_size": 4, "residual": 8}
+
+
+@nnx.jit(static_argnums=2)
+def _decode_steps(model, tokens, fields):
+    """Prefill 5 tokens, then one per step, with the caches ``fields`` name: logits [B, T, V]."""
+    cache = model.init_cache(tokens.shape[0], 32, jnp.float32, cache=dict(fields))
+    first, cache = model.decode(tokens[:, :5], cache)
+
+    def step(cache, tok_B):
+        logits, cache = model.decode(tok_B[:, None], cache)
+        return cache, logits[:, 0]
+
+    _, rest = jax.lax.scan(step, cache, tokens[:, 5:].T)
+    return jnp.concatenate([first, jnp.swapaxes(rest, 0, 1)], 1)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "deepseek-tiny"])
+def test_kivi_caches_decode_close_to_the_full_forward_and_generate_by_name(name):
+    model = DecoderLM(get_config(name, num_layers=1), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 24), 1, 200)
+    full = nnx.jit(lambda m, t: m(t))(model, tokens)
+    got = _decode_steps(model, tokens, tuple(KIVI8.items()))
+    # 8-bit codes: the logits move by a small fraction of their spread
+    assert float(jnp.max(jnp.abs(got - full))) < 0.02 * float(jnp.std(full))
+    caches = model.init_cache(2, 32, cache=KIVI8)
+    kind = QuantizedKVCache if name == "llama-tiny" else QuantizedLatentCache
+    assert isinstance(caches[0], kind)
+    # generate with the format by name: every token is the argmax of the model's own decode
+    # over the same quantized caches (generate never looks inside them)
+    prompt, lens = jnp.array([[5, 6, 7, 8, 9], [9, 10, 11, 12, 13]]), jnp.array([5, 5])
+    out = generate(model, prompt, lens, max_new_tokens=10, rng=jax.random.key(0), cache=KIVI8)
+    seq = out.tokens_BS[:, :15]
+    logits = _decode_steps(model, seq, tuple(KIVI8.items()))
+    np.testing.assert_array_equal(np.argmax(logits[:, 4:14], -1), seq[:, 5:15])
+
+
+def test_a_format_combines_with_each_layers_policy_and_bad_fields_name_the_layer():
+    ring = CacheConfig(policy="sink_window", sink=4, window=8)
+    specs = (LayerSpec.of("mha", cache=ring), LayerSpec.of("mha"))
+    model = DecoderLM(get_config("llama-tiny", layer_specs=specs), rngs=nnx.Rngs(0))
+    caches = jax.eval_shape(lambda: model.init_cache(1, 64, cache=KIVI8))
+    assert caches[0].window == 8 and caches[0].capacity == 12 and caches[1].capacity == 64
+    with pytest.raises(ValueError, match=r"layer 0 cache .*group_size=8 must divide .*sink=4"):
+        model.init_cache(1, 64, cache=dict(KIVI8, group_size=8))
+    hybrid = DecoderLM(get_config("linear-hybrid-tiny"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"cannot serve cache.format='kivi'"):
+        generate(hybrid, jnp.ones((1, 3), jnp.int32), jnp.array([3]), max_new_tokens=2,
+                 rng=jax.random.key(0), cache=KIVI8)  # fmt: skip
