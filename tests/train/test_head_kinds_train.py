@@ -31,3 +31,51 @@ def test_head_kind_config_trains(zygote, tmp_path, kind):
         assert 0.0 < train[-1]["aux_loss"] < 6 * 6, train
     else:
         assert "aux_loss" not in train[-1], train
+
+
+def test_aux_loss_weight_enters_the_gradient(tmp_path):
+    """train.step's objective is NLL + aux_loss_weight · L_b: the step's gradient norm equals
+    ||∇NLL + w · ∇L_b|| computed here from the model (w = 1), not ||∇NLL||. One layer, d 32."""
+    import jax
+    import numpy as np
+    from flax import nnx
+    from train_testlib import tiny_config
+
+    from jaxattn.layers._aux import pop_aux_loss
+    from jaxattn.sharding import make_mesh
+    from train.data import make_loaders
+    from train.pretrain import build_model
+    from train.step import make_trainer, token_loss_sums
+
+    overrides = ("num_layers=1", "d_model=32", "mlp_dim=64", "num_heads=8", "num_kv_heads=4")
+    config = tiny_config(
+        tmp_path, model="moh-tiny", model_overrides=overrides, aux_loss_weight=1.0,
+        seq_len=8, batch_size=2,
+    )  # fmt: skip
+    _, model_fn = build_model(config)
+    trainer = make_trainer(model_fn, config, make_mesh({"data": 1}, jax.devices()[:1]))
+    state, rest = trainer.init()
+    batch = trainer.put_batch(make_loaders(config)[0].batch(0))
+    params = jax.tree.map(np.asarray, state["params"])
+
+    @jax.jit
+    def grads(params):
+        def parts(params):
+            model = trainer.model(params, rest)
+            total, weight = token_loss_sums(
+                model(batch["inputs_BT"]), batch["targets_BT"], batch["weights_BT"]
+            )
+            return total / weight, pop_aux_loss(model)
+
+        nll_grad = jax.grad(lambda p: parts(p)[0])(params)
+        lb_grad = jax.grad(lambda p: parts(p)[1])(params)
+        return nll_grad, lb_grad
+
+    nll_grad, lb_grad = grads(params)
+    norm = lambda g: float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(g))))
+    router = [x for p, x in nnx.to_flat_state(nnx.State(lb_grad)) if "router" in str(p)]
+    assert router and max(float(np.abs(x).max()) for x in router) > 0  # L_b moves the router
+    want = norm(jax.tree.map(lambda a, b: a + b, nll_grad, lb_grad))
+    _, metrics = trainer.train_step(state, rest, batch)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), want, rtol=1e-4)
+    assert abs(want - norm(nll_grad)) > 1e-3 * want  # the weight made a difference
