@@ -127,6 +127,16 @@ def _ssa_tiny() -> dict:
     return _llama_tiny() | dict(attention="ssa")
 
 
+def _kdgqa_tiny() -> dict:
+    # key-driven GQA: 8 query heads split among 2 kv heads by each token's key-head norms
+    return _llama_tiny() | dict(num_heads=8, num_kv_heads=2, attention="kdgqa")
+
+
+def _dgqa_tiny() -> dict:
+    # dynamic GQA: 8 query heads split among 2 kv heads by a key-norm EMA tracked in training
+    return _llama_tiny() | dict(num_heads=8, num_kv_heads=2, attention="dgqa")
+
+
 def _llama3_8b() -> dict:
     scaling = Llama3Scaling(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
@@ -219,6 +229,8 @@ _CONFIGS = {
     "linear-hybrid-tiny": _linear_hybrid_tiny,
     "moh-tiny": _moh_tiny,
     "ssa-tiny": _ssa_tiny,
+    "kdgqa-tiny": _kdgqa_tiny,
+    "dgqa-tiny": _dgqa_tiny,
     "llama3-8b": _llama3_8b,
     "qwen2-7b": _qwen2_7b,
     "mistral-7b": _mistral_7b,

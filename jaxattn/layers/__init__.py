@@ -13,6 +13,7 @@ Attention kinds
   LinearAttentionConfig, LinearAttention    "linear": gated / delta-rule linear attn, state cache
   MoHConfig, MoHAttention                   "moh": mixture-of-head attention (routed heads)
   SSAConfig, SelectiveAttention             "ssa": selective attention (query/value temperatures)
+  KDGQAConfig, DGQAConfig, KeyDrivenAttention "kdgqa" / "dgqa": key-norm driven query-head groups
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
@@ -35,6 +36,7 @@ from jaxattn.layers._factorized import (
     register_form,
     registered_forms,
 )
+from jaxattn.layers._kdgqa import DGQAConfig, KDGQAConfig, KeyDrivenAttention
 from jaxattn.layers._kinds import AttentionLayer, kind_config, register_kind, registered_kinds
 from jaxattn.layers._linear import Adapter, AdapterParam, Linear
 from jaxattn.layers._linear_attention import LinearAttention, LinearAttentionConfig
@@ -72,6 +74,9 @@ __all__ = [
     "MoHAttention",
     "SSAConfig",
     "SelectiveAttention",
+    "KDGQAConfig",
+    "DGQAConfig",
+    "KeyDrivenAttention",
     "SwiGLU",
     "swiglu",
     "RMSNorm",
