@@ -137,6 +137,13 @@ def _dgqa_tiny() -> dict:
     return _llama_tiny() | dict(num_heads=8, num_kv_heads=2, attention="dgqa")
 
 
+def _diffqkv_tiny() -> dict:
+    # Sigma DiffQKV: 8 query heads, 2 key heads of dim 8, 4 value heads of dim 16, Q augmented
+    # to 16 and projected back: the cache holds 2·8 + 4·16 = 80 numbers per token (GQA: 64)
+    spec = LayerSpec.of("diffqkv", num_v_heads=4, head_dim=8, v_head_dim=16, augmented_q_dim=16)
+    return _llama_tiny() | dict(num_heads=8, num_kv_heads=2, layer_pattern=(spec,))
+
+
 def _llama3_8b() -> dict:
     scaling = Llama3Scaling(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
@@ -231,6 +238,7 @@ _CONFIGS = {
     "ssa-tiny": _ssa_tiny,
     "kdgqa-tiny": _kdgqa_tiny,
     "dgqa-tiny": _dgqa_tiny,
+    "diffqkv-tiny": _diffqkv_tiny,
     "llama3-8b": _llama3_8b,
     "qwen2-7b": _qwen2_7b,
     "mistral-7b": _mistral_7b,

@@ -14,6 +14,7 @@ Attention kinds
   MoHConfig, MoHAttention                   "moh": mixture-of-head attention (routed heads)
   SSAConfig, SelectiveAttention             "ssa": selective attention (query/value temperatures)
   KDGQAConfig, DGQAConfig, KeyDrivenAttention "kdgqa" / "dgqa": key-norm driven query-head groups
+  DiffQKVConfig, DiffQKVAttention           "diffqkv": Sigma's separate K / V heads and dims, aug. Q
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
@@ -25,6 +26,7 @@ Embeddings
 
 from jaxattn.layers._attention import Attention, AttentionConfig
 from jaxattn.layers._context import Context, dropout
+from jaxattn.layers._diffqkv import DiffQKVAttention, DiffQKVConfig
 from jaxattn.layers._embed import Embed
 from jaxattn.layers._factorized import (
     FixedSupport,
@@ -77,6 +79,8 @@ __all__ = [
     "KDGQAConfig",
     "DGQAConfig",
     "KeyDrivenAttention",
+    "DiffQKVConfig",
+    "DiffQKVAttention",
     "SwiGLU",
     "swiglu",
     "RMSNorm",
