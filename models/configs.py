@@ -144,6 +144,11 @@ def _diffqkv_tiny() -> dict:
     return _llama_tiny() | dict(num_heads=8, num_kv_heads=2, layer_pattern=(spec,))
 
 
+def _ccgqa_tiny() -> dict:
+    # CCGQA: attention in a latent 2x narrower than d_model (32 = 4 heads of 8), 2 kv heads
+    return _llama_tiny() | dict(layer_pattern=(LayerSpec.of("cca", compression=2),))
+
+
 def _llama3_8b() -> dict:
     scaling = Llama3Scaling(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
@@ -239,6 +244,7 @@ _CONFIGS = {
     "kdgqa-tiny": _kdgqa_tiny,
     "dgqa-tiny": _dgqa_tiny,
     "diffqkv-tiny": _diffqkv_tiny,
+    "ccgqa-tiny": _ccgqa_tiny,
     "llama3-8b": _llama3_8b,
     "qwen2-7b": _qwen2_7b,
     "mistral-7b": _mistral_7b,

@@ -28,6 +28,7 @@ Formats
   KVCache       "dense": keys and values, K·H + K_v·V numbers per token (MHA / GQA / MQA / SQA)
   LatentCache   "latent": normalised latent and decoupled rope key, L + P numbers per token (MLA)
   LinearStateCache  a linear-attention layer's fixed-size recurrent state (kind "linear")
+  HistoryKVCache  a KVCache plus the last R tokens' pre-attention features (kind "cca")
 Policies (CacheConfig.policy)
   "full"          every token, up to the capacity
   "sink_window"   the first ``sink`` and last ``window`` tokens in a ring of sink + window
@@ -38,7 +39,8 @@ Config
 
 from jaxattn.cache._config import CacheConfig
 from jaxattn.cache._dense import KVCache
+from jaxattn.cache._history import HistoryKVCache
 from jaxattn.cache._latent import LatentCache
 from jaxattn.cache._state import LinearStateCache
 
-__all__ = ["CacheConfig", "KVCache", "LatentCache", "LinearStateCache"]
+__all__ = ["CacheConfig", "KVCache", "LatentCache", "LinearStateCache", "HistoryKVCache"]

@@ -15,6 +15,7 @@ Attention kinds
   SSAConfig, SelectiveAttention             "ssa": selective attention (query/value temperatures)
   KDGQAConfig, DGQAConfig, KeyDrivenAttention "kdgqa" / "dgqa": key-norm driven query-head groups
   DiffQKVConfig, DiffQKVAttention           "diffqkv": Sigma's separate K / V heads and dims, aug. Q
+  CCAConfig, CompressedConvAttention        "cca": compressed convolutional attention (CCA / CCGQA)
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
@@ -25,6 +26,7 @@ Embeddings
 """
 
 from jaxattn.layers._attention import Attention, AttentionConfig
+from jaxattn.layers._cca import CCAConfig, CompressedConvAttention
 from jaxattn.layers._context import Context, dropout
 from jaxattn.layers._diffqkv import DiffQKVAttention, DiffQKVConfig
 from jaxattn.layers._embed import Embed
@@ -81,6 +83,8 @@ __all__ = [
     "KeyDrivenAttention",
     "DiffQKVConfig",
     "DiffQKVAttention",
+    "CCAConfig",
+    "CompressedConvAttention",
     "SwiGLU",
     "swiglu",
     "RMSNorm",
