@@ -149,6 +149,11 @@ def _ccgqa_tiny() -> dict:
     return _llama_tiny() | dict(layer_pattern=(LayerSpec.of("cca", compression=2),))
 
 
+def _lowrank_mhsa_tiny() -> dict:
+    # LAMA: 4 heads from a rank-16 affinity against each position's causal context vector
+    return _llama_tiny() | dict(layer_pattern=(LayerSpec.of("lowrank_mhsa", rank=16),))
+
+
 def _llama3_8b() -> dict:
     scaling = Llama3Scaling(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
@@ -245,6 +250,7 @@ _CONFIGS = {
     "dgqa-tiny": _dgqa_tiny,
     "diffqkv-tiny": _diffqkv_tiny,
     "ccgqa-tiny": _ccgqa_tiny,
+    "lowrank-mhsa-tiny": _lowrank_mhsa_tiny,
     "llama3-8b": _llama3_8b,
     "qwen2-7b": _qwen2_7b,
     "mistral-7b": _mistral_7b,

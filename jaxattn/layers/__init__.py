@@ -16,6 +16,7 @@ Attention kinds
   KDGQAConfig, DGQAConfig, KeyDrivenAttention "kdgqa" / "dgqa": key-norm driven query-head groups
   DiffQKVConfig, DiffQKVAttention           "diffqkv": Sigma's separate K / V heads and dims, aug. Q
   CCAConfig, CompressedConvAttention        "cca": compressed convolutional attention (CCA / CCGQA)
+  LowRankMHSAConfig, LowRankMHSA, lama_pool "lowrank_mhsa": LAMA's low-rank affinity, context query
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
@@ -42,6 +43,7 @@ from jaxattn.layers._factorized import (
 )
 from jaxattn.layers._kdgqa import DGQAConfig, KDGQAConfig, KeyDrivenAttention
 from jaxattn.layers._kinds import AttentionLayer, kind_config, register_kind, registered_kinds
+from jaxattn.layers._lama import LowRankMHSA, LowRankMHSAConfig, lama_pool
 from jaxattn.layers._linear import Adapter, AdapterParam, Linear
 from jaxattn.layers._linear_attention import LinearAttention, LinearAttentionConfig
 from jaxattn.layers._mla import MLAConfig, MultiHeadLatentAttention
@@ -85,6 +87,9 @@ __all__ = [
     "DiffQKVAttention",
     "CCAConfig",
     "CompressedConvAttention",
+    "LowRankMHSAConfig",
+    "LowRankMHSA",
+    "lama_pool",
     "SwiGLU",
     "swiglu",
     "RMSNorm",
