@@ -72,12 +72,13 @@ def test_augmented_q_is_projected_back_exactly():
 
 
 def test_decoder_prefill_and_steps_equal_forward():
-    model = DecoderLM(get_config("diffqkv-tiny", implementation="xla"), rngs=nnx.Rngs(0))
+    config = get_config("diffqkv-tiny", implementation="xla", num_layers=1)
+    model = DecoderLM(config, rngs=nnx.Rngs(0))
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 9)), jnp.int32)
     full = nnx.jit(lambda m, t: m(t))(model, tokens)
     np.testing.assert_allclose(decode_all(model, tokens), full, atol=2e-5, rtol=2e-5)
     per_layer = [c.bytes_per_token() for c in model.init_cache(1, 8, jnp.float32)]
-    assert per_layer == [(2 * 8 + 4 * 16) * 4] * 2  # GQA with K = 2, H = 8: 2·2·8·4
+    assert per_layer == [(2 * 8 + 4 * 16) * 4]  # GQA with K = 2, H = 8: 2·2·8·4
 
 
 def test_bad_input_names_field_and_layer():

@@ -87,11 +87,7 @@ def test_layer_scores_are_the_context_bilinear_form():
 
 
 def test_decoder_prefill_and_steps_equal_forward():
-    config = get_config(
-        "lowrank-mhsa-tiny",
-        implementation="xla",
-        layer_pattern=(LayerSpec.of("lowrank_mhsa", rank=16), LayerSpec.of("mha")),
-    )
+    config = get_config("lowrank-mhsa-tiny", implementation="xla", num_layers=1)
     model = DecoderLM(config, rngs=nnx.Rngs(0))
     tokens = jnp.asarray(rng.integers(0, 256, (2, 9)), jnp.int32)
     full = nnx.jit(lambda m, t: m(t))(model, tokens)
