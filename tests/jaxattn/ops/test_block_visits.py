@@ -280,7 +280,7 @@ KV = ChunkedBlockSizes(loop_order="kv")
 
 
 @settings(
-    max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 @given(
     B=st.integers(1, 2),
@@ -330,10 +330,11 @@ def test_fuzz_kv_major_order_equals_xla(
         assert_close(g, w, TOL, name)
 
 
-@pytest.mark.parametrize("G", [1, 2, 4])
+@pytest.mark.parametrize("G", [1, 4])
 def test_kv_major_per_token_lists_with_segments(G):
     """Per-token lists (block_q = 1, the auto choice of the kv-major order) with segment ids,
-    GQA groups 1, 2, 4: equal to "xla" and to jax.nn under the dense mask."""
+    GQA groups 1 and 4 (NSA's tests add G = 2): equal to "xla" and to jax.nn under the dense
+    mask."""
     B, T, S, K = 2, 33, 33, 2
     rng = np.random.default_rng(10 + G)
     visits = random_visits(rng, Bv=B, Kv=K, T=T, S=S, block_q=1, block_kv=8, L=3)
