@@ -89,8 +89,8 @@ def test_attention_influence(model):
         lp = jax.nn.log_softmax(logits, -1)
         return -np.asarray(jnp.take_along_axis(lp, tgt[..., None], -1)[..., 0]).mean(-1)
 
-    masked, _ = heads.run_with_hooks(model, toks, [heads.mask_heads("blocks.0.attn.z", 1),
-                                                   heads.mask_heads("blocks.1.attn.z", 2)])  # fmt: skip
+    hooks = [heads.mask_heads("blocks.0.attn.z", 1), heads.mask_heads("blocks.1.attn.z", 2)]
+    masked, _ = heads.run_with_hooks(model, toks, hooks)
     np.testing.assert_allclose(
         np.asarray(got), loss(masked) - loss(model(toks)), rtol=1e-5, atol=1e-6
     )
