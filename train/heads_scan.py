@@ -16,7 +16,9 @@ import argparse
 import dataclasses
 import os
 
+import jax
 import jax.numpy as jnp
+from flax import nnx
 
 __all__ = ["METHODS", "recall_layout", "score_model", "main"]
 
@@ -38,7 +40,11 @@ def score_model(model, batch: dict, method: str, seq_len: int):
     rows, context = recall_layout(seq_len)
     toks = jnp.asarray(batch["inputs_BT"])
     needles = retrieval.pair_needles(toks, rows, context)
-    return retrieval.retrieval_scores(model, toks, rows, needles)[0]
+    graphdef, state = nnx.split(model)  # one compiled forward (eager dispatch is slow on CPU)
+    score = jax.jit(
+        lambda s, t, n: retrieval.retrieval_scores(nnx.merge(graphdef, s), t, rows, n)[0]
+    )
+    return score(state, toks, needles)
 
 
 def _load(args):

@@ -18,6 +18,12 @@ Running
   decode_with_hooks(model, tokens, cache, hooks, **kw) -> (logits, cache, captures)
   HookCapture, pop_captures                       captures sown as nnx.Intermediate state
   probabilities                                   chosen rows of softmax from q, k and the LSE
+Tools on the hooks (submodules)
+  retrieval   Wu et al.'s copy-paste retrieval score, top / random heads, mask hooks
+  pear        PEAR: suppression scores, frozen-model coefficients, exact fold into W_O
+  methods     QK-score / attention score (MCQA), ICR, AttentionInfluence, LargePiG
+  maps        WAAD / FAI, ACT sink detection and calibration, per-segment attention mass
+  scan        ranked head tables and heads x layers heat maps (CLI: python -m train.heads_scan)
 
 Example (capture head 1's probabilities at the last query row, and mask head 0's output):
 
@@ -36,6 +42,7 @@ Example (capture head 1's probabilities at the last query row, and mask head 0's
 1.0
 """
 
+from jaxattn.heads import maps, methods, pear, retrieval, scan
 from jaxattn.heads._attend import probabilities
 from jaxattn.heads._hooks import (
     ATTN_POINTS,
@@ -70,4 +77,9 @@ __all__ = [
     "HookCapture",
     "pop_captures",
     "probabilities",
+    "retrieval",
+    "pear",
+    "methods",
+    "maps",
+    "scan",
 ]

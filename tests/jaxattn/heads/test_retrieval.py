@@ -192,3 +192,22 @@ def test_trained_model_masking_top_retrieval_heads_breaks_recall(recall, scored)
     assert base >= 0.9, report
     assert base - masked >= 0.5, report
     assert np.median(drops) <= 0.10, report
+
+
+def test_scan_cli_prints_a_ranked_table_and_writes_a_heat_map(tmp_path, capsys):
+    from train.heads_scan import main
+
+    png = tmp_path / "map.png"
+    main(["--trained", "heads-recall", "--batch", "32", "--top", "3", "--png", str(png)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["rank", "layer", "head", "retrieval"]
+    assert [int(line.split()[1]) for line in out[1:4]] == [1, 1, 1]  # layer 1 retrieves
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = heads.scan.ranked_table(np.array([[0.1, 0.3], [0.3, 0.0]]), method="x")
+    assert [line.split()[1:3] for line in table.splitlines()[1:]] == [
+        ["0", "1"], ["1", "0"], ["0", "0"], ["1", "1"]
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="not one of"):
+        from train.heads_scan import score_model
+
+        score_model(None, {}, "qk", 16)
