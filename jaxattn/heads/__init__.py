@@ -23,6 +23,7 @@ Tools on the hooks (submodules)
   pear        PEAR: suppression scores, frozen-model coefficients, exact fold into W_O
   methods     QK-score / attention score (MCQA), ICR, AttentionInfluence, LargePiG
   maps        WAAD / FAI, ACT sink detection and calibration, per-segment attention mass
+  talking     Talking Heads: OV / QK products, SVD subspaces, composition scores, edits
   scan        ranked head tables and heads x layers heat maps (CLI: python -m train.heads_scan)
 
 Example (capture head 1's probabilities at the last query row, and mask head 0's output):
@@ -42,7 +43,7 @@ Example (capture head 1's probabilities at the last query row, and mask head 0's
 1.0
 """
 
-from jaxattn.heads import maps, methods, pear, retrieval, scan
+from jaxattn.heads import maps, methods, pear, retrieval, scan, talking
 from jaxattn.heads._attend import probabilities
 from jaxattn.heads._hooks import (
     ATTN_POINTS,
@@ -82,4 +83,5 @@ __all__ = [
     "methods",
     "maps",
     "scan",
+    "talking",
 ]
