@@ -24,6 +24,7 @@ Tools on the hooks (submodules)
   methods     QK-score / attention score (MCQA), ICR, AttentionInfluence, LargePiG
   maps        WAAD / FAI, ACT sink detection and calibration, per-segment attention mass
   talking     Talking Heads: OV / QK products, SVD subspaces, composition scores, edits
+  icl_regression  in-context linear regression testbed (one softmax attention layer)
   scan        ranked head tables and heads x layers heat maps (CLI: python -m train.heads_scan)
 
 Example (capture head 1's probabilities at the last query row, and mask head 0's output):
@@ -43,7 +44,7 @@ Example (capture head 1's probabilities at the last query row, and mask head 0's
 1.0
 """
 
-from jaxattn.heads import maps, methods, pear, retrieval, scan, talking
+from jaxattn.heads import icl_regression, maps, methods, pear, retrieval, scan, talking
 from jaxattn.heads._attend import probabilities
 from jaxattn.heads._hooks import (
     ATTN_POINTS,
@@ -84,4 +85,5 @@ __all__ = [
     "maps",
     "scan",
     "talking",
+    "icl_regression",
 ]
