@@ -69,12 +69,13 @@ def option_scores(model, tokens_BT, query_row: int, option_pos_Bo, **model_kwarg
             Capture(f"blocks.{i}.attn.scores", positions=query_row),
             Capture(f"blocks.{i}.attn.pattern", positions=query_row),
         ]
-    _, caps = run_with_hooks(model, tokens_BT, hooks, **model_kwargs)
     pos = jnp.asarray(option_pos_Bo)
     if pos.ndim != 2 or pos.shape[0] != jnp.shape(tokens_BT)[0]:
         raise ValueError(f"option_pos_Bo must be [B, o], got shape {pos.shape}")
-    if int(jnp.max(pos)) > query_row % jnp.shape(tokens_BT)[1] or int(jnp.min(pos)) < 0:
-        raise ValueError(f"option positions must be in [0, query_row={query_row}]")
+    if not isinstance(pos, jax.core.Tracer):
+        if int(jnp.max(pos)) > query_row % jnp.shape(tokens_BT)[1] or int(jnp.min(pos)) < 0:
+            raise ValueError(f"option positions must be in [0, query_row={query_row}]")
+    _, caps = run_with_hooks(model, tokens_BT, hooks, **model_kwargs)
 
     def at_options(x_BN1S):
         return jnp.take_along_axis(x_BN1S[:, :, 0], pos[:, None, :], axis=-1)  # [B, N, o]

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxattn.heads._hooks import mask_heads, scale_heads
+from jaxattn.heads._hooks import scale_heads
 
 __all__ = [
     "coefficient_hooks",
@@ -51,16 +51,20 @@ def suppression_scores(loss_fn: Callable, num_layers: int, num_heads: int) -> np
     Positive: masking the head lowers the proxy loss (it suppresses copying from context).
 
     Args:
-      loss_fn: ``hooks -> scalar`` proxy loss of the frozen model.
+      loss_fn: ``hooks -> scalar`` proxy loss of the frozen model (traceable: it is jitted with
+        the head scales as arguments; a masked head is a scale of 0 on its ``attn.z``).
 
     Returns:
       float64 numpy [L, N].
     """
-    base = float(loss_fn(()))
+    # one compiled program: masking = a traced scale of 0 (scale_heads), not a new hook set
+    run = jax.jit(lambda c_LN: loss_fn(coefficient_hooks(c_LN)))
+    ones = jnp.ones((num_layers, num_heads), jnp.float32)
+    base = float(run(ones))
     out = np.zeros((num_layers, num_heads))
     for i in range(num_layers):
         for n in range(num_heads):
-            out[i, n] = base - float(loss_fn([mask_heads(f"blocks.{i}.attn.z", n)]))
+            out[i, n] = base - float(run(ones.at[i, n].set(0.0)))
     return out
 
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hooks_testlib import model_of, tokens
+from hooks_testlib import model_of, run, tokens
 
 from jaxattn import heads
 from jaxattn.heads import maps
@@ -87,8 +87,8 @@ def test_act_through_the_pattern_hook():
     model = model_of("mha")
     toks = tokens(2, 8)
     hook = maps.act_hook(0, [1, 3], 4, threshold=0.2, beta=0.5)
-    _, caps = heads.run_with_hooks(model, toks, [hook, heads.Capture("blocks.0.attn.pattern")])
-    _, base = heads.run_with_hooks(model, toks, [heads.Capture("blocks.0.attn.pattern")])
+    _, caps = run(model, toks, [hook, heads.Capture("blocks.0.attn.pattern")])
+    _, base = run(model, toks, [heads.Capture("blocks.0.attn.pattern")])
     p, p0 = np.asarray(caps["blocks.0.attn.pattern"]), np.asarray(base["blocks.0.attn.pattern"])
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(p[:, [0, 2]], p0[:, [0, 2]], atol=1e-6)

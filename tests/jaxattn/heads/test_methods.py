@@ -6,10 +6,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hooks_testlib import model_of, tokens
+from flax import nnx
+from hooks_testlib import forward, model_of, run, tokens
 
 from jaxattn import heads
 from jaxattn.heads import maps, methods
+
+
+def _jit(model, fn):
+    """``fn(model, *args)`` under ``jax.jit`` with the model's arrays as arguments."""
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda s, *a: fn(nnx.merge(graphdef, s), *a))
+    return lambda *a: f(state, *a)
+
+
+PATTERNS = (heads.Capture("blocks.*.attn.pattern"),)
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +32,8 @@ def test_qk_score_is_scaled_q_dot_k_by_hand(model):
     toks = tokens(2, 8)
     t_q = 7
     opts = jnp.array([[1, 3, 5], [0, 2, 6]])
-    qk, attn = methods.option_scores(model, toks, t_q, opts)
-    _, caps = heads.run_with_cache(model, toks, ["blocks.0.attn.q", "blocks.0.attn.k"])
+    qk, attn = _jit(model, lambda m, t, o: methods.option_scores(m, t, t_q, o))(toks, opts)
+    _, caps = run(model, toks, (heads.Capture("blocks.0.attn.q"), heads.Capture("blocks.0.attn.k")))
     q, k = np.asarray(caps["blocks.0.attn.q"], np.float64), np.asarray(caps["blocks.0.attn.k"])
     H, G = q.shape[-1], q.shape[2] // k.shape[2]
     for b in range(2):
@@ -30,7 +41,7 @@ def test_qk_score_is_scaled_q_dot_k_by_hand(model):
             for j, s in enumerate(np.asarray(opts[b])):
                 want = 5.0 * np.tanh(q[b, t_q, n] @ k[b, s, n // G] / np.sqrt(H) / 5.0)
                 np.testing.assert_allclose(float(qk[0, n, b, j]), want, rtol=1e-5, atol=1e-6)
-    _, pc = heads.run_with_hooks(model, toks, [heads.Capture("blocks.0.attn.pattern")])
+    _, pc = run(model, toks, PATTERNS)
     p = np.asarray(pc["blocks.0.attn.pattern"])
     np.testing.assert_allclose(
         np.asarray(attn[0]), np.stack([p[b, :, t_q, np.asarray(opts[b])].T for b in range(2)], 1),
@@ -54,12 +65,13 @@ def test_icr_two_passes_and_hand_computed_ranking(model, monkeypatch):
         return real(*a, **kw)
 
     monkeypatch.setattr(methods, "run_with_hooks", counting)
-    score = methods.icr_scores(model, toks, cf, (8, 9), docs)
-    assert len(calls) == 2
+    icr = _jit(model, lambda m, t, c, d: methods.icr_scores(m, t, c, (8, 9), d))
+    score = icr(toks, cf, docs)
+    assert len(calls) == 2  # traced once: two forward passes in the program
     monkeypatch.undo()
 
     def mass(t):
-        _, caps = heads.run_with_cache(model, t, "blocks.*.attn.pattern")
+        _, caps = run(model, t, PATTERNS)
         return sum(np.asarray(maps.segment_mass(caps[f"blocks.{i}.attn.pattern"][:, :, 8:], docs))
                    .sum((1, 2)) for i in range(2))  # fmt: skip
 
@@ -89,10 +101,10 @@ def test_attention_influence(model):
         lp = jax.nn.log_softmax(logits, -1)
         return -np.asarray(jnp.take_along_axis(lp, tgt[..., None], -1)[..., 0]).mean(-1)
 
-    masked, _ = heads.run_with_hooks(model, toks, [heads.mask_heads("blocks.0.attn.z", 1),
-                                                   heads.mask_heads("blocks.1.attn.z", 2)])  # fmt: skip
+    hooks = [heads.mask_heads("blocks.0.attn.z", 1), heads.mask_heads("blocks.1.attn.z", 2)]
+    masked, _ = run(model, toks, hooks)
     np.testing.assert_allclose(
-        np.asarray(got), loss(masked) - loss(model(toks)), rtol=1e-5, atol=1e-6
+        np.asarray(got), loss(masked) - loss(forward(model, toks)), rtol=1e-5, atol=1e-6
     )
 
 
