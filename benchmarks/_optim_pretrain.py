@@ -78,7 +78,7 @@ def _bytes(tree) -> int:
 # the learning-rate grid every method is trained on (``--pretrain-lrs``); the papers tune lr
 # per method (GaLore: 0.01 with scale 0.25 against AdamW's tuned 1e-3), so each row reports its
 # best lr of the same grid beside its loss at the common lr
-LRS = (1e-3, 2e-3, 5e-3, 1e-2)
+LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
 COMMON_LR = 2e-3
 
 

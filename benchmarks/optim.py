@@ -29,7 +29,7 @@
    ``benchmarks/_optim_pretrain.py``.
 
 Usage: ``python -m benchmarks.optim [--steps 200] [--repeats 3] [--no-torch] [--bytes-only]
-[--pretrain-steps 300] [--pretrain-lrs 1e-3,2e-3,5e-3,1e-2] [--out runs/bench_optim]``
+[--pretrain-steps 300] [--pretrain-lrs 1e-3,...,2e-2] [--out runs/bench_optim]``
 """
 
 from __future__ import annotations
@@ -350,7 +350,7 @@ def main(argv=None) -> None:
     ap.add_argument("--bytes-only", action="store_true")
     ap.add_argument("--pretrain-steps", type=int, default=300, help="0: no pretraining runs")
     ap.add_argument(
-        "--pretrain-lrs", default="1e-3,2e-3,5e-3,1e-2",
+        "--pretrain-lrs", default="1e-3,2e-3,5e-3,1e-2,2e-2",
         help="the lr grid each method of the pretraining comparison trains on (best reported)",
     )  # fmt: skip
     ap.add_argument("--out", default=os.path.join("runs", "bench_optim"))
