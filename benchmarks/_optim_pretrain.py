@@ -2,13 +2,15 @@
 
 Every method trains the same tiny MLA model (``mla-tiny-default`` shrunk to d_model 64, 2
 layers, mlp 192) from the same initial seed on the built-in corpus, with the same batches
-(16 x 64 tokens), steps, learning-rate schedule (``train.pretrain`` defaults: lr 2e-3, warmup
-10%, cosine) and weight decay, through ``train.pretrain.run``. The low-rank methods work at
-rank d/4 = 16 on the attention and MLP projections (embeddings, head and norms: AdamW):
+(16 x 64 tokens), steps, learning-rate schedule shape (``train.pretrain`` defaults: warmup 10%,
+cosine) and weight decay, through ``train.pretrain.run``, once per peak lr of a grid (``LRS``:
+the papers tune lr per method); the table gives each method at its best lr and at the common
+lr 2e-3. The low-rank methods work at rank d/4 = 16 on the attention and MLP projections
+(embeddings, head and norms: AdamW):
 
 * AdamW                      ``adamw:.*``
-* GaLore / Fira / GaLore-DCT ``galore|fira(rank=16, update_proj_gap=50, scale=1)`` (scale x lr
-  = 2e-3 = AdamW's lr; the GaLore paper's 0.25 x 0.01 is the same product), then AdamW
+* GaLore / Fira / GaLore-DCT ``galore|fira(rank=16, update_proj_gap=50, scale=1)`` (scale 1:
+  the lr grid covers the product scale x lr; the GaLore paper's 0.25 x 0.01), then AdamW
 * SLTrain                    ``model.parameterization=sltrain`` (r 16, density 0.03), AdamW
 * SST                        ``model.parameterization=sst`` (full spectrum) with
   ``sst(rank=16, every=20)``: 16 singular-vector pairs per kernel, redrawn every 20 steps
@@ -73,8 +75,20 @@ def _bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def run(steps: int, out: str, methods=None) -> dict:
-    """Train every method; print and write the table and the curves. Returns the rows."""
+# the learning-rate grid every method is trained on (``--pretrain-lrs``); the papers tune lr
+# per method (GaLore: 0.01 with scale 0.25 against AdamW's tuned 1e-3), so each row reports its
+# best lr of the same grid beside its loss at the common lr
+LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
+COMMON_LR = 2e-3
+
+
+def run(steps: int, out: str, methods=None, lrs=(COMMON_LR,)) -> dict:
+    """Train every method at every lr of ``lrs``; print and write the table (each method at
+    its best lr, and at ``COMMON_LR`` when in the grid) and the best runs' curves.
+
+    Returns:
+      ``{method: {lr: (eval loss, trainable params, optimizer-state bytes, seconds)}}``.
+    """
     from train import pretrain
     from train.metrics import latest_rows, read_metrics
 
@@ -83,34 +97,55 @@ def run(steps: int, out: str, methods=None) -> dict:
     for name, config in configs(steps, out).items():
         if methods and name not in methods:
             continue
-        result = pretrain.run(config)
-        state = result.state
-        trainable = {p for p in result.trainer.trainable}
-        n_params = sum(
-            x.size for p, x in jax.tree_util.tree_leaves_with_path(state["params"])
-            if jax.tree_util.keystr(p, simple=True, separator="/") in trainable
-        )  # fmt: skip
-        rows[name] = (result.eval_loss, n_params, _bytes(state["opt_state"]), result.seconds)
-        metrics = read_metrics(os.path.join(result.run_dir, "metrics.jsonl"))
-        curves[name] = [(r["step"], r["loss"]) for r in latest_rows(metrics, "train")]
-    base = rows.get("AdamW", next(iter(rows.values())))[0]
+        for lr in lrs:
+            result = pretrain.run(
+                dataclasses.replace(config, lr=lr, run_dir=f"{config.run_dir}_lr{lr:g}")
+            )
+            state = result.state
+            trainable = set(result.trainer.trainable)
+            n_params = sum(
+                x.size for p, x in jax.tree_util.tree_leaves_with_path(state["params"])
+                if jax.tree_util.keystr(p, simple=True, separator="/") in trainable
+            )  # fmt: skip
+            rows.setdefault(name, {})[lr] = (
+                result.eval_loss, n_params, _bytes(state["opt_state"]), result.seconds
+            )  # fmt: skip
+            metrics = read_metrics(os.path.join(result.run_dir, "metrics.jsonl"))
+            curves.setdefault(name, {})[lr] = [
+                (r["step"], r["loss"]) for r in latest_rows(metrics, "train")
+            ]
+    best = {name: min(by_lr, key=lambda lr: by_lr[lr][0]) for name, by_lr in rows.items()}
+    ref = rows.get("AdamW") and rows["AdamW"][best["AdamW"]][0]
+    ref = ref or next(iter(rows.values()))[next(iter(best.values()))][0]
+    common = COMMON_LR in lrs
     lines = [
         f"Pretraining, {steps} steps x 16 x 64 tokens, rank {RANK} = d/4 (eval: 8 held-out "
-        "batches)",
+        f"batches); lr grid {', '.join(f'{lr:g}' for lr in lrs)}; × AdamW: against AdamW at "
+        "its best lr",
         "",
-        "| method | final eval loss | × AdamW | trainable params | optimizer state KB | s |",
-        "|---|---|---|---|---|---|",
+        "| method | best lr | final eval loss | × AdamW |"
+        + (f" loss at lr {COMMON_LR:g} | × AdamW |" if common else "")
+        + " trainable params | optimizer state KB | s |",
+        "|---|---|---|---|" + ("---|---|" if common else "") + "---|---|---|",
     ]
-    for name, (loss, n, state_b, secs) in rows.items():
+    for name, by_lr in rows.items():
+        lr = best[name]
+        loss, n, state_b, secs = by_lr[lr]
+        at = by_lr[COMMON_LR][0] if common else None
         lines.append(
-            f"| {name} | {loss:.4f} | {loss / base:.3f} | {n:,} | {state_b / 1024:.1f} | "
-            f"{secs:.0f} |"
+            f"| {name} | {lr:g} | {loss:.4f} | {loss / ref:.3f} |"
+            + (f" {at:.4f} | {at / ref:.3f} |" if common else "")
+            + f" {n:,} | {state_b / 1024:.1f} | {secs:.0f} |"
         )
     table = "\n".join(lines)
     print("\n" + table)
     with open(os.path.join(out, "pretrain.md"), "w") as f:
         f.write(table + "\n")
-    _plot(curves, os.path.join(out, "pretrain_loss.png"), steps)
+    _plot(
+        {name: curves[name][best[name]] for name in rows},
+        os.path.join(out, "pretrain_loss.png"),
+        steps,
+    )
     print(f"\nwrote {os.path.join(out, 'pretrain.md')} and pretrain_loss.png")
     return rows
 

@@ -23,12 +23,13 @@
 
 3. **Pretraining comparison** (``--pretrain-steps``, default 300; 0 skips it): AdamW, GaLore,
    Fira, GaLore-DCT, SLTrain, SST and low-rank + refactorisation at rank d/4 train the same
-   tiny model on the built-in corpus with the same steps and tokens; final eval loss table and
+   tiny model on the built-in corpus with the same steps and tokens, each at every lr of
+   ``--pretrain-lrs`` (best per method reported, and the common lr 2e-3); final eval loss table and
    train-loss curves written under ``--out`` (``pretrain.md``, ``pretrain_loss.png``). See
    ``benchmarks/_optim_pretrain.py``.
 
 Usage: ``python -m benchmarks.optim [--steps 200] [--repeats 3] [--no-torch] [--bytes-only]
-[--pretrain-steps 300] [--out runs/bench_optim]``
+[--pretrain-steps 300] [--pretrain-lrs 1e-3,...,2e-2] [--out runs/bench_optim]``
 """
 
 from __future__ import annotations
@@ -348,6 +349,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--bytes-only", action="store_true")
     ap.add_argument("--pretrain-steps", type=int, default=300, help="0: no pretraining runs")
+    ap.add_argument(
+        "--pretrain-lrs", default="1e-3,2e-3,5e-3,1e-2,2e-2",
+        help="the lr grid each method of the pretraining comparison trains on (best reported)",
+    )  # fmt: skip
     ap.add_argument("--out", default=os.path.join("runs", "bench_optim"))
     args = ap.parse_args(argv)
     print_memory(list(LLAMA))
@@ -356,7 +361,8 @@ def main(argv=None) -> None:
         if args.pretrain_steps > 0:
             from benchmarks import _optim_pretrain
 
-            _optim_pretrain.run(args.pretrain_steps, args.out)
+            lrs = tuple(float(x) for x in args.pretrain_lrs.split(","))
+            _optim_pretrain.run(args.pretrain_steps, args.out, lrs=lrs)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,33 @@ def _ssa_tiny() -> dict:
     return _llama_tiny() | dict(attention="ssa")
 
 
+def _kdgqa_tiny() -> dict:
+    # key-driven GQA: 8 query heads split among 2 kv heads by each token's key-head norms
+    return _llama_tiny() | dict(num_heads=8, num_kv_heads=2, attention="kdgqa")
+
+
+def _dgqa_tiny() -> dict:
+    # dynamic GQA: 8 query heads split among 2 kv heads by a key-norm EMA tracked in training
+    return _llama_tiny() | dict(num_heads=8, num_kv_heads=2, attention="dgqa")
+
+
+def _diffqkv_tiny() -> dict:
+    # Sigma DiffQKV: 8 query heads, 2 key heads of dim 8, 4 value heads of dim 16, Q augmented
+    # to 16 and projected back: the cache holds 2·8 + 4·16 = 80 numbers per token (GQA: 64)
+    spec = LayerSpec.of("diffqkv", num_v_heads=4, head_dim=8, v_head_dim=16, augmented_q_dim=16)
+    return _llama_tiny() | dict(num_heads=8, num_kv_heads=2, layer_pattern=(spec,))
+
+
+def _ccgqa_tiny() -> dict:
+    # CCGQA: attention in a latent 2x narrower than d_model (32 = 4 heads of 8), 2 kv heads
+    return _llama_tiny() | dict(layer_pattern=(LayerSpec.of("cca", compression=2),))
+
+
+def _lowrank_mhsa_tiny() -> dict:
+    # LAMA: 4 heads from a rank-16 affinity against each position's causal context vector
+    return _llama_tiny() | dict(layer_pattern=(LayerSpec.of("lowrank_mhsa", rank=16),))
+
+
 def _llama3_8b() -> dict:
     scaling = Llama3Scaling(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
@@ -219,6 +246,11 @@ _CONFIGS = {
     "linear-hybrid-tiny": _linear_hybrid_tiny,
     "moh-tiny": _moh_tiny,
     "ssa-tiny": _ssa_tiny,
+    "kdgqa-tiny": _kdgqa_tiny,
+    "dgqa-tiny": _dgqa_tiny,
+    "diffqkv-tiny": _diffqkv_tiny,
+    "ccgqa-tiny": _ccgqa_tiny,
+    "lowrank-mhsa-tiny": _lowrank_mhsa_tiny,
     "llama3-8b": _llama3_8b,
     "qwen2-7b": _qwen2_7b,
     "mistral-7b": _mistral_7b,

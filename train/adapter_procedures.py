@@ -26,6 +26,7 @@ different training loss, a pruned copy to train on), the method registers
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -180,17 +181,22 @@ def _rows(batches):
             yield {k: v[i : i + 1] for k, v in batch.items()}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _nll_grad(graphdef, kernels, rest, batch):
+    """∂(mean NLL)/∂kernels, compiled once per model structure (the Fisher of the forget and
+    retain sets, in a run and again on resume or in ``train.sample``, share it)."""
+    return jax.grad(lambda ks: _mean_nll(nnx.merge(graphdef, ks, rest), batch))(kernels)
+
+
 def _fisher(model, paths, batches) -> dict:
     """Empirical Fisher of the mean NLL w.r.t. the base kernels at ``paths`` ([*in, *out])."""
     from jaxattn.lowrank._surgery import per_kernel, split_kernels
     from jaxattn.lowrank.loku import empirical_fisher
 
     graphdef, kernels, rest = split_kernels(model, paths)
-
-    def loss(ks, batch):
-        return _mean_nll(nnx.merge(graphdef, ks, rest), batch)
-
-    return per_kernel(model, empirical_fisher(loss, kernels, _rows(batches)), paths)
+    grad_fn = lambda ks, batch: _nll_grad(graphdef, ks, rest, batch)  # noqa: E731
+    fisher = empirical_fisher(None, kernels, _rows(batches), grad_fn=grad_fn)
+    return per_kernel(model, fisher, paths)
 
 
 def _loku_prepare(model, batches, method, config) -> None:

@@ -117,6 +117,47 @@ def _flat(tree) -> dict:
     return {path_string(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+# leaves up to this many elements on one device are digested on the host (numpy, the same
+# arithmetic): no per-shape compile, which dominated small runs' checkpoint time
+_HOST_MAX = 1 << 22
+
+
+def _digest(leaf):
+    single = isinstance(leaf, np.ndarray | np.generic) or (
+        isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) == 1
+    )
+    # dtypes jax would canonicalise (float64 without x64, ...) take the jax path, as before
+    if single and np.size(leaf) <= _HOST_MAX:
+        dtype = np.asarray(leaf).dtype if isinstance(leaf, np.ndarray | np.generic) else leaf.dtype
+        if dtype.itemsize <= 4 and jax.dtypes.canonicalize_dtype(dtype) == dtype:
+            return _host_digest(np.asarray(leaf))
+    return jax.device_get(_leaf_digest(leaf))
+
+
+def _host_digest(a: np.ndarray):
+    """:func:`_leaf_digest` in numpy, for items of at most 4 bytes (uint32 arithmetic wraps
+    the same way; the sum is over the row-major flat order, as there)."""
+    flat = np.ascontiguousarray(a).reshape(-1)
+    if a.dtype == np.bool_ or a.dtype.itemsize == 4:
+        bits = flat.view(np.uint32) if a.dtype != np.bool_ else flat.astype(np.uint32)
+    else:
+        bits = flat.view({2: np.uint16, 1: np.uint8}[a.dtype.itemsize]).astype(np.uint32)
+    index = (np.arange(bits.size, dtype=np.uint64) % (1 << 32)).astype(np.uint32)
+    digest = []
+    for mult, seed in _LANES:
+        h = bits + index * np.uint32(mult) + np.uint32(seed)
+        h ^= h >> np.uint32(16)
+        h *= np.uint32(0x85EBCA6B)
+        h ^= h >> np.uint32(13)
+        h *= np.uint32(0xC2B2AE35)
+        h ^= h >> np.uint32(16)
+        digest.append(np.sum(h, dtype=np.uint32) ^ np.uint32(bits.size % 2**32))
+    finite = True
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+        finite = bool(np.all(np.isfinite(flat.astype(np.float32))))
+    return np.stack(digest), np.bool_(finite)
+
+
 def leaf_checksums(tree) -> tuple[dict[str, int], dict[str, bool]]:
     """Per-leaf 64-bit checksums and finiteness of a pytree of (possibly sharded) arrays.
 
@@ -125,7 +166,7 @@ def leaf_checksums(tree) -> tuple[dict[str, int], dict[str, bool]]:
     """
     # one leaf at a time: XLA:CPU can deadlock when many small collective programs over the
     # same devices are in flight at once
-    digests = {k: jax.device_get(_leaf_digest(x)) for k, x in _flat(tree).items()}
+    digests = {k: _digest(x) for k, x in _flat(tree).items()}
     sums = {k: int(d[0]) | (int(d[1]) << 32) for k, (d, _) in digests.items()}
     return sums, {k: bool(ok) for k, (_, ok) in digests.items()}
 

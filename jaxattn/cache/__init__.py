@@ -35,6 +35,7 @@ Quantized formats (CacheConfig.format, any policy; PAPERS.md §5)
   QuantizedLatentCache  "kivi" on MLA's latent rows (per channel)
   PackedRows            one quantized tensor: codes, scales, zeros, window (its ``store``)
   dense_cache, latent_cache   the cache a CacheConfig names, for a dense / latent layout
+  HistoryKVCache  a KVCache plus the last R tokens' pre-attention features (kind "cca")
 Policies (CacheConfig.policy)
   "full"          every token, up to the capacity
   "sink_window"   the first ``sink`` and last ``window`` tokens in a ring of sink + window
@@ -45,6 +46,7 @@ Config
 
 from jaxattn.cache._config import CacheConfig
 from jaxattn.cache._dense import KVCache
+from jaxattn.cache._history import HistoryKVCache
 from jaxattn.cache._latent import LatentCache
 from jaxattn.cache._packed import PackedRows
 from jaxattn.cache._quantized import (
@@ -65,4 +67,5 @@ __all__ = [
     "QuantizedLatentCache",
     "dense_cache",
     "latent_cache",
+    "HistoryKVCache",
 ]

@@ -17,6 +17,7 @@ TransMLA (GQA -> MLA), ``jaxattn.convert.transmla``
   fit_latent_norm                             DeepSeek's latent RMSNorm, scale fitted
 KV-head compression (MHA -> GQA), ``jaxattn.convert.kv_heads``
   merge_kv_heads                              PCA-merged kv heads, RoPE pairs mixed per frequency
+  mean_pool_kv_heads                          mean-pooled kv heads (GQA's init; "kdgqa" / "dgqa")
 """
 
 from jaxattn.convert._params import layer_params, load_layer_params
@@ -28,6 +29,7 @@ from jaxattn.convert._stats import (
     latent_norm_stats,
 )
 from jaxattn.convert.kv_heads import merge_kv_heads
+from jaxattn.convert.mean_pool import mean_pool_kv_heads
 from jaxattn.convert.transmla import compress_latent, decouple_rope, fit_latent_norm, gqa_to_mla
 
 __all__ = [
@@ -43,4 +45,5 @@ __all__ = [
     "compress_latent",
     "fit_latent_norm",
     "merge_kv_heads",
+    "mean_pool_kv_heads",
 ]

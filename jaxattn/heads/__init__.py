@@ -18,6 +18,14 @@ Running
   decode_with_hooks(model, tokens, cache, hooks, **kw) -> (logits, cache, captures)
   HookCapture, pop_captures                       captures sown as nnx.Intermediate state
   probabilities                                   chosen rows of softmax from q, k and the LSE
+Tools on the hooks (submodules)
+  retrieval   Wu et al.'s copy-paste retrieval score, top / random heads, mask hooks
+  pear        PEAR: suppression scores, frozen-model coefficients, exact fold into W_O
+  methods     QK-score / attention score (MCQA), ICR, AttentionInfluence, LargePiG
+  maps        WAAD / FAI, ACT sink detection and calibration, per-segment attention mass
+  talking     Talking Heads: OV / QK products, SVD subspaces, composition scores, edits
+  icl_regression  in-context linear regression testbed (one softmax attention layer)
+  scan        ranked head tables and heads x layers heat maps (CLI: python -m train.heads_scan)
 
 Example (capture head 1's probabilities at the last query row, and mask head 0's output):
 
@@ -36,6 +44,7 @@ Example (capture head 1's probabilities at the last query row, and mask head 0's
 1.0
 """
 
+from jaxattn.heads import icl_regression, maps, methods, pear, retrieval, scan, talking
 from jaxattn.heads._attend import probabilities
 from jaxattn.heads._hooks import (
     ATTN_POINTS,
@@ -70,4 +79,11 @@ __all__ = [
     "HookCapture",
     "pop_captures",
     "probabilities",
+    "retrieval",
+    "pear",
+    "methods",
+    "maps",
+    "scan",
+    "talking",
+    "icl_regression",
 ]

@@ -13,6 +13,12 @@ Attention kinds
   LinearAttentionConfig, LinearAttention    "linear": gated / delta-rule linear attn, state cache
   MoHConfig, MoHAttention                   "moh": mixture-of-head attention (routed heads)
   SSAConfig, SelectiveAttention             "ssa": selective attention (query/value temperatures)
+  NSAConfig, NativeSparseAttention          "nsa": native sparse attention (3 gated branches)
+  LMInfiniteConfig, LMInfiniteAttention     "lm_infinite": Λ mask + RoPE distance cap
+  KDGQAConfig, DGQAConfig, KeyDrivenAttention "kdgqa" / "dgqa": key-norm driven query-head groups
+  DiffQKVConfig, DiffQKVAttention           "diffqkv": Sigma's separate K / V heads and dims, aug. Q
+  CCAConfig, CompressedConvAttention        "cca": compressed convolutional attention (CCA / CCGQA)
+  LowRankMHSAConfig, LowRankMHSA, lama_pool "lowrank_mhsa": LAMA's low-rank affinity, context query
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
@@ -23,7 +29,9 @@ Embeddings
 """
 
 from jaxattn.layers._attention import Attention, AttentionConfig
+from jaxattn.layers._cca import CCAConfig, CompressedConvAttention
 from jaxattn.layers._context import Context, dropout
+from jaxattn.layers._diffqkv import DiffQKVAttention, DiffQKVConfig
 from jaxattn.layers._embed import Embed
 from jaxattn.layers._factorized import (
     FixedSupport,
@@ -35,13 +43,17 @@ from jaxattn.layers._factorized import (
     register_form,
     registered_forms,
 )
+from jaxattn.layers._kdgqa import DGQAConfig, KDGQAConfig, KeyDrivenAttention
 from jaxattn.layers._kinds import AttentionLayer, kind_config, register_kind, registered_kinds
+from jaxattn.layers._lama import LowRankMHSA, LowRankMHSAConfig, lama_pool
 from jaxattn.layers._linear import Adapter, AdapterParam, Linear
 from jaxattn.layers._linear_attention import LinearAttention, LinearAttentionConfig
+from jaxattn.layers._lm_infinite import LMInfiniteAttention, LMInfiniteConfig
 from jaxattn.layers._mla import MLAConfig, MultiHeadLatentAttention
 from jaxattn.layers._mlp import SwiGLU, swiglu
 from jaxattn.layers._moh import MoHAttention, MoHConfig
 from jaxattn.layers._norm import RMSNorm, rms_norm
+from jaxattn.layers._nsa import NativeSparseAttention, NSAConfig
 from jaxattn.layers._ssa import SelectiveAttention, SSAConfig
 
 __all__ = [
@@ -72,6 +84,20 @@ __all__ = [
     "MoHAttention",
     "SSAConfig",
     "SelectiveAttention",
+    "NSAConfig",
+    "NativeSparseAttention",
+    "LMInfiniteConfig",
+    "LMInfiniteAttention",
+    "KDGQAConfig",
+    "DGQAConfig",
+    "KeyDrivenAttention",
+    "DiffQKVConfig",
+    "DiffQKVAttention",
+    "CCAConfig",
+    "CompressedConvAttention",
+    "LowRankMHSAConfig",
+    "LowRankMHSA",
+    "lama_pool",
     "SwiGLU",
     "swiglu",
     "RMSNorm",

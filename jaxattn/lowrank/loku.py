@@ -79,13 +79,20 @@ def inverted_hinge_loss(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT=No
     return jnp.sum(ihl * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def empirical_fisher(loss_fn, params, examples):
+def empirical_fisher(loss_fn, params, examples, *, grad_fn=None):
     """Diagonal empirical Fisher ``mean_x (∂ loss_fn(params, x)/∂params)²`` over ``examples``
-    (an iterable of per-example inputs), a pytree like ``params`` (fp32)."""
-    grad = jax.jit(jax.grad(loss_fn))
+    (an iterable of per-example inputs), a pytree like ``params`` (fp32).
+
+    ``grad_fn``: a compiled ``(params, x) -> ∂loss/∂params`` used instead of compiling
+    ``jax.grad(loss_fn)`` on every call (callers that repeat the estimate pass one; ``loss_fn``
+    is then unused and may be None)."""
+    if grad_fn is None:
+        if loss_fn is None:
+            raise ValueError("empirical_fisher needs loss_fn or grad_fn")
+        grad_fn = jax.jit(jax.grad(loss_fn))
     total, n = None, 0
     for x in examples:
-        g = jax.tree.map(lambda v: jnp.square(v.astype(jnp.float32)), grad(params, x))
+        g = jax.tree.map(lambda v: jnp.square(v.astype(jnp.float32)), grad_fn(params, x))
         total = g if total is None else jax.tree.map(jnp.add, total, g)
         n += 1
     if n == 0:

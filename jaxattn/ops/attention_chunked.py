@@ -54,6 +54,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxattn.ops import _visits_kv_major as kv_major
 from jaxattn.ops._attention_args import AttentionArgs
 from jaxattn.ops._attention_math import (
     dropout_keep,
@@ -78,22 +79,57 @@ class ChunkedBlockSizes:
     more of the causal triangle, coarser ones give XLA's threads bigger ops), 512 × 512 on
     accelerators, where each loop iteration carries a fixed launch overhead. With block-visit
     lists the default is the lists' block sizes.
+
+    ``loop_order`` orders the loops under block-visit lists: "q" walks each query block's
+    list (blocks ``block_q`` x ``block_kv``); "kv" is Flash Sparse Attention's order
+    (``jaxattn.ops._visits_kv_major``: the listed pairs sorted by kv block, the queries that
+    chose a block batched into one matmul; it runs on the lists' own blocks, so ``block_q`` /
+    ``block_kv`` are unused); "auto" takes "kv" for lists with query blocks of at most
+    ``KV_MAJOR_MAX_BLOCK_Q`` rows (per-token lists, whose "q" loop runs T / block_q steps of
+    tiny matmuls) when it can serve the call and no block sizes were passed, else "q".
     """
 
     block_q: int = 512
     block_kv: int = 512
+    loop_order: str = "auto"
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ChunkedBlockSizes.{name} must be a positive int, got {value!r}")
+        if self.loop_order not in ("auto", "q", "kv"):
+            raise ValueError(
+                f"ChunkedBlockSizes.loop_order must be 'auto', 'q' or 'kv', got {self.loop_order!r}"
+            )
 
     @classmethod
     def for_backend(cls, backend: str | None = None) -> ChunkedBlockSizes:
         """The default block sizes for ``backend`` (default: jax's default backend)."""
         backend = backend or jax.default_backend()
         return cls(block_q=256, block_kv=256) if backend == "cpu" else cls()
+
+
+KV_MAJOR_MAX_BLOCK_Q = 8
+
+
+def _kv_major(a: AttentionArgs, bs: ChunkedBlockSizes | None) -> bool:
+    """Whether this call runs in the kv-major loop order (``ChunkedBlockSizes.loop_order``).
+
+    Raises:
+      NotImplementedError: loop_order="kv" for a call it cannot serve (says why).
+    """
+    order = "auto" if bs is None else bs.loop_order
+    if not a.visits or order == "q":
+        return False
+    reason = kv_major.unsupported(a)
+    if order == "kv":
+        if reason:
+            raise NotImplementedError(
+                f"implementation='chunked' with loop_order='kv' cannot serve this call: {reason}"
+            )
+        return True
+    return bs is None and reason is None and a.visits[0].block_q <= KV_MAJOR_MAX_BLOCK_Q
 
 
 def _round_up(x: int, m: int) -> int:
@@ -335,6 +371,8 @@ def chunked_attention(
       o_BTNV in q's dtype (and lse_BNT). Lengths that are not block multiples are padded and
       the padding masked; rows that see no key give zeros and zero gradients.
     """
+    if _kv_major(a, block_sizes):
+        return kv_major.kv_major_attention(a, q_BTNH, k_BSKH, v_BSKV, return_lse)
     bq, bk = block_sizes_for(a, block_sizes)
     Tp, Sp = _round_up(a.T, bq), _round_up(a.S, bk)
     B, K, G = a.B, a.K, a.G

@@ -24,7 +24,7 @@ from train_testlib import (
 )
 
 from jaxattn.sharding import make_mesh
-from train import finetune, sample
+from train import finetune, integrity, sample
 from train.checkpoints import Checkpointer, restore_params
 from train.integrity import ALGORITHM, CheckpointError, leaf_checksums, legacy_checksum
 from train.optim import path_string
@@ -46,6 +46,22 @@ def test_leaf_checksums_see_every_single_element_change(dtype):
             assert got["a"] == base["a"] and got["b"] != base["b"], (index, bit)
     swapped = jnp.asarray(np.asarray(x)[::-1])
     assert leaf_checksums({"a": swapped})[0]["a"] != base["a"] or dtype == jnp.bool_
+
+
+@pytest.mark.parametrize(
+    "dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32, jnp.uint8, jnp.int8, jnp.bool_]
+)
+def test_host_digest_of_small_leaves_equals_the_device_digest(dtype):
+    # small one-device leaves are digested in numpy (no compile per shape): same ALGORITHM bits
+    rng = np.random.default_rng(1)
+    for shape in [(), (5,), (37, 3), (2, 3, 4)]:
+        x = np.asarray(jnp.asarray(rng.standard_normal(shape) * 9).astype(dtype))
+        host = integrity._host_digest(x)
+        device = jax.device_get(integrity._leaf_digest(jnp.asarray(x)))
+        assert np.array_equal(host[0], device[0]) and bool(host[1]) == bool(device[1]), shape
+    if jnp.issubdtype(dtype, jnp.inexact):
+        bad = np.asarray(jnp.ones((3, 3), dtype).at[1, 2].set(jnp.inf))
+        assert not integrity._host_digest(bad)[1]
 
 
 def test_leaf_checksums_do_not_depend_on_the_sharding():

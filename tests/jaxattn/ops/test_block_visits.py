@@ -272,3 +272,106 @@ def test_traced_lists_out_of_range_are_ignored():
     got = run(jnp.array([[[[1, 99, -3]]]], jnp.int32), jnp.array([[[7]]], jnp.int32))
     want = run(jnp.array([[[[1, 1, 1]]]], jnp.int32), jnp.array([[[1]]], jnp.int32))
     assert_close(got, want, TOL)
+
+
+# -- the kv-major (Flash Sparse Attention) loop order ------------------------------------------
+
+KV = ChunkedBlockSizes(loop_order="kv")
+
+
+@settings(
+    max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    B=st.integers(1, 2),
+    T=st.integers(1, 50),
+    S=st.integers(1, 60),
+    K=st.integers(1, 2),
+    G=st.sampled_from([1, 2, 4, 8]),
+    block_q=st.integers(1, 12),
+    block_kv=st.integers(1, 16),
+    per_row=st.booleans(),
+    per_head=st.booleans(),
+    spec=st.sampled_from(["none", "causal", "window"]),
+    cap=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_kv_major_order_equals_xla(
+    B, T, S, K, G, block_q, block_kv, per_row, per_head, spec, cap, seed
+):
+    """loop_order="kv" (FSA order) == "xla" (o, lse, dq, dk, dv) over fuzzed lists, groups,
+    masks, kv_lengths, q_offset and soft caps."""
+    rng = np.random.default_rng(seed)
+    nk = -(-S // block_kv)
+    visits = random_visits(
+        rng,
+        Bv=B if per_row else 1,
+        Kv=K if per_head else 1,
+        T=T,
+        S=S,
+        block_q=block_q,
+        block_kv=block_kv,
+        L=int(rng.integers(1, nk + 3)),
+    )
+    mask = {"none": None, "causal": masks.Causal(), "window": masks.SlidingWindow(left=7)}[spec]
+    q, k, v, do = inputs(seed, B, T, S, K * G, K, 16, 8)
+    kw = dict(
+        mask=mask,
+        q_offset=max(S - T, 0),
+        kv_lengths=jnp.asarray(rng.integers(0, S + 1, B), jnp.int32),
+        logits_soft_cap=2.5 if cap else None,
+        block_visits=visits,
+    )
+    want = value_and_grads(op("xla", return_lse=True, **kw), q, k, v, do)
+    got = value_and_grads(op("chunked", return_lse=True, block_sizes=KV, **kw), q, k, v, do)
+    for name, g, w in zip(
+        ("o", "lse", "dq", "dk", "dv"), (*got[:2], *got[2]), (*want[:2], *want[2])
+    ):
+        assert_close(g, w, TOL, name)
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_kv_major_per_token_lists_with_segments(G):
+    """Per-token lists (block_q = 1, the auto choice of the kv-major order) with segment ids,
+    GQA groups 1 and 4 (NSA's tests add G = 2): equal to "xla" and to jax.nn under the dense
+    mask."""
+    B, T, S, K = 2, 33, 33, 2
+    rng = np.random.default_rng(10 + G)
+    visits = random_visits(rng, Bv=B, Kv=K, T=T, S=S, block_q=1, block_kv=8, L=3)
+    q, k, v, do = inputs(G, B, T, S, K * G, K, 16, 16)
+    seg = jnp.asarray(np.sort(rng.integers(0, 2, (B, T)), axis=1), jnp.int32)
+    kw = dict(mask=masks.Causal(), segment_ids=seg, block_visits=visits)
+    _compare_impls(q, k, v, do, **kw)  # "auto" order: kv-major for block_q = 1
+    dense = dense_from_visits(visits, B=B, N=K * G, K=K, T=T, S=S) & np.tri(T, S, dtype=bool)
+    dense &= (np.asarray(seg)[:, :, None] == np.asarray(seg)[:, None, :])[:, None]
+    compare_with_jax_nn(op("chunked", **kw), q, k, v, do, dense, TOL)
+
+
+def test_kv_major_reads_only_listed_blocks_and_refuses_what_it_cannot_serve():
+    B, T, S, K, N = 1, 24, 64, 1, 2
+    idx = np.array([[[[3, 0]] * 24]], np.int32)
+    cnt = np.full((1, 1, 24), 2, np.int32)
+    visits = masks.BlockVisits(
+        indices=jnp.asarray(idx), counts=jnp.asarray(cnt), block_q=1, block_kv=16
+    )
+    q, k, v, do = inputs(3, B, T, S, N, K, 16, 16)
+    listed = (np.arange(S) // 16 == 0) | (np.arange(S) // 16 == 3)
+    poison = lambda x: jnp.where(jnp.asarray(listed)[None, :, None, None], x, jnp.nan)
+    fn = op("chunked", return_lse=True, block_visits=visits, block_sizes=KV)
+    clean = value_and_grads(fn, q, k, v, do)
+    dirty = value_and_grads(fn, q, poison(k), poison(v), do)
+    for name, g, w in zip(("o", "lse", "dq"), (*dirty[:2], dirty[2][0]), (*clean[:2], clean[2][0])):
+        assert_close(g, w, TOL, name)
+    with pytest.raises(NotImplementedError, match="loop_order='kv'.*no dropout"):
+        attention(
+            q,
+            k,
+            v,
+            block_visits=visits,
+            block_sizes=KV,
+            implementation="chunked",
+            dropout_rate=0.1,
+            dropout_rng=jax.random.key(0),
+        )
+    with pytest.raises(ValueError, match="loop_order must be"):
+        ChunkedBlockSizes(loop_order="rows")

@@ -24,20 +24,28 @@ def _repeated(N, mask=None, **kw):
     def fn(q, k, v):
         k = jnp.repeat(k, N // k.shape[2], axis=2)
         v = jnp.repeat(v, N // v.shape[2], axis=2)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, **kw)
+        if v.shape[-1] == q.shape[-1]:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, **kw)
+        # jax.nn needs V == H: the same softmax written out (fp32, highest precision)
+        s = jnp.einsum("btnh,bsnh->bnts", q, k, precision="highest") / np.sqrt(q.shape[-1])
+        p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+        return jnp.einsum("bnts,bsnv->btnv", p, v, precision="highest")
 
     return fn
 
 
-# (N, K, K_v): value heads nested in key heads and the reverse, neither (6 = lcm(2, 3)),
-# MLA-like (one key head, a value head per query head) and one value head
-HEADS = [(8, 2, 4), (8, 4, 2), (6, 2, 3), (4, 1, 4), (8, 8, 1)]
+# (N, K, K_v, V) with H = 16: value heads nested in key heads and the reverse, neither
+# (6 = lcm(2, 3)), MLA-like (one key head, a value head per query head) and one value head;
+# Sigma DiffQKV's different K and V head dims (V = 24 wider, V = 8 thinner than the keys)
+HEADS = [(8, 2, 4, 16), (8, 4, 2, 24), (6, 2, 3, 8), (4, 1, 4, 16), (8, 8, 1, 16)]
 
 
-@pytest.mark.parametrize("N, K, Kv", HEADS, ids=[f"n{n}_k{k}_kv{kv}" for n, k, kv in HEADS])
-def test_xla_and_chunked_match_repeated_heads(N, K, Kv):
+@pytest.mark.parametrize(
+    "N, K, Kv, V", HEADS, ids=[f"n{n}_k{k}_kv{kv}_v{v}" for n, k, kv, v in HEADS]
+)
+def test_xla_and_chunked_match_repeated_heads(N, K, Kv, V):
     B, T, S, H = 2, 37, 50, 16
-    q, k, v, do = inputs(N + K, B, T, S, N, K, H, H, Kv=Kv)
+    q, k, v, do = inputs(N + K, B, T, S, N, K, H, V, Kv=Kv)
     dense = jnp.asarray(np.tri(T, S, S - T, dtype=bool))
     want = value_and_grads(_repeated(N, mask=dense), q, k, v, do)
     impls = [("xla", {}), ("chunked", dict(block_sizes=ChunkedBlockSizes(block_q=16, block_kv=16)))]
@@ -50,10 +58,10 @@ def test_xla_and_chunked_match_repeated_heads(N, K, Kv):
             assert_close(g, w, TOL, f"{impl} {name}")
 
 
-@pytest.mark.parametrize("N, K, Kv", [(8, 2, 4), (6, 3, 2)])
-def test_decode_matches_repeated_heads(N, K, Kv):
+@pytest.mark.parametrize("N, K, Kv, V", [(8, 2, 4, 16), (6, 3, 2, 24)])
+def test_decode_matches_repeated_heads(N, K, Kv, V):
     B, T, S, H = 2, 2, 70, 16
-    q, k, v, do = inputs(N, B, T, S, N, K, H, H, Kv=Kv)
+    q, k, v, do = inputs(N, B, T, S, N, K, H, V, Kv=Kv)
     lengths = jnp.array([70, 33], jnp.int32)
     dense = np.arange(S)[None, None, :] <= (
         np.asarray(lengths)[:, None, None] - T + np.arange(T)[:, None]
@@ -97,6 +105,8 @@ def test_kernels_refuse_and_auto_falls_back(monkeypatch, caplog):
     with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
         with pytest.raises(NotImplementedError, match="separate key and value head counts"):
             attention(q, k, v, implementation="pallas_tpu")
+        with pytest.raises(NotImplementedError, match="separate key and value head counts"):
+            attention(q[:, :1], k, v, implementation="pallas_tpu_decode")
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # what "auto" sees on a TPU
     with caplog.at_level(logging.WARNING, logger="jaxattn"):
         got = attention(q, k, v)

@@ -1,0 +1,63 @@
+"""BlockRank (jaxattn.ops.blockrank): the structured mask (no cross-document attention, the
+query sees every block), the op under it equals jax.nn with the explicit mask (fwd+bwd), the
+per-document attention mass and the contrastive loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattn.ops import blockrank
+
+# instruction (3) | doc 1 (5) | doc 2 (4) | doc 3 (6) | query (4)
+DOCS = np.array([0] * 3 + [1] * 5 + [2] * 4 + [3] * 6 + [-1] * 4)
+
+
+def test_mask_structure():
+    m = np.asarray(blockrank.blockrank_mask(DOCS[None]))[0]
+    T = len(DOCS)
+    for i in range(T):
+        for j in range(T):
+            di, dj = DOCS[i], DOCS[j]
+            want = j <= i and (di == dj or dj == 0 or di == -1)
+            assert m[i, j] == want, (i, j)
+    assert m[-1].all()  # the last query token sees every block
+    assert not m[DOCS == 2][:, DOCS == 1].any()  # no cross-document attention
+
+
+def test_attention_equals_dense_reference_and_mass_and_loss():
+    T, N, K, H = len(DOCS), 4, 2, 8
+    ks = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(kk, (2, T, n, H)) for kk, n in zip(ks, (N, K, K)))
+    do = jax.random.normal(ks[3], (2, T, N, H))
+    docs = jnp.asarray(np.stack([DOCS, DOCS]))
+    mask = blockrank.blockrank_mask(docs)[:, None]
+
+    def loss(f):
+        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * do), argnums=(0, 1, 2)))
+
+    got = loss(lambda q, k, v: blockrank.blockrank_attention(q, k, v, docs))(q, k, v)
+    want = loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask))(q, k, v)
+    np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=2e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+    _, lse = blockrank.blockrank_attention(q, k, v, docs, return_lse=True)
+    mass = blockrank.document_attention(q, k, lse, docs, 3)  # [B, N, T, 3]
+    s = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, 2, axis=2)) / np.sqrt(H)
+    p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+    for d in (1, 2, 3):
+        np.testing.assert_allclose(mass[..., d - 1], p[..., DOCS == d].sum(-1), atol=1e-5)
+    # a document token puts no mass on other documents; the query's masses are positive
+    assert float(jnp.abs(mass[:, :, DOCS == 2][..., [0, 2]]).max()) == 0.0
+    assert (np.asarray(mass[:, :, -1]) > 0).all()
+    m = jnp.array([[0.5, 0.2, 0.1]])
+    want_loss = -jax.nn.log_softmax(m[0] / 0.1)[0]
+    np.testing.assert_allclose(
+        blockrank.contrastive_loss(m, jnp.array([0]), temperature=0.1), want_loss, rtol=1e-6
+    )
+
+
+def test_bad_temperature_is_named():
+    import pytest
+
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        blockrank.contrastive_loss(jnp.zeros((1, 2)), jnp.array([0]), temperature=0.0)

@@ -1,0 +1,46 @@
+"""GRAT (jaxattn.ops.grat): group-shared block-sparse attention equals dense attention with
+the equivalent token-level mask (1-D surrounding, 2-D surrounding and criss-cross, fwd+bwd),
+a region covering every group is full attention, bad input names the argument."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattn import dot_product_attention
+from jaxattn.ops import grat
+
+CASES = {
+    "1d_surrounding": dict(group=6, radius=1),
+    "2d_surrounding": dict(grid_hw=(6, 8), group_hw=(2, 2), radius=1),
+    "2d_criss_cross": dict(grid_hw=(6, 8), group_hw=(3, 2), pattern="criss_cross"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_equals_dense_equivalent_mask_fwd_bwd(name):
+    kw = CASES[name]
+    ks = jax.random.split(jax.random.key(0), 4)
+    q, k, v, do = (jax.random.normal(kk, (2, 48, n, 8)) for kk, n in zip(ks, (4, 2, 2, 4)))
+    mask = jnp.asarray(grat.grat_dense_mask(48, **kw))
+
+    def vg(f):
+        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * do), argnums=(0, 1, 2)))
+
+    got = vg(lambda q, k, v: grat.grat_attention(q, k, v, **kw))(q, k, v)
+    want = vg(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask))(q, k, v)
+    np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=2e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+
+
+def test_covering_region_is_full_attention_and_bad_input():
+    ks = jax.random.split(jax.random.key(1), 3)
+    q, k, v = (jax.random.normal(kk, (1, 48, 2, 8)) for kk in ks)
+    got = grat.grat_attention(q, k, v, grid_hw=(6, 8), group_hw=(2, 2), radius=4)
+    np.testing.assert_allclose(got, dot_product_attention(q, k, v), atol=2e-5, rtol=2e-5)
+    assert grat.grat_layout((2, 3), pattern="criss_cross").sum() == 6 * 4  # row + column
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        grat.grat_layout((2, 2), pattern="ring")
+    with pytest.raises(ValueError, match="multiple of group=5"):
+        grat.grat_attention(q, k, v, group=5)

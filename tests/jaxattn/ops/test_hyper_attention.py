@@ -1,0 +1,63 @@
+"""HyperAttention (jaxattn.ops.hyper_attention): one bucket and all columns sampled == exact
+softmax attention; the error falls as the samples grow; LSH sort/unsort round-trips; the block
+diagonal alone with one block == exact; bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattn import dot_product_attention
+from jaxattn.ops import hyper_attention as ha
+
+
+def _qkv(T=64, N=2, H=8):
+    ks = jax.random.split(jax.random.key(0), 3)
+    return [jax.random.normal(kk, (2, T, N, H)) for kk in ks]
+
+
+def test_one_bucket_full_sampling_is_exact():
+    q, k, v = _qkv()
+    exact = dot_product_attention(q, k, v, implementation="xla")
+    got = ha.hyper_attention(q, k, v, jax.random.key(1), num_planes=0, block=16, num_samples=64)
+    np.testing.assert_allclose(got, exact, atol=2e-5, rtol=2e-5)
+    one_block = ha.hyper_attention(
+        q, k, v, jax.random.key(1), num_planes=3, block=64, num_samples=0
+    )
+    np.testing.assert_allclose(one_block, exact, atol=2e-5, rtol=2e-5)
+
+
+def test_error_falls_with_samples():
+    q, k, v = _qkv()
+    exact = dot_product_attention(q, k, v, implementation="xla")
+    errs = []
+    for m in (4, 16, 48):
+        e = [
+            float(
+                jnp.abs(
+                    ha.hyper_attention(
+                        q, k, v, jax.random.key(s), num_planes=2, block=8, num_samples=m
+                    )
+                    - exact
+                ).mean()
+            )
+            for s in range(4)
+        ]
+        errs.append(np.mean(e))
+    assert errs[0] > errs[1] > errs[2], errs
+
+
+def test_lsh_sort_unsort_round_trip_and_bad_input():
+    x = jax.random.normal(jax.random.key(2), (1, 32, 8))
+    b = ha.lsh_buckets(x, jax.random.normal(jax.random.key(3), (8, 3)))
+    assert int(b.min()) >= 0 and int(b.max()) < 8
+    order = jnp.argsort(b, axis=1)
+    back = jnp.take_along_axis(
+        jnp.take_along_axis(x, order[..., None], 1), jnp.argsort(order, 1)[..., None], 1
+    )
+    np.testing.assert_array_equal(back, x)
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="num_samples=65 must be in"):
+        ha.hyper_attention(q, k, v, jax.random.key(0), num_planes=1, block=16, num_samples=65)
+    with pytest.raises(ValueError, match="block=24 must divide"):
+        ha.hyper_attention(q, k, v, jax.random.key(0), num_planes=1, block=24, num_samples=4)
