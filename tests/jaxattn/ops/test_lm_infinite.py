@@ -3,6 +3,8 @@ reference with an explicit Λ mask and per-pair capped RoPE distances, forward a
 shorter than the window == vanilla causal RoPE attention; distances past the cap are clipped;
 prefill + steps == forward in a DecoderLM."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,16 +36,22 @@ def _fast(q, k, v, **kw):
     return lm_infinite_attention(q_rot, q, k_rot, v, rope=ROPE, **kw)
 
 
-def _vg(fn, q, k, v, do):
-    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * do), argnums=(0, 1, 2)))(q, k, v)
+@functools.partial(jax.jit, static_argnames=("n_global", "n_local"))
+def _fast_and_reference(q, k, v, do, *, n_global, n_local):
+    """Value and (dq, dk, dv) of the fast op and of the dense reference, in one compiled call."""
+    kw = dict(n_global=n_global, n_local=n_local)
+    ref = lambda q, k, v: lm_infinite_reference(q, k, v, rope=ROPE, **kw)  # noqa: E731
+    fast = lambda q, k, v: _fast(q, k, v, **kw)  # noqa: E731
+    return tuple(
+        jax.value_and_grad(lambda *a, f=f: jnp.sum(f(*a) * do), argnums=(0, 1, 2))(q, k, v)
+        for f in (fast, ref)
+    )
 
 
 @pytest.mark.parametrize("n_global, n_local", [(3, 8), (0, 5), (4, 1)])
 def test_equals_explicit_lambda_mask_and_capped_distances(n_global, n_local):
     q, k, v, do = _qkv(n_local)
-    kw = dict(n_global=n_global, n_local=n_local)
-    got = _vg(lambda q, k, v: _fast(q, k, v, **kw), q, k, v, do)
-    want = _vg(lambda q, k, v: lm_infinite_reference(q, k, v, rope=ROPE, **kw), q, k, v, do)
+    got, want = _fast_and_reference(q, k, v, do, n_global=n_global, n_local=n_local)
     np.testing.assert_allclose(got[0], want[0], **TOL)
     for name, g, w in zip(("dq", "dk", "dv"), got[1], want[1]):
         np.testing.assert_allclose(g, w, err_msg=name, **TOL)

@@ -3,6 +3,8 @@ order) equals the naive gather-based reference for GQA groups 1, 2, 4, forward a
 (gradients reach the gates, the compression map and its position embedding); queries at an
 offset (decoding) too; selection rules and bad input."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +28,7 @@ def _case(seed, B, T, S, K, G, H=16):
     return (q, k, v, gates, w, pos), do
 
 
-def _run(fn, args, do, q_offset=0):
+def _vg(fn, args, do, q_offset):
     def loss(q, k, v, gates, w, pos):
         phi = lambda i: lambda x: jnp.einsum("...lh,lho->...o", x, w[i])  # noqa: E731
         kc = nsa.compress(k, phi(0), pos[0], block=SIZES["block"], stride=SIZES["stride"])
@@ -34,15 +36,31 @@ def _run(fn, args, do, q_offset=0):
         o = fn(q, k, v, gates, kc, vc, q_offset=q_offset, **SIZES)
         return jnp.sum(o * do), o
 
-    (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=range(6), has_aux=True))(*args)
+    (_, o), grads = jax.value_and_grad(loss, argnums=range(6), has_aux=True)(*args)
     return o, grads
+
+
+@jax.jit
+def _fast_and_reference(args, do):
+    """(o, grads) of the fast path and of the gather reference, in one compiled call."""
+    return tuple(_vg(fn, args, do, 0) for fn in (nsa.nsa_attention, nsa.nsa_reference))
+
+
+@jax.jit
+def _fast_and_reference_at(args, do, q_offset):
+    return tuple(_vg(fn, args, do, q_offset) for fn in (nsa.nsa_attention, nsa.nsa_reference))
+
+
+@functools.cache
+def _group_case(G):
+    """One case per GQA group size, shared by the tests below: inputs and both paths' results."""
+    args, do = _case(G, B=2, T=37, S=37, K=2, G=G)  # T = 37: not a multiple of any block
+    return args, do, _fast_and_reference(args, do)
 
 
 @pytest.mark.parametrize("G", [1, 2, 4])
 def test_fast_equals_gather_reference_fwd_bwd(G):
-    args, do = _case(G, B=2, T=70, S=70, K=2, G=G)
-    o, grads = _run(nsa.nsa_attention, args, do)
-    o_ref, grads_ref = _run(nsa.nsa_reference, args, do)
+    _, _, ((o, grads), (o_ref, grads_ref)) = _group_case(G)
     np.testing.assert_allclose(o, o_ref, **TOL)
     names = ("dq", "dk", "dv", "dgates", "dphi", "dpos")
     for name, g, r in zip(names, grads, grads_ref):
@@ -54,14 +72,12 @@ def test_fast_equals_gather_reference_fwd_bwd(G):
 def test_queries_at_an_offset_equal_the_full_sequence_rows():
     """Queries at positions q_offset[b] + t over S stored keys (decoding) give the rows of the
     full-sequence result, in both paths."""
-    args, do = _case(7, B=2, T=40, S=40, K=1, G=2)
-    full, _ = _run(nsa.nsa_attention, args, do)
+    args, do, ((full, _), _) = _group_case(2)
     q, k, v, gates, w, pos = args
-    offs = jnp.array([33, 29])
-    rows = lambda x: jnp.stack([x[b, o : o + 3] for b, o in enumerate([33, 29])])  # noqa: E731
+    starts = [33, 29]
+    rows = lambda x: jnp.stack([x[b, o : o + 3] for b, o in enumerate(starts)])  # noqa: E731
     sub = (rows(q), k, v, rows(gates), w, pos)
-    for fn in (nsa.nsa_attention, nsa.nsa_reference):
-        got, _ = _run(fn, sub, rows(do), q_offset=offs)
+    for got, _ in _fast_and_reference_at(sub, rows(do), jnp.array(starts)):
         np.testing.assert_allclose(got, rows(full), **TOL)
 
 
