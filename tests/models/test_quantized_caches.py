@@ -31,7 +31,8 @@ def _decode_steps(model, tokens, fields):
 @pytest.mark.parametrize("name", ["llama-tiny", "deepseek-tiny"])
 def test_kivi_caches_decode_close_to_the_full_forward_and_generate_by_name(name):
     model = DecoderLM(get_config(name, num_layers=1), rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(1), (2, 24), 1, 200)
+    # 15 tokens: the length of the generated sequence below, so _decode_steps compiles once
+    tokens = jax.random.randint(jax.random.key(1), (2, 15), 1, 200)
     full = nnx.jit(lambda m, t: m(t))(model, tokens)
     got = _decode_steps(model, tokens, tuple(KIVI8.items()))
     # 8-bit codes: the logits move by a small fraction of their spread
