@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxattn.cache import CacheConfig, QuantizedKVCache, QuantizedLatentCache
+from jaxattn.cache import (
+    CacheConfig,
+    MixedPrecisionKVCache,
+    QuantizedKVCache,
+    QuantizedLatentCache,
+)
 from jaxattn.generate import generate
 from models import DecoderLM, LayerSpec, get_config
 
@@ -61,3 +66,18 @@ def test_a_format_combines_with_each_layers_policy_and_bad_fields_name_the_layer
     with pytest.raises(ValueError, match=r"cannot serve cache.format='kivi'"):
         generate(hybrid, jnp.ones((1, 3), jnp.int32), jnp.array([3]), max_new_tokens=2,
                  rng=jax.random.key(0), cache=KIVI8)  # fmt: skip
+
+
+def test_mikv_by_name_in_a_model_all_high_precision_is_the_full_forward():
+    model = DecoderLM(get_config("llama-tiny", num_layers=1), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 15), 1, 200)
+    # a table as large as the capacity: every token in full precision (2-bit codes unused)
+    fields = {"format": "mikv", "bits": 2, "group_size": 4, "residual": 8, "important": 32}
+    got = _decode_steps(model, tokens, tuple(fields.items()))
+    full = nnx.jit(lambda m, t: m(t))(model, tokens)
+    np.testing.assert_allclose(got, full, rtol=0, atol=1e-4 * float(jnp.std(full)))
+    assert isinstance(jax.eval_shape(lambda: model.init_cache(1, 32, cache=fields))[0],
+                      MixedPrecisionKVCache)  # fmt: skip
+    mla = DecoderLM(get_config("deepseek-tiny", num_layers=1), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"cannot serve cache.format='mikv'"):
+        mla.init_cache(1, 32, cache=fields)
