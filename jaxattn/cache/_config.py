@@ -27,6 +27,9 @@ full-precision window of recent tokens (``QuantizedKVCache`` / ``QuantizedLatent
   128) tokens with the largest accumulated attention (H2O's heavy hitters) are also kept in
   full precision and attended from there (``MixedPrecisionKVCache``). With ``important`` at
   least the capacity every token is in full precision and the attention is the dense cache's.
+  ``saliency="normalized"`` ranks tokens by ZipCache's normalized attention score instead
+  (the accumulated attention divided by the number of queries that attended the token, which
+  removes causal attention's bias towards early tokens); default ``"accumulated"`` (H2O).
 
 Policies:
 
@@ -57,7 +60,12 @@ LAYOUT_FORMATS = {"dense": ("dense", *QUANTIZED_FORMATS), "latent": ("latent", "
 # formats whose key rows are quantized per token (no key groups along the tokens)
 _PER_TOKEN_KEYS = ("mikv",)
 _KIVI = dict(bits=2, group_size=32, residual=128, scale_dtype="float16")
-_QUANT_DEFAULTS = {"kivi": _KIVI, "rotatekv": _KIVI, "mikv": dict(_KIVI, important=128)}
+_QUANT_DEFAULTS = {
+    "kivi": _KIVI,
+    "rotatekv": _KIVI,
+    "mikv": dict(_KIVI, important=128, saliency="accumulated"),
+}
+SALIENCY = ("accumulated", "normalized")
 _BITS = (2, 3, 4, 8)
 
 
@@ -78,6 +86,7 @@ class CacheConfig:
         ``group_size``).
       scale_dtype: quantized formats: storage dtype of scales and zero points.
       important: "mikv": tokens also kept in full precision (the heavy hitters, >= 0).
+      saliency: "mikv": the importance ranking, one of ``SALIENCY``.
     """
 
     format: str | None = None
@@ -90,6 +99,7 @@ class CacheConfig:
     residual: int | None = None
     scale_dtype: Any = None
     important: int | None = None
+    saliency: str | None = None
 
     def __post_init__(self):
         o = "CacheConfig"
@@ -136,11 +146,12 @@ class CacheConfig:
     def _check_quantized(self):
         o = "CacheConfig"
         names = ("bits", "group_size", "residual", "scale_dtype")
-        if self.format != "mikv" and self.important is not None:
-            raise ValueError(
-                f"{o}.important={self.important!r} applies to format='mikv' only, not "
-                f"format={self.format!r}"
-            )
+        for name in ("important", "saliency"):
+            if self.format != "mikv" and getattr(self, name) is not None:
+                raise ValueError(
+                    f"{o}.{name}={getattr(self, name)!r} applies to format='mikv' only, not "
+                    f"format={self.format!r}"
+                )
         if not self.quantized:
             for name in names:
                 if getattr(self, name) is not None:
@@ -161,6 +172,8 @@ class CacheConfig:
         if self.format in _PER_TOKEN_KEYS:
             if self.important < 0:
                 raise ValueError(f"{o}.important={self.important} must be >= 0")
+            if self.saliency not in SALIENCY:
+                raise ValueError(f"{o}.saliency={self.saliency!r} must be one of {SALIENCY}")
             if self.policy != "full":
                 raise ValueError(
                     f"{o}.format={self.format!r} keeps every token (low-precision tokens are "

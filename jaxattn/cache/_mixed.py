@@ -16,7 +16,9 @@ instead of dropping them, and the important ones in high precision. ``MixedPreci
 
 The selection is H2O's greedy one: when tokens leave the recent window they compete with the
 current table, and the S largest scores (ties: the table first, then the older token) stay
-in full precision; the others are read from their low-precision codes from then on
+in full precision (``saliency="normalized"``: ZipCache's normalized attention score, each
+score divided by the number of queries that attended the token, counted alongside it in
+``hi_count_BS`` / ``win_count_BR``); the others are read from their low-precision codes from then on
 (demotion is final: the full-precision copy is gone, as an evicted token is in H2O).
 
 Attention reads the low-precision slots block by block (``decode_over_blocks``, the slots held
@@ -55,7 +57,10 @@ class MixedPrecisionKVCache(_QuantizedMixin):
       hi_pos_BS: int32 [B, S] their positions (-1: an empty entry).
       hi_score_BS, win_score_BR: float32 accumulated attention of the table's tokens and of
         the window's (position p at slot p % R).
+      hi_count_BS, win_count_BR: float32 queries that attended each of them ("normalized"
+        saliency; [B, 0] otherwise).
       lengths_B: int32 [B] tokens seen per sequence.
+      normalized: static, ZipCache's saliency (``CacheConfig.saliency == "normalized"``).
     """
 
     k: PackedRows
@@ -65,9 +70,12 @@ class MixedPrecisionKVCache(_QuantizedMixin):
     hi_pos_BS: jax.Array
     hi_score_BS: jax.Array
     win_score_BR: jax.Array
+    hi_count_BS: jax.Array
+    win_count_BR: jax.Array
     lengths_B: jax.Array
     sink: int = struct.field(pytree_node=False, default=0)
     window: int = struct.field(pytree_node=False, default=0)
+    normalized: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def create(
@@ -88,6 +96,8 @@ class MixedPrecisionKVCache(_QuantizedMixin):
         k = _rows(config, heads=num_kv_heads, dim=head_dim, what="key", **common)
         v = _rows(config, heads=num_v_heads, dim=v_head_dim, what="value", **common)
         s = min(config.important, k.codes_BCKW.shape[1])
+        normalized = config.saliency == "normalized"
+        r = config.residual
         return cls(
             k=k,
             v=v,
@@ -95,8 +105,11 @@ class MixedPrecisionKVCache(_QuantizedMixin):
             hi_v_BSKV=jnp.zeros((batch, s, num_v_heads, v_head_dim), dtype),
             hi_pos_BS=jnp.full((batch, s), -1, jnp.int32),
             hi_score_BS=jnp.zeros((batch, s), jnp.float32),
-            win_score_BR=jnp.zeros((batch, config.residual), jnp.float32),
+            win_score_BR=jnp.zeros((batch, r), jnp.float32),
+            hi_count_BS=jnp.zeros((batch, s if normalized else 0), jnp.float32),
+            win_count_BR=jnp.zeros((batch, r if normalized else 0), jnp.float32),
             lengths_B=jnp.zeros((batch,), jnp.int32),
+            normalized=normalized,
         )
 
     def _rows(self):
@@ -111,11 +124,13 @@ class MixedPrecisionKVCache(_QuantizedMixin):
 
     def table_bytes(self) -> int:
         """Bytes of one sequence's fixed buffers besides the rows: the table (keys, values,
-        int32 positions, fp32 scores) and the window's fp32 scores."""
+        int32 positions, fp32 scores) and the window's fp32 scores (and fp32 counts of both
+        for the "normalized" saliency)."""
         fp = self.hi_k_BSKH.dtype.itemsize
         s, r = self.important, self.win_score_BR.shape[1]
         row = math.prod(self.hi_k_BSKH.shape[2:]) + math.prod(self.hi_v_BSKV.shape[2:])
-        return s * (row * fp + 4 + 4) + r * 4
+        stats = 2 if self.normalized else 1
+        return s * (row * fp + 4 + 4 * stats) + r * 4 * stats
 
     def bytes_per_token(self, context: int | None = None) -> float:
         """Exact storage bytes per token of one sequence.
@@ -138,7 +153,8 @@ class MixedPrecisionKVCache(_QuantizedMixin):
 
     def _scores(self, q_BTNH, k_new, num_B, lse_BNT, *, mask, scale=None, logits_soft_cap=None):
         """This step's attention probabilities summed over heads and valid queries, for the
-        window's, the table's and the new tokens' keys: ([B, R], [B, S], [B, T])."""
+        window's, the table's and the new tokens' keys, and the number of valid queries that
+        saw each: (([B, R], [B, S], [B, T]), (counts alike))."""
         b, t, n, h = q_BTNH.shape
         n_B = self.lengths_B
         r = self.k.residual
@@ -162,13 +178,15 @@ class MixedPrecisionKVCache(_QuantizedMixin):
         vis_BTS &= (jnp.arange(t)[None, :] < num_B[:, None])[:, :, None]  # padding queries
         lse = lse_BNT.reshape(b, kh, n // kh, t)[..., None]
         p = jnp.where(vis_BTS[:, None, None] & jnp.isfinite(lse), jnp.exp(s - lse), 0.0)
-        p_BS = p.sum((1, 2, 3))
+        p_BS, c_BS = p.sum((1, 2, 3)), vis_BTS.sum(1).astype(jnp.float32)
         s_hi = self.important
-        return p_BS[:, :r], p_BS[:, r : r + s_hi], p_BS[:, r + s_hi :]
+        split = lambda x: (x[:, :r], x[:, r : r + s_hi], x[:, r + s_hi :])
+        return split(p_BS), split(c_BS)
 
-    def _store(self, k_new, v_new, num_B, scores) -> MixedPrecisionKVCache:
+    def _store(self, k_new, v_new, num_B, scores, counts) -> MixedPrecisionKVCache:
         """Store the new tokens (every token leaving the window to low precision), accumulate
-        ``scores`` (window, table, new) and re-select the table (H2O's greedy step)."""
+        ``scores`` and ``counts`` (window, table, new) and re-select the table (H2O's greedy
+        step)."""
         sw_BR, shi_BS, snew_BT = scores
         b, t = k_new.shape[:2]
         n_B = self.lengths_B
@@ -190,32 +208,42 @@ class MixedPrecisionKVCache(_QuantizedMixin):
         cand_k = pending(self.k.window_at(pos_BP), k_new)
         cand_v = pending(self.v.window_at(pos_BP), v_new)
         cand_score = pending(win_score[bi, pos_BP % r], snew_BT)
+        hi_metric, cand_metric = hi_score, cand_score
+        stats = {}
+        if self.normalized:  # ZipCache: scores over the number of queries that saw the token
+            cw_BR, chi_BS, cnew_BT = counts
+            win_count = self.win_count_BR.at[bi, wpos_BR % r].add(cw_BR)
+            hi_count = self.hi_count_BS + chi_BS
+            cand_count = pending(win_count[bi, pos_BP % r], cnew_BT)
+            hi_metric = hi_score / jnp.maximum(hi_count, 1.0)
+            cand_metric = cand_score / jnp.maximum(cand_count, 1.0)
+            stats["win_count_BR"] = write_rows(win_count, cnew_BT, n_B, num_B, window=r)
         s = self.important
-        if s:  # the S largest scores among the table and the leaving tokens stay
-            score_all = jnp.concatenate(
-                [jnp.where(self.hi_pos_BS >= 0, hi_score, -jnp.inf),
-                 jnp.where(pos_BP < q_new[:, None], cand_score, -jnp.inf)], axis=1,
+        if s:  # the S most salient among the table and the leaving tokens stay
+            metric_all = jnp.concatenate(
+                [jnp.where(self.hi_pos_BS >= 0, hi_metric, -jnp.inf),
+                 jnp.where(pos_BP < q_new[:, None], cand_metric, -jnp.inf)], axis=1,
             )  # fmt: skip
-            top_score, idx_BS = jax.lax.top_k(score_all, s)
+            top, idx_BS = jax.lax.top_k(metric_all, s)
 
             def pick(hi, cand):
                 return jnp.concatenate([hi, cand.astype(hi.dtype)], axis=1)[bi, idx_BS]
 
-            hi_pos = jnp.where(jnp.isfinite(top_score), pick(self.hi_pos_BS, pos_BP), -1)
-            table = dict(
+            hi_pos = jnp.where(jnp.isfinite(top), pick(self.hi_pos_BS, pos_BP), -1)
+            keep = hi_pos >= 0
+            stats.update(
                 hi_k_BSKH=pick(self.hi_k_BSKH, cand_k),
                 hi_v_BSKV=pick(self.hi_v_BSKV, cand_v),
                 hi_pos_BS=hi_pos,
-                hi_score_BS=jnp.where(hi_pos >= 0, top_score, 0.0),
+                hi_score_BS=jnp.where(keep, pick(hi_score, cand_score), 0.0),
             )
-        else:
-            table = {}
-        win_score = write_rows(win_score, snew_BT, n_B, num_B, window=r)
+            if self.normalized:
+                stats["hi_count_BS"] = jnp.where(keep, pick(hi_count, cand_count), 0.0)
         return self.replace(
             k=self.k.store(n_B, k_new, num_B),
             v=self.v.store(n_B, v_new, num_B),
-            win_score_BR=win_score,
-            **table,
+            win_score_BR=write_rows(win_score, snew_BT, n_B, num_B, window=r),
+            **stats,
         )
 
     def write(self, k_BTKH, v_BTKV, num_new_B=None) -> MixedPrecisionKVCache:
@@ -229,7 +257,7 @@ class MixedPrecisionKVCache(_QuantizedMixin):
             jnp.zeros((b, self.important)),
             jnp.zeros((b, t)),
         )
-        return self._store(k_BTKH, v_BTKV, _num_new(num_new_B, t, b), zeros)
+        return self._store(k_BTKH, v_BTKV, _num_new(num_new_B, t, b), zeros, zeros)
 
     def update_and_attend(
         self, q_BTNH, k_BTKH, v_BTKV, *, num_new_B=None, mask=None, **op_kwargs
@@ -245,9 +273,9 @@ class MixedPrecisionKVCache(_QuantizedMixin):
             q_BTNH, (k_BTKH, v_BTKV), num_new_B, mask=mask, hide_BC=self._hide_BC(),
             extra_tail=extra, return_lse=True, **op_kwargs,
         )  # fmt: skip
-        scores = self._scores(
+        scores, counts = self._scores(
             q_BTNH, k_BTKH, num_B, lse_BNT, mask=mask, scale=op_kwargs.get("scale"),
             logits_soft_cap=op_kwargs.get("logits_soft_cap"),
         )  # fmt: skip
-        cache = self._store(k_BTKH, v_BTKV, num_B, scores)
+        cache = self._store(k_BTKH, v_BTKV, num_B, scores, counts)
         return o, cache.advance(num_B)

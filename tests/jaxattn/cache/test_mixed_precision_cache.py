@@ -51,14 +51,16 @@ def _np_quant_tokens(x_TKH, bits, g):
     return (codes * s + z).reshape(t, kh, h)
 
 
-def _np_mikv(q, k, v, *, important, bits, group_size, residual, drop_low=False):
+def _np_mikv(q, k, v, *, important, bits, group_size, residual, drop_low=False,
+             normalized=False):  # fmt: skip
     """Outputs [B, T, N, H], final table positions (sets) and scores per sequence; with
-    ``drop_low`` the tokens outside the table and the window are evicted (H2O alone)."""
+    ``drop_low`` the tokens outside the table and the window are evicted (H2O alone); with
+    ``normalized`` the ranking is ZipCache's: each score over the queries that attended it."""
     out = np.zeros(q.shape, np.float32)
     tables = []
     for b in range(B):
         kl, vl = (_np_quant_tokens(x[b], bits, group_size) for x in (k, v))
-        score = np.zeros(T, np.float64)
+        score, count = np.zeros(T, np.float64), np.zeros(T, np.float64)
         table = []
         for lo, hi in [(0, PREFILL)] + [(i, i + 1) for i in range(PREFILL, T)]:
             q_old = max(lo - residual, 0)
@@ -76,10 +78,12 @@ def _np_mikv(q, k, v, *, important, bits, group_size, residual, drop_low=False):
             p /= p.sum(-1, keepdims=True)
             out[b, lo:hi] = np.einsum("nts,snv->tnv", p, np.repeat(vv, N // K, 1))
             score[:hi] += p.sum((0, 1))
+            count[:hi] += vis.sum(0)
             leaving = list(range(q_old, max(hi - residual, 0)))
             pool = table + leaving  # the table first, then the older token, on ties
-            table = sorted(pool, key=lambda i: -score[i])[:important]
-        tables.append((set(table), score))
+            rank = score / np.maximum(count, 1) if normalized else score
+            table = sorted(pool, key=lambda i: -rank[i])[:important]
+        tables.append((set(table), score, count) if normalized else (set(table), score))
     return out, tables
 
 
@@ -98,8 +102,8 @@ def _run(cache, q, k, v):
     return jnp.concatenate([o0, jnp.swapaxes(rest, 0, 1)], 1), cache, cache.k.dequant_slots(0, C)
 
 
-def _mikv(important, dtype=jnp.float32):
-    cfg = CacheConfig(**MIKV, important=important)
+def _mikv(important, dtype=jnp.float32, saliency=None):
+    cfg = CacheConfig(**MIKV, important=important, saliency=saliency)
     return dense_cache(batch=B, capacity=C, num_kv_heads=K, head_dim=H, dtype=dtype, config=cfg)
 
 
@@ -165,6 +169,28 @@ def test_low_precision_beats_eviction_at_an_equal_memory_budget(s4_run):
     assert s_evict > 4 and err_mikv < err_evict, (s_evict, err_mikv, err_evict)
 
 
+def test_zipcache_normalized_saliency_ranks_by_attention_over_the_queries_that_saw_it(s4_run):
+    q, k, v, _, h2o, _ = s4_run
+    cache = _mikv(4, saliency="normalized")
+    assert cache.normalized and cache.hi_count_BS.shape == (B, 4)
+    o, cache, _ = _run(cache, q, k, v)
+    want, tables = _np_mikv(q, k, v, important=4, bits=2, group_size=4, residual=8,
+                            normalized=True)  # fmt: skip
+    np.testing.assert_allclose(o, want, atol=2e-5)
+    for b, (table, score, count) in enumerate(tables):
+        pos = np.asarray(cache.hi_pos_BS[b])
+        assert set(pos.tolist()) == table
+        # the number of queries that can attend token p (causal): the T - p from p on
+        np.testing.assert_array_equal(cache.hi_count_BS[b], T - pos)
+        np.testing.assert_array_equal(count, T - np.arange(T))
+        normalized = cache.hi_score_BS[b] / cache.hi_count_BS[b]
+        np.testing.assert_allclose(normalized, score[pos] / count[pos], rtol=1e-4)
+    # the accumulated score favours early tokens (more queries saw them); the normalized one
+    # does not, so it keeps later tokens on this draw
+    mean_pos = lambda c: np.asarray(c.hi_pos_BS, np.float64).mean()
+    assert mean_pos(cache) > mean_pos(h2o), (cache.hi_pos_BS, h2o.hi_pos_BS)
+
+
 def test_bytes_per_token_is_the_formula_and_the_buffers():
     cfg = CacheConfig(format="mikv", bits=2, group_size=32, residual=128, important=256)
     kh, h, ctx = 8, 128, 32768
@@ -182,6 +208,16 @@ def test_bytes_per_token_is_the_formula_and_the_buffers():
     assert total == low * ctx + fixed
     assert cache.bytes_per_token(ctx) == total / ctx
     assert cache.important == 256
+    # "normalized" saliency: an fp32 count beside each score
+    cfg = CacheConfig(format="mikv", important=256, saliency="normalized")
+    norm = jax.eval_shape(
+        lambda: dense_cache(
+            batch=1, capacity=ctx, num_kv_heads=kh, head_dim=h, dtype=jnp.bfloat16, config=cfg
+        )  # fmt: skip
+    )
+    assert norm.table_bytes() == cache.table_bytes() + 4 * (128 + 256)
+    norm_total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(norm)) - 4
+    assert norm.bytes_per_token(ctx) == norm_total / ctx == (total + 4 * (128 + 256)) / ctx
 
 
 def test_bad_input_names_the_field():
@@ -189,6 +225,10 @@ def test_bad_input_names_the_field():
         CacheConfig(format="mikv", important=-1)
     with pytest.raises(ValueError, match=r"important=8 applies to format='mikv' only"):
         CacheConfig(format="kivi", important=8)
+    with pytest.raises(ValueError, match=r"saliency='max' must be one of"):
+        CacheConfig(format="mikv", saliency="max")
+    with pytest.raises(ValueError, match=r"saliency='normalized' applies to format='mikv'"):
+        CacheConfig(format="kivi", saliency="normalized")
     with pytest.raises(ValueError, match=r"keeps every token .*policy='sink_window' must be"):
         CacheConfig(format="mikv", policy="sink_window", sink=0, window=64)
     with pytest.raises(ValueError, match=r"group_size=16 must divide the key head dim 24"):
@@ -196,6 +236,7 @@ def test_bad_input_names_the_field():
                     config=CacheConfig(format="mikv", group_size=16))  # fmt: skip
     cfg = CacheConfig(format="mikv")
     assert (cfg.bits, cfg.group_size, cfg.residual, cfg.important) == (2, 32, 128, 128)
+    assert cfg.saliency == "accumulated"
     assert CacheConfig.from_dict(cfg.to_dict()) == cfg
     # no group of tokens: a residual that is not a multiple of group_size is fine
     assert CacheConfig(format="mikv", group_size=32, residual=20).residual == 20
