@@ -84,6 +84,11 @@ def test_mikv_by_name_in_a_model_all_high_precision_is_the_full_forward():
     np.testing.assert_allclose(got, full, rtol=0, atol=1e-4 * float(jnp.std(full)))
     assert isinstance(jax.eval_shape(lambda: model.init_cache(1, 32, cache=fields))[0],
                       MixedPrecisionKVCache)  # fmt: skip
+    # train.sample's --set cache.FIELD=VALUE reaches the same fields
+    from train.sample import cache_fields
+
+    items = [f"cache.{k}={v}" for k, v in fields.items()] + ["cache.saliency=normalized"]
+    assert cache_fields(items) == dict(fields, saliency="normalized")
     mla = _tiny("deepseek-tiny")[0]
     with pytest.raises(ValueError, match=r"cannot serve cache.format='mikv'"):
         mla.init_cache(1, 32, cache=fields)
