@@ -13,6 +13,11 @@ Three tables:
    K·(⌈V/c⌉·w + 2·s·V/G) (a scale and zero per token per G channels); plus the two
    full-precision windows of R tokens, fixed: 2·R·K·H·(fp bytes). A latent row of L + P
    numbers is quantized per channel like a key.
+
+   MiKV (``mikv``, dense layers only), per layer and token: keys and values both per token,
+   K·(⌈H/c⌉·w + 2·s·H/G) each; fixed: the two R-token windows, their fp32 scores (4·R) and
+   the table of S full-precision tokens with an int32 position and an fp32 score each,
+   S·(2·K·H·(fp bytes) + 8).
 2. **Decode tokens/s at ``--context``** of one attention layer's cache step (GQA, K=8, N=32,
    H=128, batch 1): fp32 and bf16 dense caches and KIVI caches, ``--steps`` one-token steps
    in one jitted loop over a donated cache, updated in place (the median of ``--repeats``
@@ -55,6 +60,11 @@ def kivi(bits, group=32, residual=128):
     return {"format": "kivi", "bits": bits, "group_size": group, "residual": residual}
 
 
+def mikv(bits, important, group=32, residual=128):
+    """The CacheConfig fields of a MiKV setting (S = ``important`` full-precision tokens)."""
+    return dict(kivi(bits, group, residual), format="mikv", important=important)
+
+
 def _cache_bytes(make, ctx: int) -> int:
     """Exact bytes of one sequence's buffers (lengths excluded), from abstract shapes."""
     cache = jax.eval_shape(lambda: make(ctx))
@@ -73,6 +83,9 @@ def _kivi_formula(fields, widths, ctx, fp_bytes) -> float:
         per_token += heads * (kv_quant.packed_width(dim, b) * words + 2 * 2 * dim / g)
         window += r * heads * dim * fp_bytes
     slots = -(-ctx // g) * g
+    if fields["format"] == "mikv":  # the table and the scores; S is capped at the slots
+        s = min(fields["important"], slots)
+        window += r * 4 + s * (sum(h * d for h, d in widths) * fp_bytes + 8)
     return per_token * slots + window
 
 
@@ -83,7 +96,8 @@ def bytes_table(contexts, budget_gib: float) -> list[str]:
         "mla-tiny-default (4 layers, L+P=80)": (4, "latent", dict(kv_lora_rank=64, rope_dim=16)),
     }
     formats = {"bf16": None, "kivi-2": kivi(2), "kivi-3": kivi(3), "kivi-4": kivi(4),
-               "kivi-8": kivi(8)}  # fmt: skip
+               "kivi-8": kivi(8), "mikv-2 S=1024": mikv(2, 1024),
+               "mikv-4 S=1024": mikv(4, 1024)}  # fmt: skip
     head = "| model | format | " + " | ".join(f"B/token @{c // 1024}K" for c in contexts)
     rows = [head + " | formula == exact | ratio to bf16 @32K | max context in budget |"]
     rows.append("|" + "---|" * (len(contexts) + 5))
@@ -93,6 +107,8 @@ def bytes_table(contexts, budget_gib: float) -> list[str]:
                   else [(1, dims["kv_lora_rank"] + dims["rope_dim"])])  # fmt: skip
         bf16_32k = None
         for fmt, fields in formats.items():
+            if layout == "latent" and fields is not None and fields["format"] == "mikv":
+                continue  # MiKV's table holds per-head rows: dense layers only
             cfg = None if fields is None else CacheConfig(**fields)
 
             def make(ctx, cfg=cfg):
@@ -108,9 +124,12 @@ def bytes_table(contexts, budget_gib: float) -> list[str]:
             at32 = layers * _cache_bytes(make, 32768) / 32768
             bf16_32k = at32 if fields is None else bf16_32k
             # the largest context whose buffers fit the budget: bytes are affine in the slots
+            # (past MiKV's table size S, which is capped at the slots)
             g = 1 if fields is None else fields["group_size"]
-            b1, b2 = _cache_bytes(make, g), _cache_bytes(make, 2 * g)
-            per_slot, fixed = (b2 - b1) / g, b1 - (b2 - b1)
+            c1 = max(g, -(-(fields or {}).get("important", 0) // g) * g)
+            b1, b2 = _cache_bytes(make, c1), _cache_bytes(make, c1 + g)
+            per_slot = (b2 - b1) / g
+            fixed = b1 - per_slot * c1
             lo = int((budget_gib * GIB / layers - fixed) // per_slot) // g * g
             cells = " | ".join(f"{p:,.1f}" for p in per)
             rows.append(

@@ -260,7 +260,7 @@ def cache_fields(items) -> dict | None:
     from train.config import ConfigError
 
     names = {f.name: f for f in dc.fields(CacheConfig)}
-    ints = ("sink", "window", "bits", "group_size", "residual")
+    ints = ("sink", "window", "bits", "group_size", "residual", "important")
     fields = {}
     for item in items or ():
         key, sep, text = item.partition("=")

@@ -33,6 +33,8 @@ Quantized formats (CacheConfig.format, any policy; PAPERS.md §5)
                         values (per token) with fp16 scales / zeros and a full-precision window;
                         "rotatekv": the same, of Hadamard-rotated keys and values
   QuantizedLatentCache  "kivi" on MLA's latent rows (per channel)
+  MixedPrecisionKVCache "mikv" (MiKV): every token at low bits per token, the heavy hitters
+                        (H2O's accumulated attention) and the recent window in full precision
   PackedRows            one quantized tensor: codes, scales, zeros, window (its ``store``)
   dense_cache, latent_cache   the cache a CacheConfig names, for a dense / latent layout
   HistoryKVCache  a KVCache plus the last R tokens' pre-attention features (kind "cca")
@@ -48,6 +50,7 @@ from jaxattn.cache._config import CacheConfig
 from jaxattn.cache._dense import KVCache
 from jaxattn.cache._history import HistoryKVCache
 from jaxattn.cache._latent import LatentCache
+from jaxattn.cache._mixed import MixedPrecisionKVCache
 from jaxattn.cache._packed import PackedRows
 from jaxattn.cache._quantized import (
     QuantizedKVCache,
@@ -62,6 +65,7 @@ __all__ = [
     "KVCache",
     "LatentCache",
     "LinearStateCache",
+    "MixedPrecisionKVCache",
     "PackedRows",
     "QuantizedKVCache",
     "QuantizedLatentCache",

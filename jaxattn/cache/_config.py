@@ -21,6 +21,15 @@ full-precision window of recent tokens (``QuantizedKVCache`` / ``QuantizedLatent
   queries are rotated alike and outputs rotated back, so without quantization the attention
   is unchanged, and outlier channels are spread before quantization. Not implemented here:
   RotateKV's calibrated channel reordering, pre-RoPE grouped-head rotation and sink tokens.
+* ``"mikv"`` (MiKV, dense layout only, policy "full": no token is evicted): every token that
+  leaves the ``residual`` window of recent tokens is kept at ``bits`` (default 2), keys and
+  values both per token over groups of ``group_size`` channels; the ``important`` (default
+  128) tokens with the largest accumulated attention (H2O's heavy hitters) are also kept in
+  full precision and attended from there (``MixedPrecisionKVCache``). With ``important`` at
+  least the capacity every token is in full precision and the attention is the dense cache's.
+  ``saliency="normalized"`` ranks tokens by ZipCache's normalized attention score instead
+  (the accumulated attention divided by the number of queries that attended the token, which
+  removes causal attention's bias towards early tokens); default ``"accumulated"`` (H2O).
 
 Policies:
 
@@ -42,14 +51,21 @@ import jax.numpy as jnp
 
 __all__ = ["CacheConfig", "FORMATS", "LAYOUT_FORMATS", "POLICIES", "QUANTIZED_FORMATS"]
 
-QUANTIZED_FORMATS = ("kivi", "rotatekv")
+QUANTIZED_FORMATS = ("kivi", "rotatekv", "mikv")
 FORMATS = ("dense", "latent", *QUANTIZED_FORMATS)
 POLICIES = ("full", "sink_window")
 # the formats each cache layout can be stored in (a kind serves its layout's formats); the
 # Hadamard rotation of "rotatekv" acts on per-head rows, which MLA's latent row is not
 LAYOUT_FORMATS = {"dense": ("dense", *QUANTIZED_FORMATS), "latent": ("latent", "kivi")}
+# formats whose key rows are quantized per token (no key groups along the tokens)
+_PER_TOKEN_KEYS = ("mikv",)
 _KIVI = dict(bits=2, group_size=32, residual=128, scale_dtype="float16")
-_QUANT_DEFAULTS = {"kivi": _KIVI, "rotatekv": _KIVI}
+_QUANT_DEFAULTS = {
+    "kivi": _KIVI,
+    "rotatekv": _KIVI,
+    "mikv": dict(_KIVI, important=128, saliency="accumulated"),
+}
+SALIENCY = ("accumulated", "normalized")
 _BITS = (2, 3, 4, 8)
 
 
@@ -69,6 +85,8 @@ class CacheConfig:
       residual: quantized formats: recent tokens kept in full precision (a multiple of
         ``group_size``).
       scale_dtype: quantized formats: storage dtype of scales and zero points.
+      important: "mikv": tokens also kept in full precision (the heavy hitters, >= 0).
+      saliency: "mikv": the importance ranking, one of ``SALIENCY``.
     """
 
     format: str | None = None
@@ -80,6 +98,8 @@ class CacheConfig:
     group_size: int | None = None
     residual: int | None = None
     scale_dtype: Any = None
+    important: int | None = None
+    saliency: str | None = None
 
     def __post_init__(self):
         o = "CacheConfig"
@@ -87,7 +107,7 @@ class CacheConfig:
             raise ValueError(f"{o}.format={self.format!r} must be one of {FORMATS} or None")
         if self.policy not in POLICIES:
             raise ValueError(f"{o}.policy={self.policy!r} must be one of {POLICIES}")
-        for name in ("sink", "window", "bits", "group_size", "residual"):
+        for name in ("sink", "window", "bits", "group_size", "residual", "important"):
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, numbers.Integral)
@@ -126,6 +146,12 @@ class CacheConfig:
     def _check_quantized(self):
         o = "CacheConfig"
         names = ("bits", "group_size", "residual", "scale_dtype")
+        for name in ("important", "saliency"):
+            if self.format != "mikv" and getattr(self, name) is not None:
+                raise ValueError(
+                    f"{o}.{name}={getattr(self, name)!r} applies to format='mikv' only, not "
+                    f"format={self.format!r}"
+                )
         if not self.quantized:
             for name in names:
                 if getattr(self, name) is not None:
@@ -143,7 +169,17 @@ class CacheConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{o}.{name}={getattr(self, name)} must be >= 1")
         g = self.group_size
-        if self.residual % g:
+        if self.format in _PER_TOKEN_KEYS:
+            if self.important < 0:
+                raise ValueError(f"{o}.important={self.important} must be >= 0")
+            if self.saliency not in SALIENCY:
+                raise ValueError(f"{o}.saliency={self.saliency!r} must be one of {SALIENCY}")
+            if self.policy != "full":
+                raise ValueError(
+                    f"{o}.format={self.format!r} keeps every token (low-precision tokens are "
+                    f"never evicted): policy={self.policy!r} must be 'full'"
+                )
+        elif self.residual % g:
             raise ValueError(
                 f"{o}.group_size={g} must divide {o}.residual={self.residual} (keys are "
                 "quantized per channel in groups of group_size tokens as the window fills)"

@@ -74,8 +74,16 @@ class _QuantizedMixin(_SlotsMixin):
         slots = self.capacity if self.window else -(-context // rows[0].group) * rows[0].group
         return float(sum(r.bytes_for(slots) for r in rows)) / context
 
-    def _attend_and_store(self, q_BTNH, new, num_new_B, *, mask, **op_kwargs):
-        """(o_BTN_ in q's dtype, the new (key rows, value rows)); lengths unchanged."""
+    def _attend_and_store(
+        self, q_BTNH, new, num_new_B, *, mask, hide_BC=None, extra_tail=(), return_lse=False,
+        **op_kwargs,
+    ):  # fmt: skip
+        """(o_BTN_ in q's dtype, the new (key rows, value rows)); lengths unchanged.
+
+        ``hide_BC``: bool [B, C], quantized slots not to read (held elsewhere at a higher
+        precision); ``extra_tail``: further (kpos_Bs, k, v) blocks of stored tokens, in the
+        storage dtype; ``return_lse``: also return the log-sum-exp over every key, [B, N, T].
+        """
         k_rows, v_rows = self._rows()
         k_new, v_new = new
         b, t = q_BTNH.shape[:2]
@@ -105,6 +113,9 @@ class _QuantizedMixin(_SlotsMixin):
             slots_s = start + jnp.arange(bk, dtype=jnp.int32)
             kpos = jax.lax.dynamic_slice_in_dim(kpos_BC, start, bk, axis=1)
             kpos = jnp.where(slots_s[None, :] >= lo, kpos, -1)
+            if hide_BC is not None:
+                hidden = jax.lax.dynamic_slice_in_dim(hide_BC, start, bk, axis=1)
+                kpos = jnp.where(hidden, -1, kpos)
             v = None if v_rows is None else v_rows.dequant_slots(start, bk)
             return kpos, k_rows.dequant_slots(start, bk), v
 
@@ -124,7 +135,7 @@ class _QuantizedMixin(_SlotsMixin):
         num_blocks = -(-jnp.minimum(jnp.max(m_B), c) // bk)
         args = dict(scale=op_kwargs.get("scale"), logits_soft_cap=op_kwargs.get("logits_soft_cap"))
         o_old, lse_old = decode_over_blocks(
-            q_BTNH, positions_BT(n_B, t), read, num_blocks, tail=[tail_block],
+            q_BTNH, positions_BT(n_B, t), read, num_blocks, tail=[tail_block, *extra_tail],
             num_kv_heads=k_rows.codes_BCKW.shape[2],
             num_v_heads=None if v_rows is None else v_rows.codes_BCKW.shape[2],
             dtype=dt, mask=vis, **args,
@@ -149,6 +160,8 @@ class _QuantizedMixin(_SlotsMixin):
         kw = dict(sink=sink, window=window)
         k_rows = k_rows.store(n_B, k_new, num_B, **kw)
         v_rows = None if v_rows is None else v_rows.store(n_B, v_new, num_B, **kw)
+        if return_lse:
+            return o, (k_rows, v_rows), jnp.logaddexp(lse_old, lse_new)
         return o, (k_rows, v_rows)
 
 
@@ -335,8 +348,13 @@ def _check_sizes(**sizes):
 
 
 def dense_cache(*, config=None, **shape):
-    """The dense-layout cache ``config`` names: ``KVCache`` ("dense" / None) or
-    ``QuantizedKVCache`` (a quantized format). ``shape``: ``KVCache.create``'s arguments."""
+    """The dense-layout cache ``config`` names: ``KVCache`` ("dense" / None),
+    ``MixedPrecisionKVCache`` ("mikv") or ``QuantizedKVCache`` (another quantized format).
+    ``shape``: ``KVCache.create``'s arguments."""
+    if config is not None and config.format == "mikv":
+        from jaxattn.cache._mixed import MixedPrecisionKVCache  # it builds on this module
+
+        return MixedPrecisionKVCache.create(config=config, **shape)
     if config is not None and config.quantized:
         return QuantizedKVCache.create(config=config, **shape)
     return KVCache.create(config=config, **shape)

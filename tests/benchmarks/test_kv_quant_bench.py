@@ -16,6 +16,9 @@ def test_tables_at_tiny_sizes():
     rows = bench.bytes_table([8192], budget_gib=1.0)
     kivi2 = [r for r in rows if "| 7B MHA" in r and "| kivi-2 |" in r][0]
     assert kivi2.split(" | ")[3:5] == ["yes", "0.1914"]  # the formula, ~0.19 of bf16 at 32K
+    mikv2 = [r for r in rows if "| 7B MHA" in r and "| mikv-2 S=1024 |" in r][0]
+    assert mikv2.split(" | ")[3] == "yes"  # MiKV's formula: rows, windows, scores, table
+    assert not any("mla-tiny" in r and "mikv" in r for r in rows)  # dense layers only
     rows = bench.decode_table(context=256, steps=1, repeats=1, names=["kivi-2 (fp32 window)"])
     assert rows[0].startswith("| cache @0K") and rows[2].startswith("| fp32 dense |")
     # 2 tensors x K=8 x (32 code + 16 stat bytes) + two 128-token fp32 windows over 256 tokens

@@ -1,13 +1,20 @@
 """Quantized cache formats in models (issue 19): a format named per call reaches every layer
 (mha and mla, on its own policy), generate takes it by name and stays opaque to it."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxattn.cache import CacheConfig, QuantizedKVCache, QuantizedLatentCache
+from jaxattn.cache import (
+    CacheConfig,
+    MixedPrecisionKVCache,
+    QuantizedKVCache,
+    QuantizedLatentCache,
+)
 from jaxattn.generate import generate
 from models import DecoderLM, LayerSpec, get_config
 
@@ -28,11 +35,18 @@ def _decode_steps(model, tokens, fields):
     return jnp.concatenate([first, jnp.swapaxes(rest, 0, 1)], 1)
 
 
+@functools.cache
+def _tiny(name):
+    """A one-layer model, 15 tokens (the length of the generated sequences below, so
+    _decode_steps compiles once per format) and the full forward's logits; built once."""
+    model = DecoderLM(get_config(name, num_layers=1), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 15), 1, 200)
+    return model, tokens, nnx.jit(lambda m, t: m(t))(model, tokens)
+
+
 @pytest.mark.parametrize("name", ["llama-tiny", "deepseek-tiny"])
 def test_kivi_caches_decode_close_to_the_full_forward_and_generate_by_name(name):
-    model = DecoderLM(get_config(name, num_layers=1), rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(1), (2, 24), 1, 200)
-    full = nnx.jit(lambda m, t: m(t))(model, tokens)
+    model, tokens, full = _tiny(name)
     got = _decode_steps(model, tokens, tuple(KIVI8.items()))
     # 8-bit codes: the logits move by a small fraction of their spread
     assert float(jnp.max(jnp.abs(got - full))) < 0.02 * float(jnp.std(full))
@@ -60,3 +74,21 @@ def test_a_format_combines_with_each_layers_policy_and_bad_fields_name_the_layer
     with pytest.raises(ValueError, match=r"cannot serve cache.format='kivi'"):
         generate(hybrid, jnp.ones((1, 3), jnp.int32), jnp.array([3]), max_new_tokens=2,
                  rng=jax.random.key(0), cache=KIVI8)  # fmt: skip
+
+
+def test_mikv_by_name_in_a_model_all_high_precision_is_the_full_forward():
+    model, tokens, full = _tiny("llama-tiny")
+    # a table as large as the capacity: every token in full precision (2-bit codes unused)
+    fields = {"format": "mikv", "bits": 2, "group_size": 4, "residual": 8, "important": 32}
+    got = _decode_steps(model, tokens, tuple(fields.items()))
+    np.testing.assert_allclose(got, full, rtol=0, atol=1e-4 * float(jnp.std(full)))
+    assert isinstance(jax.eval_shape(lambda: model.init_cache(1, 32, cache=fields))[0],
+                      MixedPrecisionKVCache)  # fmt: skip
+    # train.sample's --set cache.FIELD=VALUE reaches the same fields
+    from train.sample import cache_fields
+
+    items = [f"cache.{k}={v}" for k, v in fields.items()] + ["cache.saliency=normalized"]
+    assert cache_fields(items) == dict(fields, saliency="normalized")
+    mla = _tiny("deepseek-tiny")[0]
+    with pytest.raises(ValueError, match=r"cannot serve cache.format='mikv'"):
+        mla.init_cache(1, 32, cache=fields)
