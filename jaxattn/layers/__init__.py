@@ -53,9 +53,9 @@ from jaxattn.layers._lm_infinite import LMInfiniteAttention, LMInfiniteConfig
 from jaxattn.layers._mla import MLAConfig, MultiHeadLatentAttention
 from jaxattn.layers._mlp import SwiGLU, swiglu
 from jaxattn.layers._moh import MoHAttention, MoHConfig
-from jaxattn.layers._pgqa import PerturbedAttention, PGQAConfig
 from jaxattn.layers._norm import RMSNorm, rms_norm
 from jaxattn.layers._nsa import NativeSparseAttention, NSAConfig
+from jaxattn.layers._pgqa import PerturbedAttention, PGQAConfig
 from jaxattn.layers._ssa import SelectiveAttention, SSAConfig
 
 __all__ = [

@@ -10,9 +10,9 @@ subtracted, a noise with the output's own first two moments:
 
 std is the unbiased (ddof = 1) estimate in both places, so noise_n[t] has exactly the mean and
 std of o_n[t]; a row u with std 0 is divided by 1 instead, and a constant row o (a fully masked
-query's zeros) gets noise = its constant, so o' = 0, with a finite (zero-std) gradient. The moments are not stopped: the
-gradient flows through them as in the reference. The perturbation sits in the ``head_gate``
-stage, after the op, so every backend and cache serves PGQA unchanged.
+query's zeros) gets noise = its constant, so o' = 0, with a finite (zero-std) gradient. The
+moments are not stopped: the gradient flows through them as in the reference. The perturbation
+sits in the ``head_gate`` stage, after the op, so every backend and cache serves PGQA unchanged.
 
 Checked against the authors' code (github.com/zohaib-khan5040/key-driven-gqa,
 ``modules/attention/pgqa.py``, read only): uniform groups, noise subtracted from each group's
