@@ -49,6 +49,7 @@ KINDS = {
     "ssa": ("ssa", {}, "temperatures"),
     "kdgqa": ("kdgqa", {"num_kv_heads": 2}, "all K·N pairs"),
     "dgqa": ("dgqa", {"num_kv_heads": 2}, "all K·N pairs"),
+    "pgqa": ("pgqa", {"num_kv_heads": 2}, "K = N/2, noise in training"),
     "diffqkv": (
         "diffqkv",
         {"num_kv_heads": 1, "num_v_heads": 2, "head_dim": 32, "augmented_q_dim": 128},

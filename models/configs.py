@@ -137,6 +137,11 @@ def _dgqa_tiny() -> dict:
     return _llama_tiny() | dict(num_heads=8, num_kv_heads=2, attention="dgqa")
 
 
+def _pgqa_tiny() -> dict:
+    # perturbed GQA: uniform groups of 4 query heads per kv head, moment-matched noise in training
+    return _llama_tiny() | dict(num_heads=8, num_kv_heads=2, attention="pgqa")
+
+
 def _diffqkv_tiny() -> dict:
     # Sigma DiffQKV: 8 query heads, 2 key heads of dim 8, 4 value heads of dim 16, Q augmented
     # to 16 and projected back: the cache holds 2·8 + 4·16 = 80 numbers per token (GQA: 64)
@@ -248,6 +253,7 @@ _CONFIGS = {
     "ssa-tiny": _ssa_tiny,
     "kdgqa-tiny": _kdgqa_tiny,
     "dgqa-tiny": _dgqa_tiny,
+    "pgqa-tiny": _pgqa_tiny,
     "diffqkv-tiny": _diffqkv_tiny,
     "ccgqa-tiny": _ccgqa_tiny,
     "lowrank-mhsa-tiny": _lowrank_mhsa_tiny,

@@ -16,6 +16,7 @@ Attention kinds
   NSAConfig, NativeSparseAttention          "nsa": native sparse attention (3 gated branches)
   LMInfiniteConfig, LMInfiniteAttention     "lm_infinite": Λ mask + RoPE distance cap
   KDGQAConfig, DGQAConfig, KeyDrivenAttention "kdgqa" / "dgqa": key-norm driven query-head groups
+  PGQAConfig, PerturbedAttention            "pgqa": GQA with moment-matched output noise (train)
   DiffQKVConfig, DiffQKVAttention           "diffqkv": Sigma's separate K / V heads and dims, aug. Q
   CCAConfig, CompressedConvAttention        "cca": compressed convolutional attention (CCA / CCGQA)
   LowRankMHSAConfig, LowRankMHSA, lama_pool "lowrank_mhsa": LAMA's low-rank affinity, context query
@@ -54,6 +55,7 @@ from jaxattn.layers._mlp import SwiGLU, swiglu
 from jaxattn.layers._moh import MoHAttention, MoHConfig
 from jaxattn.layers._norm import RMSNorm, rms_norm
 from jaxattn.layers._nsa import NativeSparseAttention, NSAConfig
+from jaxattn.layers._pgqa import PerturbedAttention, PGQAConfig
 from jaxattn.layers._ssa import SelectiveAttention, SSAConfig
 
 __all__ = [
@@ -89,6 +91,8 @@ __all__ = [
     "LMInfiniteConfig",
     "LMInfiniteAttention",
     "KDGQAConfig",
+    "PGQAConfig",
+    "PerturbedAttention",
     "DGQAConfig",
     "KeyDrivenAttention",
     "DiffQKVConfig",

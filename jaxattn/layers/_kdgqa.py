@@ -26,7 +26,7 @@ whole batch and sequence and min-max normalises them (equal norms then divide 0 
 LM cannot let a query's grouping depend on later keys, and decode must equal the forward, so
 here the score is the token's own key norms, un-normalised; (2) the reference's default DGQA
 statistic is "diff" (|m - norms|, the change), not implemented; (3) PGQA (noise subtracted from
-the attention maps) is not implemented: the op has no logit-noise input.
+the attention outputs, uniform groups) is its own kind, ``"pgqa"`` (``_pgqa.py``).
 
 Cost: the grouping differs per token, so the op runs every query head against every kv head
 (its queries repeated K times, a GQA call with K·N query heads over the K kv heads, kv never

@@ -5,22 +5,26 @@ its position, and each value a temperature τ_v (paper §3: query-, position- an
 selectivity; weight sharing keeps the new parameters small):
 
     logits_n[t, s] = τ_q,n(x_t, t) · ⟨q_n(x_t), k(x_s)⟩ · scale
-    τ_q,n(x_t, t)  = 1 + tanh(u · q_n(x_t)) + max(σ_n, 0) · log(1 + t)  (token + position)
+    τ_q,n(x_t, t)  = tanh(u · q_n(x_t)) + 1 + exp(-exp(β)) · log(t + 1)   (token + position)
     v'(x_s)        = τ_v,k(x_s) · v_k(x_s),   τ_v,k(x_s) = 1 + tanh(w · v_k(x_s))
 
 The token terms share the q / v projections (the paper's weight sharing: f(x) = uᵀ W_q x, so
-the new parameters are u [H] and w [V], one of each per layer, plus σ [N] per query head; a
+the new parameters are u [H] and w [V], one of each per layer, and the scalar β per layer; a
 few hundred parameters, far below the paper's 0.5% bound). Position t is ``ctx.positions_BT``
-(absolute, 0-based); the log(1 + t) term is the paper's counter to attention dilution in
-long contexts. u = w = σ = 0 at birth, so a fresh SSA layer is exactly the "mha" layer with
-the same q/k/v/o parameters (fine-tuning an existing model starts from it unchanged).
-τ_q >= tanh's lower bound stays positive: 1 + tanh(·) > 0 and the position term is >= 0.
+(absolute, 0-based), so log(t + 1) is the log of the number of keys a causal query sees: the
+paper's counter to attention dilution in long contexts.
 
-Not checked against the paper's equations: the form of τ above (a tanh token term on the
-shared projection plus a log-position term) follows the paper's description (PAPERS.md §1,
-its abstract and §3 headings); the paper's text and code were not readable here, so the exact
-parameterisation (e.g. where σ enters, whether τ multiplies q or the logits after scaling)
-may differ. The exact-reduction properties (τ = 1 == mha; entropy falls as τ rises) hold.
+The position term follows the authors' code (github.com/umich-sota/selective_attention,
+``lit_gpt/gpt_2_PTS.py``, read only): logits are multiplied by 1 + exp(-exp(β)) · log(n) with
+n = t + 1 the query's row length, one learnable scalar β per layer initialised to 1.5
+(``position_beta_init``; their fine-tuning variant ``model_finetune_att.py`` starts at 2.0).
+The double exponential keeps the coefficient in (0, 1) and positive for any β, so the position
+term never makes τ_q negative; τ_q > 0 always (tanh > -1). That code has the position term only;
+the token (tanh) term and the value temperature follow the paper's description and add to /
+multiply as above (u = w = 0 at birth: both exactly 1). Consequences: a fresh SSA layer is not
+exactly MHA (its position coefficient is exp(-exp(1.5)) ≈ 0.0114, sharpening later rows a
+little, as in the authors' pretraining); with β large (e.g. 10: exp(-exp(10)) underflows to 0
+in fp32) and u = w = 0 it is exactly the "mha" layer with the same q/k/v/o parameters.
 
 Stages: ``qk_transform`` computes τ_q from the raw query (before qk-norm and RoPE, which it
 then applies) and scales q by it, which is exactly a per-query logit scale, so every
@@ -32,12 +36,14 @@ stores scaled values). Everything else is the "mha" kind's.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.layers import _validate as val
 from jaxattn.layers._attention import Attention, AttentionConfig
 from jaxattn.layers._base import param
 from jaxattn.layers._context import Context
@@ -52,7 +58,9 @@ class SSAConfig(AttentionConfig):
 
     Attributes:
       query_temperature: the token-dependent query term tanh(u · q) (parameter u [H]).
-      position_temperature: the position term max(σ_n, 0) · log(1 + t) (σ [N]).
+      position_temperature: the position term exp(-exp(β)) · log(t + 1) (scalar β).
+      position_beta_init: β at birth; the authors' 1.5 (coefficient exp(-exp(1.5)) ≈ 0.0114).
+        A large β (10) switches the term off exactly (the coefficient underflows to 0).
       value_temperature: the value temperature 1 + tanh(w · v) (parameter w [V]).
     """
 
@@ -60,6 +68,7 @@ class SSAConfig(AttentionConfig):
 
     query_temperature: bool = True
     position_temperature: bool = True
+    position_beta_init: float = 1.5
     value_temperature: bool = True
 
     def __post_init__(self):
@@ -69,14 +78,20 @@ class SSAConfig(AttentionConfig):
                 raise ValueError(
                     f"{type(self).__name__}.{name}={getattr(self, name)!r} must be a bool"
                 )
+        beta = val.check_float(
+            type(self).__name__, "position_beta_init", self.position_beta_init, positive=False
+        )
+        if not math.isfinite(beta):
+            raise ValueError(
+                f"{type(self).__name__}.position_beta_init={beta} must be finite (the "
+                "position temperature is 1 + exp(-exp(β))·log(t + 1))"
+            )
 
     @property
     def num_extra_params(self) -> int:
-        """SSA's parameters beyond the "mha" layer's: H + N + V (those switched on)."""
+        """SSA's parameters beyond the "mha" layer's: H + 1 + V (those switched on)."""
         c = self
-        return (
-            c.query_temperature * c.h + c.position_temperature * c.n_q + (c.value_temperature * c.v)
-        )
+        return c.query_temperature * c.h + c.position_temperature + c.value_temperature * c.v
 
     def build(self, *, rngs: nnx.Rngs) -> SelectiveAttention:
         """The :class:`SelectiveAttention` module of this config."""
@@ -86,13 +101,13 @@ class SSAConfig(AttentionConfig):
 register_kind("ssa", SSAConfig)
 
 
-def ssa_temperatures(q_BTNH, v_BTKV, positions_BT, u_H=None, sigma_N=None, w_V=None):
+def ssa_temperatures(q_BTNH, v_BTKV, positions_BT, u_H=None, beta=None, w_V=None):
     """SSA's query and value temperatures (module docstring), in fp32.
 
     Args:
       q_BTNH: raw queries (before qk-norm / RoPE); v_BTKV: values (None: no τ_v).
-      positions_BT: absolute 0-based positions.
-      u_H, sigma_N, w_V: the temperature parameters (None: that term off).
+      positions_BT: absolute 0-based positions t.
+      u_H, beta, w_V: the temperature parameters (u [H], scalar β, w [V]; None: that term off).
 
     Returns:
       (tau_BTN, tau_v_BTK): the per-query logit scale and the per-value scale (None when the
@@ -102,10 +117,10 @@ def ssa_temperatures(q_BTNH, v_BTKV, positions_BT, u_H=None, sigma_N=None, w_V=N
     tau_BTN = jnp.ones((b, t, n), jnp.float32)
     if u_H is not None:
         tau_BTN += jnp.tanh(jnp.einsum("btnh,h->btn", q_BTNH.astype(jnp.float32), u_H))
-    if sigma_N is not None:
-        log_pos_BT = jnp.log1p(positions_BT.astype(jnp.float32))
-        # max(σ, 0): τ stays positive; at σ = 0 (birth) jax's max splits the gradient
-        tau_BTN += jnp.maximum(sigma_N.astype(jnp.float32), 0.0) * log_pos_BT[..., None]
+    if beta is not None:
+        # the authors' coefficient exp(-exp(β)) in (0, 1): positive for any β; log(n), n = t + 1
+        coef = jnp.exp(-jnp.exp(jnp.asarray(beta, jnp.float32)))
+        tau_BTN += coef * jnp.log1p(positions_BT.astype(jnp.float32))[..., None]
     tau_v_BTK = None
     if w_V is not None and v_BTKV is not None:
         tau_v_BTK = 1 + jnp.tanh(jnp.einsum("btkv,v->btk", v_BTKV.astype(jnp.float32), w_V))
@@ -115,8 +130,8 @@ def ssa_temperatures(q_BTNH, v_BTKV, positions_BT, u_H=None, sigma_N=None, w_V=N
 class SelectiveAttention(Attention):
     """MHA / GQA with SSA's query, position and value temperatures (the ``"ssa"`` kind).
 
-    Parameters: those of :class:`Attention` plus ``tau_u`` [H] (head_dim), ``tau_sigma`` [N]
-    (heads) and ``tau_w`` [V] (head_dim), zero at birth.
+    Parameters: those of :class:`Attention` plus ``tau_u`` [H] (head_dim, zero at birth),
+    ``tau_beta`` (a scalar, ``position_beta_init`` at birth) and ``tau_w`` [V] (head_dim, zero).
     """
 
     def __init__(self, config: SSAConfig, *, rngs: nnx.Rngs):
@@ -129,7 +144,8 @@ class SelectiveAttention(Attention):
         if c.query_temperature:
             self.tau_u = zeros(c.h, "head_dim")
         if c.position_temperature:
-            self.tau_sigma = zeros(c.n_q, "heads")
+            init = jax.nn.initializers.constant(c.position_beta_init)
+            self.tau_beta = param(rngs, (), (), init=init, dtype=c.param_dtype)
         if c.value_temperature:
             self.tau_w = zeros(c.v, "head_dim")
 
@@ -141,7 +157,7 @@ class SelectiveAttention(Attention):
             v_BTKV,
             ctx.positions_BT,
             self.tau_u[...] if c.query_temperature else None,
-            self.tau_sigma[...] if c.position_temperature else None,
+            self.tau_beta[...] if c.position_temperature else None,
             self.tau_w[...] if c.value_temperature else None,
         )
 

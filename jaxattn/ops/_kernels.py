@@ -126,8 +126,9 @@ def unsupported(implementation: str, a: AttentionArgs, q, k, v, block_sizes=None
         return "a per-sequence [B] q_offset is not supported by the kernel"
     if a.Kv != a.K:
         return (
-            f"separate key and value head counts (K={a.K}, K_v={a.Kv}): the dk/dv kernel "
-            "accumulates both gradients per shared kv head"
+            f"separate key and value head counts (k_BSKH has K={a.K} heads, v_BSKV K_v={a.Kv}): "
+            "the dk/dv kernel accumulates both gradients per shared kv head; different head "
+            "dims (H != V) alone are served"
         )
     api, reason = _flash_api()
     if reason:
@@ -202,7 +203,10 @@ def _decode_reason(implementation: str, a: AttentionArgs, q, k, v, block_sizes) 
     checks = [
         (a.q_segment_ids is not None, "no segment ids in the decode kernel"),
         (bool(a.visits), "no block-visit lists in the decode kernel"),
-        (a.Kv != a.K, f"separate key and value head counts (K={a.K}, K_v={a.Kv})"),
+        (
+            a.Kv != a.K,
+            f"separate key and value head counts (k_BSKH has K={a.K} heads, v_BSKV K_v={a.Kv})",
+        ),
         (
             _decode_window(a.spec) is None,
             f"mask {a.spec!r}: the decode kernel serves None, Causal() or "

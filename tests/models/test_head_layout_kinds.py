@@ -8,7 +8,8 @@ from models import DecoderLM, get_config, to_hf
 
 @pytest.mark.parametrize(
     "name, kind",
-    [("kdgqa-tiny", "kdgqa"), ("dgqa-tiny", "dgqa"), ("diffqkv-tiny", "diffqkv"),
+    [("kdgqa-tiny", "kdgqa"), ("dgqa-tiny", "dgqa"), ("pgqa-tiny", "pgqa"),
+     ("diffqkv-tiny", "diffqkv"),
      ("ccgqa-tiny", "cca"), ("lowrank-mhsa-tiny", "lowrank_mhsa")],
 )  # fmt: skip
 def test_export_refuses_naming_the_kind(tmp_path, name, kind):

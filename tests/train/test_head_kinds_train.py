@@ -19,7 +19,7 @@ SMALL = dict(
 )  # fmt: skip
 
 
-KINDS = ["moh", "ssa", "kdgqa", "dgqa", "diffqkv", "ccgqa", "lowrank_mhsa"]
+KINDS = ["moh", "ssa", "kdgqa", "dgqa", "pgqa", "diffqkv", "ccgqa", "lowrank_mhsa"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -7,9 +7,16 @@
   un-augmented layer);
 * K- and V-cache bytes per token == (K_k·H + K_v·V)·itemsize;
 * DecoderLM (``diffqkv-tiny``): prefill + N decode steps == the full forward;
+* the Pallas TPU flash kernel (interpret mode) serves different key and value head dims
+  (== "xla"; its gradients at H != V are the kernel tests'); different head counts: a named
+  kernel refuses naming k_BSKH / v_BSKV, "auto" falls back to a pure-XLA path, logged;
 * bad input names the field and the layer.
 """
 
+import importlib
+import logging
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -88,3 +95,35 @@ def test_bad_input_names_field_and_layer():
         DiffQKVConfig(d_model=D, num_heads=4, augmented_q_dim=8)
     with pytest.raises(ValueError, match="augmented_q_activation='relu' must be one of"):
         DiffQKVConfig(d_model=D, num_heads=4, augmented_q_dim=16, augmented_q_activation="relu")
+
+
+def _layer_out(impl, x, **kw):
+    c = DiffQKVConfig(d_model=D, num_heads=4, num_kv_heads=2, implementation=impl, **kw)
+    return c.build(rngs=nnx.Rngs(0))(x)
+
+
+def test_pallas_serves_different_dims_and_refuses_different_counts(monkeypatch, caplog):
+    from jax.experimental.pallas import tpu as pltpu
+
+    from jaxattn import dot_product_attention
+
+    x = _x(b=1, t=16, seed=6)
+    dims = dict(head_dim=16, v_head_dim=32)  # K_k = K_v = 2, V = 2·H
+    counts = dict(dims, num_v_heads=4)
+    layer = DiffQKVConfig(d_model=D, num_heads=4, num_kv_heads=2, **dims).build(rngs=nnx.Rngs(0))
+    q, k, v = (getattr(layer, n)(x) for n in "qkv")  # the op's operands in this layer
+    assert q.shape[-1] == k.shape[-1] == 16 and v.shape[-1] == 32
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+        got = dot_product_attention(q, k, v, mask=layer.config.mask, implementation="pallas_tpu")
+        v4 = jnp.concatenate([v, -v], 2)  # K_v = 4 value heads over K_k = 2 key heads
+        with pytest.raises(NotImplementedError, match=r"k_BSKH has K=2 heads, v_BSKV K_v=4"):
+            dot_product_attention(q, k, v4, implementation="pallas_tpu")
+    want = dot_product_attention(q, k, v, mask=layer.config.mask, implementation="xla")
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # what "auto" sees on a TPU
+    monkeypatch.setattr(importlib.import_module("jaxattn.ops.attention"), "_logged", set())
+    with caplog.at_level(logging.WARNING, logger="jaxattn"):
+        got = _layer_out("auto", x, **counts)
+    assert "pallas_tpu cannot serve a call (separate key and value head counts" in caplog.text
+    monkeypatch.undo()
+    np.testing.assert_allclose(got, _layer_out("xla", x, **counts), rtol=2e-5, atol=2e-6)

@@ -1,12 +1,13 @@
 """The "ssa" kind (Selective Self-Attention, PAPERS.md §1 "SSA"): faithful tests.
 
-* temperature 1 and no value scaling (a fresh layer: u = w = σ = 0) == the "mha" kind with the
-  same parameters, bitwise;
+* temperature 1 and no value scaling (u = w = 0 and β = 10, where exp(-exp(β)) underflows to
+  0) == the "mha" kind with the same parameters, bitwise; a fresh layer (β = 1.5, the authors'
+  init) is not: its position term exp(-exp(1.5))·log(t + 1) sharpens rows t >= 1;
 * with temperatures on, the layer == a plain-jnp reference of the module docstring's
   equations (logits τ_q · q·k · scale, values τ_v · v);
 * row entropy falls as the position temperature grows and rises when the token temperature
   drops below 1 (softmax(c·z) entropy is decreasing in c > 0);
-* extra parameters: H + N + V per layer, < 0.5% of the model (paper: "fewer than 0.5%");
+* extra parameters: H + 1 + V per layer, < 0.5% of the model (paper: "fewer than 0.5%");
 * DecoderLM (``ssa-tiny``): prefill + N decode steps == the full forward; HF export refuses;
 * bad input names the field and the layer.
 """
@@ -34,15 +35,16 @@ def _ssa(**kw):
     return c.build(rngs=nnx.Rngs(0))
 
 
-def _set(layer, seed=1, u=0.5, sigma=0.5, w=0.5):
+def _set(layer, seed=1, u=0.5, beta=-1.0, w=0.5):
+    """Random u and w (scaled), β set (β = -1: coefficient exp(-e^-1) ≈ 0.69)."""
     rng = np.random.default_rng(seed)
     layer.tau_u.set_value(jnp.asarray(u * rng.normal(size=layer.tau_u.shape), jnp.float32))
-    layer.tau_sigma.set_value(jnp.asarray(sigma * rng.uniform(size=layer.tau_sigma.shape)))
+    layer.tau_beta.set_value(jnp.asarray(beta, jnp.float32))
     layer.tau_w.set_value(jnp.asarray(w * rng.normal(size=layer.tau_w.shape), jnp.float32))
 
 
 def test_temperature_one_equals_mha_exactly():
-    ssa = _ssa()
+    ssa = _ssa(position_beta_init=10.0)  # exp(-exp(10)) == 0 in fp32: no position term
     mha = AttentionConfig(d_model=D, num_heads=N, num_kv_heads=K, implementation="xla").build(
         rngs=nnx.Rngs(0)
     )
@@ -53,14 +55,29 @@ def test_temperature_one_equals_mha_exactly():
     np.testing.assert_array_equal(ssa(x), mha(x))
 
 
+def test_fresh_layer_has_the_authors_position_term():
+    """β = 1.5 at birth (the authors' ``gpt_2_PTS.py``): τ_q = 1 + exp(-exp(1.5))·log(t + 1),
+    the same for every head and token, so row 0 is MHA's and later rows differ."""
+    ssa = _ssa()
+    assert float(ssa.tau_beta[...]) == 1.5 and ssa.tau_beta[...].shape == ()
+    x = _x()
+    tau, _ = ssa.temperatures(ssa.q(x, None), ssa.v(x, None), Context.create(2, T))
+    want = 1 + np.exp(-np.exp(1.5)) * np.log(np.arange(1, T + 1))
+    np.testing.assert_allclose(tau, np.broadcast_to(want[None, :, None], (2, T, N)), rtol=1e-6)
+    mha, x = _mha_of(ssa.config), 10 * x  # larger logits: the small coefficient shows
+    got, ref = np.asarray(ssa(x)), np.asarray(mha(x))
+    np.testing.assert_allclose(got[:, 0], ref[:, 0], rtol=1e-6, atol=1e-7)
+    assert np.abs(got[:, 1:] - ref[:, 1:]).max() > 1e-5
+
+
 def _reference(layer, x_BTD):
     """The module docstring's equations in plain jnp (causal, no RoPE / qk-norm)."""
     q = jnp.einsum("btd,dnh->btnh", x_BTD, layer.q.kernel[...])
     k = jnp.einsum("btd,dkh->btkh", x_BTD, layer.k.kernel[...])
     v = jnp.einsum("btd,dkv->btkv", x_BTD, layer.v.kernel[...])
     pos = jnp.arange(x_BTD.shape[1], dtype=jnp.float32)
-    tau = 1 + jnp.tanh(q @ layer.tau_u[...])
-    tau += jnp.maximum(layer.tau_sigma[...], 0) * jnp.log1p(pos)[None, :, None]
+    tau = jnp.tanh(q @ layer.tau_u[...]) + 1
+    tau += jnp.exp(-jnp.exp(layer.tau_beta[...])) * jnp.log(pos + 1)[None, :, None]
     v = v * (1 + jnp.tanh(v @ layer.tau_w[...]))[..., None]
     k, v = (jnp.repeat(a, N // K, axis=2) for a in (k, v))
     logits = jnp.einsum("btnh,bsnh->bnts", q, k) * tau.transpose(0, 2, 1)[..., None] / 8**0.5
@@ -84,18 +101,17 @@ def _row_entropy(layer, x):
 
 
 def test_row_entropy_moves_with_the_temperature():
-    ssa, x = _ssa(), _x(seed=3)
+    ssa, x = _ssa(position_beta_init=10.0), _x(seed=3)
     base = _row_entropy(ssa, x)
     prev = base
-    for sigma in (0.5, 2.0):  # larger position temperature: sharper rows (t >= 1)
-        _set(ssa, u=0.0, sigma=0.0, w=0.0)
-        ssa.tau_sigma.set_value(jnp.full((N,), sigma))
+    for beta in (0.0, -2.0):  # smaller β, larger position temperature: sharper rows t >= 1
+        _set(ssa, u=0.0, beta=beta, w=0.0)
         ent = _row_entropy(ssa, x)
-        assert np.all(np.asarray(ent[..., 1:] < prev[..., 1:])), sigma
+        assert np.all(np.asarray(ent[..., 1:] < prev[..., 1:])), beta
         np.testing.assert_allclose(ent[..., 0], 0.0, atol=1e-6)  # one key: entropy 0
         prev = ent
     # the token temperature: rows with τ < 1 flatter than standard, τ > 1 sharper
-    ssa.tau_sigma.set_value(jnp.zeros((N,)))
+    ssa.tau_beta.set_value(jnp.asarray(10.0))
     ssa.tau_u.set_value(jnp.full((ssa.config.h,), 2.0))
     q = jnp.einsum("btd,dnh->btnh", x, ssa.q.kernel[...])
     tau = np.asarray(ssa.temperatures(q, None, Context.create(2, T))[0]).transpose(0, 2, 1)
@@ -110,7 +126,7 @@ def test_extra_parameters_below_half_a_percent():
     c = config.layer_attention_config(0)
     n_params = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
     ssa_layer, mha_layer = c.build(rngs=nnx.Rngs(0)), _mha_of(c)
-    assert n_params(ssa_layer) - n_params(mha_layer) == c.num_extra_params == c.h + c.n_q + c.v
+    assert n_params(ssa_layer) - n_params(mha_layer) == c.num_extra_params == c.h + 1 + c.v
     total = n_params(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))))
     base = n_params(nnx.eval_shape(lambda: DecoderLM(get_config("llama-tiny"), rngs=nnx.Rngs(0))))
     assert total - base == config.num_layers * c.num_extra_params
@@ -148,3 +164,8 @@ def test_bad_input_names_field_and_layer():
             "ssa-tiny",
             layer_specs=(LayerSpec(), LayerSpec.of("ssa", value_temperature="yes")),
         )
+    with pytest.raises(ValueError, match=r"layer 1 \('ssa'\).*position_beta_init=inf must"):
+        inf = LayerSpec.of("ssa", position_beta_init=float("inf"))
+        get_config("ssa-tiny", layer_specs=(LayerSpec(), inf))
+    with pytest.raises(ValueError, match="position_beta_init='1.5' must be a number"):
+        SSAConfig(d_model=D, num_heads=N, position_beta_init="1.5")
