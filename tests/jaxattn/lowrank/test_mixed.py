@@ -41,6 +41,12 @@ def _model():
     return DecoderLM(get_config("llama-tiny", num_layers=1), rngs=nnx.Rngs(0))
 
 
+@nnx.jit
+def _logits(model, tokens_BT, sequence_ids_B=None):
+    """The model's logits in one compiled program (eager calls compile every op)."""
+    return model(tokens_BT, sequence_ids_B=sequence_ids_B)
+
+
 def _factors(model):
     """{path: [(a, b, scale) per adapter]} with non-zero random factors of ranks RANKS."""
     out = {}
@@ -77,7 +83,7 @@ def _alone(base, singles, ids, tokens):
     rows = []
     for b, i in enumerate(ids):
         m = base if i < 0 else singles[i]
-        rows.append(np.asarray(m(jnp.asarray(tokens[b : b + 1])))[0])
+        rows.append(np.asarray(_logits(m, jnp.asarray(tokens[b : b + 1])))[0])
     return np.stack(rows)
 
 
@@ -87,12 +93,11 @@ def test_mixed_batch_equals_each_sequence_alone(setup):
     got = np.asarray(bank(jnp.asarray(TOKENS), sequence_ids_B=jnp.asarray(IDS)))
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     # the adapters really change the output (non-zero factors, distinct per adapter)
-    assert np.abs(want[0] - np.asarray(base(jnp.asarray(TOKENS[:1])))[0]).max() > 1e-2
-    np.testing.assert_allclose(  # -1 row: exactly the base model
-        got[2], np.asarray(base(jnp.asarray(TOKENS[2:3])))[0], rtol=1e-6, atol=1e-6
+    assert np.abs(want[0] - np.asarray(_logits(base, jnp.asarray(TOKENS[:1])))[0]).max() > 1e-2
+    np.testing.assert_allclose(  # -1 row: exactly the base model (alone, row 2 is the base's)
+        got[2], want[2], rtol=1e-6, atol=1e-6
     )
-    jitted = nnx.jit(lambda m, t, s: m(t, sequence_ids_B=s))
-    got_jit = np.asarray(jitted(bank, jnp.asarray(TOKENS), jnp.asarray(IDS)))
+    got_jit = np.asarray(_logits(bank, jnp.asarray(TOKENS), jnp.asarray(IDS)))
     np.testing.assert_allclose(got_jit, want, rtol=2e-5, atol=2e-5)
 
 
@@ -206,10 +211,10 @@ def test_mix_of_applied_lora_adapters_equals_set_active_per_sequence():
         with lowrank.disabled(model) if name is None else contextlib.nullcontext():
             if name is not None:
                 lowrank.set_active(model, name)
-            alone.append(np.asarray(model(tokens[row : row + 1]))[0])
+            alone.append(np.asarray(_logits(model, tokens[row : row + 1]))[0])
     paths = lowrank.mix(model, ["x", "y", "z"])
     assert len(paths) == 3
-    mixed = np.asarray(model(tokens, sequence_ids_B=jnp.array([2, 0, -1, 1], jnp.int32)))
+    mixed = np.asarray(_logits(model, tokens, jnp.array([2, 0, -1, 1], jnp.int32)))
     np.testing.assert_allclose(mixed, np.stack(alone), rtol=2e-5, atol=2e-5)
     assert not np.allclose(alone[0], alone[1], atol=1e-3)  # the adapters differ
     with pytest.raises(ValueError, match="already has an adapter named 'mixed'"):
