@@ -23,6 +23,12 @@ def _model():
     return DecoderLM(get_config("qwen2-tiny"), rngs=nnx.Rngs(0))
 
 
+@nnx.jit
+def _logits(model, tokens_BT):
+    """The model's logits in one compiled program (eager calls compile every op)."""
+    return model(tokens_BT)
+
+
 def _adapted(bias="lora_only", seed=3):
     m = _model()
     cfg = L.AdapterConfig(options=dict(rank=2), targets=TARGETS, bias=bias)
@@ -49,10 +55,10 @@ def test_forward_is_base_with_shifted_bias_plus_the_adapter():
     for p in with_db:
         db = lin[p].adapter.bias_deltas["default"][...]
         ref_lin[p].bias[...] = lin[p].bias[...] + db
-    np.testing.assert_allclose(m(TOK), ref(TOK), rtol=1e-5, atol=1e-5)
-    base = _model()(TOK)
+    np.testing.assert_allclose(_logits(m, TOK), _logits(ref, TOK), rtol=1e-5, atol=1e-5)
+    base = _logits(_model(), TOK)
     with L.disabled(m):
-        np.testing.assert_array_equal(np.asarray(m(TOK)), np.asarray(base))
+        np.testing.assert_array_equal(np.asarray(_logits(m, TOK)), np.asarray(base))
     lora_only = sum(x.size for x in jax.tree.leaves(nnx.state(ref, AdapterParam)))
     biases = sum(lin[p].bias.size for p in with_db)
     assert L.trainable_count(m) == lora_only + biases
@@ -64,7 +70,7 @@ def test_gradient_reaches_the_bias_change():
     def loss(model):
         return jnp.mean(model(TOK) ** 2)
 
-    grads = nnx.grad(loss, argnums=nnx.DiffState(0, AdapterParam))(m)
+    grads = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, AdapterParam)))(m)
     flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(grads)}
     db = [k for k in flat if "bias_deltas" in k]
     assert len(db) == 4 and all(np.abs(np.asarray(flat[k][...])).max() > 0 for k in db)
@@ -72,29 +78,29 @@ def test_gradient_reaches_the_bias_change():
 
 def test_merge_folds_the_bias_and_unmerge_restores_it():
     m, paths = _adapted()
-    want = np.asarray(m(TOK))
+    want = np.asarray(_logits(m, TOK))
     lin = L.linear_paths(m)
     b0 = {p: np.asarray(lin[p].bias[...]) for p in paths if lin[p].bias is not None}
     db = {p: np.asarray(lin[p].adapter.bias_deltas["default"][...]) for p in b0}
     L.merge(m)
-    np.testing.assert_allclose(np.asarray(m(TOK)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(_logits(m, TOK)), want, rtol=1e-5, atol=1e-5)
     for p in b0:
         np.testing.assert_allclose(np.asarray(lin[p].bias[...]), b0[p] + db[p], atol=1e-7)
     L.unmerge(m)
     for p in b0:
         np.testing.assert_allclose(np.asarray(lin[p].bias[...]), b0[p], atol=1e-6)
-    np.testing.assert_allclose(np.asarray(m(TOK)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(_logits(m, TOK)), want, rtol=1e-5, atol=1e-5)
 
 
 def test_save_load_and_hf_export_carry_the_bias(tmp_path):
     m, _ = _adapted()
-    want = np.asarray(m(TOK))
+    want = np.asarray(_logits(m, TOK))
     L.save(m, str(tmp_path / "ad"))
     fresh = _model()
     L.load(fresh, str(tmp_path / "ad"))
-    np.testing.assert_allclose(np.asarray(fresh(TOK)), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(_logits(fresh, TOK)), want, rtol=1e-6, atol=1e-6)
     to_hf(m, str(tmp_path / "hf"))  # adapters and bias changes folded in
-    np.testing.assert_allclose(np.asarray(from_hf(str(tmp_path / "hf"))(TOK)), want,
+    np.testing.assert_allclose(np.asarray(_logits(from_hf(str(tmp_path / "hf")), TOK)), want,
                                rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
