@@ -38,7 +38,7 @@ import numpy as np
 
 from benchmarks.train_throughput import build_trainer
 from models import get_config
-from train.config import TrainConfig, _split_list
+from train.config import TrainConfig, split_list
 from train.data import load_tokens
 from train.optim import path_string
 from train.platform import configure_cpu
@@ -127,7 +127,7 @@ def main(argv=None) -> None:
     tokens_N = load_tokens("builtin")
     model_config = get_config(TrainConfig.model)
     rule_sets = variants(args.variants, model_config)
-    rule_sets |= {rules: tuple(_split_list(rules)) for rules in args.rules}  # as --set parses
+    rule_sets |= {rules: tuple(split_list(rules)) for rules in args.rules}  # as --set parses
     runners = {
         name: runner(
             model_config,

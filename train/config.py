@@ -221,7 +221,7 @@ class TrainConfig:
         return shape
 
 
-def _split_list(text: str) -> list[str]:
+def split_list(text: str) -> list[str]:
     """``text`` split at the commas outside brackets: ``"galore(rank=4,scale=1):a{1,2},b"``
     gives ``["galore(rank=4,scale=1):a{1,2}", "b"]``."""
     parts, depth, start = [], 0, 0
@@ -244,7 +244,7 @@ def _parse_value(key: str, text: str, kind) -> object:
         if kind in (int, float, str):
             return kind(text)
         if typing.get_origin(kind) is tuple:
-            return tuple(part for part in _split_list(text) if part)
+            return tuple(part for part in split_list(text) if part)
     except ValueError as err:
         raise ConfigError(f"--set {key}={text!r}: {err}") from None
     raise ConfigError(f"--set {key}: fields of type {kind} cannot be set from the command line")
