@@ -24,10 +24,12 @@ from train.pretrain import build_model
 from train.step import make_trainer
 
 # projector refreshes and SST redraws at steps 0, 3, 6: one between the checkpoints at 2 and
-# 4, one after the restart. The attention projections are spectral kernels
-# (model.parameterization=sst) trained by SST, GaLore takes the MLPs' down projections, Fira
-# their gate/up, AdamW the rest: one run covers the three methods' states.
-RULES = ("sst(rank=4,every=3):/attn/", "galore(rank=4,update_proj_gap=3,scale=0.25):/mlp/down/",
+# 4, one after the restart; SST's re-SVD after step 6's update. The attention projections
+# are spectral kernels (model.parameterization=sst) trained by SST, GaLore takes the MLPs'
+# down projections, Fira their gate/up, AdamW the rest: one run covers the three methods'
+# states.
+RULES = ("sst(rank=4,every=3,svd_every=6):/attn/",
+         "galore(rank=4,update_proj_gap=3,scale=0.25):/mlp/down/",
          "fira(rank=4,update_proj_gap=3,scale=0.25):/mlp/", "adamw:.*")  # fmt: skip
 SST_MODEL = TINY_MODEL + ("parameterization=sst", r"parameterization_paths=^layers/\d+/attn/")
 STEPS = 8
@@ -228,4 +230,33 @@ def test_model_set_prefix_and_bad_parameterization_are_config_errors(tmp_path, c
     argv = set_args({"run_dir": str(run), "optimizer": "sst(rank=4):.*"})
     err = _usage_error(argv, capsys)
     assert "optimizer rule 'sst(rank=4):.*'" in err and "takes no sst kernel" in err, err
+    argv = set_args({"run_dir": str(run), "optimizer": "sst(rank=4,every=2,svd_every=3):.*",
+                     "model.parameterization": "sst"})  # fmt: skip
+    err = _usage_error(argv, capsys)
+    assert "svd_every=3 must be a multiple of every=2" in err, err
     assert not run.exists()
+
+
+def test_spectral_kernels_without_the_sst_rule_warn_naming_it():
+    """model.parameterization=sst trained by AdamW alone: a warning naming the missing 'sst'
+    rule (no sampling, no re-SVD); with the sst rule, or the kernels frozen, none."""
+    import warnings
+
+    from train.config import TrainConfig
+    from train.optim import ParamInfo, make_optimizer
+
+    shapes = {"u": (8, 4), "s": (4,), "vt": (4, 6)}
+    infos = {f"layers/0/attn/q/form/{n}": ParamInfo(f"layers/0/attn/q/form/{n}", sh,
+                                                    (None,) * len(sh), 1)
+             for n, sh in shapes.items()}  # fmt: skip
+    infos["embed/table"] = ParamInfo("embed/table", (5, 8), (None, None), 1)
+    with pytest.warns(
+        UserWarning,
+        match=r"'layers/0/attn/q/form'\) are trained by the 'adamw' "
+        r"rule, not the 'sst' optimizer rule: no sampled .* no periodic re-SVD",
+    ):
+        make_optimizer(TrainConfig(optimizer=("adamw:.*",)), infos)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for rules in (("sst(rank=2,every=2):/attn/", "adamw:.*"), ("frozen:/attn/", "adamw:.*")):
+            make_optimizer(TrainConfig(optimizer=rules), infos)
