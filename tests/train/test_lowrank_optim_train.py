@@ -37,8 +37,12 @@ RULES = ("sst(rank=4,every=3,svd_every=6):/attn/",
 ONE_LAYER = tuple("num_layers=1" if o.startswith("num_layers=") else o for o in TINY_MODEL)
 SST_MODEL = ONE_LAYER + ("parameterization=sst", r"parameterization_paths=^layers/\d+/attn/")
 STEPS = 8
+# data="recall": rows generated from (seed, row), so the batches this process builds are the
+# CLI runs' (the builtin corpus is read from module docstrings, which can differ between
+# processes that imported different modules)
 RUN = dict(steps=STEPS, warmup_steps=1, ckpt_every=2, log_every=1, steps_per_call=1,
-           keep_checkpoints=10, optimizer=RULES, model_overrides=SST_MODEL)  # fmt: skip
+           keep_checkpoints=10, optimizer=RULES, model_overrides=SST_MODEL,
+           data="recall")  # fmt: skip
 
 
 def _trainer(run_dir, mesh, **changes):
