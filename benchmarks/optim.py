@@ -117,7 +117,12 @@ def fan_in(path: str, shape) -> int:
 def state_bytes(tx, params, select=None) -> int:
     """Exact bytes of ``tx.init(params)``'s leaves (of the params' subtrees ``select`` keeps,
     when given: a predicate on the state leaf's parameter path)."""
-    state = jax.eval_shape(tx.init, params)
+    return leaf_bytes(jax.eval_shape(tx.init, params), select)
+
+
+def leaf_bytes(state, select=None) -> int:
+    """Bytes of the leaves of ``state`` (arrays or ShapeDtypeStructs; ``select``: as in
+    :func:`state_bytes`)."""
     if select is None:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     total = 0
@@ -204,7 +209,8 @@ def memory_rows(name: str):
             _structs(form_params(shapes, "sst", r)),
         ),
     }
-    return [(k, state_bytes(tx, p), state_bytes(tx, p, mats)) for k, (tx, p) in txs.items()]
+    states = {k: jax.eval_shape(tx.init, p) for k, (tx, p) in txs.items()}  # traced once each
+    return [(k, leaf_bytes(st), leaf_bytes(st, mats)) for k, st in states.items()]
 
 
 def print_memory(names) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from typing import Any
 
@@ -26,7 +27,7 @@ from jaxattn.cache import CacheConfig
 from jaxattn.layers import _validate as v
 from jaxattn.layers import kind_config
 from jaxattn.ops.rope import RopeConfig
-from jaxattn.optim.parameterize import DEFAULT_PATHS
+from jaxattn.optim.parameterize import DEFAULT_PATHS, SLTRAIN_ALPHA
 
 __all__ = ["ModelConfig", "LayerSpec", "ARCHS", "RENAMED_FIELDS"]
 
@@ -102,6 +103,8 @@ class ModelConfig:
       parameterization_paths: regex over the projections' module paths (default: attention
         and MLP projections, not the embedding or the LM head).
       sltrain_density: the fraction of S's entries that are non-zero, in (0, 1).
+      sltrain_alpha: sltrain's W = (alpha / r) B·A + S: the numerator of the low-rank term's
+        scale (the authors' ``lora_alpha``; 32, their script's default), > 0.
       sltrain_seed: the seed of S's fixed supports (with each layer's path): part of the
         model config, so a model rebuilt from a checkpoint's config has the same supports
         whatever its parameter seed.
@@ -147,6 +150,7 @@ class ModelConfig:
     parameterization_paths: str = DEFAULT_PATHS
     sltrain_density: float = 0.03
     sltrain_seed: int = 0
+    sltrain_alpha: float = SLTRAIN_ALPHA
 
     def __post_init__(self):
         o = "ModelConfig"
@@ -209,6 +213,10 @@ class ModelConfig:
         v.check_int("ModelConfig", "sltrain_seed", self.sltrain_seed, minimum=0)
         if not (isinstance(self.sltrain_density, float) and 0.0 < self.sltrain_density < 1.0):
             raise ValueError(f"sltrain_density={self.sltrain_density!r} must be a float in (0, 1)")
+        alpha = self.sltrain_alpha
+        real = isinstance(alpha, float | int) and not isinstance(alpha, bool)
+        if not real or not 0 < alpha < math.inf:
+            raise ValueError(f"sltrain_alpha={alpha!r} must be a finite number > 0")
 
     @property
     def resolved_parameterization_rank(self) -> int | None:

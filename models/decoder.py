@@ -119,6 +119,7 @@ class DecoderLM(nnx.Module):
                 density=c.sltrain_density,
                 rngs=rngs,
                 support_seed=c.sltrain_seed,
+                alpha=c.sltrain_alpha,
             )
 
     def _logits(self, x_BTD: jax.Array, ctx: Context) -> jax.Array:

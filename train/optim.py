@@ -21,6 +21,10 @@ does not parse, an unknown factory (the registered names, with close matches), f
 arguments the factory does not take, a regex matching no parameter (close paths listed) or
 only parameters earlier rules took (a catch-all matching every parameter may take none), a
 parameter no rule takes, or no trainable parameter.
+
+A parameterisation whose leaves need a particular rule (SST's spectral kernels need ``sst``)
+registers a check (:func:`register_rule_check`) that sees which rule trains each parameter
+and warns when a needed rule is missing.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ __all__ = [
     "parse_rule",
     "register_optimizer",
     "registered_optimizers",
+    "register_rule_check",
     "param_infos",
     "assign_rules",
     "split_params",
@@ -119,6 +124,16 @@ def register_optimizer(name: str, fn: Callable, *, trains: bool = True) -> None:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise ValueError(f"optimizer name {name!r} must be an identifier")
     _REGISTRY[name] = _Factory(fn, trains)
+
+
+_CHECKS: list[Callable] = []
+
+
+def register_rule_check(fn: Callable) -> None:
+    """Register ``fn(trained: dict[str, str]) -> None``, called by :func:`make_optimizer` with
+    the name of the rule that trains each trainable parameter (by path); it may warn, or raise
+    ``ValueError`` (reported as a ``ConfigError``)."""
+    _CHECKS.append(fn)
 
 
 def registered_optimizers() -> list[str]:
@@ -314,6 +329,11 @@ def make_optimizer(config, infos: dict[str, ParamInfo]):
     """
     taken = assign_rules(config.optimizer, infos)
     trainable = {p for p, r in taken.items() if _REGISTRY[r.name].trains}
+    for check in _CHECKS:
+        try:
+            check({p: taken[p].name for p in trainable})
+        except ValueError as err:
+            raise _error(f"optimizer={tuple(config.optimizer)}: {err}") from None
     rules = list(dict.fromkeys(r for r in taken.values() if _REGISTRY[r.name].trains))
     labels = {r: f"rule{i}_{r.name}" for i, r in enumerate(rules)}
     txs = {}

@@ -12,16 +12,20 @@ applies to matrices only (parameters with >= 2 dims), never to norms' scales or 
   galore(rank, update_proj_gap, scale, proj_type, projector, moment_bits, lr, b1, b2,
          weight_decay)                          jaxattn.optim.galore around galore-torch's Adam
   fira(..., gamma)                              jaxattn.optim.fira, same arguments + gamma
-  sst(rank, every, lr, b1, b2, eps, weight_decay)   AdamW with Sparse Spectral Training's
-                                                sampled singular vectors (jaxattn.optim.sst) on
-                                                the ``u``/``s``/``vt`` leaves of sst kernels
+  sst(rank, every, svd_every, lr, b1, b2, eps, weight_decay)   AdamW with Sparse Spectral
+                                                Training's sampled singular vectors and periodic
+                                                re-SVD (jaxattn.optim.sst) on the ``u``/``s``/``vt``
+                                                leaves of sst kernels
   refactor(every, lr, b1, b2, eps, weight_decay)    AdamW with weight refactorisation +
                                                 momentum reset every ``every`` steps
                                                 (jaxattn.optim.lowrank_refactor) on ``b``/``a``
 
 ``sst`` and ``refactor`` train the factorised kernels of ``--set model.parameterization=sst``
 / ``lowrank`` (or ``sltrain``): the sampling and the refactorisation run inside the compiled
-step. A rule of theirs that takes no spectral triple / factor pair is refused.
+step. A rule of theirs that takes no spectral triple / factor pair is refused; spectral
+kernels trained by another rule (``adamw:.*`` alone) get a warning naming the missing ``sst``
+rule (they would train as plain factors: no sampling, no re-SVD, U and V drifting from
+orthonormal).
 
 GaLore and Fira view each parameter as the matrix ``[fan_in, fan_out]`` from its
 :class:`train.optim.ParamInfo` (``Linear`` kernels record their fan-in axes), project the ones
@@ -33,11 +37,18 @@ parameter), as are ``update_proj_gap <= 0`` and an unknown ``proj_type`` or ``pr
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import optax
 
-from train.optim import ParamInfo, lr_schedule, path_string, register_optimizer
+from train.optim import (
+    ParamInfo,
+    lr_schedule,
+    path_string,
+    register_optimizer,
+    register_rule_check,
+)
 
 __all__ = ["adamw", "lion", "sgd", "frozen", "galore", "fira", "sst", "refactor"]
 
@@ -161,13 +172,19 @@ def _positive(**values):
             raise ValueError(f"{key}={value!r} must be a positive int")
 
 
-def sst(params, config, *, rank, every=100, lr=None, b1=None, b2=None, eps=1e-8,
-        weight_decay=None):  # fmt: skip
+def sst(params, config, *, rank, every=100, svd_every=None, lr=None, b1=None, b2=None,
+        eps=1e-8, weight_decay=None):  # fmt: skip
     """AdamW whose spectral kernels train by Sparse Spectral Training (``jaxattn.optim.sst``):
-    every ``every`` steps ``rank`` singular-vector pairs are drawn per kernel."""
+    every ``every`` steps ``rank`` singular-vector pairs are drawn per kernel, every
+    ``svd_every`` steps (None: one round, ``every · ceil(k / rank)``) each kernel is
+    re-initialised from the SVD of its merged weight."""
     from jaxattn.optim import sst as sst_tx
 
     _positive(rank=rank, every=every)
+    if svd_every is not None:
+        _positive(svd_every=svd_every)
+        if svd_every % every:
+            raise ValueError(f"svd_every={svd_every} must be a multiple of every={every}")
     triples = _siblings(params, ("u", "s", "vt"))
     if not triples:
         raise ValueError(
@@ -179,7 +196,29 @@ def sst(params, config, *, rank, every=100, lr=None, b1=None, b2=None, eps=1e-8,
         path, k = next(iter(too_big.items()))
         raise ValueError(f"rank={rank} is larger than the spectrum k={k} of {path!r}")
     inner = adamw(params, config, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    return sst_tx(inner, rank=rank, every=every, seed=config.seed)
+    return sst_tx(inner, rank=rank, every=every, svd_every=svd_every, seed=config.seed)
+
+
+def _spectral_needs_sst(trained: dict[str, str]) -> None:
+    """Warn when a spectral kernel's ``u``/``s``/``vt`` train under a rule other than ``sst``."""
+    leaves = {tuple(p.rpartition("/")[::2]): rule for p, rule in trained.items()}
+    kernels = {
+        parent: rule
+        for (parent, name), rule in leaves.items()
+        if name == "u" and (parent, "s") in leaves and (parent, "vt") in leaves
+    }
+    other = {parent: rule for parent, rule in kernels.items() if rule != "sst"}
+    if other:
+        parent, rule = next(iter(other.items()))
+        warnings.warn(
+            f"model.parameterization=sst: {len(other)} spectral kernels (e.g. {parent!r}) are "
+            f"trained by the {rule!r} rule, not the 'sst' optimizer rule: no sampled "
+            "singular-vector updates and no periodic re-SVD, so U and V drift from "
+            "orthonormal. Add an sst rule before the catch-all, e.g. "
+            'optimizer=("sst(rank=16,every=100):/attn/", "adamw:.*")',
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def refactor(params, config, *, every=100, lr=None, b1=None, b2=None, eps=1e-8,
@@ -202,5 +241,6 @@ for _name, _fn in (("adamw", adamw), ("lion", lion), ("sgd", sgd), ("galore", ga
                    ("fira", fira), ("sst", sst), ("refactor", refactor)):  # fmt: skip
     register_optimizer(_name, _fn)
 register_optimizer("frozen", frozen, trains=False)
+register_rule_check(_spectral_needs_sst)
 
 import train.adapter_procedures  # noqa: E402,F401 - registers the adapter procedures

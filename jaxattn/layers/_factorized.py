@@ -7,11 +7,13 @@ as the product of the factors, viewed as the matrix ``W_mn`` (m = fan_in, n = fa
 
 * ``lowrank``  ``W = B_mr A_rn`` (pairs with ``jaxattn.optim.lowrank_refactor``);
   ``r (m + n)`` parameters.
-* ``sltrain``  ``W = B_mr A_rn + S``, S sparse with ``nnz = int(density m n)`` entries on a
-  support drawn uniformly at random from a PRNG key and then fixed (SLTrain, Han et al.
-  2024); only the values ``s [nnz]`` are parameters, the flat indices are a
+* ``sltrain``  ``W = (alpha / r) B_mr A_rn + S``, S sparse with ``nnz = int(density m n)``
+  entries on a support drawn uniformly at random from a PRNG key and then fixed (SLTrain, Han
+  et al. 2024); only the values ``s [nnz]`` are parameters, the flat indices are a
   :class:`FixedSupport` variable rebuilt from the key (:func:`support_key`: a seed and the
-  layer's path). ``r (m + n) + nnz`` parameters.
+  layer's path). The low-rank term carries LoRA's scale ``alpha / r`` as the authors' layer
+  does (``x W_a W_b lora_alpha / r + x W_sp``; ``alpha`` defaults to their training script's
+  32, :data:`SLTRAIN_ALPHA`). ``r (m + n) + nnz`` parameters.
 * ``sst``  ``W = U_mk diag(s_k) Vᵀ_kn``, initialised from the SVD of the layer's dense
   initial kernel (Sparse Spectral Training, Zhao et al. 2024); ``k (m + n + 1)`` parameters.
   Which singular vectors train each step is the optimizer's part (``jaxattn.optim.sst``).
@@ -42,6 +44,7 @@ from flax import nnx
 from jaxattn.layers._base import DTypeLike, cast, param, zeros_init
 
 __all__ = [
+    "SLTRAIN_ALPHA",
     "KernelForm",
     "LowRankKernel",
     "SparseLowRankKernel",
@@ -51,6 +54,11 @@ __all__ = [
     "registered_forms",
     "factorize",
 ]
+
+
+# the low-rank scale's numerator alpha (scale alpha / r): the default of the SLTrain authors'
+# pretraining script (its --lora_alpha, used at LLaMA 60M; their larger configs pass 16 or 8)
+SLTRAIN_ALPHA = 32.0
 
 
 class FixedSupport(nnx.Variable):
@@ -106,18 +114,22 @@ class LowRankKernel(KernelForm):
 
 
 class SparseLowRankKernel(KernelForm):
-    """SLTrain's ``W = B A + S``. As the authors' layer: the input-side factor ``b [m, r]`` and
-    the sparse values are uniform in ``±1/sqrt(m)``, the output-side factor ``a [r, n]`` is
-    zero (so ``W = S`` at birth); the support is ``nnz`` distinct flat indices of ``[m, n]``,
-    the first ``nnz`` of a random permutation under ``support_key``, sorted."""
+    """SLTrain's ``W = (alpha / r) B A + S``. As the authors' layer: the input-side factor
+    ``b [m, r]`` and the sparse values are uniform in ``±1/sqrt(m)``, the output-side factor
+    ``a [r, n]`` is zero (so ``W = S`` at birth), the low-rank term is scaled by
+    ``scale = alpha / r`` (a constant, not trained); the support is ``nnz`` distinct flat
+    indices of ``[m, n]``, the first ``nnz`` of a random permutation under ``support_key``,
+    sorted."""
 
     name = "sltrain"
 
     def __init__(
         self, fan_in, fan_out, rank, *, density, axes, rngs, support_key=None,
-        param_dtype=jnp.float32,
+        alpha=SLTRAIN_ALPHA, param_dtype=jnp.float32,
     ):  # fmt: skip
         self.fan_in, self.fan_out, self.rank = fan_in, fan_out, rank
+        self.alpha = float(alpha)
+        self.scale = self.alpha / rank
         self.density = float(density)
         nnz = int(self.density * fan_in * fan_out)
         self.nnz = nnz
@@ -136,10 +148,12 @@ class SparseLowRankKernel(KernelForm):
         return cast(flat.reshape(self.fan_in, self.fan_out), dtype)
 
     def matrix(self, dtype=None):
-        return cast(self.b[...] @ self.a[...] + self.sparse_matrix(), dtype)
+        return cast(self.scale * (self.b[...] @ self.a[...]) + self.sparse_matrix(), dtype)
 
     def project(self, x_NM, *, preferred_element_type=None):
-        h_NR = _dot(x_NM, self.b[...], None)
+        # the scale goes on the input-side factor in the parameter dtype, as the authors'
+        # layer scales its lora_A: [m, r] multiplies, and x's dtype never rounds alpha / r
+        h_NR = _dot(x_NM, self.b[...] * self.scale, None)
         y = _dot(h_NR, self.a[...], preferred_element_type)
         if x_NM.shape[0] * self.nnz <= self.fan_in * self.fan_out:  # gather: N nnz work
             idx = self.support[...]
@@ -182,13 +196,14 @@ class SpectralKernel(KernelForm):
         return _dot(h_NK, self.vt[...], preferred_element_type)
 
 
-# name -> builder(linear, *, rank, density, rngs, path, seed) -> KernelForm
+# name -> builder(linear, *, rank, density, alpha, rngs, path, seed) -> KernelForm
 _FORMS: dict[str, Callable] = {}
 
 
 def register_form(name: str, build: Callable) -> None:
-    """Register ``build(linear, *, rank, density, rngs, path, seed) -> KernelForm`` as ``name``
-    (``seed``: an int or None, for a form's own fixed random structure)."""
+    """Register ``build(linear, *, rank, density, alpha, rngs, path, seed) -> KernelForm`` as
+    ``name`` (``alpha``: a scale numerator, for forms that scale a low-rank term; ``seed``: an
+    int or None, for a form's own fixed random structure)."""
     _FORMS[name] = build
 
 
@@ -207,7 +222,7 @@ def _axes(linear) -> tuple:
 
 register_form(
     "lowrank",
-    lambda lin, *, rank, density, rngs, path, seed: LowRankKernel(
+    lambda lin, *, rank, density, alpha, rngs, path, seed: LowRankKernel(
         lin.fan_in, lin.fan_out, rank, axes=_axes(lin), rngs=rngs, param_dtype=lin.kernel.dtype
     ),
 )
@@ -220,18 +235,18 @@ def support_key(seed: int, path: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def _sltrain(lin, *, rank, density, rngs, path, seed):
+def _sltrain(lin, *, rank, density, alpha, rngs, path, seed):
     key = None if seed is None else support_key(seed, path)
     return SparseLowRankKernel(
         lin.fan_in, lin.fan_out, rank, density=density, axes=_axes(lin), rngs=rngs,
-        support_key=key, param_dtype=lin.kernel.dtype,
+        support_key=key, alpha=alpha, param_dtype=lin.kernel.dtype,
     )  # fmt: skip
 
 
 register_form("sltrain", _sltrain)
 register_form(
     "sst",
-    lambda lin, *, rank, density, rngs, path, seed: SpectralKernel(
+    lambda lin, *, rank, density, alpha, rngs, path, seed: SpectralKernel(
         lin.kernel[...].reshape(lin.fan_in, lin.fan_out),
         rank,
         axes=_axes(lin),
@@ -242,7 +257,7 @@ register_form(
 
 def factorize(
     linear, form: str, *, rank: int | None, density: float = 0.0, rngs=None, path: str = "",
-    support_seed: int | None = None,
+    support_seed: int | None = None, alpha: float = SLTRAIN_ALPHA,
 ):  # fmt: skip
     """Replace ``linear``'s dense kernel by the factorised ``form`` (in place; returns it).
 
@@ -256,6 +271,7 @@ def factorize(
       path: the layer's module path, for error messages (and ``sltrain``'s support key).
       support_seed: ``sltrain``: the support's key is :func:`support_key` (seed, path); None:
         drawn from ``rngs``.
+      alpha: ``sltrain``: the low-rank term's scale is ``alpha / rank`` (> 0, finite).
 
     Raises:
       ValueError: an unknown form, a rank outside its range, a density giving no entry, a
@@ -284,6 +300,11 @@ def factorize(
     if form == "sltrain":
         if not (isinstance(density, float | int) and 0.0 < density < 1.0):
             raise ValueError(f"parameterization='sltrain': density={density!r} must be in (0, 1)")
+        if (
+            isinstance(alpha, bool) or not isinstance(alpha, float | int)
+            or not math.isfinite(alpha) or alpha <= 0
+        ):  # fmt: skip
+            raise ValueError(f"parameterization='sltrain': alpha={alpha!r} must be a float > 0")
         if int(density * m * n) < 1:
             raise ValueError(
                 f"parameterization='sltrain': density={density} gives no sparse entry for "
@@ -292,7 +313,7 @@ def factorize(
     if form != "sst" and rngs is None:
         raise ValueError(f"parameterization={form!r} needs rngs for the new factors of {where}")
     built = _FORMS[form](
-        linear, rank=rank, density=density, rngs=rngs, path=path, seed=support_seed
+        linear, rank=rank, density=density, alpha=alpha, rngs=rngs, path=path, seed=support_seed
     )
     linear.form = built
     linear.kernel = None

@@ -13,6 +13,7 @@ Weight-normalised and factorised weights
 Low-rank weight parameterisations (pretraining from scratch)
   parameterize, form_param_count  lowrank / sltrain / sst kernels by path (optim.parameterize)
   sst, SSTState, sample_vectors   Sparse Spectral Training's sampled updates (jaxattn.optim.sst)
+  resvd                           SST's periodic re-SVD of U·diag(s)·Vᵀ (no [m, n] formed)
 Sharding (jaxattn.optim.specs)
   state_partition_specs, state_spec   optimizer-state PartitionSpecs from the parameters'
 8-bit states (jaxattn.optim.quantized)
@@ -32,7 +33,7 @@ from jaxattn.optim.quantized import (
 )
 from jaxattn.optim.refactor import RefactorState, balance_factors, lowrank_refactor
 from jaxattn.optim.specs import state_partition_specs, state_spec
-from jaxattn.optim.sst import SSTState, sample_vectors, sst
+from jaxattn.optim.sst import SSTState, resvd, sample_vectors, sst
 from jaxattn.optim.weightnorm import gradnormlorp, weight_norm_merge, weight_norm_split
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "sst",
     "SSTState",
     "sample_vectors",
+    "resvd",
     "state_partition_specs",
     "state_spec",
     "quantize_state",

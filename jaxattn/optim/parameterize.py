@@ -1,7 +1,7 @@
 """Low-rank weight parameterisations for pretraining from scratch, chosen by path.
 
 ``parameterize(model, "sltrain", rank=16, paths=r"/(attn|mlp)/", rngs=...)`` puts a
-factorised kernel (``jaxattn.layers.factorize``: ``lowrank`` B·A, ``sltrain`` B·A + sparse S,
+factorised kernel (``jaxattn.layers.factorize``: ``lowrank`` B·A, ``sltrain`` (alpha/r) B·A + S,
 ``sst`` U·diag(s)·Vᵀ) in the ``form`` slot of every ``Linear`` whose module path
 (``layers/0/attn/q``) the regex ``paths`` is found in. Parameters then live at
 ``<path>/form/{b,a}``, ``<path>/form/{b,a,s}`` or ``<path>/form/{u,s,vt}``; the training
@@ -20,8 +20,9 @@ import re
 from flax import nnx
 
 from jaxattn.layers import factorize, registered_forms
+from jaxattn.layers._factorized import SLTRAIN_ALPHA
 
-__all__ = ["parameterize", "form_param_count", "DEFAULT_PATHS"]
+__all__ = ["parameterize", "form_param_count", "DEFAULT_PATHS", "SLTRAIN_ALPHA"]
 
 # attention and MLP projections of a DecoderLM; not the embedding table nor the LM head
 DEFAULT_PATHS = r"^layers/\d+/(attn|mlp)/"
@@ -49,6 +50,7 @@ def parameterize(
     density: float = 0.03,
     rngs: nnx.Rngs | None = None,
     support_seed: int | None = None,
+    alpha: float = SLTRAIN_ALPHA,
 ) -> list[str]:
     """Factorise every ``Linear`` of ``model`` whose module path matches ``paths`` (in place).
 
@@ -61,6 +63,8 @@ def parameterize(
       rngs: RNGs of the new factors (and of the sparse supports, without ``support_seed``).
       support_seed: ``sltrain``: each support's key from this seed and the layer's path
         (``jaxattn.layers._factorized.support_key``), independent of ``rngs``.
+      alpha: ``sltrain``: the low-rank term is scaled by ``alpha / rank`` (the authors'
+        ``lora_alpha``; default 32).
 
     Returns:
       The factorised paths, in model order.
@@ -90,5 +94,5 @@ def parameterize(
         )
     for path in chosen:
         factorize(found[path], form, rank=rank, density=density, rngs=rngs, path=path,
-                  support_seed=support_seed)  # fmt: skip
+                  support_seed=support_seed, alpha=alpha)  # fmt: skip
     return chosen

@@ -11,14 +11,25 @@ Networks" (2024). A weight in spectral form ``W = U_mk diag(s_k) Vᵀ_kn`` (the 
 * the inner optimizer sees the sampled vectors only: its moments of ``U`` and ``Vᵀ`` are
   ``[m, r]`` and ``[r, n]`` (the memory saving), and they restart from ``inner.init`` of the
   new set when one is drawn (they belonged to the previous vectors). ``s``, every other leaf
-  and the inner state's shared entries (Adam's step count, a schedule's count) carry on.
+  and the inner state's shared entries (Adam's step count, a schedule's count) carry on;
+* every ``svd_every`` steps (the end of a *round*; by default ``every · ceil(k / r)`` steps,
+  enough draws for ``k`` vectors at ``r`` a draw), after the ordinary update, each triple is
+  re-initialised from the SVD of its current merged weight, as the paper does to restore the
+  orthogonality that training erodes: :func:`resvd` gives ``U' diag(s') V'ᵀ = U diag(s) Vᵀ``
+  (to fp32 rounding) with orthonormal ``U'``, ``V'`` and ``s' >= 0`` sorted, without forming
+  the ``[m, n]`` weight. The moments of ``U``, ``s`` and ``Vᵀ`` restart then (they belonged to
+  the old basis); ``svd_every`` is a multiple of ``every``, so the next step draws a new set
+  from ``s'``.
 
-† The paper also re-orthogonalises ``U`` and ``V`` by a periodic SVD of ``U diag(s) Vᵀ``;
-that step is not implemented here.
+† Not implemented: the paper's sampling distribution mixes in a uniform term, its
+singular-vector gradients are the "enhanced" ones (``∂L/∂W V_i`` without the ``s_i`` factor),
+its updated vectors are re-normalised and its ``s`` clamped at 0 each step; here the
+probabilities are ``|s_i| / Σ|s|`` (PAPERS.md §8) and the gradients autodiff's.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -26,8 +37,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxattn.optim._plan import flatten
+from jaxattn.optim.projectors import sign_convention
 
-__all__ = ["sst", "SSTState", "sample_vectors"]
+__all__ = ["sst", "SSTState", "sample_vectors", "resvd"]
 
 
 class SSTState(NamedTuple):
@@ -50,6 +62,23 @@ def sample_vectors(key: jax.Array, s_k: jax.Array, rank: int) -> jax.Array:
     gumbel = jax.random.gumbel(key, weights.shape)
     _, idx = jax.lax.top_k(logits + gumbel, rank)
     return jnp.sort(idx).astype(jnp.int32)
+
+
+def resvd(u_mk: jax.Array, s_k: jax.Array, vt_kn: jax.Array):
+    """``(U', s', V'ᵀ)``: the SVD of the merged weight ``W = U diag(s) Vᵀ``, through thin QRs
+    ``U = Q_U R_U``, ``V = Q_V R_V`` and the SVD of the ``[k, k]`` core ``R_U diag(s) R_Vᵀ`` (W
+    is never formed; it has rank <= k, so k triplets reproduce it). Computed in fp32, returned
+    in the inputs' dtypes; the columns of ``U'`` follow the sign convention of ``projectors``
+    (the rows of ``V'ᵀ`` flip with them), so the result is deterministic."""
+    u32, s32, vt32 = (x.astype(jnp.float32) for x in (u_mk, s_k, vt_kn))
+    q_u, r_u = jnp.linalg.qr(u32)
+    q_v, r_v = jnp.linalg.qr(vt32.T)
+    a, sigma, bh = jnp.linalg.svd((r_u * s32) @ r_v.T)
+    u_new = q_u @ a
+    flipped = sign_convention(u_new, axis=0)
+    sign = jnp.sum(flipped * u_new, axis=0)  # ±1 per column
+    vt_new = (bh * sign[:, None]) @ q_v.T
+    return flipped.astype(u_mk.dtype), sigma.astype(s_k.dtype), vt_new.astype(vt_kn.dtype)
 
 
 def _triples(params, names) -> list[tuple[int, int, int]]:
@@ -75,6 +104,7 @@ def sst(
     *,
     rank: int,
     every: int,
+    svd_every: int | None = None,
     seed: int = 0,
     names: tuple[str, str, str] = ("u", "s", "vt"),
 ) -> optax.GradientTransformation:
@@ -85,16 +115,29 @@ def sst(
         ``optax.adamw(lr)``); it sees ``U`` / ``Vᵀ`` leaves as ``[m, r]`` / ``[r, n]``.
       rank: r, the singular-vector pairs updated per step (``1 <= r <= k`` of every triple).
       every: steps between two draws (> 0); the first draw is at ``init``.
+      svd_every: steps between two re-SVDs of every triple (a positive multiple of
+        ``every``); None: one round, ``every · ceil(k / rank)`` with k the largest spectrum.
       seed: the sampling key's seed.
       names: leaf names of ``U`` [m, k], ``s`` [k] and ``Vᵀ`` [k, n] under one parent.
 
     Raises:
-      ValueError: a bad ``rank`` / ``every`` (naming the triple), no triple found, or
-        ``update`` without ``params``.
+      ValueError: a bad ``rank`` / ``every`` / ``svd_every`` (naming the triple), no triple
+        found, or ``update`` without ``params``.
     """
     for field, value in (("rank", rank), ("every", every)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"sst: {field}={value!r} must be a positive int")
+    if svd_every is not None and (
+        isinstance(svd_every, bool) or not isinstance(svd_every, int) or svd_every <= 0
+        or svd_every % every
+    ):  # fmt: skip
+        raise ValueError(f"sst: svd_every={svd_every!r} must be a positive multiple of {every=}")
+
+    def period(params, triples):
+        if svd_every is not None:
+            return svd_every
+        _, xs, _ = flatten(params)
+        return every * math.ceil(max(xs[i_s].shape[0] for _, i_s, _ in triples) / rank)
 
     def check(params):
         paths, xs, _ = flatten(params)
@@ -161,6 +204,22 @@ def sst(
             out[i_u] = jnp.zeros_like(us[i_u]).at[:, idx].set(lows[i_u].astype(us[i_u].dtype))
             out[i_v] = jnp.zeros_like(us[i_v]).at[idx, :].set(lows[i_v].astype(us[i_v].dtype))
         count = optax.safe_increment(state.count)
+        triple_paths = tuple(paths[i] for t in triples for i in t)
+
+        def respectral(out, inner_state):  # the end of a round: re-SVD after the update
+            _, ps, _ = flatten(params)
+            out, new = list(out), list(ps)
+            for i_u, i_s, i_v in triples:
+                merged = [ps[i] + out[i] for i in (i_u, i_s, i_v)]
+                fresh = resvd(*merged)
+                for i, p, f in zip((i_u, i_s, i_v), (ps[i_u], ps[i_s], ps[i_v]), fresh):
+                    new[i], out[i] = f, f - p
+            fresh = inner.init(reduce(treedef.unflatten(new), index, triples))
+            return out, _reset(inner_state, fresh, triple_paths)
+
+        out, inner_state = jax.lax.cond(
+            count % period(params, triples) == 0, respectral, lambda *a: a, out, inner_state
+        )
         return treedef.unflatten(out), SSTState(count, key, index, inner_state)
 
     return optax.GradientTransformation(init_fn, update_fn)

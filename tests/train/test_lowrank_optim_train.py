@@ -6,6 +6,7 @@ onto another mesh; bad hyper-parameters on the command line are one-line config 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 
@@ -24,15 +25,24 @@ from train.pretrain import build_model
 from train.step import make_trainer
 
 # projector refreshes and SST redraws at steps 0, 3, 6: one between the checkpoints at 2 and
-# 4, one after the restart. The attention projections are spectral kernels
-# (model.parameterization=sst) trained by SST, GaLore takes the MLPs' down projections, Fira
-# their gate/up, AdamW the rest: one run covers the three methods' states.
-RULES = ("sst(rank=4,every=3):/attn/", "galore(rank=4,update_proj_gap=3,scale=0.25):/mlp/down/",
+# 4, one after the restart; SST's re-SVD after step 6's update. The attention projections
+# are spectral kernels (model.parameterization=sst) trained by SST, GaLore takes the MLPs'
+# down projections, Fira their gate/up, AdamW the rest: one run covers the three methods'
+# states.
+RULES = ("sst(rank=4,every=3,svd_every=6):/attn/",
+         "galore(rank=4,update_proj_gap=3,scale=0.25):/mlp/down/",
          "fira(rank=4,update_proj_gap=3,scale=0.25):/mlp/", "adamw:.*")  # fmt: skip
-SST_MODEL = TINY_MODEL + ("parameterization=sst", r"parameterization_paths=^layers/\d+/attn/")
+# one layer of the tiny model: what these tests check (exact resume, restore onto another mesh)
+# does not depend on depth, and each layer adds ~5 s of compile (init and step) on a CPU
+ONE_LAYER = tuple("num_layers=1" if o.startswith("num_layers=") else o for o in TINY_MODEL)
+SST_MODEL = ONE_LAYER + ("parameterization=sst", r"parameterization_paths=^layers/\d+/attn/")
 STEPS = 8
+# data="recall": rows generated from (seed, row), so the batches this process builds are the
+# CLI runs' (the builtin corpus is read from module docstrings, which can differ between
+# processes that imported different modules)
 RUN = dict(steps=STEPS, warmup_steps=1, ckpt_every=2, log_every=1, steps_per_call=1,
-           keep_checkpoints=10, optimizer=RULES, model_overrides=SST_MODEL)  # fmt: skip
+           keep_checkpoints=10, optimizer=RULES, model_overrides=SST_MODEL,
+           data="recall")  # fmt: skip
 
 
 def _trainer(run_dir, mesh, **changes):
@@ -81,10 +91,18 @@ def _sst_states(opt_state):
     return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
 
 
-def test_galore_fira_sst_run_killed_and_restarted_is_bit_identical(zygote, tmp_path):
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    code, out = zygote.run(set_args(RUN | {"run_dir": str(ref)}), tmp_path / "ref.log")
+@pytest.fixture(scope="module")
+def reference_run(zygote, tmp_path_factory):
+    """An uninterrupted CLI run of ``RUN`` (checkpoints at 2, 4, 6, 8), made once for the
+    resume test and the other-mesh test."""
+    ref = tmp_path_factory.mktemp("lowrank_optim") / "ref"
+    code, out = zygote.run(set_args(RUN | {"run_dir": str(ref)}), ref.parent / "ref.log")
     assert code == 0, out[-3000:]
+    return ref
+
+
+def test_galore_fira_sst_run_killed_and_restarted_is_bit_identical(zygote, reference_run, tmp_path):
+    run = tmp_path / "run"
     log = tmp_path / "run.log"
     pid = zygote.start(set_args(RUN | {"run_dir": str(run)}), log)
     deadline = time.time() + 120
@@ -100,59 +118,62 @@ def test_galore_fira_sst_run_killed_and_restarted_is_bit_identical(zygote, tmp_p
     assert code == 0, out[-3000:]
     resumed_at = int(out.split("resumed at step")[1].split()[0])
     assert resumed_at in (2, 4), out[-3000:]  # before the refresh at 6
-    a, b = _restored(ref), _restored(run)
+    a, b = _restored(reference_run), _restored(run)
     _assert_equal(a, b)  # parameters and the whole optimizer state
     galore_fira = _galore_states(a["opt_state"])
     assert len(galore_fira) == 2 and all(int(s.count) == STEPS for s in galore_fira)
     (sst,) = _sst_states(a["opt_state"])  # sampled indices, key and moments matched too
-    assert int(sst.count) == STEPS and len(sst.index) == 10  # 5 spectral kernels x 2 layers
+    assert int(sst.count) == STEPS and len(sst.index) == 5  # 5 spectral kernels x 1 layer
     assert "form" in a["params"]["layers"][0]["attn"]["q"]
 
 
-def test_galore_state_restores_exactly_and_onto_another_mesh(tmp_path):
-    """Train 3 steps on one device, save, restore on the same mesh (exactly the saved state)
-    and on a 2x2x2 mesh; 2 more steps (a refresh at 3) on each agree within 1e-5."""
-    config, one = _trainer(tmp_path, _one_device())
-    loader, _ = make_loaders(config)
-    state, rest = one.init()
-    first = _host(_galore_states(state["opt_state"])[0][1:3])  # left, right projectors
-    for step in range(3):
-        state, _ = one.train_step(state, rest, one.put_batch(loader.batch(step)))
-    saved = _host(state)
-    galore, fira = _galore_states(saved["opt_state"])
-    now = jax.tree.leaves(galore[1:3])
-    refreshed = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(first), now, strict=True)]
-    assert len(refreshed) >= 2 and all(refreshed)  # every projected leaf has a projector
-    assert int(galore.count) == 3 and galore.count.dtype == np.int32
-    assert len(jax.tree.leaves(fira.fira_norm)) >= 4
+def _rest(config, trainer):
+    """The model's non-parameter state, placed as ``trainer`` wants it (the parameters'
+    initialisers are dead code in this program: nothing but the rest is computed)."""
+    from flax import nnx
+
+    _, model_fn = build_model(config)
+
+    def rest():
+        with nnx.use_eager_sharding(False):
+            _, _, rest = nnx.split(model_fn(), nnx.Param, ...)
+        return nnx.to_pure_dict(rest)
+
+    return jax.jit(rest, out_shardings=trainer.rest_shardings)()
+
+
+def test_galore_fira_sst_state_restores_onto_another_mesh(reference_run, tmp_path):
+    """The one-device reference run's checkpoint at step 2, restored on a 2x2x2 mesh (the
+    projectors and projected moments keep their parameter's sharding) and trained 2 more
+    steps (GaLore/Fira's refresh and SST's redraw at 3), equals its checkpoint at 4 within
+    1e-5; the checkpoints hold the whole state (projectors, counts, moments, Fira's norms)."""
+    for step in (2, 4):  # a run directory per checkpoint: restore takes the newest
+        shutil.copytree(reference_run / "checkpoints" / str(step),
+                        tmp_path / f"at{step}" / "checkpoints" / str(step))  # fmt: skip
+    at2, at4 = _restored(tmp_path / "at2", step=2), _restored(tmp_path / "at4", step=4)
+    galore2, _ = _galore_states(at2["opt_state"])
+    galore, fira = _galore_states(at4["opt_state"])
+    old, now = jax.tree.leaves(galore2[1:3]), jax.tree.leaves(galore[1:3])  # left, right
+    refreshed = [not np.array_equal(x, y) for x, y in zip(old, now, strict=True)]
+    assert len(refreshed) >= 1 and all(refreshed)  # every projected leaf has a projector
+    assert int(galore.count) == 4 and galore.count.dtype == np.int32
+    assert len(jax.tree.leaves(fira.fira_norm)) >= 2  # gate, up
     assert all(float(x) > 0 for x in jax.tree.leaves(fira.fira_norm))
     assert any(np.any(x != 0) for x in jax.tree.leaves(galore.inner))  # the moments
-    ckpt = Checkpointer(str(tmp_path / "checkpoints"), every=1, async_save=False)
-    ckpt.save(3, state, {}, force=True)
-    ckpt.wait()
-
-    def continued(trainer, rest):
-        restored, meta = ckpt.restore(trainer.abstract_state, trainer.state_shardings)
-        assert meta["step"] == 3
-        _assert_equal(saved, restored)
-        lowrank = jax.tree.leaves(_galore_states(restored["opt_state"]))
-        # on the 2x2x2 mesh projectors and projected moments keep their parameter's sharding
-        sharded = any(not x.sharding.is_fully_replicated for x in lowrank)
-        assert sharded == (trainer.mesh.size > 1)
-        for step in range(3, 5):
-            batch = trainer.put_batch(loader.batch(step))
-            restored, metrics = trainer.train_step(restored, rest, batch)
-            assert bool(metrics["finite"])
-        return _host(restored)
-
-    same = continued(one, rest)
-    _, eight = _trainer(tmp_path, make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
-    other = continued(eight, jax.device_put(_host(rest), eight.rest_shardings))
+    config, eight = _trainer(tmp_path / "at2", make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    ckpt = Checkpointer(str(tmp_path / "at2" / "checkpoints"))
+    state, meta = ckpt.restore(eight.abstract_state, eight.state_shardings)
     ckpt.close()
-    moved = [not np.array_equal(x, y) for x, y in
-             zip(jax.tree.leaves(same["params"]), jax.tree.leaves(saved["params"]))]  # fmt: skip
-    assert all(moved)
-    _assert_equal(same, other, atol=1e-5)
+    assert meta["step"] == 2
+    _assert_equal(at2, _host(state))
+    lowrank = jax.tree.leaves(_galore_states(state["opt_state"]))
+    assert any(not x.sharding.is_fully_replicated for x in lowrank)
+    loader, _ = make_loaders(config)
+    rest = _rest(config, eight)
+    for step in range(2, 4):
+        state, metrics = eight.train_step(state, rest, eight.put_batch(loader.batch(step)))
+        assert bool(metrics["finite"])
+    _assert_equal(_host(state), at4, atol=1e-5)
 
 
 def _usage_error(argv, capsys) -> str:
@@ -187,14 +208,14 @@ def test_sltrain_refactor_state_restores_exactly_and_continues_bit_identical(tmp
     inside the compiled step): 3 steps, an Orbax save and restore; a fresh init rebuilds the
     same sparse supports from the seed; 2 more steps from the restored state are
     bit-identical to going on."""
-    overrides = TINY_MODEL + ("parameterization=sltrain", "parameterization_rank=8")
+    overrides = ONE_LAYER + ("parameterization=sltrain", "parameterization_rank=8")
     config, one = _trainer(tmp_path, _one_device(), model_overrides=overrides,
                            optimizer=("refactor(every=2):.*",))  # fmt: skip
     loader, _ = make_loaders(config)
     state, rest = one.init()
     supports = [p for p, _ in jax.tree_util.tree_leaves_with_path(rest)
                 if path_string(p).endswith("form/support")]  # fmt: skip
-    assert len(supports) == 16  # attention (5) + MLP (3) x 2 layers; not the embed, head
+    assert len(supports) == 8  # attention (5) + MLP (3) x 1 layer; not the embed, head
     for step in range(3):
         state, _ = one.train_step(state, rest, one.put_batch(loader.batch(step)))
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), every=1, async_save=False)
@@ -228,4 +249,33 @@ def test_model_set_prefix_and_bad_parameterization_are_config_errors(tmp_path, c
     argv = set_args({"run_dir": str(run), "optimizer": "sst(rank=4):.*"})
     err = _usage_error(argv, capsys)
     assert "optimizer rule 'sst(rank=4):.*'" in err and "takes no sst kernel" in err, err
+    argv = set_args({"run_dir": str(run), "optimizer": "sst(rank=4,every=2,svd_every=3):.*",
+                     "model.parameterization": "sst"})  # fmt: skip
+    err = _usage_error(argv, capsys)
+    assert "svd_every=3 must be a multiple of every=2" in err, err
     assert not run.exists()
+
+
+def test_spectral_kernels_without_the_sst_rule_warn_naming_it():
+    """model.parameterization=sst trained by AdamW alone: a warning naming the missing 'sst'
+    rule (no sampling, no re-SVD); with the sst rule, or the kernels frozen, none."""
+    import warnings
+
+    from train.config import TrainConfig
+    from train.optim import ParamInfo, make_optimizer
+
+    shapes = {"u": (8, 4), "s": (4,), "vt": (4, 6)}
+    infos = {f"layers/0/attn/q/form/{n}": ParamInfo(f"layers/0/attn/q/form/{n}", sh,
+                                                    (None,) * len(sh), 1)
+             for n, sh in shapes.items()}  # fmt: skip
+    infos["embed/table"] = ParamInfo("embed/table", (5, 8), (None, None), 1)
+    with pytest.warns(
+        UserWarning,
+        match=r"'layers/0/attn/q/form'\) are trained by the 'adamw' "
+        r"rule, not the 'sst' optimizer rule: no sampled .* no periodic re-SVD",
+    ):
+        make_optimizer(TrainConfig(optimizer=("adamw:.*",)), infos)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for rules in (("sst(rank=2,every=2):/attn/", "adamw:.*"), ("frozen:/attn/", "adamw:.*")):
+            make_optimizer(TrainConfig(optimizer=rules), infos)

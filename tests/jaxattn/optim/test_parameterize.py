@@ -18,10 +18,10 @@ X = jax.random.normal(jax.random.key(0), (3, 4, M))
 AXES = ("embed", "heads", "head_dim")
 
 
-def _linear(form, rank=4, density=0.2, seed=1):
+def _linear(form, rank=4, density=0.2, seed=1, **kwargs):
     lin = Linear((M,), (N, H), axes=AXES, use_bias=True, rngs=nnx.Rngs(0))
     lin.bias[...] = jnp.arange(N * H, dtype=jnp.float32).reshape(N, H) / 10
-    factorize(lin, form, rank=rank, density=density, rngs=nnx.Rngs(seed))
+    factorize(lin, form, rank=rank, density=density, rngs=nnx.Rngs(seed), **kwargs)
     if form == "sltrain":  # a non-zero output factor, so B·A enters the checks
         lin.form.a[...] = jax.random.normal(jax.random.key(7), lin.form.a.shape) * 0.3
     return lin
@@ -47,7 +47,7 @@ def test_forward_and_gradients_match_the_dense_reference(form):
         return jnp.sum(jnp.sin(y))
 
     grad = jax.jit(jax.grad(loss), static_argnums=1)
-    for x in (X, jnp.tile(X, (8, 8, 1))):  # sltrain: the gather path, then the dense one
+    for x in (X[:1, :2], X):  # sltrain: the gather path (N nnz <= m n), then the dense one
         for a, b in zip(
             jax.tree.leaves(grad(params, False, x)), jax.tree.leaves(grad(params, True, x))
         ):
@@ -58,10 +58,14 @@ def test_forward_and_gradients_match_the_dense_reference(form):
     assert lin.form.num_params() == expected - N * H
 
 
-def test_sltrain_support_is_fixed_reproducible_and_gets_the_only_gradients():
-    """SLTrain: support reproducible from the key, fixed across steps; the forward equals
-    (BA + scatter(S)) x; d loss / d s is the dense gradient x^T g at the support entries."""
-    a, b = _linear("sltrain", seed=3), _linear("sltrain", seed=3)
+def test_sltrain_forward_is_xBA_alpha_over_r_plus_xS_on_a_fixed_support():
+    """SLTrain: y = x·B·A·(alpha/r) + x·S + bias (the authors' SpLoRaLinear, scale
+    lora_alpha / r, default alpha 32) against a dense numpy reference; the support is
+    reproducible from the key and fixed across steps; d loss / d s is the dense gradient x^T g
+    at the support entries (the only sparse gradients)."""
+    assert _linear("sltrain").form.scale == 32 / 4  # the authors' default alpha = 32
+    a, b = _linear("sltrain", seed=3, alpha=8.0), _linear("sltrain", seed=3, alpha=8.0)
+    assert a.form.scale == 8.0 / 4
     assert isinstance(a.form.support, FixedSupport)  # not an nnx.Param: never trained
     idx = np.asarray(a.form.support[...])
     nnz = int(0.2 * M * N * H)
@@ -69,12 +73,19 @@ def test_sltrain_support_is_fixed_reproducible_and_gets_the_only_gradients():
     np.testing.assert_array_equal(idx, np.asarray(b.form.support[...]))  # same key, same S
     c = _linear("sltrain", seed=4)
     assert not np.array_equal(idx, np.asarray(c.form.support[...]))  # another key, another
-    # the forward is the dense (BA + scatter(S)) x
-    dense_s = np.zeros(M * N * H, np.float32)
-    dense_s[idx] = np.asarray(a.form.s[...])
-    w = np.asarray(a.form.b[...] @ a.form.a[...]) + dense_s.reshape(M, N * H)
-    ref = np.einsum("btm,mo->bto", np.asarray(X), w).reshape(3, 4, N, H) + np.asarray(a.bias[...])
+    # the equation, in numpy: y = x B A (alpha / r) + x S + bias, S = scatter(s) on the support
+    s_dense = np.zeros(M * N * H, np.float32)
+    s_dense[idx] = np.asarray(a.form.s[...])
+    x2 = np.asarray(X).reshape(-1, M)
+    b_mr, a_rn = np.asarray(a.form.b[...]), np.asarray(a.form.a[...])
+    y = x2 @ b_mr @ a_rn * (8.0 / 4) + x2 @ s_dense.reshape(M, N * H)
+    ref = y.reshape(3, 4, N, H) + np.asarray(a.bias[...])
+    assert np.abs(x2 @ b_mr @ a_rn).max() > 0.1  # the low-rank term is not negligible
+    # 12 rows: N nnz = 288 > m n = 120, S is scattered into a dense matrix; 2 rows: N nnz =
+    # 48 <= 120, the gather + scatter-add path
+    assert 2 * nnz <= M * N * H < 12 * nnz
     np.testing.assert_allclose(a(X), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a(X[:1, :2]), ref[:1, :2], rtol=1e-5, atol=1e-5)
     graphdef, params, rest = nnx.split(a, nnx.Param, ...)
     loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(X)))  # noqa: E731
     grads = jax.grad(loss)(params)
@@ -125,11 +136,55 @@ def test_sst_reproduces_w_updates_sampled_vectors_only_and_samples_by_s():
     p = np.asarray(s / jnp.sum(s))
     np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(p * (1 - p) / 20000).max())
     # with every vector sampled (rank = k), SST is its inner optimizer
-    full = optim.sst(optax.adam(1e-2), rank=10, every=2)
-    a, _ = full.update(grads, full.init(params), params)
-    b, _ = optax.adam(1e-2).update(grads, optax.adam(1e-2).init(params), params)
+    full, adam = optim.sst(optax.adam(1e-2), rank=10, every=2), optax.adam(1e-2)
+    a, b = jax.jit(lambda g, p: (full.update(g, full.init(p), p)[0],
+                                 adam.update(g, adam.init(p), p)[0]))(grads, params)  # fmt: skip
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sst_periodic_resvd_keeps_the_merged_weight_and_restores_orthonormal_factors():
+    """SST's re-SVD at the end of a round (default period: one round, every·ceil(k/r) =
+    2·ceil(10/3) = 8 steps; after the update): U'·diag(s')·V'ᵀ equals the merged weight the
+    same step gives without it (to fp32 rounding), U' and V' are orthonormal (they had
+    drifted), s' >= 0 sorted, the triple's moments restart, the other leaves' do not; the next
+    step draws from s'."""
+    lin = Linear((M,), (N, H), axes=AXES, rngs=nnx.Rngs(0))
+    factorize(lin, "sst", rank=None)  # k = 10
+    params = {**nnx.to_pure_dict(nnx.state(lin, nnx.Param)), "bias": jnp.ones(3)}
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
+    merged = lambda p: (p["form"]["u"] * p["form"]["s"]) @ p["form"]["vt"]  # noqa: E731
+    with_svd = optim.sst(optax.adam(0.05), rank=3, every=2)  # svd_every None: 8
+    without = optim.sst(optax.adam(0.05), rank=3, every=2, svd_every=400)
+    step = jax.jit(lambda g, s, p: (with_svd.update(g, s, p), without.update(g, s, p)))
+    state, eye = with_svd.init(params), np.eye(10)
+    for i in range(8):
+        (updates, new_state), (plain, _) = step(grads, state, params)
+        if i < 7:  # ordinary steps: the two agree
+            for x, y in zip(jax.tree.leaves(updates), jax.tree.leaves(plain)):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        params, state = optax.apply_updates(params, updates), new_state
+    u, s, vt = (np.asarray(params["form"][n]) for n in ("u", "s", "vt"))
+    drifted = optax.apply_updates(jax.tree.map(lambda p, u: p - u, params, updates), plain)
+    assert np.abs(np.asarray(drifted["form"]["u"]).T @ drifted["form"]["u"] - eye).max() > 1e-2
+    np.testing.assert_allclose(merged(params), merged(drifted), atol=2e-6)  # W unchanged
+    np.testing.assert_allclose(u.T @ u, eye, atol=1e-5)  # U'ᵀU' = I
+    np.testing.assert_allclose(vt @ vt.T, eye, atol=1e-5)  # V'ᵀV' = I
+    assert np.all(s >= 0) and np.all(np.diff(s) <= 0)
+    np.testing.assert_array_equal(params["bias"], drifted["bias"])
+    mu = state.inner[0].mu
+    assert all(float(jnp.abs(mu["form"][n]).max()) == 0 for n in ("u", "s", "vt"))
+    assert float(jnp.abs(mu["bias"]).max()) > 0 and int(state.inner[0].count) == 8
+    (_, redrawn), _ = step(grads, state, params)
+    sub = jax.random.split(jax.random.wrap_key_data(state.key))[1]  # as sst's redraw splits
+    want = optim.sample_vectors(jax.random.split(sub, 1)[0], jnp.asarray(s), 3)
+    np.testing.assert_array_equal(redrawn.index[0], want)  # drawn from s', not the old s
+    # resvd alone, on a non-orthonormal triple: the same W, orthonormal factors
+    u0, s0, vt0 = (jax.random.normal(jax.random.key(i), sh) for i, sh in
+                   enumerate([(M, 6), (6,), (6, N * H)]))  # fmt: skip
+    u1, s1, vt1 = jax.jit(optim.resvd)(u0, s0, vt0)
+    np.testing.assert_allclose((u1 * s1) @ vt1, (u0 * s0) @ vt0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(u1.T @ u1, np.eye(6), atol=1e-5)
 
 
 def test_lowrank_refactor_keeps_the_function_resets_moments_not_the_schedule():
@@ -172,7 +227,7 @@ def test_model_parameterization_by_path_counts_and_decodes_with_the_same_weight(
                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
                       vocab_size=64, implementation="xla")  # fmt: skip
     dense = nnx.eval_shape(lambda: DecoderLM(base, rngs=nnx.Rngs(0)))
-    config = base.replace(parameterization="sltrain", parameterization_rank=4)
+    config = base.replace(parameterization="sltrain", parameterization_rank=4, sltrain_alpha=16)
     make = lambda: DecoderLM(config, rngs=nnx.Rngs(0))  # noqa: E731
     graphdef, _ = nnx.split(nnx.eval_shape(make))
     model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())  # built in one program
@@ -202,6 +257,7 @@ def test_model_parameterization_by_path_counts_and_decodes_with_the_same_weight(
     from jaxattn.layers._factorized import sparse_support, support_key
 
     lins = linear_paths(model)
+    assert lins["layers/0/mlp/up"].form.scale == 16 / 4  # ModelConfig.sltrain_alpha / r
     for path, seed in (("layers/0/attn/q", 0), ("layers/0/mlp/up", 0), ("layers/0/mlp/up", 1)):
         lin = lins[path]
         want = sparse_support(support_key(seed, path), lin.fan_in, lin.fan_out, lin.form.nnz)
@@ -253,3 +309,9 @@ def test_bad_input_names_the_field_and_the_layer():
         optim.sst(optax.adam(1e-3), rank=4, every=2).init(params)
     with pytest.raises(ValueError, match=r"sst: every=0 must be a positive int"):
         optim.sst(optax.adam(1e-3), rank=1, every=0)
+    with pytest.raises(ValueError, match=r"sst: svd_every=5 must be a positive multiple of every"):
+        optim.sst(optax.adam(1e-3), rank=1, every=2, svd_every=5)
+    with pytest.raises(ValueError, match=r"sltrain_alpha=0 must be a finite number > 0"):
+        get_config("mla-tiny-default", sltrain_alpha=0, **tiny)
+    with pytest.raises(ValueError, match=r"parameterization='sltrain': alpha=-1.0 must be"):
+        factorize(lin(), "sltrain", rank=2, density=0.5, alpha=-1.0, rngs=nnx.Rngs(0))
