@@ -15,6 +15,7 @@ Attention kinds
   SSAConfig, SelectiveAttention             "ssa": selective attention (query/value temperatures)
   NSAConfig, NativeSparseAttention          "nsa": native sparse attention (3 gated branches)
   LMInfiniteConfig, LMInfiniteAttention     "lm_infinite": Λ mask + RoPE distance cap
+  LandmarkConfig, LandmarkAttention         "landmark": landmark blocks, grouped softmax, top-k
   KDGQAConfig, DGQAConfig, KeyDrivenAttention "kdgqa" / "dgqa": key-norm driven query-head groups
   DiffQKVConfig, DiffQKVAttention           "diffqkv": Sigma's separate K / V heads and dims, aug. Q
   CCAConfig, CompressedConvAttention        "cca": compressed convolutional attention (CCA / CCGQA)
@@ -46,6 +47,7 @@ from jaxattn.layers._factorized import (
 from jaxattn.layers._kdgqa import DGQAConfig, KDGQAConfig, KeyDrivenAttention
 from jaxattn.layers._kinds import AttentionLayer, kind_config, register_kind, registered_kinds
 from jaxattn.layers._lama import LowRankMHSA, LowRankMHSAConfig, lama_pool
+from jaxattn.layers._landmark import LandmarkAttention, LandmarkConfig
 from jaxattn.layers._linear import Adapter, AdapterParam, Linear
 from jaxattn.layers._linear_attention import LinearAttention, LinearAttentionConfig
 from jaxattn.layers._lm_infinite import LMInfiniteAttention, LMInfiniteConfig
@@ -88,6 +90,8 @@ __all__ = [
     "NativeSparseAttention",
     "LMInfiniteConfig",
     "LMInfiniteAttention",
+    "LandmarkConfig",
+    "LandmarkAttention",
     "KDGQAConfig",
     "DGQAConfig",
     "KeyDrivenAttention",

@@ -40,7 +40,7 @@ def test_gradients_reach_gates_and_compression(model):
     attn = model.layers[0].attn
     x = jax.random.normal(jax.random.key(3), (1, 13, attn.config.d_model))
     graphdef, params = nnx.split(attn, nnx.Param)
-    grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2))(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2)))(params)
     for name in ("gate", "k_compress", "v_compress", "k_block_pos", "v_block_pos"):
         leaves = jax.tree.leaves(getattr(grads, name))
         assert max(float(jnp.abs(g).max()) for g in leaves) > 0, name
