@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from decode_testlib import decode_all  # tests/: prefill then one token per step
 from flax import nnx
+from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn.layers import LandmarkConfig, registered_kinds
 from jaxattn.ops.landmark import (
@@ -30,11 +31,7 @@ BLOCK = 5  # 4 tokens + a landmark; T = 23 ends inside a block (no landmark yet)
 
 
 def _qkv(seed, B=2, T=23, K=2, G=2, H=16):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(ks[0], (B, T, K * G, H))
-    k = jax.random.normal(ks[1], (B, T, K, H))
-    v = jax.random.normal(ks[2], (B, T, K, H))
-    return q, k, v, jax.random.normal(ks[3], (B, T, K * G, H))
+    return tuple(normal(seed, (B, T, K * G, H), (B, T, K, H), (B, T, K, H), (B, T, K * G, H)))
 
 
 def _paper_loop(q, k, v, block, retrieved=None):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from decode_testlib import decode_all  # tests/: prefill then one token per step
 from flax import nnx
+from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn import dot_product_attention, masks
 from jaxattn.layers import LMInfiniteConfig
@@ -23,11 +24,7 @@ TOL = dict(atol=2e-5, rtol=2e-5)
 
 
 def _qkv(seed, B=2, T=37, K=2, G=2, H=16):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(ks[0], (B, T, K * G, H))
-    k = jax.random.normal(ks[1], (B, T, K, H))
-    v = jax.random.normal(ks[2], (B, T, K, H))
-    return q, k, v, jax.random.normal(ks[3], (B, T, K * G, H))
+    return tuple(normal(seed, (B, T, K * G, H), (B, T, K, H), (B, T, K, H), (B, T, K * G, H)))
 
 
 def _fast(q, k, v, **kw):
@@ -70,8 +67,8 @@ def test_distances_past_the_cap_are_clipped():
     """One query vector at every position and one sink key: its logit (read from a one-key
     value) is the same for every query beyond the window: distance n_local, not p - j."""
     T, n_local = 30, 6
-    q = jnp.broadcast_to(jax.random.normal(jax.random.key(0), (1, 1, 1, 16)), (1, T, 1, 16))
-    k = jax.random.normal(jax.random.key(1), (1, T, 1, 16))
+    q, k = normal(0, (1, 1, 1, 16), (1, T, 1, 16))
+    q = jnp.broadcast_to(q, (1, T, 1, 16))
     # values: sink 0 carries 1, every other key 0 -> o = the softmax weight of the sink
     v = jnp.zeros((1, T, 1, 16)).at[:, 0].set(1.0)
     k = k.at[:, 1:].set(0.0)  # other keys: logit 0, so the sink's weight reveals its logit

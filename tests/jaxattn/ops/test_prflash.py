@@ -5,14 +5,14 @@ future block ever; sampled lists equal the dense-masked op; bad probabilities ar
 import jax
 import numpy as np
 import pytest
+from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn import dot_product_attention, masks
 from jaxattn.ops import prflash
 
 
 def _qkv(T=40):
-    ks = jax.random.split(jax.random.key(0), 3)
-    return [jax.random.normal(kk, (2, T, n, 8)) for kk, n in zip(ks, (4, 2, 2))]
+    return normal(0, *((2, T, n, 8) for n in (4, 2, 2)))
 
 
 def test_every_block_is_exact_causal_and_sampled_lists_equal_dense_mask():
