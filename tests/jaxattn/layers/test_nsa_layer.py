@@ -17,7 +17,7 @@ NSA = dict(cmp_block=4, cmp_stride=2, sel_block=2, top_n=4, window=4)  # free pi
 @pytest.fixture(scope="module")
 def model():
     config = get_config(
-        "llama-tiny", num_layers=2, layer_pattern=(LayerSpec.of("nsa", num_kv_heads=2, **NSA),)
+        "llama-tiny", num_layers=1, layer_pattern=(LayerSpec.of("nsa", num_kv_heads=2, **NSA),)
     )
     m = DecoderLM(config, rngs=nnx.Rngs(0))
     for block in m.layers:  # non-zero position embeddings, so the test sees them

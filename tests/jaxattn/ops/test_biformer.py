@@ -56,8 +56,12 @@ def test_all_regions_is_full_attention(grid):
         if grid is None
         else dict(region=6, top_k=8, grid_hw=grid[0], region_hw=grid[1])
     )
-    got = biformer.bilevel_routing_attention(q, k, v, **kw)
-    np.testing.assert_allclose(got, dot_product_attention(q, k, v), **TOL)
+    both = lambda q, k, v: (  # noqa: E731  (one compile for both)
+        biformer.bilevel_routing_attention(q, k, v, **kw),
+        dot_product_attention(q, k, v),
+    )
+    got, want = jax.jit(both)(q, k, v)
+    np.testing.assert_allclose(got, want, **TOL)
 
 
 def test_routing_takes_highest_affinity_regions_and_bad_input():
