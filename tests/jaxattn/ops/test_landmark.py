@@ -61,9 +61,10 @@ def _paper_loop(q, k, v, block, retrieved=None):
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("top_k",))
-def _fast_and_reference(q, k, v, do, retrieved, *, top_k):
-    """Value and (dq, dk, dv) of the block-visit op and of the dense reference, one compile."""
+@functools.partial(jax.jit, static_argnames=("top_k", "all_k"))
+def _fast_and_reference(q, k, v, do, retrieved, *, top_k, all_k=None):
+    """(o, (dq, dk, dv)) of the block-visit op and of the dense reference, and the op's output
+    with top_k = all_k (if given), in one compile."""
     fast = lambda q, k, v: landmark_attention(q, k, v, block=BLOCK, top_k=top_k)  # noqa: E731
     ref = lambda q, k, v: landmark_reference(  # noqa: E731
         q, k, v, block=BLOCK, retrieved_BTNL=retrieved
@@ -77,7 +78,8 @@ def _fast_and_reference(q, k, v, do, retrieved, *, top_k):
         (_, o), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
         return o, grads
 
-    return vg(fast), vg(ref)
+    extra = None if all_k is None else landmark_attention(q, k, v, block=BLOCK, top_k=all_k)
+    return vg(fast), vg(ref), extra
 
 
 def _close(got, want):
@@ -88,21 +90,22 @@ def _close(got, want):
 @pytest.mark.parametrize("G", [1, 4])
 def test_training_form_equals_the_papers_grouped_softmax(G):
     q, k, v, do = _qkv(G, K=4 // G, G=G)
-    ref = landmark_reference(q, k, v, block=BLOCK)
+    (o, grads), (ref, grads_ref), all_blocks = _fast_and_reference(
+        q, k, v, do, None, top_k=None, all_k=q.shape[1] // BLOCK
+    )
     np.testing.assert_allclose(ref, _paper_loop(q, k, v, BLOCK), **TOL)
-    (o, grads), (o_ref, grads_ref) = _fast_and_reference(q, k, v, do, None, top_k=None)
-    _close((o, grads), (o_ref, grads_ref))
+    _close((o, grads), (ref, grads_ref))
     assert float(jnp.abs(grads[1][:, BLOCK - 1 :: BLOCK]).max()) > 0  # landmark keys train
-    # every block retrieved == the training form
-    all_blocks = landmark_attention(q, k, v, block=BLOCK, top_k=q.shape[1] // BLOCK)
-    np.testing.assert_allclose(all_blocks, ref, **TOL)
+    np.testing.assert_allclose(all_blocks, ref, **TOL)  # every block retrieved == training form
 
 
 def test_top_k_retrieves_the_highest_landmark_scores():
     q, k, v, do = _qkv(7)
     B, T, N, H = q.shape
     K, top_k, nl = k.shape[2], 2, T // BLOCK
-    idx, valid = landmark_select(landmark_scores(q, k, block=BLOCK), num_kv_heads=K, top_k=top_k)
+    idx, valid = jax.jit(
+        lambda q, k: landmark_select(landmark_scores(q, k, block=BLOCK), num_kv_heads=K, top_k=2)
+    )(q, k)
     # numpy: softmax over the earlier landmarks per query head, max over the group, top 2
     s = np.einsum("btnh,blnh->btnl", q, np.repeat(k[:, BLOCK - 1 :: BLOCK], N // K, 2)) / 4.0
     retrieved = [[[set() for _ in range(N)] for _ in range(T)] for _ in range(B)]
@@ -120,7 +123,7 @@ def test_top_k_retrieves_the_highest_landmark_scores():
         for n in range(kh * 2, kh * 2 + 2):
             retrieved[b][i][n] = want
             mask[b, i, n, list(want)] = True
-    (o, grads), (o_ref, grads_ref) = _fast_and_reference(
+    (o, grads), (o_ref, grads_ref), _ = _fast_and_reference(
         q, k, v, do, jnp.asarray(mask), top_k=top_k
     )
     _close((o, grads), (o_ref, grads_ref))
