@@ -15,6 +15,7 @@ Attention kinds
   SSAConfig, SelectiveAttention             "ssa": selective attention (query/value temperatures)
   NSAConfig, NativeSparseAttention          "nsa": native sparse attention (3 gated branches)
   LMInfiniteConfig, LMInfiniteAttention     "lm_infinite": Λ mask + RoPE distance cap
+  LandmarkConfig, LandmarkAttention         "landmark": landmark blocks, grouped softmax, top-k
   KDGQAConfig, DGQAConfig, KeyDrivenAttention "kdgqa" / "dgqa": key-norm driven query-head groups
   PGQAConfig, PerturbedAttention            "pgqa": GQA with moment-matched output noise (train)
   DiffQKVConfig, DiffQKVAttention           "diffqkv": Sigma's separate K / V heads and dims, aug. Q
@@ -47,6 +48,7 @@ from jaxattn.layers._factorized import (
 from jaxattn.layers._kdgqa import DGQAConfig, KDGQAConfig, KeyDrivenAttention
 from jaxattn.layers._kinds import AttentionLayer, kind_config, register_kind, registered_kinds
 from jaxattn.layers._lama import LowRankMHSA, LowRankMHSAConfig, lama_pool
+from jaxattn.layers._landmark import LandmarkAttention, LandmarkConfig
 from jaxattn.layers._linear import Adapter, AdapterParam, Linear
 from jaxattn.layers._linear_attention import LinearAttention, LinearAttentionConfig
 from jaxattn.layers._lm_infinite import LMInfiniteAttention, LMInfiniteConfig
@@ -90,6 +92,8 @@ __all__ = [
     "NativeSparseAttention",
     "LMInfiniteConfig",
     "LMInfiniteAttention",
+    "LandmarkConfig",
+    "LandmarkAttention",
     "KDGQAConfig",
     "PGQAConfig",
     "PerturbedAttention",

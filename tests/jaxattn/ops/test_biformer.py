@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn import dot_product_attention
 from jaxattn.ops import biformer
@@ -14,13 +15,7 @@ TOL = dict(atol=2e-5, rtol=2e-5)
 
 
 def _qkv(seed, B=2, T=48, K=2, G=2, H=8):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    return (
-        jax.random.normal(ks[0], (B, T, K * G, H)),
-        jax.random.normal(ks[1], (B, T, K, H)),
-        jax.random.normal(ks[2], (B, T, K, H)),
-        jax.random.normal(ks[3], (B, T, K * G, H)),
-    )
+    return tuple(normal(seed, (B, T, K * G, H), (B, T, K, H), (B, T, K, H), (B, T, K * G, H)))
 
 
 def _vg_pair(fast, ref, q, k, v, do):
@@ -61,8 +56,12 @@ def test_all_regions_is_full_attention(grid):
         if grid is None
         else dict(region=6, top_k=8, grid_hw=grid[0], region_hw=grid[1])
     )
-    got = biformer.bilevel_routing_attention(q, k, v, **kw)
-    np.testing.assert_allclose(got, dot_product_attention(q, k, v), **TOL)
+    both = lambda q, k, v: (  # noqa: E731  (one compile for both)
+        biformer.bilevel_routing_attention(q, k, v, **kw),
+        dot_product_attention(q, k, v),
+    )
+    got, want = jax.jit(both)(q, k, v)
+    np.testing.assert_allclose(got, want, **TOL)
 
 
 def test_routing_takes_highest_affinity_regions_and_bad_input():

@@ -13,12 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from visit_case import (
     assert_close,
-    compare_with_jax_nn,
+    check_jax_nn,
+    compile_value_and_grads,
     dense_from_visits,
     inputs,
+    jax_nn_case,
     op,
     random_visits,
-    value_and_grads,
+    value_and_grads_many,
 )
 
 from jaxattn import dot_product_attention as attention
@@ -34,14 +36,21 @@ def _spec_dense(spec, T, S, q_offset=0):
     return np.asarray(masks.materialize(spec, T, S, q_offset)) if spec is not None else True
 
 
-def _compare_impls(q, k, v, do, impls=("chunked",), **kw):
-    """Each implementation against "xla" (o, lse, dq, dk, dv)."""
-    want = value_and_grads(op("xla", return_lse=True, **kw), q, k, v, do)
-    for impl in impls:
-        got = value_and_grads(op(impl, return_lse=True, **kw), q, k, v, do)
-        for name, g, w in zip(("o", "lse"), got[:2], want[:2]):
+def _compare_impls(q, k, v, do, impls=("chunked",), dense=None, **kw):
+    """Each implementation against "xla" (o, lse, dq, dk, dv) and, given the dense mask,
+    "chunked" against jax.nn under it: one compiled call for the whole case."""
+    cases = [(op(i, return_lse=True, **kw), do) for i in ("xla", *impls)]
+    if dense is not None:
+        cases += jax_nn_case(op("chunked", **kw), do, dense)
+    fns, dos = zip(*cases)
+    want, *got = value_and_grads_many(fns, q, k, v, dos)
+    if dense is not None:
+        check_jax_nn(*got[-2:], dense, TOL)
+        got = got[:-2]
+    for impl, g_i in zip(impls, got):
+        for name, g, w in zip(("o", "lse"), g_i[:2], want[:2]):
             assert_close(g, w, TOL, f"{impl} {name}")
-        for name, g, w in zip(("dq", "dk", "dv"), got[2], want[2]):
+        for name, g, w in zip(("dq", "dk", "dv"), g_i[2], want[2]):
             assert_close(g, w, TOL, f"{impl} {name}")
     return want
 
@@ -84,11 +93,10 @@ def test_fuzz_visits_chunked_xla_and_jax_nn(
     kv_lengths = jnp.asarray(rng.integers(0, S + 1, B), jnp.int32) if lengths else None
     q, k, v, do = inputs(seed, B, T, S, N, K, H, H)  # jax.nn needs V == H
     kw = dict(mask=mask, q_offset=q_offset, kv_lengths=kv_lengths, block_visits=visits)
-    _compare_impls(q, k, v, do, **kw)
     dense = dense_from_visits(visits, B=B, N=N, K=K, T=T, S=S) & _spec_dense(mask, T, S, q_offset)
     if kv_lengths is not None:
         dense = dense & (np.arange(S) < np.asarray(kv_lengths)[:, None, None, None])
-    compare_with_jax_nn(op("chunked", **kw), q, k, v, do, dense, TOL)
+    _compare_impls(q, k, v, do, dense=dense, **kw)
 
 
 @pytest.mark.parametrize("G", [1, 3, 8])
@@ -101,11 +109,10 @@ def test_gqa_segments_and_per_head_lists(G):
     seg_q = jnp.asarray(np.sort(rng.integers(0, 2, (B, T)), axis=1), jnp.int32)
     seg_k = jnp.asarray(np.sort(rng.integers(0, 2, (B, S)), axis=1), jnp.int32)
     kw = dict(mask=masks.Causal(), q_offset=S - T, segment_ids=(seg_q, seg_k), block_visits=visits)
-    _compare_impls(q, k, v, do, **kw)
     dense = dense_from_visits(visits, B=B, N=K * G, K=K, T=T, S=S)
     dense &= _spec_dense(masks.Causal(), T, S, S - T)
     dense &= (np.asarray(seg_q)[:, :, None] == np.asarray(seg_k)[:, None, :])[:, None]
-    compare_with_jax_nn(op("chunked", **kw), q, k, v, do, dense, TOL)
+    _compare_impls(q, k, v, do, dense=dense, **kw)
 
 
 def test_chunked_reads_only_listed_blocks():
@@ -125,9 +132,10 @@ def test_chunked_reads_only_listed_blocks():
     q, k, v, do = inputs(0, B, T, S, N, K, 16, 16)
     nan_k = jnp.where(jnp.asarray(listed.transpose(0, 2, 1))[..., None], k, jnp.nan)
     nan_v = jnp.where(jnp.asarray(listed.transpose(0, 2, 1))[..., None], v, jnp.nan)
-    fn = op("chunked", return_lse=True, block_visits=visits)
-    clean = value_and_grads(fn, q, k, v, do)
-    poisoned = value_and_grads(fn, q, nan_k, nan_v, do)
+    run = compile_value_and_grads(
+        [op("chunked", return_lse=True, block_visits=visits)], q, k, v, [do]
+    )
+    (clean,), (poisoned,) = run(q, k, v, [do]), run(q, nan_k, nan_v, [do])
     for name, g, w in zip(
         ("o", "lse", "dq"), (*poisoned[:2], poisoned[2][0]), (*clean[:2], clean[2][0])
     ):
@@ -147,10 +155,9 @@ def test_empty_lists_give_zeros_and_zero_gradients():
         block_kv=10,
     )
     q, k, v, do = inputs(1, B, T, S, N, K, 16, 16)
-    for impl in ("xla", "chunked"):
-        o, lse, (dq, dk, dv) = value_and_grads(
-            op(impl, return_lse=True, block_visits=visits), q, k, v, do
-        )
+    impls = ("xla", "chunked")
+    fns = [op(impl, return_lse=True, block_visits=visits) for impl in impls]
+    for impl, (o, lse, (dq, dk, dv)) in zip(impls, value_and_grads_many(fns, q, k, v, [do] * 2)):
         for x in (o, lse, dq, dk, dv):
             assert not np.isnan(np.asarray(x)).any(), impl
         assert (np.asarray(o)[:, :10] == 0).all() and np.isneginf(np.asarray(lse)[..., :10]).all()
@@ -194,19 +201,21 @@ def test_dynamic_block_sparse_inside_jit_per_row_and_head():
         T, S, dtype=bool
     )
     seen = dense.any(-1).transpose(0, 2, 1)[..., None]
-    want = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(dense))
-    assert_close(np.where(seen, got, 0), np.where(seen, want, 0), TOL)
     # a 2-D jax layout is the static numpy layout's twin
     lay2 = np.random.default_rng(0).random((5, 5)) < 0.5
     static = masks.BlockSparse(layout=lay2, block_q=bq, block_kv=bk)
     dynamic = masks.BlockSparse(layout=jnp.asarray(lay2), block_q=bq, block_kv=bk)
-    for impl in ("xla", "chunked"):
-        assert_close(
-            attention(q, k, v, mask=dynamic, implementation=impl),
-            attention(q, k, v, mask=static, implementation="xla"),
-            TOL,
-            impl,
-        )
+
+    @jax.jit  # the references and both layouts in one compile
+    def references(q, k, v):
+        want = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(dense))
+        twins = [attention(q, k, v, mask=dynamic, implementation=i) for i in ("xla", "chunked")]
+        return want, twins, attention(q, k, v, mask=static, implementation="xla")
+
+    want, twins, from_static = references(q, k, v)
+    assert_close(np.where(seen, got, 0), np.where(seen, want, 0), TOL)
+    for impl, twin in zip(("xla", "chunked"), twins):
+        assert_close(twin, from_static, TOL, impl)
 
 
 def _bad(**over):
@@ -322,8 +331,13 @@ def test_fuzz_kv_major_order_equals_xla(
         logits_soft_cap=2.5 if cap else None,
         block_visits=visits,
     )
-    want = value_and_grads(op("xla", return_lse=True, **kw), q, k, v, do)
-    got = value_and_grads(op("chunked", return_lse=True, block_sizes=KV, **kw), q, k, v, do)
+    want, got = value_and_grads_many(
+        [op("xla", return_lse=True, **kw), op("chunked", return_lse=True, block_sizes=KV, **kw)],
+        q,
+        k,
+        v,
+        [do, do],
+    )
     for name, g, w in zip(
         ("o", "lse", "dq", "dk", "dv"), (*got[:2], *got[2]), (*want[:2], *want[2])
     ):
@@ -341,10 +355,9 @@ def test_kv_major_per_token_lists_with_segments(G):
     q, k, v, do = inputs(G, B, T, S, K * G, K, 16, 16)
     seg = jnp.asarray(np.sort(rng.integers(0, 2, (B, T)), axis=1), jnp.int32)
     kw = dict(mask=masks.Causal(), segment_ids=seg, block_visits=visits)
-    _compare_impls(q, k, v, do, **kw)  # "auto" order: kv-major for block_q = 1
     dense = dense_from_visits(visits, B=B, N=K * G, K=K, T=T, S=S) & np.tri(T, S, dtype=bool)
     dense &= (np.asarray(seg)[:, :, None] == np.asarray(seg)[:, None, :])[:, None]
-    compare_with_jax_nn(op("chunked", **kw), q, k, v, do, dense, TOL)
+    _compare_impls(q, k, v, do, dense=dense, **kw)  # "auto" order: kv-major for block_q = 1
 
 
 def test_kv_major_reads_only_listed_blocks_and_refuses_what_it_cannot_serve():
@@ -358,8 +371,8 @@ def test_kv_major_reads_only_listed_blocks_and_refuses_what_it_cannot_serve():
     listed = (np.arange(S) // 16 == 0) | (np.arange(S) // 16 == 3)
     poison = lambda x: jnp.where(jnp.asarray(listed)[None, :, None, None], x, jnp.nan)
     fn = op("chunked", return_lse=True, block_visits=visits, block_sizes=KV)
-    clean = value_and_grads(fn, q, k, v, do)
-    dirty = value_and_grads(fn, q, poison(k), poison(v), do)
+    run = compile_value_and_grads([fn], q, k, v, [do])
+    (clean,), (dirty,) = run(q, k, v, [do]), run(q, poison(k), poison(v), [do])
     for name, g, w in zip(("o", "lse", "dq"), (*dirty[:2], dirty[2][0]), (*clean[:2], clean[2][0])):
         assert_close(g, w, TOL, name)
     with pytest.raises(NotImplementedError, match="loop_order='kv'.*no dropout"):

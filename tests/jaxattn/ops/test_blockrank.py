@@ -5,6 +5,7 @@ per-document attention mass and the contrastive loss."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn.ops import blockrank
 
@@ -26,9 +27,7 @@ def test_mask_structure():
 
 def test_attention_equals_dense_reference_and_mass_and_loss():
     T, N, K, H = len(DOCS), 4, 2, 8
-    ks = jax.random.split(jax.random.key(0), 4)
-    q, k, v = (jax.random.normal(kk, (2, T, n, H)) for kk, n in zip(ks, (N, K, K)))
-    do = jax.random.normal(ks[3], (2, T, N, H))
+    q, k, v, do = normal(0, (2, T, N, H), (2, T, K, H), (2, T, K, H), (2, T, N, H))
     docs = jnp.asarray(np.stack([DOCS, DOCS]))
     mask = blockrank.blockrank_mask(docs)[:, None]
 

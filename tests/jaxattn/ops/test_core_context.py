@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn import dot_product_attention, masks
 from jaxattn.ops import core_context as cca
@@ -14,8 +15,7 @@ TOL = dict(atol=2e-5, rtol=2e-5)
 
 
 def _qkv(seed, T=30, K=2, G=2, H=8):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    return [jax.random.normal(kk, (2, T, n, H)) for kk, n in zip(ks, (K * G, K, K, K * G))]
+    return normal(seed, *((2, T, n, H) for n in (K * G, K, K, K * G)))
 
 
 def test_fused_equals_concatenated_reference_fwd_bwd():

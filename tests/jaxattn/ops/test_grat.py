@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn import dot_product_attention
 from jaxattn.ops import grat
@@ -20,8 +21,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_equals_dense_equivalent_mask_fwd_bwd(name):
     kw = CASES[name]
-    ks = jax.random.split(jax.random.key(0), 4)
-    q, k, v, do = (jax.random.normal(kk, (2, 48, n, 8)) for kk, n in zip(ks, (4, 2, 2, 4)))
+    q, k, v, do = normal(0, *((2, 48, n, 8) for n in (4, 2, 2, 4)))
     mask = jnp.asarray(grat.grat_dense_mask(48, **kw))
 
     def both(q, k, v, do, mask):  # the op and the masked reference, in one compiled call
@@ -40,8 +40,7 @@ def test_equals_dense_equivalent_mask_fwd_bwd(name):
 
 
 def test_covering_region_is_full_attention_and_bad_input():
-    ks = jax.random.split(jax.random.key(1), 3)
-    q, k, v = (jax.random.normal(kk, (1, 48, 2, 8)) for kk in ks)
+    q, k, v = normal(1, *[(1, 48, 2, 8)] * 3)
     got = grat.grat_attention(q, k, v, grid_hw=(6, 8), group_hw=(2, 2), radius=4)
     np.testing.assert_allclose(got, dot_product_attention(q, k, v), atol=2e-5, rtol=2e-5)
     assert grat.grat_layout((2, 3), pattern="criss_cross").sum() == 6 * 4  # row + column

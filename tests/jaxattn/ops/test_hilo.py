@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn.ops import hilo
 
@@ -14,9 +15,8 @@ GRID, WIN = (4, 6), 2
 
 
 def _qkv(seed, N=4, H=8):
-    ks = jax.random.split(jax.random.key(seed), 4)
     T = GRID[0] * GRID[1]
-    return [jax.random.normal(kk, (2, T, N, H)) for kk in ks]
+    return normal(seed, *[(2, T, N, H)] * 4)
 
 
 @pytest.mark.parametrize("n_hi", [0, 1, 2, 4])

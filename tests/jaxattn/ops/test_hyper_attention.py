@@ -6,50 +6,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn import dot_product_attention
 from jaxattn.ops import hyper_attention as ha
 
 
 def _qkv(T=64, N=2, H=8):
-    ks = jax.random.split(jax.random.key(0), 3)
-    return [jax.random.normal(kk, (2, T, N, H)) for kk in ks]
+    return normal(0, *[(2, T, N, H)] * 3)
 
 
 def test_one_bucket_full_sampling_is_exact():
     q, k, v = _qkv()
-    exact = dot_product_attention(q, k, v, implementation="xla")
-    got = ha.hyper_attention(q, k, v, jax.random.key(1), num_planes=0, block=16, num_samples=64)
+
+    @jax.jit  # one compile for the three calls
+    def run(q, k, v):
+        exact = dot_product_attention(q, k, v, implementation="xla")
+        key = jax.random.key(1)
+        got = ha.hyper_attention(q, k, v, key, num_planes=0, block=16, num_samples=64)
+        return exact, got, ha.hyper_attention(q, k, v, key, num_planes=3, block=64, num_samples=0)
+
+    exact, got, one_block = run(q, k, v)
     np.testing.assert_allclose(got, exact, atol=2e-5, rtol=2e-5)
-    one_block = ha.hyper_attention(
-        q, k, v, jax.random.key(1), num_planes=3, block=64, num_samples=0
-    )
     np.testing.assert_allclose(one_block, exact, atol=2e-5, rtol=2e-5)
 
 
 def test_error_falls_with_samples():
     q, k, v = _qkv()
     exact = dot_product_attention(q, k, v, implementation="xla")
-    errs = []
-    for m in (4, 16, 48):
-        e = [
-            float(
-                jnp.abs(
-                    ha.hyper_attention(
-                        q, k, v, jax.random.key(s), num_planes=2, block=8, num_samples=m
-                    )
-                    - exact
-                ).mean()
-            )
-            for s in range(4)
-        ]
-        errs.append(np.mean(e))
+    err = jax.jit(  # one compile per sample count, reused for the 4 seeds
+        lambda key, m: jnp.abs(
+            ha.hyper_attention(q, k, v, key, num_planes=2, block=8, num_samples=m) - exact
+        ).mean(),
+        static_argnums=1,
+    )
+    errs = [np.mean([float(err(jax.random.key(s), m)) for s in range(4)]) for m in (4, 16, 48)]
     assert errs[0] > errs[1] > errs[2], errs
 
 
 def test_lsh_sort_unsort_round_trip_and_bad_input():
-    x = jax.random.normal(jax.random.key(2), (1, 32, 8))
-    b = ha.lsh_buckets(x, jax.random.normal(jax.random.key(3), (8, 3)))
+    x, planes = normal(2, (1, 32, 8), (8, 3))
+    b = ha.lsh_buckets(x, planes)
     assert int(b.min()) >= 0 and int(b.max()) < 8
     order = jnp.argsort(b, axis=1)
     back = jnp.take_along_axis(

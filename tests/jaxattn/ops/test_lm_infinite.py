@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from decode_testlib import decode_all  # tests/: prefill then one token per step
 from flax import nnx
+from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn import dot_product_attention, masks
 from jaxattn.layers import LMInfiniteConfig
@@ -23,11 +24,7 @@ TOL = dict(atol=2e-5, rtol=2e-5)
 
 
 def _qkv(seed, B=2, T=37, K=2, G=2, H=16):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(ks[0], (B, T, K * G, H))
-    k = jax.random.normal(ks[1], (B, T, K, H))
-    v = jax.random.normal(ks[2], (B, T, K, H))
-    return q, k, v, jax.random.normal(ks[3], (B, T, K * G, H))
+    return tuple(normal(seed, (B, T, K * G, H), (B, T, K, H), (B, T, K, H), (B, T, K * G, H)))
 
 
 def _fast(q, k, v, **kw):
@@ -60,32 +57,40 @@ def test_equals_explicit_lambda_mask_and_capped_distances(n_global, n_local):
 def test_shorter_than_window_is_vanilla_causal_rope():
     q, k, v, _ = _qkv(1, T=20)
     pos = jnp.broadcast_to(jnp.arange(20), (2, 20))
-    want = dot_product_attention(
-        apply_rope(q, pos, ROPE), apply_rope(k, pos, ROPE), v, mask=masks.Causal()
-    )
-    np.testing.assert_allclose(_fast(q, k, v, n_global=4, n_local=20), want, **TOL)
+
+    @jax.jit  # one compile for both
+    def both(q, k, v):
+        q_rot, k_rot = apply_rope(q, pos, ROPE), apply_rope(k, pos, ROPE)
+        vanilla = dot_product_attention(q_rot, k_rot, v, mask=masks.Causal())
+        return _fast(q, k, v, n_global=4, n_local=20), vanilla
+
+    got, want = both(q, k, v)
+    np.testing.assert_allclose(got, want, **TOL)
 
 
 def test_distances_past_the_cap_are_clipped():
     """One query vector at every position and one sink key: its logit (read from a one-key
     value) is the same for every query beyond the window: distance n_local, not p - j."""
     T, n_local = 30, 6
-    q = jnp.broadcast_to(jax.random.normal(jax.random.key(0), (1, 1, 1, 16)), (1, T, 1, 16))
-    k = jax.random.normal(jax.random.key(1), (1, T, 1, 16))
+    q, k = normal(0, (1, 1, 1, 16), (1, T, 1, 16))
+    q = jnp.broadcast_to(q, (1, T, 1, 16))
     # values: sink 0 carries 1, every other key 0 -> o = the softmax weight of the sink
     v = jnp.zeros((1, T, 1, 16)).at[:, 0].set(1.0)
     k = k.at[:, 1:].set(0.0)  # other keys: logit 0, so the sink's weight reveals its logit
-    o = _fast(q, k, v, n_global=1, n_local=n_local)[0, :, 0, 0]
+    kw = dict(n_global=1, n_local=n_local)
+    o, ref = jax.jit(  # one compile for both
+        lambda q, k, v: (_fast(q, k, v, **kw), lm_infinite_reference(q, k, v, rope=ROPE, **kw))
+    )(q, k, v)
+    o, ref = o[0, :, 0, 0], ref[0, :, 0, 0]
     far = np.asarray(o[n_local:])  # p - 0 >= n_local: one capped distance, window of n_local
     np.testing.assert_allclose(far, far[0], rtol=1e-5)
-    ref = lm_infinite_reference(q, k, v, rope=ROPE, n_global=1, n_local=n_local)[0, :, 0, 0]
     np.testing.assert_allclose(o, ref, **TOL)
 
 
 def test_kind_decode_equals_forward_and_bad_config():
     config = get_config(
         "llama-tiny",
-        num_layers=2,
+        num_layers=1,
         layer_pattern=(LayerSpec.of("lm_infinite", n_global=2, n_local=4),),
     )
     model = DecoderLM(config, rngs=nnx.Rngs(0))

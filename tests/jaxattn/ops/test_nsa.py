@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn.ops import nsa
 
@@ -17,14 +18,18 @@ TOL = dict(atol=2e-5, rtol=2e-5)
 
 
 def _case(seed, B, T, S, K, G, H=16):
-    ks = jax.random.split(jax.random.key(seed), 7)
-    q = jax.random.normal(ks[0], (B, T, K * G, H))
-    k = jax.random.normal(ks[1], (B, S, K, H))
-    v = jax.random.normal(ks[2], (B, S, K, H))
-    gates = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, K * G, 3)))
-    w = jax.random.normal(ks[4], (2, SIZES["block"], H, H)) / np.sqrt(SIZES["block"] * H)
-    pos = 0.1 * jax.random.normal(ks[5], (2, SIZES["block"], H))
-    do = jax.random.normal(ks[6], (B, T, K * G, H))
+    l = SIZES["block"]
+    q, k, v, gates, w, pos, do = normal(
+        seed,
+        (B, T, K * G, H),
+        (B, S, K, H),
+        (B, S, K, H),
+        (B, T, K * G, 3),
+        (2, l, H, H),
+        (2, l, H),
+        (B, T, K * G, H),
+    )
+    gates, w, pos = jax.nn.sigmoid(gates), w / np.sqrt(l * H), 0.1 * pos
     return (q, k, v, gates, w, pos), do
 
 
@@ -99,8 +104,7 @@ def test_selection_keeps_first_and_local_blocks_and_only_the_past():
 
 
 def test_compression_equals_explicit_blocks():
-    x = jax.random.normal(jax.random.key(0), (1, 21, 2, 4))
-    pos = jax.random.normal(jax.random.key(1), (8, 4))
+    x, pos = normal(0, (1, 21, 2, 4), (8, 4))
     out = nsa.compress(x, lambda b: b.sum((-2, -1)), pos, block=8, stride=4)
     assert out.shape == (1, nsa.num_compressed(21, 8, 4), 2) == (1, 4, 2)
     want = [(x[0, i * 4 : i * 4 + 8] + pos[:, None]).sum((0, 2)) for i in range(4)]

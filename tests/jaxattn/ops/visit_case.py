@@ -53,29 +53,47 @@ def dense_from_visits(visits, *, B, N, K, T, S):
     return np.repeat(m, N // K, axis=1)  # query head n reads kv head n // G
 
 
+def normal(seed, *shapes, dtype=jnp.float32):
+    """Standard normal arrays of the given shapes from numpy (jax.random compiles per shape)."""
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype) for s in shapes]
+
+
 def inputs(seed, B, T, S, N, K, H, V, dtype=jnp.float32, Kv=None):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(ks[0], (B, T, N, H), dtype)
-    k = jax.random.normal(ks[1], (B, S, K, H), dtype)
-    v = jax.random.normal(ks[2], (B, S, Kv or K, V), dtype)
-    do = jax.random.normal(ks[3], (B, T, N, V), jnp.float32)
+    q, k, v = normal(seed, (B, T, N, H), (B, S, K, H), (B, S, Kv or K, V), dtype=dtype)
+    (do,) = normal(seed + 1, (B, T, N, V))
     return q, k, v, do
+
+
+def compile_value_and_grads(fns, q, k, v, dos):
+    """One compiled call (q, k, v, dos) -> [(o, lse or None, (dq, dk, dv))] of each fn: the
+    gradients of <o, do> (+ ½·sum of finite lse) with its own cotangent do; reusable for
+    other inputs of the same shapes (one compile per case)."""
+
+    def one(fn, q, k, v, do):
+        def loss(q, k, v):
+            out = fn(q, k, v)
+            o, lse = out if isinstance(out, tuple) else (out, None)
+            total = (o.astype(jnp.float32) * do).sum()
+            if lse is not None:
+                total = total + 0.5 * jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
+            return total, (o, lse)
+
+        (_, (o, lse)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return o, lse, grads
+
+    run = jax.jit(lambda q, k, v, dos: [one(f, q, k, v, d) for f, d in zip(fns, dos)])
+    return run.lower(q, k, v, list(dos)).compile(compiler_options=FAST_COMPILE)
+
+
+def value_and_grads_many(fns, q, k, v, dos):
+    """[(o, lse or None, (dq, dk, dv))] of each fn (see :func:`compile_value_and_grads`)."""
+    return compile_value_and_grads(fns, q, k, v, dos)(q, k, v, list(dos))
 
 
 def value_and_grads(fn, q, k, v, do):
     """(o, lse or None) and the gradients of <o, do> (+ ½·sum of finite lse) for q, k, v."""
-
-    def loss(q, k, v):
-        out = fn(q, k, v)
-        o, lse = out if isinstance(out, tuple) else (out, None)
-        total = (o.astype(jnp.float32) * do).sum()
-        if lse is not None:
-            total = total + 0.5 * jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
-        return total, (o, lse)
-
-    vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-    (_, (o, lse)), grads = vg.lower(q, k, v).compile(compiler_options=FAST_COMPILE)(q, k, v)
-    return o, lse, grads
+    return value_and_grads_many([fn], q, k, v, [do])[0]
 
 
 def op(impl, **kw):
@@ -100,14 +118,25 @@ def jax_nn(dense_BNTS):
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
-def compare_with_jax_nn(fn, q, k, v, do, dense_BNTS, tol):
-    """fn's output on seen rows and its gradients (zero cotangent on unseen rows) against
-    jax.nn under the dense mask."""
+def jax_nn_case(fn, do, dense_BNTS):
+    """The two (fn, do) pairs of a comparison with jax.nn under the dense mask (zero cotangent
+    on unseen rows), for :func:`value_and_grads_many`."""
+    do = jnp.where(seen_rows(dense_BNTS), do, 0.0)
+    return [(fn, do), (jax_nn(dense_BNTS), do)]
+
+
+def check_jax_nn(got, want, dense_BNTS, tol):
+    """fn's output on seen rows and its gradients against jax.nn's (results of jax_nn_case)."""
     seen = seen_rows(dense_BNTS)
-    do = jnp.where(seen, do, 0.0)
-    got = value_and_grads(fn, q, k, v, do)
-    want = value_and_grads(jax_nn(dense_BNTS), q, k, v, do)
     assert_close(jnp.where(seen, got[0], 0), jnp.where(seen, want[0], 0), tol, "o vs jax.nn")
     for name, g, w in zip(("dq", "dk", "dv"), got[2], want[2]):
         assert_close(g, w, tol, f"{name} vs jax.nn")
+
+
+def compare_with_jax_nn(fn, q, k, v, do, dense_BNTS, tol):
+    """fn's output on seen rows and its gradients (zero cotangent on unseen rows) against
+    jax.nn under the dense mask, in one compiled call."""
+    fns, dos = zip(*jax_nn_case(fn, do, dense_BNTS))
+    got, want = value_and_grads_many(fns, q, k, v, dos)
+    check_jax_nn(got, want, dense_BNTS, tol)
     return got

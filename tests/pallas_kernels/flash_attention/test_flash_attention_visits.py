@@ -8,6 +8,7 @@ read (NaN there leaves the result finite).
 import os
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,12 +22,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "jaxattn"
 from visit_case import (  # noqa: E402
     assert_close,
     compare_with_jax_nn,
+    compile_value_and_grads,
     dense_from_visits,
     inputs,
     jax_nn,
     random_visits,
     seen_rows,
-    value_and_grads,
+    value_and_grads_many,
 )
 
 B32 = BlockSizes(block_q=32, block_kv=32, block_q_bwd=32, block_kv_bwd=32)
@@ -85,8 +87,9 @@ def test_tables_bound_the_grid_and_unlisted_blocks_are_never_read():
     fn = lambda q, k, v: flash_attention(
         q, k, v, block_visits=visits, block_sizes=B32, interpret=INTERPRET, return_lse=True
     )
-    clean = value_and_grads(fn, q, k, v, do)
-    poisoned = value_and_grads(fn, q, jnp.where(keep, k, jnp.nan), jnp.where(keep, v, jnp.nan), do)
+    run = compile_value_and_grads([fn], q, k, v, [do])  # one compile for both runs
+    (clean,) = run(q, k, v, [do])
+    (poisoned,) = run(q, jnp.where(keep, k, jnp.nan), jnp.where(keep, v, jnp.nan), [do])
     for g, w in zip((*poisoned[:2], poisoned[2][0]), (*clean[:2], clean[2][0])):
         assert_close(g, w, TOL)
 
@@ -118,12 +121,14 @@ def test_op_routes_visits_to_the_tpu_kernel():
         np.random.default_rng(0), Bv=1, Kv=K, T=T, S=S, block_q=16, block_kv=24, L=2
     )
     q, k, v, _ = inputs(3, B, T, S, K * G, K, 32, 32)
-    want = dot_product_attention(q, k, v, block_visits=visits, implementation="xla")
+    want = jax.jit(
+        lambda q, k, v: dot_product_attention(q, k, v, block_visits=visits, implementation="xla")
+    )(q, k, v)
     with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
-        got = dot_product_attention(
+        got = jax.jit(lambda q, k, v: dot_product_attention(
             q, k, v, block_visits=visits, implementation="pallas_tpu",
             block_sizes=BlockSizes(block_q=8, block_kv=8, block_q_bwd=16, block_kv_bwd=8),
-        )  # fmt: skip
+        ))(q, k, v)  # fmt: skip
     assert_close(got, want, TOL)
 
 
@@ -149,8 +154,9 @@ def test_gpu_kernel_with_per_head_visits_matches_jax_nn():
     seen = seen_rows(dense)
     do = jnp.where(seen, do, 0.0)
     as32 = lambda x: x.astype(jnp.float32)
-    got = value_and_grads(fn, q, k, v, do)
-    want = value_and_grads(lambda q, k, v: jax_nn(dense)(as32(q), as32(k), as32(v)), q, k, v, do)
+    got, want = value_and_grads_many(  # one compile for both
+        [fn, lambda q, k, v: jax_nn(dense)(as32(q), as32(k), as32(v))], q, k, v, [do, do]
+    )
     for g, w in zip((jnp.where(seen, got[0], 0), *got[2]), (jnp.where(seen, want[0], 0), *want[2])):
         scale = max(1.0, float(jnp.max(jnp.abs(w))))
         assert_close(g, w, dict(atol=3e-2 * scale, rtol=3e-2))
