@@ -159,6 +159,24 @@ def _lowrank_mhsa_tiny() -> dict:
     return _llama_tiny() | dict(layer_pattern=(LayerSpec.of("lowrank_mhsa", rank=16),))
 
 
+def _head_layouts_tiny() -> dict:
+    # every head-layout kind of issue 15 in one model, one per layer, each with its *-tiny
+    # layer's heads and fields (the model's default: 8 query heads, 2 kv heads)
+    pattern = (
+        LayerSpec.of("moh", num_kv_heads=4, num_shared_heads=2, top_k=3),
+        LayerSpec.of("ssa", num_heads=4),
+        LayerSpec.of("kdgqa"),
+        LayerSpec.of("dgqa"),
+        LayerSpec.of("pgqa"),
+        LayerSpec.of("diffqkv", num_v_heads=4, head_dim=8, v_head_dim=16, augmented_q_dim=16),
+        LayerSpec.of("cca", num_heads=4, compression=2),
+        LayerSpec.of("lowrank_mhsa", num_heads=4, rank=16),
+    )
+    return _llama_tiny() | dict(
+        num_layers=len(pattern), num_heads=8, num_kv_heads=2, layer_pattern=pattern
+    )
+
+
 def _llama3_8b() -> dict:
     scaling = Llama3Scaling(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
@@ -257,6 +275,7 @@ _CONFIGS = {
     "diffqkv-tiny": _diffqkv_tiny,
     "ccgqa-tiny": _ccgqa_tiny,
     "lowrank-mhsa-tiny": _lowrank_mhsa_tiny,
+    "head-layouts-tiny": _head_layouts_tiny,
     "llama3-8b": _llama3_8b,
     "qwen2-7b": _qwen2_7b,
     "mistral-7b": _mistral_7b,

@@ -51,6 +51,7 @@ __all__ = [
     "sync_processes",
     "read_meta",
     "restore_params",
+    "restore_stats",
     "config_to_json",  # (defined in train.config)
     "config_from_json",
 ]
@@ -382,5 +383,41 @@ def restore_params(directory: str, abstract_params, shardings=None, step: int | 
             raise CheckpointError(f"{where}: unreadable ({one_line(err)})") from None
         verify({k: got[k] for k in targets}, meta, where)
         return got["params"], meta
+    finally:
+        manager.close()
+
+
+def restore_stats(directory: str, step: int) -> dict | None:
+    """The tracked statistics (``state["stats"]``: ``nnx.BatchStat`` values such as DGQA's
+    key-norm EMA) of a checkpoint step, verified, on the first device; None when the step
+    holds none. Reads the whole train item (the statistics are a part of it).
+
+    Raises:
+      CheckpointError: the step cannot be read or fails its integrity check.
+    """
+    manager = _reader(directory)
+    try:
+        where = os.path.join(os.path.abspath(directory), str(step))
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = meta["meta"]
+            train = manager.item_metadata(step)["train"]
+            train = _int_keys(getattr(train, "tree", train))
+        except Exception as err:  # noqa: BLE001 - report which step and why, in one line
+            raise CheckpointError(f"{where}: unreadable ({one_line(err)})") from None
+        if "stats" not in train:
+            return None
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), train
+        )
+        try:
+            got = manager.restore(
+                step, args=ocp.args.Composite(train=ocp.args.StandardRestore(target))
+            )
+        except Exception as err:  # noqa: BLE001 - report which step and why, in one line
+            raise CheckpointError(f"{where}: unreadable ({one_line(err)})") from None
+        verify({"train": got["train"]}, meta, where)
+        return got["train"]["stats"]
     finally:
         manager.close()

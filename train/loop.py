@@ -286,7 +286,7 @@ def train_loop(
     return RunResult(
         trainer=trainer,
         state=state,
-        rest=rest,
+        rest=trainer.with_stats(rest, state),  # the trained statistics (DGQA's EMA) in place
         run_dir=run_dir,
         start_step=start,
         eval_loss=eval_loss,
@@ -378,7 +378,8 @@ def _train(config, setup, ckpt, writer, state, rest, start, model_config, base):
             say(progress_line(done, config.steps, loss, tok_s, tok_s * fpt / peak, lr))
             interval, timed_tokens, t_last = [], 0, time.time()
         if eval_now:
-            eval_loss = evaluate(trainer, state["params"], rest, eval_data, config.eval_batches)
+            current = trainer.with_stats(rest, state)  # the tracked statistics of this step
+            eval_loss = evaluate(trainer, state["params"], current, eval_data, config.eval_batches)
             writer.write(done, "eval", {"loss": eval_loss, "perplexity": math.exp(eval_loss)})
             say(f"eval step {done}: loss {eval_loss:.4f}  perplexity {math.exp(eval_loss):.2f}")
             timed_tokens, t_last = 0, time.time()
@@ -386,5 +387,6 @@ def _train(config, setup, ckpt, writer, state, rest, start, model_config, base):
         if ckpt.save(done, saved, {**meta, "data_step": done}, force=done == config.steps):
             timed_tokens, t_last = 0, time.time()  # the save's host copy is not training time
     if start >= config.steps:
-        eval_loss = evaluate(trainer, state["params"], rest, eval_data, config.eval_batches)
+        current = trainer.with_stats(rest, state)
+        eval_loss = evaluate(trainer, state["params"], current, eval_data, config.eval_batches)
     return state, eval_loss

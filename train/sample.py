@@ -177,7 +177,16 @@ def load_model(checkpoint: str, step: int | None = None):
             model = build()
         return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
 
-    return nnx.merge(graphdef, params, fresh_rest()), meta
+    model = nnx.merge(graphdef, params, fresh_rest())
+    stats = nnx.state(model, nnx.BatchStat)  # tracked statistics (DGQA's EMA): as trained
+    if stats:
+        from train.checkpoints import restore_stats
+
+        saved = restore_stats(checkpoint, meta["step"])
+        if saved is not None:
+            nnx.replace_by_pure_dict(stats, saved)
+            nnx.update(model, stats)
+    return model, meta
 
 
 def _restore_finetuned(checkpoint: str, abs_params: dict, meta: dict):

@@ -14,6 +14,11 @@ of ``jaxattn.sharding``, and optimizer moments are placed like the parameter the
 ``opt_state`` covers only the trainable parameters (``config.optimizer``, see ``train.optim``):
 the step differentiates the loss w.r.t. those alone, frozen ones enter as constants.
 Non-parameter model state (``rest``: rng streams, constant tables) is replicated and untrained.
+Statistics a layer tracks in training (``nnx.BatchStat`` variables, e.g. DGQA's key-norm EMA)
+are carried by the state as ``state["stats"]`` (present only for models that have any): each
+train step starts from them and returns their updated values, so they persist across steps
+and are checkpointed and resumed with the optimizer state; ``rest`` holds their birth values,
+and :meth:`Trainer.with_stats` puts the state's current ones into it (for evaluation, sampling).
 
 Every step reports ``finite``: whether its loss, gradient norm and updated parameters are all
 finite. With ``config.nonfinite == "skip"`` a step that is not finite keeps the previous
@@ -160,8 +165,25 @@ class Trainer:
         }
 
     def model(self, params, rest) -> nnx.Module:
-        """An NNX model holding ``params`` (e.g. for sampling)."""
+        """An NNX model holding ``params`` (e.g. for sampling; ``rest`` from :meth:`with_stats`
+        for the trained statistics)."""
         return nnx.merge(self.graphdef, params, rest)
+
+    def with_stats(self, rest: dict, state: dict) -> dict:
+        """``rest`` with the tracked statistics of ``state`` (``state["stats"]``) in place of
+        their birth values; ``rest`` itself when the model tracks none."""
+        return _with_stats(rest, state.get("stats"))
+
+
+def _with_stats(rest: dict, stats: dict | None) -> dict:
+    """``rest`` (a pure dict) with the leaves of ``stats`` (a pure dict of a subset of its
+    paths) replaced."""
+    if not stats:
+        return rest
+    out = dict(rest)
+    for key, value in stats.items():
+        out[key] = _with_stats(rest[key], value) if isinstance(value, dict) else value
+    return out
 
 
 def make_trainer(
@@ -185,6 +207,7 @@ def make_trainer(
     with nnx.use_eager_sharding(False):
         abstract_model = nnx.eval_shape(model_fn)
     graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+    abs_stats = _pure(nnx.state(abstract_model, nnx.BatchStat))  # {} unless a layer tracks one
     names = _names_tree(abs_params)
     param_sh = jax.tree.map(
         lambda n: logical_sharding(n, mesh), names, is_leaf=lambda x: isinstance(x, tuple)
@@ -201,6 +224,8 @@ def make_trainer(
         "step": replicated,
         "rng": replicated,
     }
+    if abs_stats:
+        state_sh["stats"] = jax.tree.map(lambda _: replicated, abs_stats)
     batch_sh = logical_sharding(("batch", "length"), mesh)
     micro_sh = NamedSharding(mesh, PartitionSpec(None, *logical_to_spec(("batch", "length"), mesh)))
     compute_dtype = jnp.dtype(config.compute_dtype)
@@ -219,10 +244,12 @@ def make_trainer(
             "step": jnp.zeros((), jnp.int32),
             "rng": key,
         }
+        if abs_stats:
+            state["stats"] = _pure(nnx.state(model, nnx.BatchStat))
         return state, _pure(rest)
 
     def sums_of(loss):
-        def sums(params, rest, batch, rng=None, frozen=None):
+        def sums(params, rest, batch, rng=None, frozen=None, stats=None):
             if frozen:  # differentiated w.r.t. the trainable part only
                 params = merge_params(params, frozen)
             if compute_dtype != jnp.float32:  # bf16 compute, fp32 master weights
@@ -232,11 +259,14 @@ def make_trainer(
                     ),
                     params,
                 )
-            model = nnx.merge(graphdef, params, rest)
+            model = nnx.merge(graphdef, params, _with_stats(rest, stats))
             extras = {k: v for k, v in batch.items() if k not in _LOSS_KEYS}  # context fields
             logits_BTV = model(batch["inputs_BT"], rng=rng, **extras)
             total, weight = loss(logits_BTV, batch["targets_BT"], batch["weights_BT"])
-            return total, weight, pop_aux_loss(model)  # aux: None when no layer sows one
+            new_stats = _pure(nnx.state(model, nnx.BatchStat)) if stats else None
+            # aux: None when no layer sows one; new_stats: the tracked statistics after this
+            # forward (None when the model tracks none)
+            return total, weight, pop_aux_loss(model), new_stats
 
         if config.remat == "full":
             return jax.checkpoint(sums, policy=jax.checkpoint_policies.nothing_saveable)
@@ -249,9 +279,10 @@ def make_trainer(
     def objective(*args):
         # layers' auxiliary losses (e.g. MoH load balance) enter per unit of token weight, so
         # after the division by the summed weight the objective is loss + w · aux
-        total, weight, aux = train_sums(*args)
+        total, weight, aux, stats = train_sums(*args)
         aux = jnp.zeros((), jnp.float32) if aux is None else aux
-        return total + aux_weight * aux * weight, (total, weight, aux * weight)
+        stats = jax.lax.stop_gradient(stats)
+        return total + aux_weight * aux * weight, (total, weight, aux * weight, stats)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
@@ -261,8 +292,11 @@ def make_trainer(
         params, frozen = split_params(state["params"], trainable)
         # a fresh key per step for the model's stochastic layers; [0] is carried to the next step
         step_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))[1]
+        stats = state.get("stats")
         if accum == 1:
-            (_, (nll, weight, aux)), grads = grad_fn(params, rest, batch, step_key, frozen)
+            (_, (nll, weight, aux, stats)), grads = grad_fn(
+                params, rest, batch, step_key, frozen, stats
+            )
         else:
 
             def split(x_BT):  # row r = b * accum + a goes to micro-batch a
@@ -270,16 +304,19 @@ def make_trainer(
                 x_ABT = x_BT.reshape(b // accum, accum, t).swapaxes(0, 1)
                 return jax.lax.with_sharding_constraint(x_ABT, micro_sh)
 
-            def body(carry, micro_index):
+            def body(carry, micro_index):  # tracked statistics update micro-batch by micro-batch
+                sums, stats = carry
                 micro, a = micro_index
                 key = jax.random.fold_in(step_key, a)
-                (_, (nll, weight, aux)), grads = grad_fn(params, rest, micro, key, frozen)
-                return jax.tree.map(jnp.add, carry, (nll, weight, aux, grads)), None
+                (_, (nll, weight, aux, stats)), grads = grad_fn(
+                    params, rest, micro, key, frozen, stats
+                )
+                return (jax.tree.map(jnp.add, sums, (nll, weight, aux, grads)), stats), None
 
             zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
             zeros += (jax.tree.map(jnp.zeros_like, params),)
             xs = (jax.tree.map(split, batch), jnp.arange(accum))
-            (nll, weight, aux, grads), _ = jax.lax.scan(body, zeros, xs)
+            ((nll, weight, aux, grads), stats), _ = jax.lax.scan(body, (zeros, stats), xs)
         weight = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
@@ -290,12 +327,16 @@ def make_trainer(
             keep = lambda new, old: jnp.where(finite, new, old)
             new_params = jax.tree.map(keep, new_params, params)
             opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+            if stats:
+                stats = jax.tree.map(keep, stats, state["stats"])
         new_state = {
             "params": merge_params(new_params, frozen),
             "opt_state": opt_state,
             "step": state["step"] + 1,
             "rng": jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0]),
         }
+        if stats:
+            new_state["stats"] = stats
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -305,7 +346,7 @@ def make_trainer(
         }
         return new_state, metrics
 
-    def eval_step(params, rest, batch):
+    def eval_step(params, rest, batch):  # tracked statistics: those in rest (with_stats)
         return loss_sums(params, rest, batch)[:2]
 
     def train_steps(state, rest, batches):
@@ -317,6 +358,8 @@ def make_trainer(
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
     }
+    if abs_stats:
+        abstract_state["stats"] = abs_stats
     return Trainer(
         graphdef=graphdef,
         mesh=mesh,

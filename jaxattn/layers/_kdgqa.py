@@ -105,8 +105,11 @@ register_kind("kdgqa", KDGQAConfig)
 register_kind("dgqa", DGQAConfig)
 
 
-class KeyNormStat(nnx.Variable):
-    """DGQA's tracked key-norm statistic m [K] (not a parameter: no gradient, no optimizer)."""
+class KeyNormStat(nnx.BatchStat):
+    """DGQA's tracked key-norm statistic m [K] (not a parameter: no gradient, no optimizer).
+
+    An ``nnx.BatchStat``: ``train.step`` carries these in its state (``state["stats"]``), so the
+    EMA persists across train steps and through checkpoints."""
 
 
 def allocate_query_heads(score_K: jax.Array, num_query_heads: int) -> jax.Array:

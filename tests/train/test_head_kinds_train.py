@@ -1,8 +1,15 @@
-"""train/configs/<kind>.py of every head-layout kind trains through ``python -m train.pretrain
---config ...``: 5 steps of each (one layer, short sequences), metrics written and checkpointed;
-MoH's router reports its load-balance loss as ``aux_loss`` (the train step's auxiliary-loss
-seam), the others sow none; the CCGQA and DGQA models reloaded from their checkpoints generate
-greedily as their full forwards do."""
+"""The head-layout kinds of issue 15 train through ``python -m train.pretrain --config ...``.
+
+* one CLI run of ``train/configs/head_layouts.py`` (``head-layouts-tiny``: every kind, one per
+  layer, mixed in one model): 5 steps, metrics written and checkpointed, the loss falls; MoH's
+  router reports its load-balance loss as ``aux_loss`` (the train step's auxiliary-loss seam);
+  the model reloaded from its checkpoint generates greedily as its full forwards do (every
+  kind's own cache, CCGQA's latent history and DGQA's non-parameter state among them);
+* every kind's own ``train/configs/<kind>.py`` names its ``<kind>-tiny`` model, whose every
+  layer is that kind, and its train step traces (``jax.eval_shape``: the same program the CLI
+  compiles, not compiled here); only MoH sows an auxiliary loss;
+* the aux-loss weight enters the gradient.
+"""
 
 from __future__ import annotations
 
@@ -13,36 +20,55 @@ import pytest
 from train_testlib import as_set_args
 
 SMALL = dict(
-    seq_len=16, batch_size=4, steps=5, warmup_steps=1, ckpt_every=5, log_every=5,
+    seq_len=16, batch_size=4, steps=5, warmup_steps=1, ckpt_every=5, log_every=1,
     steps_per_call=5, eval_every=1000, eval_batches=1, tensorboard=False, plot=False,
-    async_checkpoint=False, sample_tokens=0, model_overrides=("num_layers=1",),
+    async_checkpoint=False, sample_tokens=0,
 )  # fmt: skip
 
+# config file -> (model name, the kind of its every layer)
+KINDS = {
+    "moh": ("moh-tiny", "moh"),
+    "ssa": ("ssa-tiny", "ssa"),
+    "kdgqa": ("kdgqa-tiny", "kdgqa"),
+    "dgqa": ("dgqa-tiny", "dgqa"),
+    "pgqa": ("pgqa-tiny", "pgqa"),
+    "diffqkv": ("diffqkv-tiny", "diffqkv"),
+    "ccgqa": ("ccgqa-tiny", "cca"),
+    "lowrank_mhsa": ("lowrank-mhsa-tiny", "lowrank_mhsa"),
+}
 
-KINDS = ["moh", "ssa", "kdgqa", "dgqa", "pgqa", "diffqkv", "ccgqa", "lowrank_mhsa"]
 
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_head_kind_config_trains(zygote, tmp_path, kind):
-    run = tmp_path / "run"
-    argv = ["--config", f"train/configs/{kind}.py"]
-    code, out = zygote.run(argv + as_set_args(SMALL | {"run_dir": str(run)}), tmp_path / "log")
+@pytest.fixture(scope="module")
+def mixed_run(zygote, tmp_path_factory):
+    """Run directory and output of the 5-step CLI run of ``train/configs/head_layouts.py``."""
+    tmp = tmp_path_factory.mktemp("head_layouts")
+    run = tmp / "run"
+    argv = ["--config", "train/configs/head_layouts.py"]
+    code, out = zygote.run(argv + as_set_args(SMALL | {"run_dir": str(run)}), tmp / "log")
     assert code == 0, out[-3000:]
-    assert f"{kind.replace('_', '-')}-tiny" in out
+    return run, out
+
+
+def test_mixed_kinds_train_through_the_cli(mixed_run):
+    from models import get_config
+
+    run, out = mixed_run
+    assert "head-layouts-tiny" in out
+    config = get_config("head-layouts-tiny")
+    kinds = [config.layer_attention_config(i).kind for i in range(config.num_layers)]
+    assert sorted(kinds) == sorted(kind for _, kind in KINDS.values())  # every kind, once
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     train = [r for r in rows if r.get("split") == "train"]
-    assert train and train[-1]["step"] == 5 and math.isfinite(train[-1]["loss"]), train
-    if kind == "moh":  # E² · mean(P · f), = k = 3 at perfectly balanced routing
-        assert 0.0 < train[-1]["aux_loss"] < 6 * 6, train
-    else:
-        assert "aux_loss" not in train[-1], train
-    if kind in ("ccgqa", "dgqa"):  # their own cache / their own non-parameter state
-        _reloaded_generate_is_greedy(run)
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5], train
+    assert all(math.isfinite(r["loss"]) for r in train), train
+    assert train[-1]["loss"] < train[0]["loss"] - 0.05, train  # lr 2e-3 from a uniform 5.55
+    # MoH's layer: E² · mean(P · f), = k = 3 at perfectly balanced routing (E = 6 routed heads)
+    assert all(0.0 < r["aux_loss"] < 6 * 6 for r in train), train
 
 
-def _reloaded_generate_is_greedy(run):
-    """The model reloaded from the run's checkpoint: greedy ``generate`` (its caches) equals
-    the argmax of full forwards."""
+def test_mixed_model_reloaded_generates_greedily(mixed_run):
+    """The model reloaded from the run's checkpoint: greedy ``generate`` (every layer's own
+    cache) equals the argmax of full forwards."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -51,8 +77,11 @@ def _reloaded_generate_is_greedy(run):
     from jaxattn.generate import generate
     from train.sample import load_model
 
-    model, meta = load_model(str(run))
+    model, meta = load_model(str(mixed_run[0]))
     assert meta["step"] == 5
+    # DGQA's EMA as trained (carried by train.step over the 5 steps, checkpointed, reloaded)
+    (dgqa,) = [b.attn for b in model.layers if b.attn.config.kind == "dgqa"]
+    assert np.abs(np.asarray(dgqa.key_norm_ema[...]) - 1).min() > 1e-3
     fwd = nnx.jit(lambda m, t: m(t))
     prompt = jax.random.randint(jax.random.key(3), (1, 5), 0, 256)
     out = generate(model, prompt, jnp.asarray([5]), max_new_tokens=3, rng=jax.random.key(0))
@@ -62,10 +91,53 @@ def _reloaded_generate_is_greedy(run):
     np.testing.assert_array_equal(out.tokens_BS[0, :8], seq[0])
 
 
+@pytest.mark.parametrize("name", list(KINDS))
+def test_kind_config_names_its_model_and_its_train_step_traces(tmp_path, name):
+    import jax
+    import numpy as np
+
+    from jaxattn.layers._aux import pop_aux_loss
+    from jaxattn.sharding import make_mesh
+    from models import get_config
+    from train.config import load_config
+    from train.pretrain import build_model
+    from train.step import make_trainer
+
+    model_name, kind = KINDS[name]
+    overrides = as_set_args(SMALL | {"run_dir": str(tmp_path)})[1::2]  # the "key=value"s
+    config = load_config(f"train/configs/{name}.py", overrides)
+    assert config.model == model_name and (config.aux_loss_weight > 0) == (kind == "moh")
+    model_config = get_config(model_name)
+    layers = range(model_config.num_layers)
+    assert {model_config.layer_attention_config(i).kind for i in layers} == {kind}
+    _, model_fn = build_model(config)
+    trainer = make_trainer(model_fn, config, make_mesh({"data": 1}, jax.devices()[:1]))
+    shape = (config.batch_size, config.seq_len)
+    batch = {
+        "inputs_BT": jax.ShapeDtypeStruct(shape, np.int32),
+        "targets_BT": jax.ShapeDtypeStruct(shape, np.int32),
+        "weights_BT": jax.ShapeDtypeStruct(shape, np.float32),
+    }
+    rest = trainer.abstract_rest
+    state, metrics = jax.eval_shape(trainer.train_step, trainer.abstract_state, rest, batch)
+    assert jax.tree.structure(state) == jax.tree.structure(trainer.abstract_state)
+    assert metrics["loss"].shape == ()
+
+    def sown(tokens_BT):  # the auxiliary loss a training forward sows (None: none)
+        model = model_fn()
+        model(tokens_BT, rng=jax.random.key(0))
+        aux = pop_aux_loss(model)
+        return jax.numpy.zeros((0,)) if aux is None else aux
+
+    out = jax.eval_shape(sown, batch["inputs_BT"])
+    assert (out.shape == ()) == (kind == "moh"), out
+
+
 def test_aux_loss_weight_enters_the_gradient(tmp_path):
     """train.step's objective is NLL + aux_loss_weight · L_b: the step's gradient norm equals
     ||∇NLL + w · ∇L_b|| computed here from the model (w = 1), not ||∇NLL||. One layer, d 32."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
     from train_testlib import tiny_config
@@ -88,17 +160,16 @@ def test_aux_loss_weight_enters_the_gradient(tmp_path):
     params = jax.tree.map(np.asarray, state["params"])
 
     @jax.jit
-    def grads(params):
+    def grads(params):  # one forward, two backward passes (the NLL's and L_b's)
         def parts(params):
             model = trainer.model(params, rest)
             total, weight = token_loss_sums(
                 model(batch["inputs_BT"]), batch["targets_BT"], batch["weights_BT"]
             )
-            return total / weight, pop_aux_loss(model)
+            return jnp.stack([total / weight, pop_aux_loss(model)])
 
-        nll_grad = jax.grad(lambda p: parts(p)[0])(params)
-        lb_grad = jax.grad(lambda p: parts(p)[1])(params)
-        return nll_grad, lb_grad
+        _, vjp = jax.vjp(parts, params)
+        return vjp(jnp.asarray([1.0, 0.0]))[0], vjp(jnp.asarray([0.0, 1.0]))[0]
 
     nll_grad, lb_grad = grads(params)
     norm = lambda g: float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(g))))
@@ -108,3 +179,66 @@ def test_aux_loss_weight_enters_the_gradient(tmp_path):
     _, metrics = trainer.train_step(state, rest, batch)
     np.testing.assert_allclose(float(metrics["grad_norm"]), want, rtol=1e-4)
     assert abs(want - norm(nll_grad)) > 1e-3 * want  # the weight made a difference
+
+
+def _key_norms(params, tokens_BT, eps=1e-5):
+    """mean over tokens of ||k_k|| at layer 0 of a one-layer llama model, in numpy (float64):
+    embedding row, RMSNorm, the k projection (no qk-norm; RoPE keeps norms)."""
+    import numpy as np
+
+    x = np.asarray(params["embed"]["table"], np.float64)[np.asarray(tokens_BT)]
+    x = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps)
+    x = x * np.asarray(params["layers"][0]["attn_norm"]["scale"], np.float64)
+    k = np.einsum("btd,dkh->btkh", x, np.asarray(params["layers"][0]["attn"]["k"]["kernel"]))
+    return np.linalg.norm(k, axis=-1).reshape(-1, k.shape[2]).mean(0)
+
+
+def test_dgqa_statistic_carried_across_train_steps_and_resumed(tmp_path):
+    """train.step carries DGQA's key-norm EMA (an nnx.BatchStat) in ``state["stats"]``: after
+    two steps it is the recurrence m ← 0.9·m + 0.1·mean ||k|| applied twice (each with the
+    parameters that step saw, computed here in numpy); evaluation leaves it alone; a checkpoint
+    restores it and the next step continues from it."""
+    import jax
+    import numpy as np
+    from train_testlib import tiny_config
+
+    from jaxattn.sharding import make_mesh
+    from train.checkpoints import Checkpointer
+    from train.data import make_loaders
+    from train.pretrain import build_model
+    from train.step import make_trainer
+
+    config = tiny_config(
+        tmp_path, model="dgqa-tiny", model_overrides=("num_layers=1",), seq_len=8, batch_size=2
+    )
+    _, model_fn = build_model(config)
+    trainer = make_trainer(model_fn, config, make_mesh({"data": 1}, jax.devices()[:1]))
+    state, rest = trainer.init()
+    ema = lambda s: np.asarray(s["stats"]["layers"][0]["attn"]["key_norm_ema"])  # noqa: E731
+    np.testing.assert_array_equal(ema(state), [1.0, 1.0])
+    loader = make_loaders(config)[0]
+    m = np.ones(2)
+    for step in range(2):
+        batch = trainer.put_batch(loader.batch(step))
+        params = jax.tree.map(np.asarray, state["params"])  # what this step sees
+        m = 0.9 * m + 0.1 * _key_norms(params, batch["inputs_BT"])
+        state, _ = trainer.train_step(state, rest, batch)
+    np.testing.assert_allclose(ema(state), m, rtol=1e-5)
+    assert np.abs(m - 1).min() > 1e-3  # the statistic really moved
+
+    # evaluation: the state's statistic in the model (with_stats), and a forward keeps it
+    params = jax.tree.map(np.asarray, state["params"])
+    model = trainer.model(params, trainer.with_stats(rest, state))
+    model(np.asarray(loader.batch(0)["inputs_BT"]))
+    np.testing.assert_allclose(model.layers[0].attn.key_norm_ema[...], m, rtol=1e-5)
+
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), every=2, async_save=False)
+    ckpt.save(2, state, {"step": 2})
+    restored, _ = ckpt.restore(trainer.abstract_state, trainer.state_shardings)
+    ckpt.close()
+    np.testing.assert_array_equal(ema(restored), ema(state))
+    batch = trainer.put_batch(loader.batch(2))
+    params = jax.tree.map(np.asarray, restored["params"])
+    m = 0.9 * m + 0.1 * _key_norms(params, batch["inputs_BT"])
+    restored, _ = trainer.train_step(restored, rest, batch)
+    np.testing.assert_allclose(ema(restored), m, rtol=1e-5)

@@ -1,7 +1,7 @@
 """Dynamic GQA (``dgqa-tiny``: llama-tiny with 8 query heads split among 2 kv heads by a
-key-norm EMA, a non-parameter state) on the built-in stdlib-docstring corpus. Note: train.step
-does not carry non-parameter state between steps, so under train.pretrain the EMA stays at its
-birth value (uniform groups); see jaxattn/layers/_kdgqa.py.
+key-norm EMA, a non-parameter state) on the built-in stdlib-docstring corpus. train.step
+carries the EMA from step to step (``state["stats"]``) and checkpoints it; see
+jaxattn/layers/_kdgqa.py.
 
 Command line:
     python -m train.pretrain --config train/configs/dgqa.py
