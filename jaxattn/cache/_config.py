@@ -30,6 +30,15 @@ full-precision window of recent tokens (``QuantizedKVCache`` / ``QuantizedLatent
   ``saliency="normalized"`` ranks tokens by ZipCache's normalized attention score instead
   (the accumulated attention divided by the number of queries that attended the token, which
   removes causal attention's bias towards early tokens); default ``"accumulated"`` (H2O).
+* ``"kvquant"`` (KVQuant, dense layout only, policy "full"; ``KVQuantCache``): KIVI's storage
+  (default ``bits`` 4) of keys quantized per channel BEFORE RoPE (the cache stores pre-RoPE
+  keys and rotates them at their positions when it attends), values per token; per token
+  vector the ``ceil(outliers · dim)`` entries of largest magnitude (``outliers``, a fraction,
+  default 0.01; 0: none) are kept in full precision in a side table (dense-and-sparse) and
+  zeroed before quantization; the first ``fp_sinks`` tokens (default 1, the attention sink)
+  are kept and attended in full precision. Uniform codes: KVQuant's non-uniform (nuqX)
+  datatypes are not implemented in the cache (``jaxattn.ops.kv_quant.fit_codebook`` fits
+  them).
 
 Policies:
 
@@ -51,7 +60,7 @@ import jax.numpy as jnp
 
 __all__ = ["CacheConfig", "FORMATS", "LAYOUT_FORMATS", "POLICIES", "QUANTIZED_FORMATS"]
 
-QUANTIZED_FORMATS = ("kivi", "rotatekv", "mikv")
+QUANTIZED_FORMATS = ("kivi", "rotatekv", "mikv", "kvquant")
 FORMATS = ("dense", "latent", *QUANTIZED_FORMATS)
 POLICIES = ("full", "sink_window")
 # the formats each cache layout can be stored in (a kind serves its layout's formats); the
@@ -64,7 +73,11 @@ _QUANT_DEFAULTS = {
     "kivi": _KIVI,
     "rotatekv": _KIVI,
     "mikv": dict(_KIVI, important=128, saliency="accumulated"),
+    "kvquant": dict(_KIVI, bits=4, outliers=0.01, fp_sinks=1),
 }
+# formats that keep every token (policy "full" only) and fields only they take
+_FULL_ONLY = ("mikv", "kvquant")
+_OWN_FIELDS = {"important": "mikv", "saliency": "mikv", "outliers": "kvquant", "fp_sinks": "kvquant"}
 SALIENCY = ("accumulated", "normalized")
 _BITS = (2, 3, 4, 8)
 
@@ -87,6 +100,9 @@ class CacheConfig:
       scale_dtype: quantized formats: storage dtype of scales and zero points.
       important: "mikv": tokens also kept in full precision (the heavy hitters, >= 0).
       saliency: "mikv": the importance ranking, one of ``SALIENCY``.
+      outliers: "kvquant": fraction of each token vector's entries kept in full precision
+        (the largest magnitudes; a float in [0, 0.5]).
+      fp_sinks: "kvquant": first tokens of each sequence kept in full precision (>= 0).
     """
 
     format: str | None = None
@@ -100,6 +116,8 @@ class CacheConfig:
     scale_dtype: Any = None
     important: int | None = None
     saliency: str | None = None
+    outliers: float | None = None
+    fp_sinks: int | None = None
 
     def __post_init__(self):
         o = "CacheConfig"
@@ -107,7 +125,7 @@ class CacheConfig:
             raise ValueError(f"{o}.format={self.format!r} must be one of {FORMATS} or None")
         if self.policy not in POLICIES:
             raise ValueError(f"{o}.policy={self.policy!r} must be one of {POLICIES}")
-        for name in ("sink", "window", "bits", "group_size", "residual", "important"):
+        for name in ("sink", "window", "bits", "group_size", "residual", "important", "fp_sinks"):
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, numbers.Integral)
@@ -146,10 +164,10 @@ class CacheConfig:
     def _check_quantized(self):
         o = "CacheConfig"
         names = ("bits", "group_size", "residual", "scale_dtype")
-        for name in ("important", "saliency"):
-            if self.format != "mikv" and getattr(self, name) is not None:
+        for name, fmt in _OWN_FIELDS.items():
+            if self.format != fmt and getattr(self, name) is not None:
                 raise ValueError(
-                    f"{o}.{name}={getattr(self, name)!r} applies to format='mikv' only, not "
+                    f"{o}.{name}={getattr(self, name)!r} applies to format={fmt!r} only, not "
                     f"format={self.format!r}"
                 )
         if not self.quantized:
@@ -174,15 +192,22 @@ class CacheConfig:
                 raise ValueError(f"{o}.important={self.important} must be >= 0")
             if self.saliency not in SALIENCY:
                 raise ValueError(f"{o}.saliency={self.saliency!r} must be one of {SALIENCY}")
-            if self.policy != "full":
-                raise ValueError(
-                    f"{o}.format={self.format!r} keeps every token (low-precision tokens are "
-                    f"never evicted): policy={self.policy!r} must be 'full'"
-                )
         elif self.residual % g:
             raise ValueError(
                 f"{o}.group_size={g} must divide {o}.residual={self.residual} (keys are "
                 "quantized per channel in groups of group_size tokens as the window fills)"
+            )
+        if self.format == "kvquant":
+            f = self.outliers
+            if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 <= f <= 0.5:
+                raise ValueError(f"{o}.outliers={f!r} must be a fraction in [0, 0.5]")
+            object.__setattr__(self, "outliers", float(f))
+            if self.fp_sinks < 0:
+                raise ValueError(f"{o}.fp_sinks={self.fp_sinks} must be >= 0")
+        if self.format in _FULL_ONLY and self.policy != "full":
+            raise ValueError(
+                f"{o}.format={self.format!r} keeps every token (quantized tokens are never "
+                f"evicted): policy={self.policy!r} must be 'full'"
             )
         if self.policy == "sink_window" and (self.sink % g or self.window % g):
             raise ValueError(
