@@ -36,9 +36,10 @@ full-precision window of recent tokens (``QuantizedKVCache`` / ``QuantizedLatent
   vector the ``ceil(outliers · dim)`` entries of largest magnitude (``outliers``, a fraction,
   default 0.01; 0: none) are kept in full precision in a side table (dense-and-sparse) and
   zeroed before quantization; the first ``fp_sinks`` tokens (default 1, the attention sink)
-  are kept and attended in full precision. Uniform codes: KVQuant's non-uniform (nuqX)
-  datatypes are not implemented in the cache (``jaxattn.ops.kv_quant.fit_codebook`` fits
-  them).
+  are kept and attended in full precision. ``datatype="nuq"`` (KVQuant's nuqX): the codes
+  index a per-layer ``codebook`` = (key levels, value levels), each 2^bits sorted floats in
+  [0, 1] fitted on calibration activations (``jaxattn.ops.kv_quant.fit_codebook``; required,
+  there is no default); default ``"uniform"`` (KIVI's integer grid).
 
 Policies:
 
@@ -73,11 +74,18 @@ _QUANT_DEFAULTS = {
     "kivi": _KIVI,
     "rotatekv": _KIVI,
     "mikv": dict(_KIVI, important=128, saliency="accumulated"),
-    "kvquant": dict(_KIVI, bits=4, outliers=0.01, fp_sinks=1),
+    "kvquant": dict(_KIVI, bits=4, outliers=0.01, fp_sinks=1, datatype="uniform"),
 }
 # formats that keep every token (policy "full" only) and fields only they take
 _FULL_ONLY = ("mikv", "kvquant")
-_OWN_FIELDS = {"important": "mikv", "saliency": "mikv", "outliers": "kvquant", "fp_sinks": "kvquant"}
+_OWN_FIELDS = {
+    "important": "mikv", "saliency": "mikv",
+    "outliers": "kvquant",
+    "fp_sinks": "kvquant",
+    "datatype": "kvquant",
+    "codebook": "kvquant",
+}  # fmt: skip
+DATATYPES = ("uniform", "nuq")
 SALIENCY = ("accumulated", "normalized")
 _BITS = (2, 3, 4, 8)
 
@@ -103,6 +111,9 @@ class CacheConfig:
       outliers: "kvquant": fraction of each token vector's entries kept in full precision
         (the largest magnitudes; a float in [0, 0.5]).
       fp_sinks: "kvquant": first tokens of each sequence kept in full precision (>= 0).
+      datatype: "kvquant": one of ``DATATYPES`` ("nuq": non-uniform codes, needs ``codebook``).
+      codebook: "kvquant" "nuq": (key levels, value levels), each 2^bits sorted floats in
+        [0, 1] (normalised per quantization group); stored as tuples.
     """
 
     format: str | None = None
@@ -118,6 +129,8 @@ class CacheConfig:
     saliency: str | None = None
     outliers: float | None = None
     fp_sinks: int | None = None
+    datatype: str | None = None
+    codebook: Any = None
 
     def __post_init__(self):
         o = "CacheConfig"
@@ -204,6 +217,7 @@ class CacheConfig:
             object.__setattr__(self, "outliers", float(f))
             if self.fp_sinks < 0:
                 raise ValueError(f"{o}.fp_sinks={self.fp_sinks} must be >= 0")
+            self._check_codebook()
         if self.format in _FULL_ONLY and self.policy != "full":
             raise ValueError(
                 f"{o}.format={self.format!r} keeps every token (quantized tokens are never "
@@ -221,6 +235,33 @@ class CacheConfig:
         if not jnp.issubdtype(dt, jnp.floating):
             raise ValueError(f"{o}.scale_dtype={self.scale_dtype!r} must be a floating dtype")
         object.__setattr__(self, "scale_dtype", dt.name)
+
+    def _check_codebook(self):
+        o = "CacheConfig"
+        if self.datatype not in DATATYPES:
+            raise ValueError(f"{o}.datatype={self.datatype!r} must be one of {DATATYPES}")
+        if self.datatype == "uniform":
+            if self.codebook is not None:
+                raise ValueError(f"{o}.codebook applies to datatype='nuq' only")
+            return
+        if self.codebook is None:
+            raise ValueError(
+                f"{o}.codebook is required for datatype='nuq': (key levels, value levels) fitted "
+                "on calibration activations (jaxattn.ops.kv_quant.fit_codebook)"
+            )
+        n = 1 << self.bits
+        try:
+            books = tuple(tuple(float(x) for x in book) for book in self.codebook)
+        except TypeError:
+            raise ValueError(f"{o}.codebook must be (key levels, value levels)") from None
+        if len(books) != 2 or any(len(book) != n for book in books):
+            raise ValueError(
+                f"{o}.codebook must be (key levels, value levels) of 2^bits={n} floats each"
+            )
+        for book in books:
+            if any(not 0 <= x <= 1 for x in book) or list(book) != sorted(book):
+                raise ValueError(f"{o}.codebook levels must be sorted floats in [0, 1]")
+        object.__setattr__(self, "codebook", books)  # tuples: hashable, from JSON lists too
 
     @property
     def slots(self) -> int | None:

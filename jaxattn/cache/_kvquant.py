@@ -19,10 +19,17 @@ sequence (Hooper et al. 2024, "KVQuant"):
 
 Attention is ``_QuantizedMixin``'s (block-wise dequantization, the window, the new tokens in
 full precision, one softmax); ``key_fn`` / ``value_fn`` restore outliers and sinks and apply
-RoPE to each block as it is read. Not implemented here: the non-uniform nuqX datatypes (codes
-are KIVI's uniform ones; ``jaxattn.ops.kv_quant.fit_codebook`` fits KVQuant's codebooks but the
-cache does not use them yet), per-channel key thresholds calibrated offline (outliers here are
-chosen per token vector online), and excluding the sink tokens from the quantization ranges.
+RoPE to each block as it is read.
+
+Datatypes: ``datatype="uniform"`` (default) uses KIVI's integer grid; ``"nuq"`` KVQuant's nuqX:
+each code indexes a per-layer codebook (``CacheConfig.codebook``, keys' and values' levels in
+[0, 1] of each group's range), fitted beforehand on calibration activations normalised per
+group by weighted 1-D k-means (``jaxattn.ops.kv_quant.normalize`` / ``fit_codebook``; the
+paper's sensitivity weights are the Fisher information, optional: uniform weights without).
+
+Not implemented here: per-channel key outlier thresholds calibrated offline (outliers are
+chosen per token vector online), excluding the sink tokens from the quantization ranges, and
+a calibration pass through hooks that fits the codebooks of every layer of a model.
 """
 
 from __future__ import annotations
@@ -115,8 +122,11 @@ class KVQuantCache(_QuantizedMixin):
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         num_v_heads = num_kv_heads if num_v_heads is None else num_v_heads
         common = dict(batch=batch, capacity=capacity, dtype=dtype, sink=0, window=0)
-        k = _rows(config, heads=num_kv_heads, dim=head_dim, axis="channel", what="key", **common)
-        v = _rows(config, heads=num_v_heads, dim=v_head_dim, axis="token", what="value", **common)
+        kb, vb = config.codebook or (None, None)  # "nuq": the calibrated levels
+        k = _rows(config, heads=num_kv_heads, dim=head_dim, axis="channel", what="key",
+                  codebook=kb, **common)
+        v = _rows(config, heads=num_v_heads, dim=v_head_dim, axis="token", what="value",
+                  codebook=vb, **common)  # fmt: skip
         c = k.codes_BCKW.shape[1]
         s = min(config.fp_sinks, c)
 

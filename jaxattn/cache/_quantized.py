@@ -39,13 +39,13 @@ from jaxattn.ops.kv_quant import hadamard
 __all__ = ["QuantizedKVCache", "QuantizedLatentCache", "dense_cache", "latent_cache"]
 
 
-def _rows(config, *, batch, capacity, heads, dim, axis, dtype, what, sink, window):
+def _rows(config, *, batch, capacity, heads, dim, axis, dtype, what, sink, window, codebook=None):
     g = config.group_size
     slots = sink + window if window else -(-capacity // g) * g
     return PackedRows.create(
         batch=batch, slots=slots, heads=heads, dim=dim, bits=config.bits, group=g,
         residual=config.residual, axis=axis, dtype=dtype, scale_dtype=config.scale_dtype,
-        what=what,
+        what=what, codebook=codebook,
     )  # fmt: skip
 
 
@@ -70,7 +70,7 @@ class _QuantizedMixin(_SlotsMixin):
         """
         rows = [r for r in self._rows() if r is not None]
         if context is None:
-            return float(sum(r.bytes_for(r.group) - r.window_bytes() for r in rows)) / rows[0].group
+            return float(sum(r.bytes_for(r.group) - r.fixed_bytes() for r in rows)) / rows[0].group
         slots = self.capacity if self.window else -(-context // rows[0].group) * rows[0].group
         return float(sum(r.bytes_for(slots) for r in rows)) / context
 
