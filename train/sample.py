@@ -269,7 +269,8 @@ def cache_fields(items) -> dict | None:
     from train.config import ConfigError
 
     names = {f.name: f for f in dc.fields(CacheConfig)}
-    ints = ("sink", "window", "bits", "group_size", "residual", "important")
+    ints = ("sink", "window", "bits", "group_size", "residual", "important", "fp_sinks")
+    floats = ("outliers",)
     fields = {}
     for item in items or ():
         key, sep, text = item.partition("=")
@@ -286,6 +287,11 @@ def cache_fields(items) -> dict | None:
                 fields[name] = int(text)
             except ValueError:
                 raise ConfigError(f"--set {key}={text!r} must be an int") from None
+        elif name in floats:
+            try:
+                fields[name] = float(text)
+            except ValueError:
+                raise ConfigError(f"--set {key}={text!r} must be a number") from None
         else:
             fields[name] = text.strip()
     if not fields:

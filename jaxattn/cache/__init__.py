@@ -35,6 +35,8 @@ Quantized formats (CacheConfig.format, any policy; PAPERS.md §5)
   QuantizedLatentCache  "kivi" on MLA's latent rows (per channel)
   MixedPrecisionKVCache "mikv" (MiKV): every token at low bits per token, the heavy hitters
                         (H2O's accumulated attention) and the recent window in full precision
+  KVQuantCache          "kvquant" (KVQuant): pre-RoPE per-channel keys, per-token values,
+                        fp outliers per vector in a side table, fp attention-sink tokens
   PackedRows            one quantized tensor: codes, scales, zeros, window (its ``store``)
   dense_cache, latent_cache   the cache a CacheConfig names, for a dense / latent layout
   HistoryKVCache  a KVCache plus the last R tokens' pre-attention features (kind "cca")
@@ -49,6 +51,7 @@ Config
 from jaxattn.cache._config import CacheConfig
 from jaxattn.cache._dense import KVCache
 from jaxattn.cache._history import HistoryKVCache
+from jaxattn.cache._kvquant import KVQuantCache
 from jaxattn.cache._latent import LatentCache
 from jaxattn.cache._mixed import MixedPrecisionKVCache
 from jaxattn.cache._packed import PackedRows
@@ -63,6 +66,7 @@ from jaxattn.cache._state import LinearStateCache
 __all__ = [
     "CacheConfig",
     "KVCache",
+    "KVQuantCache",
     "LatentCache",
     "LinearStateCache",
     "MixedPrecisionKVCache",

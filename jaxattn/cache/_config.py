@@ -30,6 +30,16 @@ full-precision window of recent tokens (``QuantizedKVCache`` / ``QuantizedLatent
   ``saliency="normalized"`` ranks tokens by ZipCache's normalized attention score instead
   (the accumulated attention divided by the number of queries that attended the token, which
   removes causal attention's bias towards early tokens); default ``"accumulated"`` (H2O).
+* ``"kvquant"`` (KVQuant, dense layout only, policy "full"; ``KVQuantCache``): KIVI's storage
+  (default ``bits`` 4) of keys quantized per channel BEFORE RoPE (the cache stores pre-RoPE
+  keys and rotates them at their positions when it attends), values per token; per token
+  vector the ``ceil(outliers · dim)`` entries of largest magnitude (``outliers``, a fraction,
+  default 0.01; 0: none) are kept in full precision in a side table (dense-and-sparse) and
+  zeroed before quantization; the first ``fp_sinks`` tokens (default 1, the attention sink)
+  are kept and attended in full precision. ``datatype="nuq"`` (KVQuant's nuqX): the codes
+  index a per-layer ``codebook`` = (key levels, value levels), each 2^bits sorted floats in
+  [0, 1] fitted on calibration activations (``jaxattn.ops.kv_quant.fit_codebook``; required,
+  there is no default); default ``"uniform"`` (KIVI's integer grid).
 
 Policies:
 
@@ -51,7 +61,7 @@ import jax.numpy as jnp
 
 __all__ = ["CacheConfig", "FORMATS", "LAYOUT_FORMATS", "POLICIES", "QUANTIZED_FORMATS"]
 
-QUANTIZED_FORMATS = ("kivi", "rotatekv", "mikv")
+QUANTIZED_FORMATS = ("kivi", "rotatekv", "mikv", "kvquant")
 FORMATS = ("dense", "latent", *QUANTIZED_FORMATS)
 POLICIES = ("full", "sink_window")
 # the formats each cache layout can be stored in (a kind serves its layout's formats); the
@@ -64,7 +74,18 @@ _QUANT_DEFAULTS = {
     "kivi": _KIVI,
     "rotatekv": _KIVI,
     "mikv": dict(_KIVI, important=128, saliency="accumulated"),
+    "kvquant": dict(_KIVI, bits=4, outliers=0.01, fp_sinks=1, datatype="uniform"),
 }
+# formats that keep every token (policy "full" only) and fields only they take
+_FULL_ONLY = ("mikv", "kvquant")
+_OWN_FIELDS = {
+    "important": "mikv", "saliency": "mikv",
+    "outliers": "kvquant",
+    "fp_sinks": "kvquant",
+    "datatype": "kvquant",
+    "codebook": "kvquant",
+}  # fmt: skip
+DATATYPES = ("uniform", "nuq")
 SALIENCY = ("accumulated", "normalized")
 _BITS = (2, 3, 4, 8)
 
@@ -87,6 +108,12 @@ class CacheConfig:
       scale_dtype: quantized formats: storage dtype of scales and zero points.
       important: "mikv": tokens also kept in full precision (the heavy hitters, >= 0).
       saliency: "mikv": the importance ranking, one of ``SALIENCY``.
+      outliers: "kvquant": fraction of each token vector's entries kept in full precision
+        (the largest magnitudes; a float in [0, 0.5]).
+      fp_sinks: "kvquant": first tokens of each sequence kept in full precision (>= 0).
+      datatype: "kvquant": one of ``DATATYPES`` ("nuq": non-uniform codes, needs ``codebook``).
+      codebook: "kvquant" "nuq": (key levels, value levels), each 2^bits sorted floats in
+        [0, 1] (normalised per quantization group); stored as tuples.
     """
 
     format: str | None = None
@@ -100,6 +127,10 @@ class CacheConfig:
     scale_dtype: Any = None
     important: int | None = None
     saliency: str | None = None
+    outliers: float | None = None
+    fp_sinks: int | None = None
+    datatype: str | None = None
+    codebook: Any = None
 
     def __post_init__(self):
         o = "CacheConfig"
@@ -107,7 +138,7 @@ class CacheConfig:
             raise ValueError(f"{o}.format={self.format!r} must be one of {FORMATS} or None")
         if self.policy not in POLICIES:
             raise ValueError(f"{o}.policy={self.policy!r} must be one of {POLICIES}")
-        for name in ("sink", "window", "bits", "group_size", "residual", "important"):
+        for name in ("sink", "window", "bits", "group_size", "residual", "important", "fp_sinks"):
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, numbers.Integral)
@@ -146,10 +177,10 @@ class CacheConfig:
     def _check_quantized(self):
         o = "CacheConfig"
         names = ("bits", "group_size", "residual", "scale_dtype")
-        for name in ("important", "saliency"):
-            if self.format != "mikv" and getattr(self, name) is not None:
+        for name, fmt in _OWN_FIELDS.items():
+            if self.format != fmt and getattr(self, name) is not None:
                 raise ValueError(
-                    f"{o}.{name}={getattr(self, name)!r} applies to format='mikv' only, not "
+                    f"{o}.{name}={getattr(self, name)!r} applies to format={fmt!r} only, not "
                     f"format={self.format!r}"
                 )
         if not self.quantized:
@@ -174,15 +205,23 @@ class CacheConfig:
                 raise ValueError(f"{o}.important={self.important} must be >= 0")
             if self.saliency not in SALIENCY:
                 raise ValueError(f"{o}.saliency={self.saliency!r} must be one of {SALIENCY}")
-            if self.policy != "full":
-                raise ValueError(
-                    f"{o}.format={self.format!r} keeps every token (low-precision tokens are "
-                    f"never evicted): policy={self.policy!r} must be 'full'"
-                )
         elif self.residual % g:
             raise ValueError(
                 f"{o}.group_size={g} must divide {o}.residual={self.residual} (keys are "
                 "quantized per channel in groups of group_size tokens as the window fills)"
+            )
+        if self.format == "kvquant":
+            f = self.outliers
+            if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 <= f <= 0.5:
+                raise ValueError(f"{o}.outliers={f!r} must be a fraction in [0, 0.5]")
+            object.__setattr__(self, "outliers", float(f))
+            if self.fp_sinks < 0:
+                raise ValueError(f"{o}.fp_sinks={self.fp_sinks} must be >= 0")
+            self._check_codebook()
+        if self.format in _FULL_ONLY and self.policy != "full":
+            raise ValueError(
+                f"{o}.format={self.format!r} keeps every token (quantized tokens are never "
+                f"evicted): policy={self.policy!r} must be 'full'"
             )
         if self.policy == "sink_window" and (self.sink % g or self.window % g):
             raise ValueError(
@@ -196,6 +235,33 @@ class CacheConfig:
         if not jnp.issubdtype(dt, jnp.floating):
             raise ValueError(f"{o}.scale_dtype={self.scale_dtype!r} must be a floating dtype")
         object.__setattr__(self, "scale_dtype", dt.name)
+
+    def _check_codebook(self):
+        o = "CacheConfig"
+        if self.datatype not in DATATYPES:
+            raise ValueError(f"{o}.datatype={self.datatype!r} must be one of {DATATYPES}")
+        if self.datatype == "uniform":
+            if self.codebook is not None:
+                raise ValueError(f"{o}.codebook applies to datatype='nuq' only")
+            return
+        if self.codebook is None:
+            raise ValueError(
+                f"{o}.codebook is required for datatype='nuq': (key levels, value levels) fitted "
+                "on calibration activations (jaxattn.ops.kv_quant.fit_codebook)"
+            )
+        n = 1 << self.bits
+        try:
+            books = tuple(tuple(float(x) for x in book) for book in self.codebook)
+        except TypeError:
+            raise ValueError(f"{o}.codebook must be (key levels, value levels)") from None
+        if len(books) != 2 or any(len(book) != n for book in books):
+            raise ValueError(
+                f"{o}.codebook must be (key levels, value levels) of 2^bits={n} floats each"
+            )
+        for book in books:
+            if any(not 0 <= x <= 1 for x in book) or list(book) != sorted(book):
+                raise ValueError(f"{o}.codebook levels must be sorted floats in [0, 1]")
+        object.__setattr__(self, "codebook", books)  # tuples: hashable, from JSON lists too
 
     @property
     def slots(self) -> int | None:

@@ -17,6 +17,9 @@ prefill of 1000 tokens and 1000 one-token steps store the same codes (tested). `
 inside the compiled decode step: it gathers the pending tokens (the window and the new rows, at
 most R + T), quantizes the ones that complete, scatters them to their policy slots (the same
 ``write_rows`` as the dense caches) and writes the new rows into the window.
+
+A codebook (``levels_L``, KVQuant's non-uniform nuqX datatype) replaces the integer grid of the
+codes by 2^b fitted levels (``jaxattn.ops.kv_quant.quantize(levels=)``); None: uniform codes.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class PackedRows:
       scale_BGKX / zero_BGKX: scales and zeros, [B, C / group, K, H] ("channel") or
         [B, C, K, H / group] ("token").
       window_BRKH: the R most recent tokens in full precision, token p at slot p % R.
+      levels_L: None (uniform codes), or float32 [2^b] the codebook's sorted levels in code
+        units [0, 2^b − 1] (one per layer's tensor; counted once in ``bytes_for``).
       bits, group, axis, dim (H): static.
     """
 
@@ -58,6 +63,7 @@ class PackedRows:
     scale_BGKX: jax.Array
     zero_BGKX: jax.Array
     window_BRKH: jax.Array
+    levels_L: jax.Array | None = None
     bits: int = struct.field(pytree_node=False, default=2)
     group: int = struct.field(pytree_node=False, default=32)
     axis: str = struct.field(pytree_node=False, default="channel")
@@ -65,9 +71,11 @@ class PackedRows:
 
     @classmethod
     def create(
-        cls, *, batch, slots, heads, dim, bits, group, residual, axis, dtype, scale_dtype, what
-    ) -> PackedRows:
-        """Empty rows: ``slots`` (a multiple of ``group`` for "channel"), ``heads`` × ``dim``.
+        cls, *, batch, slots, heads, dim, bits, group, residual, axis, dtype, scale_dtype, what,
+        codebook=None,
+    ) -> PackedRows:  # fmt: skip
+        """Empty rows: ``slots`` (a multiple of ``group`` for "channel"), ``heads`` × ``dim``;
+        ``codebook``: None, or 2^bits sorted levels in [0, 1] (a non-uniform datatype).
 
         Raises:
           ValueError: ``group`` does not divide ``dim`` ("token"), naming ``what``.
@@ -89,6 +97,9 @@ class PackedRows:
             scale_BGKX=jnp.zeros(stats, scale_dtype),
             zero_BGKX=jnp.zeros(stats, scale_dtype),
             window_BRKH=jnp.zeros((batch, residual, heads, dim), dtype),
+            levels_L=None
+            if codebook is None
+            else jnp.asarray(codebook, jnp.float32) * ((1 << bits) - 1),
             bits=int(bits),
             group=int(group),
             axis=axis,
@@ -115,9 +126,15 @@ class PackedRows:
         """Bytes of one sequence's full-precision window: R·K·H·itemsize."""
         return math.prod(self.window_BRKH.shape[1:]) * self.dtype.itemsize
 
+    def fixed_bytes(self) -> int:
+        """Bytes of one sequence's buffers that do not grow with the tokens: the window and
+        the codebook."""
+        lv = 0 if self.levels_L is None else self.levels_L.size * self.levels_L.dtype.itemsize
+        return self.window_bytes() + lv
+
     def bytes_for(self, slots: int) -> int:
         """Bytes of one sequence's buffers with ``slots`` quantized slots (a multiple of
-        ``group`` for "channel"): codes, scales, zeros and the window."""
+        ``group`` for "channel"): codes, scales, zeros, the window and the codebook."""
         _, c, k, w = self.codes_BCKW.shape
         stats = math.prod(self.scale_BGKX.shape[2:]) * (
             slots // self.group if self.axis == "channel" else slots
@@ -126,6 +143,7 @@ class PackedRows:
             slots * k * w * self.codes_BCKW.dtype.itemsize
             + 2 * stats * self.scale_BGKX.dtype.itemsize
             + self.window_bytes()
+            + (0 if self.levels_L is None else self.levels_L.size * self.levels_L.dtype.itemsize)
         )
 
     def _dequant(self, codes_BsKW, scale, zero):
@@ -133,11 +151,11 @@ class PackedRows:
         if self.axis == "channel":  # one scale per channel for each group of tokens
             b, s, k, h = c.shape
             c = c.reshape(b, s // self.group, self.group, k, h)
-            out = dequantize(c, scale[:, :, None], zero[:, :, None], self.dtype)
+            out = dequantize(c, scale[:, :, None], zero[:, :, None], self.dtype, self.levels_L)
             return out.reshape(b, s, k, h)
         b, s, k, h = c.shape  # one scale per token for each group of channels
         c = c.reshape(b, s, k, h // self.group, self.group)
-        out = dequantize(c, scale[..., None], zero[..., None], self.dtype)
+        out = dequantize(c, scale[..., None], zero[..., None], self.dtype, self.levels_L)
         return out.reshape(b, s, k, h)
 
     def dequant_slots(self, start, size: int) -> jax.Array:
@@ -159,11 +177,11 @@ class PackedRows:
         c = unpack_codes(self.codes_BCKW[bi, slots_BS], self.bits, self.dim)
         if self.axis == "channel":
             scale, zero = (x[bi, slots_BS // self.group] for x in (self.scale_BGKX, self.zero_BGKX))
-            return dequantize(c, scale, zero, self.dtype)
+            return dequantize(c, scale, zero, self.dtype, self.levels_L)
         b, s, k, h = c.shape
         scale, zero = (x[bi, slots_BS][..., None] for x in (self.scale_BGKX, self.zero_BGKX))
         c = c.reshape(b, s, k, h // self.group, self.group)
-        return dequantize(c, scale, zero, self.dtype).reshape(b, s, k, h)
+        return dequantize(c, scale, zero, self.dtype, self.levels_L).reshape(b, s, k, h)
 
     def window_at(self, pos_BS: jax.Array) -> jax.Array:
         """The window rows of positions [B, S] (their slot p % R), [B, S, K, H]."""
@@ -196,16 +214,16 @@ class PackedRows:
             new_BTKH.astype(self.dtype)[bi, from_new],
         )
         k, h = pend_BPKH.shape[2:]
-        sd = self.scale_BGKX.dtype
+        sd, lv = self.scale_BGKX.dtype, self.levels_L
         if self.axis == "channel":
             grouped = pend_BPKH.reshape(b, p // g, g, k, h)
-            codes, scale, zero = quantize(grouped, self.bits, 2, scale_dtype=sd)
+            codes, scale, zero = quantize(grouped, self.bits, 2, scale_dtype=sd, levels=lv)
             codes, scale, zero = codes.reshape(b, p, k, h), scale[:, :, 0], zero[:, :, 0]
             stat_kw = dict(sink=sink // g, window=window // g)
             stat_old, stat_num = q_old // g, (q_new - q_old) // g
         else:
             grouped = pend_BPKH.reshape(b, p, k, h // g, g)
-            codes, scale, zero = quantize(grouped, self.bits, -1, scale_dtype=sd)
+            codes, scale, zero = quantize(grouped, self.bits, -1, scale_dtype=sd, levels=lv)
             codes, scale, zero = codes.reshape(b, p, k, h), scale[..., 0], zero[..., 0]
             stat_kw = dict(sink=sink, window=window)
             stat_old, stat_num = q_old, q_new - q_old

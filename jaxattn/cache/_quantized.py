@@ -39,13 +39,13 @@ from jaxattn.ops.kv_quant import hadamard
 __all__ = ["QuantizedKVCache", "QuantizedLatentCache", "dense_cache", "latent_cache"]
 
 
-def _rows(config, *, batch, capacity, heads, dim, axis, dtype, what, sink, window):
+def _rows(config, *, batch, capacity, heads, dim, axis, dtype, what, sink, window, codebook=None):
     g = config.group_size
     slots = sink + window if window else -(-capacity // g) * g
     return PackedRows.create(
         batch=batch, slots=slots, heads=heads, dim=dim, bits=config.bits, group=g,
         residual=config.residual, axis=axis, dtype=dtype, scale_dtype=config.scale_dtype,
-        what=what,
+        what=what, codebook=codebook,
     )  # fmt: skip
 
 
@@ -70,20 +70,26 @@ class _QuantizedMixin(_SlotsMixin):
         """
         rows = [r for r in self._rows() if r is not None]
         if context is None:
-            return float(sum(r.bytes_for(r.group) - r.window_bytes() for r in rows)) / rows[0].group
+            return float(sum(r.bytes_for(r.group) - r.fixed_bytes() for r in rows)) / rows[0].group
         slots = self.capacity if self.window else -(-context // rows[0].group) * rows[0].group
         return float(sum(r.bytes_for(slots) for r in rows)) / context
 
     def _attend_and_store(
         self, q_BTNH, new, num_new_B, *, mask, hide_BC=None, extra_tail=(), return_lse=False,
-        **op_kwargs,
+        key_fn=None, value_fn=None, attend_new=None, **op_kwargs,
     ):  # fmt: skip
         """(o_BTN_ in q's dtype, the new (key rows, value rows)); lengths unchanged.
 
         ``hide_BC``: bool [B, C], quantized slots not to read (held elsewhere at a higher
         precision); ``extra_tail``: further (kpos_Bs, k, v) blocks of stored tokens, in the
         storage dtype; ``return_lse``: also return the log-sum-exp over every key, [B, N, T].
+        ``key_fn`` / ``value_fn``: ``f(rows_BsKH, slots_Bs, kpos_Bs)``, applied to every stored
+        key / value row read (after dequantization; KVQuant's outliers and RoPE);
+        ``attend_new``: the new tokens' (keys, values) as attended, when they differ from the
+        rows ``new`` stores.
         """
+        key_fn = key_fn or (lambda rows, slots, kpos: rows)
+        value_fn = value_fn or (lambda rows, slots, kpos: rows)
         k_rows, v_rows = self._rows()
         k_new, v_new = new
         b, t = q_BTNH.shape[:2]
@@ -116,8 +122,9 @@ class _QuantizedMixin(_SlotsMixin):
             if hide_BC is not None:
                 hidden = jax.lax.dynamic_slice_in_dim(hide_BC, start, bk, axis=1)
                 kpos = jnp.where(hidden, -1, kpos)
-            v = None if v_rows is None else v_rows.dequant_slots(start, bk)
-            return kpos, k_rows.dequant_slots(start, bk), v
+            slots = jnp.broadcast_to(slots_s[None, :], kpos.shape)
+            v = None if v_rows is None else value_fn(v_rows.dequant_slots(start, bk), slots, kpos)
+            return kpos, key_fn(k_rows.dequant_slots(start, bk), slots, kpos), v
 
         r = k_rows.residual
         tpos_BR = m_B[:, None] + jnp.arange(r, dtype=jnp.int32)[None, :]
@@ -130,8 +137,9 @@ class _QuantizedMixin(_SlotsMixin):
             held = (tpos_BR < q_B[:, None])[:, :, None, None]
             return jnp.where(held, rows.dequant_at(slot_BR), rows.window_at(tpos_BR))
 
-        v_tail = None if v_rows is None else tail(v_rows, qv_B)
-        tail_block = (jnp.where(tpos_BR < n_B[:, None], tpos_BR, -1), tail(k_rows, qk_B), v_tail)
+        tpos_tail = jnp.where(tpos_BR < n_B[:, None], tpos_BR, -1)
+        v_tail = None if v_rows is None else value_fn(tail(v_rows, qv_B), slot_BR, tpos_tail)
+        tail_block = (tpos_tail, key_fn(tail(k_rows, qk_B), slot_BR, tpos_tail), v_tail)
         num_blocks = -(-jnp.minimum(jnp.max(m_B), c) // bk)
         args = dict(scale=op_kwargs.get("scale"), logits_soft_cap=op_kwargs.get("logits_soft_cap"))
         o_old, lse_old = decode_over_blocks(
@@ -147,8 +155,9 @@ class _QuantizedMixin(_SlotsMixin):
             new_mask = (kp <= qp) & ((kp < sink) | (qp - kp < window))
         else:  # Causal / SlidingWindow are relative: the new block starts at 0 for both
             new_mask = mask
-        kn = k_new.astype(dt)
-        vn = kn if v_new is None else v_new.astype(dt)
+        k_att, v_att = new if attend_new is None else attend_new
+        kn = k_att.astype(dt)
+        vn = kn if v_att is None else v_att.astype(dt)
         o_new, lse_new = dot_product_attention(
             q_BTNH.astype(dt), kn, vn, mask=new_mask, return_lse=True, **op_kwargs
         )
@@ -349,12 +358,16 @@ def _check_sizes(**sizes):
 
 def dense_cache(*, config=None, **shape):
     """The dense-layout cache ``config`` names: ``KVCache`` ("dense" / None),
-    ``MixedPrecisionKVCache`` ("mikv") or ``QuantizedKVCache`` (another quantized format).
+    ``MixedPrecisionKVCache`` ("mikv"), ``KVQuantCache`` ("kvquant") or ``QuantizedKVCache`` (another quantized format).
     ``shape``: ``KVCache.create``'s arguments."""
     if config is not None and config.format == "mikv":
         from jaxattn.cache._mixed import MixedPrecisionKVCache  # it builds on this module
 
         return MixedPrecisionKVCache.create(config=config, **shape)
+    if config is not None and config.format == "kvquant":
+        from jaxattn.cache._kvquant import KVQuantCache  # it builds on this module
+
+        return KVQuantCache.create(config=config, **shape)
     if config is not None and config.quantized:
         return QuantizedKVCache.create(config=config, **shape)
     return KVCache.create(config=config, **shape)

@@ -237,7 +237,8 @@ class Attention(AttentionLayer):
         return self.q(x_BTD, ctx), (self.k(x_BTD, ctx), self.v(x_BTD, ctx))
 
     def qk_transform(self, q_BTNH, kv, ctx: Context):
-        """qk-norm, then RoPE at ``ctx.positions_BT``."""
+        """qk-norm, then RoPE at ``ctx.positions_BT`` (the keys stay unrotated when
+        ``ctx.keys_pre_rope``: the cache rotates them, see ``attend_cache``)."""
         c = self.config
         k_BTKH, v_BTKV = kv
         if c.qk_norm:
@@ -245,7 +246,8 @@ class Attention(AttentionLayer):
         if c.rope is not None:
             dt = q_BTNH.dtype
             q_BTNH = apply_rope(q_BTNH, ctx.positions_BT, c.rope).astype(dt)
-            k_BTKH = apply_rope(k_BTKH, ctx.positions_BT, c.rope).astype(dt)
+            if not ctx.keys_pre_rope:
+                k_BTKH = apply_rope(k_BTKH, ctx.positions_BT, c.rope).astype(dt)
         return q_BTNH, (k_BTKH, v_BTKV)
 
     def _op_args(self, ctx: Context) -> dict:
@@ -268,10 +270,12 @@ class Attention(AttentionLayer):
         return dict(self._op_args(ctx), segment_ids=ctx.segment_ids_BT)
 
     def attend_cache(self, q_BTNH, kv, cache: KVCache, ctx: Context, *, num_new_B=None):
-        """The cache attends over itself and the new k/v, stores them -> (o_BTNV, cache)."""
+        """The cache attends over itself and the new k/v, stores them -> (o_BTNV, cache).
+        A cache of pre-RoPE keys (``ctx.keys_pre_rope``) gets the layer's ``rope`` too."""
         k_BTKH, v_BTKV = kv
+        rope = dict(rope=self.config.rope) if ctx.keys_pre_rope else {}
         return cache.update_and_attend(
-            q_BTNH, k_BTKH, v_BTKV, num_new_B=num_new_B, **self._op_args(ctx)
+            q_BTNH, k_BTKH, v_BTKV, num_new_B=num_new_B, **rope, **self._op_args(ctx)
         )
 
     def out(self, o_BTNV: jax.Array, ctx: Context) -> jax.Array:
@@ -284,6 +288,15 @@ class Attention(AttentionLayer):
         has C = sink + window slots whatever ``capacity`` is; a quantized format gives a
         ``QuantizedKVCache``."""
         c = self.config
+        config = self.cache_config(cache)
+        if config is not None and config.format == "kvquant" and (
+            type(self).qk_transform is not Attention.qk_transform
+            or type(self).attend_cache is not Attention.attend_cache
+        ):  # the pre-RoPE seam is Attention's own qk_transform / attend_cache
+            raise ValueError(
+                f"cache.format='kvquant' stores pre-RoPE keys, which {type(self).__name__}'s "
+                "own qk_transform / attend_cache do not provide"
+            )
         return dense_cache(
             batch=batch,
             capacity=capacity,
@@ -292,5 +305,5 @@ class Attention(AttentionLayer):
             v_head_dim=c.v,
             num_v_heads=c.n_v,
             dtype=dtype,
-            config=self.cache_config(cache),
+            config=config,
         )

@@ -36,6 +36,9 @@ class Context:
       layer: index of the block being run (static; None outside the blocks).
       decoding: True inside ``AttentionLayer.decode`` (static): a cache step, where a layer
         sows no training-only values (auxiliary losses).
+      keys_pre_rope: True in a decode step over a cache that stores keys before RoPE
+        (static; the cache's ``pre_rope``, e.g. KVQuant's): ``qk_transform`` leaves the new
+        keys unrotated and the cache rotates them at their positions when it attends.
     """
 
     positions_BT: jax.Array
@@ -45,6 +48,7 @@ class Context:
     hooks: Any = struct.field(pytree_node=False, default=())
     layer: int | None = struct.field(pytree_node=False, default=None)
     decoding: bool = struct.field(pytree_node=False, default=False)
+    keys_pre_rope: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def create(

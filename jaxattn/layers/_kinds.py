@@ -221,7 +221,9 @@ class AttentionLayer(nnx.Module):
         positions_BT = cache.positions_BT(t)
         if ctx is None:
             ctx = Context.create(b, t, positions_BT=positions_BT)
-        ctx = ctx.replace(positions_BT=positions_BT, decoding=True)
+        # a cache of pre-RoPE keys (KVQuant) rotates them itself, at attention time
+        pre_rope = bool(getattr(cache, "pre_rope", False))
+        ctx = ctx.replace(positions_BT=positions_BT, decoding=True, keys_pre_rope=pre_rope)
         q, kv = self.qk_transform(*self.project(x_BTD, ctx), ctx)
         if ctx.hooks:  # points q, k, v of the new tokens (capture only)
             ctx.hooks.decode_inputs(self, q, kv, ctx)

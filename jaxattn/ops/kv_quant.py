@@ -17,6 +17,12 @@ dtype, so (2) never clips and the bound s/2 holds with the stored s.
 Codes are packed along the last axis into unsigned words: ``32 // b`` codes per uint32 word for
 3 bits (10 codes, 2 bits unused), ``8 // b`` per uint8 byte for 2, 4 and 8 bits. The last axis
 is padded with zero codes to a whole number of words.
+
+Non-uniform datatypes (KVQuant's nuqX): ``levels`` replaces the integer grid 0 .. 2^b − 1 of (2)
+and (3) by 2^b sorted levels in the same units (a codebook c in [0, 1] times 2^b − 1): a number
+takes the code of the nearest level of (X − z_X) / s_X and dequantizes to levels[code] · s_X +
+z_X. ``fit_codebook`` fits the codebook on calibration data normalised per group
+(``normalize``) by weighted 1-D k-means.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ __all__ = [
     "quantize",
     "dequantize",
     "hadamard",
+    "normalize",
+    "fit_codebook",
 ]
 
 BITS = (2, 3, 4, 8)
@@ -87,7 +95,7 @@ def _round_up(x32, dtype):
     return jnp.where(y.astype(jnp.float32) < x32, jnp.nextafter(y, jnp.asarray(jnp.inf, dtype)), y)
 
 
-def quantize(x: jax.Array, bits: int, axes, *, scale_dtype=jnp.float16):
+def quantize(x: jax.Array, bits: int, axes, *, scale_dtype=jnp.float16, levels=None):
     """KIVI's equations (1)-(2) over the groups that ``axes`` reduce.
 
     Args:
@@ -95,12 +103,17 @@ def quantize(x: jax.Array, bits: int, axes, *, scale_dtype=jnp.float16):
       bits: b, one of ``BITS``.
       axes: the axes a group spans (int or tuple).
       scale_dtype: the storage dtype of scales and zeros.
+      levels: None (the integer grid), or float32 [2^b] sorted levels in [0, 2^b − 1]: the
+        code of each number is its nearest level (a non-uniform datatype).
 
     Returns:
       (codes uint8 or uint32 like x (unpacked, in [0, 2^b)), scale, zero), scale and zero with
       ``axes`` kept as size 1, in ``scale_dtype``.
     """
     word_dtype(bits)
+    nuq = levels
+    if nuq is not None and nuq.shape != (1 << bits,):
+        raise ValueError(f"levels must have shape [2^bits] = [{1 << bits}], got {nuq.shape}")
     x32 = x.astype(jnp.float32)
     lo = jnp.min(x32, axis=axes, keepdims=True)
     hi = jnp.max(x32, axis=axes, keepdims=True)
@@ -110,15 +123,75 @@ def quantize(x: jax.Array, bits: int, axes, *, scale_dtype=jnp.float16):
     scale = _round_up((hi - z32) / levels, scale_dtype)
     s32 = scale.astype(jnp.float32)
     inv = jnp.where(s32 > 0, 1.0 / jnp.where(s32 > 0, s32, 1.0), 0.0)  # a constant group: code 0
+    if nuq is not None:  # the nearest of the 2^b levels
+        u = (x32 - z32) * inv
+        codes = jnp.argmin(jnp.abs(u[..., None] - nuq.astype(jnp.float32)), axis=-1)
+        return codes.astype(word_dtype(bits)), scale, zero
     codes = jnp.clip(jnp.round((x32 - z32) * inv), 0, levels)
     return codes.astype(word_dtype(bits)), scale, zero
 
 
-def dequantize(codes, scale, zero, dtype=jnp.float32) -> jax.Array:
-    """KIVI's equation (3): codes · scale + zero (broadcast) in fp32, cast to ``dtype``."""
-    return (
-        codes.astype(jnp.float32) * scale.astype(jnp.float32) + zero.astype(jnp.float32)
-    ).astype(dtype)
+def dequantize(codes, scale, zero, dtype=jnp.float32, levels=None) -> jax.Array:
+    """KIVI's equation (3): codes · scale + zero (broadcast) in fp32, cast to ``dtype``;
+    with ``levels`` (float32 [2^b]), levels[codes] · scale + zero."""
+    c = codes.astype(jnp.float32) if levels is None else levels.astype(jnp.float32)[codes]
+    return (c * scale.astype(jnp.float32) + zero.astype(jnp.float32)).astype(dtype)
+
+
+def normalize(x: jax.Array, axes) -> jax.Array:
+    """Each group of x (the slices along ``axes``) mapped to [0, 1] by its min and max, in
+    fp32: the values a codebook of ``quantize(levels=)`` is fitted on (a constant group: 0)."""
+    x32 = x.astype(jnp.float32)
+    lo = jnp.min(x32, axis=axes, keepdims=True)
+    span = jnp.max(x32, axis=axes, keepdims=True) - lo
+    return jnp.where(span > 0, (x32 - lo) / jnp.where(span > 0, span, 1.0), 0.0)
+
+
+def fit_codebook(u, bits: int, weights=None, *, iters: int = 50) -> jax.Array:
+    """KVQuant's non-uniform datatype: 2^b levels fitted by weighted 1-D k-means (Lloyd).
+
+    KVQuant fits its nuqX codebooks by k-means weighted by each activation's sensitivity
+    (the diagonal Fisher information, squared gradients of the loss); pass them as
+    ``weights``. Without weights every value counts the same (plain k-means).
+
+    Args:
+      u: calibration values normalised per group (``normalize``), any shape, in [0, 1].
+      bits: b, one of ``BITS``.
+      weights: None (uniform), or non-negative weights of u's shape (e.g. Fisher information).
+      iters: Lloyd iterations (assign to the nearest level, move each level to the weighted
+        mean of its values; a level with no weight stays).
+
+    Returns:
+      float32 [2^b] sorted levels in [0, 1], initialised at the weighted quantiles.
+
+    Raises:
+      ValueError: bad bits, weights of another shape, or negative weights.
+    """
+    word_dtype(bits)
+    u = jnp.ravel(jnp.asarray(u, jnp.float32))
+    if weights is None:
+        w = jnp.ones_like(u)
+    else:
+        w = jnp.asarray(weights, jnp.float32)
+        if w.size != u.size:
+            raise ValueError(f"weights have {w.size} entries but u has {u.size}")
+        w = jnp.ravel(w)
+        if bool(jnp.any(w < 0)):
+            raise ValueError("weights must be non-negative")
+    n_levels = 1 << bits
+    order = jnp.argsort(u)
+    cdf = jnp.cumsum(w[order])
+    targets = (jnp.arange(n_levels) + 0.5) / n_levels * cdf[-1]
+    cb = u[order][jnp.clip(jnp.searchsorted(cdf, targets), 0, u.size - 1)]
+
+    def step(cb, _):
+        assign = jnp.argmin(jnp.abs(u[:, None] - cb[None, :]), axis=1)
+        num = jnp.zeros(n_levels).at[assign].add(w * u)
+        den = jnp.zeros(n_levels).at[assign].add(w)
+        return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), cb), None
+
+    cb, _ = jax.lax.scan(step, cb, None, length=iters)
+    return jnp.sort(cb)
 
 
 def hadamard(x: jax.Array) -> jax.Array:

@@ -92,3 +92,27 @@ def test_mikv_by_name_in_a_model_all_high_precision_is_the_full_forward():
     mla = _tiny("deepseek-tiny")[0]
     with pytest.raises(ValueError, match=r"cannot serve cache.format='mikv'"):
         mla.init_cache(1, 32, cache=fields)
+
+
+def test_kvquant_by_name_in_a_model_decodes_close_to_the_full_forward_and_generates():
+    from jaxattn.cache import KVQuantCache
+    from train.sample import cache_fields
+
+    model, tokens, full = _tiny("llama-tiny")
+    fields = {"format": "kvquant", "bits": 8, "group_size": 4, "residual": 8, "outliers": 0.1,
+              "fp_sinks": 2}  # fmt: skip
+    got = _decode_steps(model, tokens, tuple(fields.items()))
+    # pre-RoPE 8-bit keys rotated by the cache: the logits move by a small fraction only
+    err = float(jnp.max(jnp.abs(got - full)))
+    assert 0 < err < 0.02 * float(jnp.std(full)), err
+    assert isinstance(jax.eval_shape(lambda: model.init_cache(1, 32, cache=fields))[0],
+                      KVQuantCache)  # fmt: skip
+    prompt, lens = jnp.array([[5, 6, 7, 8, 9], [9, 10, 11, 12, 13]]), jnp.array([5, 5])
+    out = generate(model, prompt, lens, max_new_tokens=10, rng=jax.random.key(0), cache=fields)
+    seq = out.tokens_BS[:, :15]
+    logits = _decode_steps(model, seq, tuple(fields.items()))
+    np.testing.assert_array_equal(np.argmax(logits[:, 4:14], -1), seq[:, 5:15])
+    items = [f"cache.{k}={v}" for k, v in fields.items()]
+    assert cache_fields(items) == fields
+    with pytest.raises(ValueError, match=r"cannot serve cache.format='kvquant'"):
+        _tiny("deepseek-tiny")[0].init_cache(1, 32, cache=fields)
