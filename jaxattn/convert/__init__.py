@@ -22,6 +22,9 @@ Weight compression (PAPERS.md §9), on matrices [I, O] (``Linear.as_matrix``)
   rtn_quantize                                RTN b-bit (2-8), per column / group, sym / asym
   svd_compensation, lorc                      ZeroQuant-V2 LoRC: Q(W) + top-r SVD of W − Q(W)
   eora                                        EoRA: compensation in the input eigenspace
+SliceGPT, ``jaxattn.convert.slicegpt`` (model level: ``models.convert.slicegpt``)
+  pca_rotation                                Q [D, D']: PCA of the normalised stream
+  rotate_reader, rotate_writer                Qᵀ diag(γ) W_in; W_out Q, b_out Q
 """
 
 from jaxattn.convert._params import layer_params, load_layer_params
@@ -36,6 +39,7 @@ from jaxattn.convert.compensation import eora, lorc, svd_compensation
 from jaxattn.convert.kv_heads import merge_kv_heads
 from jaxattn.convert.mean_pool import mean_pool_kv_heads
 from jaxattn.convert.rtn import rtn_quantize
+from jaxattn.convert.slicegpt import pca_rotation, rotate_reader, rotate_writer
 from jaxattn.convert.transmla import compress_latent, decouple_rope, fit_latent_norm, gqa_to_mla
 
 __all__ = [
@@ -56,4 +60,7 @@ __all__ = [
     "svd_compensation",
     "lorc",
     "eora",
+    "pca_rotation",
+    "rotate_reader",
+    "rotate_writer",
 ]
