@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import models
 from jaxattn import convert as C
 from models import convert as mc
 from models.config import ModelConfig
@@ -66,7 +67,7 @@ def test_rotation_alone_is_exact(tie, untied):
     assert not np.allclose(np.asarray(new.embed.table[...]), np.asarray(model.embed.table[...]))
 
 
-def test_slicing_shapes_and_errors(untied):
+def test_slicing_shapes_and_errors(untied, tmp_path):
     cov = mc.normed_covariance(untied, CALIB, batch_size=8)
     lam = np.linalg.eigvalsh(cov)[::-1]
     reports = []
@@ -77,6 +78,14 @@ def test_slicing_shapes_and_errors(untied):
         assert new.layers[0].mlp.down.kernel.shape[-1] == dim
         np.testing.assert_allclose(r["discarded"], lam[dim:].sum() / lam.sum(), atol=1e-6)
         reports.append(r)
+        if dim == 20:  # the sliced model is a standard Llama checkpoint
+            models.to_hf(new, str(tmp_path))
+            back = models.from_hf(str(tmp_path))
+            np.testing.assert_allclose(
+                np.asarray(back(jnp.asarray(CALIB[:2]))),
+                np.asarray(new(jnp.asarray(CALIB[:2]))),
+                atol=TOL,
+            )
     discarded = [r["discarded"] for r in reports]
     errors = [r["relative_logit_error"] for r in reports]
     assert all(a > b for a, b in zip(discarded, discarded[1:], strict=False))
