@@ -1,4 +1,4 @@
-"""Whole-model conversions: TransMLA and KV-head compression, a method registry and a CLI.
+"""Whole-model conversions: TransMLA, KV-head compression, SliceGPT, a registry and a CLI.
 
 ``jaxattn.convert`` holds the per-layer steps (pure functions on a layer's arrays); this module
 reads a ``DecoderLM``'s layers (``layer_params``: adapters folded in), gathers calibration
@@ -38,6 +38,7 @@ from models._convert_base import (
     rebuild,
     with_layers,
 )
+from models._convert_slicegpt import normed_covariance, slicegpt
 from models.decoder import DecoderLM
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "with_layers",
     "transmla",
     "kv_heads",
+    "slicegpt",
+    "normed_covariance",
     "perplexity",
     "Method",
     "register_method",
@@ -299,6 +302,7 @@ def registered_methods() -> tuple[str, ...]:
 
 
 register_method(Method("kv_heads", kv_heads, ("num_kv_heads", "batch_size")))
+register_method(Method("slicegpt", slicegpt, ("dim", "batch_size")))
 register_method(
     Method(
         "transmla",

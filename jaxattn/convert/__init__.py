@@ -18,6 +18,13 @@ TransMLA (GQA -> MLA), ``jaxattn.convert.transmla``
 KV-head compression (MHA -> GQA), ``jaxattn.convert.kv_heads``
   merge_kv_heads                              PCA-merged kv heads, RoPE pairs mixed per frequency
   mean_pool_kv_heads                          mean-pooled kv heads (GQA's init; "kdgqa" / "dgqa")
+Weight compression (PAPERS.md §9), on matrices [I, O] (``Linear.as_matrix``)
+  rtn_quantize                                RTN b-bit (2-8), per column / group, sym / asym
+  svd_compensation, lorc                      ZeroQuant-V2 LoRC: Q(W) + top-r SVD of W − Q(W)
+  eora                                        EoRA: compensation in the input eigenspace
+SliceGPT, ``jaxattn.convert.slicegpt`` (model level: ``models.convert.slicegpt``)
+  pca_rotation                                Q [D, D']: PCA of the normalised stream
+  rotate_reader, rotate_writer                Qᵀ diag(γ) W_in; W_out Q, b_out Q
 """
 
 from jaxattn.convert._params import layer_params, load_layer_params
@@ -28,8 +35,11 @@ from jaxattn.convert._stats import (
     input_moments,
     latent_norm_stats,
 )
+from jaxattn.convert.compensation import eora, lorc, svd_compensation
 from jaxattn.convert.kv_heads import merge_kv_heads
 from jaxattn.convert.mean_pool import mean_pool_kv_heads
+from jaxattn.convert.rtn import rtn_quantize
+from jaxattn.convert.slicegpt import pca_rotation, rotate_reader, rotate_writer
 from jaxattn.convert.transmla import compress_latent, decouple_rope, fit_latent_norm, gqa_to_mla
 
 __all__ = [
@@ -46,4 +56,11 @@ __all__ = [
     "fit_latent_norm",
     "merge_kv_heads",
     "mean_pool_kv_heads",
+    "rtn_quantize",
+    "svd_compensation",
+    "lorc",
+    "eora",
+    "pca_rotation",
+    "rotate_reader",
+    "rotate_writer",
 ]
