@@ -20,6 +20,7 @@ Attention kinds
   DiffQKVConfig, DiffQKVAttention           "diffqkv": Sigma's separate K / V heads and dims, aug. Q
   CCAConfig, CompressedConvAttention        "cca": compressed convolutional attention (CCA / CCGQA)
   LowRankMHSAConfig, LowRankMHSA, lama_pool "lowrank_mhsa": LAMA's low-rank affinity, context query
+  LinformerConfig, LinformerAttention       "linformer": sequence-projected K/V (encoder only)
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
@@ -49,6 +50,7 @@ from jaxattn.layers._kinds import AttentionLayer, kind_config, register_kind, re
 from jaxattn.layers._lama import LowRankMHSA, LowRankMHSAConfig, lama_pool
 from jaxattn.layers._linear import Adapter, AdapterParam, Linear
 from jaxattn.layers._linear_attention import LinearAttention, LinearAttentionConfig
+from jaxattn.layers._linformer import LinformerAttention, LinformerConfig
 from jaxattn.layers._lm_infinite import LMInfiniteAttention, LMInfiniteConfig
 from jaxattn.layers._mla import MLAConfig, MultiHeadLatentAttention
 from jaxattn.layers._mlp import SwiGLU, swiglu
@@ -82,6 +84,8 @@ __all__ = [
     "MultiHeadLatentAttention",
     "LinearAttentionConfig",
     "LinearAttention",
+    "LinformerConfig",
+    "LinformerAttention",
     "MoHConfig",
     "MoHAttention",
     "SSAConfig",
