@@ -21,6 +21,7 @@ Attention kinds
   CCAConfig, CompressedConvAttention        "cca": compressed convolutional attention (CCA / CCGQA)
   LowRankMHSAConfig, LowRankMHSA, lama_pool "lowrank_mhsa": LAMA's low-rank affinity, context query
   LinformerConfig, LinformerAttention       "linformer": sequence-projected K/V (encoder only)
+  AgentAttentionConfig, AgentAttention      "agent": agent tokens pooled from Q (encoder only)
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
@@ -30,6 +31,7 @@ Embeddings
   Embed                                           token table; ``as_head()`` is the tied unembedding
 """
 
+from jaxattn.layers._agent_attention import AgentAttention, AgentAttentionConfig
 from jaxattn.layers._attention import Attention, AttentionConfig
 from jaxattn.layers._cca import CCAConfig, CompressedConvAttention
 from jaxattn.layers._context import Context, dropout
@@ -86,6 +88,8 @@ __all__ = [
     "LinearAttention",
     "LinformerConfig",
     "LinformerAttention",
+    "AgentAttentionConfig",
+    "AgentAttention",
     "MoHConfig",
     "MoHAttention",
     "SSAConfig",

@@ -109,3 +109,43 @@ def test_bad_input_names_argument():
         _agent(q, k[:, :, :1], v[:, :, :1], num_agents=2)
     with pytest.raises(ValueError, match="dwc_bias is given"):
         _agent(q, k, v, num_agents=2, dwc_bias=jnp.zeros((3, 8)))
+
+
+def test_agent_kind_layer_equals_op_and_refuses_causal_use():
+    from flax import nnx
+
+    from jaxattn.layers import AgentAttentionConfig, kind_config, registered_kinds
+
+    assert "agent" in registered_kinds() and kind_config("agent") is AgentAttentionConfig
+    cfg = AgentAttentionConfig(d_model=24, num_heads=3, num_agents=4, seq_len=16)
+    layer = cfg.build(rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (2, 12, 24))
+    y = nnx.jit(lambda m, x: m(x))(layer, x)
+
+    @nnx.jit
+    def by_op(m, x):
+        o = agent_attention(
+            m.q(x), m.k(x), m.v(x), num_agents=4, agent_bias=m.agent_bias[:, :, :12],
+            query_bias=m.query_bias[:, :12], dwc_kernel=m.dwc_kernel[...],
+            dwc_bias=m.dwc_bias[...],
+        )  # fmt: skip
+        return m.o(o)
+
+    np.testing.assert_allclose(y, by_op(layer, x), atol=1e-5, rtol=1e-5)
+    assert layer.agent_bias.shape == (3, 4, 16) and layer.dwc_kernel.shape == (3, 3, 8)
+    bare = AgentAttentionConfig(
+        d_model=24, num_heads=3, num_agents=4, seq_len=16, agent_bias=False, dwc_width=0
+    ).build(rngs=nnx.Rngs(0))
+    assert not hasattr(bare, "agent_bias") and not hasattr(bare, "dwc_kernel")
+    with pytest.raises(ValueError, match="cannot serve a causal decoder model"):
+        AgentAttentionConfig.from_model(object(), 0)
+    with pytest.raises(NotImplementedError, match="no cache and no decode"):
+        layer.decode(jnp.zeros((2, 1, 24)), None)
+    with pytest.raises(NotImplementedError, match="no cache and no decode"):
+        layer.init_cache(2, 16)
+    with pytest.raises(ValueError, match=r"input length 3 must be in \[num_agents=4"):
+        layer(jnp.zeros((1, 3, 24)))
+    with pytest.raises(ValueError, match="dwc_width=2 must be odd"):
+        AgentAttentionConfig(d_model=24, num_heads=3, num_agents=4, seq_len=16, dwc_width=2)
+    with pytest.raises(ValueError, match="num_agents=17 exceeds seq_len=16"):
+        AgentAttentionConfig(d_model=24, num_heads=3, num_agents=17, seq_len=16)
