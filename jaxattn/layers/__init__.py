@@ -3,7 +3,7 @@
 Seams (DESIGN.md "Extension points")
   Linear, AdapterParam, Adapter                   every projection; the adapter slot
   KernelForm, factorize, register_form,           factorised kernels in Linear's form slot:
-  registered_forms                                ``lowrank``, ``sltrain``, ``sst`` (below)
+  registered_forms                                ``lowrank``, ``sltrain``, ``lrt``, ``sst``
   Context, dropout                                the call context every layer receives
   AttentionLayer, register_kind, kind_config,     the attention-kind protocol and registry
   registered_kinds
@@ -27,6 +27,7 @@ Feed-forward and normalisation
   RMSNorm, rms_norm                               root-mean-square norm
 Factorised kernels (pretraining from scratch; by path: jaxattn.optim.parameterize)
   LowRankKernel, SparseLowRankKernel, SpectralKernel, FixedSupport
+  SVDLowRankKernel                                LRT (Greenformers): B·A from the truncated SVD
 Embeddings
   Embed                                           token table; ``as_head()`` is the tied unembedding
 """
@@ -43,6 +44,7 @@ from jaxattn.layers._factorized import (
     LowRankKernel,
     SparseLowRankKernel,
     SpectralKernel,
+    SVDLowRankKernel,
     factorize,
     register_form,
     registered_forms,
@@ -72,6 +74,7 @@ __all__ = [
     "registered_forms",
     "LowRankKernel",
     "SparseLowRankKernel",
+    "SVDLowRankKernel",
     "SpectralKernel",
     "FixedSupport",
     "Context",
