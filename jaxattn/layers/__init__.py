@@ -3,7 +3,7 @@
 Seams (DESIGN.md "Extension points")
   Linear, AdapterParam, Adapter                   every projection; the adapter slot
   KernelForm, factorize, register_form,           factorised kernels in Linear's form slot:
-  registered_forms                                ``lowrank``, ``sltrain``, ``sst`` (below)
+  registered_forms                                ``lowrank``, ``sltrain``, ``lrt``, ``sst``
   Context, dropout                                the call context every layer receives
   AttentionLayer, register_kind, kind_config,     the attention-kind protocol and registry
   registered_kinds
@@ -21,15 +21,19 @@ Attention kinds
   DiffQKVConfig, DiffQKVAttention           "diffqkv": Sigma's separate K / V heads and dims, aug. Q
   CCAConfig, CompressedConvAttention        "cca": compressed convolutional attention (CCA / CCGQA)
   LowRankMHSAConfig, LowRankMHSA, lama_pool "lowrank_mhsa": LAMA's low-rank affinity, context query
+  LinformerConfig, LinformerAttention       "linformer": sequence-projected K/V (encoder only)
+  AgentAttentionConfig, AgentAttention      "agent": agent tokens pooled from Q (encoder only)
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
 Factorised kernels (pretraining from scratch; by path: jaxattn.optim.parameterize)
   LowRankKernel, SparseLowRankKernel, SpectralKernel, FixedSupport
+  SVDLowRankKernel                                LRT (Greenformers): B·A from the truncated SVD
 Embeddings
   Embed                                           token table; ``as_head()`` is the tied unembedding
 """
 
+from jaxattn.layers._agent_attention import AgentAttention, AgentAttentionConfig
 from jaxattn.layers._attention import Attention, AttentionConfig
 from jaxattn.layers._cca import CCAConfig, CompressedConvAttention
 from jaxattn.layers._context import Context, dropout
@@ -41,6 +45,7 @@ from jaxattn.layers._factorized import (
     LowRankKernel,
     SparseLowRankKernel,
     SpectralKernel,
+    SVDLowRankKernel,
     factorize,
     register_form,
     registered_forms,
@@ -51,6 +56,7 @@ from jaxattn.layers._lama import LowRankMHSA, LowRankMHSAConfig, lama_pool
 from jaxattn.layers._landmark import LandmarkAttention, LandmarkConfig
 from jaxattn.layers._linear import Adapter, AdapterParam, Linear
 from jaxattn.layers._linear_attention import LinearAttention, LinearAttentionConfig
+from jaxattn.layers._linformer import LinformerAttention, LinformerConfig
 from jaxattn.layers._lm_infinite import LMInfiniteAttention, LMInfiniteConfig
 from jaxattn.layers._mla import MLAConfig, MultiHeadLatentAttention
 from jaxattn.layers._mlp import SwiGLU, swiglu
@@ -70,6 +76,7 @@ __all__ = [
     "registered_forms",
     "LowRankKernel",
     "SparseLowRankKernel",
+    "SVDLowRankKernel",
     "SpectralKernel",
     "FixedSupport",
     "Context",
@@ -84,6 +91,10 @@ __all__ = [
     "MultiHeadLatentAttention",
     "LinearAttentionConfig",
     "LinearAttention",
+    "LinformerConfig",
+    "LinformerAttention",
+    "AgentAttentionConfig",
+    "AgentAttention",
     "MoHConfig",
     "MoHAttention",
     "SSAConfig",

@@ -14,6 +14,12 @@ as the product of the factors, viewed as the matrix ``W_mn`` (m = fan_in, n = fa
   layer's path). The low-rank term carries LoRA's scale ``alpha / r`` as the authors' layer
   does (``x W_a W_b lora_alpha / r + x W_sp``; ``alpha`` defaults to their training script's
   32, :data:`SLTRAIN_ALPHA`). ``r (m + n) + nnz`` parameters.
+* ``lrt``  ``W = B_mr A_rn`` from the truncated SVD of the layer's dense kernel,
+  ``B = U_r diag(√s_r)``, ``A = diag(√s_r) Vᵀ_r`` (the Low-Rank Transformer of Greenformers,
+  Winata et al. 2020: each dense weight becomes two thinner rank-r matrices); by
+  Eckart–Young the discarded part has Frobenius norm ``sqrt(Σ_{i>r} s_i²)``, and at
+  ``r = min(m, n)`` the form reproduces the dense kernel. ``r (m + n)`` parameters, the
+  leaves of ``lowrank`` (so ``jaxattn.optim.lowrank_refactor`` serves it too).
 * ``sst``  ``W = U_mk diag(s_k) Vᵀ_kn``, initialised from the SVD of the layer's dense
   initial kernel (Sparse Spectral Training, Zhao et al. 2024); ``k (m + n + 1)`` parameters.
   Which singular vectors train each step is the optimizer's part (``jaxattn.optim.sst``).
@@ -47,6 +53,7 @@ __all__ = [
     "SLTRAIN_ALPHA",
     "KernelForm",
     "LowRankKernel",
+    "SVDLowRankKernel",
     "SparseLowRankKernel",
     "SpectralKernel",
     "FixedSupport",
@@ -111,6 +118,25 @@ class LowRankKernel(KernelForm):
     def project(self, x_NM, *, preferred_element_type=None):
         h_NR = _dot(x_NM, self.b[...], None)
         return _dot(h_NR, self.a[...], preferred_element_type)
+
+
+class SVDLowRankKernel(LowRankKernel):
+    """LRT's ``W = B A`` initialised from the top-``rank`` SVD of ``kernel_mn`` (the module
+    docstring's ``lrt``): ``b = U_r diag(√s_r)`` [m, r], ``a = diag(√s_r) Vᵀ_r`` [r, n]."""
+
+    name = "lrt"
+
+    def __init__(self, kernel_mn, rank, *, axes, param_dtype=jnp.float32):
+        self.fan_in, self.fan_out = kernel_mn.shape
+        self.rank = rank
+        u, s, vt = jnp.linalg.svd(kernel_mn.astype(jnp.float32), full_matrices=False)
+        root = jnp.sqrt(s[:rank])
+
+        def named(x, names):  # the metadata jaxattn.layers.param gives (logical axis names)
+            return nnx.Param(x.astype(param_dtype), out_sharding=names, eager_sharding=False)
+
+        self.b = named(u[:, :rank] * root, (axes[0], "lora_rank"))
+        self.a = named(root[:, None] * vt[:rank], ("lora_rank", axes[1]))
 
 
 class SparseLowRankKernel(KernelForm):
@@ -245,6 +271,15 @@ def _sltrain(lin, *, rank, density, alpha, rngs, path, seed):
 
 register_form("sltrain", _sltrain)
 register_form(
+    "lrt",
+    lambda lin, *, rank, density, alpha, rngs, path, seed: SVDLowRankKernel(
+        lin.kernel[...].reshape(lin.fan_in, lin.fan_out),
+        rank,
+        axes=_axes(lin),
+        param_dtype=lin.kernel.dtype,
+    ),  # fmt: skip
+)
+register_form(
     "sst",
     lambda lin, *, rank, density, alpha, rngs, path, seed: SpectralKernel(
         lin.kernel[...].reshape(lin.fan_in, lin.fan_out),
@@ -263,11 +298,11 @@ def factorize(
 
     Args:
       linear: a ``jaxattn.layers.Linear`` with its own (untied) dense kernel and no adapter.
-      form: a registered name (``lowrank``, ``sltrain``, ``sst``).
-      rank: r (``lowrank``, ``sltrain``) or the kept spectrum k (``sst``), in
-        ``[1, min(fan_in, fan_out)]``; None: ``min(fan_in, fan_out)`` for ``sst``.
+      form: a registered name (``lowrank``, ``sltrain``, ``lrt``, ``sst``).
+      rank: r (``lowrank``, ``sltrain``, ``lrt``) or the kept spectrum k (``sst``), in
+        ``[1, min(fan_in, fan_out)]``; None: ``min(fan_in, fan_out)`` for ``sst`` / ``lrt``.
       density: ``sltrain``'s fraction of non-zero entries of S, in (0, 1).
-      rngs: ``nnx.Rngs`` for the new factors (``sst`` reads the dense kernel instead).
+      rngs: ``nnx.Rngs`` for the new factors (``sst`` / ``lrt`` read the dense kernel instead).
       path: the layer's module path, for error messages (and ``sltrain``'s support key).
       support_seed: ``sltrain``: the support's key is :func:`support_key` (seed, path); None:
         drawn from ``rngs``.
@@ -290,7 +325,8 @@ def factorize(
     if linear.adapter is not None:
         raise ValueError(f"parameterization={form!r}: {where} has an adapter; factorise first")
     m, n = linear.fan_in, linear.fan_out
-    if rank is None and form == "sst":
+    from_svd = form in ("sst", "lrt")  # factors read from the dense kernel, no rngs
+    if rank is None and from_svd:
         rank = min(m, n)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
         raise ValueError(
@@ -310,7 +346,7 @@ def factorize(
                 f"parameterization='sltrain': density={density} gives no sparse entry for "
                 f"{where} ([{m}, {n}] has {m * n} entries); raise the density"
             )
-    if form != "sst" and rngs is None:
+    if not from_svd and rngs is None:
         raise ValueError(f"parameterization={form!r} needs rngs for the new factors of {where}")
     built = _FORMS[form](
         linear, rank=rank, density=density, alpha=alpha, rngs=rngs, path=path, seed=support_seed

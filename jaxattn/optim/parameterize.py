@@ -35,6 +35,7 @@ def form_param_count(form: str, m: int, n: int, *, rank: int, density: float = 0
         "lowrank": lambda: rank * (m + n),
         "sltrain": lambda: rank * (m + n) + int(density * m * n),
         "sst": lambda: rank * (m + n + 1),
+        "lrt": lambda: rank * (m + n),
     }
     if form not in counts:
         raise ValueError(f"form={form!r} is not one of {sorted(counts)}")
