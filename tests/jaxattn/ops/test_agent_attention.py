@@ -149,3 +149,17 @@ def test_agent_kind_layer_equals_op_and_refuses_causal_use():
         AgentAttentionConfig(d_model=24, num_heads=3, num_agents=4, seq_len=16, dwc_width=2)
     with pytest.raises(ValueError, match="num_agents=17 exceeds seq_len=16"):
         AgentAttentionConfig(d_model=24, num_heads=3, num_agents=17, seq_len=16)
+
+
+def test_decoder_model_with_agent_layer_is_refused():
+    import dataclasses
+
+    from flax import nnx
+
+    from models import DecoderLM, get_config
+    from models.configs import LayerSpec
+
+    spec = LayerSpec.of("agent", num_agents=4, seq_len=16)
+    with pytest.raises(ValueError, match="'agent' .* cannot serve a causal decoder model"):
+        cfg = dataclasses.replace(get_config("llama-tiny"), layer_pattern=(spec,))
+        DecoderLM(cfg, rngs=nnx.Rngs(0))
