@@ -143,3 +143,17 @@ def test_decoder_model_with_linformer_layer_is_refused():
     with pytest.raises(ValueError, match="'linformer' .* cannot serve a causal decoder model"):
         cfg = dataclasses.replace(get_config("llama-tiny"), layer_pattern=(spec,))
         DecoderLM(cfg, rngs=nnx.Rngs(0))
+
+
+def test_gradients_match_softmax_attention_at_identity():
+    q, k, v = _qkv(t=8, seed=7)
+    eye = jnp.eye(8)
+    ours = jax.grad(
+        lambda *a: jnp.sum(jnp.sin(linformer_attention(*a, eye, eye, implementation="xla"))),
+        argnums=(0, 1, 2),
+    )(q, k, v)
+    oracle = jax.grad(
+        lambda *a: jnp.sum(jnp.sin(jax.nn.dot_product_attention(*a))), argnums=(0, 1, 2)
+    )(q, k, v)
+    for a, b in zip(ours, oracle):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
