@@ -24,7 +24,10 @@ def _torch_reference(q, k, v, n_agents, b1, b2, dwc_w, dwc_b):
     """The authors' AgentAttention forward, 1-D: agents = AdaptiveAvgPool1d(Q);
     agent aggregation V_A = softmax(A·scale Kᵀ + B1) V; agent broadcast
     O = softmax(Q·scale Aᵀ + B2) V_A; O += depthwise Conv1d(V) (groups = channels)."""
-    q, k, v = (torch.tensor(np.asarray(x), dtype=torch.float64) for x in (q, k, v))
+    q, k, v = (
+        x if isinstance(x, torch.Tensor) else torch.tensor(np.asarray(x), dtype=torch.float64)
+        for x in (q, k, v)
+    )
     b, t, n, h = q.shape
     scale = h**-0.5
     qh, kh, vh = (x.permute(0, 2, 1, 3) for x in (q, k, v))  # [B, N, T, H] as the authors'
@@ -47,7 +50,7 @@ def _torch_reference(q, k, v, n_agents, b1, b2, dwc_w, dwc_b):
         vc = v.reshape(b, t, n * h).transpose(1, 2)
         dwc = torch.nn.functional.conv1d(vc, conv_w, conv_b, padding=w.shape[0] // 2, groups=n * h)
         x = x + dwc.transpose(1, 2).reshape(b, t, n, h)
-    return x.numpy()
+    return x  # float64 tensor [B, T, N, V] (differentiable in q, k, v)
 
 
 @pytest.mark.parametrize("t, n_agents", [(24, 4), (23, 5)], ids=["t24_n4", "t23_n5_uneven"])
@@ -149,3 +152,34 @@ def test_agent_kind_layer_equals_op_and_refuses_causal_use():
         AgentAttentionConfig(d_model=24, num_heads=3, num_agents=4, seq_len=16, dwc_width=2)
     with pytest.raises(ValueError, match="num_agents=17 exceeds seq_len=16"):
         AgentAttentionConfig(d_model=24, num_heads=3, num_agents=17, seq_len=16)
+
+
+def test_decoder_model_with_agent_layer_is_refused():
+    import dataclasses
+
+    from flax import nnx
+
+    from models import DecoderLM, get_config
+    from models.configs import LayerSpec
+
+    spec = LayerSpec.of("agent", num_agents=4, seq_len=16)
+    with pytest.raises(ValueError, match="'agent' .* cannot serve a causal decoder model"):
+        cfg = dataclasses.replace(get_config("llama-tiny"), layer_pattern=(spec,))
+        DecoderLM(cfg, rngs=nnx.Rngs(0))
+
+
+def test_gradients_match_the_torch_reference():
+    q, k, v = _inputs(b=1, t=12, n=2, seed=3)
+    w = 0.3 * jax.random.normal(jax.random.key(4), (3, 2, 8))
+    bias = jnp.zeros((2, 8))
+    grads = jax.grad(
+        lambda *a: jnp.sum(jnp.sin(_agent(*a, num_agents=3, dwc_kernel=w, dwc_bias=bias))),
+        argnums=(0, 1, 2),
+    )(q, k, v)
+    tq, tk, tv = (torch.tensor(np.asarray(x), dtype=torch.float64) for x in (q, k, v))
+    for x in (tq, tk, tv):
+        x.requires_grad_(True)
+    out = _torch_reference(tq, tk, tv, 3, None, None, w, bias)
+    torch.sin(out).sum().backward()
+    for a, b in zip(grads, (tq.grad, tk.grad, tv.grad)):
+        np.testing.assert_allclose(a, b.numpy(), atol=5e-5, rtol=5e-5)

@@ -131,3 +131,29 @@ def test_kind_is_registered_and_refuses_causal_use():
         LinformerConfig(d_model=32, num_heads=4, seq_len=16, proj_len=4, sharing="x")
     with pytest.raises(ValueError, match="proj_len"):
         LinformerConfig(d_model=32, num_heads=4, seq_len=16, proj_len=0)
+
+
+def test_decoder_model_with_linformer_layer_is_refused():
+    import dataclasses
+
+    from models import DecoderLM, get_config
+    from models.configs import LayerSpec
+
+    spec = LayerSpec.of("linformer", seq_len=16, proj_len=4)
+    with pytest.raises(ValueError, match="'linformer' .* cannot serve a causal decoder model"):
+        cfg = dataclasses.replace(get_config("llama-tiny"), layer_pattern=(spec,))
+        DecoderLM(cfg, rngs=nnx.Rngs(0))
+
+
+def test_gradients_match_softmax_attention_at_identity():
+    q, k, v = _qkv(t=8, seed=7)
+    eye = jnp.eye(8)
+    ours = jax.grad(
+        lambda *a: jnp.sum(jnp.sin(linformer_attention(*a, eye, eye, implementation="xla"))),
+        argnums=(0, 1, 2),
+    )(q, k, v)
+    oracle = jax.grad(
+        lambda *a: jnp.sum(jnp.sin(jax.nn.dot_product_attention(*a))), argnums=(0, 1, 2)
+    )(q, k, v)
+    for a, b in zip(ours, oracle):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
