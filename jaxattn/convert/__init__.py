@@ -22,6 +22,7 @@ Weight compression (PAPERS.md §9), on matrices [I, O] (``Linear.as_matrix``)
   rtn_quantize                                RTN b-bit (2-8), per column / group, sym / asym
   svd_compensation, lorc                      ZeroQuant-V2 LoRC: Q(W) + top-r SVD of W − Q(W)
   eora                                        EoRA: compensation in the input eigenspace
+  welore_ranks, welore                        WeLore: ranks from the σ decay, LRC / N-LRC split
 SliceGPT, ``jaxattn.convert.slicegpt`` (model level: ``models.convert.slicegpt``)
   pca_rotation                                Q [D, D']: PCA of the normalised stream
   rotate_reader, rotate_writer                Qᵀ diag(γ) W_in; W_out Q, b_out Q
@@ -41,6 +42,7 @@ from jaxattn.convert.mean_pool import mean_pool_kv_heads
 from jaxattn.convert.rtn import rtn_quantize
 from jaxattn.convert.slicegpt import pca_rotation, rotate_reader, rotate_writer
 from jaxattn.convert.transmla import compress_latent, decouple_rope, fit_latent_norm, gqa_to_mla
+from jaxattn.convert.welore import welore, welore_ranks
 
 __all__ = [
     "Moments",
@@ -63,4 +65,6 @@ __all__ = [
     "pca_rotation",
     "rotate_reader",
     "rotate_writer",
+    "welore_ranks",
+    "welore",
 ]
