@@ -23,6 +23,8 @@ Weight compression (PAPERS.md §9), on matrices [I, O] (``Linear.as_matrix``)
   svd_compensation, lorc                      ZeroQuant-V2 LoRC: Q(W) + top-r SVD of W − Q(W)
   eora                                        EoRA: compensation in the input eigenspace
   welore_ranks, welore                        WeLore: ranks from the σ decay, LRC / N-LRC split
+  nuclear_subgradient, energy_rank,          TRP: λ U Vᵀ added to the gradient; T(W) the rank-k SVD,
+    trp_truncate                              k the least reaching the energy ratio Σσ²
 SliceGPT, ``jaxattn.convert.slicegpt`` (model level: ``models.convert.slicegpt``)
   pca_rotation                                Q [D, D']: PCA of the normalised stream
   rotate_reader, rotate_writer                Qᵀ diag(γ) W_in; W_out Q, b_out Q
@@ -42,6 +44,7 @@ from jaxattn.convert.mean_pool import mean_pool_kv_heads
 from jaxattn.convert.rtn import rtn_quantize
 from jaxattn.convert.slicegpt import pca_rotation, rotate_reader, rotate_writer
 from jaxattn.convert.transmla import compress_latent, decouple_rope, fit_latent_norm, gqa_to_mla
+from jaxattn.convert.trp import energy_rank, nuclear_subgradient, trp_truncate
 from jaxattn.convert.welore import welore, welore_ranks
 
 __all__ = [
@@ -67,4 +70,7 @@ __all__ = [
     "rotate_writer",
     "welore_ranks",
     "welore",
+    "nuclear_subgradient",
+    "energy_rank",
+    "trp_truncate",
 ]
