@@ -25,6 +25,8 @@ Weight compression (PAPERS.md §9), on matrices [I, O] (``Linear.as_matrix``)
   welore_ranks, welore                        WeLore: ranks from the σ decay, LRC / N-LRC split
   nuclear_subgradient, energy_rank,          TRP: λ U Vᵀ added to the gradient; T(W) the rank-k SVD,
     trp_truncate                              k the least reaching the energy ratio Σσ²
+  feature_lowrank                             CTR framework / AFM: PCA of the output features,
+                                              x (W U_r) U_rᵀ + b' (≤ weight SVD's error)
 SliceGPT, ``jaxattn.convert.slicegpt`` (model level: ``models.convert.slicegpt``)
   pca_rotation                                Q [D, D']: PCA of the normalised stream
   rotate_reader, rotate_writer                Qᵀ diag(γ) W_in; W_out Q, b_out Q
@@ -39,6 +41,7 @@ from jaxattn.convert._stats import (
     latent_norm_stats,
 )
 from jaxattn.convert.compensation import eora, lorc, svd_compensation
+from jaxattn.convert.feature import feature_lowrank
 from jaxattn.convert.kv_heads import merge_kv_heads
 from jaxattn.convert.mean_pool import mean_pool_kv_heads
 from jaxattn.convert.rtn import rtn_quantize
@@ -73,4 +76,5 @@ __all__ = [
     "nuclear_subgradient",
     "energy_rank",
     "trp_truncate",
+    "feature_lowrank",
 ]
