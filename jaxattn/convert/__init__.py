@@ -27,6 +27,9 @@ Weight compression (PAPERS.md §9), on matrices [I, O] (``Linear.as_matrix``)
     trp_truncate                              k the least reaching the energy ratio Σσ²
   feature_lowrank                             CTR framework / AFM: PCA of the output features,
                                               x (W U_r) U_rᵀ + b' (≤ weight SVD's error)
+  lord, lord_rank, lord_max_rank              LoRD: rank-k SVD factors A B, k = ⌊(1 − ρ) min(m, n)⌋;
+                                              saves parameters iff k < m n / (m + n)
+  lord_linear                                 LoRD on a Linear: factors into its ``lowrank`` form
 SliceGPT, ``jaxattn.convert.slicegpt`` (model level: ``models.convert.slicegpt``)
   pca_rotation                                Q [D, D']: PCA of the normalised stream
   rotate_reader, rotate_writer                Qᵀ diag(γ) W_in; W_out Q, b_out Q
@@ -43,6 +46,7 @@ from jaxattn.convert._stats import (
 from jaxattn.convert.compensation import eora, lorc, svd_compensation
 from jaxattn.convert.feature import feature_lowrank
 from jaxattn.convert.kv_heads import merge_kv_heads
+from jaxattn.convert.lord import lord, lord_linear, lord_max_rank, lord_rank
 from jaxattn.convert.mean_pool import mean_pool_kv_heads
 from jaxattn.convert.rtn import rtn_quantize
 from jaxattn.convert.slicegpt import pca_rotation, rotate_reader, rotate_writer
@@ -77,4 +81,8 @@ __all__ = [
     "energy_rank",
     "trp_truncate",
     "feature_lowrank",
+    "lord",
+    "lord_rank",
+    "lord_max_rank",
+    "lord_linear",
 ]
