@@ -23,8 +23,8 @@ Weight compression (PAPERS.md §9), on matrices [I, O] (``Linear.as_matrix``)
   svd_compensation, lorc                      ZeroQuant-V2 LoRC: Q(W) + top-r SVD of W − Q(W)
   eora                                        EoRA: compensation in the input eigenspace
   welore_ranks, welore                        WeLore: ranks from the σ decay, LRC / N-LRC split
-  nuclear_subgradient, energy_rank,          TRP: λ U Vᵀ added to the gradient; T(W) the rank-k SVD,
-    trp_truncate                              k the least reaching the energy ratio Σσ²
+  nuclear_subgradient                         TRP: U Vᵀ ∈ ∂‖W‖_* (λ U Vᵀ added to the gradient)
+  energy_rank, trp_truncate                   TRP: T(W) the rank-k SVD, least k keeping Σσ² share e
   feature_lowrank                             CTR framework / AFM: PCA of the output features,
                                               x (W U_r) U_rᵀ + b' (≤ weight SVD's error)
   lord, lord_rank, lord_max_rank              LoRD: rank-k SVD factors A B, k = ⌊(1 − ρ) min(m, n)⌋;

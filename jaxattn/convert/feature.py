@@ -44,7 +44,8 @@ def feature_lowrank(
       b_O: the bias [O], or None.
       moments: calibration :class:`Moments` of the layer input x [I].
       rank: r, in [1, min(I, O)].
-      center: fit the centred covariance and fold the mean into the bias (the paper's AFM);
+      center: fit the centred covariance and fold the mean into the bias (the paper's AFM;
+        a layer without a bias gains one, ȳ (I − U_r U_rᵀ), unless its outputs are centred);
         False: the uncentred second moment (Eckart–Young on X W), only without a bias.
 
     Returns:
