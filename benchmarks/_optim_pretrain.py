@@ -11,9 +11,11 @@ lr 2e-3. The low-rank methods work at rank d/4 = 16 on the attention and MLP pro
 * AdamW                      ``adamw:.*``
 * GaLore / Fira / GaLore-DCT ``galore|fira(rank=16, update_proj_gap=50, scale=1)`` (scale 1:
   the lr grid covers the product scale x lr; the GaLore paper's 0.25 x 0.01), then AdamW
-* SLTrain                    ``model.parameterization=sltrain`` (r 16, density 0.03), AdamW
+* SLTrain                    ``model.parameterization=sltrain`` (r 16, density 0.03, scale
+  alpha / r with the default alpha 32), AdamW
 * SST                        ``model.parameterization=sst`` (full spectrum) with
-  ``sst(rank=16, every=20)``: 16 singular-vector pairs per kernel, redrawn every 20 steps
+  ``sst(rank=16, every=20)``: 16 singular-vector pairs per kernel, redrawn every 20 steps,
+  a re-SVD of each kernel every round (20 · ceil(k / 16) steps)
 * low-rank + refactor        ``model.parameterization=lowrank`` (r 16) with
   ``refactor(every=50)``: refactorisation + momentum reset every 50 steps
 
