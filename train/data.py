@@ -9,12 +9,14 @@ Batches are dicts of numpy arrays: ``inputs_BT`` and ``targets_BT`` (int32 token
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import functools
 import os
-import warnings
+import subprocess
+import sys
 
 import numpy as np
+
+from train import _corpus
 
 __all__ = [
     "ByteTokenizer",
@@ -24,17 +26,6 @@ __all__ = [
     "RecallLoader",
     "make_loaders",
 ]
-
-_CORPUS_MODULES = (
-    "abc argparse array ast asyncio base64 bisect calendar cmd codecs collections colorsys "
-    "configparser contextlib copy csv dataclasses datetime decimal difflib email enum fileinput "
-    "fnmatch fractions functools getopt gettext glob graphlib gzip hashlib heapq hmac html "
-    "http.client imaplib inspect io ipaddress itertools json logging lzma mailbox math mimetypes "
-    "numbers operator optparse os pathlib pickle pkgutil platform pprint queue random re sched "
-    "secrets shlex shutil smtplib socket statistics string struct subprocess tarfile tempfile "
-    "textwrap threading timeit tokenize trace traceback typing unittest urllib.parse uuid "
-    "warnings wave weakref xml.dom.minidom zipfile zoneinfo"
-).split()
 
 
 class ByteTokenizer:
@@ -53,35 +44,19 @@ class ByteTokenizer:
         )
 
 
+@functools.cache
 def builtin_corpus() -> str:
     """~0.5 MB of English text: docstrings of a fixed list of stdlib modules and their members.
 
-    Needs no download and is deterministic for a given Python installation (members in sorted
-    order; modules that fail to import are skipped).
+    Needs no download and is deterministic for a given Python installation: it is read in a
+    fresh isolated interpreter (``python -I -S train/_corpus.py``), because other libraries
+    patch stdlib members in this process (torch replaces ``inspect.getfile``), which would
+    change the text and so the batches from one process to the next.
     """
-    parts = []
-    with warnings.catch_warnings():  # typing.io & co. warn when their docstrings are read
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for name in _CORPUS_MODULES:
-            parts.extend(_module_docs(name))
-    return "\n\n".join(parts)
-
-
-def _module_docs(name: str) -> list[str]:
-    """Docstrings of module ``name`` and its own public members, in sorted order."""
-    try:
-        module = importlib.import_module(name)
-    except Exception:  # noqa: BLE001 - an optional stdlib module missing on this machine
-        return []
-    parts = [f"{name}: {inspect.getdoc(module)}"] if inspect.getdoc(module) else []
-    for attr in sorted(vars(module)):
-        obj = getattr(module, attr)
-        if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-            continue
-        doc = inspect.getdoc(obj)
-        if doc:
-            parts.append(f"{attr}: {doc}")
-    return parts
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", _corpus.__file__], capture_output=True, check=True
+    )
+    return out.stdout.decode("utf-8")
 
 
 def load_tokens(source: str) -> np.ndarray:

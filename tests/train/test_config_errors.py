@@ -99,6 +99,21 @@ def test_tokenizer_and_builtin_corpus_are_deterministic():
     assert np.array_equal(load_tokens("builtin")[:100], tok.encode(text)[:100])
 
 
+def test_builtin_corpus_does_not_depend_on_what_this_process_imported():
+    # torch replaces inspect.getfile; read from this process's modules, the corpus lost that
+    # docstring here but not in a plain `python -m train.pretrain`, so batches differed
+    torch = pytest.importorskip("torch")
+    import hashlib
+    import inspect
+
+    assert torch is not None and inspect.getfile.__module__ != "inspect"  # the patch is live
+    code = "import hashlib; from train.data import builtin_corpus as c; "
+    code += "print(hashlib.sha1(c().encode()).hexdigest())"
+    out = subprocess.run([sys.executable, "-c", code], env=cli_env(1), cwd=REPO,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == hashlib.sha1(builtin_corpus().encode()).hexdigest()
+
+
 def test_window_loader_resumes_and_shards_over_hosts():
     tokens = np.arange(10_000, dtype=np.int32)
     full = WindowLoader(tokens, seq_len=16, global_batch=8, seed=3)
