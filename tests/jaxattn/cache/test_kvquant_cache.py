@@ -89,9 +89,7 @@ def test_outliers_and_sinks_come_back_exactly_and_lower_the_error():
     got = np.asarray(_stored_keys(cache))[:, :T]
     # the two largest |k| of each vector, the sink tokens: exact
     top = np.argsort(-np.abs(k), axis=-1)[..., :2]
-    np.testing.assert_array_equal(
-        np.take_along_axis(got, top, -1), np.take_along_axis(k, top, -1)
-    )
+    np.testing.assert_array_equal(np.take_along_axis(got, top, -1), np.take_along_axis(k, top, -1))
     np.testing.assert_array_equal(got[:, :2], k[:, :2])
     slots = jnp.broadcast_to(jnp.arange(C), (B, C))
     vals = np.asarray(cache._restore("v", None)(cache.v.dequant_slots(0, C), slots, slots))
@@ -118,12 +116,16 @@ def test_pre_rope_keys_quantize_better_than_post_rope_keys_with_outlier_channels
     post = apply_rope(k, pos, ROPE)
     kw = dict(batch=1, capacity=64, num_kv_heads=1, head_dim=H, dtype=jnp.float32)
     fields = dict(bits=2, group_size=16, residual=16)
-    pre = dense_cache(config=CacheConfig(format="kvquant", outliers=0.0, fp_sinks=0, **fields), **kw)
+    pre = dense_cache(
+        config=CacheConfig(format="kvquant", outliers=0.0, fp_sinks=0, **fields), **kw
+    )
     kivi = dense_cache(config=CacheConfig(format="kivi", **fields), **kw)
     pre = pre.write(k, k).advance(64)
     kivi = kivi.write(post, post).advance(64)
     # RoPE is orthogonal per channel pair: the error norm is the same measured before or after
-    err_pre = jnp.linalg.norm(apply_rope(pre.k.dequant_slots(0, 48), pos[:, :48], ROPE) - post[:, :48])
+    err_pre = jnp.linalg.norm(
+        apply_rope(pre.k.dequant_slots(0, 48), pos[:, :48], ROPE) - post[:, :48]
+    )
     err_post = jnp.linalg.norm(kivi.k.dequant_slots(0, 48) - post[:, :48])
     assert float(err_pre) < 0.7 * float(err_post), (float(err_pre), float(err_post))
 
