@@ -237,3 +237,35 @@ def test_nuq_bytes_count_the_codebooks_and_calibration_is_required():
         CacheConfig(format="kvquant", datatype="nuq", codebook=(book, book[::-1]))
     with pytest.raises(ValueError, match=r"datatype='fp4' must be one of"):
         CacheConfig(format="kvquant", datatype="fp4")
+
+
+def test_the_layer_hands_pre_rope_keys_to_the_cache_and_other_qk_transforms_are_refused():
+    from flax import nnx
+
+    from jaxattn.layers import Attention, AttentionConfig
+
+    cfg = AttentionConfig(d_model=32, num_heads=4, num_kv_heads=2, rope=ROPE)
+    layer = Attention(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 20, 32))
+    fields = dict(format="kvquant", bits=8, group_size=4, residual=8, fp_sinks=1)
+    cache = layer.init_cache(2, 24, jnp.float32, cache=fields)
+    assert isinstance(cache, KVQuantCache)
+    decode = nnx.jit(lambda layer, x, cache: layer.decode(x, cache))  # two compiles
+    y0, cache = decode(layer, x[:, :7], cache)
+    ys = [y0]
+    for t in range(7, 20):
+        y, cache = decode(layer, x[:, t : t + 1], cache)
+        ys.append(y)
+    full = nnx.jit(lambda layer, x: layer(x))(layer, x)
+    err = float(jnp.max(jnp.abs(jnp.concatenate(ys, 1) - full)))
+    assert 0 < err < 0.02 * float(jnp.std(full)), err
+    # the stored keys are the pre-RoPE projections (up to the 8-bit codes)
+    k_pre = layer.k(x)
+    np.testing.assert_allclose(_stored_keys(cache)[:, :12], k_pre[:, :12], atol=0.05)
+
+    class Rotated(Attention):
+        def qk_transform(self, q, kv, ctx):
+            return super().qk_transform(q, kv, ctx)
+
+    with pytest.raises(ValueError, match=r"cache.format='kvquant' stores pre-RoPE keys"):
+        Rotated(cfg, rngs=nnx.Rngs(0)).init_cache(2, 24, cache=fields)
