@@ -123,8 +123,15 @@ class KVQuantCache(_QuantizedMixin):
         num_v_heads = num_kv_heads if num_v_heads is None else num_v_heads
         common = dict(batch=batch, capacity=capacity, dtype=dtype, sink=0, window=0)
         kb, vb = config.codebook or (None, None)  # "nuq": the calibrated levels
-        k = _rows(config, heads=num_kv_heads, dim=head_dim, axis="channel", what="key",
-                  codebook=kb, **common)
+        k = _rows(
+            config,
+            heads=num_kv_heads,
+            dim=head_dim,
+            axis="channel",
+            what="key",
+            codebook=kb,
+            **common,
+        )
         v = _rows(config, heads=num_v_heads, dim=v_head_dim, axis="token", what="value",
                   codebook=vb, **common)  # fmt: skip
         c = k.codes_BCKW.shape[1]
@@ -165,7 +172,9 @@ class KVQuantCache(_QuantizedMixin):
 
     def sink_bytes(self) -> int:
         """Bytes of one sequence's sink table."""
-        return sum(math.prod(x.shape[1:]) * x.dtype.itemsize for x in (self.sink_k_BSKH, self.sink_v_BSKV))
+        return sum(
+            math.prod(x.shape[1:]) * x.dtype.itemsize for x in (self.sink_k_BSKH, self.sink_v_BSKV)
+        )
 
     def bytes_per_token(self, context: int | None = None) -> float:
         """Exact storage bytes per token of one sequence.

@@ -289,9 +289,13 @@ class Attention(AttentionLayer):
         ``QuantizedKVCache``."""
         c = self.config
         config = self.cache_config(cache)
-        if config is not None and config.format == "kvquant" and (
-            type(self).qk_transform is not Attention.qk_transform
-            or type(self).attend_cache is not Attention.attend_cache
+        if (
+            config is not None
+            and config.format == "kvquant"
+            and (
+                type(self).qk_transform is not Attention.qk_transform
+                or type(self).attend_cache is not Attention.attend_cache
+            )
         ):  # the pre-RoPE seam is Attention's own qk_transform / attend_cache
             raise ValueError(
                 f"cache.format='kvquant' stores pre-RoPE keys, which {type(self).__name__}'s "

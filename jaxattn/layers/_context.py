@@ -38,7 +38,8 @@ class Context:
         sows no training-only values (auxiliary losses).
       keys_pre_rope: True in a decode step over a cache that stores keys before RoPE
         (static; the cache's ``pre_rope``, e.g. KVQuant's): ``qk_transform`` leaves the new
-        keys unrotated and the cache rotates them at their positions when it attends.
+        keys unrotated and the cache rotates them at their positions when it attends (a
+        decode hook on ``k`` then captures the pre-RoPE keys).
     """
 
     positions_BT: jax.Array

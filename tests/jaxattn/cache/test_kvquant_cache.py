@@ -12,6 +12,7 @@ import pytest
 
 from jaxattn.cache import CacheConfig, KVCache, KVQuantCache, dense_cache
 from jaxattn.masks import Causal
+from jaxattn.ops.kv_quant import fit_codebook, normalize
 from jaxattn.ops.rope import RopeConfig, apply_rope
 
 B, N, K, H, T, C, PREFILL = 2, 4, 2, 16, 29, 32, 9
@@ -88,9 +89,7 @@ def test_outliers_and_sinks_come_back_exactly_and_lower_the_error():
     got = np.asarray(_stored_keys(cache))[:, :T]
     # the two largest |k| of each vector, the sink tokens: exact
     top = np.argsort(-np.abs(k), axis=-1)[..., :2]
-    np.testing.assert_array_equal(
-        np.take_along_axis(got, top, -1), np.take_along_axis(k, top, -1)
-    )
+    np.testing.assert_array_equal(np.take_along_axis(got, top, -1), np.take_along_axis(k, top, -1))
     np.testing.assert_array_equal(got[:, :2], k[:, :2])
     slots = jnp.broadcast_to(jnp.arange(C), (B, C))
     vals = np.asarray(cache._restore("v", None)(cache.v.dequant_slots(0, C), slots, slots))
@@ -117,12 +116,16 @@ def test_pre_rope_keys_quantize_better_than_post_rope_keys_with_outlier_channels
     post = apply_rope(k, pos, ROPE)
     kw = dict(batch=1, capacity=64, num_kv_heads=1, head_dim=H, dtype=jnp.float32)
     fields = dict(bits=2, group_size=16, residual=16)
-    pre = dense_cache(config=CacheConfig(format="kvquant", outliers=0.0, fp_sinks=0, **fields), **kw)
+    pre = dense_cache(
+        config=CacheConfig(format="kvquant", outliers=0.0, fp_sinks=0, **fields), **kw
+    )
     kivi = dense_cache(config=CacheConfig(format="kivi", **fields), **kw)
     pre = pre.write(k, k).advance(64)
     kivi = kivi.write(post, post).advance(64)
     # RoPE is orthogonal per channel pair: the error norm is the same measured before or after
-    err_pre = jnp.linalg.norm(apply_rope(pre.k.dequant_slots(0, 48), pos[:, :48], ROPE) - post[:, :48])
+    err_pre = jnp.linalg.norm(
+        apply_rope(pre.k.dequant_slots(0, 48), pos[:, :48], ROPE) - post[:, :48]
+    )
     err_post = jnp.linalg.norm(kivi.k.dequant_slots(0, 48) - post[:, :48])
     assert float(err_pre) < 0.7 * float(err_post), (float(err_pre), float(err_post))
 
@@ -163,3 +166,106 @@ def test_bad_input_names_the_field():
     with pytest.raises(ValueError, match=r"group_size=32 must divide .*residual=48"):
         CacheConfig(format="kvquant", residual=48)
     assert CacheConfig(format="kvquant").to_dict()["fp_sinks"] == 1
+
+
+# -- non-uniform datatypes (nuqX) --------------------------------------------------------------
+
+
+def test_kmeans_codebook_recovers_a_known_discrete_distribution():
+    rng = np.random.default_rng(3)
+    atoms = np.array([0.0, 0.1, 0.35, 0.4, 0.6, 0.8, 0.9, 1.0])
+    u = rng.choice(atoms, size=20000, p=[0.05, 0.2, 0.1, 0.2, 0.05, 0.1, 0.2, 0.1])
+    u = u + rng.normal(0, 0.003, u.shape)
+    np.testing.assert_allclose(fit_codebook(u, 3), atoms, atol=2e-3)
+    # sensitivity weights (Fisher information in the paper) choose which values the levels
+    # serve: with no weight on 0.2 and 0.6, the four levels are the four weighted atoms
+    atoms = np.array([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    u = np.repeat(atoms, 500)
+    w = np.repeat([1.0, 0.0, 1.0, 0.0, 1.0, 1.0], 500)
+    np.testing.assert_allclose(fit_codebook(u, 2, w), [0.0, 0.4, 0.8, 1.0], atol=1e-5)
+    assert not np.allclose(fit_codebook(u, 2), [0.0, 0.4, 0.8, 1.0], atol=1e-2)
+    with pytest.raises(ValueError, match="weights must be non-negative"):
+        fit_codebook(u, 2, -w)
+
+
+def test_nuq_with_a_fine_codebook_is_dense_and_fitted_levels_beat_uniform_codes():
+    q, k, v = _qkv(4)
+    fine = tuple(np.linspace(0, 1, 256).tolist())
+    o, cache = _run(_kvq(bits=8, datatype="nuq", codebook=(fine, fine)), q, k, v)
+    assert cache.k.levels_L.shape == (256,)
+    assert float(jnp.max(jnp.abs(o - _dense(q, k, v)))) < 2e-2
+    # 3 bits in groups of 16 (per channel over 16 tokens / per token over 16 channels), the
+    # codebooks fitted on a calibration draw and tested on another: normalised values of a
+    # Gaussian bunch in the middle of each group's range, where k-means puts more levels
+    rng = np.random.default_rng(5)
+    k_cal, v_cal = (rng.standard_normal((1, 2048, 1, H), np.float32) for _ in range(2))
+    k_t, v_t = (rng.standard_normal((8, 64, 1, H), np.float32) for _ in range(2))
+    books = tuple(
+        tuple(np.asarray(fit_codebook(normalize(x, axis), 3)).tolist())
+        for x, axis in ((k_cal.reshape(1, 128, 16, 1, H), 2), (v_cal, -1))
+    )
+    kw = dict(batch=8, capacity=64, num_kv_heads=1, head_dim=H, dtype=jnp.float32)
+
+    def errors(**fields):
+        cfg = CacheConfig(format="kvquant", bits=3, group_size=16, residual=16, outliers=0.0,
+                          fp_sinks=0, **fields)  # fmt: skip
+        c = dense_cache(config=cfg, **kw).write(k_t, v_t).advance(64)
+        ek = np.mean((np.asarray(c.k.dequant_slots(0, 64)) - k_t) ** 2)  # all 64 quantized
+        ev = np.mean((np.asarray(c.v.dequant_slots(0, 64))[:, :48] - v_t[:, :48]) ** 2)
+        return ek, ev
+
+    nuq, uniform = errors(datatype="nuq", codebook=books), errors()
+    assert nuq[0] < 0.97 * uniform[0] and nuq[1] < 0.97 * uniform[1], (nuq, uniform)
+
+
+def test_nuq_bytes_count_the_codebooks_and_calibration_is_required():
+    book = tuple(np.linspace(0, 1, 16).tolist())
+    cfg = CacheConfig(format="kvquant", datatype="nuq", codebook=[list(book), list(book)])
+    assert cfg.codebook == (book, book)  # JSON lists back to tuples: hashable
+    kw = dict(batch=1, capacity=256, num_kv_heads=2, head_dim=32, dtype=jnp.bfloat16)
+    nuq = jax.eval_shape(lambda: dense_cache(config=cfg, **kw))
+    uni = jax.eval_shape(lambda: dense_cache(config=CacheConfig(format="kvquant"), **kw))
+    assert nuq.bytes_per_token() == uni.bytes_per_token()  # amortised to nothing
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nuq)) - 4
+    assert total == uni.bytes_per_token(256) * 256 + 2 * 16 * 4  # two fp32 codebooks of 16
+    assert nuq.bytes_per_token(256) == total / 256
+    with pytest.raises(ValueError, match=r"CacheConfig.codebook is required for datatype='nuq'"):
+        CacheConfig(format="kvquant", datatype="nuq")
+    with pytest.raises(ValueError, match=r"codebook must be .* of 2\^bits=16 floats"):
+        CacheConfig(format="kvquant", datatype="nuq", codebook=(book, book[:8]))
+    with pytest.raises(ValueError, match=r"sorted floats in \[0, 1\]"):
+        CacheConfig(format="kvquant", datatype="nuq", codebook=(book, book[::-1]))
+    with pytest.raises(ValueError, match=r"datatype='fp4' must be one of"):
+        CacheConfig(format="kvquant", datatype="fp4")
+
+
+def test_the_layer_hands_pre_rope_keys_to_the_cache_and_other_qk_transforms_are_refused():
+    from flax import nnx
+
+    from jaxattn.layers import Attention, AttentionConfig
+
+    cfg = AttentionConfig(d_model=32, num_heads=4, num_kv_heads=2, rope=ROPE)
+    layer = Attention(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 20, 32))
+    fields = dict(format="kvquant", bits=8, group_size=4, residual=8, fp_sinks=1)
+    cache = layer.init_cache(2, 24, jnp.float32, cache=fields)
+    assert isinstance(cache, KVQuantCache)
+    decode = nnx.jit(lambda layer, x, cache: layer.decode(x, cache))  # two compiles
+    y0, cache = decode(layer, x[:, :7], cache)
+    ys = [y0]
+    for t in range(7, 20):
+        y, cache = decode(layer, x[:, t : t + 1], cache)
+        ys.append(y)
+    full = nnx.jit(lambda layer, x: layer(x))(layer, x)
+    err = float(jnp.max(jnp.abs(jnp.concatenate(ys, 1) - full)))
+    assert 0 < err < 0.02 * float(jnp.std(full)), err
+    # the stored keys are the pre-RoPE projections (up to the 8-bit codes)
+    k_pre = layer.k(x)
+    np.testing.assert_allclose(_stored_keys(cache)[:, :12], k_pre[:, :12], atol=0.05)
+
+    class Rotated(Attention):
+        def qk_transform(self, q, kv, ctx):
+            return super().qk_transform(q, kv, ctx)
+
+    with pytest.raises(ValueError, match=r"cache.format='kvquant' stores pre-RoPE keys"):
+        Rotated(cfg, rngs=nnx.Rngs(0)).init_cache(2, 24, cache=fields)
