@@ -24,7 +24,7 @@ Attention kinds
   LinformerConfig, LinformerAttention       "linformer": sequence-projected K/V (encoder only)
   AgentAttentionConfig, AgentAttention      "agent": agent tokens pooled from Q (encoder only)
 Probes
-  EfficientProbeConfig, EfficientProbe      Efficient Probing: multi-query cross-attn head, frozen tokens
+  EfficientProbeConfig, EfficientProbe      Efficient Probing: multi-query head on frozen tokens
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm

@@ -42,7 +42,9 @@ def ep_probe_num_params(
 ) -> int:
     """EP's trainable parameters: M·D + D·E (+ E) + E·C + C, E = D / d_out."""
     e = d_model // d_out
-    return num_queries * d_model + d_model * e + (e if v_bias else 0) + e * num_classes + num_classes
+    return (
+        num_queries * d_model + d_model * e + (e if v_bias else 0) + e * num_classes + num_classes
+    )
 
 
 def mha_probe_num_params(d_model: int, num_classes: int) -> int:
@@ -122,7 +124,9 @@ class EfficientProbe(nnx.Module):
         d, e = c.d_model, c.value_dim
         common = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         init = nnx.initializers.normal(stddev=0.02)  # the authors' query init
-        self.queries = param(rngs, (c.num_queries, d), (None, "embed"), init=init, dtype=c.param_dtype)
+        self.queries = param(
+            rngs, (c.num_queries, d), (None, "embed"), init=init, dtype=c.param_dtype
+        )
         self.v = Linear((d,), (e,), axes=("embed", "mlp"), use_bias=c.v_bias, **common)
         self.head = Linear((e,), (c.num_classes,), axes=("mlp", "vocab"), use_bias=True, **common)
 

@@ -253,9 +253,9 @@ class LinearAttention(AttentionLayer):
     def init_cache(
         self, batch: int, capacity: int, dtype=jnp.bfloat16, cache=None
     ) -> LinearStateCache:
-        """A zero :class:`LinearStateCache` [B, K, F, H (+1)] (F: φ's width, 2H for "nala"). ``capacity`` and ``dtype`` are
-        not used: the state has a fixed size and is stored in float32 (a running sum) unless
-        ``config.cache.dtype`` says otherwise."""
+        """A zero :class:`LinearStateCache` [B, K, F, H (+1)] (F: φ's width, 2H for "nala").
+        ``capacity`` and ``dtype`` are not used: the state has a fixed size and is stored in
+        float32 (a running sum) unless ``config.cache.dtype`` says otherwise."""
         del capacity, dtype
         c, cfg = self.config, self.cache_config(cache)
         store = None if cfg is None or cfg.dtype is None else jnp.dtype(cfg.dtype)

@@ -68,7 +68,9 @@ def efficient_probing_pool(queries_MD, x_BSD, v_BSE, *, mask_BS=None, scale=None
         valid_B1S = jnp.asarray(mask_BS, bool)[:, None, :]
         logits_BMS = jnp.where(valid_B1S, logits_BMS, -jnp.inf)
         peak = jnp.max(logits_BMS, axis=-1, keepdims=True)
-        w_BMS = jnp.where(valid_B1S, jnp.exp(logits_BMS - jnp.where(jnp.isfinite(peak), peak, 0)), 0)
+        w_BMS = jnp.where(
+            valid_B1S, jnp.exp(logits_BMS - jnp.where(jnp.isfinite(peak), peak, 0)), 0
+        )
         denom = jnp.sum(w_BMS, axis=-1, keepdims=True)
         attn_BMS = w_BMS / jnp.where(denom > 0, denom, 1.0)  # no valid token: zeros, not NaN
     else:

@@ -166,9 +166,7 @@ def _check_features(q, k, v, variant, head_dim, normalize, initial_state):
     """After φ: q and k share the feature width F, and the state is [B, K, F, V (+1)]."""
     b, _, kh, f = k.shape
     if q.shape[-1] != f:
-        raise ValueError(
-            f"feature_map maps q to width {q.shape[-1]} and k to {f}: they must agree"
-        )
+        raise ValueError(f"feature_map maps q to width {q.shape[-1]} and k to {f}: they must agree")
     if variant == "gla" and f != head_dim:
         raise ValueError(
             f"variant='gla' decays per key dim H={head_dim}: its feature_map must keep the "
