@@ -66,6 +66,20 @@ def test_parameter_counts_match_the_formulas_and_undercut_mha(d, c, m, d_out, v_
     assert ep_probe_num_params(d, c, m, d_out, v_bias) == cfg.num_params
 
 
+def _dpa_reference(queries_MD, x_BSD, v_BSE):
+    """Every query over all value channels with jax.nn.dot_product_attention, then query m
+    keeps its own channel group."""
+    (m, d), (b, _, e) = queries_MD.shape, v_BSE.shape
+    # jax's op wants value width == key width: pad E to D with zeros, keep the first E
+    v_pad = jnp.pad(v_BSE, ((0, 0), (0, 0), (0, d - e)))
+    full = jax.nn.dot_product_attention(  # [B, M, 1, D]
+        jnp.broadcast_to(queries_MD[None, :, None, :], (b, m, 1, d)), x_BSD[:, :, None, :],
+        v_pad[:, :, None, :],
+    )[:, :, 0, :e]  # fmt: skip
+    g = e // m
+    return jnp.concatenate([full[:, i, i * g : (i + 1) * g] for i in range(m)], axis=-1)
+
+
 def test_pooling_equals_dot_product_attention_reference():
     b, s, d, m, d_out, c = 3, 17, 32, 4, 2, 5
     cfg = EfficientProbeConfig(d_model=d, num_classes=c, num_queries=m, d_out=d_out, v_bias=True)
@@ -74,19 +88,19 @@ def test_pooling_equals_dot_product_attention_reference():
     queries = jnp.asarray(np.random.default_rng(2).normal(size=(m, d)), jnp.float32)
     ep.queries[...] = queries  # non-tiny queries, so the softmax is far from uniform
     v = ep.v(x)  # [B, S, E]
-    e = d // d_out
-    # jax's op wants value width == key width: pad E to D with zeros, keep the first E
-    v_pad = jnp.pad(v, ((0, 0), (0, 0), (0, d - e)))
-    full = jax.nn.dot_product_attention(  # every query over all channels: [B, M, 1, D]
-        jnp.broadcast_to(queries[None, :, None, :], (b, m, 1, d)), x[:, :, None, :],
-        v_pad[:, :, None, :],
-    )[:, :, 0, :e]  # fmt: skip
-    g = e // m
-    ref = jnp.concatenate([full[:, i, i * g : (i + 1) * g] for i in range(m)], axis=-1)
+    ref = _dpa_reference(queries, x, v)
     np.testing.assert_allclose(_pool(ep, x), ref, **TOL)
     logits = nnx.jit(lambda m, x: m(x))(ep, x)
     np.testing.assert_allclose(logits, ep.head(ref), **TOL)
     assert logits.shape == (b, c)
+    # the op's gradients (queries, tokens, values) == the reference's
+    ct = _x(b, 1, d // d_out, seed=3)[:, 0]
+    grads = [
+        jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * ct), argnums=(0, 1, 2)))(queries, x, v)
+        for f in (efficient_probing_pool, _dpa_reference)
+    ]
+    for a, r in zip(*grads):
+        np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-4)
 
 
 def test_single_query_identity_value_equals_mha_probe_with_identity_projections():
