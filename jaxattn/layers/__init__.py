@@ -23,6 +23,8 @@ Attention kinds
   LowRankMHSAConfig, LowRankMHSA, lama_pool "lowrank_mhsa": LAMA's low-rank affinity, context query
   LinformerConfig, LinformerAttention       "linformer": sequence-projected K/V (encoder only)
   AgentAttentionConfig, AgentAttention      "agent": agent tokens pooled from Q (encoder only)
+Probes
+  EfficientProbeConfig, EfficientProbe      Efficient Probing: multi-query head on frozen tokens
 Feed-forward and normalisation
   SwiGLU, swiglu                                  gated SiLU MLP (and its fused activation)
   RMSNorm, rms_norm                               root-mean-square norm
@@ -38,6 +40,7 @@ from jaxattn.layers._attention import Attention, AttentionConfig
 from jaxattn.layers._cca import CCAConfig, CompressedConvAttention
 from jaxattn.layers._context import Context, dropout
 from jaxattn.layers._diffqkv import DiffQKVAttention, DiffQKVConfig
+from jaxattn.layers._efficient_probe import EfficientProbe, EfficientProbeConfig
 from jaxattn.layers._embed import Embed
 from jaxattn.layers._factorized import (
     FixedSupport,
@@ -95,6 +98,8 @@ __all__ = [
     "LinformerAttention",
     "AgentAttentionConfig",
     "AgentAttention",
+    "EfficientProbeConfig",
+    "EfficientProbe",
     "MoHConfig",
     "MoHAttention",
     "SSAConfig",

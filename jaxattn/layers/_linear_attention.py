@@ -36,7 +36,9 @@ from jaxattn.ops.linear_attention import (
     FEATURE_MAPS,
     LINEAR_IMPLEMENTATIONS,
     LINEAR_VARIANTS,
+    feature_dim,
     linear_attention,
+    resolve_feature_map,
 )
 
 __all__ = ["LinearAttentionConfig", "LinearAttention"]
@@ -54,7 +56,9 @@ class LinearAttentionConfig:
       num_heads: N query heads; num_kv_heads: K (default N), dividing N; the state has K heads.
       head_dim: H of q, k and v (default d_model // num_heads).
       variant: one of ``jaxattn.ops.LINEAR_VARIANTS``.
-      feature_map: φ on q and k: a name in ``jaxattn.ops.linear_attention.FEATURE_MAPS``.
+      feature_map: φ on q and k: a name in ``jaxattn.ops.linear_attention.FEATURE_MAPS``;
+        "nala" is NaLaFormer's norm-aware pair (``jaxattn.ops.nala``; the state's key dim
+        becomes 2H; use it with ``normalize=True`` and ``qk_l2_norm=False``).
       normalize: divide by φ(q)·Σφ(k) (Katharopoulos et al.; not for the delta rules).
       qk_l2_norm: unit-norm q and k after φ (default: True for the delta rules).
       gate_normalizer: the log gate is log σ(·) / gate_normalizer (> 0; 16 as in GLA).
@@ -98,6 +102,11 @@ class LinearAttentionConfig:
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(
                 f"{o}.feature_map={self.feature_map!r} must be one of {sorted(FEATURE_MAPS)}"
+            )
+        if self.variant == "gla" and feature_dim(self.feature_map, 2) != 2:
+            raise ValueError(
+                f"{o}.feature_map={self.feature_map!r} changes the key width, which "
+                "variant='gla' (a decay per key dim) cannot take"
             )
         if self.implementation not in LINEAR_IMPLEMENTATIONS:
             raise ValueError(
@@ -197,8 +206,8 @@ class LinearAttention(AttentionLayer):
         """φ on q and k, then unit norms (``config.l2_norm``)."""
         c = self.config
         k_BTKH, v_BTKH, gates = kv
-        phi = FEATURE_MAPS[c.feature_map]
-        q_BTNH, k_BTKH = phi(q_BTNH), phi(k_BTKH)
+        phi_q, phi_k = resolve_feature_map(c.feature_map)
+        q_BTNH, k_BTKH = phi_q(q_BTNH), phi_k(k_BTKH)
         if c.l2_norm:  # in fp32: the squared norm of bf16 entries loses precision
             unit = lambda x: (  # noqa: E731
                 x.astype(jnp.float32)
@@ -244,16 +253,16 @@ class LinearAttention(AttentionLayer):
     def init_cache(
         self, batch: int, capacity: int, dtype=jnp.bfloat16, cache=None
     ) -> LinearStateCache:
-        """A zero :class:`LinearStateCache` [B, K, H, H (+1)]. ``capacity`` and ``dtype`` are
-        not used: the state has a fixed size and is stored in float32 (a running sum) unless
-        ``config.cache.dtype`` says otherwise."""
+        """A zero :class:`LinearStateCache` [B, K, F, H (+1)] (F: φ's width, 2H for "nala").
+        ``capacity`` and ``dtype`` are not used: the state has a fixed size and is stored in
+        float32 (a running sum) unless ``config.cache.dtype`` says otherwise."""
         del capacity, dtype
         c, cfg = self.config, self.cache_config(cache)
         store = None if cfg is None or cfg.dtype is None else jnp.dtype(cfg.dtype)
         return LinearStateCache.create(
             batch=batch,
             num_kv_heads=c.n_kv,
-            head_dim=c.h,
+            head_dim=feature_dim(c.feature_map, c.h),
             state_dim=c.h + (1 if c.normalize else 0),
             dtype=store,
         )

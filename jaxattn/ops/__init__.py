@@ -7,6 +7,9 @@ Attention
 Linear attention (jaxattn.ops.linear_attention)
   linear_attention, LINEAR_VARIANTS           causal linear attention: gates, decays, delta rule
   retention_log_decay                         RetNet's fixed per-head decays
+  nala_query_map, nala_key_map                NaLaFormer's norm-aware φ_q, φ_k (feature_map="nala")
+Probing (jaxattn.ops.efficient_probing)
+  efficient_probing_pool                      Efficient Probing's multi-query cross-attn pooling
 Rotary embeddings (jaxattn.ops.rope)
   RopeConfig, apply_rope, rope_frequencies, rope_cos_sin, rope_config_from_hf, rope_config_to_hf
   LinearScaling, DynamicNTKScaling, NTKScaling, Llama3Scaling, YarnScaling, LongRopeScaling
@@ -17,7 +20,9 @@ Sharding (jaxattn.ops.sharded)
 from jaxattn.ops.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxattn.ops.attention_chunked import ChunkedBlockSizes
 from jaxattn.ops.attention_decode import DecodeBlockSizes
+from jaxattn.ops.efficient_probing import efficient_probing_pool
 from jaxattn.ops.linear_attention import LINEAR_VARIANTS, linear_attention, retention_log_decay
+from jaxattn.ops.nala import nala_key_map, nala_query_map
 from jaxattn.ops.rope import (
     DynamicNTKScaling,
     LinearScaling,
@@ -42,6 +47,9 @@ __all__ = [
     "linear_attention",
     "LINEAR_VARIANTS",
     "retention_log_decay",
+    "nala_query_map",
+    "nala_key_map",
+    "efficient_probing_pool",
     "RopeConfig",
     "apply_rope",
     "rope_frequencies",

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.ops._linear_attention_forms import chunked_form, naive_form, recurrent_form
+from jaxattn.ops.nala import nala_key_map, nala_query_map
 
 __all__ = [
     "linear_attention",
@@ -43,6 +44,8 @@ __all__ = [
     "LINEAR_IMPLEMENTATIONS",
     "FEATURE_MAPS",
     "retention_log_decay",
+    "resolve_feature_map",
+    "feature_dim",
 ]
 
 LINEAR_VARIANTS = (
@@ -59,6 +62,8 @@ FEATURE_MAPS = {
     "elu+1": lambda x: jax.nn.elu(x) + 1,  # Katharopoulos et al. 2020, eq. 7
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
+    # NaLaFormer (jaxattn.ops.nala): a (φ_q, φ_k) pair, H -> 2H features
+    "nala": (nala_query_map, nala_key_map),
 }
 _DELTA = ("delta_rule", "gated_delta_rule")
 # which variants take which gate: (log_decay rank without batch/time, beta?)
@@ -78,16 +83,33 @@ def retention_log_decay(num_heads: int) -> jax.Array:
     return jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(num_heads, dtype=jnp.float32))))
 
 
-def _feature_map(feature_map):
+def resolve_feature_map(feature_map):
+    """(φ_q, φ_k) from None (identity), a name in FEATURE_MAPS, a callable (the same φ on q
+    and k) or a pair of callables; raises ValueError naming ``feature_map`` otherwise."""
     if feature_map is None:
-        return FEATURE_MAPS["identity"]
+        feature_map = "identity"
+    if isinstance(feature_map, str):
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(
+                f"feature_map={feature_map!r} must be a callable, a (φ_q, φ_k) pair or one "
+                f"of {sorted(FEATURE_MAPS)}"
+            )
+        feature_map = FEATURE_MAPS[feature_map]
     if callable(feature_map):
+        return feature_map, feature_map
+    if isinstance(feature_map, tuple) and len(feature_map) == 2 and all(map(callable, feature_map)):
         return feature_map
-    if feature_map not in FEATURE_MAPS:
-        raise ValueError(
-            f"feature_map={feature_map!r} must be a callable or one of {sorted(FEATURE_MAPS)}"
-        )
-    return FEATURE_MAPS[feature_map]
+    raise ValueError(
+        f"feature_map={feature_map!r} must be a callable, a (φ_q, φ_k) pair or one of "
+        f"{sorted(FEATURE_MAPS)}"
+    )
+
+
+def feature_dim(feature_map, head_dim: int) -> int:
+    """The width φ maps H to (the state's key dim): 2H for "nala", H for the others."""
+    _, phi_k = resolve_feature_map(feature_map)
+    shape = jax.eval_shape(phi_k, jax.ShapeDtypeStruct((head_dim,), jnp.float32)).shape
+    return shape[-1]
 
 
 def _check(q, k, v, variant, log_decay, beta, scale, normalize, initial_state, impl, chunk):
@@ -138,11 +160,23 @@ def _check(q, k, v, variant, log_decay, beta, scale, normalize, initial_state, i
         isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0
     ):
         raise ValueError(f"scale={scale!r} must be a positive real number")
+
+
+def _check_features(q, k, v, variant, head_dim, normalize, initial_state):
+    """After φ: q and k share the feature width F, and the state is [B, K, F, V (+1)]."""
+    b, _, kh, f = k.shape
+    if q.shape[-1] != f:
+        raise ValueError(f"feature_map maps q to width {q.shape[-1]} and k to {f}: they must agree")
+    if variant == "gla" and f != head_dim:
+        raise ValueError(
+            f"variant='gla' decays per key dim H={head_dim}: its feature_map must keep the "
+            f"width, got F={f}"
+        )
     vv = v.shape[3] + (1 if normalize else 0)
-    if initial_state is not None and initial_state.shape != (b, kh, h, vv):
+    if initial_state is not None and initial_state.shape != (b, kh, f, vv):
         raise ValueError(
             f"initial_state must be [B, K, H, V{' + 1' if normalize else ''}] = "
-            f"{(b, kh, h, vv)}, got {initial_state.shape}"
+            f"{(b, kh, f, vv)} (H: the feature width), got {initial_state.shape}"
         )
 
 
@@ -172,10 +206,13 @@ def linear_attention(
         [K] (default ``retention_log_decay(K)``), simple_gla / gated_delta_rule [B, T, K],
         gla [B, T, K, H]; None for linear_attn and delta_rule.
       beta: delta-rule write strengths [B, T, K] (usually in (0, 1)); delta variants only.
-      feature_map: φ applied to q and k: a callable or one of FEATURE_MAPS (None: identity).
+      feature_map: φ applied to q and k: a callable, a (φ_q, φ_k) pair or one of
+        FEATURE_MAPS (None: identity). φ may change the width H to F (the state's key dim;
+        2H for "nala"); ``scale`` still defaults to 1/sqrt(H).
       scale: output scale (default 1/sqrt(H)), a positive concrete real number.
       normalize: divide by scale·φ(q_t)·z_t + 1e-10 (not for the delta variants).
-      initial_state: [B, K, H, V (+1 with normalize)] state before step 0 (default zeros).
+      initial_state: [B, K, F, V (+1 with normalize)] state before step 0 (default zeros;
+        F = H unless φ changes the width).
       return_state: also return the state after the last step.
       implementation: "chunked" (training, prefill), "naive" (reference), "recurrent"
         (decoding).
@@ -192,12 +229,14 @@ def linear_attention(
     beta = None if beta is None else jnp.asarray(beta)
     state = None if initial_state is None else jnp.asarray(initial_state)
     _check(q, k, v, variant, log_decay, beta, scale, normalize, state, implementation, chunk_size)
-    phi = _feature_map(feature_map)
+    phi_q, phi_k = resolve_feature_map(feature_map)
     dtype = q.dtype
     b, t, n, h = q.shape
     kh, vd = k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
-    q, k = phi(q), phi(k)
+    q, k = phi_q(q), phi_k(k)
+    _check_features(q, k, v, variant, h, normalize, state)
+    h = k.shape[3]  # the feature width F (2H for "nala")
     if normalize:  # z_t rides as one more value column of ones
         v = jnp.concatenate([v, jnp.ones((b, t, kh, 1), v.dtype)], axis=-1)
     if variant == "retention":
