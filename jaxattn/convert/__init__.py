@@ -30,6 +30,10 @@ Weight compression (PAPERS.md §9), on matrices [I, O] (``Linear.as_matrix``)
   lord, lord_rank, lord_max_rank              LoRD: rank-k SVD factors A B, k = ⌊(1 − ρ) min(m, n)⌋;
                                               saves parameters iff k < m n / (m + n)
   lord_linear                                 LoRD on a Linear: factors into its ``lowrank`` form
+  ordered_dropout_forward                     Maestro: x u_{:b} v_{:b}, a prefix of Σ u_i v_iᵀ
+  sample_keep_rank, maestro_objective         Maestro: b ~ U[1, K]; loss at b or its mean over b
+  maestro_train, maestro_truncate             Maestro: GD with ordered dropout (prefixes = PCA /
+                                              SVD on linear tasks); keep the first b components
 SliceGPT, ``jaxattn.convert.slicegpt`` (model level: ``models.convert.slicegpt``)
   pca_rotation                                Q [D, D']: PCA of the normalised stream
   rotate_reader, rotate_writer                Qᵀ diag(γ) W_in; W_out Q, b_out Q
@@ -46,6 +50,13 @@ from jaxattn.convert._stats import (
 from jaxattn.convert.compensation import eora, lorc, svd_compensation
 from jaxattn.convert.feature import feature_lowrank
 from jaxattn.convert.kv_heads import merge_kv_heads
+from jaxattn.convert.maestro import (
+    maestro_objective,
+    maestro_train,
+    maestro_truncate,
+    ordered_dropout_forward,
+    sample_keep_rank,
+)
 from jaxattn.convert.lord import lord, lord_linear, lord_max_rank, lord_rank
 from jaxattn.convert.mean_pool import mean_pool_kv_heads
 from jaxattn.convert.rtn import rtn_quantize
@@ -85,4 +96,9 @@ __all__ = [
     "lord_rank",
     "lord_max_rank",
     "lord_linear",
+    "ordered_dropout_forward",
+    "sample_keep_rank",
+    "maestro_objective",
+    "maestro_train",
+    "maestro_truncate",
 ]
