@@ -34,6 +34,9 @@ Weight compression (PAPERS.md §9), on matrices [I, O] (``Linear.as_matrix``)
   sample_keep_rank, maestro_objective         Maestro: b ~ U[1, K]; loss at b or its mean over b
   maestro_train, maestro_truncate             Maestro: GD with ordered dropout (prefixes = PCA /
                                               SVD on linear tasks); keep the first b components
+  nm_mask, nm_project                         DSFormer: top-N magnitudes of each M-group (N:M)
+  ste_nm                                      DSFormer: straight-through P(S) (gradient to S)
+  dsformer_params, dsformer_fit               DSFormer: W ≈ D P(S), D dense, S N:M; STE fit
 SliceGPT, ``jaxattn.convert.slicegpt`` (model level: ``models.convert.slicegpt``)
   pca_rotation                                Q [D, D']: PCA of the normalised stream
   rotate_reader, rotate_writer                Qᵀ diag(γ) W_in; W_out Q, b_out Q
@@ -48,6 +51,7 @@ from jaxattn.convert._stats import (
     latent_norm_stats,
 )
 from jaxattn.convert.compensation import eora, lorc, svd_compensation
+from jaxattn.convert.dsformer import dsformer_fit, dsformer_params, nm_mask, nm_project, ste_nm
 from jaxattn.convert.feature import feature_lowrank
 from jaxattn.convert.kv_heads import merge_kv_heads
 from jaxattn.convert.maestro import (
@@ -101,4 +105,9 @@ __all__ = [
     "maestro_objective",
     "maestro_train",
     "maestro_truncate",
+    "nm_mask",
+    "nm_project",
+    "ste_nm",
+    "dsformer_params",
+    "dsformer_fit",
 ]
