@@ -54,6 +54,7 @@ from jaxattn.convert.compensation import eora, lorc, svd_compensation
 from jaxattn.convert.dsformer import dsformer_fit, dsformer_params, nm_mask, nm_project, ste_nm
 from jaxattn.convert.feature import feature_lowrank
 from jaxattn.convert.kv_heads import merge_kv_heads
+from jaxattn.convert.lord import lord, lord_linear, lord_max_rank, lord_rank
 from jaxattn.convert.maestro import (
     maestro_objective,
     maestro_train,
@@ -61,7 +62,6 @@ from jaxattn.convert.maestro import (
     ordered_dropout_forward,
     sample_keep_rank,
 )
-from jaxattn.convert.lord import lord, lord_linear, lord_max_rank, lord_rank
 from jaxattn.convert.mean_pool import mean_pool_kv_heads
 from jaxattn.convert.rtn import rtn_quantize
 from jaxattn.convert.slicegpt import pca_rotation, rotate_reader, rotate_writer

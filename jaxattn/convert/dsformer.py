@@ -86,24 +86,24 @@ def dsformer_fit(
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Fit ``w_IO ≈ D P(S)`` by the straight-through factorizer (module docstring).
 
-    Starts from the truncated SVD (``D = U_k Σ_k^(1/2)``, ``S = Σ_k^(1/2) V_kᵀ``, zero-padded
-    past the matrix rank) and runs ``steps`` jitted Adam steps on ``‖W − D ste_nm(S)‖_F²`` (W
-scaled to unit norm, so ``lr`` does not depend on W's scale). Mask flips make the error
-non-monotone; the best recorded iterate (every ``log_every`` steps) is returned.
+        Starts from the truncated SVD (``D = U_k Σ_k^(1/2)``, ``S = Σ_k^(1/2) V_kᵀ``, zero-padded
+        past the matrix rank) and runs ``steps`` jitted Adam steps on ``‖W − D ste_nm(S)‖_F²`` (W
+    scaled to unit norm, so ``lr`` does not depend on W's scale). Mask flips make the error
+    non-monotone; the best recorded iterate (every ``log_every`` steps) is returned.
 
-    Args:
-      w_IO: the weight [m_dim, n_dim].
-      k: the inner dimension, >= 1 (a multiple of m for axis 0).
-      n, m: the N:M pattern of S (default 2:4), grouped along ``axis`` of S [k, n_dim].
-      steps, lr: Adam steps (>= 1) and step size (> 0).
-      log_every: the relative error is recorded (and the best iterate kept) every that many
-        steps and at the end, >= 1.
+        Args:
+          w_IO: the weight [m_dim, n_dim].
+          k: the inner dimension, >= 1 (a multiple of m for axis 0).
+          n, m: the N:M pattern of S (default 2:4), grouped along ``axis`` of S [k, n_dim].
+          steps, lr: Adam steps (>= 1) and step size (> 0).
+          log_every: the relative error is recorded (and the best iterate kept) every that many
+            steps and at the end, >= 1.
 
-    Returns:
-      (D [m_dim, k], S_mask [k, n_dim], info), float64, S_mask N:M sparse: ``error``
-      ‖W − D S_mask‖_F, ``relative_error`` that / ‖W‖_F, ``history`` [(step, relative error)]
-      (step 0: the N:M projection of the SVD start; the result is the least of them),
-      ``params`` :func:`dsformer_params`.
+        Returns:
+          (D [m_dim, k], S_mask [k, n_dim], info), float64, S_mask N:M sparse: ``error``
+          ‖W − D S_mask‖_F, ``relative_error`` that / ‖W‖_F, ``history`` [(step, relative error)]
+          (step 0: the N:M projection of the SVD start; the result is the least of them),
+          ``params`` :func:`dsformer_params`.
     """
     w = _matrix("w_IO", w_IO)
     m_dim, n_dim = w.shape
@@ -118,9 +118,13 @@ non-monotone; the best recorded iterate (every ``log_every`` steps) is returned.
     s0 = np.zeros((k, n_dim))
     d0[:, :r] = u[:, :r] * np.sqrt(sv[:r])
     s0[:r] = np.sqrt(sv[:r])[:, None] * vt[:r]
-    scale = float(np.linalg.norm(w)) or 1.0
+    norm = float(np.linalg.norm(w))
+    scale = norm or 1.0
     wj = jnp.asarray(w / scale, jnp.float32)  # fit the unit-norm matrix: lr is scale-free
-    p0 = (jnp.asarray(d0 / np.sqrt(scale), jnp.float32), jnp.asarray(s0 / np.sqrt(scale), jnp.float32))
+    p0 = (
+        jnp.asarray(d0 / np.sqrt(scale), jnp.float32),
+        jnp.asarray(s0 / np.sqrt(scale), jnp.float32),
+    )
 
     def loss(p):
         return jnp.sum((wj - p[0] @ ste_nm(p[1], n, m, axis=axis)) ** 2)
@@ -156,7 +160,7 @@ non-monotone; the best recorded iterate (every ``log_every`` steps) is returned.
     err = float(np.linalg.norm(w - d @ s))
     info = {
         "error": err,
-        "relative_error": err / scale if scale else 0.0,
+        "relative_error": err / norm if norm else 0.0,
         "history": history,
         "params": dsformer_params(m_dim, n_dim, k, n, m),
     }

@@ -86,3 +86,9 @@ def test_fit_pattern_and_beats_same_size_svd_on_generic_matrices():
         sv = np.linalg.svd(w, compute_uv=False)
         svd_rel = np.sqrt(np.sum(sv[r:] ** 2) / np.sum(sv**2))
         assert info["relative_error"] < 0.8 * svd_rel, (info["relative_error"], svd_rel)
+
+
+def test_fit_zero_matrix_is_zero():
+    d, s, info = C.dsformer_fit(np.zeros((8, 12)), k=4, steps=10, log_every=5)
+    np.testing.assert_array_equal(d @ s, 0.0)
+    assert info["error"] == 0.0 and info["relative_error"] == 0.0
