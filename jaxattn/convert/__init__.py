@@ -30,6 +30,13 @@ Weight compression (PAPERS.md §9), on matrices [I, O] (``Linear.as_matrix``)
   lord, lord_rank, lord_max_rank              LoRD: rank-k SVD factors A B, k = ⌊(1 − ρ) min(m, n)⌋;
                                               saves parameters iff k < m n / (m + n)
   lord_linear                                 LoRD on a Linear: factors into its ``lowrank`` form
+  ordered_dropout_forward                     Maestro: x u_{:b} v_{:b}, a prefix of Σ u_i v_iᵀ
+  sample_keep_rank, maestro_objective         Maestro: b ~ U[1, K]; loss at b or its mean over b
+  maestro_train, maestro_truncate             Maestro: GD with ordered dropout (prefixes = PCA /
+                                              SVD on linear tasks); keep the first b components
+  nm_mask, nm_project                         DSFormer: top-N magnitudes of each M-group (N:M)
+  ste_nm                                      DSFormer: straight-through P(S) (gradient to S)
+  dsformer_params, dsformer_fit               DSFormer: W ≈ D P(S), D dense, S N:M; STE fit
 SliceGPT, ``jaxattn.convert.slicegpt`` (model level: ``models.convert.slicegpt``)
   pca_rotation                                Q [D, D']: PCA of the normalised stream
   rotate_reader, rotate_writer                Qᵀ diag(γ) W_in; W_out Q, b_out Q
@@ -44,9 +51,17 @@ from jaxattn.convert._stats import (
     latent_norm_stats,
 )
 from jaxattn.convert.compensation import eora, lorc, svd_compensation
+from jaxattn.convert.dsformer import dsformer_fit, dsformer_params, nm_mask, nm_project, ste_nm
 from jaxattn.convert.feature import feature_lowrank
 from jaxattn.convert.kv_heads import merge_kv_heads
 from jaxattn.convert.lord import lord, lord_linear, lord_max_rank, lord_rank
+from jaxattn.convert.maestro import (
+    maestro_objective,
+    maestro_train,
+    maestro_truncate,
+    ordered_dropout_forward,
+    sample_keep_rank,
+)
 from jaxattn.convert.mean_pool import mean_pool_kv_heads
 from jaxattn.convert.rtn import rtn_quantize
 from jaxattn.convert.slicegpt import pca_rotation, rotate_reader, rotate_writer
@@ -85,4 +100,14 @@ __all__ = [
     "lord_rank",
     "lord_max_rank",
     "lord_linear",
+    "ordered_dropout_forward",
+    "sample_keep_rank",
+    "maestro_objective",
+    "maestro_train",
+    "maestro_truncate",
+    "nm_mask",
+    "nm_project",
+    "ste_nm",
+    "dsformer_params",
+    "dsformer_fit",
 ]
