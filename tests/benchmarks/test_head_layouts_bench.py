@@ -11,8 +11,9 @@ from benchmarks import head_layouts as bench  # noqa: E402
 
 
 def test_tiny_run_prints_the_table(capsys):
-    argv = "--kinds ccgqa4 --d-model 32 --layers 1 --heads 4 --mlp 64 --train-len 32 --steps 1"
-    argv += " --rounds 1 --decode-context 32 --decode-steps 2 --pretrain-steps 0"
+    # the smallest shape with C = 4 (latent of 8) and K = N / 2; the ratios do not depend on it
+    argv = "--kinds ccgqa4 --d-model 32 --layers 1 --heads 4 --mlp 32 --train-len 16 --steps 1"
+    argv += " --rounds 1 --decode-context 8 --decode-steps 1 --pretrain-steps 0"
     rows = bench.main(argv.split())
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("| ")]

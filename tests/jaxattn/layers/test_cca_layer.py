@@ -11,6 +11,7 @@
 * bad input names the field and the layer.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,7 +90,8 @@ def test_every_stage_against_reference():
     _randomise_convs(layer, 2)
     layer.key_temperature.set_value(jnp.asarray(1.7))
     x = _x(seed=1)
-    np.testing.assert_allclose(layer(x), _reference(layer, x), rtol=1e-4, atol=1e-5)
+    out = nnx.jit(lambda m, x: m(x))(layer, x)  # compiled once: cheaper than op by op
+    np.testing.assert_allclose(out, _reference(layer, x), rtol=1e-4, atol=1e-5)
 
 
 def test_cache_bytes_and_score_width_scale_by_the_compression():
@@ -101,7 +103,8 @@ def test_cache_bytes_and_score_width_scale_by_the_compression():
             rngs=nnx.Rngs(0)
         )
         assert base == cca.init_cache(1, 8, jnp.bfloat16).bytes_per_token() * ratio
-        q, k, v = cca.attention_inputs(*cca.project(x, Context.create(1, 5)), Context.create(1, 5))
+        ctx = Context.create(1, 5)
+        q, k, v = jax.eval_shape(lambda x, a=cca: a.attention_inputs(*a.project(x, ctx), ctx), x)
         assert q.shape[-1] * comp == D // 4 and q.shape[2] == 4  # score FLOPs 2·N·T·S·h: 1/C
 
 
@@ -112,9 +115,15 @@ def test_packed_sequences_do_not_mix():
     x = _x(1, 8, seed=5)
     seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1]])
     pos = jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 4]])
-    packed = layer(x, Context.create(1, 8, positions_BT=pos, segment_ids_BT=seg))
-    np.testing.assert_allclose(packed[:, :3], layer(x[:, :3]), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(packed[:, 3:], layer(x[:, 3:]), rtol=1e-5, atol=1e-6)
+
+    @nnx.jit
+    def outputs(layer, x):  # the three forwards in one compiled program
+        packed = layer(x, Context.create(1, 8, positions_BT=pos, segment_ids_BT=seg))
+        return packed, layer(x[:, :3]), layer(x[:, 3:])
+
+    packed, first, second = outputs(layer, x)
+    np.testing.assert_allclose(packed[:, :3], first, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(packed[:, 3:], second, rtol=1e-5, atol=1e-6)
 
 
 def test_decoder_prefill_and_steps_equal_forward():
