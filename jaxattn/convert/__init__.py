@@ -37,6 +37,11 @@ Weight compression (PAPERS.md §9), on matrices [I, O] (``Linear.as_matrix``)
   nm_mask, nm_project                         DSFormer: top-N magnitudes of each M-group (N:M)
   ste_nm                                      DSFormer: straight-through P(S) (gradient to S)
   dsformer_params, dsformer_fit               DSFormer: W ≈ D P(S), D dense, S N:M; STE fit
+MoDeGPT, ``jaxattn.convert.modegpt`` (module outputs on calibration data, per module type)
+  modegpt_mlp                                 Type I, Nyström: ridge-leverage intermediate dims,
+                                              W_D' = (SᵀCS)⁺ SᵀC W_D
+  modegpt_qk                                  Type II, CR: head dims by ‖C_q^½ e_i‖ ‖C_k^½ e_i‖
+  modegpt_vo                                  Type III, SVD of C^½ W_v W_o per head (Eckart–Young)
 SliceGPT, ``jaxattn.convert.slicegpt`` (model level: ``models.convert.slicegpt``)
   pca_rotation                                Q [D, D']: PCA of the normalised stream
   rotate_reader, rotate_writer                Qᵀ diag(γ) W_in; W_out Q, b_out Q
@@ -63,6 +68,7 @@ from jaxattn.convert.maestro import (
     sample_keep_rank,
 )
 from jaxattn.convert.mean_pool import mean_pool_kv_heads
+from jaxattn.convert.modegpt import modegpt_mlp, modegpt_qk, modegpt_vo
 from jaxattn.convert.rtn import rtn_quantize
 from jaxattn.convert.slicegpt import pca_rotation, rotate_reader, rotate_writer
 from jaxattn.convert.transmla import compress_latent, decouple_rope, fit_latent_norm, gqa_to_mla
@@ -110,4 +116,7 @@ __all__ = [
     "ste_nm",
     "dsformer_params",
     "dsformer_fit",
+    "modegpt_mlp",
+    "modegpt_qk",
+    "modegpt_vo",
 ]
