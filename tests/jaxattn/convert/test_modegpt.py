@@ -51,7 +51,7 @@ def _heads(w, h):  # [D, h·dh] -> [h, D, dh]
 def _scores(x, wq, wk, dh):  # per query head x W_q,h W_k,hᵀ xᵀ, [N, Hq, N]
     q, k = _heads(wq, HQ), _heads(wk, HKV)
     k = np.repeat(k, HQ // HKV, axis=0)
-    return np.einsum("nd,hde,mf,hfe->nhm", x, q, x, k)
+    return np.einsum("hne,hme->nhm", np.einsum("nd,hde->hne", x, q), np.einsum("md,hde->hme", x, k))
 
 
 def _vo(x, wv, wo):  # per query head x W_v,h W_o,h, [N, Hq, D]
@@ -60,11 +60,18 @@ def _vo(x, wv, wo):  # per query head x W_v,h W_o,h, [N, Hq, D]
     return np.einsum("nd,hde,hef->nhf", x, v, o)
 
 
-def test_mlp_nystrom_exact_at_full_width():
-    h = _silu(X @ W_G) * (X @ W_U)
-    up, gate, down, info = C.modegpt_mlp(W_U, W_D, _moments(h), rank=H, w_gate_DH=W_G)
+@pytest.mark.parametrize("gated", [True, False])
+def test_mlp_nystrom_exact_at_full_width(gated):
+    if gated:
+        h = _silu(X @ W_G) * (X @ W_U)
+        up, gate, down, info = C.modegpt_mlp(W_U, W_D, _moments(h), rank=H, w_gate_DH=W_G)
+        np.testing.assert_allclose(_mlp(X, up, gate, down), _mlp(X, W_U, W_G, W_D), atol=1e-9)
+    else:
+        h = _silu(X @ W_U)
+        up, gate, down, info = C.modegpt_mlp(W_U, W_D, _moments(h), rank=H)
+        assert gate is None
+        np.testing.assert_allclose(_silu(X @ up) @ down, h @ W_D, atol=1e-9)
     np.testing.assert_array_equal(info["kept"], np.arange(H))
-    np.testing.assert_allclose(_mlp(X, up, gate, down), _mlp(X, W_U, W_G, W_D), atol=1e-9)
     assert info["error"] < 1e-6
 
 
@@ -84,6 +91,7 @@ def test_mlp_nystrom_beats_per_weight_svd(rank):
     r = math.ceil(rank * D / (D + H))
     err_svd = _rms(y - _mlp(X, _svd(W_U, r), _svd(W_G, r), _svd(W_D, r)))
     assert err <= err_svd
+    assert err < 0.75 * err_svd  # measured: 0.61 (k = 4), 0.38, 0.21 (k = 16)
     # the ridge leverage scores are diag(C (C + λI)⁻¹), λ = tr(C)/H
     c = h.T @ h / N
     lev = np.diag(c @ np.linalg.inv(c + np.trace(c) / H * np.eye(H)))
@@ -111,6 +119,7 @@ def test_qk_cr_beats_per_weight_svd(rank):
     err_svd = _rms(s - _scores(X, qs, ks, DH)) / np.sqrt(N)
     np.testing.assert_allclose(info["error_svd"], err_svd, rtol=1e-8)
     assert err <= err_svd
+    assert err < 0.9 * err_svd  # measured: 0.87 (k = 1), 0.60, 0.51 (k = 5)
     # CR scores: the kept dims of kv head j maximise sqrt(C_k,ii Σ_g C_q_g,ii)
     c = X.T @ X / N
     for j in range(HKV):
@@ -144,6 +153,7 @@ def test_vo_svd_is_eckart_young_and_beats_per_weight_svd(rank):
     err_svd = _rms(y - _vo(X, vs, os_))
     np.testing.assert_allclose(info["error_svd"], err_svd, rtol=1e-8)
     assert err <= err_svd and err <= info["error_product_svd"] + 1e-12
+    assert err < 0.8 * info["error_product_svd"]  # measured: 0.77 (k = 1), 0.52, 0.32 (k = 5)
 
 
 def test_bad_input():
