@@ -108,7 +108,8 @@ def modegpt_mlp(
         raise ValueError(f"ridge={ridge} must be >= 0")
     c = _second("moments_h", moments_h, h)
     lam = ridge * np.trace(c) / h
-    lev = np.diag(np.linalg.solve(c + lam * np.eye(h), c)).copy()  # C (C + λI)⁻¹, symmetric
+    # diag(C (C + λI)⁻¹); pinv: a dead (all-zero) unit or an all-zero C scores 0, not NaN
+    lev = np.diag(np.linalg.pinv(c + lam * np.eye(h), hermitian=True) @ c).copy()
     kept = np.sort(np.argsort(-lev, kind="stable")[:k])
     down_k = np.linalg.pinv(c[np.ix_(kept, kept)]) @ c[kept] @ down  # (SᵀCS)⁺ SᵀC W_D
     diff = down.copy()

@@ -156,6 +156,18 @@ def test_vo_svd_is_eckart_young_and_beats_per_weight_svd(rank):
     assert err < 0.8 * info["error_product_svd"]  # measured: 0.77 (k = 1), 0.52, 0.32 (k = 5)
 
 
+def test_mlp_dead_units():
+    # ReLU units that never fire: C_σ singular, still exact at full width; all dead -> zeros
+    h = np.maximum(X @ W_U, 0.0)
+    h[:, :5] = 0.0
+    up, _, down, info = C.modegpt_mlp(W_U, W_D, _moments(h), rank=H)
+    np.testing.assert_allclose(h[:, info["kept"]] @ down, h @ W_D, atol=1e-9)
+    _, _, down, info = C.modegpt_mlp(W_U, W_D, _moments(h), rank=H - 5)
+    assert not set(info["kept"]) & set(range(5)) and info["error"] < 1e-6
+    _, _, down, info = C.modegpt_mlp(W_U, W_D, _moments(np.zeros((N, H))), rank=3)
+    assert np.isfinite(down).all() and info["error"] == 0.0 and info["relative_error"] == 0.0
+
+
 def test_bad_input():
     m = _moments(X)
     with pytest.raises(ValueError, match="rank"):
