@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxattn.cache import CacheConfig
+
 __all__ = ["generate", "sample_logits", "GenerateOutput"]
 
 
@@ -81,7 +83,7 @@ def generate(
     cache_dtype=None,
     sequence_ids_B=None,
     capacity: int | None = None,
-    cache: dict | None = None,
+    cache=None,
 ) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
@@ -100,7 +102,9 @@ def generate(
         "sink_window" layers ignore it).
       cache: ``jaxattn.cache.CacheConfig`` fields (a dict) set over every layer's cache config
         for this call (e.g. ``{"format": "kivi", "bits": 2, "group_size": 32}``), or None:
-        the model's own. Passed to ``model.init_cache(..., cache=)``.
+        the model's own; or a ``CacheConfig`` for every layer, or a tuple / list of one entry
+        per layer (dicts, ``CacheConfig``s or None: e.g. per-layer calibrated KVQuant
+        codebooks). Passed to ``model.init_cache(..., cache=)``.
 
     Raises:
       ValueError: bad shapes, prompt lengths, sampling settings, prompt ids outside the
@@ -143,7 +147,7 @@ def generate(
         raise ValueError(f"bad sampling settings: {temperature=}, {top_k=}, {top_p=}")
     b, t = prompt_BT.shape
     capacity = t + max_new_tokens if capacity is None else int(capacity)
-    cache_fields = None if cache is None else tuple(sorted(dict(cache).items()))  # hashable
+    cache_fields = _freeze(cache)  # hashable: a static argument of the compiled loop
     caches = jax.eval_shape(lambda: model.init_cache(b, capacity, cache_dtype, **_kw(cache_fields)))
     for cache in jax.tree.leaves(caches, is_leaf=lambda x: hasattr(x, "check_room")):
         if hasattr(cache, "check_room"):
@@ -172,9 +176,32 @@ def generate(
     )
 
 
+def _freeze_one(entry):
+    """One cache entry hashable: None and ``CacheConfig`` (frozen) as they are, a dict as
+    ("fields", its sorted items)."""
+    if entry is None or isinstance(entry, CacheConfig):
+        return entry
+    return ("fields", tuple(sorted(dict(entry).items())))
+
+
+def _thaw_one(entry):
+    return dict(entry[1]) if isinstance(entry, tuple) else entry
+
+
+def _freeze(cache):
+    """``generate``'s ``cache`` argument as a hashable value (``_kw`` inverts it)."""
+    if isinstance(cache, (tuple, list)):
+        return ("layers", tuple(_freeze_one(c) for c in cache))
+    return _freeze_one(cache)
+
+
 def _kw(cache_fields):
     """``init_cache``'s keyword arguments for the (static, hashable) ``cache`` fields."""
-    return {} if cache_fields is None else {"cache": dict(cache_fields)}
+    if cache_fields is None:
+        return {}
+    if isinstance(cache_fields, tuple) and cache_fields[0] == "layers":
+        return {"cache": tuple(_thaw_one(c) for c in cache_fields[1])}
+    return {"cache": _thaw_one(cache_fields)}
 
 
 @functools.partial(

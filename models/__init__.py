@@ -5,6 +5,8 @@ Config and model
   LayerSpec                   one layer's attention kind and fields (ModelConfig.layer_specs)
   DecoderLM                   ``model(tokens_BT) -> logits_BTV``; ``init_cache`` / ``decode``
   get_config, list_configs    named configs ("llama-tiny", "mla-tiny-default", "llama3-8b", ...)
+KV-cache calibration (``models.kv_calibrate``)
+  calibrate_kvquant           per-layer KVQuant nuq CacheConfigs fitted on calibration tokens
 Hugging Face interchange (safetensors + config.json)
   from_hf, to_hf              Llama, Qwen2, Mistral, DeepSeek-V2/V3 (dense layers)
 """

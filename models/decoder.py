@@ -183,7 +183,10 @@ class DecoderLM(nnx.Module):
             ``config.max_seq_len``); "sink_window" rings hold sink + window slots regardless.
           dtype: storage dtype (default the compute dtype; a ``CacheConfig.dtype`` wins).
           cache: CacheConfig fields set over every layer's own (a dict, e.g. ``{"format":
-            "kivi", "bits": 2}``: a storage format on each layer's policy), or None.
+            "kivi", "bits": 2}``: a storage format on each layer's policy, or a
+            ``CacheConfig``: every layer's), or one such entry per layer (a tuple or list of
+            len(layers) dicts, ``CacheConfig``s or None: the layer's own; e.g. the per-layer
+            calibrated configs of ``models.kv_calibrate.calibrate_kvquant``), or None.
 
         Returns:
           A tuple of caches (a pytree usable as a ``jax.lax.while_loop`` carry).
@@ -195,12 +198,18 @@ class DecoderLM(nnx.Module):
         dtype = self.config.dtype if dtype is None else dtype
         if cache is None:
             return tuple(blk.attn.init_cache(batch, capacity, dtype) for blk in self.layers)
+        per_layer = cache if isinstance(cache, (tuple, list)) else (cache,) * len(self.layers)
+        if len(per_layer) != len(self.layers):
+            raise ValueError(
+                f"cache has {len(per_layer)} per-layer configs, the model {len(self.layers)} layers"
+            )
         caches = []
-        for i, blk in enumerate(self.layers):
+        for i, (blk, layer_cache) in enumerate(zip(self.layers, per_layer, strict=True)):
             try:
-                caches.append(blk.attn.init_cache(batch, capacity, dtype, cache=cache))
+                caches.append(blk.attn.init_cache(batch, capacity, dtype, cache=layer_cache))
             except ValueError as err:
-                raise ValueError(f"layer {i} cache {dict(cache)}: {err}") from None
+                shown = dict(layer_cache) if isinstance(layer_cache, dict) else layer_cache
+                raise ValueError(f"layer {i} cache {shown}: {err}") from None
         return tuple(caches)
 
     def decode(

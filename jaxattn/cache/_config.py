@@ -39,7 +39,8 @@ full-precision window of recent tokens (``QuantizedKVCache`` / ``QuantizedLatent
   are kept and attended in full precision. ``datatype="nuq"`` (KVQuant's nuqX): the codes
   index a per-layer ``codebook`` = (key levels, value levels), each 2^bits sorted floats in
   [0, 1] fitted on calibration activations (``jaxattn.ops.kv_quant.fit_codebook``; required,
-  there is no default); default ``"uniform"`` (KIVI's integer grid).
+  there is no default; ``models.kv_calibrate.calibrate_kvquant`` fits every layer's through
+  the hooks and returns the per-layer configs); default ``"uniform"`` (KIVI's integer grid).
 
 Policies:
 

@@ -27,9 +27,10 @@ each code indexes a per-layer codebook (``CacheConfig.codebook``, keys' and valu
 group by weighted 1-D k-means (``jaxattn.ops.kv_quant.normalize`` / ``fit_codebook``; the
 paper's sensitivity weights are the Fisher information, optional: uniform weights without).
 
-Not implemented here: per-channel key outlier thresholds calibrated offline (outliers are
-chosen per token vector online), excluding the sink tokens from the quantization ranges, and
-a calibration pass through hooks that fits the codebooks of every layer of a model.
+The calibration pass that fits every layer's codebooks of a model through the hooks is
+``models.kv_calibrate.calibrate_kvquant``. Not implemented here: per-channel key outlier
+thresholds calibrated offline (outliers are chosen per token vector online) and excluding the
+sink tokens from the quantization ranges.
 """
 
 from __future__ import annotations
@@ -183,7 +184,9 @@ class KVQuantCache(_QuantizedMixin):
           context: None: a quantized token's bytes (codes, its share of scales and zeros, and
             its outlier tables), the limit at long contexts. An int: every buffer of a cache
             built for ``context`` positions (rows rounded up to a group, windows, outlier
-            tables of every slot, the sink table) over ``context``.
+            tables of every slot, the sink table, and the sequence's 1/B share of the nuq
+            codebooks, one buffer for the whole batch) over ``context``: B times it, times
+            ``context``, is every buffer of the cache but ``lengths_B``.
         """
         if context is None:
             return super().bytes_per_token() + self.outlier_bytes()

@@ -55,7 +55,8 @@ class PackedRows:
         [B, C, K, H / group] ("token").
       window_BRKH: the R most recent tokens in full precision, token p at slot p % R.
       levels_L: None (uniform codes), or float32 [2^b] the codebook's sorted levels in code
-        units [0, 2^b − 1] (one per layer's tensor; counted once in ``bytes_for``).
+        units [0, 2^b − 1]: one buffer for the whole batch (a layer's tensor), so a
+        sequence's share in ``bytes_for`` is its size over B.
       bits, group, axis, dim (H): static.
     """
 
@@ -126,15 +127,21 @@ class PackedRows:
         """Bytes of one sequence's full-precision window: R·K·H·itemsize."""
         return math.prod(self.window_BRKH.shape[1:]) * self.dtype.itemsize
 
-    def fixed_bytes(self) -> int:
-        """Bytes of one sequence's buffers that do not grow with the tokens: the window and
-        the codebook."""
-        lv = 0 if self.levels_L is None else self.levels_L.size * self.levels_L.dtype.itemsize
-        return self.window_bytes() + lv
+    def codebook_share(self) -> float:
+        """One sequence's share of the codebook: its bytes over B (the batch shares one)."""
+        if self.levels_L is None:
+            return 0.0
+        return self.levels_L.size * self.levels_L.dtype.itemsize / self.codes_BCKW.shape[0]
 
-    def bytes_for(self, slots: int) -> int:
+    def fixed_bytes(self) -> float:
+        """Bytes of one sequence's buffers that do not grow with the tokens: the window and
+        its share of the codebook (``codebook_share``)."""
+        return self.window_bytes() + self.codebook_share()
+
+    def bytes_for(self, slots: int) -> float:
         """Bytes of one sequence's buffers with ``slots`` quantized slots (a multiple of
-        ``group`` for "channel"): codes, scales, zeros, the window and the codebook."""
+        ``group`` for "channel"): codes, scales, zeros, the window and its share of the
+        codebook, so B · ``bytes_for`` is every buffer of the batch."""
         _, c, k, w = self.codes_BCKW.shape
         stats = math.prod(self.scale_BGKX.shape[2:]) * (
             slots // self.group if self.axis == "channel" else slots
@@ -142,8 +149,7 @@ class PackedRows:
         return (
             slots * k * w * self.codes_BCKW.dtype.itemsize
             + 2 * stats * self.scale_BGKX.dtype.itemsize
-            + self.window_bytes()
-            + (0 if self.levels_L is None else self.levels_L.size * self.levels_L.dtype.itemsize)
+            + self.fixed_bytes()
         )
 
     def _dequant(self, codes_BsKW, scale, zero):

@@ -239,6 +239,23 @@ def test_nuq_bytes_count_the_codebooks_and_calibration_is_required():
         CacheConfig(format="kvquant", datatype="fp4")
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_nuq_bytes_per_token_is_exact_for_a_batch_sharing_one_codebook(batch):
+    # the codebooks are one buffer for the batch: each sequence counts its 1/B share, so
+    # B sequences' bytes are every buffer of the cache (the old count gave B codebooks)
+    book = tuple(np.linspace(0, 1, 16).tolist())
+    cfg = CacheConfig(format="kvquant", datatype="nuq", codebook=(book, book))
+    kw = dict(capacity=256, num_kv_heads=2, head_dim=32, dtype=jnp.bfloat16, config=cfg)
+    cache = jax.eval_shape(lambda: dense_cache(batch=batch, **kw))
+    assert cache.k.levels_L.shape == (16,)  # one codebook, not one per sequence
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) - 4 * batch
+    assert batch * 256 * cache.bytes_per_token(256) == pytest.approx(total, rel=1e-12)
+    one = jax.eval_shape(lambda: dense_cache(batch=1, **kw))
+    share = (1 - 1 / batch) * 2 * 16 * 4 / 256  # the codebooks' bytes not counted again
+    assert cache.bytes_per_token(256) == pytest.approx(one.bytes_per_token(256) - share)
+    assert cache.bytes_per_token() == one.bytes_per_token()  # the long-context limit
+
+
 def test_the_layer_hands_pre_rope_keys_to_the_cache_and_other_qk_transforms_are_refused():
     from flax import nnx
 
