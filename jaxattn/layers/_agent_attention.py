@@ -27,7 +27,8 @@ from flax import nnx
 from jaxattn.layers import _validate as v
 from jaxattn.layers._base import param
 from jaxattn.layers._context import Context
-from jaxattn.layers._kinds import AttentionLayer, register_kind
+from jaxattn.layers._encoder_only import EncoderOnlyAttention
+from jaxattn.layers._kinds import register_kind
 from jaxattn.layers._linear import Linear
 from jaxattn.ops.agent_attention import agent_attention
 
@@ -107,7 +108,7 @@ class AgentAttentionConfig:
 register_kind("agent", AgentAttentionConfig)
 
 
-class AgentAttention(AttentionLayer):
+class AgentAttention(EncoderOnlyAttention):
     """Bidirectional agent attention (module docstring).
 
     Parameter paths: ``q/kernel``, ``k/kernel``, ``v/kernel``, ``o/kernel``; with
@@ -118,6 +119,12 @@ class AgentAttention(AttentionLayer):
       config: an :class:`AgentAttentionConfig`.
       rngs: parameter RNGs.
     """
+
+    no_decoding_reason = (
+        "its agents pool the whole sequence (each output depends on later tokens), and "
+        "Agent Attention defines no incremental form"
+    )
+    segments_reason = "its agents pool across segments"
 
     def __init__(self, config: AgentAttentionConfig, *, rngs: nnx.Rngs):
         c = config
@@ -157,11 +164,7 @@ class AgentAttention(AttentionLayer):
 
     def attend(self, q_BTNH, kv, ctx: Context) -> jax.Array:
         """Agent aggregation then broadcast, plus DWC(V) -> o_BTNH (bidirectional)."""
-        if ctx.segment_ids_BT is not None:
-            raise NotImplementedError(
-                "AgentAttention cannot serve segment_ids (packed sequences): its agents pool "
-                "across segments"
-            )
+        self.refuse_segments(ctx)
         c, t = self.config, q_BTNH.shape[1]
         k_BTNH, v_BTNH = kv
         extra = {}
@@ -171,26 +174,3 @@ class AgentAttention(AttentionLayer):
         if c.dwc_width:
             extra["dwc_kernel"], extra["dwc_bias"] = self.dwc_kernel[...], self.dwc_bias[...]
         return agent_attention(q_BTNH, k_BTNH, v_BTNH, num_agents=c.num_agents, **extra)
-
-    def out(self, o_BTNH: jax.Array, ctx: Context) -> jax.Array:
-        """o projection [B, T, N, H] -> [B, T, D]."""
-        return self.o(o_BTNH, ctx)
-
-    def _no_decoding(self):
-        raise NotImplementedError(
-            "AgentAttention has no cache and no decode: its agents pool the whole sequence "
-            "(each output depends on later tokens), and Agent Attention defines no incremental "
-            "form; call the layer on the whole sequence"
-        )
-
-    def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16, cache=None):
-        """Refused (module docstring). Raises NotImplementedError."""
-        self._no_decoding()
-
-    def attend_cache(self, q, kv, cache, ctx: Context, *, num_new_B=None):
-        """Refused (module docstring). Raises NotImplementedError."""
-        self._no_decoding()
-
-    def decode(self, x_BTD, cache, ctx=None, *, num_new_B=None):
-        """Refused (module docstring). Raises NotImplementedError."""
-        self._no_decoding()

@@ -34,7 +34,8 @@ from flax import nnx
 from jaxattn.layers import _validate as v
 from jaxattn.layers._base import param
 from jaxattn.layers._context import Context
-from jaxattn.layers._kinds import AttentionLayer, register_kind
+from jaxattn.layers._encoder_only import EncoderOnlyAttention
+from jaxattn.layers._kinds import register_kind
 from jaxattn.layers._linear import Linear
 from jaxattn.ops.linformer import linformer_attention
 
@@ -125,7 +126,7 @@ class LinformerConfig:
 register_kind("linformer", LinformerConfig)
 
 
-class LinformerAttention(AttentionLayer):
+class LinformerAttention(EncoderOnlyAttention):
     """Bidirectional Linformer self-attention (module docstring).
 
     Parameter paths: ``q/kernel``, ``k/kernel``, ``v/kernel``, ``o/kernel``, ``e`` and (unless
@@ -135,6 +136,12 @@ class LinformerAttention(AttentionLayer):
       config: a :class:`LinformerConfig`.
       rngs: parameter RNGs.
     """
+
+    no_decoding_reason = (
+        "its sequence projections mix positions (each output depends on later tokens), and "
+        "Linformer defines no incremental form"
+    )
+    segments_reason = "its projections mix positions across segments"
 
     def __init__(self, config: LinformerConfig, *, rngs: nnx.Rngs):
         c = config
@@ -168,11 +175,7 @@ class LinformerAttention(AttentionLayer):
 
     def attend(self, q_BTNH, kv, ctx: Context) -> jax.Array:
         """Every query over the k projected keys/values -> o_BTNH (bidirectional)."""
-        if ctx.segment_ids_BT is not None:
-            raise NotImplementedError(
-                "LinformerAttention cannot serve segment_ids (packed sequences): its "
-                "projections mix positions across segments"
-            )
+        self.refuse_segments(ctx)
         k_BTKH, v_BTKH = kv
         f = self.e if self.config.sharing == "kv" else self.f
         return linformer_attention(
@@ -183,26 +186,3 @@ class LinformerAttention(AttentionLayer):
             f[...].astype(q_BTNH.dtype),
             implementation=self.config.implementation,
         )
-
-    def out(self, o_BTNH: jax.Array, ctx: Context) -> jax.Array:
-        """o projection [B, T, N, H] -> [B, T, D]."""
-        return self.o(o_BTNH, ctx)
-
-    def _no_decoding(self):
-        raise NotImplementedError(
-            "LinformerAttention has no cache and no decode: its sequence projections mix "
-            "positions (each output depends on later tokens), and Linformer defines no "
-            "incremental form; call the layer on the whole sequence"
-        )
-
-    def init_cache(self, batch: int, capacity: int, dtype=jnp.bfloat16, cache=None):
-        """Refused (module docstring). Raises NotImplementedError."""
-        self._no_decoding()
-
-    def attend_cache(self, q, kv, cache, ctx: Context, *, num_new_B=None):
-        """Refused (module docstring). Raises NotImplementedError."""
-        self._no_decoding()
-
-    def decode(self, x_BTD, cache, ctx=None, *, num_new_B=None):
-        """Refused (module docstring). Raises NotImplementedError."""
-        self._no_decoding()
