@@ -162,6 +162,23 @@ class AttentionConfig:
         """The :class:`Attention` module of this config."""
         return Attention(self, rngs=rngs)
 
+    def _refuse_own_mask_options(self, method: str) -> None:
+        """For kinds whose op builds its own mask (LM-Infinite, Landmark): a sliding window,
+        soft cap, dropout or separate value heads raise ValueError naming them, and a cache
+        must keep every token (policy "full")."""
+        o = type(self).__name__
+        bad = dict(
+            sliding_window=self.sliding_window,
+            logits_soft_cap=self.logits_soft_cap,
+            dropout=self.dropout or None,
+            num_v_heads=None if self.n_v == self.n_kv else self.num_v_heads,
+        )
+        bad = {k: x for k, x in bad.items() if x is not None}
+        if bad:
+            raise ValueError(f"{o}: {bad} are not {method} options")
+        if self.cache is not None and self.cache.policy != "full":
+            raise ValueError(f"{o}: cache.policy={self.cache.policy!r}: {method} needs 'full'")
+
     @property
     def n_q(self) -> int:
         """Query heads used (N)."""

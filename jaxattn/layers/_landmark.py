@@ -51,17 +51,7 @@ class LandmarkConfig(AttentionConfig):
         val.check_int(o, "block", self.block, minimum=2)
         if self.top_k is not None:
             val.check_int(o, "top_k", self.top_k)
-        bad = dict(
-            sliding_window=self.sliding_window,
-            logits_soft_cap=self.logits_soft_cap,
-            dropout=self.dropout or None,
-            num_v_heads=None if self.n_v == self.n_kv else self.num_v_heads,
-        )
-        bad = {k: x for k, x in bad.items() if x is not None}
-        if bad:
-            raise ValueError(f"{o}: {bad} are not landmark-attention options")
-        if self.cache is not None and self.cache.policy != "full":
-            raise ValueError(f"{o}: cache.policy={self.cache.policy!r}: landmark needs 'full'")
+        self._refuse_own_mask_options("landmark-attention")
 
     def build(self, *, rngs: nnx.Rngs) -> LandmarkAttention:
         """The :class:`LandmarkAttention` module of this config."""

@@ -48,17 +48,7 @@ class LMInfiniteConfig(AttentionConfig):
         val.check_int(o, "n_local", self.n_local)
         if self.rope is None:
             raise ValueError(f"{o}: rope is required (the distance cap acts on RoPE positions)")
-        bad = dict(
-            sliding_window=self.sliding_window,
-            logits_soft_cap=self.logits_soft_cap,
-            dropout=self.dropout or None,
-            num_v_heads=None if self.n_v == self.n_kv else self.num_v_heads,
-        )
-        bad = {k: x for k, x in bad.items() if x is not None}
-        if bad:
-            raise ValueError(f"{o}: {bad} are not LM-Infinite options")
-        if self.cache is not None and self.cache.policy != "full":
-            raise ValueError(f"{o}: cache.policy={self.cache.policy!r}: LM-Infinite needs 'full'")
+        self._refuse_own_mask_options("LM-Infinite")
 
     def build(self, *, rngs: nnx.Rngs) -> LMInfiniteAttention:
         """The :class:`LMInfiniteAttention` module of this config."""
