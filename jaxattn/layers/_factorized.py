@@ -270,24 +270,20 @@ def _sltrain(lin, *, rank, density, alpha, rngs, path, seed):
 
 
 register_form("sltrain", _sltrain)
-register_form(
-    "lrt",
-    lambda lin, *, rank, density, alpha, rngs, path, seed: SVDLowRankKernel(
-        lin.kernel[...].reshape(lin.fan_in, lin.fan_out),
-        rank,
-        axes=_axes(lin),
-        param_dtype=lin.kernel.dtype,
-    ),  # fmt: skip
-)
-register_form(
-    "sst",
-    lambda lin, *, rank, density, alpha, rngs, path, seed: SpectralKernel(
-        lin.kernel[...].reshape(lin.fan_in, lin.fan_out),
-        rank,
-        axes=_axes(lin),
-        param_dtype=lin.kernel.dtype,
-    ),  # fmt: skip
-)
+
+
+def _from_dense(form_cls):
+    """A builder of ``form_cls(kernel_mn, rank, ...)`` from the layer's own dense kernel."""
+
+    def build(lin, *, rank, density, alpha, rngs, path, seed):
+        kernel_mn = lin.kernel[...].reshape(lin.fan_in, lin.fan_out)
+        return form_cls(kernel_mn, rank, axes=_axes(lin), param_dtype=lin.kernel.dtype)
+
+    return build
+
+
+register_form("lrt", _from_dense(SVDLowRankKernel))
+register_form("sst", _from_dense(SpectralKernel))
 
 
 def factorize(
