@@ -306,19 +306,7 @@ class Attention(AttentionLayer):
         ``QuantizedKVCache``."""
         c = self.config
         config = self.cache_config(cache)
-        if (
-            config is not None
-            and config.format == "kvquant"
-            and (
-                type(self).qk_transform is not Attention.qk_transform
-                or type(self).attend_cache is not Attention.attend_cache
-            )
-        ):  # the pre-RoPE seam is Attention's own qk_transform / attend_cache
-            raise ValueError(
-                f"cache.format='kvquant' stores pre-RoPE keys, which {type(self).__name__}'s "
-                "own qk_transform / attend_cache do not provide"
-            )
-        return dense_cache(
+        cache = dense_cache(
             batch=batch,
             capacity=capacity,
             num_kv_heads=c.n_kv,
@@ -328,3 +316,12 @@ class Attention(AttentionLayer):
             dtype=dtype,
             config=config,
         )
+        if getattr(cache, "pre_rope", False) and (
+            type(self).qk_transform is not Attention.qk_transform
+            or type(self).attend_cache is not Attention.attend_cache
+        ):  # the pre-RoPE seam is Attention's own qk_transform / attend_cache
+            raise ValueError(
+                f"cache.format={config.format!r} stores pre-RoPE keys, which "
+                f"{type(self).__name__}'s own qk_transform / attend_cache do not provide"
+            )
+        return cache
