@@ -85,8 +85,8 @@ def test_bi_branch_attention():
     np.testing.assert_allclose(o, _attn(q, k_mix, v_mix), atol=1e-5)
     # the old full-precision rows are never read: only the window's K/V and the features
     junk = RNG.normal(size=(S - w, KV, H)) * 1e3
-    o_junk = C.cskv_attend(q, np.concatenate([junk, k[S - w :]]),
-                           np.concatenate([junk, v[S - w :]]), ck, cv, bk3, bv3, window=w)  # fmt: skip
+    k_junk, v_junk = np.concatenate([junk, k[S - w :]]), np.concatenate([junk, v[S - w :]])
+    o_junk = C.cskv_attend(q, k_junk, v_junk, ck, cv, bk3, bv3, window=w)
     np.testing.assert_allclose(o_junk, o, atol=1e-6)
     # window tokens are exact: with full-rank features the output is the original's
     (ak, bk, _), (av, bv, _), _ = C.cskv_init(WK, None, WV, None, _moments(X),
