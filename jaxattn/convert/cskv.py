@@ -30,8 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from jaxattn.convert._fit import adam_fit
 from jaxattn.convert._stats import Moments
 from jaxattn.convert.compensation import _matrix
 from jaxattn.convert.feature import feature_lowrank
@@ -231,21 +231,9 @@ def cskv_train(factors, x_BSD, weights, *, window: int, kv_heads: int, steps: in
     if x.ndim != 3 or x.shape[1] <= window:
         raise ValueError(f"x_BSD {x.shape} must be [B, S, D] with S > window={window}")
     p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), factors)
-    opt = optax.adam(lr)
 
     def loss(p):
         return cskv_reconstruction_loss(p, x, weights, window=window, kv_heads=kv_heads)
 
-    @jax.jit
-    def run(p):
-        def step(carry, _):
-            p, st = carry
-            val, g = jax.value_and_grad(loss)(p)
-            upd, st = opt.update(g, st, p)
-            return (optax.apply_updates(p, upd), st), val
-
-        (p, _), hist = jax.lax.scan(step, (p, opt.init(p)), None, length=steps)
-        return p, jnp.append(hist, loss(p))
-
-    p, hist = run(p)
+    p, hist = adam_fit(loss, p, lr=lr, steps=steps)
     return jax.tree.map(lambda a: np.asarray(a, np.float64), p), {"loss": np.asarray(hist)}

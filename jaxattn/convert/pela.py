@@ -22,8 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from jaxattn.convert._fit import adam_fit
 from jaxattn.convert.compensation import _matrix
 from jaxattn.convert.lord import lord
 
@@ -110,23 +110,11 @@ def pela_train(factors, weights, x_NI, *, steps: int, lr: float, alpha: float = 
     if steps < 1 or not lr > 0:
         raise ValueError(f"steps={steps} must be >= 1 and lr={lr} > 0")
     p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), [tuple(f) for f in factors])
-    opt = optax.adam(lr)
 
     def loss(p):
         return pela_loss(p, weights, x_NI, alpha=alpha, beta=beta, act=act, task=task)[0]
 
-    @jax.jit
-    def run(p):
-        def step(carry, _):
-            p, st = carry
-            val, g = jax.value_and_grad(loss)(p)
-            upd, st = opt.update(g, st, p)
-            return (optax.apply_updates(p, upd), st), val
-
-        (p, _), hist = jax.lax.scan(step, (p, opt.init(p)), None, length=steps)
-        return p, jnp.append(hist, loss(p))
-
-    p, hist = run(p)
+    p, hist = adam_fit(loss, p, lr=lr, steps=steps)
     _, terms = pela_loss(p, weights, x_NI, alpha=alpha, beta=beta, act=act, task=task)
     out = [tuple(np.asarray(m, np.float64) for m in f) for f in p]
     return out, {"loss": np.asarray(hist), **{k: float(v) for k, v in terms.items()}}
