@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from train_testlib import tiny_config
+from train_testlib import forward, tiny_config
 
 from jaxattn import lowrank
 from train import finetune, sample
@@ -92,11 +92,11 @@ def test_lora_finetune_trains_adapters_only_resumes_and_samples(tiny_run, tmp_pa
 
     tokens = jnp.asarray(np.arange(24).reshape(2, 12) % 200, jnp.int32)
     tuned, _ = sample.load_model(config.out_dir)  # rebuilt with the run's adapter
-    want_logits = np.asarray(tuned(tokens))
+    want_logits = forward(tuned, tokens)
     plain, _ = sample.load_model(str(tiny_run))
-    assert not np.allclose(np.asarray(plain(tokens)), want_logits, atol=1e-4)
+    assert not np.allclose(forward(plain, tokens), want_logits, atol=1e-4)
     lowrank.load(plain, os.path.join(config.out_dir, "adapter"))  # the adapter written alone
-    np.testing.assert_allclose(np.asarray(plain(tokens)), want_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(forward(plain, tokens), want_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_sample_cli_attaches_an_adapter_dir(tiny_run, tmp_path, capsys):
@@ -112,6 +112,9 @@ def test_sample_cli_attaches_an_adapter_dir(tiny_run, tmp_path, capsys):
     assert "holds no adapter_config.json" in capsys.readouterr().err
 
 
+# slow tier: the default run keeps SoRA's proximal step (test_sora.py) and its procedure by
+# name (test_finetune_procedures.test_each_method_names_a_procedure_the_optimizer_builds)
+@pytest.mark.slow
 def test_sora_finetune_runs_its_proximal_gate_step_by_name(tiny_run, tmp_path):
     # SoRA's training procedure comes with the method: --adapter sora trains with the rule
     # of SoRAConfig.training_rules (AdamW + the proximal L1 step on the gates, threshold

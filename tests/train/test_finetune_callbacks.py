@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from train_testlib import tiny_config
+from train_testlib import forward, tiny_config
 
 import models
 from jaxattn import lowrank
@@ -54,6 +54,10 @@ def _base_model(run):
     return model
 
 
+# slow tier: the default run keeps LoRA-SB's SVD-of-the-first-update init (test_lorasb.py
+# test_noop_before_init_then_truncated_svd_of_first_update), its procedure by name
+# (test_finetune_procedures) and the start-from-the-loaded-base path (the PiSSA case below)
+@pytest.mark.slow
 def test_lorasb_starts_from_the_svd_of_the_first_full_update(tiny_run, tmp_path):
     # LoRA-SB (PAPERS.md §7, faithful test): at init b·r·a is the best rank-k approximation of
     # ΔW₁ = −η·sign(G), G the base's gradient over the calibration batches (computed here
@@ -104,9 +108,12 @@ def test_pissa_by_name_rewrites_the_loaded_base_not_a_random_one(tiny_run, tmp_p
     u, s, vh = np.linalg.svd(w, full_matrices=False)
     delta = np.asarray(lin.adapter.delta_kernel(lin.kernel[...]))
     np.testing.assert_allclose(delta, (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(model(TOKENS)), np.asarray(base(TOKENS)), atol=1e-4)
+    np.testing.assert_allclose(forward(model, TOKENS), forward(base, TOKENS), atol=1e-4)
 
 
+# slow tier: the default run keeps FILA and the IHL (test_loku.py), LoKU's procedure by name
+# (test_finetune_procedures) and a callback start repeated by train.sample (PiSSA below)
+@pytest.mark.slow
 def test_loku_trains_with_the_inverted_hinge_loss_from_fila_and_resumes(
     tiny_run, tmp_path, monkeypatch
 ):
@@ -118,13 +125,13 @@ def test_loku_trains_with_the_inverted_hinge_loss_from_fila_and_resumes(
     result, start = _run_capturing_start(config, monkeypatch)
     model, base = _model(start, config), _base_model(tiny_run)
     # FILA (LoKU eq. for ΔW*): the model is unchanged at init, the factors are not zero
-    np.testing.assert_allclose(np.asarray(model(TOKENS)), np.asarray(base(TOKENS)), atol=1e-4)
+    np.testing.assert_allclose(forward(model, TOKENS), forward(base, TOKENS), atol=1e-4)
     flat = _flat(start.params)
     assert np.any(flat["layers/0/attn/q/adapter/adapters/default/b"] != 0)
     # the first step's reported loss is the IHL (not the NLL) of the start model on batch 0
     batch = make_loaders(config)[0].batch(0)
-    logits = model(jnp.asarray(batch["inputs_BT"]))
-    ihl = float(inverted_hinge_loss(logits, jnp.asarray(batch["targets_BT"]),
+    logits = forward(model, batch["inputs_BT"])
+    ihl = float(jax.jit(inverted_hinge_loss)(logits, jnp.asarray(batch["targets_BT"]),
                                     jnp.asarray(batch["weights_BT"])))  # fmt: skip
     rows = latest_rows(read_metrics(os.path.join(config.out_dir, "metrics.jsonl")), "train")
     assert rows[0]["step"] == 1 and 0.0 <= rows[0]["loss"] <= 2.0
@@ -151,6 +158,9 @@ def gqa_base(tmp_path_factory):
     return path
 
 
+# slow tier: the default run keeps LoRAM's exact recovery (test_loram.py) and its
+# procedure by name (test_finetune_procedures)
+@pytest.mark.slow
 def test_loram_trains_on_the_pruned_copy_and_saves_it_recovered(gqa_base, tmp_path, monkeypatch):
     options = ("rank=2", "kv_keep=1", "mlp_keep=32", "targets=attn/(q|v)$|mlp/down$")
     config = tiny_config(
@@ -168,7 +178,7 @@ def test_loram_trains_on_the_pruned_copy_and_saves_it_recovered(gqa_base, tmp_pa
     lowrank.load(full, os.path.join(config.out_dir, "adapter"))
     _, plan = start.token
     zero_pruned(full, plan)
-    np.testing.assert_allclose(np.asarray(full(TOKENS)), np.asarray(small(TOKENS)),
+    np.testing.assert_allclose(forward(full, TOKENS), forward(small, TOKENS),
                                rtol=1e-4, atol=1e-4)  # fmt: skip
     lin = full.layers[0].mlp.down
     delta = np.asarray(lin.adapter.delta_kernel(lin.kernel[...]))

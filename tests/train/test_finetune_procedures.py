@@ -26,6 +26,9 @@ def _flat(params) -> dict:
     return {path_string(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
 
 
+# slow tier: the default run keeps IncreLoRA's growth by importance within the budget
+# (test_increlora.py) and its procedure by name (test_each_method_names_a_procedure...)
+@pytest.mark.slow
 def test_increlora_finetune_grows_rank_to_the_budget_by_name(tiny_run, tmp_path):
     # 2 modules (attn/q of both layers) start at rank 1 of max 3; budget 2 x target_rank 2 = 4;
     # one component per growth, one module per growth, every step: 2 steps fill the budget.
@@ -55,7 +58,7 @@ def test_increlora_finetune_grows_rank_to_the_budget_by_name(tiny_run, tmp_path)
     assert tuple(meta["config"]["optimizer"])[0] == rules[0]
 
 
-@pytest.mark.parametrize("method", ["lorasb", "increlora", "loraprune"])
+@pytest.mark.parametrize("method", ["lorasb", "increlora", "loraprune", "sora"])
 def test_each_method_names_a_procedure_the_optimizer_builds(method):
     # the rules of MethodConfig.training_rules parse, their factory takes the arguments, the
     # optimizer runs a step; LoRA-SB trains r alone (k² per matrix), the others every leaf

@@ -10,7 +10,9 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from xla_flags import xla_flags_for
 
 from jaxattn import lowrank
 from jaxattn.layers import AdapterParam
@@ -59,6 +61,15 @@ TINY_RUN = dict(
 )
 
 
+_FORWARD = nnx.jit(lambda model, tokens: model(tokens))
+
+
+def forward(model, tokens):
+    """``model(tokens)`` as one compiled program (per model structure), as a numpy array: an
+    eager call of a whole model compiles every op on its own."""
+    return np.asarray(_FORWARD(model, jnp.asarray(tokens)))
+
+
 def tiny_config(run_dir, **changes) -> TrainConfig:
     """A TrainConfig of ``TINY_RUN`` writing under ``run_dir``, with ``changes``."""
     return TrainConfig(**(TINY_RUN | {"run_dir": str(run_dir)} | changes))
@@ -82,7 +93,7 @@ def cli_env(num_devices: int, cache_dir=CACHE_DIR) -> dict:
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    env["XLA_FLAGS"] = " ".join(xla_flags_for(num_devices))
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env

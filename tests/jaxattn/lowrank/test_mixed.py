@@ -37,7 +37,9 @@ class RefLoRA(nnx.Module):
         return jnp.tensordot(self.a[...], self.b[...], 1) * self.scale
 
 
+@nnx.jit
 def _model():
+    """A 1-layer llama-tiny, initialised in one compiled program (eagerly, every op compiles)."""
     return DecoderLM(get_config("llama-tiny", num_layers=1), rngs=nnx.Rngs(0))
 
 
@@ -50,14 +52,13 @@ def _logits(model, tokens_BT, sequence_ids_B=None):
 def _factors(model):
     """{path: [(a, b, scale) per adapter]} with non-zero random factors of ranks RANKS."""
     out = {}
-    key = jax.random.key(7)
-    for j, (path, lin) in enumerate(lowrank.linear_paths(model).items()):
+    rng = np.random.default_rng(7)  # numpy draws: no per-shape device compiles
+    for path, lin in lowrank.linear_paths(model).items():
         out[path] = []
-        for i, r in enumerate(RANKS):
-            ka, kb = jax.random.split(jax.random.fold_in(key, 100 * j + i))
-            a = jax.random.normal(ka, (*lin.in_shape, r)) / np.sqrt(lin.fan_in)
-            b = jax.random.normal(kb, (r, *lin.out_shape)) * 0.5
-            out[path].append((a, b, 2.0 / r))
+        for r in RANKS:
+            a = rng.standard_normal((*lin.in_shape, r), np.float32) / np.sqrt(lin.fan_in)
+            b = rng.standard_normal((r, *lin.out_shape), np.float32) * 0.5
+            out[path].append((jnp.asarray(a), jnp.asarray(b), 2.0 / r))
     return out
 
 
