@@ -19,7 +19,7 @@ from flax import nnx
 from jaxattn import convert as C
 from jaxattn.convert.lord import write_lowrank
 from jaxattn.layers import Linear
-from models._convert_base import _check_no_adapters
+from models._convert_base import _check_no_adapters, logits
 from models.decoder import DecoderLM
 
 __all__ = ["lorc_model", "lord_model", "trp_model", "welore_model"]
@@ -51,9 +51,8 @@ def _write(lin: Linear, a, b, name: str) -> None:
 
 
 def _report(step, model, new, errors, probe_NT) -> dict:
-    probe = jnp.asarray(np.asarray(probe_NT))
-    ref = np.asarray(model(probe), np.float64)
-    out = np.asarray(new(probe), np.float64)
+    ref = logits(model, probe_NT).astype(np.float64)
+    out = logits(new, probe_NT).astype(np.float64)
     count = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(new, nnx.Param)))
     return {
         "step": step,
