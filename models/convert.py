@@ -38,7 +38,14 @@ from models._convert_base import (
     with_layers,
 )
 from models._convert_slicegpt import normed_covariance, slicegpt
-from models._convert_weights import lorc_model, lord_model, trp_model, welore_model
+from models._convert_weights import (
+    eora_model,
+    lorc_model,
+    lord_model,
+    projection_covariances,
+    trp_model,
+    welore_model,
+)
 from models.decoder import DecoderLM
 
 __all__ = [
@@ -51,6 +58,7 @@ __all__ = [
     "normed_covariance",
     "perplexity",
     "logits",
+    "projection_covariances",
     "Method",
     "register_method",
     "registered_methods",
@@ -308,6 +316,7 @@ register_method(Method("lorc", lorc_model, ("bits", "rank", "group_size", "batch
 register_method(Method("lord", lord_model, ("reduction", "batch_size")))
 register_method(Method("trp", trp_model, ("energy", "batch_size")))
 register_method(Method("welore", welore_model, ("reduction", "batch_size")))
+register_method(Method("eora", eora_model, ("bits", "rank", "group_size", "batch_size")))
 register_method(
     Method(
         "transmla",
