@@ -29,7 +29,17 @@ CALIB = RNG.integers(0, VOCAB, (4, 16))
 def model():
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2,
                       mlp_dim=48, norm_eps=1e-5, tie_embeddings=False)  # fmt: skip
-    return DecoderLM(cfg, rngs=nnx.Rngs(1))
+    # abstract init, weights drawn with numpy (no eager per-shape init compiles)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(1))))
+    rng = np.random.default_rng(1)
+    values = []
+    for path, var in nnx.to_flat_state(state):
+        if path[-1] == "scale":
+            value = rng.uniform(0.5, 1.5, var.shape)
+        else:
+            value = rng.normal(0, 1 / np.sqrt(32), var.shape)
+        values.append((path, var.replace(jnp.asarray(np.asarray(value, var.dtype)))))
+    return nnx.merge(graphdef, nnx.from_flat_state(values))
 
 
 def _logits(m):
