@@ -42,6 +42,11 @@ full-precision window of recent tokens (``QuantizedKVCache`` / ``QuantizedLatent
   there is no default; ``models.kv_calibrate.calibrate_kvquant`` fits every layer's through
   the hooks and returns the per-layer configs); default ``"uniform"`` (KIVI's integer grid).
 
+CSKV (``"cskv"``, policy "full"; ``CSKVCache``, PAPERS.md §2): the bi-branch cache of a layer
+whose K / V projections are factored ``x A B`` (``jaxattn.convert.cskv``): the features ``x A``
+of every token, in the storage dtype or (``bits`` 2 / 4 / 8) per-token RTN codes with an fp32
+scale, and the exact keys and values of the last ``residual`` tokens (default 128; 0: none).
+
 Policies:
 
 * ``"full"``: keep every token; a sequence holds at most ``capacity`` positions (the
