@@ -15,6 +15,7 @@ import pytest
 
 from jaxattn import convert as C
 from jaxattn.cache import CacheConfig, CSKVCache
+from jaxattn.layers import AttentionConfig
 from jaxattn.ops.rope import RopeConfig, apply_rope
 
 B, S, N, KV, H, RK, RV, W = 2, 9, 4, 2, 8, 6, 4, 4
@@ -177,3 +178,6 @@ def test_bad_input_is_named():
                                 up_k_RKH=D["up_k"], up_v_RKV=D["up_v"])  # fmt: skip
     with pytest.raises(ValueError, match="capacity"):
         _decode(_cache(capacity=4), D)
+    # no layer kind builds it from its own factors yet: a plain attention layer refuses it
+    with pytest.raises(ValueError, match="cannot serve cache.format='cskv'"):
+        AttentionConfig(d_model=16, num_heads=2, cache=CacheConfig(format="cskv"))
