@@ -27,9 +27,16 @@ def _run(layer, x, ctx=None):  # one compile per layer structure (eager calls co
 
 
 def _layer(cfg, params=None):
-    layer = cfg.build(rngs=nnx.Rngs(0))
-    if params is not None:
-        C.load_layer_params(layer, params)
+    """The layer of ``cfg`` (abstract init: no eager per-shape compiles) holding ``params``, or
+    numpy-drawn weights when None."""
+    layer = nnx.eval_shape(lambda: cfg.build(rngs=nnx.Rngs(0)))
+    if params is None:
+        rng = np.random.default_rng(0)
+        params = {}
+        for path, var in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
+            value = rng.normal(0, 1 / np.sqrt(D), var.shape).astype(np.float32)
+            params.setdefault("/".join(map(str, path[:-1])), {})[str(path[-1])] = value
+    C.load_layer_params(layer, params)
     return layer
 
 
