@@ -35,7 +35,17 @@ def _tokens(b, t, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (b, t)), jnp.int32)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+# slow tier for two variants whose layer + cache paths default cases already run: retention
+# (fixed decays, normaliser column) in test_ragged_prefill_leaves_padding_out_of_the_state,
+# gated_delta_rule (log gate + β) in test_hybrid_prefill_plus_decode_steps_equal_full_forward
+# (and the op's prefill + decode in ops/test_linear_attention.py).
+_LAYER_VARIANTS = [
+    pytest.param(v, marks=pytest.mark.slow) if v in ("retention", "gated_delta_rule") else v
+    for v in VARIANTS
+]
+
+
+@pytest.mark.parametrize("variant", _LAYER_VARIANTS)
 def test_layer_prefill_and_decode_steps_equal_forward(variant):
     config = LinearAttentionConfig(
         d_model=32, num_heads=4, num_kv_heads=2, variant=variant, chunk_size=4,
