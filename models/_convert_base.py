@@ -10,6 +10,7 @@ per-layer attention configs into a ModelConfig as layer specs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -23,7 +24,7 @@ from jaxattn.layers import AdapterParam, Linear, MLAConfig
 from models.config import LayerSpec, ModelConfig
 from models.decoder import DecoderLM
 
-__all__ = ["calibrate", "rebuild", "with_layers", "perplexity"]
+__all__ = ["calibrate", "rebuild", "with_layers", "perplexity", "logits"]
 
 
 # -- calibration --------------------------------------------------------------------------------
@@ -50,39 +51,45 @@ def calibrate(model: DecoderLM, tokens_NT, stat_fn: Callable, *, batch_size: int
     nb = tokens_NT.shape[0] // batch_size
     batches = jnp.asarray(tokens_NT[: nb * batch_size].reshape(nb, batch_size, -1))
     graphdef, state = nnx.split(model)
-    names = [f"blocks.{i}.resid_pre" for i in range(len(model.layers))]
+    return jax.device_get(_calibrate_run(graphdef, stat_fn, state, batches))
 
-    def one(m, tok_BT):
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _calibrate_run(graphdef, stat_fn, state, batches):
+    """The scan of :func:`calibrate`, compiled once per (model structure, stat_fn, shapes)."""
+    m = nnx.merge(graphdef, state)
+    names = [f"blocks.{i}.resid_pre" for i in range(len(m.layers))]
+
+    def one(tok_BT):
         _, caps = heads.run_with_hooks(m, tok_BT, [heads.Capture(n) for n in names])
         return [
             stat_fn(blk.attn, blk.attn_norm(caps[n]))
             for blk, n in zip(m.layers, names, strict=True)
         ]
 
-    @jax.jit
-    def run(state, batches):
-        m = nnx.merge(graphdef, state)
-        first = one(m, batches[0])
+    def body(acc, tok_BT):
+        return [a + b for a, b in zip(acc, one(tok_BT), strict=True)], None
 
-        def body(acc, tok_BT):
-            return [a + b for a, b in zip(acc, one(m, tok_BT), strict=True)], None
-
-        total, _ = jax.lax.scan(body, first, batches[1:])
-        return total
-
-    return jax.device_get(run(state, batches))
+    total, _ = jax.lax.scan(body, one(batches[0]), batches[1:])
+    return total
 
 
+def _input_moments(attn, x):
+    return C.input_moments(x)
+
+
+def _latent_norm_stats(attn, x):
+    c = attn.config
+    return C.latent_norm_stats(attn.kv_a(x)[..., : c.kv_lora_rank], c.latent_norm_eps)
+
+
+# module-level stat functions: calibrate's compiled scan is cached on their identity
 def _moments(model, tokens_NT, batch_size):
-    return calibrate(model, tokens_NT, lambda attn, x: C.input_moments(x), batch_size=batch_size)
+    return calibrate(model, tokens_NT, _input_moments, batch_size=batch_size)
 
 
 def _norm_stats(model, tokens_NT, batch_size):
-    def fn(attn, x):
-        c = attn.config
-        return C.latent_norm_stats(attn.kv_a(x)[..., : c.kv_lora_rank], c.latent_norm_eps)
-
-    return calibrate(model, tokens_NT, fn, batch_size=batch_size)
+    return calibrate(model, tokens_NT, _latent_norm_stats, batch_size=batch_size)
 
 
 # -- rebuilding ---------------------------------------------------------------------------------
@@ -172,11 +179,23 @@ def rebuild(model: DecoderLM, config: ModelConfig, layer_params: list[dict]) -> 
             value = old[path][...]
         if tuple(value.shape) != tuple(var.shape):
             raise ValueError(f"{path}: converted shape {value.shape}, expected {var.shape}")
-        values.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
+        values.append((path, var.replace(jnp.asarray(np.asarray(value, var.dtype)))))
     return nnx.merge(graphdef, nnx.from_flat_state(values))
 
 
 # -- evaluation ---------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, tokens_BT):
+    return nnx.merge(graphdef, state)(tokens_BT)
+
+
+def logits(model: DecoderLM, tokens_BT) -> np.ndarray:
+    """``model(tokens_BT)`` as a host array, compiled once per graph structure (the reports'
+    logit comparisons: an eager forward compiles every op of the model separately)."""
+    graphdef, state = nnx.split(model)
+    return np.asarray(_apply(graphdef, state, jnp.asarray(tokens_BT)))
+
+
 def perplexity(model: DecoderLM, tokens_N, *, seq_len: int = 128, batch_size: int = 8) -> float:
     """exp(mean next-token NLL) over consecutive windows of ``seq_len + 1`` tokens."""
     tokens_N = np.asarray(tokens_N).reshape(-1)

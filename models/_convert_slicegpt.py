@@ -11,6 +11,8 @@ output is the paper's ``x / ‖x‖`` over the kept dims, and D' = D is the rota
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,7 @@ from flax import nnx
 
 from jaxattn import convert as C
 from jaxattn import heads
-from models._convert_base import _check_no_adapters
+from models._convert_base import _check_no_adapters, logits
 from models.decoder import DecoderLM
 
 __all__ = ["slicegpt", "normed_covariance"]
@@ -36,12 +38,20 @@ def normed_covariance(model: DecoderLM, tokens_NT, *, batch_size: int = 8) -> np
         )
     nb = tokens_NT.shape[0] // batch_size
     batches = jnp.asarray(tokens_NT[: nb * batch_size].reshape(nb, batch_size, -1))
-    n_layers, eps = len(model.layers), model.config.norm_eps
+    graphdef, state = nnx.split(model)
+    total = _covariance_run(graphdef, float(model.config.norm_eps), state, batches)
+    return np.asarray(jax.device_get(total), np.float64)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _covariance_run(graphdef, eps, state, batches):
+    """The scan of :func:`normed_covariance`, compiled once per (model structure, shapes)."""
+    m = nnx.merge(graphdef, state)
+    n_layers = len(m.layers)
     names = [f"blocks.{i}.resid_{w}" for i in range(n_layers) for w in ("pre", "mid")]
     names.append(f"blocks.{n_layers - 1}.resid_post")
-    graphdef, state = nnx.split(model)
 
-    def one(m, tok_BT):
+    def one(tok_BT):
         _, caps = heads.run_with_hooks(m, tok_BT, [heads.Capture(n) for n in names])
         total = 0.0
         for n in names:
@@ -50,17 +60,11 @@ def normed_covariance(model: DecoderLM, tokens_NT, *, batch_size: int = 8) -> np
             total = total + C.input_moments(x).xx_DD
         return total
 
-    @jax.jit
-    def run(state, batches):
-        m = nnx.merge(graphdef, state)
+    def body(acc, tok_BT):
+        return acc + one(tok_BT), None
 
-        def body(acc, tok_BT):
-            return acc + one(m, tok_BT), None
-
-        total, _ = jax.lax.scan(body, one(m, batches[0]), batches[1:])
-        return total
-
-    return np.asarray(jax.device_get(run(state, batches)), np.float64)
+    total, _ = jax.lax.scan(body, one(batches[0]), batches[1:])
+    return total
 
 
 def _check(model: DecoderLM, dim) -> None:
@@ -130,8 +134,8 @@ def slicegpt(
     cfg = c.replace(d_model=dim, head_dim=a0.h, norm_eps=c.norm_eps * d / dim, tie_embeddings=False)
     sliced = _build(cfg, new)
     probe_NT = np.asarray(tokens_NT)[:batch_size] if probe_NT is None else np.asarray(probe_NT)
-    ref = np.asarray(model(jnp.asarray(probe_NT)), np.float64)
-    out = np.asarray(sliced(jnp.asarray(probe_NT)), np.float64)
+    ref = logits(model, probe_NT).astype(np.float64)
+    out = logits(sliced, probe_NT).astype(np.float64)
     count = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(sliced, nnx.Param)))
     report = {
         "step": "slicegpt",
@@ -152,5 +156,5 @@ def _build(cfg, params: dict) -> DecoderLM:
         value = np.asarray(params["/".join(map(str, path[:-1]))][path[-1]])
         if tuple(value.shape) != tuple(var.shape):
             raise ValueError(f"{path}: sliced shape {value.shape}, expected {var.shape}")
-        values.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
+        values.append((path, var.replace(jnp.asarray(np.asarray(value, var.dtype)))))
     return nnx.merge(graphdef, nnx.from_flat_state(values))

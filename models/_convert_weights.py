@@ -12,17 +12,28 @@ relative weight error, the logit change on a probe and the parameter count.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxattn import convert as C
+from jaxattn import heads
 from jaxattn.convert.lord import write_lowrank
-from jaxattn.layers import Linear
-from models._convert_base import _check_no_adapters
+from jaxattn.layers import Linear, swiglu
+from models._convert_base import _check_no_adapters, logits
 from models.decoder import DecoderLM
 
-__all__ = ["lorc_model", "lord_model", "trp_model", "welore_model"]
+__all__ = [
+    "lorc_model",
+    "lord_model",
+    "trp_model",
+    "welore_model",
+    "eora_model",
+    "projection_covariances",
+]
 
 _NAMES = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down")
 
@@ -51,9 +62,8 @@ def _write(lin: Linear, a, b, name: str) -> None:
 
 
 def _report(step, model, new, errors, probe_NT) -> dict:
-    probe = jnp.asarray(np.asarray(probe_NT))
-    ref = np.asarray(model(probe), np.float64)
-    out = np.asarray(new(probe), np.float64)
+    ref = logits(model, probe_NT).astype(np.float64)
+    out = logits(new, probe_NT).astype(np.float64)
     count = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(new, nnx.Param)))
     return {
         "step": step,
@@ -149,4 +159,96 @@ def welore_model(model, tokens_NT=None, *, reduction: float = 0.5, batch_size: i
     errors = [info["errors"].get(n, 0.0) for n in mats]
     report = _report("welore", model, new, errors, probe)
     report["lrc_share"] = sum(isinstance(v, tuple) for v in out.values()) / len(out)
+    return new, [report]
+
+
+# -- EoRA: per-projection input statistics ------------------------------------------------------
+def projection_covariances(model: DecoderLM, tokens_NT, *, batch_size: int = 8) -> dict:
+    """E[x xᵀ] of every block projection's input, in one compiled pass over the calibration rows.
+
+    q / k / v read ``attn_norm(resid_pre)``, o the per-head outputs ``attn.z`` (flattened
+    [N·V], the order of ``o.as_matrix()``), gate / up ``mlp_norm(resid_mid)``, down the SwiGLU
+    hidden ``swiglu(gate(n), up(n))``; captured through the ``jaxattn.heads`` hooks.
+
+    Returns:
+      {"layers/i/attn/q": cov [I, I] float64, ...} for every name :func:`_linears` lists.
+    """
+    tokens_NT = np.asarray(tokens_NT)
+    if tokens_NT.ndim != 2 or tokens_NT.shape[0] < batch_size:
+        raise ValueError(
+            f"calibration tokens must be [rows >= batch_size={batch_size}, T], "
+            f"got shape {tokens_NT.shape}"
+        )
+    nb = tokens_NT.shape[0] // batch_size
+    batches = jnp.asarray(tokens_NT[: nb * batch_size].reshape(nb, batch_size, -1))
+    graphdef, state = nnx.split(model)
+    sums = jax.device_get(_covariance_pass(graphdef, state, batches))
+    count = float(batches.shape[0] * batches.shape[1] * batches.shape[2])
+    out = {}
+    for i, (attn_in, z, mlp_in, hidden) in enumerate(sums):
+        for names, s in ((("q", "k", "v"), attn_in), (("o",), z)):
+            for n in names:
+                out[f"layers/{i}/attn/{n}"] = np.asarray(s, np.float64) / count
+        for names, s in ((("gate", "up"), mlp_in), (("down",), hidden)):
+            for n in names:
+                out[f"layers/{i}/mlp/{n}"] = np.asarray(s, np.float64) / count
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _covariance_pass(graphdef, state, batches):
+    m = nnx.merge(graphdef, state)
+    n = len(m.layers)
+    names = [f"blocks.{i}.{p}" for i in range(n) for p in ("resid_pre", "attn.z", "resid_mid")]
+
+    def xx(x):
+        x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        return x.T @ x
+
+    def one(tok_BT):
+        _, caps = heads.run_with_hooks(m, tok_BT, [heads.Capture(c) for c in names])
+        out = []
+        for i, blk in enumerate(m.layers):
+            z = caps[f"blocks.{i}.attn.z"]
+            h = blk.mlp_norm(caps[f"blocks.{i}.resid_mid"])
+            hidden = swiglu(blk.mlp.gate(h), blk.mlp.up(h))
+            attn_in = blk.attn_norm(caps[f"blocks.{i}.resid_pre"])
+            out.append((xx(attn_in), xx(z.reshape(*z.shape[:2], -1)), xx(h), xx(hidden)))
+        return out
+
+    def body(acc, tok_BT):
+        return jax.tree.map(jnp.add, acc, one(tok_BT)), None
+
+    total, _ = jax.lax.scan(body, one(batches[0]), batches[1:])
+    return total
+
+
+def eora_model(model, tokens_NT=None, *, bits: int = 4, rank: int = 8, group_size=None,
+               batch_size: int = 8, probe_NT=None):  # fmt: skip
+    """EoRA on every block projection: ``Q(W) + A B`` with Q RTN at ``bits`` and the rank-r
+    compensation fitted in the eigenspace of the projection's calibrated input covariance
+    (:func:`~jaxattn.convert.compensation.eora`; LoRC is the same with an identity covariance),
+    written dense.
+
+    Returns:
+      (model, [report]): ``mean_relative_error`` = mean over projections of
+      sqrt(E‖x (W − W')‖²) / sqrt(E‖x W‖²) on the calibration inputs, ``mean_relative_error_lorc``
+      the same for LoRC's plain SVD compensation at the same rank, and the logit comparison.
+    """
+    if tokens_NT is None:
+        raise ValueError("eora needs calibration tokens (each projection's input covariance)")
+    covs = projection_covariances(model, tokens_NT, batch_size=batch_size)
+    lorc_errors = []
+
+    def one(name, lin, w):
+        c = covs[name]
+        wq = C.rtn_quantize(w, bits=bits, group_size=group_size)
+        a, b, info = C.eora(w, wq, c, rank=min(rank, *w.shape))
+        lin.kernel.set_value(jnp.asarray((wq + a @ b).reshape(lin.kernel.shape), lin.kernel.dtype))
+        ref = float(np.sqrt(max(np.einsum("io,ij,jo->", w, c, w), 1e-300)))
+        lorc_errors.append(info["weighted_error_svd"] / ref)
+        return info["weighted_error"] / ref
+
+    new, (report,) = _run("eora", model, tokens_NT, batch_size, probe_NT, one)
+    report["mean_relative_error_lorc"] = float(np.mean(lorc_errors))
     return new, [report]

@@ -21,8 +21,6 @@ import sys
 import time
 from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -34,12 +32,20 @@ from models._convert_base import (
     _moments,
     _norm_stats,
     calibrate,
+    logits,
     perplexity,
     rebuild,
     with_layers,
 )
 from models._convert_slicegpt import normed_covariance, slicegpt
-from models._convert_weights import lorc_model, lord_model, trp_model, welore_model
+from models._convert_weights import (
+    eora_model,
+    lorc_model,
+    lord_model,
+    projection_covariances,
+    trp_model,
+    welore_model,
+)
 from models.decoder import DecoderLM
 
 __all__ = [
@@ -51,6 +57,8 @@ __all__ = [
     "slicegpt",
     "normed_covariance",
     "perplexity",
+    "logits",
+    "projection_covariances",
     "Method",
     "register_method",
     "registered_methods",
@@ -156,7 +164,7 @@ def transmla(
     _check_transmla(model, tokens_NT, steps, rope_dim, freqfold, kv_lora_rank, batch_size)
     if probe_NT is None and tokens_NT is not None:
         probe_NT = np.asarray(tokens_NT)[:batch_size]
-    ref = None if probe_NT is None else np.asarray(model(jnp.asarray(probe_NT)))
+    ref = None if probe_NT is None else logits(model, probe_NT)
     configs, params = [], []
     for blk in model.layers:
         cfg, p, _ = C.gqa_to_mla(blk.attn.config, C.layer_params(blk.attn))
@@ -195,9 +203,11 @@ def transmla(
 
 def _nll(model, tokens_NT) -> float:
     """Mean next-token NLL of ``model`` within the rows of ``tokens_NT``."""
-    x = jnp.asarray(tokens_NT)
-    logp = jax.nn.log_softmax(model(x[:, :-1]), axis=-1)
-    return float(-jnp.take_along_axis(logp, x[:, 1:, None], axis=-1).mean())
+    x = np.asarray(tokens_NT)
+    z = logits(model, x[:, :-1]).astype(np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    return float(-np.take_along_axis(logp, x[:, 1:, None], axis=-1).mean())
 
 
 def _best_freqfold(run, rope_dim, tokens_NT, exact: MLAConfig):
@@ -219,9 +229,7 @@ def _report(model, step, infos, probe_NT, ref) -> dict:
     for key in infos[0]:
         out[key] = float(np.mean([info[key] for info in infos]))
     if ref is not None:
-        out["max_abs_logit_diff"] = float(
-            np.abs(np.asarray(model(jnp.asarray(probe_NT))) - ref).max()
-        )
+        out["max_abs_logit_diff"] = float(np.abs(logits(model, probe_NT) - ref).max())
     return out
 
 
@@ -257,7 +265,7 @@ def kv_heads(
         infos.append(info)
     new = rebuild(model, with_layers(c.replace(num_kv_heads=num_kv_heads), configs), params)
     probe_NT = np.asarray(tokens_NT)[:batch_size] if probe_NT is None else probe_NT
-    ref = np.asarray(model(jnp.asarray(probe_NT)))
+    ref = logits(model, probe_NT)
     return new, [_report(new, "kv_heads", infos, probe_NT, ref)]
 
 
@@ -308,6 +316,7 @@ register_method(Method("lorc", lorc_model, ("bits", "rank", "group_size", "batch
 register_method(Method("lord", lord_model, ("reduction", "batch_size")))
 register_method(Method("trp", trp_model, ("energy", "batch_size")))
 register_method(Method("welore", welore_model, ("reduction", "batch_size")))
+register_method(Method("eora", eora_model, ("bits", "rank", "group_size", "batch_size")))
 register_method(
     Method(
         "transmla",

@@ -37,6 +37,9 @@ Quantized formats (CacheConfig.format, any policy; PAPERS.md §5)
                         (H2O's accumulated attention) and the recent window in full precision
   KVQuantCache          "kvquant" (KVQuant): pre-RoPE per-channel keys, per-token values,
                         fp outliers per vector in a side table, fp attention-sink tokens
+  CSKVCache             "cskv" (CSKV, PAPERS.md §2, policy "full"): low-rank key / value
+                        features of every token (optionally 2/4/8-bit per token) + the exact
+                        keys and values of the last ``residual`` tokens
   PackedRows            one quantized tensor: codes, scales, zeros, window (its ``store``)
   dense_cache, latent_cache   the cache a CacheConfig names, for a dense / latent layout
   HistoryKVCache  a KVCache plus the last R tokens' pre-attention features (kind "cca")
@@ -49,6 +52,7 @@ Config
 """
 
 from jaxattn.cache._config import CacheConfig
+from jaxattn.cache._cskv import CSKVCache
 from jaxattn.cache._dense import KVCache
 from jaxattn.cache._history import HistoryKVCache
 from jaxattn.cache._kvquant import KVQuantCache
@@ -65,6 +69,7 @@ from jaxattn.cache._state import LinearStateCache
 
 __all__ = [
     "CacheConfig",
+    "CSKVCache",
     "KVCache",
     "KVQuantCache",
     "LatentCache",

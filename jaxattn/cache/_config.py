@@ -42,6 +42,11 @@ full-precision window of recent tokens (``QuantizedKVCache`` / ``QuantizedLatent
   there is no default; ``models.kv_calibrate.calibrate_kvquant`` fits every layer's through
   the hooks and returns the per-layer configs); default ``"uniform"`` (KIVI's integer grid).
 
+CSKV (``"cskv"``, policy "full"; ``CSKVCache``, PAPERS.md §2): the bi-branch cache of a layer
+whose K / V projections are factored ``x A B`` (``jaxattn.convert.cskv``): the features ``x A``
+of every token, in the storage dtype or (``bits`` 2 / 4 / 8) per-token RTN codes with an fp32
+scale, and the exact keys and values of the last ``residual`` tokens (default 128; 0: none).
+
 Policies:
 
 * ``"full"``: keep every token; a sequence holds at most ``capacity`` positions (the
@@ -64,6 +69,8 @@ __all__ = ["CacheConfig", "FORMATS", "LAYOUT_FORMATS", "POLICIES", "QUANTIZED_FO
 
 QUANTIZED_FORMATS = ("kivi", "rotatekv", "mikv", "kvquant")
 FORMATS = ("dense", "latent", *QUANTIZED_FORMATS)
+# CSKV's bi-branch cache (CSKVCache): low-rank features of every token + an exact recent window
+FORMATS = (*FORMATS, "cskv")
 POLICIES = ("full", "sink_window")
 # the formats each cache layout can be stored in (a kind serves its layout's formats); the
 # Hadamard rotation of "rotatekv" acts on per-head rows, which MLA's latent row is not
@@ -176,6 +183,8 @@ class CacheConfig:
         return self.format in QUANTIZED_FORMATS
 
     def _check_quantized(self):
+        if self.format == "cskv":
+            return self._check_cskv()
         o = "CacheConfig"
         names = ("bits", "group_size", "residual", "scale_dtype")
         for name, fmt in _OWN_FIELDS.items():
@@ -236,6 +245,28 @@ class CacheConfig:
         if not jnp.issubdtype(dt, jnp.floating):
             raise ValueError(f"{o}.scale_dtype={self.scale_dtype!r} must be a floating dtype")
         object.__setattr__(self, "scale_dtype", dt.name)
+
+    def _check_cskv(self):
+        """format "cskv": ``residual`` exact recent tokens (default 128, >= 0), ``bits`` None
+        (features in the storage dtype) or 2 / 4 / 8 (per-token RTN codes); policy "full"."""
+        o = "CacheConfig"
+        for name in ("group_size", "scale_dtype", *_OWN_FIELDS):
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{o}.{name}={getattr(self, name)!r} does not apply to format='cskv' "
+                    "(it takes bits and residual)"
+                )
+        if self.policy != "full":
+            raise ValueError(
+                f"{o}.format='cskv' keeps every token's features: policy={self.policy!r} must "
+                "be 'full'"
+            )
+        if self.residual is None:
+            object.__setattr__(self, "residual", 128)
+        if self.residual < 0:
+            raise ValueError(f"{o}.residual={self.residual} must be >= 0 for format='cskv'")
+        if self.bits is not None and self.bits not in (2, 4, 8):
+            raise ValueError(f"{o}.bits={self.bits} must be None, 2, 4 or 8 for format='cskv'")
 
     def _check_codebook(self):
         o = "CacheConfig"

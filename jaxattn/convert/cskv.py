@@ -21,6 +21,9 @@ are what the cache stores, a bi-branch cache, and a layer-wise reconstruction fi
 
 Keys here carry no RoPE: with RoPE the key features are up-projected before rotation (the
 value branch and the score absorption of un-rotated keys are what this module computes).
+The same cache as a decode format behind the cache protocol is ``jaxattn.cache.CSKVCache``
+(``CacheConfig(format="cskv")``), which also serves RoPE layers: there the old keys are
+reconstructed pre-RoPE and rotated at their positions.
 """
 
 from __future__ import annotations

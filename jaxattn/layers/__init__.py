@@ -23,6 +23,9 @@ Attention kinds
   LowRankMHSAConfig, LowRankMHSA, lama_pool "lowrank_mhsa": LAMA's low-rank affinity, context query
   LinformerConfig, LinformerAttention       "linformer": sequence-projected K/V (encoder only)
   AgentAttentionConfig, AgentAttention      "agent": agent tokens pooled from Q (encoder only)
+Memory layers
+  TitansMemoryConfig, TitansMemory          Titans: test-time-trained MLP memory (as a layer)
+  S4Config, S4Layer                         S4: HiPPO NPLR state space, Cauchy conv / recurrence
 Probes
   EfficientProbeConfig, EfficientProbe      Efficient Probing: multi-query head on frozen tokens
 Feed-forward and normalisation
@@ -67,9 +70,15 @@ from jaxattn.layers._moh import MoHAttention, MoHConfig
 from jaxattn.layers._norm import RMSNorm, rms_norm
 from jaxattn.layers._nsa import NativeSparseAttention, NSAConfig
 from jaxattn.layers._pgqa import PerturbedAttention, PGQAConfig
+from jaxattn.layers._s4 import S4Config, S4Layer
 from jaxattn.layers._ssa import SelectiveAttention, SSAConfig
+from jaxattn.layers._titans import TitansMemory, TitansMemoryConfig
 
 __all__ = [
+    "TitansMemoryConfig",
+    "TitansMemory",
+    "S4Config",
+    "S4Layer",
     "Linear",
     "AdapterParam",
     "Adapter",

@@ -66,7 +66,7 @@ def hf_dirs(tmp_path_factory):
 
 
 def _logits(model, tokens=PROBE):
-    return np.asarray(model(jnp.asarray(tokens)))
+    return mc.logits(model, tokens)  # jitted: one compile per model structure and shape
 
 
 def _decode_matches_forward(model):
@@ -229,6 +229,8 @@ def test_too_little_calibration_and_unknown_methods_are_named():
         mc.transmla(model, CALIB, freqfold=3)
 
 
+@pytest.mark.slow  # the CLI on transmla's four steps; default: test_cli_on_kv_heads (main's
+# table, options and errors) and test_every_step_reports_its_error (the transmla path)
 def test_cli_prints_the_before_after_table(hf_dirs, tmp_path, capsys):
     out = str(tmp_path / "mla")
     args = ["--from", hf_dirs["llama"][0], "--to", out, "--method", "transmla"]
@@ -245,6 +247,27 @@ def test_cli_prints_the_before_after_table(hf_dirs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         mc.main(args[:5] + ["bogus", "--set", "kv_lora_rank=24"])
     assert "unknown method 'bogus'" in capsys.readouterr().err
+
+
+def test_cli_on_kv_heads(hf_dirs, tmp_path, capsys):
+    out = str(tmp_path / "mqa")
+    args = ["--from", hf_dirs["llama"][0], "--to", out, "--method", "kv_heads"]
+    args += ["--set", "num_kv_heads=1", "--calib-rows", "8", "--eval-rows", "2", "--seq-len", "16"]
+    mc.main(args)
+    text = capsys.readouterr().out
+    for row in ("parameters", "cache bytes / token", "eval perplexity", "step kv_heads:"):
+        assert row in text
+    # 2 layers of fp32: 2 kv heads of 16 + 16 numbers -> 1
+    assert [ln.split()[-2:] for ln in text.splitlines() if ln.startswith("cache")] == [
+        ["512", "256"]
+    ]
+    assert models.from_hf(out).config.num_kv_heads == 1
+    with pytest.raises(SystemExit):
+        mc.main(args[:5] + ["bogus"])
+    assert "unknown method 'bogus'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mc.main(args[:7] + ["num_kv_heads"])  # --set without "="
+    assert "expected key=value" in capsys.readouterr().err
 
 
 def test_kv_heads_merges_to_standard_gqa_that_hf_loads(hf_dirs, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from train_testlib import as_set_args
 
 SMALL = dict(
@@ -17,6 +18,12 @@ SMALL = dict(
 )  # fmt: skip
 
 
+# slow tier: an end-to-end CLI run (two training subprocesses). The default run covers its
+# paths: the pretrain / checkpoint / resume loop in tests/train/test_checkpoints.py, the hybrid
+# config's model, decode and generate in tests/jaxattn/layers/test_linear_attention_layer.py
+# (including test_hybrid_gradients_reach_every_linear_layer_parameter), the op's gradients in
+# tests/jaxattn/ops/test_linear_attention.py.
+@pytest.mark.slow
 def test_linear_hybrid_config_trains_checkpoints_and_resumes(zygote, tmp_path):
     run = tmp_path / "run"
     argv = ["--config", "train/configs/linear_hybrid.py"]

@@ -7,7 +7,6 @@ pair a common scale; values a common linear map) merge exactly at every position
 after merging.
 """
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,14 +17,26 @@ from jaxattn.layers import AttentionConfig, Context
 from jaxattn.ops.rope import RopeConfig
 
 D, N, H = 32, 4, 8
-X = jax.random.normal(jax.random.key(2), (2, 40, D))
+X = np.random.default_rng(2).normal(size=(2, 40, D)).astype(np.float32)
 TOL = 1e-4
 
 
+@nnx.jit
+def _run(layer, x, ctx=None):  # one compile per layer structure (eager calls compile every op)
+    return layer(x, ctx)
+
+
 def _layer(cfg, params=None):
-    layer = cfg.build(rngs=nnx.Rngs(0))
-    if params is not None:
-        C.load_layer_params(layer, params)
+    """The layer of ``cfg`` (abstract init: no eager per-shape compiles) holding ``params``, or
+    numpy-drawn weights when None."""
+    layer = nnx.eval_shape(lambda: cfg.build(rngs=nnx.Rngs(0)))
+    if params is None:
+        rng = np.random.default_rng(0)
+        params = {}
+        for path, var in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
+            value = rng.normal(0, 1 / np.sqrt(D), var.shape).astype(np.float32)
+            params.setdefault("/".join(map(str, path[:-1])), {})[str(path[-1])] = value
+    C.load_layer_params(layer, params)
     return layer
 
 
@@ -39,13 +50,13 @@ def mha():
     for name in ("q", "k", "v"):
         params[name]["bias"] = rng.normal(0, 0.3, params[name]["bias"].shape)
     C.load_layer_params(layer, params)
-    return cfg, params, np.asarray(layer(X)), C.input_moments(X)
+    return cfg, params, np.asarray(_run(layer, X)), C.input_moments(X)
 
 
 def test_group_size_one_is_exact(mha):
     cfg, params, ref, moments = mha
     new, p, info = C.merge_kv_heads(cfg, params, moments, num_kv_heads=N)
-    np.testing.assert_allclose(np.asarray(_layer(new, p)(X)), ref, atol=TOL)
+    np.testing.assert_allclose(np.asarray(_run(_layer(new, p), X)), ref, atol=TOL)
     assert info["key_error"] == pytest.approx(0, abs=1e-12)
     assert info["value_error"] == pytest.approx(0, abs=1e-12)
 
@@ -80,7 +91,7 @@ def test_rope_compatible_low_rank_heads_merge_exactly_at_every_position():
     far = Context.create(2, 40, positions_BT=np.arange(1000, 1040)[None].repeat(2, 0))
     for ctx in (None, far):
         np.testing.assert_allclose(
-            np.asarray(_layer(new, p)(X, ctx)), np.asarray(layer(X, ctx)), atol=TOL
+            np.asarray(_run(_layer(new, p), X, ctx)), np.asarray(_run(layer, X, ctx)), atol=TOL
         )
 
 

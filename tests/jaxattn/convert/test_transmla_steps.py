@@ -21,14 +21,26 @@ from jaxattn.layers import AttentionConfig, MLAConfig
 from jaxattn.ops.rope import NTKScaling, RopeConfig
 
 D, N, K, H = 32, 4, 2, 8
-X = jax.random.normal(jax.random.key(1), (4, 12, D))
+X = np.random.default_rng(1).normal(size=(4, 12, D)).astype(np.float32)
 TOL = 1e-4
 
 
+@nnx.jit
+def _run(layer, x):  # one compile per layer structure (eager calls compile every op)
+    return layer(x)
+
+
 def _build(cfg, params=None, seed=0):
-    layer = cfg.build(rngs=nnx.Rngs(seed))
-    if params is not None:
-        C.load_layer_params(layer, params)
+    """The layer of ``cfg`` (abstract init: no eager per-shape compiles) holding ``params``, or
+    numpy-drawn weights when None."""
+    layer = nnx.eval_shape(lambda: cfg.build(rngs=nnx.Rngs(seed)))
+    if params is None:
+        rng = np.random.default_rng(seed)
+        params = {}
+        for path, var in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
+            value = rng.normal(0, 1 / np.sqrt(D), var.shape).astype(np.float32)
+            params.setdefault("/".join(map(str, path[:-1])), {})[str(path[-1])] = value
+    C.load_layer_params(layer, params)
     return layer
 
 
@@ -43,7 +55,7 @@ def gqa():
     for name in ("q", "k", "v"):  # biases start at zero: make them count
         params[name]["bias"] = rng.normal(0, 0.5, params[name]["bias"].shape)
     C.load_layer_params(layer, params)
-    return cfg, params, np.asarray(layer(X))
+    return cfg, params, np.asarray(_run(layer, X))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +73,7 @@ def test_exact_step_equals_gqa_with_biases(gqa, exact):
     _, _, ref = gqa
     cfg, params = exact
     assert (cfg.qk_rope_head_dim, cfg.rope_block_dim, cfg.kv_lora_rank) == (K * H, H, K * H)
-    np.testing.assert_allclose(np.asarray(_build(cfg, params)(X)), ref, atol=TOL)
+    np.testing.assert_allclose(np.asarray(_run(_build(cfg, params), X)), ref, atol=TOL)
 
 
 def test_rope_step_discards_exactly_the_reported_energy(exact, moments):
@@ -112,7 +124,7 @@ def _latent(cfg, params, x):
 
 def test_pca_discards_the_reported_spectrum_and_full_rank_is_exact(roped, moments):
     cfg, params = roped
-    ref = np.asarray(_build(cfg, params)(X))
+    ref = np.asarray(_run(_build(cfg, params), X))
     c = _latent(cfg, params, X)
     errors = []
     for r in (4, 12, 20):
@@ -126,7 +138,7 @@ def test_pca_discards_the_reported_spectrum_and_full_rank_is_exact(roped, moment
         new, p, info = C.compress_latent(
             cfg, params, moments, kv_lora_rank=cfg.kv_lora_rank, balance_kv=balance
         )
-        np.testing.assert_allclose(np.asarray(_build(new, p)(X)), ref, atol=TOL)
+        np.testing.assert_allclose(np.asarray(_run(_build(new, p), X)), ref, atol=TOL)
         assert info["discarded_latent_energy"] == pytest.approx(0.0, abs=1e-9)
     assert info["kv_ratio"] != 1.0
 
