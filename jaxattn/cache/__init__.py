@@ -37,6 +37,8 @@ Quantized formats (CacheConfig.format, any policy; PAPERS.md §5)
                         (H2O's accumulated attention) and the recent window in full precision
   KVQuantCache          "kvquant" (KVQuant): pre-RoPE per-channel keys, per-token values,
                         fp outliers per vector in a side table, fp attention-sink tokens
+  GearCache             "gear" (GEAR): quantized backbone + per-block low-rank residual + sparse
+                        outliers, a full-precision buffer compressed every n_b tokens
   PackedRows            one quantized tensor: codes, scales, zeros, window (its ``store``)
   dense_cache, latent_cache   the cache a CacheConfig names, for a dense / latent layout
   HistoryKVCache  a KVCache plus the last R tokens' pre-attention features (kind "cca")
@@ -50,6 +52,7 @@ Config
 
 from jaxattn.cache._config import CacheConfig
 from jaxattn.cache._dense import KVCache
+from jaxattn.cache._gear import GearCache
 from jaxattn.cache._history import HistoryKVCache
 from jaxattn.cache._kvquant import KVQuantCache
 from jaxattn.cache._latent import LatentCache
@@ -65,6 +68,7 @@ from jaxattn.cache._state import LinearStateCache
 
 __all__ = [
     "CacheConfig",
+    "GearCache",
     "KVCache",
     "KVQuantCache",
     "LatentCache",
