@@ -16,8 +16,10 @@ reference is ``jaxattn.ops.gear.gear_approximation``), streamed as in the paper:
   of the block's residual X − S − D̂ (zero at outlier entries): A [n_b, r] stored per token,
   B [r, H] per block, fitted inside the compiled step that compresses the block.
 
-A compressed row reads D̂ + L with S written over its outlier entries; rank min(n_b, H) with
-every entry an outlier or not reproduces X exactly, rank 0 is quantization with outliers.
+A compressed row reads D̂ + L + S (D̂ taken as 0 at S's entries, whose residual L is fitted
+as 0): each block and head is ``gear_approximation(x, axis="channel", outliers_per="vector",
+fill="zero")`` of its n_b tokens (tested); rank min(n_b, H) reproduces X exactly, rank 0 is
+quantization with exact outliers, rank 0 and no outliers is KIVI's per-channel quantization.
 Attention is ``_QuantizedMixin``'s (block-wise dequantization, the fp buffer, the new tokens
 in fp, one softmax), with ``key_fn`` / ``value_fn`` adding L and S to each block as it is read.
 Not implemented: GEAR's power-iteration SVD (an exact SVD is used) and per-token value
@@ -79,7 +81,8 @@ class GearPart:
         return slots * per_slot + -(-slots // self.rows.residual) * per_block
 
     def read_fn(self):
-        """``key_fn`` / ``value_fn``: add L to compressed rows, then write S over its entries.
+        """``key_fn`` / ``value_fn``: D̂ + S (S written over its entries, where D̂ is taken as
+        0), then + L, as the paper's sum and ``jaxattn.ops.gear.gear_approximation``.
 
         Slots not yet compressed have A = 0 (policy "full" writes a slot once), so buffer
         rows get their outliers back only.
@@ -88,13 +91,14 @@ class GearPart:
 
         def fn(rows_BsKH, slots_Bs, kpos_Bs):
             bi = jnp.arange(rows_BsKH.shape[0])[:, None]
-            if self.a_BCKr.shape[-1]:
-                a = self.a_BCKr[bi, slots_Bs].astype(jnp.float32)
-                bf = self.b_BJKrH[bi, slots_Bs // r].astype(jnp.float32)
-                low = jnp.einsum("bskr,bskrh->bskh", a, bf)
-                rows_BsKH = (rows_BsKH.astype(jnp.float32) + low).astype(rows_BsKH.dtype)
-            return restore_outliers(rows_BsKH, self.val_BCKO[bi, slots_Bs],
-                                    self.idx_BCKO[bi, slots_Bs])  # fmt: skip
+            rows_BsKH = restore_outliers(rows_BsKH, self.val_BCKO[bi, slots_Bs],
+                                         self.idx_BCKO[bi, slots_Bs])  # fmt: skip
+            if not self.a_BCKr.shape[-1]:
+                return rows_BsKH
+            a = self.a_BCKr[bi, slots_Bs].astype(jnp.float32)
+            bf = self.b_BJKrH[bi, slots_Bs // r].astype(jnp.float32)
+            low = jnp.einsum("bskr,bskrh->bskh", a, bf)
+            return (rows_BsKH.astype(jnp.float32) + low).astype(rows_BsKH.dtype)
 
         return fn
 
