@@ -17,7 +17,7 @@ from jaxattn.masks import Causal
 from jaxattn.ops.gear import gear_approximation
 from jaxattn.ops.kv_quant import dequantize, quantize
 
-B, N, K, H, T, C, PREFILL = 2, 4, 2, 8, 27, 32, 9
+B, N, K, H, T, C = 2, 4, 2, 8, 27, 32
 NB, G = 8, 4  # n_b (the fp buffer, compressed n_b tokens at a time) and the group size
 GEAR = dict(format="gear", bits=2, group_size=G, residual=NB, scale_dtype="float32")
 
@@ -38,18 +38,15 @@ def _gear(**fields):
 
 @jax.jit
 def _run(cache, q, k, v):
-    """Prefill PREFILL tokens, one per step up to T, then the last query over the T stored:
-    (that query's output [B, 1, N, H], the cache holding T tokens, its (keys, values))."""
-    _, cache = cache.update_and_attend(q[:, :PREFILL], k[:, :PREFILL], v[:, :PREFILL],
-                                       mask=Causal())  # fmt: skip
+    """T + 1 tokens one per step: (outputs [B, T + 1, N, H], the cache, what it reads back).
+    Token T is stored in the buffer, so the read-back cache is what its query attended."""
 
     def step(cache, x):
-        return cache.update_and_attend(*(a[:, None] for a in x), mask=Causal())[1], None
+        o, cache = cache.update_and_attend(*(a[:, None] for a in x), mask=Causal())
+        return cache, o[:, 0]
 
-    xs = tuple(jnp.swapaxes(a[:, PREFILL:T], 0, 1) for a in (q, k, v))
-    cache, _ = jax.lax.scan(step, cache, xs)
-    o, _ = cache.update_and_attend(q[:, T:], k[:, T:], v[:, T:], mask=Causal())
-    return o, cache, cache.reconstruct()
+    cache, o = jax.lax.scan(step, cache, tuple(jnp.swapaxes(a, 0, 1) for a in (q, k, v)))
+    return jnp.swapaxes(o, 0, 1), cache, cache.reconstruct()
 
 
 @functools.cache
@@ -81,16 +78,23 @@ def test_compressed_blocks_are_the_gear_reference_and_the_buffer_is_exact():
     for x, got in ((k, rk), (v, rv)):
         want = _reference(jnp.asarray(_blocks(x, m)), 2, count)
         np.testing.assert_allclose(_blocks(got, m), want, rtol=0, atol=2e-5)
-        np.testing.assert_array_equal(got[:, m * NB : T], x[:, m * NB : T])
-        assert not got[:, T:].any()  # nothing past the length
+        np.testing.assert_array_equal(got[:, m * NB : T + 1], x[:, m * NB :])
+        assert not got[:, T + 1 :].any()  # nothing past the length
+
+
+@jax.jit
+def _prefill(cache, k, v):
+    """What a cache reads back after one write of the first T tokens (a prefill)."""
+    return cache.write(k[:, :T], v[:, :T]).advance(T).reconstruct()
 
 
 def test_full_rank_is_exact_rank_0_is_plain_quantization_and_l_plus_s_lower_the_error():
-    (_, k, v), _, _, rk_full, rv_full = _results(NB, 0.25)
+    _, k, v = _qkv()
     m = T // NB
-    for x, got in ((k, rk_full), (v, rv_full)):  # rank min(n_b, H), outliers kept: exact
+    for x, got in zip((k, v), _prefill(_gear(rank=NB, outliers=0.25), k, v)):
+        # rank min(n_b, H), outliers kept: exact
         np.testing.assert_allclose(got[:, :T], x[:, :T], rtol=0, atol=1e-5)
-    _, _, _, rk0, rv0 = _results(0, 0.0)
+    rk0, rv0 = (np.asarray(a) for a in _prefill(_gear(rank=0, outliers=0.0), k, v))
     _, _, _, rk, rv = _results(2, 0.25)
     for x, plain, gear in ((k, rk0, rk), (v, rv0, rv)):
         xs = x[:, : m * NB].reshape(B, m * NB // G, G, K, H)  # channels over groups of G tokens
@@ -112,10 +116,9 @@ def _attend(q_BTNH, k_BSKH, v_BSKH):
 def test_decoding_is_attention_over_what_the_cache_reads_back():
     (q, k, v), o, _, rk, rv = _results(2, 0.25)
     # the query at position T: the T stored tokens as the cache reads them, and itself in fp
-    keys = np.concatenate([rk[:, :T], k[:, T:]], 1)
-    vals = np.concatenate([rv[:, :T], v[:, T:]], 1)
-    np.testing.assert_allclose(o, _attend(q[:, T:], keys, vals), rtol=0, atol=2e-5)
-    err = float(np.abs(o - _attend(q[:, T:], k, v)).max())
+    want = _attend(q[:, T:], rk[:, : T + 1], rv[:, : T + 1])
+    np.testing.assert_allclose(o[:, T:], want, rtol=0, atol=2e-5)
+    err = float(np.abs(o[:, T:] - _attend(q[:, T:], k, v)).max())
     assert 0 < err < 0.5  # close to fp attention, not equal (2-bit codes)
 
 
