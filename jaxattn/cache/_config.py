@@ -193,8 +193,9 @@ class CacheConfig:
             if self.format not in (fmt if isinstance(fmt, tuple) else (fmt,)) and (
                 getattr(self, name) is not None
             ):
+                fmts = " or ".join(map(repr, fmt if isinstance(fmt, tuple) else (fmt,)))
                 raise ValueError(
-                    f"{o}.{name}={getattr(self, name)!r} applies to format={fmt!r} only, not "
+                    f"{o}.{name}={getattr(self, name)!r} applies to format={fmts} only, not "
                     f"format={self.format!r}"
                 )
         if not self.quantized:
