@@ -99,40 +99,43 @@ def test_a_format_combines_with_each_layers_policy_and_bad_fields_name_the_layer
                  rng=jax.random.key(0), cache=KIVI8)  # fmt: skip
 
 
-def test_mikv_by_name_in_a_model_all_high_precision_is_the_full_forward():
-    model, tokens, full = _tiny("llama-tiny")
-    # a table as large as the capacity: every token in full precision (2-bit codes unused)
-    fields = {"format": "mikv", "bits": 2, "group_size": 4, "residual": 8, "important": 32}
-    got = _decode_steps(model, tokens, tuple(fields.items()))
-    np.testing.assert_allclose(got, full, rtol=0, atol=1e-4 * float(jnp.std(full)))
-    assert isinstance(jax.eval_shape(lambda: model.init_cache(1, 32, cache=fields))[0],
-                      MixedPrecisionKVCache)  # fmt: skip
-    # train.sample's --set cache.FIELD=VALUE reaches the same fields
-    from train.sample import cache_fields
-
-    items = [f"cache.{k}={v}" for k, v in fields.items()] + ["cache.saliency=normalized"]
-    assert cache_fields(items) == dict(fields, saliency="normalized")
-    mla = _tiny("deepseek-tiny")[0]
-    with pytest.raises(ValueError, match=r"cannot serve cache.format='mikv'"):
-        mla.init_cache(1, 32, cache=fields)
+MIKV_ALL_HIGH = {"format": "mikv", "bits": 2, "group_size": 4, "residual": 8, "important": 32}
 
 
-def test_kvquant_by_name_in_a_model_decodes_close_to_the_full_forward():
+def test_mikv_and_kvquant_by_name_reach_the_layers_and_train_sample():
     from jaxattn.cache import KVQuantCache
     from train.sample import cache_fields
 
+    model, mla = _tiny("llama-tiny")[0], _tiny("deepseek-tiny")[0]
+    for fields, kind in ((MIKV_ALL_HIGH, MixedPrecisionKVCache), (KVQUANT8, KVQuantCache)):
+        assert isinstance(jax.eval_shape(lambda f=fields: model.init_cache(1, 32, cache=f))[0],
+                          kind)  # fmt: skip
+        with pytest.raises(ValueError, match=rf"cannot serve cache.format='{fields['format']}'"):
+            mla.init_cache(1, 32, cache=fields)
+    # train.sample's --set cache.FIELD=VALUE reaches the same fields
+    items = [f"cache.{k}={v}" for k, v in MIKV_ALL_HIGH.items()] + ["cache.saliency=normalized"]
+    assert cache_fields(items) == dict(MIKV_ALL_HIGH, saliency="normalized")
+    assert cache_fields([f"cache.{k}={v}" for k, v in KVQUANT8.items()]) == KVQUANT8
+
+
+# the decode of these formats in a model, in the slow tier: by default their caches' own
+# decode tests (test_mixed_precision_cache's test_every_token_at_high_precision_is_the_dense_
+# cache, test_kvquant_cache's layer decode test) and this file's kivi / gear model decodes
+@pytest.mark.slow
+def test_mikv_in_a_model_all_high_precision_is_the_full_forward():
     model, tokens, full = _tiny("llama-tiny")
-    fields = KVQUANT8
-    got = _decode_steps(model, tokens, tuple(fields.items()))
+    # a table as large as the capacity: every token in full precision (2-bit codes unused)
+    got = _decode_steps(model, tokens, tuple(MIKV_ALL_HIGH.items()))
+    np.testing.assert_allclose(got, full, rtol=0, atol=1e-4 * float(jnp.std(full)))
+
+
+@pytest.mark.slow
+def test_kvquant_in_a_model_decodes_close_to_the_full_forward():
+    model, tokens, full = _tiny("llama-tiny")
+    got = _decode_steps(model, tokens, tuple(KVQUANT8.items()))
     # pre-RoPE 8-bit keys rotated by the cache: the logits move by a small fraction only
     err = float(jnp.max(jnp.abs(got - full)))
     assert 0 < err < 0.02 * float(jnp.std(full)), err
-    assert isinstance(jax.eval_shape(lambda: model.init_cache(1, 32, cache=fields))[0],
-                      KVQuantCache)  # fmt: skip
-    items = [f"cache.{k}={v}" for k, v in fields.items()]
-    assert cache_fields(items) == fields
-    with pytest.raises(ValueError, match=r"cannot serve cache.format='kvquant'"):
-        _tiny("deepseek-tiny")[0].init_cache(1, 32, cache=fields)
 
 
 def test_gear_by_name_in_a_model_decodes_close_to_the_full_forward():
