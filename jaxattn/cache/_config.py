@@ -150,7 +150,7 @@ class CacheConfig:
         if self.policy not in POLICIES:
             raise ValueError(f"{o}.policy={self.policy!r} must be one of {POLICIES}")
         for name in ("sink", "window", "bits", "group_size", "residual", "important", "fp_sinks",
-                     "rank"):
+                     "rank"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, numbers.Integral)

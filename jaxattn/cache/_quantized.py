@@ -358,8 +358,9 @@ def _check_sizes(**sizes):
 
 def dense_cache(*, config=None, **shape):
     """The dense-layout cache ``config`` names: ``KVCache`` ("dense" / None),
-    ``MixedPrecisionKVCache`` ("mikv"), ``KVQuantCache`` ("kvquant"), ``GearCache`` ("gear") or ``QuantizedKVCache``
-    (another quantized format). ``shape``: ``KVCache.create``'s arguments."""
+    ``MixedPrecisionKVCache`` ("mikv"), ``KVQuantCache`` ("kvquant"), ``GearCache`` ("gear")
+    or ``QuantizedKVCache`` (another quantized format). ``shape``: ``KVCache.create``'s
+    arguments."""
     if config is not None and config.format == "mikv":
         from jaxattn.cache._mixed import MixedPrecisionKVCache  # it builds on this module
 
