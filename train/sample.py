@@ -269,7 +269,7 @@ def cache_fields(items) -> dict | None:
     from train.config import ConfigError
 
     names = {f.name: f for f in dc.fields(CacheConfig)}
-    ints = ("sink", "window", "bits", "group_size", "residual", "important", "fp_sinks")
+    ints = ("sink", "window", "bits", "group_size", "residual", "important", "fp_sinks", "rank")
     floats = ("outliers",)
     fields = {}
     for item in items or ():

@@ -40,6 +40,8 @@ Quantized formats (CacheConfig.format, any policy; PAPERS.md §5)
   CSKVCache             "cskv" (CSKV, PAPERS.md §2, policy "full"): low-rank key / value
                         features of every token (optionally 2/4/8-bit per token) + the exact
                         keys and values of the last ``residual`` tokens
+  GearCache             "gear" (GEAR): quantized backbone + per-block low-rank residual + sparse
+                        outliers, a full-precision buffer compressed every n_b tokens
   PackedRows            one quantized tensor: codes, scales, zeros, window (its ``store``)
   dense_cache, latent_cache   the cache a CacheConfig names, for a dense / latent layout
   HistoryKVCache  a KVCache plus the last R tokens' pre-attention features (kind "cca")
@@ -54,6 +56,7 @@ Config
 from jaxattn.cache._config import CacheConfig
 from jaxattn.cache._cskv import CSKVCache
 from jaxattn.cache._dense import KVCache
+from jaxattn.cache._gear import GearCache
 from jaxattn.cache._history import HistoryKVCache
 from jaxattn.cache._kvquant import KVQuantCache
 from jaxattn.cache._latent import LatentCache
@@ -70,6 +73,7 @@ from jaxattn.cache._state import LinearStateCache
 __all__ = [
     "CacheConfig",
     "CSKVCache",
+    "GearCache",
     "KVCache",
     "KVQuantCache",
     "LatentCache",

@@ -41,6 +41,12 @@ full-precision window of recent tokens (``QuantizedKVCache`` / ``QuantizedLatent
   [0, 1] fitted on calibration activations (``jaxattn.ops.kv_quant.fit_codebook``; required,
   there is no default; ``models.kv_calibrate.calibrate_kvquant`` fits every layer's through
   the hooks and returns the per-layer configs); default ``"uniform"`` (KIVI's integer grid).
+* ``"gear"`` (GEAR, dense layout only, policy "full"; ``GearCache``): keys and values both
+  quantized per channel at ``bits`` (default 4) over groups of ``group_size`` tokens, a
+  streaming buffer of the last ``residual`` (n_b) tokens in full precision compressed n_b at a
+  time; per token vector the ``ceil(outliers · dim)`` largest magnitudes kept exactly (default
+  0.02); per compressed block and head the rank-``rank`` (default 4) truncated SVD of the
+  remaining quantization residual.
 
 CSKV (``"cskv"``, policy "full"; ``CSKVCache``, PAPERS.md §2): the bi-branch cache of a layer
 whose K / V projections are factored ``x A B`` (``jaxattn.convert.cskv``): the features ``x A``
@@ -67,7 +73,7 @@ import jax.numpy as jnp
 
 __all__ = ["CacheConfig", "FORMATS", "LAYOUT_FORMATS", "POLICIES", "QUANTIZED_FORMATS"]
 
-QUANTIZED_FORMATS = ("kivi", "rotatekv", "mikv", "kvquant")
+QUANTIZED_FORMATS = ("kivi", "rotatekv", "mikv", "kvquant", "gear")
 FORMATS = ("dense", "latent", *QUANTIZED_FORMATS)
 # CSKV's bi-branch cache (CSKVCache): low-rank features of every token + an exact recent window
 FORMATS = (*FORMATS, "cskv")
@@ -83,12 +89,14 @@ _QUANT_DEFAULTS = {
     "rotatekv": _KIVI,
     "mikv": dict(_KIVI, important=128, saliency="accumulated"),
     "kvquant": dict(_KIVI, bits=4, outliers=0.01, fp_sinks=1, datatype="uniform"),
+    "gear": dict(_KIVI, bits=4, outliers=0.02, rank=4),
 }
 # formats that keep every token (policy "full" only) and fields only they take
-_FULL_ONLY = ("mikv", "kvquant")
+_FULL_ONLY = ("mikv", "kvquant", "gear")
 _OWN_FIELDS = {
     "important": "mikv", "saliency": "mikv",
-    "outliers": "kvquant",
+    "outliers": ("kvquant", "gear"),
+    "rank": "gear",
     "fp_sinks": "kvquant",
     "datatype": "kvquant",
     "codebook": "kvquant",
@@ -116,8 +124,9 @@ class CacheConfig:
       scale_dtype: quantized formats: storage dtype of scales and zero points.
       important: "mikv": tokens also kept in full precision (the heavy hitters, >= 0).
       saliency: "mikv": the importance ranking, one of ``SALIENCY``.
-      outliers: "kvquant": fraction of each token vector's entries kept in full precision
+      outliers: "kvquant", "gear": fraction of each token vector's entries kept in full precision
         (the largest magnitudes; a float in [0, 0.5]).
+      rank: "gear": rank of each flushed block's low-rank residual (>= 0; 0: none).
       fp_sinks: "kvquant": first tokens of each sequence kept in full precision (>= 0).
       datatype: "kvquant": one of ``DATATYPES`` ("nuq": non-uniform codes, needs ``codebook``).
       codebook: "kvquant" "nuq": (key levels, value levels), each 2^bits sorted floats in
@@ -137,6 +146,7 @@ class CacheConfig:
     saliency: str | None = None
     outliers: float | None = None
     fp_sinks: int | None = None
+    rank: int | None = None
     datatype: str | None = None
     codebook: Any = None
 
@@ -146,7 +156,8 @@ class CacheConfig:
             raise ValueError(f"{o}.format={self.format!r} must be one of {FORMATS} or None")
         if self.policy not in POLICIES:
             raise ValueError(f"{o}.policy={self.policy!r} must be one of {POLICIES}")
-        for name in ("sink", "window", "bits", "group_size", "residual", "important", "fp_sinks"):
+        for name in ("sink", "window", "bits", "group_size", "residual", "important", "fp_sinks",
+                     "rank"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, numbers.Integral)
@@ -188,9 +199,12 @@ class CacheConfig:
         o = "CacheConfig"
         names = ("bits", "group_size", "residual", "scale_dtype")
         for name, fmt in _OWN_FIELDS.items():
-            if self.format != fmt and getattr(self, name) is not None:
+            if self.format not in (fmt if isinstance(fmt, tuple) else (fmt,)) and (
+                getattr(self, name) is not None
+            ):
+                fmts = " or ".join(map(repr, fmt if isinstance(fmt, tuple) else (fmt,)))
                 raise ValueError(
-                    f"{o}.{name}={getattr(self, name)!r} applies to format={fmt!r} only, not "
+                    f"{o}.{name}={getattr(self, name)!r} applies to format={fmts} only, not "
                     f"format={self.format!r}"
                 )
         if not self.quantized:
@@ -220,11 +234,14 @@ class CacheConfig:
                 f"{o}.group_size={g} must divide {o}.residual={self.residual} (keys are "
                 "quantized per channel in groups of group_size tokens as the window fills)"
             )
-        if self.format == "kvquant":
+        if self.format in ("kvquant", "gear"):
             f = self.outliers
             if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 <= f <= 0.5:
                 raise ValueError(f"{o}.outliers={f!r} must be a fraction in [0, 0.5]")
             object.__setattr__(self, "outliers", float(f))
+        if self.format == "gear" and self.rank < 0:
+            raise ValueError(f"{o}.rank={self.rank} must be >= 0")
+        if self.format == "kvquant":
             if self.fp_sinks < 0:
                 raise ValueError(f"{o}.fp_sinks={self.fp_sinks} must be >= 0")
             self._check_codebook()

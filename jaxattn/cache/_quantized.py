@@ -358,8 +358,9 @@ def _check_sizes(**sizes):
 
 def dense_cache(*, config=None, **shape):
     """The dense-layout cache ``config`` names: ``KVCache`` ("dense" / None),
-    ``MixedPrecisionKVCache`` ("mikv"), ``KVQuantCache`` ("kvquant") or ``QuantizedKVCache``
-    (another quantized format). ``shape``: ``KVCache.create``'s arguments."""
+    ``MixedPrecisionKVCache`` ("mikv"), ``KVQuantCache`` ("kvquant"), ``GearCache`` ("gear")
+    or ``QuantizedKVCache`` (another quantized format). ``shape``: ``KVCache.create``'s
+    arguments."""
     if config is not None and config.format == "mikv":
         from jaxattn.cache._mixed import MixedPrecisionKVCache  # it builds on this module
 
@@ -368,6 +369,10 @@ def dense_cache(*, config=None, **shape):
         from jaxattn.cache._kvquant import KVQuantCache  # it builds on this module
 
         return KVQuantCache.create(config=config, **shape)
+    if config is not None and config.format == "gear":
+        from jaxattn.cache._gear import GearCache  # it builds on this module
+
+        return GearCache.create(config=config, **shape)
     if config is not None and config.quantized:
         return QuantizedKVCache.create(config=config, **shape)
     return KVCache.create(config=config, **shape)

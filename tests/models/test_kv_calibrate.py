@@ -74,32 +74,49 @@ def test_codebooks_equal_fit_codebook_on_independently_captured_pre_rope_data():
 
 @nnx.jit(static_argnums=2)
 def _teacher_forced(model, tokens, cache_arg):
-    """Prefill 8 tokens, then one per step over the caches ``cache_arg`` names."""
+    """One token per step (one compiled decode step) over the caches ``cache_arg`` names."""
     cache = model.init_cache(tokens.shape[0], tokens.shape[1], jnp.float32, cache=cache_arg)
-    first, cache = model.decode(tokens[:, :8], cache)
 
     def step(cache, tok_B):
         logits, cache = model.decode(tok_B[:, None], cache)
         return cache, logits[:, 0]
 
-    _, rest = jax.lax.scan(step, cache, tokens[:, 8:].T)
-    return jnp.concatenate([first, jnp.swapaxes(rest, 0, 1)], 1)
+    _, logits = jax.lax.scan(step, cache, tokens.T)
+    return jnp.swapaxes(logits, 0, 1)
 
 
-@pytest.mark.parametrize("bits", [2, 3])
-def test_calibrated_nuq_generates_and_beats_uniform_at_the_same_bits(bits):
+@functools.cache
+def _calibrated(bits):
+    """The per-layer nuq configs at ``bits`` and held-out tokens (not the calibration ones)."""
     model, calib = _model()
-    configs = calibrate_kvquant(model, calib, bits=bits, **KW)
-    held = jax.random.randint(jax.random.key(3), (2, 40), 1, 200)  # not the calibration tokens
+    held = jax.random.randint(jax.random.key(3), (2, 40), 1, 200)
+    return calibrate_kvquant(model, calib, bits=bits, **KW), held
+
+
+# bits=2 in the slow tier: the default bits=3 case runs the same calibration and comparison
+@pytest.mark.parametrize("bits", [pytest.param(2, marks=pytest.mark.slow), 3])
+def test_calibrated_nuq_beats_uniform_at_the_same_bits(bits):
+    model, _ = _model()
+    configs, held = _calibrated(bits)
     full = nnx.jit(lambda m, t: m(t))(model, held)
     uniform = CacheConfig(format="kvquant", bits=bits, **KW)
+    # _teacher_forced builds the caches from the per-layer configs (model.init_cache), as
+    # generate does
     err = {
         name: float(jnp.sqrt(jnp.mean((_teacher_forced(model, held, arg) - full) ** 2)))
         for name, arg in (("nuq", configs), ("uniform", uniform))
     }
     assert 0 < err["nuq"] < err["uniform"], err
-    # generate takes the per-layer configs: each token the argmax of the same caches' decode
-    # (32 new tokens: the sequence has held's shape, so _teacher_forced is not compiled again)
+
+
+# end to end through generate: generate passes cache= to model.init_cache like
+# _teacher_forced above (default), and generate by name is test_quantized_caches' default case
+@pytest.mark.slow
+def test_generate_takes_the_calibrated_per_layer_configs():
+    model, _ = _model()
+    configs, held = _calibrated(3)
+    # each token the argmax of the same caches' decode (32 new tokens: the sequence has
+    # held's shape, so _teacher_forced is not compiled again)
     prompt, lens = held[:, :8], jnp.array([8, 8])
     out = generate(model, prompt, lens, max_new_tokens=32, rng=jax.random.key(0), cache=configs)
     seq = out.tokens_BS
