@@ -100,13 +100,17 @@ def test_sltrain_forward_is_xBA_alpha_over_r_plus_xS_on_a_fixed_support():
     np.testing.assert_array_equal(np.asarray(a.form.support[...]), idx)
 
 
+# SST's plain variant (|s|-proportional draws, autodiff gradients; the paper's own in test_sst_paper)
+PLAIN = dict(uniform_mix=0.0, enhanced_grad=False, normalize=False, clamp_s=False)
+
+
 def test_sst_reproduces_w_updates_sampled_vectors_only_and_samples_by_s():
     lin = Linear((M,), (N, H), axes=AXES, rngs=nnx.Rngs(0))
     w0 = lin.as_matrix()
     factorize(lin, "sst", rank=None)  # full spectrum k = min(m, n) = 10
     np.testing.assert_allclose(lin.as_matrix(), w0, atol=1e-6)  # U diag(s) Vᵀ reproduces W
     params = nnx.to_pure_dict(nnx.state(lin, nnx.Param))
-    tx = optim.sst(optax.adam(1e-2), rank=3, every=2)
+    tx = optim.sst(optax.adam(1e-2), rank=3, every=2, **PLAIN)
     state = tx.init(params)
     assert state.inner[0].mu["form"]["u"].shape == (M, 3)  # moments of the sampled vectors
     assert state.inner[0].mu["form"]["vt"].shape == (3, N * H)
@@ -131,12 +135,12 @@ def test_sst_reproduces_w_updates_sampled_vectors_only_and_samples_by_s():
     # sampling probabilities are proportional to the singular values (20000 draws of 1)
     s = params["form"]["s"]
     keys = jax.random.split(jax.random.key(0), 20000)
-    draws = jax.vmap(lambda k: optim.sample_vectors(k, s, 1))(keys)[:, 0]
+    draws = jax.vmap(lambda k: optim.sample_vectors(k, s, 1, uniform_mix=0.0))(keys)[:, 0]
     freq = np.bincount(np.asarray(draws), minlength=s.shape[0]) / 20000
     p = np.asarray(s / jnp.sum(s))
     np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(p * (1 - p) / 20000).max())
     # with every vector sampled (rank = k), SST is its inner optimizer
-    full, adam = optim.sst(optax.adam(1e-2), rank=10, every=2), optax.adam(1e-2)
+    full, adam = optim.sst(optax.adam(1e-2), rank=10, every=2, **PLAIN), optax.adam(1e-2)
     a, b = jax.jit(lambda g, p: (full.update(g, full.init(p), p)[0],
                                  adam.update(g, adam.init(p), p)[0]))(grads, params)  # fmt: skip
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -154,8 +158,8 @@ def test_sst_periodic_resvd_keeps_the_merged_weight_and_restores_orthonormal_fac
     params = {**nnx.to_pure_dict(nnx.state(lin, nnx.Param)), "bias": jnp.ones(3)}
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
     merged = lambda p: (p["form"]["u"] * p["form"]["s"]) @ p["form"]["vt"]  # noqa: E731
-    with_svd = optim.sst(optax.adam(0.05), rank=3, every=2)  # svd_every None: 8
-    without = optim.sst(optax.adam(0.05), rank=3, every=2, svd_every=400)
+    with_svd = optim.sst(optax.adam(0.05), rank=3, every=2, **PLAIN)  # svd_every None: 8
+    without = optim.sst(optax.adam(0.05), rank=3, every=2, svd_every=400, **PLAIN)
     step = jax.jit(lambda g, s, p: (with_svd.update(g, s, p), without.update(g, s, p)))
     state, eye = with_svd.init(params), np.eye(10)
     for i in range(8):
@@ -177,7 +181,7 @@ def test_sst_periodic_resvd_keeps_the_merged_weight_and_restores_orthonormal_fac
     assert float(jnp.abs(mu["bias"]).max()) > 0 and int(state.inner[0].count) == 8
     (_, redrawn), _ = step(grads, state, params)
     sub = jax.random.split(jax.random.wrap_key_data(state.key))[1]  # as sst's redraw splits
-    want = optim.sample_vectors(jax.random.split(sub, 1)[0], jnp.asarray(s), 3)
+    want = optim.sample_vectors(jax.random.split(sub, 1)[0], jnp.asarray(s), 3, uniform_mix=0.0)
     np.testing.assert_array_equal(redrawn.index[0], want)  # drawn from s', not the old s
     # resvd alone, on a non-orthonormal triple: the same W, orthonormal factors
     u0, s0, vt0 = (jax.random.normal(jax.random.key(i), sh) for i, sh in
