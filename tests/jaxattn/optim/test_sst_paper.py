@@ -34,17 +34,36 @@ def _loss(p):
 @pytest.fixture(scope="module")
 def setup():
     params = _params()
-    grads = jax.grad(_loss)(params)
-    g_mn = jax.grad(_loss_w)((params["u"] * params["s"]) @ params["vt"])  # ∂L/∂W
+    grads, g_mn = jax.jit(
+        lambda p: (jax.grad(_loss)(p), jax.grad(_loss_w)((p["u"] * p["s"]) @ p["vt"]))
+    )(params)  # autodiff's gradients of the factors, ∂L/∂W
     return params, grads, np.asarray(g_mn)
 
 
-def _step(params, grads, **kw):
-    tx = optim.sst(optax.sgd(LR), rank=R, every=1, **kw)
-    state = tx.init(params)
-    updates, _ = jax.jit(tx.update)(grads, state, params)
-    new = optax.apply_updates(params, updates)
-    return {k: np.asarray(v) for k, v in new.items()}, np.asarray(state.index[0])
+CONFIGS = {  # one jitted program steps them all
+    "enhanced": dict(normalize=False, clamp_s=False),
+    "autodiff": dict(enhanced_grad=False, normalize=False, clamp_s=False),
+    "paper": {},
+}
+
+
+@pytest.fixture(scope="module")
+def stepped(setup):
+    """One SGD step of each variant from the same params (and the paper's under a Σ gradient
+    that pushes two singular values below 0); the sampled index, the same for all (seed 0)."""
+    params, grads, _ = setup
+    big = {**grads, "s": jnp.asarray([1e3, -1.0, 1e3, -1.0, 0.0])}
+    txs = {n: optim.sst(optax.sgd(LR), rank=R, every=1, **kw) for n, kw in CONFIGS.items()}
+    states = jax.jit(lambda p: {n: tx.init(p) for n, tx in txs.items()})(params)
+
+    @jax.jit
+    def run(grads, big, states):
+        out = {n: tx.update(grads, states[n], params)[0] for n, tx in txs.items()}
+        out["clamped"] = txs["paper"].update(big, states["paper"], params)[0]
+        return {n: optax.apply_updates(params, u) for n, u in out.items()}
+
+    new = jax.tree.map(np.asarray, run(grads, big, states))
+    return new, np.asarray(states["paper"].index[0]), np.asarray(big["s"])
 
 
 def test_sampling_frequencies_follow_the_papers_mixture():
@@ -68,14 +87,15 @@ def test_sampling_frequencies_follow_the_papers_mixture():
         optim.sst(optax.sgd(LR), rank=R, every=1, enhanced_grad=1)
 
 
-def test_enhanced_gradient_normalisation_and_clamp_are_the_papers(setup):
+def test_enhanced_gradient_normalisation_and_clamp_are_the_papers(setup, stepped):
     """§4.2 / Appendix D: the sampled vectors step along the enhanced gradient
     ∇̃U_·i = ∂L/∂W V_·i, ∇̃V_·i = (∂L/∂W)ᵀ U_·i (∂L/∂W from jax.grad of the dense loss), not
     autodiff's s_i-scaled one; Algorithm 1 then re-normalises them to unit length and updates
     all of Σ as max(Σ − η U_·iᵀ ∂L/∂W V_·i, 0). Unsampled vectors do not move."""
-    params, grads, g = setup
+    params, _, g = setup
+    steps, idx, big_s = stepped
     u, s, vt = (np.asarray(params[n]) for n in ("u", "s", "vt"))
-    new, idx = _step(params, grads, normalize=False, clamp_s=False)
+    new = steps["enhanced"]
     want_u = u - LR * g @ vt.T  # U − η ∂L/∂W V
     want_vt = vt - LR * u.T @ g  # Vᵀ − η Uᵀ ∂L/∂W
     np.testing.assert_allclose(new["u"][:, idx], want_u[:, idx], rtol=1e-5, atol=1e-6)
@@ -84,19 +104,18 @@ def test_enhanced_gradient_normalisation_and_clamp_are_the_papers(setup):
     np.testing.assert_array_equal(new["u"][:, rest], u[:, rest])
     want_s = s - LR * np.einsum("mk,mn,kn->k", u, g, vt)  # ∂L/∂Σ_i = U_·iᵀ ∂L/∂W V_·i
     np.testing.assert_allclose(new["s"], want_s, rtol=1e-5, atol=1e-6)
-    plain, _ = _step(params, grads, enhanced_grad=False, normalize=False, clamp_s=False)
+    plain = steps["autodiff"]
     autodiff_u = u - LR * (g @ vt.T) * s  # autodiff's ∂L/∂U = ∂L/∂W V diag(s)
     np.testing.assert_allclose(plain["u"][:, idx], autodiff_u[:, idx], rtol=1e-5, atol=1e-6)
     assert np.abs(plain["u"][:, idx] - new["u"][:, idx]).max() > 1e-3  # the two differ
     # the defaults: unit-length vectors after the step, and Σ clamped at 0
-    paper, _ = _step(params, grads)
+    paper = steps["paper"]
     unit = want_u[:, idx] / np.linalg.norm(want_u[:, idx], axis=0)
     np.testing.assert_allclose(paper["u"][:, idx], unit, rtol=1e-5, atol=1e-6)
     unit_v = want_vt[idx] / np.linalg.norm(want_vt[idx], axis=1, keepdims=True)
     np.testing.assert_allclose(paper["vt"][idx], unit_v, rtol=1e-5, atol=1e-6)
-    big = {**grads, "s": jnp.asarray([1e3, -1.0, 1e3, -1.0, 0.0])}  # two pushed below 0
-    clamped, _ = _step(params, big)
-    np.testing.assert_allclose(clamped["s"], np.maximum(s - LR * np.asarray(big["s"]), 0))
+    clamped = steps["clamped"]  # a Σ gradient that pushes two singular values below 0
+    np.testing.assert_allclose(clamped["s"], np.maximum(s - LR * big_s, 0), rtol=1e-6)
     assert clamped["s"][0] == 0 and clamped["s"][2] == 0
 
 
@@ -104,16 +123,19 @@ def test_resvd_under_the_paper_defaults_keeps_w_and_orthonormalises(setup):
     """The re-SVD at the end of a round (svd_every) after paper-default steps: U'·diag(s')·V'ᵀ
     equals the merged weight of the same steps without re-SVD, U', V' orthonormal."""
     params, _, _ = setup
-    grad = jax.jit(jax.grad(_loss))
     with_svd = optim.sst(optax.sgd(LR), rank=R, every=1, svd_every=4)
     without = optim.sst(optax.sgd(LR), rank=R, every=1, svd_every=400)
-    step = jax.jit(lambda g, a, b, p: (with_svd.update(g, a, p), without.update(g, b, p)))
-    sa, sb = with_svd.init(params), without.init(params)
+
+    @jax.jit
+    def step(a, b, p):
+        g = jax.grad(_loss)(p)
+        (ua, a), (ub, b) = with_svd.update(g, a, p), without.update(g, b, p)
+        return a, b, optax.apply_updates(p, ua), optax.apply_updates(p, ub)
+
+    sa, sb = jax.jit(lambda p: (with_svd.init(p), without.init(p)))(params)
     p = params
     for _ in range(4):
-        g = grad(p)
-        (ua, sa), (ub, sb) = step(g, sa, sb, p)
-        p, drifted = optax.apply_updates(p, ua), optax.apply_updates(p, ub)
+        sa, sb, p, drifted = step(sa, sb, p)
     merged = lambda q: np.asarray((q["u"] * q["s"]) @ q["vt"])  # noqa: E731
     np.testing.assert_allclose(merged(p), merged(drifted), atol=2e-5)
     u, vt = np.asarray(p["u"]), np.asarray(p["vt"])
