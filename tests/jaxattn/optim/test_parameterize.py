@@ -100,7 +100,7 @@ def test_sltrain_forward_is_xBA_alpha_over_r_plus_xS_on_a_fixed_support():
     np.testing.assert_array_equal(np.asarray(a.form.support[...]), idx)
 
 
-# SST's plain variant (|s|-proportional draws, autodiff gradients; the paper's own in test_sst_paper)
+# SST's plain variant (|s|-proportional draws, autodiff gradients); the paper's: test_sst_paper
 PLAIN = dict(uniform_mix=0.0, enhanced_grad=False, normalize=False, clamp_s=False)
 
 
