@@ -17,7 +17,6 @@ import time
 
 import jax
 import numpy as np
-import pytest
 from train_testlib import Zygote, cli_env, set_args, tiny_config
 
 from jaxattn.sharding import make_mesh
@@ -141,7 +140,7 @@ def _final(run_dir):
     return jax.tree.map(np.asarray, params), meta
 
 
-@pytest.mark.slow  # 11 runs forked from one pre-imported process: 49 s on 2 busy cores
+# 11 runs forked from one pre-imported process: 49 s on 2 busy cores
 def test_killed_and_corrupted_runs_resume_bit_identical(tmp_path):
     # the schedule: kinds of kill points in a seeded order; after every "saved" kill (and at
     # random after the others) the newest finished step is corrupted
