@@ -120,8 +120,9 @@ def test_enhanced_gradient_normalisation_and_clamp_are_the_papers(setup, stepped
 
 
 def test_resvd_under_the_paper_defaults_keeps_w_and_orthonormalises(setup):
-    """The re-SVD at the end of a round (svd_every) after paper-default steps: U'·diag(s')·V'ᵀ
-    equals the merged weight of the same steps without re-SVD, U', V' orthonormal."""
+    """Algorithm 1's periodic re-initialisation (§4.3: W is re-factorised by SVD every round)
+    after paper-default steps: U'·diag(s')·V'ᵀ = U·diag(Σ)·Vᵀ, the merged weight of the same
+    steps without re-SVD, and U', V' orthonormal again."""
     params, _, _ = setup
     with_svd = optim.sst(optax.sgd(LR), rank=R, every=1, svd_every=4)
     without = optim.sst(optax.sgd(LR), rank=R, every=1, svd_every=400)
