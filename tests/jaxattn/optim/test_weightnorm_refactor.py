@@ -10,35 +10,29 @@ from jaxattn.optim.quantized import QuantizedState
 
 
 def test_weight_norm_reproduces_the_kernel_and_its_gradient_is_orthogonal_to_v():
-    w = jax.random.normal(jax.random.key(0), (3, 8, 12))  # [*in, out] with fan_in_axes=2
-    pair = optim.weight_norm_split(w, fan_in_axes=2)
-    assert pair["g"].shape == (12,)
-    np.testing.assert_allclose(
-        np.asarray(optim.weight_norm_merge(**pair, fan_in_axes=2)),
-        np.asarray(w),
-        rtol=1e-6,
-        atol=1e-6,
-    )
-    zero = optim.weight_norm_merge(jnp.ones(4), jnp.zeros((5, 4)))
-    np.testing.assert_array_equal(np.asarray(zero), 0.0)  # a zero column: zeros, not NaN
+    rng = np.random.default_rng(0)  # numpy draws, one jitted program (eager ops compile each)
+    w = rng.standard_normal((3, 8, 12)).astype(np.float32)  # [*in, out], fan_in_axes=2
+    x = rng.standard_normal((6, 3, 8)).astype(np.float32)
 
-    x = jax.random.normal(jax.random.key(1), (6, 3, 8))
-    loss = lambda p: jnp.sum(
-        jnp.tanh(jnp.einsum("bij,ijo->bo", x, optim.weight_norm_merge(**p, fan_in_axes=2)))
-    )
-    grads = jax.jit(jax.grad(loss))(pair)
+    @jax.jit
+    def run(w, x):
+        pair = optim.weight_norm_split(w, fan_in_axes=2)
+        merge = lambda p: optim.weight_norm_merge(**p, fan_in_axes=2)  # noqa: E731
+        loss = lambda p: jnp.sum(jnp.tanh(jnp.einsum("bij,ijo->bo", x, merge(p))))
+        zero = optim.weight_norm_merge(jnp.ones(4), jnp.zeros((5, 4)))
+        return pair, merge(pair), zero, jax.grad(loss)(pair)
+
+    pair, merged, zero, grads = jax.tree.map(np.asarray, run(w, x))
+    assert pair["g"].shape == (12,)
+    np.testing.assert_allclose(merged, w, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(zero, 0.0)  # a zero column: zeros, not NaN
     # weight normalisation: the gradient of V is orthogonal to V, per output unit
-    dots = jnp.sum(grads["v"] * pair["v"], axis=(0, 1)) / jnp.sum(
-        jnp.abs(grads["v"] * pair["v"]), axis=(0, 1)
-    )
-    np.testing.assert_allclose(np.asarray(dots), 0, atol=1e-5)
+    gv = grads["v"] * pair["v"]
+    dots = np.sum(gv, axis=(0, 1)) / np.sum(np.abs(gv), axis=(0, 1))
+    np.testing.assert_allclose(dots, 0, atol=1e-5)
     # the merged kernel is a plain dense layer: same output as the reparameterised forward
-    merged = optim.weight_norm_merge(**pair, fan_in_axes=2)
     np.testing.assert_allclose(
-        np.asarray(jnp.einsum("bij,ijo->bo", x, merged)),
-        np.asarray(jnp.einsum("bij,ijo->bo", x, w)),
-        rtol=1e-5,
-        atol=1e-5,
+        np.einsum("bij,ijo->bo", x, merged), np.einsum("bij,ijo->bo", x, w), rtol=1e-5, atol=1e-5
     )
 
 
