@@ -239,14 +239,15 @@ def _built(model_fn):
 def merged(args) -> list[str]:
     cfg = default_config(args)
     base = _built(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
-    method, options = _method("lora", args.rank)
-    adapted = _built(_adapted_fn(cfg, "lora", options))
+    _, options = _method("lora", args.rank)
+    adapted = nnx.clone(base)  # the base weights, with LoRA attached as _adapted_fn does
+    lowrank.apply(adapted, lowrank.AdapterConfig(method="lora", options=options,
+                                                 targets=PATTERN), rngs=nnx.Rngs(1))  # fmt: skip
     for lin in lowrank.linear_paths(adapted).values():  # non-zero B, so nothing folds away
         for ad in getattr(lin.adapter, "adapters", {}).values():
             b = ad.b[...]
             ad.b[...] = jnp.asarray(np.full(b.shape, 0.01, b.dtype))
-    merged_model = _built(_adapted_fn(cfg, "lora", options))
-    nnx.update(merged_model, nnx.state(adapted))
+    merged_model = nnx.clone(adapted)
     lowrank.merge(merged_model)
     tokens = jnp.asarray(np.arange(args.batch * args.seq).reshape(args.batch, args.seq) % 256)
     variants = {"base": base, "LoRA, unmerged": adapted, "LoRA, merged": merged_model}
