@@ -275,8 +275,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--layers", type=int, default=None,
-                   help="methods / merged parts: layers of the model (default: its own)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="methods / merged parts: layers of the model (default: its own)",
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps-per-call", type=int, default=TrainConfig.steps_per_call)
