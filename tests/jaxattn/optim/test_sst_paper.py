@@ -54,31 +54,37 @@ def stepped(setup):
     params, grads, _ = setup
     big = {**grads, "s": jnp.asarray([1e3, -1.0, 1e3, -1.0, 0.0])}
     txs = {n: optim.sst(optax.sgd(LR), rank=R, every=1, **kw) for n, kw in CONFIGS.items()}
-    states = jax.jit(lambda p: {n: tx.init(p) for n, tx in txs.items()})(params)
 
     @jax.jit
-    def run(grads, big, states):
+    def run(grads, big):  # the inits and every update in one program
+        states = {n: tx.init(params) for n, tx in txs.items()}
         out = {n: tx.update(grads, states[n], params)[0] for n, tx in txs.items()}
         out["clamped"] = txs["paper"].update(big, states["paper"], params)[0]
-        return {n: optax.apply_updates(params, u) for n, u in out.items()}
+        new = {n: optax.apply_updates(params, u) for n, u in out.items()}
+        return new, states["paper"].index[0]
 
-    new = jax.tree.map(np.asarray, run(grads, big, states))
-    return new, np.asarray(states["paper"].index[0]), np.asarray(big["s"])
+    new, index = jax.tree.map(np.asarray, run(grads, big))
+    return new, index, np.asarray(big["s"])
 
 
 def test_sampling_frequencies_follow_the_papers_mixture():
     """§4.4: index i is drawn with p(i) = ½ (1/k + Σ_i / Σ_j Σ_j) (first draw of a
     multinomial without replacement); 20000 seeded draws, 4σ tolerance. Zero singular values
     keep the uniform share (the plain |s| weighting would never draw them)."""
-    s = jnp.asarray([8.0, 4.0, 2.0, 1.0, 0.5, 0.0, 0.0, 0.25])
-    p = 0.5 * (1 / 8 + np.asarray(s) / float(jnp.sum(s)))
-    np.testing.assert_allclose(optim.sampling_probabilities(s), p, rtol=1e-6)
-    keys = jax.random.split(jax.random.key(1), 20000)
-    draws = jax.jit(jax.vmap(lambda k: optim.sample_vectors(k, s, 1)))(keys)[:, 0]
-    freq = np.bincount(np.asarray(draws), minlength=8) / 20000
+    s = np.asarray([8.0, 4.0, 2.0, 1.0, 0.5, 0.0, 0.0, 0.25], np.float32)
+    p = 0.5 * (1 / 8 + s / s.sum())
+
+    @jax.jit
+    def run(s):  # one program: the probabilities, 20000 single draws, one draw of 5
+        keys = jax.random.split(jax.random.key(1), 20000)
+        draws = jax.vmap(lambda k: optim.sample_vectors(k, s, 1))(keys)[:, 0]
+        return optim.sampling_probabilities(s), draws, optim.sample_vectors(jax.random.key(2), s, 5)
+
+    probs, draws, idx = (np.asarray(x) for x in run(s))
+    np.testing.assert_allclose(probs, p, rtol=1e-6)
+    freq = np.bincount(draws, minlength=8) / 20000
     np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(p * (1 - p) / 20000).max())
     assert freq[5] > 0.04 and freq[6] > 0.04  # 1/16 each, not 0
-    idx = np.asarray(optim.sample_vectors(jax.random.key(2), s, 5))
     assert len(set(idx.tolist())) == 5  # without replacement
     for bad in (1.5, -0.1, True, "half"):
         with pytest.raises(ValueError, match="uniform_mix"):
