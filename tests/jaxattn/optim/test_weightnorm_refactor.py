@@ -55,33 +55,29 @@ def test_gradnormlorp_projects_v_only_and_is_the_inner_at_full_rank():
 
 
 def test_balance_factors_keeps_the_product_and_balances_the_spectrum():
-    b = jax.random.normal(jax.random.key(0), (32, 6)) * 3.0
-    a = jax.random.normal(jax.random.key(1), (6, 20)) * 0.1
-    b2, a2 = optim.balance_factors(b, a)
-    np.testing.assert_allclose(
-        np.asarray(b2 @ a2), np.asarray(b @ a), rtol=0, atol=1e-5 * float(jnp.abs(b @ a).max())
-    )
+    rng = np.random.default_rng(0)  # numpy draws and checks, one jitted balance_factors
+    b = (rng.standard_normal((32, 6)) * 3.0).astype(np.float32)
+    a = (rng.standard_normal((6, 20)) * 0.1).astype(np.float32)
+    b2, a2 = (np.asarray(x) for x in jax.jit(optim.balance_factors)(b, a))
+    np.testing.assert_allclose(b2 @ a2, b @ a, rtol=0, atol=1e-5 * np.abs(b @ a).max())
     btb, aat = b2.T @ b2, a2 @ a2.T
-    np.testing.assert_allclose(np.asarray(btb), np.asarray(aat), atol=1e-4)
-    s = jnp.linalg.svd(b @ a, compute_uv=False)[:6]
-    np.testing.assert_allclose(np.asarray(jnp.diag(btb)), np.asarray(s), rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(btb - jnp.diag(jnp.diag(btb))), 0, atol=1e-4)
+    np.testing.assert_allclose(btb, aat, atol=1e-4)
+    s = np.linalg.svd(b @ a, compute_uv=False)[:6]
+    np.testing.assert_allclose(np.diag(btb), s, rtol=1e-4)
+    np.testing.assert_allclose(btb - np.diag(np.diag(btb)), 0, atol=1e-4)
 
 
 def test_refactor_every_k_steps_keeps_ba_and_resets_the_moments():
-    params = {
-        "q": {
-            "b": jax.random.normal(jax.random.key(0), (16, 4)),
-            "a": jax.random.normal(jax.random.key(1), (4, 24)),
-        },
-        "norm": jnp.ones(8),
-    }
+    rng = np.random.default_rng(0)  # numpy draws: no eager jax.random programs
+    normal = lambda shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    params = {"q": {"b": normal((16, 4)), "a": normal((4, 24))}, "norm": np.ones(8, np.float32)}
+    params = jax.tree.map(jnp.asarray, params)
     inner = optax.adam(1e-2)
     tx = optim.lowrank_refactor(inner, every=3)
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
     step, plain_step = jax.jit(tx.update), jax.jit(inner.update)
     for t in range(1, 7):
-        g = jax.tree.map(lambda p, t=t: jax.random.normal(jax.random.key(10 + t), p.shape), params)
+        g = jax.tree.map(lambda p: normal(p.shape), params)
         want_u, want_inner = plain_step(g, state.inner, params)  # the plain Adam step
         u, state = step(g, state, params)
         new = optax.apply_updates(params, u)
