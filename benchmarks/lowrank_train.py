@@ -25,7 +25,7 @@ Issue 14's benchmark targets, three parts (``--part``, default all):
   base speed).
 
 Usage: ``python -m benchmarks.lowrank_train [--part throughput|methods|merged]
-[--batch 16] [--seq 128] [--rank 8] [--steps 10] [--rounds 5] [--steps-per-call 10]``
+[--batch 16] [--seq 128] [--rank 8] [--layers N] [--steps 10] [--rounds 5] [--steps-per-call 10]``
 """
 
 from __future__ import annotations
@@ -189,12 +189,19 @@ def _state_bytes(model_fn, rules) -> tuple[int, int]:
     return _trainable(state["params"], trainer), int(opt)
 
 
+def default_config(args):
+    """``mla-tiny-default``, with ``--layers`` layers where given (None: its own depth)."""
+    layers = getattr(args, "layers", None)
+    return get_config("mla-tiny-default", **({"num_layers": layers} if layers else {}))
+
+
 def methods(args) -> list[str]:
-    cfg = get_config("mla-tiny-default")
+    cfg = default_config(args)
     full_fn = lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))
     full = _state_bytes(full_fn, ("adamw:.*",))
     lines = [
-        f"Per method on every attention/MLP projection of mla-tiny-default (rank {args.rank} "
+        f"Per method on every attention/MLP projection of mla-tiny-default ({cfg.num_layers} "
+        f"layers; rank {args.rank} "
         "where the method has one; the method's own training rules)",
         "| method | options | trainable params | % of full | optimizer state (bytes) | % of full |",
         "|---|---|---|---|---|---|",
@@ -222,16 +229,25 @@ def _forward(model, tokens):
     return model(tokens)
 
 
+def _built(model_fn):
+    """``model_fn()``, its state computed in one jitted program (eagerly, every initialiser
+    op compiles a program of its own)."""
+    graphdef, _ = nnx.split(nnx.eval_shape(model_fn))
+    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(model_fn()))())
+
+
 def merged(args) -> list[str]:
-    cfg = get_config("mla-tiny-default")
-    base = DecoderLM(cfg, rngs=nnx.Rngs(0))
-    method, options = _method("lora", args.rank)
-    adapted = _adapted_fn(cfg, "lora", options)()
+    cfg = default_config(args)
+    base = _built(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    _, options = _method("lora", args.rank)
+    adapted = nnx.clone(base)  # the base weights, with LoRA attached as _adapted_fn does
+    lowrank.apply(adapted, lowrank.AdapterConfig(method="lora", options=options,
+                                                 targets=PATTERN), rngs=nnx.Rngs(1))  # fmt: skip
     for lin in lowrank.linear_paths(adapted).values():  # non-zero B, so nothing folds away
         for ad in getattr(lin.adapter, "adapters", {}).values():
-            ad.b[...] = 0.01 * jnp.ones_like(ad.b[...])
-    merged_model = _adapted_fn(cfg, "lora", options)()
-    nnx.update(merged_model, nnx.state(adapted))
+            b = ad.b[...]
+            ad.b[...] = jnp.asarray(np.full(b.shape, 0.01, b.dtype))
+    merged_model = nnx.clone(adapted)
     lowrank.merge(merged_model)
     tokens = jnp.asarray(np.arange(args.batch * args.seq).reshape(args.batch, args.seq) % 256)
     variants = {"base": base, "LoRA, unmerged": adapted, "LoRA, merged": merged_model}
@@ -241,7 +257,8 @@ def merged(args) -> list[str]:
             times[name].append(median_seconds(_forward, (model, tokens), 5, 0.2))
     ref = statistics.median(times["base"])
     lines = [
-        f"Forward of mla-tiny-default, batch {args.batch} x {args.seq}, fp32, LoRA rank "
+        f"Forward of mla-tiny-default ({cfg.num_layers} layers), batch {args.batch} x "
+        f"{args.seq}, fp32, LoRA rank "
         f"{args.rank} on every projection; median of {args.rounds} rounds",
         "| variant | ms | × base |",
         "|---|---|---|",
@@ -258,6 +275,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="methods / merged parts: layers of the model (default: its own)",
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps-per-call", type=int, default=TrainConfig.steps_per_call)

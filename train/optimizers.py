@@ -12,7 +12,8 @@ applies to matrices only (parameters with >= 2 dims), never to norms' scales or 
   galore(rank, update_proj_gap, scale, proj_type, projector, moment_bits, lr, b1, b2,
          weight_decay)                          jaxattn.optim.galore around galore-torch's Adam
   fira(..., gamma)                              jaxattn.optim.fira, same arguments + gamma
-  sst(rank, every, svd_every, lr, b1, b2, eps, weight_decay)   AdamW with Sparse Spectral
+  sst(rank, every, svd_every, lr, b1, b2, eps, weight_decay, uniform_mix, enhanced_grad,
+      normalize, clamp_s)                       AdamW with Sparse Spectral
                                                 Training's sampled singular vectors and periodic
                                                 re-SVD (jaxattn.optim.sst) on the ``u``/``s``/``vt``
                                                 leaves of sst kernels
@@ -173,11 +174,13 @@ def _positive(**values):
 
 
 def sst(params, config, *, rank, every=100, svd_every=None, lr=None, b1=None, b2=None,
-        eps=1e-8, weight_decay=None):  # fmt: skip
+        eps=1e-8, weight_decay=None, uniform_mix=0.5, enhanced_grad=True, normalize=True,
+        clamp_s=True):  # fmt: skip
     """AdamW whose spectral kernels train by Sparse Spectral Training (``jaxattn.optim.sst``):
     every ``every`` steps ``rank`` singular-vector pairs are drawn per kernel, every
     ``svd_every`` steps (None: one round, ``every · ceil(k / rank)``) each kernel is
-    re-initialised from the SVD of its merged weight."""
+    re-initialised from the SVD of its merged weight. ``uniform_mix``, ``enhanced_grad``,
+    ``normalize`` and ``clamp_s`` are ``jaxattn.optim.sst``'s (the paper's defaults)."""
     from jaxattn.optim import sst as sst_tx
 
     _positive(rank=rank, every=every)
@@ -196,7 +199,11 @@ def sst(params, config, *, rank, every=100, svd_every=None, lr=None, b1=None, b2
         path, k = next(iter(too_big.items()))
         raise ValueError(f"rank={rank} is larger than the spectrum k={k} of {path!r}")
     inner = adamw(params, config, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    return sst_tx(inner, rank=rank, every=every, svd_every=svd_every, seed=config.seed)
+    return sst_tx(
+        inner, rank=rank, every=every, svd_every=svd_every, seed=config.seed,
+        uniform_mix=uniform_mix, enhanced_grad=enhanced_grad, normalize=normalize,
+        clamp_s=clamp_s,
+    )  # fmt: skip
 
 
 def _spectral_needs_sst(trained: dict[str, str]) -> None:

@@ -14,6 +14,7 @@ Low-rank weight parameterisations (pretraining from scratch)
   parameterize, form_param_count  lowrank / sltrain / sst kernels by path (optim.parameterize)
   sst, SSTState, sample_vectors   Sparse Spectral Training's sampled updates (jaxattn.optim.sst)
   resvd                           SST's periodic re-SVD of U·diag(s)·Vᵀ (no [m, n] formed)
+  sampling_probabilities          SST's p_i = ½ (1/k + s_i / Σ s) (uniform share configurable)
 Sharding (jaxattn.optim.specs)
   state_partition_specs, state_spec   optimizer-state PartitionSpecs from the parameters'
 8-bit states (jaxattn.optim.quantized)
@@ -33,7 +34,7 @@ from jaxattn.optim.quantized import (
 )
 from jaxattn.optim.refactor import RefactorState, balance_factors, lowrank_refactor
 from jaxattn.optim.specs import state_partition_specs, state_spec
-from jaxattn.optim.sst import SSTState, resvd, sample_vectors, sst
+from jaxattn.optim.sst import SSTState, resvd, sample_vectors, sampling_probabilities, sst
 from jaxattn.optim.weightnorm import gradnormlorp, weight_norm_merge, weight_norm_split
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "sst",
     "SSTState",
     "sample_vectors",
+    "sampling_probabilities",
     "resvd",
     "state_partition_specs",
     "state_spec",

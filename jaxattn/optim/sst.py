@@ -4,10 +4,19 @@ Zhao et al., "Sparse Spectral Training and Inference on Euclidean and Hyperbolic
 Networks" (2024). A weight in spectral form ``W = U_mk diag(s_k) Vᵀ_kn`` (the ``sst`` kernel of
 ``jaxattn.layers``: sibling leaves ``u``, ``s``, ``vt``) is trained so that
 
-* every step updates **all** of ``s``;
+* every step updates **all** of ``s``, clamped at 0 after the update (the paper's
+  ``Σ ← max(Σ − η∇Σ, 0)``; ``clamp_s``);
 * only ``r`` of the ``k`` singular-vector pairs (columns of ``U``, rows of ``Vᵀ``) are updated,
-  chosen by multinomial sampling without replacement with probabilities ``|s_i| / Σ|s|``
-  (Gumbel top-r), re-drawn every ``every`` steps inside the compiled step;
+  chosen by multinomial sampling without replacement (Gumbel top-r) with the paper's
+  probabilities ``p_i = ½ (1/k + s_i / Σ_j s_j)`` (a uniform term mixed with the
+  singular-value weights; ``uniform_mix`` is the uniform share, ½ in the paper), re-drawn
+  every ``every`` steps inside the compiled step;
+* the sampled vectors follow the paper's *enhanced gradient* (``enhanced_grad``):
+  ``∇̃U_·i = ∂L/∂W · V_·i`` and ``∇̃V_·i = (∂L/∂W)ᵀ · U_·i``, autodiff's ``∂L/∂U_·i`` and
+  ``∂L/∂V_·i`` without their factor ``s_i`` (recovered exactly as ``∂L/∂U_·i / s_i``; a vector
+  whose ``s_i`` is 0 gets no direction from autodiff and stays put until ``s_i`` grows again),
+  and after the update each is re-normalised to unit length (``normalize``: the magnitude
+  lives in ``s``);
 * the inner optimizer sees the sampled vectors only: its moments of ``U`` and ``Vᵀ`` are
   ``[m, r]`` and ``[r, n]`` (the memory saving), and they restart from ``inner.init`` of the
   new set when one is drawn (they belonged to the previous vectors). ``s``, every other leaf
@@ -21,10 +30,9 @@ Networks" (2024). A weight in spectral form ``W = U_mk diag(s_k) Vᵀ_kn`` (the 
   the old basis); ``svd_every`` is a multiple of ``every``, so the next step draws a new set
   from ``s'``.
 
-† Not implemented: the paper's sampling distribution mixes in a uniform term, its
-singular-vector gradients are the "enhanced" ones (``∂L/∂W V_i`` without the ``s_i`` factor),
-its updated vectors are re-normalised and its ``s`` clamped at 0 each step; here the
-probabilities are ``|s_i| / Σ|s|`` (PAPERS.md §8) and the gradients autodiff's.
+``sst`` expects the raw gradients as its ``updates`` (put it first in a chain): the enhanced
+gradient divides them by ``s``. ``uniform_mix=0, enhanced_grad=False, normalize=False,
+clamp_s=False`` gives the plain variant (probabilities ``|s_i| / Σ|s|``, autodiff gradients).
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import optax
 from jaxattn.optim._plan import flatten
 from jaxattn.optim.projectors import sign_convention
 
-__all__ = ["sst", "SSTState", "sample_vectors", "resvd"]
+__all__ = ["sst", "SSTState", "sample_vectors", "sampling_probabilities", "resvd"]
 
 
 class SSTState(NamedTuple):
@@ -52,15 +60,36 @@ class SSTState(NamedTuple):
     inner: optax.OptState
 
 
-def sample_vectors(key: jax.Array, s_k: jax.Array, rank: int) -> jax.Array:
-    """``rank`` distinct indices into ``s_k`` drawn without replacement with probabilities
-    proportional to ``|s_k|`` (sorted int32 [rank])."""
+def sampling_probabilities(s_k: jax.Array, uniform_mix: float = 0.5) -> jax.Array:
+    """SST's multinomial weights ``p_i = uniform_mix / k + (1 − uniform_mix) |s_i| / Σ_j |s_j|``
+    (fp32 [k]; the paper's ``½ (1/k + Σ_i / Σ_j Σ_j)`` at ``uniform_mix = ½``). An all-zero
+    spectrum gives the uniform ``1/k``."""
     weights = jnp.abs(s_k.astype(jnp.float32))
-    # Gumbel top-r: the first draw has P(i) = w_i / Σ w, later ones follow without replacement;
-    # an all-zero spectrum samples uniformly rather than producing NaN
-    logits = jnp.where(jnp.sum(weights) > 0, jnp.log(weights), 0.0)
-    gumbel = jax.random.gumbel(key, weights.shape)
-    _, idx = jax.lax.top_k(logits + gumbel, rank)
+    total = jnp.sum(weights)
+    k = s_k.shape[0]
+    by_s = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 1.0 / k)
+    return uniform_mix / k + (1.0 - uniform_mix) * by_s
+
+
+def _check_mix(uniform_mix) -> float:
+    if (
+        isinstance(uniform_mix, bool) or not isinstance(uniform_mix, (int, float))
+        or not 0.0 <= uniform_mix <= 1.0
+    ):  # fmt: skip
+        raise ValueError(f"sst: uniform_mix={uniform_mix!r} must be a number in [0, 1]")
+    return float(uniform_mix)
+
+
+def sample_vectors(
+    key: jax.Array, s_k: jax.Array, rank: int, *, uniform_mix: float = 0.5
+) -> jax.Array:
+    """``rank`` distinct indices into ``s_k`` drawn without replacement with the probabilities
+    of :func:`sampling_probabilities` (sorted int32 [rank])."""
+    p = sampling_probabilities(s_k, _check_mix(uniform_mix))
+    # Gumbel top-r: the first draw has P(i) = p_i, later ones follow without replacement; a
+    # zero p_i (uniform_mix 0, s_i 0) is never drawn while another index is left
+    gumbel = jax.random.gumbel(key, p.shape)
+    _, idx = jax.lax.top_k(jnp.log(p) + gumbel, rank)
     return jnp.sort(idx).astype(jnp.int32)
 
 
@@ -107,6 +136,10 @@ def sst(
     svd_every: int | None = None,
     seed: int = 0,
     names: tuple[str, str, str] = ("u", "s", "vt"),
+    uniform_mix: float = 0.5,
+    enhanced_grad: bool = True,
+    normalize: bool = True,
+    clamp_s: bool = True,
 ) -> optax.GradientTransformation:
     """``inner`` with SST's sampled singular-vector updates (module docstring).
 
@@ -119,10 +152,17 @@ def sst(
         ``every``); None: one round, ``every · ceil(k / rank)`` with k the largest spectrum.
       seed: the sampling key's seed.
       names: leaf names of ``U`` [m, k], ``s`` [k] and ``Vᵀ`` [k, n] under one parent.
+      uniform_mix: the uniform share of the sampling probabilities, in [0, 1]
+        (:func:`sampling_probabilities`; the paper's ½; 0: ``|s_i| / Σ|s|``).
+      enhanced_grad: the sampled vectors get the paper's enhanced gradient
+        ``∂L/∂W · V_·i`` / ``(∂L/∂W)ᵀ · U_·i`` (autodiff's divided by ``s_i``), not autodiff's.
+      normalize: re-normalise each updated vector (columns of ``U``, rows of ``Vᵀ``) to unit
+        length after the update, as the paper does.
+      clamp_s: clamp ``s`` at 0 after the update (the paper's ``max(Σ, 0)``).
 
     Raises:
-      ValueError: a bad ``rank`` / ``every`` / ``svd_every`` (naming the triple), no triple
-        found, or ``update`` without ``params``.
+      ValueError: a bad ``rank`` / ``every`` / ``svd_every`` / ``uniform_mix`` / flag (naming
+        the argument or the triple), no triple found, or ``update`` without ``params``.
     """
     for field, value in (("rank", rank), ("every", every)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -132,6 +172,11 @@ def sst(
         or svd_every % every
     ):  # fmt: skip
         raise ValueError(f"sst: svd_every={svd_every!r} must be a positive multiple of {every=}")
+    uniform_mix = _check_mix(uniform_mix)
+    for field, value in (("enhanced_grad", enhanced_grad), ("normalize", normalize),
+                         ("clamp_s", clamp_s)):  # fmt: skip
+        if not isinstance(value, bool):
+            raise ValueError(f"sst: {field}={value!r} must be a bool")
 
     def period(params, triples):
         if svd_every is not None:
@@ -159,7 +204,10 @@ def sst(
     def draw(key, params, triples):
         _, xs, _ = flatten(params)
         keys = jax.random.split(key, len(triples))
-        return tuple(sample_vectors(k, xs[i_s], rank) for k, (_, i_s, _) in zip(keys, triples))
+        return tuple(
+            sample_vectors(k, xs[i_s], rank, uniform_mix=uniform_mix)
+            for k, (_, i_s, _) in zip(keys, triples)
+        )
 
     def reduce(tree, index, triples):
         """``tree`` (params or grads) with each U / Vᵀ cut to its sampled vectors."""
@@ -194,15 +242,24 @@ def sst(
         key, index, inner_state = jax.lax.cond(
             due, redraw, lambda *a: a, state.key, state.index, state.inner
         )
-        low, inner_state = inner.update(
-            reduce(updates, index, triples), inner_state, reduce(params, index, triples)
-        )
+        grads = reduce(updates, index, triples)
+        if enhanced_grad:
+            grads = _enhance(grads, params, index, triples)
+        low, inner_state = inner.update(grads, inner_state, reduce(params, index, triples))
         _, us, treedef = flatten(updates)
         _, lows, _ = flatten(low)
+        _, ps, _ = flatten(params)
         out = list(lows)
-        for idx, (i_u, _, i_v) in zip(index, triples):  # unsampled vectors: exactly no update
-            out[i_u] = jnp.zeros_like(us[i_u]).at[:, idx].set(lows[i_u].astype(us[i_u].dtype))
-            out[i_v] = jnp.zeros_like(us[i_v]).at[idx, :].set(lows[i_v].astype(us[i_v].dtype))
+        for idx, (i_u, i_s, i_v) in zip(index, triples):  # unsampled vectors: exactly no update
+            lu, lv = lows[i_u], lows[i_v]
+            if normalize:  # unit-length vectors after the step: U_·i, V_·i ← x / ‖x‖
+                lu = _unit(ps[i_u][:, idx] + lu, axis=0) - ps[i_u][:, idx]
+                lv = _unit(ps[i_v][idx, :] + lv, axis=1) - ps[i_v][idx, :]
+            out[i_u] = jnp.zeros_like(us[i_u]).at[:, idx].set(lu.astype(us[i_u].dtype))
+            out[i_v] = jnp.zeros_like(us[i_v]).at[idx, :].set(lv.astype(us[i_v].dtype))
+            if clamp_s:  # s ← max(s + Δs, 0)
+                s = ps[i_s]
+                out[i_s] = (jnp.maximum(s + out[i_s], 0) - s).astype(out[i_s].dtype)
         count = optax.safe_increment(state.count)
         triple_paths = tuple(paths[i] for t in triples for i in t)
 
@@ -223,6 +280,28 @@ def sst(
         return treedef.unflatten(out), SSTState(count, key, index, inner_state)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _enhance(grads, params, index, triples):
+    """The paper's enhanced gradients of the sampled vectors: autodiff gives
+    ``∂L/∂U_·i = s_i ∂L/∂W V_·i`` and ``∂L/∂Vᵀ_i· = s_i U_·iᵀ ∂L/∂W``; divided by ``s_i`` they
+    are ``∂L/∂W V_·i`` and ``U_·iᵀ ∂L/∂W``. Where ``s_i`` is 0 the gradient is 0 either way."""
+    _, gs, treedef = flatten(grads)
+    _, ps, _ = flatten(params)
+    gs = list(gs)
+    for idx, (i_u, i_s, i_v) in zip(index, triples):
+        s = ps[i_s][idx].astype(jnp.float32)
+        inv = jnp.where(s != 0, 1.0 / jnp.where(s != 0, s, 1.0), 0.0)
+        gs[i_u] = (gs[i_u].astype(jnp.float32) * inv).astype(gs[i_u].dtype)
+        gs[i_v] = (gs[i_v].astype(jnp.float32) * inv[:, None]).astype(gs[i_v].dtype)
+    return treedef.unflatten(gs)
+
+
+def _unit(x, axis):
+    """``x`` scaled to unit L2 norm along ``axis`` (computed in fp32; a zero vector stays 0)."""
+    x32 = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x32 * x32, axis=axis, keepdims=True))
+    return (x32 / jnp.where(norm > 0, norm, 1.0)).astype(x.dtype)
 
 
 def _reset(old, fresh, paths: tuple[str, ...]):

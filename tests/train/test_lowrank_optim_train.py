@@ -142,6 +142,12 @@ def _rest(config, trainer):
     return jax.jit(rest, out_shardings=trainer.rest_shardings)()
 
 
+# slow tier: an 8-device trainer's init and step compile (~18 s in CI). The default run still
+# covers its paths: tests/train/test_checkpoints.py::test_restore_onto_a_different_mesh_reshards
+# (Orbax restore onto another mesh), tests/jaxattn/optim/test_optim_sharding.py::
+# test_mesh_2x2x2_equals_one_device (GaLore state sharded on 2x2x2 == one device) and
+# the resume test above (the whole GaLore/Fira/SST state through a checkpoint, bit-exact)
+@pytest.mark.slow
 def test_galore_fira_sst_state_restores_onto_another_mesh(reference_run, tmp_path):
     """The one-device reference run's checkpoint at step 2, restored on a 2x2x2 mesh (the
     projectors and projected moments keep their parameter's sharding) and trained 2 more

@@ -10,35 +10,29 @@ from jaxattn.optim.quantized import QuantizedState
 
 
 def test_weight_norm_reproduces_the_kernel_and_its_gradient_is_orthogonal_to_v():
-    w = jax.random.normal(jax.random.key(0), (3, 8, 12))  # [*in, out] with fan_in_axes=2
-    pair = optim.weight_norm_split(w, fan_in_axes=2)
-    assert pair["g"].shape == (12,)
-    np.testing.assert_allclose(
-        np.asarray(optim.weight_norm_merge(**pair, fan_in_axes=2)),
-        np.asarray(w),
-        rtol=1e-6,
-        atol=1e-6,
-    )
-    zero = optim.weight_norm_merge(jnp.ones(4), jnp.zeros((5, 4)))
-    np.testing.assert_array_equal(np.asarray(zero), 0.0)  # a zero column: zeros, not NaN
+    rng = np.random.default_rng(0)  # numpy draws, one jitted program (eager ops compile each)
+    w = rng.standard_normal((3, 8, 12)).astype(np.float32)  # [*in, out], fan_in_axes=2
+    x = rng.standard_normal((6, 3, 8)).astype(np.float32)
 
-    x = jax.random.normal(jax.random.key(1), (6, 3, 8))
-    loss = lambda p: jnp.sum(
-        jnp.tanh(jnp.einsum("bij,ijo->bo", x, optim.weight_norm_merge(**p, fan_in_axes=2)))
-    )
-    grads = jax.jit(jax.grad(loss))(pair)
+    @jax.jit
+    def run(w, x):
+        pair = optim.weight_norm_split(w, fan_in_axes=2)
+        merge = lambda p: optim.weight_norm_merge(**p, fan_in_axes=2)  # noqa: E731
+        loss = lambda p: jnp.sum(jnp.tanh(jnp.einsum("bij,ijo->bo", x, merge(p))))
+        zero = optim.weight_norm_merge(jnp.ones(4), jnp.zeros((5, 4)))
+        return pair, merge(pair), zero, jax.grad(loss)(pair)
+
+    pair, merged, zero, grads = jax.tree.map(np.asarray, run(w, x))
+    assert pair["g"].shape == (12,)
+    np.testing.assert_allclose(merged, w, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(zero, 0.0)  # a zero column: zeros, not NaN
     # weight normalisation: the gradient of V is orthogonal to V, per output unit
-    dots = jnp.sum(grads["v"] * pair["v"], axis=(0, 1)) / jnp.sum(
-        jnp.abs(grads["v"] * pair["v"]), axis=(0, 1)
-    )
-    np.testing.assert_allclose(np.asarray(dots), 0, atol=1e-5)
+    gv = grads["v"] * pair["v"]
+    dots = np.sum(gv, axis=(0, 1)) / np.sum(np.abs(gv), axis=(0, 1))
+    np.testing.assert_allclose(dots, 0, atol=1e-5)
     # the merged kernel is a plain dense layer: same output as the reparameterised forward
-    merged = optim.weight_norm_merge(**pair, fan_in_axes=2)
     np.testing.assert_allclose(
-        np.asarray(jnp.einsum("bij,ijo->bo", x, merged)),
-        np.asarray(jnp.einsum("bij,ijo->bo", x, w)),
-        rtol=1e-5,
-        atol=1e-5,
+        np.einsum("bij,ijo->bo", x, merged), np.einsum("bij,ijo->bo", x, w), rtol=1e-5, atol=1e-5
     )
 
 
@@ -61,33 +55,29 @@ def test_gradnormlorp_projects_v_only_and_is_the_inner_at_full_rank():
 
 
 def test_balance_factors_keeps_the_product_and_balances_the_spectrum():
-    b = jax.random.normal(jax.random.key(0), (32, 6)) * 3.0
-    a = jax.random.normal(jax.random.key(1), (6, 20)) * 0.1
-    b2, a2 = optim.balance_factors(b, a)
-    np.testing.assert_allclose(
-        np.asarray(b2 @ a2), np.asarray(b @ a), rtol=0, atol=1e-5 * float(jnp.abs(b @ a).max())
-    )
+    rng = np.random.default_rng(0)  # numpy draws and checks, one jitted balance_factors
+    b = (rng.standard_normal((32, 6)) * 3.0).astype(np.float32)
+    a = (rng.standard_normal((6, 20)) * 0.1).astype(np.float32)
+    b2, a2 = (np.asarray(x) for x in jax.jit(optim.balance_factors)(b, a))
+    np.testing.assert_allclose(b2 @ a2, b @ a, rtol=0, atol=1e-5 * np.abs(b @ a).max())
     btb, aat = b2.T @ b2, a2 @ a2.T
-    np.testing.assert_allclose(np.asarray(btb), np.asarray(aat), atol=1e-4)
-    s = jnp.linalg.svd(b @ a, compute_uv=False)[:6]
-    np.testing.assert_allclose(np.asarray(jnp.diag(btb)), np.asarray(s), rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(btb - jnp.diag(jnp.diag(btb))), 0, atol=1e-4)
+    np.testing.assert_allclose(btb, aat, atol=1e-4)
+    s = np.linalg.svd(b @ a, compute_uv=False)[:6]
+    np.testing.assert_allclose(np.diag(btb), s, rtol=1e-4)
+    np.testing.assert_allclose(btb - np.diag(np.diag(btb)), 0, atol=1e-4)
 
 
 def test_refactor_every_k_steps_keeps_ba_and_resets_the_moments():
-    params = {
-        "q": {
-            "b": jax.random.normal(jax.random.key(0), (16, 4)),
-            "a": jax.random.normal(jax.random.key(1), (4, 24)),
-        },
-        "norm": jnp.ones(8),
-    }
+    rng = np.random.default_rng(0)  # numpy draws: no eager jax.random programs
+    normal = lambda shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    params = {"q": {"b": normal((16, 4)), "a": normal((4, 24))}, "norm": np.ones(8, np.float32)}
+    params = jax.tree.map(jnp.asarray, params)
     inner = optax.adam(1e-2)
     tx = optim.lowrank_refactor(inner, every=3)
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
     step, plain_step = jax.jit(tx.update), jax.jit(inner.update)
     for t in range(1, 7):
-        g = jax.tree.map(lambda p, t=t: jax.random.normal(jax.random.key(10 + t), p.shape), params)
+        g = jax.tree.map(lambda p: normal(p.shape), params)
         want_u, want_inner = plain_step(g, state.inner, params)  # the plain Adam step
         u, state = step(g, state, params)
         new = optax.apply_updates(params, u)
