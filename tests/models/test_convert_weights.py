@@ -117,3 +117,44 @@ def test_projection_covariances_are_the_inputs_second_moments(model):
                           "mlp/down")}  # fmt: skip
     with pytest.raises(ValueError, match="eora needs calibration tokens"):
         mc.convert(model, "eora", None)
+
+
+# -- MoDeGPT (models._convert_modegpt): Type I Nyström on the MLP, Type III SVD on v / o ---------
+def test_modegpt_keep_one_is_exact(model):
+    new, [report] = mc.convert(model, "modegpt", CALIB, keep=1.0, batch_size=4)
+    np.testing.assert_allclose(_logits(new), _logits(model), atol=TOL)
+    assert report["max_abs_logit_diff"] < TOL and report["mean_relative_error"] < 1e-5
+    assert new.config.mlp_dim == 48 and report["v_head_dim"] == 8
+
+
+def test_modegpt_compressed_count_and_errors(model):
+    new, [report] = mc.convert(model, "modegpt", CALIB, keep="0.5", batch_size=4)
+    dense = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    # MLP 48 -> 24 intermediate dims (gate, up, down: 3 · 32 each); value heads 8 -> 4 dims
+    # (v: 2 kv heads, o: 4 query heads, 32 wide each)
+    assert report["parameters"] == dense - 3 * 32 * 24 - 32 * (2 + 4) * 4
+    assert new.config.mlp_dim == 24 and new.layers[0].attn.v.kernel.shape == (32, 2, 4)
+    assert 0 < report["mlp_relative_error"] < 1 and 0 < report["relative_logit_error"] < 1
+    # Type III's weighted SVD is the Eckart-Young optimum: below per-weight SVD at equal size
+    assert 0 < report["vo_relative_error"] < report["vo_relative_error_svd"]
+    # Nyström keeps columns of gate / up as they are (only the down projection is refitted)
+    old_gate = np.asarray(model.layers[0].mlp.gate.kernel[...])
+    new_gate = np.asarray(new.layers[0].mlp.gate.kernel[...])
+    assert all(np.abs(old_gate - col[:, None]).max(0).min() == 0 for col in new_gate.T)
+    mlp_only, [r] = mc.convert(model, "modegpt", CALIB, keep=0.5, types="mlp", batch_size=4)
+    assert mlp_only.layers[0].attn.v.kernel.shape == (32, 2, 8) and "vo_relative_error" not in r
+
+
+def test_modegpt_bad_input_is_named(model):
+    with pytest.raises(ValueError, match="keep=0"):
+        mc.convert(model, "modegpt", CALIB, keep=0, batch_size=4)
+    with pytest.raises(ValueError, match="keep=1.5"):
+        mc.convert(model, "modegpt", CALIB, keep=1.5, batch_size=4)
+    with pytest.raises(ValueError, match="types=\\('qk',\\)"):
+        mc.convert(model, "modegpt", CALIB, types="qk", batch_size=4)
+    with pytest.raises(ValueError, match="modegpt needs calibration tokens"):
+        mc.convert(model, "modegpt", None)
+    with pytest.raises(ValueError, match="32 tokens, fewer than the 48 kept MLP dims"):
+        mc.convert(model, "modegpt", CALIB[:, :8], keep=1.0, batch_size=4)
+    with pytest.raises(ValueError, match="no options \\['rank'\\]"):
+        mc.convert(model, "modegpt", CALIB, rank=3)
