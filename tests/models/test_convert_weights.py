@@ -127,7 +127,7 @@ def test_modegpt_keep_one_is_exact(model):
     assert new.config.mlp_dim == 48 and report["v_head_dim"] == 8
 
 
-def test_modegpt_compressed_count_and_errors(model):
+def test_modegpt_compressed_count_and_errors(model, tmp_path):
     new, [report] = mc.convert(model, "modegpt", CALIB, keep="0.5", batch_size=4)
     dense = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     # MLP 48 -> 24 intermediate dims (gate, up, down: 3 · 32 each); value heads 8 -> 4 dims
@@ -143,6 +143,23 @@ def test_modegpt_compressed_count_and_errors(model):
     assert all(np.abs(old_gate - col[:, None]).max(0).min() == 0 for col in new_gate.T)
     mlp_only, [r] = mc.convert(model, "modegpt", CALIB, keep=0.5, types="mlp", batch_size=4)
     assert mlp_only.layers[0].attn.v.kernel.shape == (32, 2, 8) and "vo_relative_error" not in r
+    # the HF GQA formats hold one head_dim: a narrower value head is refused, not written
+    with pytest.raises(ValueError, match="v_head_dim=4 != head_dim=8"):
+        models.to_hf(new, str(tmp_path / "hf"))
+
+
+@pytest.mark.slow  # the CLI path is test_cli_lord_table_and_export's; modegpt's by the cases above
+def test_cli_modegpt_mlp_exports(model, tmp_path, capsys):
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    models.to_hf(model, src)
+    mc.main(["--from", src, "--to", out, "--method", "modegpt", "--set", "keep=0.5",
+             "--set", "types=mlp", "--set", "batch_size=4", "--calib-rows", "4",
+             "--eval-rows", "1", "--seq-len", "16"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert "step modegpt:" in text and "mlp_relative_error" in text
+    before, after = next(ln for ln in text.splitlines() if ln.startswith("param")).split()[-2:]
+    assert int(before) - int(after) == 3 * 32 * 24
+    assert models.from_hf(out).config.mlp_dim == 24
 
 
 def test_modegpt_bad_input_is_named(model):
