@@ -53,6 +53,8 @@ def _check(model: DecoderLM, tokens_NT, keep, batch_size) -> None:
             why[i] = "a value bias (the Type III module x W_v W_o has none)"
     if c.mlp_bias:
         why["mlp"] = "mlp_bias (the Type I Nyström step has no biases)"
+    if c.parameterization != "dense":  # the rebuilt model holds dense kernels of new widths
+        why["parameterization"] = f"{c.parameterization!r} (MoDeGPT rebuilds dense kernels)"
     if why:
         raise ValueError(f"modegpt cannot convert this {c.arch!r} model: {why}")
     _check_no_adapters(model)

@@ -175,3 +175,7 @@ def test_modegpt_bad_input_is_named(model):
         mc.convert(model, "modegpt", CALIB[:, :8], keep=1.0, batch_size=4)
     with pytest.raises(ValueError, match="no options \\['rank'\\]"):
         mc.convert(model, "modegpt", CALIB, rank=3)
+    lowrank = nnx.eval_shape(lambda: DecoderLM(model.config.replace(
+        parameterization="lowrank", parameterization_rank=4), rngs=nnx.Rngs(0)))  # fmt: skip
+    with pytest.raises(ValueError, match="modegpt cannot convert .*'lowrank'"):
+        mc.convert(lowrank, "modegpt", CALIB, batch_size=4)
