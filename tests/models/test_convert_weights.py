@@ -8,6 +8,9 @@ before/after table and writes an HF checkpoint whose logits equal the compressed
 EoRA: the per-projection input covariances are E[x xᵀ] of what each projection reads; at full
 rank the compensation restores W (logits unchanged); at low rank its activation-weighted error
 is never above LoRC's plain SVD at the same rank.
+MoDeGPT (Type I Nyström on the MLP, Type III SVD on value/output): keep=1 leaves the logits
+unchanged; at keep=0.5 the parameter count is the reduced widths' and the value-output error is
+below per-weight SVD at equal size; a narrower value head is refused by the HF export.
 """
 
 import jax.numpy as jnp
