@@ -58,3 +58,56 @@ def test_lsh_sort_unsort_round_trip_and_bad_input():
         ha.hyper_attention(q, k, v, jax.random.key(0), num_planes=1, block=16, num_samples=65)
     with pytest.raises(ValueError, match="block=24 must divide"):
         ha.hyper_attention(q, k, v, jax.random.key(0), num_planes=1, block=24, num_samples=4)
+
+
+def test_causal_full_sampling_is_exact_causal():
+    """Algorithm 4: two causal diagonal halves (recursive) + the unmasked off-diagonal estimate,
+    merged by their normalizers; one bucket and all columns sampled (or one diagonal block per
+    off-diagonal) at every level == exact causal softmax attention."""
+    q, k, v = _qkv()
+
+    @jax.jit
+    def run(q, k, v):
+        exact = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        key = jax.random.key(2)
+        sampled = ha.causal_hyper_attention(
+            q, k, v, key, num_planes=0, block=4, num_samples=64, min_seq_len=8
+        )
+        one_block = ha.causal_hyper_attention(
+            q, k, v, key, num_planes=3, block=64, num_samples=0, min_seq_len=16
+        )
+        return exact, sampled, one_block
+
+    exact, sampled, one_block = run(q, k, v)
+    np.testing.assert_allclose(sampled, exact, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(one_block, exact, atol=2e-5, rtol=2e-5)
+
+
+def test_causal_leaks_nothing_from_the_future():
+    """Approximate causal form (LSH buckets, few samples): the gradient of the first t0 outputs
+    with respect to keys and values at positions >= t0 is exactly zero, and the estimate is not
+    the exact answer (so the check covers the sampled off-diagonal parts)."""
+    q, k, v = _qkv(T=32)
+    t0 = 20
+    fn = lambda q, k, v: ha.causal_hyper_attention(  # noqa: E731
+        q, k, v, jax.random.key(3), num_planes=2, block=4, num_samples=3, min_seq_len=4
+    )
+
+    @jax.jit
+    def run(q, k, v):
+        gk, gv = jax.grad(lambda k, v: fn(q, k, v)[:, :t0].sum(), argnums=(0, 1))(k, v)
+        return gk, gv, fn(q, k, v), jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+    gk, gv, approx, exact = run(q, k, v)
+    np.testing.assert_array_equal(np.asarray(gk)[:, t0:], 0.0)
+    np.testing.assert_array_equal(np.asarray(gv)[:, t0:], 0.0)
+    assert np.abs(np.asarray(gk)[:, :t0]).max() > 0
+    assert np.abs(np.asarray(approx) - np.asarray(exact)).max() > 1e-3
+    with pytest.raises(ValueError, match="length 24 is odd or its half"):
+        ha.causal_hyper_attention(
+            *_qkv(T=48), jax.random.key(0), num_planes=1, block=8, num_samples=4, min_seq_len=8
+        )
+    with pytest.raises(ValueError, match="min_seq_len=0 must be"):
+        ha.causal_hyper_attention(
+            q, k, v, jax.random.key(0), num_planes=1, block=4, num_samples=4, min_seq_len=0
+        )
