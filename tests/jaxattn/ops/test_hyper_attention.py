@@ -71,10 +71,26 @@ def test_causal_full_sampling_is_exact_causal():
         exact = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         key = jax.random.key(2)
         sampled = ha.causal_hyper_attention(
-            q, k, v, key, num_planes=0, block=4, num_samples=64, min_seq_len=8
+            q,
+            k,
+            v,
+            key,
+            num_planes=0,
+            block=4,
+            num_samples=64,
+            min_seq_len=16,
+            implementation="xla",
         )
         one_block = ha.causal_hyper_attention(
-            q, k, v, key, num_planes=3, block=64, num_samples=0, min_seq_len=16
+            q,
+            k,
+            v,
+            key,
+            num_planes=3,
+            block=64,
+            num_samples=0,
+            min_seq_len=16,
+            implementation="xla",
         )
         return exact, sampled, one_block
 
@@ -90,7 +106,15 @@ def test_causal_leaks_nothing_from_the_future():
     q, k, v = _qkv(T=32)
     t0 = 20
     fn = lambda q, k, v: ha.causal_hyper_attention(  # noqa: E731
-        q, k, v, jax.random.key(3), num_planes=2, block=4, num_samples=3, min_seq_len=4
+        q,
+        k,
+        v,
+        jax.random.key(3),
+        num_planes=2,
+        block=4,
+        num_samples=3,
+        min_seq_len=8,
+        implementation="xla",
     )
 
     @jax.jit
