@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-slow lint install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,7 +20,12 @@ demo: install
 	$(BIN)/python -m train.pretrain
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+# the slow tier: end-to-end runs (CLI training, long fuzz sweeps) whose code paths the default
+# run already covers with smaller cases; run before a release or when touching those paths
+test-slow: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m slow tests
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -39,6 +39,7 @@ from models._convert_base import (
     with_layers,
 )
 from models._convert_slicegpt import normed_covariance, slicegpt
+from models._convert_weights import lorc_model, lord_model, trp_model, welore_model
 from models.decoder import DecoderLM
 
 __all__ = [
@@ -303,6 +304,10 @@ def registered_methods() -> tuple[str, ...]:
 
 register_method(Method("kv_heads", kv_heads, ("num_kv_heads", "batch_size")))
 register_method(Method("slicegpt", slicegpt, ("dim", "batch_size")))
+register_method(Method("lorc", lorc_model, ("bits", "rank", "group_size", "batch_size")))
+register_method(Method("lord", lord_model, ("reduction", "batch_size")))
+register_method(Method("trp", trp_model, ("energy", "batch_size")))
+register_method(Method("welore", welore_model, ("reduction", "batch_size")))
 register_method(
     Method(
         "transmla",

@@ -10,16 +10,14 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# Persistent XLA compilation cache for the test run: many tests compile the same programs
-# (the same tiny model, step or kernel shape) in different test files and processes; with
-# the cache a repeated compile is a disk read. Programs are keyed by their HLO, options and
-# jax/jaxlib version, so a stale entry cannot be used. JAXATTN_TEST_JIT_CACHE=off disables
-# it; any other value is the cache directory.
-_cache = os.environ.get("JAXATTN_TEST_JIT_CACHE", "")
+# Opt-in persistent XLA compilation cache for the pytest processes
+# (JAXATTN_TEST_JIT_CACHE=DIR): many tests compile the same programs in different files, and
+# with the cache a repeated compile is a disk read. It is off by default: jax writes an entry
+# non-atomically, so one xdist worker can read another's half-written executable, and an
+# earlier run of this suite hung with interpret-mode kernels reloaded from a shared cache.
+# The training subprocesses of tests/train keep their own per-worker cache (train_testlib).
+_cache = os.environ.get("JAXATTN_TEST_JIT_CACHE", "off")
 if _cache.lower() != "off":
-    import tempfile
-
-    _cache = _cache or os.path.join(tempfile.gettempdir(), f"jaxattn-test-jit-cache-{os.getuid()}")
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

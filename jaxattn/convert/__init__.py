@@ -18,6 +18,12 @@ TransMLA (GQA -> MLA), ``jaxattn.convert.transmla``
 KV-head compression (MHA -> GQA), ``jaxattn.convert.kv_heads``
   merge_kv_heads                              PCA-merged kv heads, RoPE pairs mixed per frequency
   mean_pool_kv_heads                          mean-pooled kv heads (GQA's init; "kdgqa" / "dgqa")
+CSKV (PAPERS.md §2), ``jaxattn.convert.cskv`` (K/V channel shrinking, bi-branch cache)
+  cskv_init                                   K, V ≈ x A B: Eckart–Young optimum of E‖xW − xAB‖²
+  cskv_compress_features                      the old branch's features, RTN-quantized per token
+  cskv_attend                                 causal attention: exact window + absorbed features
+  cskv_reconstruction_loss, cskv_train        layer-wise attention-output loss; Adam on factors
+  cskv_bytes_per_token                        cache bytes per token, saving vs the full K/V cache
 Weight compression (PAPERS.md §9), on matrices [I, O] (``Linear.as_matrix``)
   rtn_quantize                                RTN b-bit (2-8), per column / group, sym / asym
   svd_compensation, lorc                      ZeroQuant-V2 LoRC: Q(W) + top-r SVD of W − Q(W)
@@ -42,6 +48,9 @@ MoDeGPT, ``jaxattn.convert.modegpt`` (module outputs on calibration data, per mo
                                               W_D' = (SᵀCS)⁺ SᵀC W_D
   modegpt_qk                                  Type II, CR: head dims by ‖C_q^½ e_i‖ ‖C_k^½ e_i‖
   modegpt_vo                                  Type III, SVD of C^½ W_v W_o per head (Eckart–Young)
+PELA, ``jaxattn.convert.pela`` (stack of linear layers; teacher frozen)
+  pela_init                                   truncated-SVD factors A_l B_l of each W_l
+  pela_loss, pela_train                       L_task + α Σ‖h_t − h_s‖² + β Σ‖W − A B‖²_F; Adam
 SliceGPT, ``jaxattn.convert.slicegpt`` (model level: ``models.convert.slicegpt``)
   pca_rotation                                Q [D, D']: PCA of the normalised stream
   rotate_reader, rotate_writer                Qᵀ diag(γ) W_in; W_out Q, b_out Q
@@ -56,6 +65,14 @@ from jaxattn.convert._stats import (
     latent_norm_stats,
 )
 from jaxattn.convert.compensation import eora, lorc, svd_compensation
+from jaxattn.convert.cskv import (
+    cskv_attend,
+    cskv_bytes_per_token,
+    cskv_compress_features,
+    cskv_init,
+    cskv_reconstruction_loss,
+    cskv_train,
+)
 from jaxattn.convert.dsformer import dsformer_fit, dsformer_params, nm_mask, nm_project, ste_nm
 from jaxattn.convert.feature import feature_lowrank
 from jaxattn.convert.kv_heads import merge_kv_heads
@@ -69,6 +86,7 @@ from jaxattn.convert.maestro import (
 )
 from jaxattn.convert.mean_pool import mean_pool_kv_heads
 from jaxattn.convert.modegpt import modegpt_mlp, modegpt_qk, modegpt_vo
+from jaxattn.convert.pela import pela_init, pela_loss, pela_train
 from jaxattn.convert.rtn import rtn_quantize
 from jaxattn.convert.slicegpt import pca_rotation, rotate_reader, rotate_writer
 from jaxattn.convert.transmla import compress_latent, decouple_rope, fit_latent_norm, gqa_to_mla
@@ -119,4 +137,13 @@ __all__ = [
     "modegpt_mlp",
     "modegpt_qk",
     "modegpt_vo",
+    "cskv_init",
+    "cskv_compress_features",
+    "cskv_attend",
+    "cskv_reconstruction_loss",
+    "cskv_train",
+    "cskv_bytes_per_token",
+    "pela_init",
+    "pela_loss",
+    "pela_train",
 ]

@@ -107,8 +107,14 @@ def lord_linear(
             f"lord_linear: rank {info['rank']} for {where} ([{m}, {n}]) saves no parameters: "
             f"k (m + n) < m n needs k <= {lord_max_rank(m, n)}"
         )
-    dtype = linear.kernel.dtype
-    form = factorize(linear, "lowrank", rank=info["rank"], rngs=nnx.Rngs(0), path=path)
-    form.b.set_value(jnp.asarray(a, dtype))  # the lowrank form's W = b a: b [m, k], a [k, n]
-    form.a.set_value(jnp.asarray(b, dtype))
+    write_lowrank(linear, a, b, path=path)
     return info
+
+
+def write_lowrank(linear: Linear, a_mk, b_kn, *, path: str = "") -> None:
+    """Make ``linear`` (dense, own kernel) compute ``x A B`` in its ``lowrank`` form, in place
+    (bias kept): A [m, k], B [k, n] with m, n its fan-in and fan-out."""
+    dtype = linear.kernel.dtype
+    form = factorize(linear, "lowrank", rank=np.shape(a_mk)[1], rngs=nnx.Rngs(0), path=path)
+    form.b.set_value(jnp.asarray(a_mk, dtype))  # the lowrank form's W = b a: b [m, k], a [k, n]
+    form.a.set_value(jnp.asarray(b_kn, dtype))

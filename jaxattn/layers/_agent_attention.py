@@ -74,11 +74,7 @@ class AgentAttentionConfig:
             raise ValueError(f"{o}.num_agents={self.num_agents} exceeds seq_len={self.seq_len}")
         if self.dwc_width and self.dwc_width % 2 == 0:
             raise ValueError(f"{o}.dwc_width={self.dwc_width} must be odd (or 0: no DWC)")
-        if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(
-                f"{o}: num_heads={self.num_heads} must divide d_model={self.d_model} "
-                "when head_dim is not given"
-            )
+        v.check_head_split(o, self.num_heads, self.d_model, self.head_dim)
 
     @classmethod
     def from_model(cls, m, layer: int):

@@ -108,11 +108,7 @@ class AttentionConfig:
         v.check_implementation(o, "implementation", self.implementation)
         v.check_dtype(o, "dtype", self.dtype, optional=True)
         v.check_dtype(o, "param_dtype", self.param_dtype)
-        if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} must divide d_model={self.d_model} "
-                "when head_dim is not given"
-            )
+        v.check_head_split(o, self.num_heads, self.d_model, self.head_dim)
         nq, k = self.n_q, self.n_kv
         if not 0 < nq <= self.num_heads:
             raise ValueError(f"num_query_heads={nq} must be in [1, num_heads={self.num_heads}]")

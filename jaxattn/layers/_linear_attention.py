@@ -115,11 +115,7 @@ class LinearAttentionConfig:
             )
         if self.normalize and self.variant in _DELTA:
             raise ValueError(f"{o}.normalize=True is not defined for variant={self.variant!r}")
-        if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(
-                f"{o}: num_heads={self.num_heads} must divide d_model={self.d_model} "
-                "when head_dim is not given"
-            )
+        v.check_head_split(o, self.num_heads, self.d_model, self.head_dim)
         if self.num_heads % self.n_kv:
             raise ValueError(f"{o}.num_kv_heads={self.n_kv} must divide num_heads={self.num_heads}")
         v.check_cache(o, self.cache, formats=(), policies=("full",))

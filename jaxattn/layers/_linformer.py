@@ -85,11 +85,7 @@ class LinformerConfig:
         v.check_dtype(o, "param_dtype", self.param_dtype)
         if self.sharing not in LINFORMER_SHARING:
             raise ValueError(f"{o}.sharing={self.sharing!r} must be one of {LINFORMER_SHARING}")
-        if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(
-                f"{o}: num_heads={self.num_heads} must divide d_model={self.d_model} "
-                "when head_dim is not given"
-            )
+        v.check_head_split(o, self.num_heads, self.d_model, self.head_dim)
         if self.num_heads % self.n_kv:
             raise ValueError(f"{o}.num_kv_heads={self.n_kv} must divide num_heads={self.num_heads}")
 

@@ -92,3 +92,13 @@ def check_cache(owner: str, cache, *, formats: tuple[str, ...], policies=("full"
             f"{owner}.cache must be a jaxattn.cache.CacheConfig or None, got {type(cache).__name__}"
         )
     cache.check_served(owner, formats=formats, policies=policies)
+
+
+def check_head_split(owner: str, num_heads: int, d_model: int, head_dim: int | None) -> None:
+    """Raise ValueError unless the head size is given or ``num_heads`` divides ``d_model``
+    (the default head size is ``d_model // num_heads``)."""
+    if head_dim is None and d_model % num_heads:
+        raise ValueError(
+            f"{owner}: num_heads={num_heads} must divide d_model={d_model} "
+            "when head_dim is not given"
+        )

@@ -27,8 +27,8 @@ KW = dict(group_size=G, residual=8, outliers=0.05, fp_sinks=1)
 
 @functools.cache
 def _model():
-    """Two layers, so each layer's codebook is its own."""
-    model = DecoderLM(get_config("llama-tiny", num_layers=2), rngs=nnx.Rngs(0))
+    """Two layers, so each layer's codebook is its own (built in one compile, not op by op)."""
+    model = nnx.jit(lambda: DecoderLM(get_config("llama-tiny", num_layers=2), rngs=nnx.Rngs(0)))()
     calib = jax.random.randint(jax.random.key(7), (2, 32), 1, 200)
     return model, calib
 
@@ -99,11 +99,13 @@ def test_calibrated_nuq_generates_and_beats_uniform_at_the_same_bits(bits):
     }
     assert 0 < err["nuq"] < err["uniform"], err
     # generate takes the per-layer configs: each token the argmax of the same caches' decode
+    # (32 new tokens: the sequence has held's shape, so _teacher_forced is not compiled again)
     prompt, lens = held[:, :8], jnp.array([8, 8])
-    out = generate(model, prompt, lens, max_new_tokens=12, rng=jax.random.key(0), cache=configs)
-    seq = out.tokens_BS[:, :20]
+    out = generate(model, prompt, lens, max_new_tokens=32, rng=jax.random.key(0), cache=configs)
+    seq = out.tokens_BS
+    assert seq.shape == held.shape
     logits = _teacher_forced(model, seq, configs)
-    np.testing.assert_array_equal(np.argmax(logits[:, 7:19], -1), seq[:, 8:20])
+    np.testing.assert_array_equal(np.argmax(logits[:, 7:39], -1), seq[:, 8:40])
 
 
 def test_missing_calibration_and_bad_input_name_the_field():

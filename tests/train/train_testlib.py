@@ -20,7 +20,8 @@ from train.config import TrainConfig
 # finetune whose step equals a pretraining step, reuses compiled programs. It is not switched
 # on in the pytest worker itself: the worker also runs other test files, and executables with
 # host callbacks (Pallas TPU interpret mode) must never be reloaded from a persistent cache.
-# One cache per pytest session, shared by its xdist workers (JAX writes entries atomically).
+# One cache per pytest session, shared by its xdist workers (an entry another process is
+# still writing fails to decode; jax warns and compiles the program itself).
 _SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
 CACHE_DIR = os.path.join(tempfile.gettempdir(), f"jaxattn_train_tests_jax_cache_{_SESSION}")
 
@@ -151,9 +152,11 @@ class Zygote:
     """
 
     def __init__(self, env: dict):
+        here = os.path.dirname(os.path.abspath(__file__))  # targets may live in this module
+        path = here + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _ZYGOTE],
-            env=env | {"OPENBLAS_NUM_THREADS": "1"},
+            env=env | {"OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": path},
             cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -161,11 +164,16 @@ class Zygote:
         )
         self.running: set[int] = set()
 
-    def _ask(self, *command) -> int:
+    def _ask(self, *command, timeout: float = 600) -> int:
         import json
+        import select
 
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
+        # every answer is one line read whole, so nothing waits in stdout's buffer here
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            self.close()  # a hung run fails its test instead of stalling the suite
+            raise AssertionError(f"no answer to {command[:2]} from the zygote in {timeout} s")
         line = self.proc.stdout.readline()
         assert line, f"the zygote died (exit code {self.proc.poll()})"
         return int(line)
@@ -183,19 +191,56 @@ class Zygote:
 
     def wait(self, pid: int) -> int:
         """Exit code of child ``pid`` (negative: killed by that signal)."""
+        code = self._ask("wait", pid)  # on a timeout ``pid`` is still running: close kills it
         self.running.discard(pid)
-        return self._ask("wait", pid)
+        return code
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Kill the runs still going (a failed test leaves none behind), then end the zygote."""
         import signal
 
-        for pid in self.running:  # a failed test leaves no run behind
-            os.kill(pid, signal.SIGKILL)
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        for pid in self.running:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.running.clear()
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def item_digest(argv: list[str]) -> None:
+    """Zygote target, ``argv = [item_dir, out]``: writes to ``out`` (JSON) what orbax alone
+    reads of the checkpoint item ``item_dir`` (no jaxattn check): ``[dtype, shape, sha256]``
+    of every leaf, or ``{"error": message}``. Reading a corrupted checkpoint in a child keeps
+    orbax's failed reads (and their leftover async tasks) out of the pytest process."""
+    import hashlib
+    import json
+
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    item_dir, out = argv
+    try:
+        tree = ocp.PyTreeCheckpointer().restore(item_dir)
+        leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+        result = [[str(x.dtype), list(x.shape), hashlib.sha256(x.tobytes()).hexdigest()]
+                  for x in leaves]  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - an unreadable item is a result
+        result = {"error": f"{type(err).__name__}: {err}"[:500]}
+    with open(out, "w") as f:
+        json.dump(result, f)
 
 
 def set_args(changes: dict) -> list[str]:

@@ -3,6 +3,7 @@ values, dense-and-sparse outliers in a side table, fp attention sinks; against d
 over the rotated keys at 8 bits, the exactness of outliers and sinks, the paper's pre- vs
 post-RoPE motivation, and the byte formula and buffers."""
 
+import functools
 import math
 
 import jax
@@ -51,6 +52,7 @@ def _run(cache, q, k, v):
     return jnp.concatenate([o0, jnp.swapaxes(rest, 0, 1)], 1), cache
 
 
+@jax.jit
 def _dense(q, k, v):
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     cache = KVCache.create(batch=B, capacity=C, num_kv_heads=K, head_dim=H, dtype=jnp.float32)
@@ -60,11 +62,17 @@ def _dense(q, k, v):
     return o
 
 
-def _stored_keys(cache):
-    """Every slot's stored pre-RoPE key as attention reads it (outliers and sinks restored,
-    no rotation), [B, C, K, H]."""
+@functools.partial(jax.jit, static_argnums=1)
+def _stored(cache, name):
+    """Every slot's stored pre-RoPE key (name "k") or value ("v") as attention reads it
+    (outliers and sinks restored, no rotation), [B, C, K, H]."""
     slots = jnp.broadcast_to(jnp.arange(cache.capacity), (B, cache.capacity))
-    return cache._restore("k", None)(cache.k.dequant_slots(0, cache.capacity), slots, slots)
+    rows = getattr(cache, name).dequant_slots(0, cache.capacity)
+    return cache._restore(name, None)(rows, slots, slots)
+
+
+def _stored_keys(cache):
+    return _stored(cache, "k")
 
 
 @pytest.mark.parametrize("outliers,fp_sinks", [(0.0, 0), (0.1, 2)])
@@ -91,8 +99,7 @@ def test_outliers_and_sinks_come_back_exactly_and_lower_the_error():
     top = np.argsort(-np.abs(k), axis=-1)[..., :2]
     np.testing.assert_array_equal(np.take_along_axis(got, top, -1), np.take_along_axis(k, top, -1))
     np.testing.assert_array_equal(got[:, :2], k[:, :2])
-    slots = jnp.broadcast_to(jnp.arange(C), (B, C))
-    vals = np.asarray(cache._restore("v", None)(cache.v.dequant_slots(0, C), slots, slots))
+    vals = np.asarray(_stored(cache, "v"))
     assert vals[0, 11, 1, 2] == vals[1, 11, 1, 2] == -45.0
     # without the side table the huge entry widens its channel's range over its group of 4
     # tokens (positions 4..7): the other three are rounded to steps of 60 / 7
@@ -105,13 +112,10 @@ def test_outliers_and_sinks_come_back_exactly_and_lower_the_error():
     assert mean(cache) < mean(plain)
 
 
-def test_pre_rope_keys_quantize_better_than_post_rope_keys_with_outlier_channels():
-    # the paper's motivation: an outlier channel has a fixed offset before RoPE; after RoPE it
-    # rotates with the position into its pair, so per-channel ranges over a group widen
-    rng = np.random.default_rng(2)
-    k = rng.standard_normal((1, 64, 1, H), np.float32)
-    k[..., 0] += 8.0
-    k[..., 6] -= 6.0
+@jax.jit
+def _pre_and_post_rope_errors(k):
+    """The error norms of 2-bit KVQuant over pre-RoPE keys and of KIVI over the rotated ones,
+    both measured after RoPE (one compile)."""
     pos = jnp.arange(64)[None]
     post = apply_rope(k, pos, ROPE)
     kw = dict(batch=1, capacity=64, num_kv_heads=1, head_dim=H, dtype=jnp.float32)
@@ -127,6 +131,17 @@ def test_pre_rope_keys_quantize_better_than_post_rope_keys_with_outlier_channels
         apply_rope(pre.k.dequant_slots(0, 48), pos[:, :48], ROPE) - post[:, :48]
     )
     err_post = jnp.linalg.norm(kivi.k.dequant_slots(0, 48) - post[:, :48])
+    return err_pre, err_post
+
+
+def test_pre_rope_keys_quantize_better_than_post_rope_keys_with_outlier_channels():
+    # the paper's motivation: an outlier channel has a fixed offset before RoPE; after RoPE it
+    # rotates with the position into its pair, so per-channel ranges over a group widen
+    rng = np.random.default_rng(2)
+    k = rng.standard_normal((1, 64, 1, H), np.float32)
+    k[..., 0] += 8.0
+    k[..., 6] -= 6.0
+    err_pre, err_post = _pre_and_post_rope_errors(k)
     assert float(err_pre) < 0.7 * float(err_post), (float(err_pre), float(err_post))
 
 
@@ -200,18 +215,24 @@ def test_nuq_with_a_fine_codebook_is_dense_and_fitted_levels_beat_uniform_codes(
     rng = np.random.default_rng(5)
     k_cal, v_cal = (rng.standard_normal((1, 2048, 1, H), np.float32) for _ in range(2))
     k_t, v_t = (rng.standard_normal((8, 64, 1, H), np.float32) for _ in range(2))
+    fit = jax.jit(lambda x, axis: fit_codebook(normalize(x, axis), 3), static_argnums=1)
     books = tuple(
-        tuple(np.asarray(fit_codebook(normalize(x, axis), 3)).tolist())
+        tuple(np.asarray(fit(x, axis)).tolist())
         for x, axis in ((k_cal.reshape(1, 128, 16, 1, H), 2), (v_cal, -1))
     )
     kw = dict(batch=8, capacity=64, num_kv_heads=1, head_dim=H, dtype=jnp.float32)
 
+    @functools.partial(jax.jit, static_argnums=0)
+    def dequantized(cfg, k_t, v_t):
+        c = dense_cache(config=cfg, **kw).write(k_t, v_t).advance(64)
+        return c.k.dequant_slots(0, 64), c.v.dequant_slots(0, 64)
+
     def errors(**fields):
         cfg = CacheConfig(format="kvquant", bits=3, group_size=16, residual=16, outliers=0.0,
                           fp_sinks=0, **fields)  # fmt: skip
-        c = dense_cache(config=cfg, **kw).write(k_t, v_t).advance(64)
-        ek = np.mean((np.asarray(c.k.dequant_slots(0, 64)) - k_t) ** 2)  # all 64 quantized
-        ev = np.mean((np.asarray(c.v.dequant_slots(0, 64))[:, :48] - v_t[:, :48]) ** 2)
+        k_d, v_d = (np.asarray(x) for x in dequantized(cfg, k_t, v_t))
+        ek = np.mean((k_d - k_t) ** 2)  # all 64 quantized
+        ev = np.mean((v_d[:, :48] - v_t[:, :48]) ** 2)
         return ek, ev
 
     nuq, uniform = errors(datatype="nuq", codebook=books), errors()
@@ -262,7 +283,7 @@ def test_the_layer_hands_pre_rope_keys_to_the_cache_and_other_qk_transforms_are_
     from jaxattn.layers import Attention, AttentionConfig
 
     cfg = AttentionConfig(d_model=32, num_heads=4, num_kv_heads=2, rope=ROPE)
-    layer = Attention(cfg, rngs=nnx.Rngs(0))
+    layer = nnx.jit(lambda: Attention(cfg, rngs=nnx.Rngs(0)))()  # one compile, not op by op
     x = jax.random.normal(jax.random.key(0), (2, 20, 32))
     fields = dict(format="kvquant", bits=8, group_size=4, residual=8, fp_sinks=1)
     cache = layer.init_cache(2, 24, jnp.float32, cache=fields)
@@ -277,7 +298,7 @@ def test_the_layer_hands_pre_rope_keys_to_the_cache_and_other_qk_transforms_are_
     err = float(jnp.max(jnp.abs(jnp.concatenate(ys, 1) - full)))
     assert 0 < err < 0.02 * float(jnp.std(full)), err
     # the stored keys are the pre-RoPE projections (up to the 8-bit codes)
-    k_pre = layer.k(x)
+    k_pre = nnx.jit(lambda layer, x: layer.k(x))(layer, x)
     np.testing.assert_allclose(_stored_keys(cache)[:, :12], k_pre[:, :12], atol=0.05)
 
     class Rotated(Attention):
@@ -285,4 +306,4 @@ def test_the_layer_hands_pre_rope_keys_to_the_cache_and_other_qk_transforms_are_
             return super().qk_transform(q, kv, ctx)
 
     with pytest.raises(ValueError, match=r"cache.format='kvquant' stores pre-RoPE keys"):
-        Rotated(cfg, rngs=nnx.Rngs(0)).init_cache(2, 24, cache=fields)
+        nnx.eval_shape(lambda: Rotated(cfg, rngs=nnx.Rngs(0))).init_cache(2, 24, cache=fields)

@@ -195,3 +195,22 @@ def test_bad_mla_config(kw, field):
     )
     with pytest.raises(ValueError, match=field):
         MLAConfig(**(base | kw))
+
+
+@pytest.mark.parametrize(
+    "config, kw",
+    [
+        ("AttentionConfig", {}),
+        ("LinformerConfig", dict(seq_len=8, proj_len=4)),
+        ("AgentAttentionConfig", dict(num_agents=4, seq_len=8)),
+        ("LinearAttentionConfig", {}),
+    ],
+)
+def test_head_split_refused_by_every_kind(config, kw):
+    import jaxattn.layers as layers
+
+    cls = getattr(layers, config)
+    msg = f"{cls.__name__}: num_heads=3 must divide d_model=16 when head_dim is not given"
+    with pytest.raises(ValueError, match=msg):
+        cls(d_model=16, num_heads=3, **kw)
+    assert cls(d_model=16, num_heads=3, head_dim=4, **kw).num_heads == 3  # given: any split

@@ -15,9 +15,12 @@ torch = pytest.importorskip("torch")
 _agent = jax.jit(agent_attention, static_argnames="num_agents")
 
 
+def _normal(seed, *shape):  # numpy-drawn: no eager jax.random compiles
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
 def _inputs(b=2, t=24, n=3, h=8, seed=0):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    return tuple(jax.random.normal(kk, (b, t, n, h)) for kk in ks)
+    return tuple(_normal(100 * seed + i, b, t, n, h) for i in range(3))
 
 
 def _torch_reference(q, k, v, n_agents, b1, b2, dwc_w, dwc_b):
@@ -56,11 +59,10 @@ def _torch_reference(q, k, v, n_agents, b1, b2, dwc_w, dwc_b):
 @pytest.mark.parametrize("t, n_agents", [(24, 4), (23, 5)], ids=["t24_n4", "t23_n5_uneven"])
 def test_equals_two_step_reference_with_bias_and_dwc(t, n_agents):
     q, k, v = _inputs(t=t)
-    kb = jax.random.split(jax.random.key(9), 4)
-    b1 = 0.5 * jax.random.normal(kb[0], (3, n_agents, t))
-    b2 = 0.5 * jax.random.normal(kb[1], (2, 3, t, n_agents))  # per batch and head
-    w = 0.3 * jax.random.normal(kb[2], (3, 3, 8))
-    bias = 0.1 * jax.random.normal(kb[3], (3, 8))
+    b1 = 0.5 * _normal(90, 3, n_agents, t)
+    b2 = 0.5 * _normal(91, 2, 3, t, n_agents)  # per batch and head
+    w = 0.3 * _normal(92, 3, 3, 8)
+    bias = 0.1 * _normal(93, 3, 8)
     got = _agent(
         q, k, v, num_agents=n_agents, agent_bias=b1, query_bias=b2, dwc_kernel=w, dwc_bias=bias
     )
@@ -122,7 +124,7 @@ def test_agent_kind_layer_equals_op_and_refuses_causal_use():
     assert "agent" in registered_kinds() and kind_config("agent") is AgentAttentionConfig
     cfg = AgentAttentionConfig(d_model=24, num_heads=3, num_agents=4, seq_len=16)
     layer = cfg.build(rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(2), (2, 12, 24))
+    x = _normal(2, 2, 12, 24)
     y = nnx.jit(lambda m, x: m(x))(layer, x)
 
     @nnx.jit
@@ -170,11 +172,13 @@ def test_decoder_model_with_agent_layer_is_refused():
 
 def test_gradients_match_the_torch_reference():
     q, k, v = _inputs(b=1, t=12, n=2, seed=3)
-    w = 0.3 * jax.random.normal(jax.random.key(4), (3, 2, 8))
+    w = 0.3 * _normal(4, 3, 2, 8)
     bias = jnp.zeros((2, 8))
-    grads = jax.grad(
-        lambda *a: jnp.sum(jnp.sin(_agent(*a, num_agents=3, dwc_kernel=w, dwc_bias=bias))),
-        argnums=(0, 1, 2),
+    grads = jax.jit(  # one compile for the forward and backward
+        jax.grad(
+            lambda *a: jnp.sum(jnp.sin(_agent(*a, num_agents=3, dwc_kernel=w, dwc_bias=bias))),
+            argnums=(0, 1, 2),
+        )
     )(q, k, v)
     tq, tk, tv = (torch.tensor(np.asarray(x), dtype=torch.float64) for x in (q, k, v))
     for x in (tq, tk, tv):

@@ -152,7 +152,8 @@ def test_sst_periodic_resvd_keeps_the_merged_weight_and_restores_orthonormal_fac
     lin = Linear((M,), (N, H), axes=AXES, rngs=nnx.Rngs(0))
     factorize(lin, "sst", rank=None)  # k = 10
     params = {**nnx.to_pure_dict(nnx.state(lin, nnx.Param)), "bias": jnp.ones(3)}
-    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
+    rng = np.random.default_rng(0)  # numpy draws: jax.random compiles once per shape
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
     merged = lambda p: (p["form"]["u"] * p["form"]["s"]) @ p["form"]["vt"]  # noqa: E731
     with_svd = optim.sst(optax.adam(0.05), rank=3, every=2)  # svd_every None: 8
     without = optim.sst(optax.adam(0.05), rank=3, every=2, svd_every=400)
@@ -180,8 +181,8 @@ def test_sst_periodic_resvd_keeps_the_merged_weight_and_restores_orthonormal_fac
     want = optim.sample_vectors(jax.random.split(sub, 1)[0], jnp.asarray(s), 3)
     np.testing.assert_array_equal(redrawn.index[0], want)  # drawn from s', not the old s
     # resvd alone, on a non-orthonormal triple: the same W, orthonormal factors
-    u0, s0, vt0 = (jax.random.normal(jax.random.key(i), sh) for i, sh in
-                   enumerate([(M, 6), (6,), (6, N * H)]))  # fmt: skip
+    u0, s0, vt0 = (jnp.asarray(rng.standard_normal(sh), jnp.float32)
+                   for sh in [(M, 6), (6,), (6, N * H)])  # fmt: skip
     u1, s1, vt1 = jax.jit(optim.resvd)(u0, s0, vt0)
     np.testing.assert_allclose((u1 * s1) @ vt1, (u0 * s0) @ vt0, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(u1.T @ u1, np.eye(6), atol=1e-5)

@@ -132,7 +132,6 @@ def test_op_routes_visits_to_the_tpu_kernel():
     assert_close(got, want, TOL)
 
 
-@pytest.mark.slow
 def test_gpu_kernel_with_per_head_visits_matches_jax_nn():
     pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
