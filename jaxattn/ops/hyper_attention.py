@@ -170,7 +170,8 @@ def causal_hyper_attention(
     """Causal HyperAttention (module docstring, Algorithm 4), K = N, T = S.
 
     Args:
-      key: jax.random key; each off-diagonal estimate draws from its own split of it.
+      key: jax.random key; each level of the recursion draws from its own split of it (the
+        blocks of a level are one batched call and share its hyperplanes, as heads do).
       num_planes, block, num_samples: the non-causal estimate's (off-diagonal blocks of
         length L use block min(block, L) and min(num_samples, L) sampled columns).
       min_seq_len: diagonal blocks of at most this length are exact causal attention.
@@ -206,14 +207,19 @@ def causal_hyper_attention(
             )
             return o[:, :, 0].astype(jnp.float32), lse[:, 0]
         h = n // 2
-        k1, k2, k3 = jax.random.split(key, 3)
-        o11, l11 = rec(q[:, :h], k[:, :h], v[:, :h], k1)
-        o22, l22 = rec(q[:, h:], k[:, h:], v[:, h:], k2)
+        kd, ko = jax.random.split(key)
+        # both causal halves in one call (one trace per level, not per block): they fold
+        # into the batch axis, [BN, n, .] -> [BN * 2, h, .], and share the level's draws
+        BN = q.shape[0]
+        halves = lambda x: x.reshape(BN * 2, h, x.shape[-1])  # noqa: E731
+        od, ld = rec(halves(q), halves(k), halves(v), kd)
+        od, ld = od.reshape(BN, 2, h, -1), ld.reshape(BN, 2, h)
+        o11, o22, l11, l22 = od[:, 0], od[:, 1], ld[:, 0], ld[:, 1]
         o21, l21 = _hyper_folded(
             q[:, h:],
             k[:, :h],
             v[:, :h],
-            k3,
+            ko,
             num_planes,
             min(block, h),
             min(num_samples, h),

@@ -60,39 +60,25 @@ def test_lsh_sort_unsort_round_trip_and_bad_input():
         ha.hyper_attention(q, k, v, jax.random.key(0), num_planes=1, block=24, num_samples=4)
 
 
+def _causal(q, k, v, key, **kw):
+    return ha.causal_hyper_attention(q, k, v, key, implementation="xla", **kw)
+
+
 def test_causal_full_sampling_is_exact_causal():
     """Algorithm 4: two causal diagonal halves (recursive) + the unmasked off-diagonal estimate,
     merged by their normalizers; one bucket and all columns sampled (or one diagonal block per
-    off-diagonal) at every level == exact causal softmax attention."""
-    q, k, v = _qkv()
+    off-diagonal) at every level == exact causal softmax attention. T = 32 down to 8: two levels
+    of the recursion, four exact causal leaves."""
+    q, k, v = _qkv(T=32)
 
-    @jax.jit
+    @jax.jit  # one compile for the three
     def run(q, k, v):
-        exact = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         key = jax.random.key(2)
-        sampled = ha.causal_hyper_attention(
-            q,
-            k,
-            v,
-            key,
-            num_planes=0,
-            block=4,
-            num_samples=64,
-            min_seq_len=16,
-            implementation="xla",
+        return (
+            jax.nn.dot_product_attention(q, k, v, is_causal=True),
+            _causal(q, k, v, key, num_planes=0, block=4, num_samples=32, min_seq_len=8),
+            _causal(q, k, v, key, num_planes=3, block=32, num_samples=0, min_seq_len=8),
         )
-        one_block = ha.causal_hyper_attention(
-            q,
-            k,
-            v,
-            key,
-            num_planes=3,
-            block=64,
-            num_samples=0,
-            min_seq_len=16,
-            implementation="xla",
-        )
-        return exact, sampled, one_block
 
     exact, sampled, one_block = run(q, k, v)
     np.testing.assert_allclose(sampled, exact, atol=2e-5, rtol=2e-5)
@@ -102,30 +88,25 @@ def test_causal_full_sampling_is_exact_causal():
 def test_causal_leaks_nothing_from_the_future():
     """Approximate causal form (LSH buckets, few samples): the gradient of the first t0 outputs
     with respect to keys and values at positions >= t0 is exactly zero, and the estimate is not
-    the exact answer (so the check covers the sampled off-diagonal parts)."""
+    the exact answer (so the check covers the sampled off-diagonal parts). T = 32 down to 8;
+    t0 = 20 falls inside a leaf and after the first level's split."""
     q, k, v = _qkv(T=32)
     t0 = 20
-    fn = lambda q, k, v: ha.causal_hyper_attention(  # noqa: E731
-        q,
-        k,
-        v,
-        jax.random.key(3),
-        num_planes=2,
-        block=4,
-        num_samples=3,
-        min_seq_len=8,
-        implementation="xla",
-    )
 
-    @jax.jit
+    @jax.jit  # one compile: forward and backward from one vjp
     def run(q, k, v):
-        gk, gv = jax.grad(lambda k, v: fn(q, k, v)[:, :t0].sum(), argnums=(0, 1))(k, v)
-        return gk, gv, fn(q, k, v), jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        fn = lambda k, v: _causal(  # noqa: E731
+            q, k, v, jax.random.key(3), num_planes=2, block=4, num_samples=3, min_seq_len=8
+        )
+        approx, vjp = jax.vjp(fn, k, v)
+        gk, gv = vjp(jnp.zeros_like(approx).at[:, :t0].set(1.0))
+        return gk, gv, approx, jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
     gk, gv, approx, exact = run(q, k, v)
     np.testing.assert_array_equal(np.asarray(gk)[:, t0:], 0.0)
     np.testing.assert_array_equal(np.asarray(gv)[:, t0:], 0.0)
     assert np.abs(np.asarray(gk)[:, :t0]).max() > 0
+    assert np.abs(np.asarray(gv)[:, 16:t0]).max() > 0  # rows past the split read their prefix
     assert np.abs(np.asarray(approx) - np.asarray(exact)).max() > 1e-3
     with pytest.raises(ValueError, match="length 24 is odd or its half"):
         ha.causal_hyper_attention(
