@@ -47,9 +47,11 @@ def _softmax_np(s):
 
 def test_branches_and_head_split():
     q, k, v, _ = _qkv(9)
-    o = np.asarray(jax.jit(hilo.hilo_attention, static_argnames=("grid_hw", "window", "n_hi"))(
-        q, k, v, grid_hw=GRID, window=WIN, n_hi=2
-    ))  # one compile; the expectations below are numpy
+    o = np.asarray(
+        jax.jit(hilo.hilo_attention, static_argnames=("grid_hw", "window", "n_hi"))(
+            q, k, v, grid_hw=GRID, window=WIN, n_hi=2
+        )
+    )  # one compile; the expectations below are numpy
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     # Hi head 0, query at grid (0, 0): its window is tokens (0,0) (0,1) (1,0) (1,1)
     members = [0, 1, 6, 7]
