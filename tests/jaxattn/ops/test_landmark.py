@@ -95,7 +95,7 @@ def test_training_form_equals_the_papers_grouped_softmax(G):
     )
     np.testing.assert_allclose(ref, _paper_loop(q, k, v, BLOCK), **TOL)
     _close((o, grads), (ref, grads_ref))
-    assert float(jnp.abs(grads[1][:, BLOCK - 1 :: BLOCK]).max()) > 0  # landmark keys train
+    assert np.abs(np.asarray(grads[1])[:, BLOCK - 1 :: BLOCK]).max() > 0  # landmark keys train
     np.testing.assert_allclose(all_blocks, ref, **TOL)  # every block retrieved == training form
 
 
@@ -106,6 +106,7 @@ def test_top_k_retrieves_the_highest_landmark_scores():
     idx, valid = jax.jit(
         lambda q, k: landmark_select(landmark_scores(q, k, block=BLOCK), num_kv_heads=K, top_k=2)
     )(q, k)
+    idx, valid = np.asarray(idx), np.asarray(valid)  # numpy: no eager jax indexing below
     # numpy: softmax over the earlier landmarks per query head, max over the group, top 2
     s = np.einsum("btnh,blnh->btnl", q, np.repeat(k[:, BLOCK - 1 :: BLOCK], N // K, 2)) / 4.0
     retrieved = [[[set() for _ in range(N)] for _ in range(T)] for _ in range(B)]
@@ -113,12 +114,12 @@ def test_top_k_retrieves_the_highest_landmark_scores():
     for b, i, kh in np.ndindex(B, T, K):
         p = i // BLOCK
         if p == 0:
-            assert not np.asarray(valid[b, i, kh]).any()
+            assert not valid[b, i, kh].any()
             continue
         e = np.exp(s[b, i, kh * 2 : kh * 2 + 2, :p])
         prob = (e / e.sum(-1, keepdims=True)).max(0)
         want = set(np.argsort(-prob)[: min(top_k, p)].tolist())
-        got = set(np.asarray(idx[b, i, kh])[np.asarray(valid[b, i, kh])].tolist())
+        got = set(idx[b, i, kh][valid[b, i, kh]].tolist())
         assert got == want, (b, i, kh)
         for n in range(kh * 2, kh * 2 + 2):
             retrieved[b][i][n] = want
