@@ -5,7 +5,7 @@ per-document attention mass and the contrastive loss."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
+from visit_case import fast_jit, normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn.ops import blockrank
 
@@ -42,7 +42,7 @@ def test_attention_equals_dense_reference_and_mass_and_loss():
             blockrank.document_attention(q, k, lse, docs, 3),  # [B, N, T, 3]
         )
 
-    got, want, mass = jax.jit(both)(q, k, v, do, docs, mask)
+    got, want, mass = fast_jit(both)(q, k, v, do, docs, mask)
     np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=2e-5)
     for g, w in zip(got[1], want[1]):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)

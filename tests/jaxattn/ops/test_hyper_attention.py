@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
+from visit_case import fast_jit, normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn import dot_product_attention
 from jaxattn.ops import hyper_attention as ha
@@ -19,7 +19,7 @@ def _qkv(T=64, N=2, H=8):
 def test_one_bucket_full_sampling_is_exact():
     q, k, v = _qkv()
 
-    @jax.jit  # one compile for the three calls
+    @fast_jit  # one compile for the three calls
     def run(q, k, v):
         exact = dot_product_attention(q, k, v, implementation="xla")
         key = jax.random.key(1)
@@ -72,7 +72,7 @@ def test_causal_full_sampling_is_exact_causal():
     of the recursion, four exact causal leaves."""
     q, k, v = _qkv(T=32)
 
-    @jax.jit  # one compile for the three
+    @fast_jit  # one compile for the three
     def run(q, k, v):
         key = jax.random.key(2)
         return (
@@ -94,7 +94,7 @@ def test_causal_leaks_nothing_from_the_future():
     q, k, v = _qkv(T=32)
     t0 = 20
 
-    @jax.jit  # one compile: forward and backward from one vjp
+    @fast_jit  # one compile: forward and backward from one vjp
     def run(q, k, v):
         fn = lambda k, v: _causal(  # noqa: E731
             q, k, v, jax.random.key(3), num_planes=2, block=4, num_samples=3, min_seq_len=8

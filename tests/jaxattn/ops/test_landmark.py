@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from decode_testlib import decode_all  # tests/: prefill then one token per step
 from flax import nnx
-from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
+from visit_case import fast_jit, normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn.layers import LandmarkConfig, registered_kinds
 from jaxattn.ops.landmark import (
@@ -61,8 +61,13 @@ def _paper_loop(q, k, v, block, retrieved=None):
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "all_k"))
 def _fast_and_reference(q, k, v, do, retrieved, *, top_k, all_k=None):
+    return fast_jit(functools.partial(_fast_and_reference_fn, top_k=top_k, all_k=all_k))(
+        q, k, v, do, retrieved
+    )
+
+
+def _fast_and_reference_fn(q, k, v, do, retrieved, *, top_k, all_k=None):
     """(o, (dq, dk, dv)) of the block-visit op and of the dense reference, and the op's output
     with top_k = all_k (if given), in one compile."""
     fast = lambda q, k, v: landmark_attention(q, k, v, block=BLOCK, top_k=top_k)  # noqa: E731

@@ -6,7 +6,7 @@ reference under their mask; the LSE is that of the true scores; bad input."""
 import jax
 import numpy as np
 import pytest
-from visit_case import dense_from_visits, normal
+from visit_case import dense_from_visits, fast_jit, normal
 
 from jaxattn import dot_product_attention
 from jaxattn.masks import Causal
@@ -50,7 +50,7 @@ def test_combination_and_its_reductions():
     slopes = alibi_slopes(K * G, scale=0.5)
     causal = np.broadcast_to(np.tri(T, dtype=bool), (B, K * G, T, T))
 
-    @jax.jit  # one compile for all four
+    @fast_jit  # one compile for all four
     def run(q, k, v, pos):
         f = lambda **kw: rope_alibi_attention(  # noqa: E731
             q, k, v, positions_BT=pos, return_lse=True, implementation="xla", **kw
@@ -82,7 +82,7 @@ def test_prflash_block_sampling_all_blocks_exact_and_sampled_lists():
     )
     every, some = sample(jax.random.key(0), [1.0]), sample(jax.random.key(1), [1.0, 0.5, 0.0])
 
-    @jax.jit
+    @fast_jit
     def run(q, k, v):
         f = lambda vis, impl: rope_alibi_attention(  # noqa: E731
             q, k, v, rope=ROPE, slopes=slopes, block_visits=vis, implementation=impl
