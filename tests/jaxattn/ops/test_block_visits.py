@@ -16,6 +16,7 @@ from visit_case import (
     check_jax_nn,
     compile_value_and_grads,
     dense_from_visits,
+    fast_jit,
     inputs,
     jax_nn_case,
     op,
@@ -265,7 +266,7 @@ def test_dynamic_block_sparse_inside_jit_per_row_and_head():
     q, k, v, do = inputs(4, B, T, S, K * G, K, 16, 16)
     scores = jnp.asarray(np.random.default_rng(9).random((B, K, 5, 5)), jnp.float32)
 
-    @jax.jit
+    @fast_jit
     def run(q, k, v, scores):
         layout = scores > 0.5  # traced: data-dependent block selection
         spec = masks.Causal() & masks.BlockSparse(layout=layout, block_q=bq, block_kv=bk)
@@ -282,7 +283,7 @@ def test_dynamic_block_sparse_inside_jit_per_row_and_head():
     static = masks.BlockSparse(layout=lay2, block_q=bq, block_kv=bk)
     dynamic = masks.BlockSparse(layout=jnp.asarray(lay2), block_q=bq, block_kv=bk)
 
-    @jax.jit  # the references and both layouts in one compile
+    @fast_jit  # the references and both layouts in one compile
     def references(q, k, v):
         want = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(dense))
         twins = [attention(q, k, v, mask=dynamic, implementation=i) for i in ("xla", "chunked")]
