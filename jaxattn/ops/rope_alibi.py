@@ -14,7 +14,9 @@ plus a term constant along the row, which softmax ignores. So the bias rides as 
 dimension, q' = [RoPE(q) / √H, m_n], k' = [RoPE(k), p_j − p_r] (p_r: the row's last position,
 keeping the coordinate small), and the op runs at scale 1 with its masks, segment ids and block
 visits, e.g. PrFlashAttention's sampled lists (``jaxattn.ops.prflash.sample_block_visits``).
-The returned LSE is corrected by the dropped row constant.
+The returned LSE is corrected by the dropped row constant. With ALiBi on, q and k are
+promoted to float32 for the op (the position coordinate must stay exact; in float32 its
+rounding is below 1e-2 · slope up to 10^5 positions); the output keeps q's dtype.
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ def rope_alibi_attention(
         raise ValueError(f"slopes must have shape [N={N}], got {slopes.shape}")
     pos = positions_BT.astype(jnp.float32)
     rel = pos - pos[:, -1:]  # [B, T], <= 0 for increasing positions
+    # the position coordinate needs float32 (bf16 holds integers exactly only up to 256)
+    dt = jnp.promote_types(q.dtype, jnp.float32)
+    q, k = q.astype(dt), k.astype(dt)
     q_aug = jnp.broadcast_to(slopes.astype(q.dtype)[None, None, :, None], (B, T, N, 1))
     k_aug = jnp.broadcast_to(rel.astype(k.dtype)[:, :, None, None], (B, T, k.shape[2], 1))
     out = dot_product_attention(
@@ -107,7 +112,8 @@ def rope_alibi_attention(
         return_lse=return_lse, implementation=implementation,
     )  # fmt: skip
     if not return_lse:
-        return out
+        return out.astype(q_BTNH.dtype)
     o, lse = out
+    o = o.astype(q_BTNH.dtype)
     # q'·k' = s_ij + m_n (p_i − p_r): the row constant m_n (p_i − p_r) comes off the LSE
     return o, lse - slopes[None, :, None] * rel[:, None, :]
