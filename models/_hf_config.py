@@ -249,6 +249,10 @@ def _mha_to_hf(c: ModelConfig, layers: list) -> dict:
         )
     if a.qk_norm or a.logits_soft_cap is not None:
         raise ValueError("qk_norm / logits_soft_cap have no equivalent in the supported HF archs")
+    if a.v != a.h:  # HF llama / qwen2 / mistral size v_proj and o_proj by the one head_dim
+        raise ValueError(
+            f"v_head_dim={a.v} != head_dim={a.h} has no equivalent in the supported HF archs"
+        )
     if c.arch == "mistral" and (a.qkv_bias or a.o_bias):
         raise ValueError("mistral has no attention biases in HF; export as llama or qwen2")
     hf = dict(num_key_value_heads=a.n_kv, head_dim=a.h)

@@ -37,6 +37,7 @@ from models._convert_base import (
     rebuild,
     with_layers,
 )
+from models._convert_modegpt import modegpt
 from models._convert_slicegpt import normed_covariance, slicegpt
 from models._convert_weights import (
     eora_model,
@@ -55,6 +56,7 @@ __all__ = [
     "transmla",
     "kv_heads",
     "slicegpt",
+    "modegpt",
     "normed_covariance",
     "perplexity",
     "logits",
@@ -317,6 +319,7 @@ register_method(Method("lord", lord_model, ("reduction", "batch_size")))
 register_method(Method("trp", trp_model, ("energy", "batch_size")))
 register_method(Method("welore", welore_model, ("reduction", "batch_size")))
 register_method(Method("eora", eora_model, ("bits", "rank", "group_size", "batch_size")))
+register_method(Method("modegpt", modegpt, ("keep", "types", "ridge", "batch_size")))
 register_method(
     Method(
         "transmla",

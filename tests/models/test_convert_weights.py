@@ -8,6 +8,9 @@ before/after table and writes an HF checkpoint whose logits equal the compressed
 EoRA: the per-projection input covariances are E[x xᵀ] of what each projection reads; at full
 rank the compensation restores W (logits unchanged); at low rank its activation-weighted error
 is never above LoRC's plain SVD at the same rank.
+MoDeGPT (Type I Nyström on the MLP, Type III SVD on value/output): keep=1 leaves the logits
+unchanged; at keep=0.5 the parameter count is the reduced widths' and the value-output error is
+below per-weight SVD at equal size; a narrower value head is refused by the HF export.
 """
 
 import jax.numpy as jnp
@@ -117,3 +120,65 @@ def test_projection_covariances_are_the_inputs_second_moments(model):
                           "mlp/down")}  # fmt: skip
     with pytest.raises(ValueError, match="eora needs calibration tokens"):
         mc.convert(model, "eora", None)
+
+
+# -- MoDeGPT (models._convert_modegpt): Type I Nyström on the MLP, Type III SVD on v / o ---------
+def test_modegpt_keep_one_is_exact(model):
+    new, [report] = mc.convert(model, "modegpt", CALIB, keep=1.0, batch_size=4)
+    np.testing.assert_allclose(_logits(new), _logits(model), atol=TOL)
+    assert report["max_abs_logit_diff"] < TOL and report["mean_relative_error"] < 1e-5
+    assert new.config.mlp_dim == 48 and report["v_head_dim"] == 8
+
+
+def test_modegpt_compressed_count_and_errors(model, tmp_path):
+    new, [report] = mc.convert(model, "modegpt", CALIB, keep="0.5", batch_size=4)
+    dense = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    # MLP 48 -> 24 intermediate dims (gate, up, down: 3 · 32 each); value heads 8 -> 4 dims
+    # (v: 2 kv heads, o: 4 query heads, 32 wide each)
+    assert report["parameters"] == dense - 3 * 32 * 24 - 32 * (2 + 4) * 4
+    assert new.config.mlp_dim == 24 and new.layers[0].attn.v.kernel.shape == (32, 2, 4)
+    assert 0 < report["mlp_relative_error"] < 1 and 0 < report["relative_logit_error"] < 1
+    # Type III's weighted SVD is the Eckart-Young optimum: below per-weight SVD at equal size
+    assert 0 < report["vo_relative_error"] < report["vo_relative_error_svd"]
+    # Nyström keeps columns of gate / up as they are (only the down projection is refitted)
+    old_gate = np.asarray(model.layers[0].mlp.gate.kernel[...])
+    new_gate = np.asarray(new.layers[0].mlp.gate.kernel[...])
+    assert all(np.abs(old_gate - col[:, None]).max(0).min() == 0 for col in new_gate.T)
+    mlp_only, [r] = mc.convert(model, "modegpt", CALIB, keep=0.5, types="mlp", batch_size=4)
+    assert mlp_only.layers[0].attn.v.kernel.shape == (32, 2, 8) and "vo_relative_error" not in r
+    # the HF GQA formats hold one head_dim: a narrower value head is refused, not written
+    with pytest.raises(ValueError, match="v_head_dim=4 != head_dim=8"):
+        models.to_hf(new, str(tmp_path / "hf"))
+
+
+@pytest.mark.slow  # the CLI path is test_cli_lord_table_and_export's; modegpt's by the cases above
+def test_cli_modegpt_mlp_exports(model, tmp_path, capsys):
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    models.to_hf(model, src)
+    mc.main(["--from", src, "--to", out, "--method", "modegpt", "--set", "keep=0.5",
+             "--set", "types=mlp", "--set", "batch_size=4", "--calib-rows", "4",
+             "--eval-rows", "1", "--seq-len", "16"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert "step modegpt:" in text and "mlp_relative_error" in text
+    before, after = next(ln for ln in text.splitlines() if ln.startswith("param")).split()[-2:]
+    assert int(before) - int(after) == 3 * 32 * 24
+    assert models.from_hf(out).config.mlp_dim == 24
+
+
+def test_modegpt_bad_input_is_named(model):
+    with pytest.raises(ValueError, match="keep=0"):
+        mc.convert(model, "modegpt", CALIB, keep=0, batch_size=4)
+    with pytest.raises(ValueError, match="keep=1.5"):
+        mc.convert(model, "modegpt", CALIB, keep=1.5, batch_size=4)
+    with pytest.raises(ValueError, match="types=\\('qk',\\)"):
+        mc.convert(model, "modegpt", CALIB, types="qk", batch_size=4)
+    with pytest.raises(ValueError, match="modegpt needs calibration tokens"):
+        mc.convert(model, "modegpt", None)
+    with pytest.raises(ValueError, match="32 tokens, fewer than the 48 kept MLP dims"):
+        mc.convert(model, "modegpt", CALIB[:, :8], keep=1.0, batch_size=4)
+    with pytest.raises(ValueError, match="no options \\['rank'\\]"):
+        mc.convert(model, "modegpt", CALIB, rank=3)
+    lowrank = nnx.eval_shape(lambda: DecoderLM(model.config.replace(
+        parameterization="lowrank", parameterization_rank=4), rngs=nnx.Rngs(0)))  # fmt: skip
+    with pytest.raises(ValueError, match="modegpt cannot convert .*'lowrank'"):
+        mc.convert(lowrank, "modegpt", CALIB, batch_size=4)

@@ -5,7 +5,9 @@ Faithful tests: decoding through the cache (a prefill, then one token at a time)
 features (``cskv_compress_features``); a window covering every token is exact attention; with
 RoPE the old keys are reconstructed pre-RoPE and rotated at their positions, which equals
 exact attention when the factors are exact (and the absorbed, rotation-free form does not);
-``bytes_per_token`` is the buffers' byte count; bad input raises named errors.
+``bytes_per_token`` is the buffers' byte count; bad input raises named errors. Ragged writes
+(``num_new_B`` differing per row, a row adding none) equal ``cskv_attend`` on each row's own
+stream and write no padding.
 """
 
 import jax
@@ -181,3 +183,44 @@ def test_bad_input_is_named():
     # no layer kind builds it from its own factors yet: a plain attention layer refuses it
     with pytest.raises(ValueError, match="cannot serve cache.format='cskv'"):
         AttentionConfig(d_model=16, num_heads=2, cache=CacheConfig(format="cskv"))
+
+
+@jax.jit
+def _ragged_step(cache, q, k, v, ck, cv, num_new_B):
+    return cache.update_and_attend(q, k, v, ck_new_BTR=ck, cv_new_BTR=cv, up_k_RKH=D["up_k"],
+                                   up_v_RKV=D["up_v"], bias_k_KH=D["bias_k"],
+                                   bias_v_KV=D["bias_v"], num_new_B=num_new_B)  # fmt: skip
+
+
+def test_ragged_writes_equal_cskv_attend_per_row():
+    # three writes of T = 6, 3, 2 with different valid counts per row (row 1 adds none last);
+    # row b's stream is its first tokens of D, the padded slots hold another row's tokens
+    counts = [(6, 3), (1, 3), (2, 0)]
+    cache, seen = _cache(), [0, 0]
+    names = ("q", "k", "v", "ck", "cv")
+    for step, num in enumerate(counts):
+        t = (6, 3, 2)[step]
+        rows = {x: np.zeros((B, t, *D[x].shape[2:]), np.float32) for x in names}
+        for b in range(B):
+            for x in names:  # valid tokens, then row 1 - b's tokens as padding
+                src = np.concatenate([D[x][b, seen[b] :], D[x][1 - b]])[:t]
+                rows[x][b] = src
+        o, cache = _ragged_step(cache, *(rows[x] for x in names), jnp.asarray(num, jnp.int32))
+        o = np.asarray(o)
+        for b in range(B):
+            t0, t1 = seen[b], seen[b] + num[b]
+            if num[b]:
+                old = max(t1 - W, 0)
+                ref = C.cskv_attend(
+                    D["q"][b, t0:t1], D["k"][b, :t1], D["v"][b, :t1], D["ck"][b, :old],
+                    D["cv"][b, :old], D["up_k"], D["up_v"], window=W, bk_KH=D["bias_k"],
+                    bv_KH=D["bias_v"],
+                )  # fmt: skip
+                np.testing.assert_allclose(o[b, : num[b]], ref, atol=2e-5)
+            seen[b] = t1
+    assert cache.lengths_B.tolist() == seen == [9, 6]
+    # only the valid tokens were written: row 1's slots past its 6 tokens are still empty
+    ck = np.asarray(cache.features()[0])
+    np.testing.assert_allclose(ck[0, :9], D["ck"][0], atol=0)
+    np.testing.assert_allclose(ck[1, :6], D["ck"][1, :6], atol=0)
+    assert not ck[1, 6:].any()

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
+from visit_case import fast_jit, normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn import dot_product_attention
 from jaxattn.ops import biformer
@@ -25,7 +25,7 @@ def _vg_pair(fast, ref, q, k, v, do):
         vg = lambda f: jax.value_and_grad(lambda *a: jnp.sum(f(*a) * do), argnums=(0, 1, 2))  # noqa: E731
         return vg(fast)(q, k, v), vg(ref)(q, k, v)
 
-    return jax.jit(both)(q, k, v, do)
+    return fast_jit(both)(q, k, v, do)
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_all_regions_is_full_attention(grid):
         biformer.bilevel_routing_attention(q, k, v, **kw),
         dot_product_attention(q, k, v),
     )
-    got, want = jax.jit(both)(q, k, v)
+    got, want = fast_jit(both)(q, k, v)
     np.testing.assert_allclose(got, want, **TOL)
 
 

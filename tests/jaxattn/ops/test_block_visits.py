@@ -9,13 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from visit_case import (
     assert_close,
     check_jax_nn,
     compile_value_and_grads,
     dense_from_visits,
+    fast_jit,
     inputs,
     jax_nn_case,
     op,
@@ -55,10 +56,7 @@ def _compare_impls(q, k, v, do, impls=("chunked",), dense=None, **kw):
     return want
 
 
-@settings(
-    max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
-@given(
+CHUNKED_FUZZ = dict(
     B=st.integers(1, 2),
     T=st.integers(1, 70),
     S=st.integers(1, 70),
@@ -72,9 +70,20 @@ def _compare_impls(q, k, v, do, impls=("chunked",), dense=None, **kw):
     lengths=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_fuzz_visits_chunked_xla_and_jax_nn(
-    B, T, S, K, G, block_q, block_kv, per_row, per_head, spec, lengths, seed
-):
+
+
+def _fuzz_settings(n):
+    """n drawn examples; n = 0: only the explicit @example cases (the default run's)."""
+    return settings(
+        max_examples=max(n, 1),
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+        phases=(Phase.explicit,) if n == 0 else tuple(Phase),
+    )
+
+
+def _fuzz_chunked(B, T, S, K, G, block_q, block_kv, per_row, per_head, spec, lengths, seed):
     rng = np.random.default_rng(seed)
     N, H = K * G, 16
     nk = -(-S // block_kv)
@@ -97,6 +106,68 @@ def test_fuzz_visits_chunked_xla_and_jax_nn(
     if kv_lengths is not None:
         dense = dense & (np.arange(S) < np.asarray(kv_lengths)[:, None, None, None])
     _compare_impls(q, k, v, do, dense=dense, **kw)
+
+
+# the default run: three fixed awkward cases (lengths off every block and unequal, per-row and
+# per-head lists, GQA 8, 3 and 1, the three specs, with and without kv_lengths); the drawn
+# sweep below is the slow tier
+@_fuzz_settings(0)
+@given(**CHUNKED_FUZZ)
+@example(
+    B=2,
+    T=70,
+    S=53,
+    K=2,
+    G=8,
+    block_q=24,
+    block_kv=7,
+    per_row=True,
+    per_head=True,
+    spec="causal",
+    lengths=True,
+    seed=11,
+)
+@example(
+    B=1,
+    T=37,
+    S=66,
+    K=1,
+    G=3,
+    block_q=5,
+    block_kv=16,
+    per_row=False,
+    per_head=True,
+    spec="window",
+    lengths=False,
+    seed=12,
+)
+@example(
+    B=2,
+    T=1,
+    S=41,
+    K=2,
+    G=1,
+    block_q=1,
+    block_kv=9,
+    per_row=True,
+    per_head=False,
+    spec="none",
+    lengths=True,
+    seed=13,
+)
+def test_fuzz_visits_chunked_xla_and_jax_nn(
+    B, T, S, K, G, block_q, block_kv, per_row, per_head, spec, lengths, seed
+):
+    _fuzz_chunked(B, T, S, K, G, block_q, block_kv, per_row, per_head, spec, lengths, seed)
+
+
+@pytest.mark.slow  # drawn cases; test_fuzz_visits_chunked_xla_and_jax_nn keeps each class
+@_fuzz_settings(16)
+@given(**CHUNKED_FUZZ)
+def test_fuzz_visits_chunked_sweep(
+    B, T, S, K, G, block_q, block_kv, per_row, per_head, spec, lengths, seed
+):
+    _fuzz_chunked(B, T, S, K, G, block_q, block_kv, per_row, per_head, spec, lengths, seed)
 
 
 @pytest.mark.parametrize("G", [1, 3, 8])
@@ -130,8 +201,8 @@ def test_chunked_reads_only_listed_blocks():
     )
     listed = dense_from_visits(visits, B=B, N=K, K=K, T=T, S=S).any(2)  # [B, K, S]
     q, k, v, do = inputs(0, B, T, S, N, K, 16, 16)
-    nan_k = jnp.where(jnp.asarray(listed.transpose(0, 2, 1))[..., None], k, jnp.nan)
-    nan_v = jnp.where(jnp.asarray(listed.transpose(0, 2, 1))[..., None], v, jnp.nan)
+    keep = listed.transpose(0, 2, 1)[..., None]
+    nan_k, nan_v = (jnp.asarray(np.where(keep, np.asarray(x), np.nan)) for x in (k, v))
     run = compile_value_and_grads(
         [op("chunked", return_lse=True, block_visits=visits)], q, k, v, [do]
     )
@@ -141,8 +212,14 @@ def test_chunked_reads_only_listed_blocks():
     ):
         assert_close(g, w, TOL, name)
     none = dict.fromkeys(("scale", "logits_soft_cap", "segment_ids", "q_offset", "kv_lengths"))
-    a = check_args(q, k, v, mask=None, block_visits=visits, **none)
-    counts = np.asarray(tables_for(a, 32, bk).count)
+    check_args(q, k, v, mask=None, block_visits=visits, **none)  # the concrete lists are valid
+
+    @jax.jit  # the table builder in one compile (eager, it is dozens of small ones)
+    def count(q, k, v, idx, cnt):
+        vis = masks.BlockVisits(indices=idx, counts=cnt, block_q=32, block_kv=bk)
+        return tables_for(check_args(q, k, v, mask=None, block_visits=vis, **none), 32, bk).count
+
+    counts = np.asarray(count(q, k, v, visits.indices, visits.counts))
     np.testing.assert_array_equal(counts, [[[2, 0], [3, 1]], [[2, 1], [1, 3]]])
 
 
@@ -187,9 +264,9 @@ def test_dynamic_block_sparse_inside_jit_per_row_and_head():
     the same as the visit lists (and the dense mask) it stands for."""
     B, T, S, K, G, bq, bk = 2, 50, 50, 2, 2, 10, 10
     q, k, v, do = inputs(4, B, T, S, K * G, K, 16, 16)
-    scores = jax.random.uniform(jax.random.key(9), (B, K, 5, 5))
+    scores = jnp.asarray(np.random.default_rng(9).random((B, K, 5, 5)), jnp.float32)
 
-    @jax.jit
+    @fast_jit
     def run(q, k, v, scores):
         layout = scores > 0.5  # traced: data-dependent block selection
         spec = masks.Causal() & masks.BlockSparse(layout=layout, block_q=bq, block_kv=bk)
@@ -206,7 +283,7 @@ def test_dynamic_block_sparse_inside_jit_per_row_and_head():
     static = masks.BlockSparse(layout=lay2, block_q=bq, block_kv=bk)
     dynamic = masks.BlockSparse(layout=jnp.asarray(lay2), block_q=bq, block_kv=bk)
 
-    @jax.jit  # the references and both layouts in one compile
+    @fast_jit  # the references and both layouts in one compile
     def references(q, k, v):
         want = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(dense))
         twins = [attention(q, k, v, mask=dynamic, implementation=i) for i in ("xla", "chunked")]
@@ -288,10 +365,7 @@ def test_traced_lists_out_of_range_are_ignored():
 KV = ChunkedBlockSizes(loop_order="kv")
 
 
-@settings(
-    max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
-@given(
+KV_FUZZ = dict(
     B=st.integers(1, 2),
     T=st.integers(1, 50),
     S=st.integers(1, 60),
@@ -305,9 +379,52 @@ KV = ChunkedBlockSizes(loop_order="kv")
     cap=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+
+
+@_fuzz_settings(0)  # the fixed awkward cases only (GQA 2 and 8); the slow sweep draws 8
+@given(**KV_FUZZ)
+@example(
+    B=2,
+    T=45,
+    S=59,
+    K=2,
+    G=2,
+    block_q=7,
+    block_kv=16,
+    per_row=True,
+    per_head=False,
+    spec="causal",
+    cap=True,
+    seed=21,
+)
+@example(
+    B=1,
+    T=50,
+    S=23,
+    K=1,
+    G=8,
+    block_q=12,
+    block_kv=5,
+    per_row=False,
+    per_head=True,
+    spec="window",
+    cap=False,
+    seed=22,
+)
 def test_fuzz_kv_major_order_equals_xla(
     B, T, S, K, G, block_q, block_kv, per_row, per_head, spec, cap, seed
 ):
+    _fuzz_kv(B, T, S, K, G, block_q, block_kv, per_row, per_head, spec, cap, seed)
+
+
+@pytest.mark.slow  # drawn cases; test_fuzz_kv_major_order_equals_xla keeps each class
+@_fuzz_settings(8)
+@given(**KV_FUZZ)
+def test_fuzz_kv_major_sweep(B, T, S, K, G, block_q, block_kv, per_row, per_head, spec, cap, seed):
+    _fuzz_kv(B, T, S, K, G, block_q, block_kv, per_row, per_head, spec, cap, seed)
+
+
+def _fuzz_kv(B, T, S, K, G, block_q, block_kv, per_row, per_head, spec, cap, seed):
     """loop_order="kv" (FSA order) == "xla" (o, lse, dq, dk, dv) over fuzzed lists, groups,
     masks, kv_lengths, q_offset and soft caps."""
     rng = np.random.default_rng(seed)
@@ -369,7 +486,7 @@ def test_kv_major_reads_only_listed_blocks_and_refuses_what_it_cannot_serve():
     )
     q, k, v, do = inputs(3, B, T, S, N, K, 16, 16)
     listed = (np.arange(S) // 16 == 0) | (np.arange(S) // 16 == 3)
-    poison = lambda x: jnp.where(jnp.asarray(listed)[None, :, None, None], x, jnp.nan)
+    poison = lambda x: jnp.asarray(np.where(listed[None, :, None, None], np.asarray(x), np.nan))
     fn = op("chunked", return_lse=True, block_visits=visits, block_sizes=KV)
     run = compile_value_and_grads([fn], q, k, v, [do])
     (clean,), (dirty,) = run(q, k, v, [do]), run(q, poison(k), poison(v), [do])

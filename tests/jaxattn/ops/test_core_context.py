@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
+from visit_case import fast_jit, normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn import dot_product_attention, masks
 from jaxattn.ops import core_context as cca
@@ -28,7 +28,7 @@ def test_fused_equals_concatenated_reference_fwd_bwd():
         )(q, k, v)
         return f(cca.core_context_attention), f(cca.core_context_reference)
 
-    got, want = jax.jit(both)(q, k, v, do)
+    got, want = fast_jit(both)(q, k, v, do)
     np.testing.assert_allclose(got[0], want[0], **TOL)
     for name, g, w in zip(("dq", "dk", "dv"), got[1], want[1]):
         np.testing.assert_allclose(g, w, err_msg=name, **TOL)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
+from visit_case import fast_jit, normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn import dot_product_attention
 from jaxattn.ops import grat
@@ -33,7 +33,7 @@ def test_equals_dense_equivalent_mask_fwd_bwd(name):
             vg(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask)),
         )
 
-    got, want = jax.jit(both)(q, k, v, do, mask)
+    got, want = fast_jit(both)(q, k, v, do, mask)
     np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=2e-5)
     for g, w in zip(got[1], want[1]):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from decode_testlib import decode_all  # tests/: prefill then one token per step
 from flax import nnx
-from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
+from visit_case import fast_jit, normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn import dot_product_attention, masks
 from jaxattn.layers import LMInfiniteConfig
@@ -33,8 +33,12 @@ def _fast(q, k, v, **kw):
     return lm_infinite_attention(q_rot, q, k_rot, v, rope=ROPE, **kw)
 
 
-@functools.partial(jax.jit, static_argnames=("n_global", "n_local"))
 def _fast_and_reference(q, k, v, do, *, n_global, n_local):
+    fn = functools.partial(_fast_and_reference_fn, n_global=n_global, n_local=n_local)
+    return fast_jit(fn)(q, k, v, do)
+
+
+def _fast_and_reference_fn(q, k, v, do, *, n_global, n_local):
     """Value and (dq, dk, dv) of the fast op and of the dense reference, in one compiled call."""
     kw = dict(n_global=n_global, n_local=n_local)
     ref = lambda q, k, v: lm_infinite_reference(q, k, v, rope=ROPE, **kw)  # noqa: E731

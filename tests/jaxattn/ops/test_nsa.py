@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
+from visit_case import fast_jit, normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn.ops import nsa
 
@@ -45,13 +45,13 @@ def _vg(fn, args, do, q_offset):
     return o, grads
 
 
-@jax.jit
+@fast_jit
 def _fast_and_reference(args, do):
     """(o, grads) of the fast path and of the gather reference, in one compiled call."""
     return tuple(_vg(fn, args, do, 0) for fn in (nsa.nsa_attention, nsa.nsa_reference))
 
 
-@jax.jit
+@fast_jit
 def _fast_and_reference_at(args, do, q_offset):
     return tuple(_vg(fn, args, do, q_offset) for fn in (nsa.nsa_attention, nsa.nsa_reference))
 

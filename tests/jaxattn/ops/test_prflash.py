@@ -5,7 +5,7 @@ future block ever; sampled lists equal the dense-masked op; bad probabilities ar
 import jax
 import numpy as np
 import pytest
-from visit_case import normal  # numpy inputs: jax.random.normal compiles once per shape
+from visit_case import fast_jit, normal  # numpy inputs: jax.random.normal compiles once per shape
 
 from jaxattn import dot_product_attention, masks
 from jaxattn.ops import prflash
@@ -18,7 +18,7 @@ def _qkv(T=40):
 def test_every_block_is_exact_causal_and_sampled_lists_equal_dense_mask():
     q, k, v = _qkv()
 
-    @jax.jit  # one compile for the four calls
+    @fast_jit  # one compile for the four calls
     def run(q, k, v):
         every = prflash.prflash_attention(q, k, v, jax.random.key(1), [1.0], block=8)
         exact = dot_product_attention(q, k, v, mask=masks.Causal(), implementation="xla")
