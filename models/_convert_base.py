@@ -28,6 +28,19 @@ __all__ = ["calibrate", "rebuild", "with_layers", "perplexity", "logits"]
 
 
 # -- calibration --------------------------------------------------------------------------------
+def calibration_batches(tokens_NT, batch_size: int) -> jax.Array:
+    """Calibration tokens [N, T] as [N // batch_size, batch_size, T] (whole batches; the rest of
+    the rows dropped), for one compiled scan over them."""
+    tokens_NT = np.asarray(tokens_NT)
+    if tokens_NT.ndim != 2 or tokens_NT.shape[0] < batch_size:
+        raise ValueError(
+            f"calibration tokens must be [rows >= batch_size={batch_size}, T], "
+            f"got shape {tokens_NT.shape}"
+        )
+    nb = tokens_NT.shape[0] // batch_size
+    return jnp.asarray(tokens_NT[: nb * batch_size].reshape(nb, batch_size, -1))
+
+
 def calibrate(model: DecoderLM, tokens_NT, stat_fn: Callable, *, batch_size: int = 8) -> list:
     """Per-layer sums of ``stat_fn(attn_layer, x_BTD)`` over calibration rows, in one jit.
 
@@ -42,14 +55,7 @@ def calibrate(model: DecoderLM, tokens_NT, stat_fn: Callable, *, batch_size: int
     Returns:
       [stats of layer i], host values.
     """
-    tokens_NT = np.asarray(tokens_NT)
-    if tokens_NT.ndim != 2 or tokens_NT.shape[0] < batch_size:
-        raise ValueError(
-            f"calibration tokens must be [rows >= batch_size={batch_size}, T], "
-            f"got shape {tokens_NT.shape}"
-        )
-    nb = tokens_NT.shape[0] // batch_size
-    batches = jnp.asarray(tokens_NT[: nb * batch_size].reshape(nb, batch_size, -1))
+    batches = calibration_batches(tokens_NT, batch_size)
     graphdef, state = nnx.split(model)
     return jax.device_get(_calibrate_run(graphdef, stat_fn, state, batches))
 

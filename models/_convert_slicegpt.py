@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxattn import convert as C
 from jaxattn import heads
-from models._convert_base import _check_no_adapters, logits
+from models._convert_base import _check_no_adapters, calibration_batches, logits
 from models.decoder import DecoderLM
 
 __all__ = ["slicegpt", "normed_covariance"]
@@ -30,14 +30,7 @@ _READERS, _WRITERS = ("q", "k", "v"), ("o",)
 
 def normed_covariance(model: DecoderLM, tokens_NT, *, batch_size: int = 8) -> np.ndarray:
     """Σ n nᵀ [D, D] over calibration tokens of every RMSNorm input n = x / rms(x) (one jit)."""
-    tokens_NT = np.asarray(tokens_NT)
-    if tokens_NT.ndim != 2 or tokens_NT.shape[0] < batch_size:
-        raise ValueError(
-            f"calibration tokens must be [rows >= batch_size={batch_size}, T], "
-            f"got shape {tokens_NT.shape}"
-        )
-    nb = tokens_NT.shape[0] // batch_size
-    batches = jnp.asarray(tokens_NT[: nb * batch_size].reshape(nb, batch_size, -1))
+    batches = calibration_batches(tokens_NT, batch_size)
     graphdef, state = nnx.split(model)
     total = _covariance_run(graphdef, float(model.config.norm_eps), state, batches)
     return np.asarray(jax.device_get(total), np.float64)

@@ -23,7 +23,7 @@ from jaxattn import convert as C
 from jaxattn import heads
 from jaxattn.convert.lord import write_lowrank
 from jaxattn.layers import Linear, swiglu
-from models._convert_base import _check_no_adapters, logits
+from models._convert_base import _check_no_adapters, calibration_batches, logits
 from models.decoder import DecoderLM
 
 __all__ = [
@@ -173,14 +173,7 @@ def projection_covariances(model: DecoderLM, tokens_NT, *, batch_size: int = 8) 
     Returns:
       {"layers/i/attn/q": cov [I, I] float64, ...} for every name :func:`_linears` lists.
     """
-    tokens_NT = np.asarray(tokens_NT)
-    if tokens_NT.ndim != 2 or tokens_NT.shape[0] < batch_size:
-        raise ValueError(
-            f"calibration tokens must be [rows >= batch_size={batch_size}, T], "
-            f"got shape {tokens_NT.shape}"
-        )
-    nb = tokens_NT.shape[0] // batch_size
-    batches = jnp.asarray(tokens_NT[: nb * batch_size].reshape(nb, batch_size, -1))
+    batches = calibration_batches(tokens_NT, batch_size)
     graphdef, state = nnx.split(model)
     sums = jax.device_get(_covariance_pass(graphdef, state, batches))
     count = float(batches.shape[0] * batches.shape[1] * batches.shape[2])
