@@ -195,7 +195,7 @@ def main(argv=None):
     for name in args.kinds:
         print(f"# building {name}", file=sys.stderr, flush=True)
         config = model_config(name, args)
-        model = DecoderLM(config, rngs=nnx.Rngs(0))
+        model = nnx.jit(lambda c=config: DecoderLM(c, rngs=nnx.Rngs(0)))()  # one compile
         params, cache_b, flops = static_costs(model, args.train_len)
         rows[name] = dict(
             config=config, params=params, cache=cache_b, flops=flops,

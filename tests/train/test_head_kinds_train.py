@@ -60,7 +60,9 @@ def moh_run(zygote, tmp_path_factory):
 @pytest.fixture(scope="module")
 def mixed_run(zygote, tmp_path_factory):
     """Run directory and output of the 5-step CLI run of ``train/configs/head_layouts.py``."""
-    return _cli_run(zygote, tmp_path_factory.mktemp("head_layouts"), "train/configs/head_layouts.py")
+    return _cli_run(
+        zygote, tmp_path_factory.mktemp("head_layouts"), "train/configs/head_layouts.py"
+    )
 
 
 def _check_train_metrics(run):
