@@ -297,3 +297,41 @@ def test_dgqa_statistic_carried_across_train_steps_and_resumed(tmp_path):
     m = 0.9 * m + 0.1 * _key_norms(params, batch["inputs_BT"])
     restored, _ = trainer.train_step(restored, rest, batch)
     np.testing.assert_allclose(ema(restored), m, rtol=1e-5)
+
+
+def test_mixed_model_train_step_traces_on_a_sharded_mesh(tmp_path):
+    """The mesh: ``head-layouts-tiny`` (every kind, one per layer) on data x fsdp x tensor =
+    2 x 2 x 2 fake devices: every parameter and DGQA's statistic get a sharding of that mesh,
+    every layer's output projection is split over "tensor" or "fsdp", and the train step
+    traces with them (``jax.eval_shape``; the 1-device CLI run compiles it)."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+
+    from jaxattn.sharding import make_mesh
+    from train.config import load_config
+    from train.pretrain import build_model
+    from train.step import make_trainer
+
+    overrides = as_set_args(SMALL | {"run_dir": str(tmp_path)})[1::2]
+    config = load_config("train/configs/head_layouts.py", overrides)
+    _, model_fn = build_model(config)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    trainer = make_trainer(model_fn, config, mesh)
+    shardings = trainer.state_shardings
+    leaves = jax.tree.leaves(shardings["params"]) + jax.tree.leaves(shardings["stats"])
+    assert leaves and all(isinstance(s, NamedSharding) and s.mesh == mesh for s in leaves)
+    for i, layer in enumerate(shardings["params"]["layers"]):
+        spec = layer["attn"]["o"]["kernel"].spec
+        assert any(a is not None for a in spec), (i, spec)  # not replicated
+    shape = (config.batch_size, config.seq_len)
+    batch = {
+        "inputs_BT": jax.ShapeDtypeStruct(shape, np.int32),
+        "targets_BT": jax.ShapeDtypeStruct(shape, np.int32),
+        "weights_BT": jax.ShapeDtypeStruct(shape, np.float32),
+    }
+    state, metrics = jax.eval_shape(
+        trainer.train_step, trainer.abstract_state, trainer.abstract_rest, batch
+    )
+    assert jax.tree.structure(state) == jax.tree.structure(trainer.abstract_state)
+    assert metrics["loss"].shape == () and metrics["aux_loss"].shape == ()

@@ -45,9 +45,8 @@ def _set(layer, seed=1, u=0.5, beta=-1.0, w=0.5):
 
 def test_temperature_one_equals_mha_exactly():
     ssa = _ssa(position_beta_init=10.0)  # exp(-exp(10)) == 0 in fp32: no position term
-    mha = AttentionConfig(d_model=D, num_heads=N, num_kv_heads=K, implementation="xla").build(
-        rngs=nnx.Rngs(0)
-    )
+    mha_config = AttentionConfig(d_model=D, num_heads=N, num_kv_heads=K, implementation="xla")
+    mha = nnx.jit(lambda: mha_config.build(rngs=nnx.Rngs(0)))()  # built like _ssa's layer
     x = _x()
     tau, tau_v = ssa.temperatures(ssa.q(x, None), ssa.v(x, None), Context.create(2, T))
     np.testing.assert_array_equal(tau, np.ones((2, T, N)))
