@@ -39,8 +39,8 @@ def _randomise_convs(layer, seed):
 
 def test_factor_one_without_extras_is_mha_bitwise():
     kw = dict(d_model=D, num_heads=4, implementation="xla")
-    cca = nnx.jit(lambda: CCAConfig(compression=1, **OFF, **kw).build(rngs=nnx.Rngs(0)))()
-    mha = nnx.jit(lambda: AttentionConfig(**kw).build(rngs=nnx.Rngs(0)))()
+    cca = CCAConfig(compression=1, **OFF, **kw).build(rngs=nnx.Rngs(0))
+    mha = AttentionConfig(**kw).build(rngs=nnx.Rngs(0))
     x = _x()
     np.testing.assert_array_equal(cca(x), mha(x))
 
@@ -86,7 +86,7 @@ def _reference(layer, x):
 
 def test_every_stage_against_reference():
     c = CCAConfig(d_model=D, num_heads=4, num_kv_heads=2, compression=2, implementation="xla")
-    layer = nnx.jit(lambda: c.build(rngs=nnx.Rngs(1)))()
+    layer = c.build(rngs=nnx.Rngs(1))
     _randomise_convs(layer, 2)
     layer.key_temperature.set_value(jnp.asarray(1.7))
     x = _x(seed=1)
@@ -95,12 +95,13 @@ def test_every_stage_against_reference():
 
 
 def test_cache_bytes_and_score_width_scale_by_the_compression():
-    mha = nnx.jit(lambda: AttentionConfig(d_model=D, num_heads=4).build(rngs=nnx.Rngs(0)))()
+    mha = AttentionConfig(d_model=D, num_heads=4).build(rngs=nnx.Rngs(0))
     base = mha.init_cache(1, 8, jnp.bfloat16).bytes_per_token()
     x = _x(1, 5)
     for comp, kv, ratio in ((4, 4, 4), (2, 2, 4), (4, 2, 8)):
-        c = CCAConfig(d_model=D, num_heads=4, num_kv_heads=kv, compression=comp)
-        cca = nnx.jit(lambda c=c: c.build(rngs=nnx.Rngs(0)))()  # one compile per shape
+        cca = CCAConfig(d_model=D, num_heads=4, num_kv_heads=kv, compression=comp).build(
+            rngs=nnx.Rngs(0)
+        )
         assert base == cca.init_cache(1, 8, jnp.bfloat16).bytes_per_token() * ratio
         ctx = Context.create(1, 5)
         q, k, v = jax.eval_shape(lambda x, a=cca: a.attention_inputs(*a.project(x, ctx), ctx), x)
@@ -109,7 +110,7 @@ def test_cache_bytes_and_score_width_scale_by_the_compression():
 
 def test_packed_sequences_do_not_mix():
     c = CCAConfig(d_model=D, num_heads=4, compression=2, implementation="xla")
-    layer = nnx.jit(lambda: c.build(rngs=nnx.Rngs(3)))()
+    layer = c.build(rngs=nnx.Rngs(3))
     _randomise_convs(layer, 4)
     x = _x(1, 8, seed=5)
     seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1]])
@@ -131,7 +132,7 @@ def test_decoder_prefill_and_steps_equal_forward():
         implementation="xla",
         layer_pattern=(LayerSpec.of("cca", compression=2), LayerSpec.of("mha")),
     )  # mixed per layer with an "mha" layer
-    model = nnx.jit(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))()
+    model = DecoderLM(config, rngs=nnx.Rngs(0))
     _randomise_convs(model.layers[0].attn, 6)
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 9)), jnp.int32)
     full = nnx.jit(lambda m, t: m(t))(model, tokens)

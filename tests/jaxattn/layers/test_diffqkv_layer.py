@@ -35,8 +35,8 @@ def _x(b=2, t=6, seed=0):
 
 def test_equal_k_and_v_without_augmentation_is_gqa_bitwise():
     kw = dict(d_model=D, num_heads=8, num_kv_heads=2, implementation="xla")
-    diff = nnx.jit(lambda: DiffQKVConfig(**kw).build(rngs=nnx.Rngs(0)))()
-    mha = nnx.jit(lambda: AttentionConfig(**kw).build(rngs=nnx.Rngs(0)))()
+    diff = DiffQKVConfig(**kw).build(rngs=nnx.Rngs(0))
+    mha = AttentionConfig(**kw).build(rngs=nnx.Rngs(0))
     x = _x()
     np.testing.assert_array_equal(diff(x), mha(x))
 
@@ -46,7 +46,7 @@ def test_separate_key_and_value_heads_and_dims_against_reference():
         d_model=D, num_heads=6, num_kv_heads=2, num_v_heads=3, head_dim=4, v_head_dim=10,
         implementation="xla",
     )  # fmt: skip
-    layer = nnx.jit(lambda: c.build(rngs=nnx.Rngs(1)))()
+    layer = c.build(rngs=nnx.Rngs(1))
     x = _x(seed=1)
     q, k, v = (np.asarray(getattr(layer, n)(x), np.float64) for n in "qkv")
     assert k.shape[2:] == (2, 4) and v.shape[2:] == (3, 10)
@@ -65,8 +65,8 @@ def test_separate_key_and_value_heads_and_dims_against_reference():
 
 def test_augmented_q_is_projected_back_exactly():
     kw = dict(d_model=D, num_heads=4, num_kv_heads=2, implementation="xla")
-    aug = nnx.jit(lambda: DiffQKVConfig(**kw, augmented_q_dim=16).build(rngs=nnx.Rngs(0)))()
-    plain = nnx.jit(lambda: AttentionConfig(**kw).build(rngs=nnx.Rngs(0)))()
+    aug = DiffQKVConfig(**kw, augmented_q_dim=16).build(rngs=nnx.Rngs(0))
+    plain = AttentionConfig(**kw).build(rngs=nnx.Rngs(0))
     assert aug.q.kernel.shape == (D, 4, 16) and aug.q_back.kernel.shape == (16, 8)
     wq = np.array(aug.q.kernel[...])
     wq[:, :, :8] = np.asarray(plain.q.kernel[...])  # the other 8 columns stay random
@@ -80,7 +80,7 @@ def test_augmented_q_is_projected_back_exactly():
 
 def test_decoder_prefill_and_steps_equal_forward():
     config = get_config("diffqkv-tiny", implementation="xla", num_layers=1)
-    model = nnx.jit(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))()
+    model = DecoderLM(config, rngs=nnx.Rngs(0))
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 9)), jnp.int32)
     full = nnx.jit(lambda m, t: m(t))(model, tokens)
     np.testing.assert_allclose(decode_all(model, tokens), full, atol=2e-5, rtol=2e-5)
@@ -99,7 +99,7 @@ def test_bad_input_names_field_and_layer():
 
 def _layer_out(impl, x, **kw):
     c = DiffQKVConfig(d_model=D, num_heads=4, num_kv_heads=2, implementation=impl, **kw)
-    return nnx.jit(lambda: c.build(rngs=nnx.Rngs(0)))()(x)
+    return c.build(rngs=nnx.Rngs(0))(x)
 
 
 def test_pallas_serves_different_dims_and_refuses_different_counts(monkeypatch, caplog):
@@ -110,11 +110,7 @@ def test_pallas_serves_different_dims_and_refuses_different_counts(monkeypatch, 
     x = _x(b=1, t=16, seed=6)
     dims = dict(head_dim=16, v_head_dim=32)  # K_k = K_v = 2, V = 2·H
     counts = dict(dims, num_v_heads=4)
-    layer = nnx.jit(
-        lambda: DiffQKVConfig(d_model=D, num_heads=4, num_kv_heads=2, **dims).build(
-            rngs=nnx.Rngs(0)
-        )
-    )()
+    layer = DiffQKVConfig(d_model=D, num_heads=4, num_kv_heads=2, **dims).build(rngs=nnx.Rngs(0))
     q, k, v = (getattr(layer, n)(x) for n in "qkv")  # the op's operands in this layer
     assert q.shape[-1] == k.shape[-1] == 16 and v.shape[-1] == 32
     with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):

@@ -50,10 +50,8 @@ def test_allocation_sums_to_n_and_follows_the_ratios():
 
 def _pair(cls=KDGQAConfig, **kw):
     common = dict(d_model=D, num_heads=8, num_kv_heads=2, implementation="xla", **kw)
-    layer = nnx.jit(lambda: cls(**common).build(rngs=nnx.Rngs(0)))()
-    mha = nnx.jit(
-        lambda: AttentionConfig(**common).build(rngs=nnx.Rngs(0))
-    )()  # same init stream, same params
+    layer = cls(**common).build(rngs=nnx.Rngs(0))
+    mha = AttentionConfig(**common).build(rngs=nnx.Rngs(0))  # same init stream, same params
     return layer, mha
 
 
@@ -127,7 +125,7 @@ def test_dgqa_statistic_updates_in_training_only():
 
 def test_conversion_from_mha_mean_pools_each_group():
     mha = AttentionConfig(d_model=D, num_heads=8, implementation="xla", qkv_bias=True)
-    layer = nnx.jit(lambda: mha.build(rngs=nnx.Rngs(3)))()
+    layer = mha.build(rngs=nnx.Rngs(3))
     params = layer_params(layer)
     config, new = mean_pool_kv_heads(mha, params, 2, kind="kdgqa")
     assert isinstance(config, KDGQAConfig) and config.n_kv == 2 and config.qkv_bias
@@ -136,7 +134,7 @@ def test_conversion_from_mha_mean_pools_each_group():
         np.testing.assert_allclose(new[name]["kernel"][:, 1], w[:, 4:].mean(1), rtol=1e-12)
         np.testing.assert_allclose(new[name]["bias"][0], params[name]["bias"][:4].mean(0))
     np.testing.assert_array_equal(new["q"]["kernel"], params["q"]["kernel"])
-    converted = nnx.jit(lambda: config.build(rngs=nnx.Rngs(0)))()
+    converted = config.build(rngs=nnx.Rngs(0))
     load_layer_params(converted, new)
     assert converted(_x()).shape == (2, 6, D)
     with pytest.raises(ValueError, match="num_kv_heads=3 must divide N=8"):
@@ -152,7 +150,7 @@ def test_decoder_prefill_and_steps_equal_forward():
         implementation="xla",
         layer_pattern=(LayerSpec.of("kdgqa"), LayerSpec.of("dgqa")),
     )
-    model = nnx.jit(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))()
+    model = DecoderLM(config, rngs=nnx.Rngs(0))
     # a non-uniform tracked statistic: groups [6, 2]
     model.layers[1].attn.key_norm_ema.set_value(jnp.asarray([3.0, 1.0]))
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 9)), jnp.int32)

@@ -65,7 +65,7 @@ def test_pool_cost_is_linear_in_length():
 
 def test_layer_scores_are_the_context_bilinear_form():
     c = LowRankMHSAConfig(d_model=16, num_heads=4, rank=6, implementation="xla")
-    layer = nnx.jit(lambda: c.build(rngs=nnx.Rngs(1)))()
+    layer = c.build(rngs=nnx.Rngs(1))
     x = jnp.asarray(rng.normal(size=(2, 7, 16)), jnp.float32)
     seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1]] * 2)
     pos = jnp.asarray([[0, 1, 2, 0, 1, 2, 3]] * 2)
@@ -94,7 +94,7 @@ def test_layer_scores_are_the_context_bilinear_form():
 
 def test_decoder_prefill_and_steps_equal_forward():
     config = get_config("lowrank-mhsa-tiny", implementation="xla", num_layers=1)
-    model = nnx.jit(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))()
+    model = DecoderLM(config, rngs=nnx.Rngs(0))
     tokens = jnp.asarray(rng.integers(0, 256, (2, 9)), jnp.int32)
     full = nnx.jit(lambda m, t: m(t))(model, tokens)
     np.testing.assert_allclose(decode_all(model, tokens), full, atol=2e-5, rtol=2e-5)

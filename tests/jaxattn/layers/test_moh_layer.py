@@ -33,16 +33,16 @@ def _x(b=2, t=6, seed=0):
 
 def _moh(**kw):
     c = MoHConfig(d_model=D, num_heads=8, num_kv_heads=4, implementation="xla", **kw)
-    return c, nnx.jit(lambda: c.build(rngs=nnx.Rngs(0)))()
+    return c, c.build(rngs=nnx.Rngs(0))
 
 
 def test_all_heads_with_gates_one_equal_mha_exactly():
     c, moh = _moh(num_shared_heads=4, top_k=4)  # 2 gate stages, all 4 routed heads on
     for lin in (moh.router, moh.shared_router, moh.mix_router):  # uniform softmaxes: gates 1
         lin.kernel.set_value(jnp.zeros_like(lin.kernel[...]))
-    mha_config = AttentionConfig(d_model=D, num_heads=8, num_kv_heads=4, implementation="xla")
-    # same init stream (q/k/v/o are drawn before the routers), built in one jit like MoH's
-    mha = nnx.jit(lambda: mha_config.build(rngs=nnx.Rngs(0)))()
+    mha = AttentionConfig(d_model=D, num_heads=8, num_kv_heads=4, implementation="xla").build(
+        rngs=nnx.Rngs(0)
+    )  # same init stream: q/k/v/o are drawn before the routers
     for name in ("q", "k", "v", "o"):
         np.testing.assert_array_equal(
             getattr(moh, name).kernel[...], getattr(mha, name).kernel[...]
@@ -95,9 +95,7 @@ def test_inactive_heads_contribute_exactly_zero_and_lb_is_sown():
 
 @pytest.fixture(scope="module")
 def model():
-    return nnx.jit(
-        lambda: DecoderLM(get_config("moh-tiny", implementation="xla"), rngs=nnx.Rngs(0))
-    )()
+    return DecoderLM(get_config("moh-tiny", implementation="xla"), rngs=nnx.Rngs(0))
 
 
 def test_decoder_prefill_and_steps_equal_forward(model):

@@ -30,9 +30,7 @@ def _x(seed=0):
 
 @pytest.fixture(scope="module")
 def layers():
-    return nnx.jit(lambda: PGQAConfig(**KW).build(rngs=nnx.Rngs(0)))(), nnx.jit(
-        lambda: AttentionConfig(**KW).build(rngs=nnx.Rngs(0))
-    )()
+    return PGQAConfig(**KW).build(rngs=nnx.Rngs(0)), AttentionConfig(**KW).build(rngs=nnx.Rngs(0))
 
 
 def test_noise_off_is_uniform_gqa_bitwise(layers):
@@ -84,11 +82,7 @@ def test_constant_rows_give_zeros_and_finite_gradients():
 
 @pytest.fixture(scope="module")
 def model():
-    return nnx.jit(
-        lambda: DecoderLM(
-            get_config("pgqa-tiny", implementation="xla", num_layers=1), rngs=nnx.Rngs(0)
-        )
-    )()
+    return DecoderLM(get_config("pgqa-tiny", implementation="xla", num_layers=1), rngs=nnx.Rngs(0))
 
 
 def test_decoder_prefill_and_steps_equal_forward(model):

@@ -32,7 +32,7 @@ def _x(b=2, t=T, seed=0):
 
 def _ssa(**kw):
     c = SSAConfig(d_model=D, num_heads=N, num_kv_heads=K, implementation="xla", **kw)
-    return nnx.jit(lambda: c.build(rngs=nnx.Rngs(0)))()
+    return c.build(rngs=nnx.Rngs(0))
 
 
 def _set(layer, seed=1, u=0.5, beta=-1.0, w=0.5):
@@ -45,8 +45,9 @@ def _set(layer, seed=1, u=0.5, beta=-1.0, w=0.5):
 
 def test_temperature_one_equals_mha_exactly():
     ssa = _ssa(position_beta_init=10.0)  # exp(-exp(10)) == 0 in fp32: no position term
-    mha_config = AttentionConfig(d_model=D, num_heads=N, num_kv_heads=K, implementation="xla")
-    mha = nnx.jit(lambda: mha_config.build(rngs=nnx.Rngs(0)))()  # built like _ssa's layer
+    mha = AttentionConfig(d_model=D, num_heads=N, num_kv_heads=K, implementation="xla").build(
+        rngs=nnx.Rngs(0)
+    )
     x = _x()
     tau, tau_v = ssa.temperatures(ssa.q(x, None), ssa.v(x, None), Context.create(2, T))
     np.testing.assert_array_equal(tau, np.ones((2, T, N)))
@@ -124,7 +125,7 @@ def test_extra_parameters_below_half_a_percent():
     config = get_config("ssa-tiny")
     c = config.layer_attention_config(0)
     n_params = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
-    ssa_layer, mha_layer = nnx.jit(lambda: c.build(rngs=nnx.Rngs(0)))(), _mha_of(c)
+    ssa_layer, mha_layer = c.build(rngs=nnx.Rngs(0)), _mha_of(c)
     assert n_params(ssa_layer) - n_params(mha_layer) == c.num_extra_params == c.h + 1 + c.v
     total = n_params(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))))
     base = n_params(nnx.eval_shape(lambda: DecoderLM(get_config("llama-tiny"), rngs=nnx.Rngs(0))))
@@ -134,12 +135,12 @@ def test_extra_parameters_below_half_a_percent():
 
 def _mha_of(c):
     fields = {f: getattr(c, f) for f in AttentionConfig.__dataclass_fields__ if f != "kind"}
-    return nnx.jit(lambda: AttentionConfig(**fields).build(rngs=nnx.Rngs(0)))()
+    return AttentionConfig(**fields).build(rngs=nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module")
 def model():
-    m = nnx.jit(lambda: DecoderLM(get_config("ssa-tiny", implementation="xla"), rngs=nnx.Rngs(0)))()
+    m = DecoderLM(get_config("ssa-tiny", implementation="xla"), rngs=nnx.Rngs(0))
     for i, block in enumerate(m.layers):
         _set(block.attn, seed=10 + i)
     return m
