@@ -171,7 +171,9 @@ def eval_loss(config, steps: int) -> float:
         return float(pretrain.run(tc, model_config=config).eval_loss)
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line's settings (``max_len``: the models' position limit; "mha" always
+    first among ``kinds``, the ratios' baseline)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     p.add_argument("--d-model", type=int, default=256)
@@ -188,6 +190,11 @@ def main(argv=None):
     if "mha" not in args.kinds:
         args.kinds = ["mha", *args.kinds]
     args.max_len = max(args.train_len, args.decode_context + args.decode_steps + 1)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     print(f"# head layouts: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, "
           f"train T={args.train_len} (batch 1), decode after {args.decode_context} tokens, "
           f"{jax.device_count()} x {jax.devices()[0].platform}")  # fmt: skip
@@ -195,7 +202,7 @@ def main(argv=None):
     for name in args.kinds:
         print(f"# building {name}", file=sys.stderr, flush=True)
         config = model_config(name, args)
-        model = DecoderLM(config, rngs=nnx.Rngs(0))
+        model = nnx.jit(lambda c=config: DecoderLM(c, rngs=nnx.Rngs(0)))()  # one compile
         params, cache_b, flops = static_costs(model, args.train_len)
         rows[name] = dict(
             config=config, params=params, cache=cache_b, flops=flops,

@@ -1,14 +1,17 @@
 """The head-layout kinds of issue 15 train through ``python -m train.pretrain --config ...``.
 
-* one CLI run of ``train/configs/head_layouts.py`` (``head-layouts-tiny``: every kind, one per
-  layer, mixed in one model): 5 steps, metrics written and checkpointed, the loss falls; MoH's
-  router reports its load-balance loss as ``aux_loss`` (the train step's auxiliary-loss seam);
-  the model reloaded from its checkpoint generates greedily as its full forwards do (every
-  kind's own cache, CCGQA's latent history and DGQA's non-parameter state among them);
+* default run: one CLI run of ``train/configs/moh.py`` (``moh-tiny`` cut to one layer): 5 steps,
+  metrics written and checkpointed, the loss falls, MoH's router reports its load-balance loss
+  as ``aux_loss`` (the train step's auxiliary-loss seam); the model reloaded from its
+  checkpoint generates greedily as its full forwards do;
+* slow tier: the same through ``train/configs/head_layouts.py`` (``head-layouts-tiny``: every
+  kind, one per layer, mixed in one model; every kind's own cache, CCGQA's latent history and
+  DGQA's non-parameter state among them);
 * every kind's own ``train/configs/<kind>.py`` names its ``<kind>-tiny`` model, whose every
   layer is that kind, and its train step traces (``jax.eval_shape``: the same program the CLI
   compiles, not compiled here); only MoH sows an auxiliary loss;
-* the aux-loss weight enters the gradient.
+* the aux-loss weight enters the gradient; DGQA's statistic is carried by train.step,
+  checkpointed and resumed.
 """
 
 from __future__ import annotations
@@ -38,25 +41,31 @@ KINDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def mixed_run(zygote, tmp_path_factory):
-    """Run directory and output of the 5-step CLI run of ``train/configs/head_layouts.py``."""
-    tmp = tmp_path_factory.mktemp("head_layouts")
+def _cli_run(zygote, tmp, config_file, **changes):
+    """Run directory and output of a 5-step CLI run of ``config_file``."""
     run = tmp / "run"
-    argv = ["--config", "train/configs/head_layouts.py"]
-    code, out = zygote.run(argv + as_set_args(SMALL | {"run_dir": str(run)}), tmp / "log")
+    argv = ["--config", config_file]
+    code, out = zygote.run(argv + as_set_args(SMALL | {"run_dir": str(run)} | changes), tmp / "log")
     assert code == 0, out[-3000:]
     return run, out
 
 
-def test_mixed_kinds_train_through_the_cli(mixed_run):
-    from models import get_config
+@pytest.fixture(scope="module")
+def moh_run(zygote, tmp_path_factory):
+    """The default run's end-to-end case: ``train/configs/moh.py`` with one layer."""
+    tmp = tmp_path_factory.mktemp("moh")
+    return _cli_run(zygote, tmp, "train/configs/moh.py", model_overrides=("num_layers=1",))
 
-    run, out = mixed_run
-    assert "head-layouts-tiny" in out
-    config = get_config("head-layouts-tiny")
-    kinds = [config.layer_attention_config(i).kind for i in range(config.num_layers)]
-    assert sorted(kinds) == sorted(kind for _, kind in KINDS.values())  # every kind, once
+
+@pytest.fixture(scope="module")
+def mixed_run(zygote, tmp_path_factory):
+    """Run directory and output of the 5-step CLI run of ``train/configs/head_layouts.py``."""
+    return _cli_run(
+        zygote, tmp_path_factory.mktemp("head_layouts"), "train/configs/head_layouts.py"
+    )
+
+
+def _check_train_metrics(run):
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     train = [r for r in rows if r.get("split") == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5], train
@@ -66,15 +75,66 @@ def test_mixed_kinds_train_through_the_cli(mixed_run):
     assert all(0.0 < r["aux_loss"] < 6 * 6 for r in train), train
 
 
-def test_mixed_model_reloaded_generates_greedily(mixed_run):
-    """The model reloaded from the run's checkpoint: greedy ``generate`` (every layer's own
-    cache) equals the argmax of full forwards."""
+def _check_generates_greedily(model):
+    """Greedy ``generate`` (every layer's own cache) equals the argmax of full forwards."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from jaxattn.generate import generate
+
+    fwd = nnx.jit(lambda m, t: m(t))
+    prompt = jnp.asarray(np.random.default_rng(3).integers(0, 256, (1, 5)), jnp.int32)
+    out = generate(model, prompt, jnp.asarray([5]), max_new_tokens=3, rng=jax.random.key(0))
+    seq = np.zeros((1, 8), np.int32)
+    seq[0, :5] = np.asarray(prompt[0])
+    for i in range(5, 8):
+        seq[0, i] = int(jnp.argmax(fwd(model, jnp.asarray(seq))[0, i - 1]))
+    np.testing.assert_array_equal(out.tokens_BS[0, :8], seq[0])
+
+
+def test_moh_trains_checkpoints_and_reports_aux_loss_through_the_cli(moh_run):
+    from models import get_config
+
+    run, out = moh_run
+    assert "moh-tiny" in out
+    assert get_config("moh-tiny").layer_attention_config(0).kind == "moh"
+    _check_train_metrics(run)
+
+
+def test_moh_model_reloaded_generates_greedily(moh_run):
+    from train.sample import load_model
+
+    model, meta = load_model(str(moh_run[0]))
+    assert meta["step"] == 5 and len(model.layers) == 1
+    _check_generates_greedily(model)
+
+
+# slow: the 8-layer mixed model compiles its train step, final eval, generate and forwards
+# (~90 s of CI); the default run covers each path per kind: the moh CLI run above (script,
+# metrics, aux loss, checkpoint, reload, generate), every kind's config tracing its train step
+# (test_kind_config_names_its_model_and_its_train_step_traces), every kind's prefill + steps ==
+# forward (tests/jaxattn/layers/test_*_layer.py, kdgqa + dgqa mixed per layer there), DGQA's
+# statistic through train.step and a checkpoint (test_dgqa_statistic_carried_...).
+@pytest.mark.slow
+def test_mixed_kinds_train_through_the_cli(mixed_run):
+    from models import get_config
+
+    run, out = mixed_run
+    assert "head-layouts-tiny" in out
+    config = get_config("head-layouts-tiny")
+    kinds = [config.layer_attention_config(i).kind for i in range(config.num_layers)]
+    assert sorted(kinds) == sorted(kind for _, kind in KINDS.values())  # every kind, once
+    _check_train_metrics(run)
+
+
+@pytest.mark.slow  # see test_mixed_kinds_train_through_the_cli
+def test_mixed_model_reloaded_generates_greedily(mixed_run):
+    """The model reloaded from the run's checkpoint: greedy ``generate`` (every layer's own
+    cache) equals the argmax of full forwards."""
+    import numpy as np
+
     from train.sample import load_model
 
     model, meta = load_model(str(mixed_run[0]))
@@ -82,13 +142,7 @@ def test_mixed_model_reloaded_generates_greedily(mixed_run):
     # DGQA's EMA as trained (carried by train.step over the 5 steps, checkpointed, reloaded)
     (dgqa,) = [b.attn for b in model.layers if b.attn.config.kind == "dgqa"]
     assert np.abs(np.asarray(dgqa.key_norm_ema[...]) - 1).min() > 1e-3
-    fwd = nnx.jit(lambda m, t: m(t))
-    prompt = jax.random.randint(jax.random.key(3), (1, 5), 0, 256)
-    out = generate(model, prompt, jnp.asarray([5]), max_new_tokens=3, rng=jax.random.key(0))
-    seq = jnp.zeros((1, 8), jnp.int32).at[0, :5].set(prompt[0])
-    for i in range(5, 8):
-        seq = seq.at[0, i].set(jnp.argmax(fwd(model, seq)[0, i - 1]).astype(jnp.int32))
-    np.testing.assert_array_equal(out.tokens_BS[0, :8], seq[0])
+    _check_generates_greedily(model)
 
 
 @pytest.mark.parametrize("name", list(KINDS))
@@ -243,3 +297,42 @@ def test_dgqa_statistic_carried_across_train_steps_and_resumed(tmp_path):
     m = 0.9 * m + 0.1 * _key_norms(params, batch["inputs_BT"])
     restored, _ = trainer.train_step(restored, rest, batch)
     np.testing.assert_allclose(ema(restored), m, rtol=1e-5)
+
+
+def test_mixed_model_train_step_traces_on_a_sharded_mesh(tmp_path):
+    """The mesh: ``head-layouts-tiny`` (every kind, one per layer) on data x fsdp = 2 x 4 fake
+    devices: every parameter and DGQA's statistic get a sharding of that mesh, every layer's
+    output projection is split over "fsdp", and the train step traces with them
+    (``jax.eval_shape``; the 1-device CLI run compiles it). Not over "tensor": LAMA's single
+    shared k/v head cannot split, and the rules do not fall back to replication there."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+
+    from jaxattn.sharding import make_mesh
+    from train.config import load_config
+    from train.pretrain import build_model
+    from train.step import make_trainer
+
+    changes = SMALL | {"run_dir": str(tmp_path), "batch_size": 8}  # one row per device
+    config = load_config("train/configs/head_layouts.py", as_set_args(changes)[1::2])
+    _, model_fn = build_model(config)
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    trainer = make_trainer(model_fn, config, mesh)
+    shardings = trainer.state_shardings
+    leaves = jax.tree.leaves(shardings["params"]) + jax.tree.leaves(shardings["stats"])
+    assert leaves and all(isinstance(s, NamedSharding) and s.mesh == mesh for s in leaves)
+    for i, layer in shardings["params"]["layers"].items():
+        spec = layer["attn"]["o"]["kernel"].spec
+        assert any(a is not None for a in spec), (i, spec)  # not replicated
+    shape = (config.batch_size, config.seq_len)
+    batch = {
+        "inputs_BT": jax.ShapeDtypeStruct(shape, np.int32),
+        "targets_BT": jax.ShapeDtypeStruct(shape, np.int32),
+        "weights_BT": jax.ShapeDtypeStruct(shape, np.float32),
+    }
+    state, metrics = jax.eval_shape(
+        trainer.train_step, trainer.abstract_state, trainer.abstract_rest, batch
+    )
+    assert jax.tree.structure(state) == jax.tree.structure(trainer.abstract_state)
+    assert metrics["loss"].shape == () and metrics["aux_loss"].shape == ()
