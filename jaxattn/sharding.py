@@ -55,20 +55,27 @@ def logical_to_spec(
     names: Sequence[str | None],
     mesh: Mesh | None = None,
     rules: dict[str, str | tuple[str, ...] | None] | None = None,
+    *,
+    shape: Sequence[int] | None = None,
 ) -> PartitionSpec:
     """PartitionSpec for a tensor whose dims carry logical ``names``.
 
     Mesh axes absent from ``mesh`` (when given) are dropped, and a mesh axis is used at most
-    once per spec (a later dim that maps to an axis already taken is replicated).
+    once per spec (a later dim that maps to an axis already taken is replicated). With the
+    tensor's ``shape`` (and a ``mesh``), a dim is split only over the leading mesh axes whose
+    sizes multiply to a divisor of it; the others are dropped for that dim, e.g. a single
+    shared kv head (MQA, LAMA) stays replicated on a "tensor" axis of 2.
 
     Raises:
-      ValueError: a name that is not in the rules table.
+      ValueError: a name that is not in the rules table, or ``shape`` of another rank.
     """
     rules = LOGICAL_RULES if rules is None else rules
     present = set(mesh.axis_names) if mesh is not None else set(MESH_AXES)
+    if shape is not None and len(shape) != len(names):
+        raise ValueError(f"shape={tuple(shape)} has {len(shape)} dims, names={tuple(names)}")
     used: set[str] = set()
     out = []
-    for name in names:
+    for i, name in enumerate(names):
         if name is None:
             out.append(None)
             continue
@@ -79,14 +86,25 @@ def logical_to_spec(
         axes = rules[name]
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         axes = tuple(a for a in axes if a in present and a not in used)
+        if shape is not None and mesh is not None:
+            kept, size = [], 1
+            for a in axes:
+                if shape[i] % (size * mesh.shape[a]):
+                    break
+                kept.append(a)
+                size *= mesh.shape[a]
+            axes = tuple(kept)
         used.update(axes)
         out.append(axes[0] if len(axes) == 1 else (axes or None))
     return PartitionSpec(*out)
 
 
-def logical_sharding(names: Sequence[str | None], mesh: Mesh, rules=None) -> NamedSharding:
-    """NamedSharding over ``mesh`` for a tensor with logical dim ``names``."""
-    return NamedSharding(mesh, logical_to_spec(names, mesh, rules))
+def logical_sharding(
+    names: Sequence[str | None], mesh: Mesh, rules=None, *, shape: Sequence[int] | None = None
+) -> NamedSharding:
+    """NamedSharding over ``mesh`` for a tensor with logical dim ``names`` (and ``shape``: dims
+    the mesh axes do not divide are replicated, see :func:`logical_to_spec`)."""
+    return NamedSharding(mesh, logical_to_spec(names, mesh, rules, shape=shape))
 
 
 def make_mesh(shape: dict[str, int], devices=None) -> Mesh:

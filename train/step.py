@@ -57,15 +57,17 @@ def _pure(state) -> dict:
     return nnx.to_pure_dict(state)
 
 
-def _names_tree(abstract_params) -> dict:
-    """Pure dict of logical axis names (a tuple per leaf; all-None where unannotated)."""
+def _names_tree(abstract_params, leaf) -> dict:
+    """Pure dict of ``leaf(names, shape)`` per parameter: its logical axis names (a tuple;
+    all-None where unannotated) and its shape."""
     tree: dict = {}
     for path, var in nnx.to_flat_state(abstract_params):
-        names = var.get_metadata().get("out_sharding") or (None,) * var.get_value().ndim
+        value = var.get_value()
+        names = var.get_metadata().get("out_sharding") or (None,) * value.ndim
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = tuple(names)
+        node[path[-1]] = leaf(tuple(names), tuple(value.shape))
     return tree
 
 
@@ -208,10 +210,8 @@ def make_trainer(
         abstract_model = nnx.eval_shape(model_fn)
     graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
     abs_stats = _pure(nnx.state(abstract_model, nnx.BatchStat))  # {} unless a layer tracks one
-    names = _names_tree(abs_params)
-    param_sh = jax.tree.map(
-        lambda n: logical_sharding(n, mesh), names, is_leaf=lambda x: isinstance(x, tuple)
-    )
+    # a dim the mesh axes do not divide (one shared kv head on "tensor") stays replicated
+    param_sh = _names_tree(abs_params, lambda n, shape: logical_sharding(n, mesh, shape=shape))
     replicated = NamedSharding(mesh, PartitionSpec())
     rest_sh = jax.tree.map(lambda _: replicated, _pure(abs_rest))
     infos = param_infos(abs_params)

@@ -42,3 +42,22 @@ def test_mesh_axes_are_auto_and_shard_a_jitted_computation():
     assert y.sharding.spec == P(("data", "fsdp"), None, "tensor")
     # outside a mesh context and with no mesh given, constrain is a no-op
     assert sharding.constrain(x, ("batch", None, None)) is x
+
+
+def test_dims_the_mesh_axes_do_not_divide_are_replicated():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    kv = ("embed", "kv_heads", "head_dim")
+    assert sharding.logical_to_spec(kv, mesh) == P("fsdp", "tensor", None)  # no shape: as named
+    # one shared kv head (MQA, LAMA) cannot split over tensor = 2: replicated, embed still split
+    assert sharding.logical_to_spec(kv, mesh, shape=(64, 1, 16)) == P("fsdp", None, None)
+    assert sharding.logical_to_spec(kv, mesh, shape=(63, 4, 16)) == P(None, "tensor", None)
+    # a tuple of axes keeps its leading axes whose sizes multiply to a divisor
+    assert sharding.logical_to_spec(("batch", None), mesh, shape=(6, 3)) == P("data", None)
+    assert sharding.logical_to_spec(("batch", None), mesh, shape=(8, 3)) == P(
+        ("data", "fsdp"), None
+    )
+    spec = sharding.logical_sharding(kv, mesh, shape=(64, 1, 16))
+    x = jax.device_put(np.ones((64, 1, 16), np.float32), spec)  # placeable, unlike the unshaped
+    assert x.sharding.spec == P("fsdp", None, None)
+    with pytest.raises(ValueError, match=r"shape=\(64, 1\) has 2 dims"):
+        sharding.logical_to_spec(kv, mesh, shape=(64, 1))

@@ -300,11 +300,11 @@ def test_dgqa_statistic_carried_across_train_steps_and_resumed(tmp_path):
 
 
 def test_mixed_model_train_step_traces_on_a_sharded_mesh(tmp_path):
-    """The mesh: ``head-layouts-tiny`` (every kind, one per layer) on data x fsdp = 2 x 4 fake
-    devices: every parameter and DGQA's statistic get a sharding of that mesh, every layer's
-    output projection is split over "fsdp", and the train step traces with them
-    (``jax.eval_shape``; the 1-device CLI run compiles it). Not over "tensor": LAMA's single
-    shared k/v head cannot split, and the rules do not fall back to replication there."""
+    """The mesh: ``head-layouts-tiny`` (every kind, one per layer) on data x fsdp x tensor =
+    2 x 2 x 2 fake devices: every parameter and DGQA's statistic get a sharding of that mesh,
+    every layer's output projection is split, LAMA's single shared k/v head stays replicated
+    on "tensor" (1 head does not split in 2), and the train step traces with them
+    (``jax.eval_shape``; the 1-device CLI run compiles it)."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding
@@ -317,14 +317,20 @@ def test_mixed_model_train_step_traces_on_a_sharded_mesh(tmp_path):
     changes = SMALL | {"run_dir": str(tmp_path), "batch_size": 8}  # one row per device
     config = load_config("train/configs/head_layouts.py", as_set_args(changes)[1::2])
     _, model_fn = build_model(config)
-    mesh = make_mesh({"data": 2, "fsdp": 4})
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     trainer = make_trainer(model_fn, config, mesh)
     shardings = trainer.state_shardings
     leaves = jax.tree.leaves(shardings["params"]) + jax.tree.leaves(shardings["stats"])
     assert leaves and all(isinstance(s, NamedSharding) and s.mesh == mesh for s in leaves)
+    shared_heads = 0
     for i, layer in shardings["params"]["layers"].items():
         spec = layer["attn"]["o"]["kernel"].spec
         assert any(a is not None for a in spec), (i, spec)  # not replicated
+        if "key" in layer["attn"]:  # LAMA's one shared k/v head: replicated on "tensor"
+            for name in ("key", "v"):
+                assert tuple(layer["attn"][name]["kernel"].spec)[1:] == (None, None), (i, name)
+            shared_heads += 1
+    assert shared_heads == 1
     shape = (config.batch_size, config.seq_len)
     batch = {
         "inputs_BT": jax.ShapeDtypeStruct(shape, np.int32),
