@@ -193,7 +193,8 @@ def test_to_peft_loads_in_peft(cid, loaded, bases, tmp_path):
     # change every factor here (as training would), then export
     rng = np.random.RandomState(3)
     for _, var in nnx.to_flat_state(nnx.state(ours, AdapterParam)):
-        var[...] = np.asarray(var[...]) + 0.1 * rng.randn(*var.shape).astype(np.float32)
+        noise = 0.1 * rng.randn(*var.shape).astype(np.float32)
+        var[...] = jnp.asarray(np.asarray(var[...]) + noise)  # a device array: no scatter
     want = np.asarray(_logits(ours, jnp.asarray(TOKENS)))
     written = lr.to_peft(ours, str(tmp_path))
     assert written
@@ -326,7 +327,8 @@ def test_randlora_both_ways(bases, tmp_path):
         lr.save(ours, str(tmp_path / "native"))
     rng = np.random.RandomState(4)
     for _, var in nnx.to_flat_state(nnx.state(ours, AdapterParam)):
-        var[...] = np.asarray(var[...]) + 0.1 * rng.randn(*var.shape).astype(np.float32)
+        noise = 0.1 * rng.randn(*var.shape).astype(np.float32)
+        var[...] = jnp.asarray(np.asarray(var[...]) + noise)  # a device array: no scatter
     mine = np.asarray(_logits(ours, jnp.asarray(TOKENS)))
     lr.to_peft(ours, str(tmp_path / "out"))
     back = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "out")).eval()
