@@ -49,8 +49,12 @@ def _randomize_b(model, seed=3, scale=0.05):
 
 
 def _lora(model, targets="all-linear", **opts):
+    """L.apply in one compiled program (eagerly, every init op compiles); returns its paths
+    (recorded while tracing)."""
     cfg = L.AdapterConfig(options=dict(rank=4, alpha=8.0) | opts, targets=targets)
-    return L.apply(model, cfg, rngs=nnx.Rngs(5))
+    out = []
+    nnx.jit(lambda m: out.extend(L.apply(m, cfg, rngs=nnx.Rngs(5))))(model)
+    return out
 
 
 def test_zero_b_init_is_bit_identical_to_base_under_jit():
