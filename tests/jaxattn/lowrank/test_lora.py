@@ -33,6 +33,14 @@ def _model(name="llama-tiny", **kw):
     return _BUILDERS[key]()
 
 
+def _normal(shape, seed):
+    """fp32 N(0, 1) drawn by numpy (jax.random would compile once per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+_delta = nnx.jit(lambda ad, x, w: ad.delta(x, None, base=w))
+
+
 def _in_jit(fn):
     """``fn(model)`` (merge / unmerge) in one compiled program; returns how many paths."""
     return nnx.jit(lambda m: len(fn(m)))
@@ -89,14 +97,14 @@ def test_delta_equals_scaled_xab_and_delta_kernel():
     """delta(x) = s (x a) b = x · delta_kernel for a multi-axis kernel [N, H] -> [D]."""
     lin = Linear((4, 8), (16,), axes=(None, None, None), rngs=nnx.Rngs(0))
     ad = L.make_method("lora", rank=3, alpha=6.0).build("p", lin, rngs=nnx.Rngs(1))
-    ad.b[...] = jax.random.normal(jax.random.key(2), ad.b.shape)
-    x = jax.random.normal(jax.random.key(3), (5, 4, 8))
+    ad.b[...] = _normal(ad.b.shape, 2)
+    x = _normal((5, 4, 8), 3)
     w = lin.base_kernel()
-    want = 2.0 * (x.reshape(5, 32) @ ad.a[...].reshape(32, 3) @ ad.b[...])
-    np.testing.assert_allclose(ad.delta(x, None, base=w), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(
-        jnp.einsum("bnh,nhd->bd", x, ad.delta_kernel(w)), want, rtol=1e-5, atol=1e-5
-    )
+    a, b, xn = np.asarray(ad.a[...]), np.asarray(ad.b[...]), np.asarray(x)
+    want = 2.0 * (xn.reshape(5, 32) @ a.reshape(32, 3) @ b)
+    np.testing.assert_allclose(_delta(ad, x, w), want, rtol=1e-5, atol=1e-5)
+    dk = np.asarray(nnx.jit(lambda ad, w: ad.delta_kernel(w))(ad, w))
+    np.testing.assert_allclose(np.einsum("bnh,nhd->bd", xn, dk), want, rtol=1e-5, atol=1e-5)
 
 
 def test_merged_equals_unmerged_and_unmerge_round_trip():
@@ -195,14 +203,15 @@ def test_dora_matches_peft_formula_on_a_matrix():
     """DoRA forward = x · (m / ||W + sBA||_col ⊙ (W + sBA)) (PEFT DoraLinearLayer)."""
     lin = Linear((12,), (10,), axes=(None, None), rngs=nnx.Rngs(0))
     ad = L.make_method("lora", rank=2, alpha=4.0, use_dora=True).build("p", lin, rngs=nnx.Rngs(1))
-    ad.b[...] = jax.random.normal(jax.random.key(2), ad.b.shape)
-    ad.magnitude[...] = jnp.linspace(0.5, 2.0, 10)
+    ad.b[...] = _normal(ad.b.shape, 2)
+    ad.magnitude[...] = jnp.asarray(np.linspace(0.5, 2.0, 10, dtype=np.float32))
     w = np.asarray(lin.base_kernel())
     wp = w + 2.0 * np.asarray(ad.a[...]) @ np.asarray(ad.b[...])
     want_w = np.linspace(0.5, 2.0, 10) / np.linalg.norm(wp, axis=0) * wp
-    x = jax.random.normal(jax.random.key(3), (3, 12))
+    x = _normal((3, 12), 3)
+    xn = np.asarray(x)
     np.testing.assert_allclose(
-        x @ w + ad.delta(x, None, base=lin.base_kernel()), x @ want_w, atol=1e-5
+        xn @ w + np.asarray(_delta(ad, x, lin.base_kernel())), xn @ want_w, atol=1e-5
     )
 
 
