@@ -7,7 +7,6 @@ import pathlib
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -17,7 +16,6 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
 from benchmarks import lowrank as bench  # noqa: E402
 from jaxattn import lowrank  # noqa: E402
 from models import DecoderLM, get_config  # noqa: E402
-
 
 # built, adapted and called in compiled programs (eagerly, every op compiles); a jitted init
 # has the eager init's parameters

@@ -172,8 +172,12 @@ def test_masks_remove_whole_heads_and_channels_and_merge_exactly(lm):
     # dead structure: o's rows of q heads 2, 3, gate's and down's pruned channels, k head 1
     saved = {p: lins[p].kernel[...] for p in ("layers/0/attn/o", "layers/0/mlp/gate",
                                               "layers/0/mlp/down", "layers/0/attn/k")}  # fmt: skip
-    edits = {"layers/0/attn/o": (np.s_[2:], 7.0), "layers/0/mlp/gate": (np.s_[:, dead], -5.0),
-             "layers/0/mlp/down": (np.s_[dead], 3.0), "layers/0/attn/k": (np.s_[:, 1], 2.0)}
+    edits = {
+        "layers/0/attn/o": (np.s_[2:], 7.0),
+        "layers/0/mlp/gate": (np.s_[:, dead], -5.0),
+        "layers/0/mlp/down": (np.s_[dead], 3.0),
+        "layers/0/attn/k": (np.s_[:, 1], 2.0),
+    }
     for p, (where, value) in edits.items():
         k = np.array(saved[p])
         k[where] = value

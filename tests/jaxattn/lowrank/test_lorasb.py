@@ -39,7 +39,7 @@ _fwd = nnx.jit(lambda m, x: m(x))
 
 
 def _in_jit(fn):
-    """``fn(model)`` (apply / merge / unmerge) in one compiled program; its returned paths dropped."""
+    """``fn(model)`` (apply / merge / unmerge) in one compiled program; its paths dropped."""
     return nnx.jit(lambda m: (fn(m), None)[1])
 
 
