@@ -9,7 +9,7 @@ from flax import nnx
 import jaxattn.lowrank as L
 from models import DecoderLM, get_config
 
-TOK = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
+TOK = np.random.default_rng(1).integers(0, 256, (2, 8)).astype(np.int32)  # numpy: no compile
 
 
 @nnx.jit
@@ -17,19 +17,32 @@ def _fwd(model, tokens):
     return model(tokens)
 
 
+# models are built, adapted, merged and called in compiled programs (eagerly, every op
+# compiles); a jitted build has the eager build's parameters
+@nnx.jit(static_argnums=0)
 def _model(name="llama-tiny"):
     return DecoderLM(get_config(name), rngs=nnx.Rngs(0))
 
 
+def _in_jit(fn):
+    """``fn(model)`` (merge / unmerge) in one compiled program; its returned paths dropped."""
+    return nnx.jit(lambda m: (fn(m), None)[1])
+
+
 def _add(model, name, seed, targets=r"attn/(q|v)$|mlp/gate", **opts):
+    """Apply adapter ``name`` with non-zero numpy-drawn b (one compiled program)."""
     cfg = L.AdapterConfig(options=dict(rank=2) | opts, targets=targets, name=name)
-    paths = L.apply(model, cfg, rngs=nnx.Rngs(seed))
-    key = jax.random.key(seed)
-    for p in paths:
-        ad = L.linear_paths(model)[p].adapter.adapters[name]
-        key, k = jax.random.split(key)
-        ad.b[...] = 0.05 * jax.random.normal(k, ad.b.shape)
-    return paths
+
+    @nnx.jit
+    def add(m):
+        paths = L.apply(m, cfg, rngs=nnx.Rngs(seed))
+        rng = np.random.default_rng(seed)
+        for p in paths:
+            ad = L.linear_paths(m)[p].adapter.adapters[name]
+            ad.b[...] = jnp.asarray(0.05 * rng.standard_normal(ad.b.shape, np.float32))
+        return len(paths)
+
+    assert int(add(model)) > 0
 
 
 def test_targets_exclude_all_linear_and_patterns():
@@ -69,16 +82,16 @@ def test_weighted_combination_is_sum_of_weighted_deltas_and_merges():
     dy = lin.adapter.adapters["y"].delta_kernel(w)
     L.set_active(m, {"x": 0.7, "y": -0.4})
     np.testing.assert_allclose(lin.effective_kernel(), w + 0.7 * dx - 0.4 * dy, atol=1e-6)
-    x = jax.random.normal(jax.random.key(4), (3, 64))
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 64), np.float32))
     want = x @ w.reshape(64, -1) + (x @ (0.7 * dx - 0.4 * dy).reshape(64, -1))
     np.testing.assert_allclose(lin(x).reshape(3, -1), want, atol=1e-5)
     assert L.linear_paths(m)["layers/0/attn/v"].adapter.active == (("x", 0.7),)
     y = np.asarray(_fwd(m, TOK))
-    L.merge(m)
+    _in_jit(L.merge)(m)
     np.testing.assert_allclose(np.asarray(_fwd(m, TOK)), y, atol=2e-5)
     with pytest.raises(ValueError, match="unmerge first"):
         L.set_active(m, "x")
-    L.unmerge(m)
+    _in_jit(L.unmerge)(m)
     for p, lin2 in L.linear_paths(m).items():
         np.testing.assert_allclose(np.asarray(lin2.kernel[...]), w0[p], atol=1e-6)
 
@@ -123,12 +136,12 @@ def test_errors():
 
 def test_tied_head_refuses_base_rewrite_and_merge():
     """A tied LM head shares the embedding: PiSSA (base rewrite) and merge raise."""
-    m = DecoderLM(get_config("qwen2-tiny"), rngs=nnx.Rngs(0))
+    m = _model("qwen2-tiny")
     with pytest.raises(ValueError, match="tied"):
         L.apply(
             m, L.AdapterConfig(targets="^lm_head$", options=dict(init="pissa")), rngs=nnx.Rngs(0)
         )
-    m = DecoderLM(get_config("qwen2-tiny"), rngs=nnx.Rngs(0))
+    m = _model("qwen2-tiny")
     L.apply(m, L.AdapterConfig(targets="^lm_head$"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="tied head"):
         L.merge(m)
@@ -149,7 +162,7 @@ def test_merged_or_disabled_model_runs_the_base_program():
     assert prims(m) != base
     with L.disabled(m):
         assert prims(m) == base
-    L.merge(m)
+    _in_jit(L.merge)(m)
     assert prims(m) == base
 
 
@@ -162,7 +175,7 @@ def test_adapter_on_a_factorised_kernel_runs_unmerged_and_merge_is_refused():
     lin = Linear((8,), (6,), axes=("embed", "mlp"), rngs=nnx.Rngs(0))
     model = nnx.Dict(up=lin)
     parameterize(model, "lowrank", rank=2, paths="up", rngs=nnx.Rngs(1))
-    x = jax.random.normal(jax.random.key(0), (3, 8))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 8), np.float32))
     base = np.asarray(lin(x))
     L.apply(model, L.AdapterConfig(options={"rank": 2}, targets="up"), rngs=nnx.Rngs(2))
     ad = lin.adapter.adapters["default"]

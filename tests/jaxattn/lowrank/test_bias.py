@@ -15,11 +15,14 @@ import jaxattn.lowrank as L
 from jaxattn.layers import AdapterParam
 from models import DecoderLM, from_hf, get_config, to_hf
 
-TOK = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
+TOK = np.random.default_rng(1).integers(0, 256, (2, 8)).astype(np.int32)  # numpy: no compile
 TARGETS = r"attn/(q|v|o)$"  # q, v have biases in Qwen2; o has none
 
 
+@nnx.jit
 def _model():
+    """The model, initialised in one compiled program (eagerly, every op compiles); the same
+    parameters as the eager build."""
     return DecoderLM(get_config("qwen2-tiny"), rngs=nnx.Rngs(0))
 
 
@@ -32,16 +35,21 @@ def _logits(model, tokens_BT):
 def _adapted(bias="lora_only", seed=3):
     m = _model()
     cfg = L.AdapterConfig(options=dict(rank=2), targets=TARGETS, bias=bias)
-    paths = L.apply(m, cfg, rngs=nnx.Rngs(seed))
-    key = jax.random.key(seed)
-    for p in paths:
-        s = L.linear_paths(m)[p].adapter
-        key, k1, k2 = jax.random.split(key, 3)
-        s.adapters["default"].b[...] = 0.05 * jax.random.normal(k1, s.adapters["default"].b.shape)
-        if "default" in s.bias_deltas:
-            s.bias_deltas["default"][...] = 0.1 * jax.random.normal(
-                k2, s.bias_deltas["default"].shape
-            )
+    paths = []
+
+    @nnx.jit
+    def adapt(m):  # apply + numpy-drawn b and db in one compiled program; paths recorded
+        paths.extend(L.apply(m, cfg, rngs=nnx.Rngs(seed)))
+        rng_b, rng_db = np.random.default_rng(seed), np.random.default_rng(seed + 1000)
+        for p in paths:
+            s = L.linear_paths(m)[p].adapter
+            b = s.adapters["default"].b
+            b[...] = jnp.asarray(0.05 * rng_b.standard_normal(b.shape, np.float32))
+            if "default" in s.bias_deltas:
+                db = s.bias_deltas["default"]
+                db[...] = jnp.asarray(0.1 * rng_db.standard_normal(db.shape, np.float32))
+
+    adapt(m)
     return m, paths
 
 
@@ -82,11 +90,11 @@ def test_merge_folds_the_bias_and_unmerge_restores_it():
     lin = L.linear_paths(m)
     b0 = {p: np.asarray(lin[p].bias[...]) for p in paths if lin[p].bias is not None}
     db = {p: np.asarray(lin[p].adapter.bias_deltas["default"][...]) for p in b0}
-    L.merge(m)
+    nnx.jit(lambda m: (L.merge(m), None)[1])(m)  # in one compiled program
     np.testing.assert_allclose(np.asarray(_logits(m, TOK)), want, rtol=1e-5, atol=1e-5)
     for p in b0:
         np.testing.assert_allclose(np.asarray(lin[p].bias[...]), b0[p] + db[p], atol=1e-7)
-    L.unmerge(m)
+    nnx.jit(lambda m: (L.unmerge(m), None)[1])(m)
     for p in b0:
         np.testing.assert_allclose(np.asarray(lin[p].bias[...]), b0[p], atol=1e-6)
     np.testing.assert_allclose(np.asarray(_logits(m, TOK)), want, rtol=1e-5, atol=1e-5)

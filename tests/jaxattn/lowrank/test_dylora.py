@@ -13,9 +13,12 @@ from jaxattn.lowrank.methods.dylora import DyLoRAConfig, sample_rank
 from models import DecoderLM, get_config
 
 R = 5
+RNG = np.random.default_rng  # numpy draws: no per-shape device compiles
 
 
+@nnx.jit(static_argnums=0)
 def _model(n=1):
+    """n projections, initialised in one compiled program (eagerly, every op compiles)."""
     return nnx.List([Linear((6,), (2, 4), axes=("embed", "heads", "head_dim"),
                             rngs=nnx.Rngs(i)) for i in range(n)])  # fmt: skip
 
@@ -23,19 +26,20 @@ def _model(n=1):
 def _attach(model, cfg):
     lr.attach(model, ".*", lambda p, lin: cfg.build(p, lin, rngs=nnx.Rngs(0)))
     for lin in model:
-        lin.adapter.b[...] = jax.random.normal(jax.random.key(9), lin.adapter.b.shape)
+        lin.adapter.b[...] = jnp.asarray(RNG(9).standard_normal(lin.adapter.b.shape, np.float32))
     return model
 
 
 @pytest.mark.parametrize("rank", [1, 3])
 def test_components_past_b_get_zero_gradient(rank):
     model = _attach(_model(), DyLoRAConfig(rank=R))
-    x = jax.random.normal(jax.random.key(0), (3, 6))
+    x = RNG(0).standard_normal((3, 6), np.float32)
 
     def loss(m):
         return jnp.sum(m[0].adapter.delta_at(x, rank) ** 2)
 
-    g = nnx.to_pure_dict(nnx.grad(loss, argnums=nnx.DiffState(0, AdapterParam))(model))[0]
+    grad = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, AdapterParam)))
+    g = nnx.to_pure_dict(grad(model))[0]
     ga, gb = np.asarray(g["adapter"]["a"]), np.asarray(g["adapter"]["b"])
     assert np.all(ga[:, rank:] == 0) and np.all(gb[rank:] == 0)
     assert np.all(np.abs(ga[:, :rank]).sum(0) > 0) and np.all(np.abs(gb[:rank]).sum((1, 2)) > 0)
@@ -43,14 +47,14 @@ def test_components_past_b_get_zero_gradient(rank):
 
 def test_full_rank_is_lora_and_zero_init_is_base():
     model = _model()
-    x = jax.random.normal(jax.random.key(0), (3, 6))
+    x = RNG(0).standard_normal((3, 6), np.float32)
     y0 = model[0](x)
     lr.attach(model, ".*", lambda p, lin: DyLoRAConfig(rank=R, alpha=10.0).build(
         p, lin, rngs=nnx.Rngs(0)))  # fmt: skip
     ctx = Context.create(3, 1, rng=jax.random.key(4))
     np.testing.assert_array_equal(np.asarray(model[0](x, ctx)), np.asarray(y0))
     ad = model[0].adapter
-    ad.b[...] = jax.random.normal(jax.random.key(9), ad.b.shape)
+    ad.b[...] = jnp.asarray(RNG(9).standard_normal(ad.b.shape, np.float32))
     lora = (10.0 / R) * np.einsum("ti,ir,rhd->thd", x, ad.a[...], ad.b[...])
     np.testing.assert_allclose(np.asarray(ad.delta_at(x, R)), lora, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(model[0](x) - y0), lora, rtol=1e-4, atol=1e-5)
@@ -59,7 +63,7 @@ def test_full_rank_is_lora_and_zero_init_is_base():
 @pytest.mark.parametrize("rank", [1, 2, 4, 5])
 def test_every_truncation_is_a_valid_adapter(rank):
     ad = _attach(_model(), DyLoRAConfig(rank=R, alpha=3.0))[0].adapter
-    x = jax.random.normal(jax.random.key(1), (4, 6))
+    x = RNG(1).standard_normal((4, 6), np.float32)
     via_kernel = jnp.tensordot(x, ad.delta_kernel_at(rank), 1)
     np.testing.assert_allclose(np.asarray(ad.delta_at(x, rank)), np.asarray(via_kernel),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
@@ -70,7 +74,7 @@ def test_every_truncation_is_a_valid_adapter(rank):
 
 def test_one_rank_per_step_for_all_layers_and_eval_rank():
     model = _attach(_model(2), DyLoRAConfig(rank=R, min_rank=2, eval_rank=3))
-    x = jax.random.normal(jax.random.key(0), (2, 6))
+    x = RNG(0).standard_normal((2, 6), np.float32)
     seen = set()
     for s in range(12):
         key = jax.random.key(s)
@@ -99,13 +103,16 @@ def test_validation():
 
 
 def test_decoder_lm_jit_train_step():
-    model = DecoderLM(get_config("llama-tiny", num_layers=1), rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 256)
-    base_logits = model(tokens)
+    # built in one compiled program, called through one jitted forward (eagerly every op
+    # compiles); the same parameters as the eager build
+    model = nnx.jit(lambda: DecoderLM(get_config("llama-tiny", num_layers=1), rngs=nnx.Rngs(0)))()
+    tokens = RNG(0).integers(0, 256, (2, 8)).astype(np.int32)
+    fwd = nnx.jit(lambda m, t: m(t))
+    base_logits = fwd(model, tokens)
     cfg = DyLoRAConfig(rank=4, alpha=8.0)
     paths = lr.attach(model, r"attn/(q|v)$", lambda p, lin: cfg.build(p, lin, rngs=nnx.Rngs(1)))
     assert len(paths) == 2
-    np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(base_logits))
+    np.testing.assert_array_equal(np.asarray(fwd(model, tokens)), np.asarray(base_logits))
 
     @nnx.jit
     def step(m, key):

@@ -3,7 +3,7 @@
 import json
 import os
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -11,19 +11,39 @@ from flax import nnx
 import jaxattn.lowrank as L
 from models import DecoderLM, get_config
 
-TOK = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
+TOK = np.random.default_rng(1).integers(0, 256, (2, 8)).astype(np.int32)  # numpy: no compile
+
+# models are built, adapted and called in compiled programs (eagerly, every op compiles); a
+# jitted build has the eager build's parameters
+_BUILDERS = {}
+_fwd = nnx.jit(lambda m, t: m(t))
+
+
+def _lm(**kw):
+    key = tuple(sorted(kw.items()))
+    if key not in _BUILDERS:
+        cfg = get_config("llama-tiny", **kw)
+        _BUILDERS[key] = nnx.jit(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    return _BUILDERS[key]()
 
 
 def _adapted(tmp_path):
-    m = DecoderLM(get_config("llama-tiny"), rngs=nnx.Rngs(0))
+    m = _lm()
     cfg = L.AdapterConfig(
         options=dict(rank=2, use_dora=True), targets=r"attn/(q|o)$", rank_pattern={"attn/o": 3}
     )
-    paths = L.apply(m, cfg, rngs=nnx.Rngs(1))
-    for p in paths:
-        ad = L.linear_paths(m)[p].adapter.adapters["default"]
-        ad.b[...] = 0.05 * jax.random.normal(jax.random.key(len(p)), ad.b.shape)
-        ad.magnitude[...] = ad.magnitude[...] * 1.1
+    paths = []
+
+    @nnx.jit
+    def adapt(m):  # the paths are recorded while tracing
+        paths.extend(L.apply(m, cfg, rngs=nnx.Rngs(1)))
+        for p in paths:
+            ad = L.linear_paths(m)[p].adapter.adapters["default"]
+            b = 0.05 * np.random.default_rng(len(p)).standard_normal(ad.b.shape, np.float32)
+            ad.b[...] = jnp.asarray(b)
+            ad.magnitude[...] = ad.magnitude[...] * 1.1
+
+    adapt(m)
     L.save(m, str(tmp_path))
     return m, paths
 
@@ -34,16 +54,16 @@ def test_round_trip_gives_same_logits(tmp_path):
     meta = json.load(open(os.path.join(tmp_path, "adapter_config.json")))
     assert meta["methods"]["layers/0/attn/o"]["rank"] == 3
     assert meta["base_shapes"]["layers/0/attn/q"] == [[64], [4, 16]]
-    fresh = DecoderLM(get_config("llama-tiny"), rngs=nnx.Rngs(0))
+    fresh = _lm()
     assert L.load(fresh, str(tmp_path)) == paths
-    np.testing.assert_allclose(np.asarray(fresh(TOK)), np.asarray(m(TOK)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(_fwd(fresh, TOK)), np.asarray(_fwd(m, TOK)), atol=1e-6)
     assert fresh.layers[0].attn.o.adapter.record("default")[1].rank == 3
 
 
 def test_mismatched_base_lists_every_mismatch(tmp_path):
     """Loading into a model of other shapes names each mismatched projection."""
     _adapted(tmp_path)
-    other = DecoderLM(get_config("llama-tiny", d_model=32), rngs=nnx.Rngs(0))
+    other = _lm(d_model=32)
     with pytest.raises(ValueError) as err:
         L.load(other, str(tmp_path))
     msg = str(err.value)
@@ -57,7 +77,7 @@ def test_save_errors(tmp_path):
     m, _ = _adapted(tmp_path)
     with pytest.raises(ValueError, match="no projection holds an adapter named 'other'"):
         L.save(m, str(tmp_path / "x"), "other")
-    L.merge(m)
+    nnx.jit(lambda m: (L.merge(m), None)[1])(m)  # in one compiled program
     with pytest.raises(ValueError, match="unmerge first"):
         L.save(m, str(tmp_path / "x"))
 

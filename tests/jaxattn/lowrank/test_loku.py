@@ -12,6 +12,8 @@ from flax import nnx
 from jaxattn.layers import Linear
 from jaxattn.lowrank import loku
 
+RNG = np.random.default_rng  # numpy draws: no per-shape device compiles
+
 
 def _np_ihl(z, t, m):
     p = np.exp(z - z.max(-1, keepdims=True))
@@ -31,12 +33,12 @@ def _np_ihl(z, t, m):
 
 
 def test_ihl_value_and_gradient_match_numpy():
-    z = np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 5)), np.float64) * 2
+    z = RNG(0).standard_normal((2, 3, 5)).astype(np.float32).astype(np.float64) * 2
     t = np.array([[0, 4, 2], [1, 1, 3]])
     m = np.array([[1, 1, 0], [1, 0, 1]], np.float64)
     want, want_g = _np_ihl(z, t, m)
     f = lambda zz: loku.inverted_hinge_loss(zz, jnp.asarray(t), jnp.asarray(m))  # noqa: E731
-    val, g = jax.value_and_grad(f)(jnp.asarray(z, jnp.float32))
+    val, g = jax.jit(jax.value_and_grad(f))(jnp.asarray(z, jnp.float32))  # one fwd+bwd compile
     np.testing.assert_allclose(val, want, rtol=1e-5)
     np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="targets"):
@@ -44,8 +46,8 @@ def test_ihl_value_and_gradient_match_numpy():
 
 
 def test_empirical_fisher_is_mean_squared_gradient():
-    w = jax.random.normal(jax.random.key(1), (3,))
-    xs = [(jax.random.normal(jax.random.key(i), (3,)), float(i)) for i in range(4)]
+    w = jnp.asarray(RNG(1).standard_normal(3, np.float32))
+    xs = [(jnp.asarray(RNG(10 + i).standard_normal(3, np.float32)), float(i)) for i in range(4)]
     f = loku.empirical_fisher(lambda p, e: (e[0] @ p - e[1]) ** 2, w, xs)
     want = np.mean(
         [(2 * (np.asarray(x) @ np.asarray(w) - y) * np.asarray(x)) ** 2 for x, y in xs], 0
@@ -55,10 +57,10 @@ def test_empirical_fisher_is_mean_squared_gradient():
 
 @pytest.fixture(scope="module")
 def problem():
-    ks = jax.random.split(jax.random.key(2), 3)
-    w = jax.random.normal(ks[0], (12, 8))
-    f_forget = jax.random.uniform(ks[1], (12, 8)) ** 4
-    f_retain = jax.random.uniform(ks[2], (12, 8)) + 0.1
+    rng = RNG(2)
+    w = jnp.asarray(rng.standard_normal((12, 8), np.float32))
+    f_forget = jnp.asarray(rng.uniform(size=(12, 8)).astype(np.float32) ** 4)
+    f_retain = jnp.asarray(rng.uniform(size=(12, 8)).astype(np.float32) + 0.1)
     return w, loku.relative_fisher(f_forget, f_retain)
 
 
@@ -89,14 +91,15 @@ def test_fila_apply_keeps_outputs_and_validates(problem):
         def __call__(self, x):
             return self.q(self.p(x))
 
-    m = Two()
-    x = jax.random.normal(jax.random.key(4), (3, 12))
-    before = np.asarray(m(x))
+    m = nnx.jit(Two)()  # one compiled init, one compiled forward per structure
+    fwd = nnx.jit(lambda m, x: m(x))
+    x = RNG(4).standard_normal((3, 12), np.float32)
+    before = np.asarray(fwd(m, x))
     w0 = np.asarray(m.p.kernel[...])
-    imp_q = jax.random.uniform(jax.random.key(5), (8, 2, 6))
+    imp_q = jnp.asarray(RNG(5).uniform(size=(8, 2, 6)).astype(np.float32))
     paths = loku.fila_apply(m, {"p": imp, "q": imp_q}, rank=2)
     assert sorted(paths) == ["p", "q"]
-    np.testing.assert_allclose(np.asarray(m(x)), before, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(fwd(m, x)), before, rtol=1e-4, atol=1e-4)
     a, b, w_res = loku.fila_factors(jnp.asarray(w0), imp, 2)
     ad = m.p.adapter.adapters["default"]
     np.testing.assert_allclose(np.asarray(ad.a[...]), a, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ from jaxattn.layers import AdapterParam, Linear
 from jaxattn.layers._context import Context
 from models import DecoderLM, get_config
 
-TOK = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
+TOK = np.random.default_rng(1).integers(0, 256, (2, 8)).astype(np.int32)  # numpy: no compile
 
 
 @nnx.jit
@@ -21,8 +21,29 @@ def _fwd(model, tokens):
     return model(tokens)
 
 
+_BUILDERS = {}
+
+
 def _model(name="llama-tiny", **kw):
-    return DecoderLM(get_config(name, **kw), rngs=nnx.Rngs(0))
+    """The model, initialised in one compiled program per config (eagerly, every op compiles);
+    the same parameters as the eager build."""
+    key = (name, tuple(sorted(kw.items())))
+    if key not in _BUILDERS:
+        _BUILDERS[key] = nnx.jit(lambda: DecoderLM(get_config(name, **kw), rngs=nnx.Rngs(0)))
+    return _BUILDERS[key]()
+
+
+def _normal(shape, seed):
+    """fp32 N(0, 1) drawn by numpy (jax.random would compile once per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+_delta = nnx.jit(lambda ad, x, w: ad.delta(x, None, base=w))
+
+
+def _in_jit(fn):
+    """``fn(model)`` (merge / unmerge) in one compiled program; returns how many paths."""
+    return nnx.jit(lambda m: len(fn(m)))
 
 
 def _randomize_b(model, seed=3, scale=0.05):
@@ -36,8 +57,12 @@ def _randomize_b(model, seed=3, scale=0.05):
 
 
 def _lora(model, targets="all-linear", **opts):
+    """L.apply in one compiled program (eagerly, every init op compiles); returns its paths
+    (recorded while tracing)."""
     cfg = L.AdapterConfig(options=dict(rank=4, alpha=8.0) | opts, targets=targets)
-    return L.apply(model, cfg, rngs=nnx.Rngs(5))
+    out = []
+    nnx.jit(lambda m: out.extend(L.apply(m, cfg, rngs=nnx.Rngs(5))))(model)
+    return out
 
 
 def test_zero_b_init_is_bit_identical_to_base_under_jit():
@@ -72,14 +97,14 @@ def test_delta_equals_scaled_xab_and_delta_kernel():
     """delta(x) = s (x a) b = x · delta_kernel for a multi-axis kernel [N, H] -> [D]."""
     lin = Linear((4, 8), (16,), axes=(None, None, None), rngs=nnx.Rngs(0))
     ad = L.make_method("lora", rank=3, alpha=6.0).build("p", lin, rngs=nnx.Rngs(1))
-    ad.b[...] = jax.random.normal(jax.random.key(2), ad.b.shape)
-    x = jax.random.normal(jax.random.key(3), (5, 4, 8))
+    ad.b[...] = _normal(ad.b.shape, 2)
+    x = _normal((5, 4, 8), 3)
     w = lin.base_kernel()
-    want = 2.0 * (x.reshape(5, 32) @ ad.a[...].reshape(32, 3) @ ad.b[...])
-    np.testing.assert_allclose(ad.delta(x, None, base=w), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(
-        jnp.einsum("bnh,nhd->bd", x, ad.delta_kernel(w)), want, rtol=1e-5, atol=1e-5
-    )
+    a, b, xn = np.asarray(ad.a[...]), np.asarray(ad.b[...]), np.asarray(x)
+    want = 2.0 * (xn.reshape(5, 32) @ a.reshape(32, 3) @ b)
+    np.testing.assert_allclose(_delta(ad, x, w), want, rtol=1e-5, atol=1e-5)
+    dk = np.asarray(nnx.jit(lambda ad, w: ad.delta_kernel(w))(ad, w))
+    np.testing.assert_allclose(np.einsum("bnh,nhd->bd", xn, dk), want, rtol=1e-5, atol=1e-5)
 
 
 def test_merged_equals_unmerged_and_unmerge_round_trip():
@@ -90,9 +115,9 @@ def test_merged_equals_unmerged_and_unmerge_round_trip():
     _randomize_b(m)
     y = np.asarray(_fwd(m, TOK))
     assert np.abs(y - np.asarray(_fwd(_model(), TOK))).max() > 1e-3  # the adapter acts
-    assert L.merge(m)
+    assert int(_in_jit(L.merge)(m)) > 0
     np.testing.assert_allclose(np.asarray(_fwd(m, TOK)), y, atol=2e-5)
-    L.unmerge(m)
+    _in_jit(L.unmerge)(m)
     for p, lin in L.linear_paths(m).items():
         np.testing.assert_allclose(np.asarray(lin.kernel[...]), w0[p], atol=1e-6)
     np.testing.assert_allclose(np.asarray(_fwd(m, TOK)), y, atol=2e-5)
@@ -163,12 +188,13 @@ def test_dora_init_is_base_and_merge_round_trip():
     for l2 in L.linear_paths(m).values():
         if l2.adapter is not None:
             mag = l2.adapter.adapters["default"].magnitude
-            mag[...] = mag[...] * (1 + 0.1 * jax.random.normal(jax.random.key(9), mag.shape))
+            noise = np.random.default_rng(9).standard_normal(mag.shape, np.float32)
+            mag[...] = jnp.asarray(np.asarray(mag[...]) * (1 + 0.1 * noise))
     y = np.asarray(_fwd(m, TOK))
     assert np.abs(y - y0).max() > 1e-3
-    L.merge(m)
+    _in_jit(L.merge)(m)
     np.testing.assert_allclose(np.asarray(_fwd(m, TOK)), y, atol=3e-5)
-    L.unmerge(m)
+    _in_jit(L.unmerge)(m)
     for p, l2 in L.linear_paths(m).items():
         np.testing.assert_allclose(np.asarray(l2.kernel[...]), w0[p], atol=1e-6)
 
@@ -177,14 +203,15 @@ def test_dora_matches_peft_formula_on_a_matrix():
     """DoRA forward = x · (m / ||W + sBA||_col ⊙ (W + sBA)) (PEFT DoraLinearLayer)."""
     lin = Linear((12,), (10,), axes=(None, None), rngs=nnx.Rngs(0))
     ad = L.make_method("lora", rank=2, alpha=4.0, use_dora=True).build("p", lin, rngs=nnx.Rngs(1))
-    ad.b[...] = jax.random.normal(jax.random.key(2), ad.b.shape)
-    ad.magnitude[...] = jnp.linspace(0.5, 2.0, 10)
+    ad.b[...] = _normal(ad.b.shape, 2)
+    ad.magnitude[...] = jnp.asarray(np.linspace(0.5, 2.0, 10, dtype=np.float32))
     w = np.asarray(lin.base_kernel())
     wp = w + 2.0 * np.asarray(ad.a[...]) @ np.asarray(ad.b[...])
     want_w = np.linspace(0.5, 2.0, 10) / np.linalg.norm(wp, axis=0) * wp
-    x = jax.random.normal(jax.random.key(3), (3, 12))
+    x = _normal((3, 12), 3)
+    xn = np.asarray(x)
     np.testing.assert_allclose(
-        x @ w + ad.delta(x, None, base=lin.base_kernel()), x @ want_w, atol=1e-5
+        xn @ w + np.asarray(_delta(ad, x, lin.base_kernel())), xn @ want_w, atol=1e-5
     )
 
 
@@ -201,7 +228,7 @@ def test_mla_swiglu_head_bf16_model_fp32_factors():
     _randomize_b(m)
     y = np.asarray(_fwd(m, TOK).astype(jnp.float32))
     assert np.abs(y - y0).max() > 1e-2
-    L.merge(m)
+    _in_jit(L.merge)(m)
     ym = np.asarray(_fwd(m, TOK).astype(jnp.float32))
     assert np.abs(ym - y).max() < 0.05 * np.abs(y).max()
 
@@ -247,7 +274,7 @@ def test_sharded_2x2x2_equals_unsharded():
     model = _model("deepseek-tiny")
     _lora(model, targets=".*", use_dora=True)
     _randomize_b(model)
-    tokens = jax.random.randint(jax.random.key(4), (4, 8), 0, 256)
+    tokens = np.random.default_rng(4).integers(0, 256, (4, 8)).astype(np.int32)
     want = _fwd(model, tokens)
     explicit = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     auto = (jax.sharding.AxisType.Auto,) * 3

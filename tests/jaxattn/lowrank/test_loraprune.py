@@ -24,6 +24,7 @@ from jaxattn.lowrank.methods.loraprune import (
 from models import DecoderLM, get_config
 
 N_TOK, RANK = 7, 2
+RNG = np.random.default_rng  # numpy draws: no per-shape device compiles
 
 
 def _one():
@@ -32,7 +33,7 @@ def _one():
     lr.apply(model, lr.AdapterConfig(method="loraprune", options=opts, targets=".*"),
              rngs=nnx.Rngs(1))  # fmt: skip
     ad = model[0].adapter.adapters["default"]
-    ad.b[...] = 0.3 * jax.random.normal(jax.random.key(2), ad.b.shape)
+    ad.b[...] = jnp.asarray(0.3 * RNG(2).standard_normal(ad.b.shape, np.float32))
     return model, ad
 
 
@@ -49,8 +50,8 @@ def _dots(jaxpr):
 
 def test_importance_is_the_papers_equation_without_weight_gradient():
     model, ad = _one()
-    x = jax.random.normal(jax.random.key(3), (N_TOK, 8))
-    c = jax.random.normal(jax.random.key(4), (N_TOK, 4, 3))
+    x = RNG(3).standard_normal((N_TOK, 8), np.float32)
+    c = RNG(4).standard_normal((N_TOK, 4, 3), np.float32)
     graphdef, params, rest = nnx.split(model, AdapterParam, ...)
 
     def loss(p):  # nonlinear in the output
@@ -100,8 +101,8 @@ def test_block_sums_q_k_o_into_the_v_head_score():
     ads = {p.split("/")[-1]: lins[p].adapter.adapters["default"] for p in lins}
     assert (ads["q"].role, ads["v"].role, ads["o"].role) == ("out", "mask", "in")
     for k, ad in ads.items():
-        ad.b[...] = 0.3 * jax.random.normal(jax.random.key(ord(k)), ad.b.shape)
-    x = jax.random.normal(jax.random.key(3), (N_TOK, 8))
+        ad.b[...] = jnp.asarray(0.3 * RNG(ord(k)).standard_normal(ad.b.shape, np.float32))
+    x = RNG(3).standard_normal((N_TOK, 8), np.float32)
     graphdef, params, rest = nnx.split(model, AdapterParam, ...)
 
     def loss(p):
@@ -126,8 +127,10 @@ def test_block_sums_q_k_o_into_the_v_head_score():
         assert not np.any(np.asarray(upd["attn"][k]["adapter"]["adapters"]["default"]["sens"][...]))
 
 
-@pytest.fixture(scope="module")
-def lm():
+@nnx.jit
+def _lm():
+    """The 1-layer adapted llama-tiny, built in one compiled program (eagerly, every op of the
+    init compiles); the same parameters as the eager build."""
     model = DecoderLM(get_config("llama-tiny", num_layers=1), rngs=nnx.Rngs(0))
     cfg = lr.AdapterConfig(method="loraprune", options={"rank": RANK},
                            targets=r"attn/(q|v)$|mlp/(up|down)$")  # fmt: skip
@@ -135,36 +138,55 @@ def lm():
     return model
 
 
+def _in_jit(fn):
+    """``fn(model)`` (merge / unmerge) in one compiled program; its returned paths dropped."""
+    return nnx.jit(lambda m: (fn(m), None)[1])
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return _lm()
+
+
 def test_masks_remove_whole_heads_and_channels_and_merge_exactly(lm):
     model = lm
-    tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, 256)
-    fwd = nnx.jit(lambda m, t: m(t))  # one compile unmerged (any kernel values), one merged
+    rng = np.random.default_rng(0)  # numpy draws and edits: no per-shape device compiles
+    tokens = rng.integers(0, 256, (2, 6)).astype(np.int32)
+    fwd = nnx.jit(lambda m, t: m(t))  # one compile per model structure (any kernel values)
     base = fwd(model, tokens)  # b = 0, mask = 1: the base model (test_seed_methods_model)
     assert sorted(masks(model)) == ["layers/0/attn/v/adapter/adapters/default",
                                     "layers/0/mlp/up/adapter/adapters/default"]  # fmt: skip
     lins = lr.linear_paths(model)
     for p in ("layers/0/attn/q", "layers/0/attn/v", "layers/0/mlp/up", "layers/0/mlp/down"):
         ad = lins[p].adapter.adapters["default"]
-        ad.b[...] = 0.1 * jax.random.normal(jax.random.key(len(p)), ad.b.shape)
+        ad.b[...] = jnp.asarray(0.1 * rng.standard_normal(ad.b.shape, np.float32))
     v = lins["layers/0/attn/v"].adapter.adapters["default"]
     up = lins["layers/0/mlp/up"].adapter.adapters["default"]
-    v.mask[...] = jnp.array([1.0, 0.0])  # kv head 1 (q heads 2, 3 under GQA 4:2)
+    v.mask[...] = jnp.asarray(np.array([1.0, 0.0], np.float32))  # kv head 1 (q heads 2, 3)
     dead = np.arange(0, 128, 3)
-    up.mask[...] = up.mask[...].at[dead].set(0.0)
+    up_mask = np.array(up.mask[...])
+    up_mask[dead] = 0.0
+    up.mask[...] = jnp.asarray(up_mask)
     masked = fwd(model, tokens)
     assert float(jnp.max(jnp.abs(masked - base))) > 1e-4
     # dead structure: o's rows of q heads 2, 3, gate's and down's pruned channels, k head 1
     saved = {p: lins[p].kernel[...] for p in ("layers/0/attn/o", "layers/0/mlp/gate",
                                               "layers/0/mlp/down", "layers/0/attn/k")}  # fmt: skip
-    lins["layers/0/attn/o"].kernel[...] = saved["layers/0/attn/o"].at[2:].set(7.0)
-    lins["layers/0/mlp/gate"].kernel[...] = saved["layers/0/mlp/gate"].at[:, dead].set(-5.0)
-    lins["layers/0/mlp/down"].kernel[...] = saved["layers/0/mlp/down"].at[dead].set(3.0)
-    lins["layers/0/attn/k"].kernel[...] = saved["layers/0/attn/k"].at[:, 1].set(2.0)
+    edits = {
+        "layers/0/attn/o": (np.s_[2:], 7.0),
+        "layers/0/mlp/gate": (np.s_[:, dead], -5.0),
+        "layers/0/mlp/down": (np.s_[dead], 3.0),
+        "layers/0/attn/k": (np.s_[:, 1], 2.0),
+    }
+    for p, (where, value) in edits.items():
+        k = np.array(saved[p])
+        k[where] = value
+        lins[p].kernel[...] = jnp.asarray(k)
     np.testing.assert_allclose(np.asarray(fwd(model, tokens)), np.asarray(masked), rtol=1e-5,
                                atol=1e-5)  # fmt: skip
     for p, k in saved.items():
         lins[p].kernel[...] = k
-    lr.merge(model)  # the merged pruned model == the masked model
+    _in_jit(lr.merge)(model)  # the merged pruned model == the masked model
     np.testing.assert_allclose(np.asarray(fwd(model, tokens)), np.asarray(masked), rtol=1e-5,
                                atol=1e-5)  # fmt: skip
     assert not np.any(np.asarray(lins["layers/0/attn/v"].kernel[...])[:, 1])
@@ -177,9 +199,9 @@ def test_masks_remove_whole_heads_and_channels_and_merge_exactly(lm):
         small.layers[0].attn.o.kernel.shape[0] == 2
         and small.layers[0].mlp.down.kernel.shape[0] == 85
     )
-    np.testing.assert_allclose(np.asarray(small(tokens)), np.asarray(masked), rtol=1e-5,
+    np.testing.assert_allclose(np.asarray(fwd(small, tokens)), np.asarray(masked), rtol=1e-5,
                                atol=1e-5)  # fmt: skip
-    lr.unmerge(model)
+    _in_jit(lr.unmerge)(model)
     with pytest.raises(ValueError, match=r"'layers/0/attn/v' is not merged"):
         slice_pruned(model)
     np.testing.assert_allclose(np.asarray(fwd(model, tokens)), np.asarray(masked), rtol=1e-5,
@@ -201,8 +223,8 @@ def test_procedure_schedule_lowest_groups_pruned_and_masks_shrink():
         got = float(sparsity_schedule(t, total, 0.1, 0.2, 0.0, 0.5))
         np.testing.assert_allclose(got, _official_schedule(t, total, 0.1, 0.2, 0.0, 0.5), atol=1e-6)
     model, ad = _one()
-    x = jax.random.normal(jax.random.key(5), (N_TOK, 8))
-    y = jax.random.normal(jax.random.key(6), (N_TOK, 4, 3))
+    x = RNG(5).standard_normal((N_TOK, 8), np.float32)
+    y = RNG(6).standard_normal((N_TOK, 4, 3), np.float32)
     graphdef, params, rest = nnx.split(model, AdapterParam, ...)
     tx = loraprune_procedure(optax.adam(1e-2), total_steps=total, ratio=0.5, warmup=0.1,
                              cooldown=0.2, every=2, beta=0.9)  # fmt: skip

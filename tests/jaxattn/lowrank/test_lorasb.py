@@ -33,25 +33,36 @@ def _mse(model, batch):
     return jnp.mean((model(x) - y) ** 2)
 
 
+# models are built, called, merged and differentiated in compiled programs (eagerly, every op
+# compiles); inputs are numpy draws (no per-shape device compiles)
+_fwd = nnx.jit(lambda m, x: m(x))
+
+
+def _in_jit(fn):
+    """``fn(model)`` (apply / merge / unmerge) in one compiled program; its paths dropped."""
+    return nnx.jit(lambda m: (fn(m), None)[1])
+
+
 @pytest.fixture(scope="module")
 def setup():
-    keys = jax.random.split(jax.random.key(3), 4)
-    batches = [(jax.random.normal(keys[i], (6, 8)), jax.random.normal(keys[i + 1], (6, 5)))
-               for i in (0, 2)]  # fmt: skip
-    plain = Tiny()
-    g = jax.tree.map(jnp.add, *[nnx.grad(_mse)(plain, b) for b in batches])  # full FT grads
-    want = {"up": np.asarray(g.up.kernel[...]), "down": np.asarray(g.down.kernel[...])}
+    rng = np.random.default_rng(3)
+    batches = [(rng.standard_normal((6, 8), np.float32), rng.standard_normal((6, 5), np.float32))
+               for _ in range(2)]  # fmt: skip
+    plain = nnx.jit(Tiny)()
+    grad = nnx.jit(nnx.grad(_mse))
+    g = jax.tree.map(np.add, *[nnx.to_pure_dict(grad(plain, b)) for b in batches])  # full FT
+    want = {"up": np.asarray(g["up"]["kernel"]), "down": np.asarray(g["down"]["kernel"])}
     model = nnx.clone(plain)
-    base = model(batches[0][0])
-    lr.apply(model, lr.AdapterConfig(method="lorasb", options={"rank": K, "lr": 1e-3},
-                                     targets=".*"), rngs=nnx.Rngs(1))  # fmt: skip
+    base = _fwd(model, batches[0][0])
+    cfg = lr.AdapterConfig(method="lorasb", options={"rank": K, "lr": 1e-3}, targets=".*")
+    _in_jit(lambda m: lr.apply(m, cfg, rngs=nnx.Rngs(1)))(model)
     return model, base, batches, want
 
 
 def test_noop_before_init_then_truncated_svd_of_first_update(setup):
     model, base, batches, grads = setup
     x0 = batches[0][0]
-    np.testing.assert_array_equal(np.asarray(model(x0)), np.asarray(base))
+    np.testing.assert_array_equal(np.asarray(_fwd(model, x0)), np.asarray(base))
     updates = lora_sb_init(model, _mse, batches)
     assert sorted(updates) == ["down", "up"]
     for path, lin in lr.linear_paths(model).items():
@@ -82,12 +93,12 @@ def test_noop_before_init_then_truncated_svd_of_first_update(setup):
         dk = np.asarray(lin.adapter.adapters["default"].delta_kernel(None)).reshape(g.shape)
         np.testing.assert_allclose(dk, (u[:, :K] * s[:K]) @ vh[:K], rtol=1e-4, atol=1e-9)
     # the adapted model starts at W + [ΔW₁]_k: the merged kernels give its logits
-    adapted = model(x0)
+    adapted = _fwd(model, x0)
     assert float(jnp.max(jnp.abs(adapted - base))) > 1e-6
-    lr.merge(model)
-    np.testing.assert_allclose(np.asarray(model(x0)), np.asarray(adapted),
+    _in_jit(lr.merge)(model)
+    np.testing.assert_allclose(np.asarray(_fwd(model, x0)), np.asarray(adapted),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
-    lr.unmerge(model)
+    _in_jit(lr.unmerge)(model)
 
 
 def test_only_r_trains_and_its_gradient_is_the_projected_full_gradient():
@@ -96,13 +107,13 @@ def test_only_r_trains_and_its_gradient_is_the_projected_full_gradient():
     lr.attach(lin, ".*", lambda p, linear: cfg.build("q", linear, rngs=nnx.Rngs(1)))
     ad = lin.adapter
     ad.r[...] = jnp.array([[0.3, -0.1], [0.2, 0.5]])
-    x = jax.random.normal(jax.random.key(0), (5, 8))
-    y = jax.random.normal(jax.random.key(1), (5, 6))
+    x = np.random.default_rng(0).standard_normal((5, 8), np.float32)
+    y = np.random.default_rng(1).standard_normal((5, 6), np.float32)
 
     def loss(m):
         return jnp.sum((m(x) - y) ** 2)
 
-    g = nnx.grad(loss)(lin)
+    g = nnx.jit(nnx.grad(loss))(lin)
     gw, gr = np.asarray(g.kernel[...]), np.asarray(g.adapter.r[...])
     a, b = np.asarray(ad.a[...]), np.asarray(ad.b[...])
     np.testing.assert_allclose(gr, a.T @ gw @ b.T, rtol=1e-4, atol=1e-5)

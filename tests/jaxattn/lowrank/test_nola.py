@@ -11,6 +11,9 @@ from jaxattn.layers import AdapterParam, Linear
 from jaxattn.lowrank.methods.nola import NOLAConfig
 
 
+# built, attached, called and differentiated in compiled programs (eagerly, every op
+# compiles; a jitted init has the eager init's values); inputs are numpy draws
+@nnx.jit(static_argnums=0)
 def _model(n=1):
     lins = [Linear((6,), (2, 4), axes=("embed", "heads", "head_dim"), rngs=nnx.Rngs(i))
             for i in range(n)]  # fmt: skip
@@ -18,7 +21,16 @@ def _model(n=1):
 
 
 def _attach(model, cfg, seed=0):
-    return lr.attach(model, ".*", lambda p, lin: cfg.build(p, lin, rngs=nnx.Rngs(seed)))
+    nnx.jit(lambda m: (lr.attach(m, ".*", lambda p, lin: cfg.build(p, lin, rngs=nnx.Rngs(seed))),
+                       None)[1])(model)  # fmt: skip
+
+
+def _normal(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+_bases = nnx.jit(lambda ad: ad.bases())
+_call = nnx.jit(lambda lin, x: lin(x))
 
 
 def _n_adapter(model):
@@ -27,10 +39,10 @@ def _n_adapter(model):
 
 def test_beta_zero_is_base_exactly():
     model = _model()
-    x = jax.random.normal(jax.random.key(0), (3, 6))
-    y0 = model[0](x)
+    x = _normal((3, 6), 0)
+    y0 = _call(model[0], x)
     _attach(model, NOLAConfig(rank=2, num_basis_a=5, num_basis_b=7))
-    np.testing.assert_array_equal(np.asarray(model[0](x)), np.asarray(y0))
+    np.testing.assert_array_equal(np.asarray(_call(model[0], x)), np.asarray(y0))
 
 
 @pytest.mark.parametrize("rank", [1, 2, 6])
@@ -48,30 +60,34 @@ def test_bases_regenerated_from_seed_and_path():
     _attach(m1, cfg, seed=0)
     _attach(m2, cfg, seed=123)  # different coefficient init, same bases
     _attach(m3, NOLAConfig(rank=2, num_basis_a=3, num_basis_b=4, seed=8))
-    a1, b1 = m1[0].adapter.bases()
-    a2, b2 = m2[0].adapter.bases()
+    a1, b1 = _bases(m1[0].adapter)
+    a2, b2 = _bases(m2[0].adapter)
     np.testing.assert_array_equal(np.asarray(a1), np.asarray(a2))
     np.testing.assert_array_equal(np.asarray(b1), np.asarray(b2))
     assert a1.shape == (3, 6, 2) and b1.shape == (4, 2, 2, 4)
-    assert not np.allclose(a1, m3[0].adapter.bases()[0])  # another seed
-    assert not np.allclose(a1, m1[1].adapter.bases()[0])  # another path
+    assert not np.allclose(a1, _bases(m3[0].adapter)[0])  # another seed
+    assert not np.allclose(a1, _bases(m1[1].adapter)[0])  # another path
 
 
 def test_formula_merge_and_gradients():
     model = _model()
     _attach(model, NOLAConfig(rank=2, num_basis_a=3, num_basis_b=4, alpha=4.0))
     ad = model[0].adapter
-    ad.coef_b[...] = jnp.array([0.5, -1.0, 2.0, 0.25])
-    a_bases, b_bases = ad.bases()
-    a = sum(ad.coef_a[...][i] * a_bases[i] for i in range(3))
-    b = sum(ad.coef_b[...][j] * b_bases[j] for j in range(4))
+    ad.coef_b[...] = jnp.asarray(np.array([0.5, -1.0, 2.0, 0.25], np.float32))
+    a_bases, b_bases = (np.asarray(t) for t in _bases(ad))
+    coef_a, coef_b = np.asarray(ad.coef_a[...]), np.asarray(ad.coef_b[...])
+    a = sum(coef_a[i] * a_bases[i] for i in range(3))
+    b = sum(coef_b[j] * b_bases[j] for j in range(4))
     want = 2.0 * np.einsum("ir,rhd->ihd", a, b)
-    np.testing.assert_allclose(np.asarray(ad.delta_kernel(None)), want, rtol=1e-5, atol=1e-6)
-    x = jax.random.normal(jax.random.key(1), (5, 6))
-    merged = jnp.tensordot(x, model[0].effective_kernel(), 1)
-    np.testing.assert_allclose(np.asarray(model[0](x)), np.asarray(merged), rtol=1e-5, atol=1e-6)
+    dk = nnx.jit(lambda ad: ad.delta_kernel(None))(ad)
+    np.testing.assert_allclose(np.asarray(dk), want, rtol=1e-5, atol=1e-6)
+    x = _normal((5, 6), 1)
+    kernel = np.asarray(nnx.jit(lambda lin: lin.effective_kernel())(model[0]))
+    merged = np.tensordot(np.asarray(x), kernel, 1)
+    np.testing.assert_allclose(np.asarray(_call(model[0], x)), merged, rtol=1e-5, atol=1e-6)
 
-    grads = nnx.grad(lambda m: jnp.sum(m[0](x) ** 2), argnums=nnx.DiffState(0, AdapterParam))(model)
+    grad = nnx.grad(lambda m: jnp.sum(m[0](x) ** 2), argnums=nnx.DiffState(0, AdapterParam))
+    grads = nnx.jit(grad)(model)
     g = nnx.to_pure_dict(grads)[0]["adapter"]
     assert set(g) == {"coef_a", "coef_b"}
     assert float(jnp.abs(g["coef_a"]).sum()) > 0 and float(jnp.abs(g["coef_b"]).sum()) > 0

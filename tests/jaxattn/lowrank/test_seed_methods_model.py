@@ -1,6 +1,6 @@
 """Hydra, NOLA, RandLoRA, DyLoRA, SoRA, LoRA-SB, IncreLoRA, LoRAPrune and MoLoRA (one LoRA) on a
-tiny DecoderLM (Hydra under jit, the rest eagerly, to keep compiles few; DyLoRA has its own jit
-train step): a no-op at attach, and after their zero-initialized factor is set, the merged model
+tiny DecoderLM (built, adapted and called in jitted programs; DyLoRA has its own jit train
+step): a no-op at attach, and after their zero-initialized factor is set, the merged model
 (effective kernels, adapters detached) gives the unmerged model's logits."""
 
 import jax
@@ -30,29 +30,44 @@ def _wake(model):
     """Give every adapter param a nonzero random value (zero-init factors included)."""
     state = nnx.state(model, AdapterParam)
     leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(11), len(leaves))
-    new = [0.05 * jax.random.normal(k, v.shape, v.dtype) + v for k, v in zip(keys, leaves)]
+    rng = np.random.default_rng(11)  # numpy draws: no per-shape device compiles
+    new = [jnp.asarray(0.05 * rng.standard_normal(v.shape).astype(v.dtype) + np.asarray(v))
+           for v in leaves]  # fmt: skip
     nnx.update(model, jax.tree.unflatten(tree, new))
+
+
+# one compiled program each (eagerly, every op compiles): the model's init (the same
+# parameters as the eager build), its forward (one compile per adapted structure), the attach
+# and the effective kernels
+_model = nnx.jit(lambda: DecoderLM(get_config("llama-tiny", num_layers=1), rngs=nnx.Rngs(0)))
+_fwd = nnx.jit(lambda m, t: m(t))
+_kernels = nnx.jit(lambda lins, paths: {p: lins[p].effective_kernel() for p in paths},
+                   static_argnums=1)  # fmt: skip
 
 
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_decoder_lm_noop_then_merge(method):
-    model = DecoderLM(get_config("llama-tiny", num_layers=1), rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, 256)
-    fwd = (lambda m, t: m(t)) if method != "hydra" else nnx.jit(lambda m, t: m(t))
-    base = fwd(model, tokens)
+    model = _model()
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 6)).astype(np.int32)
+    base = _fwd(model, tokens)
     cfg = lr.make_method(method, **CASES[method])
-    paths = lr.attach(model, r"attn/(q|o)$|mlp/down$",
-                      lambda p, lin: cfg.build(p, lin, rngs=nnx.Rngs(1)))  # fmt: skip
-    assert len(paths) == 3
-    np.testing.assert_array_equal(np.asarray(fwd(model, tokens)), np.asarray(base))
+
+    @nnx.jit
+    def attach(m):
+        pattern = r"attn/(q|o)$|mlp/down$"
+        return len(lr.attach(m, pattern, lambda p, lin: cfg.build(p, lin, rngs=nnx.Rngs(1))))
+
+    assert attach(model) == 3
+    np.testing.assert_array_equal(np.asarray(_fwd(model, tokens)), np.asarray(base))
     _wake(model)
-    adapted = fwd(model, tokens)
+    adapted = _fwd(model, tokens)
     assert float(jnp.max(jnp.abs(adapted - base))) > 1e-4
     lins = lr.linear_paths(model)
-    merged_kernels = {p: lins[p].effective_kernel() for p in paths}
+    paths = tuple(p for p in lins if lins[p].adapter is not None)
+    assert len(paths) == 3
+    merged_kernels = _kernels(lins, paths)
     lr.detach(model)
     for p, k in merged_kernels.items():
         lins[p].kernel[...] = k
-    np.testing.assert_allclose(np.asarray(fwd(model, tokens)), np.asarray(adapted),
+    np.testing.assert_allclose(np.asarray(_fwd(model, tokens)), np.asarray(adapted),
                                rtol=1e-4, atol=1e-4)  # fmt: skip
