@@ -221,8 +221,8 @@ def test_too_little_calibration_and_unknown_methods_are_named():
         mc.transmla(model, CALIB[:2, :8], kv_lora_rank=20, batch_size=2)
     with pytest.raises(ValueError, match="need calibration tokens"):
         mc.transmla(model, None)
-    with pytest.raises(ValueError, match="unknown conversion method 'modegpt'.*transmla"):
-        mc.convert(model, "modegpt", CALIB)
+    with pytest.raises(ValueError, match="unknown conversion method 'modegtp'.*modegpt"):
+        mc.convert(model, "modegtp", CALIB)  # modegpt is a method now; a misspelling is not
     with pytest.raises(ValueError, match="no options \\['rank'\\]"):
         mc.convert(model, "transmla", CALIB, rank=3)
     with pytest.raises(ValueError, match="freqfold=3"):
