@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from xla_flags import xla_flags_for
 
 from jaxattn import lowrank
 from jaxattn.layers import AdapterParam
@@ -93,7 +92,7 @@ def cli_env(num_devices: int, cache_dir=CACHE_DIR) -> dict:
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    env["XLA_FLAGS"] = " ".join(xla_flags_for(num_devices))
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env
